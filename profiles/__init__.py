@@ -1,0 +1,1 @@
+"""Sandbox profiles shipped with sandboxer (the *.toml files beside this one)."""

@@ -1,0 +1,270 @@
+"""The ``sandboxer`` command (DESIGN section 10).
+
+Exit codes: 0 ok · 1 the plugin returned an error · 2 usage or invalid plugin (manifest,
+integrity, load) · 3 a limit was hit or the plugin crashed · 4 this host cannot enforce the
+requested sandbox. Human-readable output by default; ``--json`` prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import _json
+from ._digest import tree_checksum
+from ._units import parse_duration, parse_size
+from .errors import PluginLoadError, SandboxerError, exit_code
+from .manager import PluginManager
+from .manifest import Plugin, load_plugin
+from .sandbox.policy import (
+    HostConfig,
+    SandboxConfig,
+    effective_config,
+    parse_cpu,
+    parse_denied_path,
+    parse_host_pattern,
+    parse_path_grant,
+)
+
+__all__ = ["main"]
+
+EXIT_USAGE = 2
+
+
+class _Usage(Exception):
+    """A command-line mistake: exit 2 with the message."""
+
+
+def _arg_type(parse: Any, what: str) -> Any:
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{what}: {exc}") from None
+    return convert
+
+
+def _cpu(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"a number of CPUs such as 0.5, not {text!r}") from None
+    return parse_cpu(value)
+
+
+def _add_sandbox_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sandbox options (the operator's choice: they override the "
+                             "manifest and the host policy)")
+    g.add_argument("--profile", metavar="NAME", help="sandbox profile (profiles/NAME.toml)")
+    g.add_argument("--memory-limit", metavar="SIZE", type=_arg_type(parse_size, "SIZE"))
+    g.add_argument("--cpu-limit", metavar="CPUS", type=_arg_type(_cpu, "CPUS"))
+    g.add_argument("--timeout", metavar="DUR", type=_arg_type(parse_duration, "DUR"),
+                   help="per-call timeout, e.g. 5s or 250ms")
+    g.add_argument("--allow-path", metavar="PATH[:rw]", action="append", default=[],
+                   type=_arg_type(parse_path_grant, "PATH"))
+    g.add_argument("--deny-path", metavar="PATH", action="append", default=[],
+                   type=_arg_type(parse_denied_path, "PATH"))
+    g.add_argument("--network", action="store_true", help="allow network access")
+    g.add_argument("--allow-host", metavar="HOST", action="append", default=[],
+                   type=_arg_type(parse_host_pattern, "HOST"),
+                   help="reachable host (implies --network); repeat for more")
+    g.add_argument("--no-sandbox", action="store_true",
+                   help="run a trusted python/native plugin in-process, unsandboxed")
+    p.add_argument("--config", metavar="JSON", help="JSON object overriding the plugin's "
+                   "[config] for init()")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sandboxer", description="Load and run plugins in a hardened sandbox.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    call = sub.add_parser("call", help="load a plugin, call one method, print the result")
+    call.add_argument("target", metavar="TARGET", help="plugin directory or file")
+    call.add_argument("method", metavar="METHOD")
+    call.add_argument("args", metavar="ARG", nargs="*",
+                      help="arguments: JSON if it parses as JSON, else a string")
+    _add_sandbox_options(call)
+
+    inspect = sub.add_parser("inspect", help="show a plugin's manifest, checksum and the "
+                             "sandbox it would get")
+    inspect.add_argument("target", metavar="TARGET")
+    _add_sandbox_options(inspect)
+
+    demo = sub.add_parser("demo", help="run the example plugins and show what each did")
+    demo.add_argument("--examples", metavar="DIR", type=Path,
+                      default=Path(__file__).resolve().parent.parent / "examples")
+    demo.add_argument("--json", action="store_true")
+    return parser
+
+
+# -- shared pieces ---------------------------------------------------------------------------
+
+def _parse_call_arg(text: str) -> Any:
+    try:
+        return _json.loads(text)
+    except _json.JSONError:
+        return text
+
+
+def _config_override(args: argparse.Namespace) -> dict[str, Any]:
+    if args.config is None:
+        return {}
+    try:
+        value = _json.loads(args.config)
+    except _json.JSONError as exc:
+        raise _Usage(f"--config: a JSON object, not {args.config!r} ({exc})") from None
+    if not isinstance(value, dict):
+        raise _Usage(f"--config: a JSON object, not {type(value).__name__}")
+    return value
+
+
+def _sandbox_for(plugin: Plugin, host: HostConfig, args: argparse.Namespace) -> SandboxConfig:
+    """The manifest's request clamped by the host policy, then the operator's CLI choices."""
+    request = plugin.sandbox
+    if args.profile:
+        request = dataclasses.replace(request, profile=args.profile)
+    if args.network or args.allow_host:
+        if not args.allow_host and not host.allow_full_network:
+            raise PluginLoadError(
+                "--network without --allow-host asks for the host's full network, which the "
+                "host policy does not allow (allow_full_network = false); name the hosts with "
+                "--allow-host", plugin_id=plugin.id)
+    config = effective_config(request, host, plugin_id=plugin.id)
+    changes: dict[str, Any] = {}
+    for option, field in (("memory_limit", "memory_limit"), ("cpu_limit", "cpu_limit"),
+                          ("timeout", "timeout")):
+        if getattr(args, option) is not None:
+            changes[field] = getattr(args, option)
+    if args.allow_path:
+        changes["allowed_paths"] = config.allowed_paths + tuple(args.allow_path)
+    if args.deny_path:
+        changes["denied_paths"] = config.denied_paths + tuple(args.deny_path)
+    if args.network or args.allow_host:
+        changes["network_allowed"] = True
+        changes["allowed_hosts"] = config.allowed_hosts + tuple(args.allow_host)
+    if args.no_sandbox:
+        changes["enabled"] = False
+    return config.replace(**changes) if changes else config
+
+
+def _print_json(value: Any) -> None:
+    sys.stdout.write(_json.dumps(value).decode() + "\n")
+
+
+def _print_result(value: Any) -> None:
+    if isinstance(value, str):
+        print(value)
+    else:
+        print(_json.dumps(value).decode())
+
+
+def _report_error(error: BaseException, *, as_json: bool, extra: dict[str, Any] | None = None
+                  ) -> int:
+    code = exit_code(error)
+    payload = error.to_json() if isinstance(error, SandboxerError) else {
+        "type": type(error).__name__, "message": str(error)}
+    if as_json:
+        _print_json({"ok": False, "error": payload, **(extra or {})})
+    else:
+        print(f"sandboxer: {payload['type']}: {error}", file=sys.stderr)
+    return code
+
+
+# -- commands --------------------------------------------------------------------------------
+
+async def _cmd_call(args: argparse.Namespace) -> int:
+    host = HostConfig.load()
+    config = _config_override(args)
+    call_args = [_parse_call_arg(a) for a in args.args]
+    plugin = load_plugin(args.target)
+    sandbox = _sandbox_for(plugin, host, args)
+    extra: dict[str, Any] = {"plugin": {"id": plugin.id, "version": plugin.version,
+                                        "type": plugin.type.value}}
+    async with PluginManager(config=host) as mgr:
+        loaded = await mgr.load(args.target, sandbox=sandbox, config=config)
+        extra["sandbox"] = sandbox.to_json()
+        start = time.perf_counter()
+        try:
+            result = await loaded.call(args.method, *call_args, timeout=args.timeout)
+        except SandboxerError as exc:
+            extra["stats"] = _stats(loaded, start)
+            return _report_error(exc, as_json=args.json, extra=extra)
+        extra["stats"] = _stats(loaded, start)
+    if args.json:
+        _print_json({"ok": True, "result": result, "error": None, **extra})
+    else:
+        _print_result(result)
+    return 0
+
+
+def _stats(loaded: Any, start: float) -> dict[str, Any]:
+    stats = loaded.statistics()
+    return {"durationMs": round((time.perf_counter() - start) * 1000, 3),
+            "peakMemoryBytes": stats.peak_memory_bytes, "cpuTimeSeconds": stats.cpu_time_s,
+            "calls": stats.calls, "failures": stats.failures}
+
+
+async def _cmd_inspect(args: argparse.Namespace) -> int:
+    host = HostConfig.load()
+    plugin = load_plugin(args.target)
+    sandbox = _sandbox_for(plugin, host, args)
+    checksum = await asyncio.to_thread(tree_checksum, plugin.root)
+    report = {"plugin": plugin.to_json(), "kind": plugin.type.value, "checksum": checksum,
+              "sandbox": sandbox.to_json(),
+              "mode": "sandboxed" if sandbox.enabled else "trusted in-process"}
+    if args.json:
+        _print_json(report)
+        return 0
+    rows = [("id", plugin.id), ("version", plugin.version), ("kind", plugin.type.value),
+            ("name", plugin.name or ""), ("entrypoint", str(plugin.entrypoint)),
+            ("manifest", str(plugin.manifest_path or "(bare file, no manifest)")),
+            ("methods", ", ".join(plugin.methods) if plugin.methods else "(all public)"),
+            ("checksum", checksum), ("mode", report["mode"])]
+    rows += [(f"sandbox.{k}", _json.dumps(v).decode() if not isinstance(v, str) else v)
+             for k, v in sandbox.to_json().items()]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+async def _cmd_demo(args: argparse.Namespace) -> int:
+    from ._demo import run_demo
+    return await run_demo(args.examples, as_json=args.json)
+
+
+_COMMANDS = {"call": _cmd_call, "inspect": _cmd_inspect, "demo": _cmd_demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    as_json = getattr(args, "json", False)
+    try:
+        return asyncio.run(_COMMANDS[args.command](args))
+    except _Usage as exc:
+        if as_json:
+            _print_json({"ok": False, "error": {"type": "UsageError", "message": str(exc)}})
+        else:
+            print(f"sandboxer: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except SandboxerError as exc:
+        return _report_error(exc, as_json=as_json)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,546 @@
+"""PluginManager: load, call, reload, unload and observe plugins of every kind.
+
+The manager owns every plugin it loaded and every generation of each. It picks a loader by
+the plugin's kind and effective sandbox, drives the lifecycle (one transition table, in
+``_lifecycle``), routes calls to the current generation, and emits an event for every state
+change. It never runs plugin code itself; loaders and their handles do.
+
+Concurrency: operations on one plugin id (load, reload, unload) are serialised by a per-id
+lock; calls are not serialised and may be many at once. Loading an id that is loaded is
+refused; a second unload of the same id waits for the first and returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as _dt
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from . import _lifecycle
+from .errors import (
+    PluginLoadError,
+    PluginNotFound,
+    PluginStateError,
+    SandboxerError,
+    SandboxUnavailable,
+)
+from .loaders import Loader, PluginHandle, ResourceUsage
+from .loaders.python import InProcessPythonLoader
+from .manifest import LoaderType, Plugin, PluginState, load_plugin, verify_integrity
+from .sandbox.policy import HostConfig, SandboxConfig, effective_config
+
+__all__ = ["PluginManager", "LoadedPlugin", "PluginEvent", "PluginStatistics", "EventStream"]
+
+log = logging.getLogger("sandboxer")
+
+_EVENT_BUFFER = 10_000
+
+
+def _now() -> _dt.datetime:
+    return _dt.datetime.now(_dt.timezone.utc)
+
+
+@dataclass(frozen=True, slots=True)
+class PluginEvent:
+    """Something happened to a plugin.
+
+    ``type`` is ``"state"`` for a lifecycle transition (``previous`` → ``state``),
+    ``"reloaded"`` when a new generation took over, ``"reload_failed"`` when one was rolled
+    back (``error`` says why).
+    """
+
+    type: str
+    plugin_id: str
+    state: PluginState
+    previous: PluginState | None
+    generation: int
+    version: str
+    at: _dt.datetime
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "type": self.type, "plugin": self.plugin_id, "state": self.state.value,
+            "previous": self.previous.value if self.previous else None,
+            "generation": self.generation, "version": self.version,
+            "at": self.at.isoformat(), "error": self.error,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class PluginStatistics:
+    """A snapshot of one plugin's counters across all its generations."""
+
+    calls: int
+    in_flight: int
+    failures: int
+    generation: int
+    peak_memory_bytes: int | None
+    cpu_time_s: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"calls": self.calls, "inFlight": self.in_flight, "failures": self.failures,
+                "generation": self.generation, "peakMemoryBytes": self.peak_memory_bytes,
+                "cpuTimeSeconds": self.cpu_time_s}
+
+
+class _Generation:
+    """One running instance of a plugin: its handle, and a gate counting calls through it.
+
+    The gate can be paused (calls wait instead of entering) while the state is moved to a
+    successor generation; ``idle`` is set whenever no call is inside.
+    """
+
+    def __init__(self, number: int, plugin: Plugin, handle: PluginHandle,
+                 sandbox: SandboxConfig) -> None:
+        self.number = number
+        self.plugin = plugin
+        self.handle = handle
+        self.sandbox = sandbox
+        self.in_flight = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self.open = asyncio.Event()
+        self.open.set()
+
+    def enter(self) -> None:
+        self.in_flight += 1
+        self.idle.clear()
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self.idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        try:
+            async with asyncio.timeout(timeout):
+                await self.idle.wait()
+            return True
+        except TimeoutError:
+            return False
+
+
+class LoadedPlugin:
+    """A plugin under the manager's care; its identity is stable across reloads.
+
+    ``call`` routes to the current generation. ``plugin`` is the current generation's
+    manifest, ``handle`` its handle, ``instance`` the same handle (the spec's name),
+    ``error`` the last error (a failed reload included).
+    """
+
+    def __init__(self, manager: PluginManager, plugin: Plugin, source: str,
+                 sandbox: SandboxConfig | None, config: Mapping[str, Any] | None) -> None:
+        self._manager = manager
+        self.plugin = plugin
+        self.source = source
+        self.state = PluginState.LOADING
+        self.loaded_at = _now()
+        self.error: SandboxerError | None = None
+        self._explicit_sandbox = sandbox
+        self._config_override = dict(config or {})
+        self._current: _Generation | None = None
+        self._generations = 0
+        self._calls = 0
+        self._failures = 0
+        self._usage_of_retired = ResourceUsage()
+        self._unloading = False
+        self._stopped = asyncio.Event()
+        self.fallbacks: tuple[str, ...] = ()
+
+    # -- identity and views ------------------------------------------------------------------
+    @property
+    def id(self) -> str:
+        return self.plugin.id
+
+    @property
+    def version(self) -> str:
+        return self.plugin.version
+
+    @property
+    def generation(self) -> int:
+        return self._current.number if self._current else self._generations
+
+    @property
+    def handle(self) -> PluginHandle | None:
+        return self._current.handle if self._current else None
+
+    instance = handle
+
+    @property
+    def sandbox(self) -> SandboxConfig | None:
+        return self._current.sandbox if self._current else None
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        return self._current.handle.methods if self._current else ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "plugin": self.plugin.to_json(),
+            "state": self.state.value,
+            "loadedAt": self.loaded_at.isoformat(),
+            "error": self.error.to_json() if self.error else None,
+            "generation": self.generation,
+            "sandbox": self.sandbox.to_json() if self.sandbox else None,
+            "methods": list(self.methods),
+        }
+
+    def statistics(self) -> PluginStatistics:
+        usage = self._current.handle.resource_usage() if self._current else ResourceUsage()
+        peaks = [u for u in (usage.peak_memory_bytes, self._usage_of_retired.peak_memory_bytes)
+                 if u is not None]
+        cpus = [u for u in (usage.cpu_time_s, self._usage_of_retired.cpu_time_s) if u is not None]
+        return PluginStatistics(
+            calls=self._calls,
+            in_flight=self._current.in_flight if self._current else 0,
+            failures=self._failures,
+            generation=self.generation,
+            peak_memory_bytes=max(peaks) if peaks else None,
+            cpu_time_s=sum(cpus) if cpus else None,
+        )
+
+    def __repr__(self) -> str:
+        return (f"<LoadedPlugin {self.id} {self.version} gen={self.generation} "
+                f"{self.state.value}>")
+
+    # -- calls -------------------------------------------------------------------------------
+    async def call(self, method: str, *args: Any, timeout: float | None = None) -> Any:
+        """Call ``method`` with JSON ``args`` on the current generation; returns JSON.
+
+        ``timeout`` (seconds) defaults to the effective sandbox's per-call timeout.
+        """
+        while True:
+            gen = self._current
+            if gen is None or self.state not in _lifecycle.ACCEPTS_CALLS:
+                raise PluginStateError(
+                    f"plugin {self.id} is {self.state.value} and takes no calls"
+                    + (f" ({self.error})" if self.error else ""), plugin_id=self.id)
+            if gen.open.is_set():
+                break
+            # A reload is moving state to the next generation: wait, then route to whichever
+            # generation is current once the gate reopens (the new one, or the old on rollback).
+            await gen.open.wait()
+        gen.enter()
+        self._calls += 1
+        try:
+            return await gen.handle.call(method, *args, timeout=timeout)
+        except BaseException:
+            self._failures += 1
+            raise
+        finally:
+            gen.leave()
+
+    # -- lifecycle helpers used by the manager -----------------------------------------------
+    def _set_state(self, target: PluginState, *, error: SandboxerError | None = None) -> None:
+        _lifecycle.check_transition(self.id, self.state, target)
+        previous, self.state = self.state, target
+        if error is not None:
+            self.error = error
+        self._manager._emit("state", self, previous,
+                            error=str(error) if error is not None else None)
+
+
+class EventStream:
+    """An async iterator over plugin events, subscribed from the moment it was created.
+
+    It ends when the manager closes. A subscriber that falls more than 10,000 events behind
+    is dropped and gets a SandboxerError saying so, rather than the manager buffering forever.
+    """
+
+    def __init__(self, manager: PluginManager) -> None:
+        self._manager = manager
+        self._queue: asyncio.Queue[PluginEvent | None] = asyncio.Queue(_EVENT_BUFFER)
+        self.overflowed = False
+        manager._subscribers.add(self)
+
+    def _offer(self, event: PluginEvent | None) -> None:
+        try:
+            self._queue.put_nowait(event)
+        except asyncio.QueueFull:
+            self.overflowed = True
+            self._manager._subscribers.discard(self)
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> PluginEvent:
+        if self._queue.empty() and self.overflowed:
+            raise SandboxerError(f"event stream fell more than {_EVENT_BUFFER} events behind "
+                                 "and was dropped; subscribe again with events()")
+        event = await self._queue.get()
+        if event is None:
+            raise StopAsyncIteration
+        return event
+
+    async def aclose(self) -> None:
+        self._manager._subscribers.discard(self)
+
+
+class PluginManager:
+    """Loads and runs plugins under the host's policy (DESIGN section 3).
+
+    Use as ``async with PluginManager(config=HostConfig.load()) as mgr``; leaving the block
+    unloads every plugin (each drained, shut down and closed).
+    """
+
+    def __init__(self, config: HostConfig | None = None, *,
+                 drain_timeout: float | None = None) -> None:
+        self.config = config if config is not None else HostConfig()
+        self.drain_timeout = self.config.drain_timeout if drain_timeout is None else drain_timeout
+        self._plugins: dict[str, LoadedPlugin] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._subscribers: set[EventStream] = set()
+        self._closed = False
+        self._in_process_python = InProcessPythonLoader()
+
+    async def __aenter__(self) -> PluginManager:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Unload every plugin and end every event stream; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        errors: list[BaseException] = []
+        for plugin_id in list(self._plugins):
+            try:
+                await self.unload(plugin_id)
+            except PluginNotFound:
+                pass
+            except Exception as exc:  # keep closing the others; report after
+                errors.append(exc)
+        for stream in list(self._subscribers):
+            stream._offer(None)
+        self._subscribers.clear()
+        if errors:
+            raise errors[0]
+
+    # -- events ------------------------------------------------------------------------------
+    def events(self) -> EventStream:
+        """Subscribe to events (every state change, reloads, failures) from now on."""
+        return EventStream(self)
+
+    def _emit(self, type_: str, plugin: LoadedPlugin, previous: PluginState | None, *,
+              error: str | None = None) -> None:
+        event = PluginEvent(type=type_, plugin_id=plugin.id, state=plugin.state,
+                            previous=previous, generation=plugin.generation,
+                            version=plugin.version, at=_now(), error=error)
+        log.debug("plugin %s: %s %s", plugin.id, type_, plugin.state.value)
+        for stream in list(self._subscribers):
+            stream._offer(event)
+
+    # -- queries -----------------------------------------------------------------------------
+    async def list(self) -> list[LoadedPlugin]:
+        return list(self._plugins.values())
+
+    def get(self, plugin_id: str) -> LoadedPlugin:
+        try:
+            return self._plugins[plugin_id]
+        except KeyError:
+            raise PluginNotFound(f"no plugin {plugin_id!r} is loaded (loaded: "
+                                 f"{', '.join(sorted(self._plugins)) or 'none'})",
+                                 plugin_id=plugin_id) from None
+
+    def _lock(self, plugin_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(plugin_id, asyncio.Lock())
+
+    # -- sandbox and loader choice -----------------------------------------------------------
+    def resolve_sandbox(self, plugin: Plugin,
+                        explicit: SandboxConfig | None = None) -> SandboxConfig:
+        """The sandbox a plugin would get: ``explicit`` if given, else its request clamped."""
+        if explicit is not None:
+            return explicit
+        return effective_config(plugin.sandbox, self.config, plugin_id=plugin.id)
+
+    def _loader_for(self, plugin: Plugin, sandbox: SandboxConfig) -> Loader:
+        if not sandbox.enabled:
+            if plugin.type not in (LoaderType.PYTHON, LoaderType.NATIVE):
+                raise PluginLoadError(
+                    f"plugin {plugin.id}: {plugin.type.value} plugins always run sandboxed; "
+                    "only python and native plugins may run unsandboxed in-process",
+                    plugin_id=plugin.id)
+            if not self.config.allow_unsandboxed:
+                raise PluginLoadError(
+                    f"plugin {plugin.id}: the host policy ({self.config.source or 'HostConfig'})"
+                    " does not allow unsandboxed plugins (allow_unsandboxed = false)",
+                    plugin_id=plugin.id)
+            if plugin.type is LoaderType.PYTHON:
+                return self._in_process_python
+        if plugin.type is LoaderType.PYTHON:
+            raise SandboxUnavailable(
+                f"plugin {plugin.id}: sandboxed python plugins need the out-of-process plugin "
+                "host, which this build of sandboxer does not include yet; load it trusted "
+                "(SandboxConfig(enabled=False), or --no-sandbox) only if you trust its code",
+                missing="plugin host", plugin_id=plugin.id)
+        raise PluginLoadError(
+            f"plugin {plugin.id}: this build of sandboxer cannot load {plugin.type.value} "
+            f"plugins yet", plugin_id=plugin.id)
+
+    async def _start_generation(self, plugin: Plugin, sandbox: SandboxConfig, number: int,
+                                config: Mapping[str, Any]) -> _Generation:
+        """Start, init and health-check one generation; on any failure nothing is left."""
+        loader = self._loader_for(plugin, sandbox)
+        handle = await loader.start(plugin, sandbox, generation=number)
+        try:
+            await handle.init({**plugin.config, **config})
+            health = await handle.health()
+            if not health.ok:
+                raise PluginLoadError(f"plugin {plugin.id}: health check failed after init: "
+                                      f"{health.message}", plugin_id=plugin.id)
+        except BaseException:
+            await handle.close()
+            raise
+        return _Generation(number, plugin, handle, sandbox)
+
+    # -- load --------------------------------------------------------------------------------
+    async def load(self, path: str | os.PathLike[str], *, sandbox: SandboxConfig | None = None,
+                   config: Mapping[str, Any] | None = None) -> LoadedPlugin:
+        """Load the plugin at ``path`` (a directory with plugin.toml, or a bare file).
+
+        ``sandbox`` replaces the effective sandbox computed from the manifest and host policy
+        (the operator's explicit choice); ``config`` overrides keys of the manifest's
+        ``[config]`` handed to ``init()``.
+        """
+        if self._closed:
+            raise PluginStateError("the plugin manager is closed")
+        plugin = await asyncio.to_thread(load_plugin, path)
+        async with self._lock(plugin.id):
+            if plugin.id in self._plugins:
+                raise PluginLoadError(
+                    f"plugin {plugin.id} is already loaded (generation "
+                    f"{self._plugins[plugin.id].generation}); reload or unload it first",
+                    plugin_id=plugin.id)
+            loaded = LoadedPlugin(self, plugin, os.fspath(path), sandbox, config)
+            self._plugins[plugin.id] = loaded
+            self._emit("state", loaded, None)
+            try:
+                await self._bring_up(loaded, plugin)
+            except BaseException as exc:
+                error = exc if isinstance(exc, SandboxerError) else PluginLoadError(
+                    f"plugin {plugin.id}: load failed: {type(exc).__name__}: {exc}",
+                    plugin_id=plugin.id)
+                if loaded.state is not PluginState.FAILED:
+                    loaded._set_state(PluginState.FAILED, error=error)
+                del self._plugins[plugin.id]
+                loaded._stopped.set()
+                if error is exc:
+                    raise
+                raise error from exc
+            return loaded
+
+    async def _bring_up(self, loaded: LoadedPlugin, plugin: Plugin) -> None:
+        await asyncio.to_thread(verify_integrity, plugin)
+        sandbox = self.resolve_sandbox(plugin, loaded._explicit_sandbox)
+        loaded._set_state(PluginState.INITIALIZING)
+        loaded._generations += 1
+        loaded._current = await self._start_generation(
+            plugin, sandbox, loaded._generations, loaded._config_override)
+        loaded._set_state(PluginState.READY)
+
+    # -- health ------------------------------------------------------------------------------
+    async def check_health(self, plugin_id: str) -> bool:
+        """Run the plugin's health check now; ready ⇄ degraded follows the answer."""
+        loaded = self.get(plugin_id)
+        gen = loaded._current
+        if gen is None or loaded.state not in (PluginState.READY, PluginState.DEGRADED):
+            return False
+        health = await gen.handle.health()
+        if loaded._current is not gen:
+            return health.ok
+        if health.ok and loaded.state is PluginState.DEGRADED:
+            loaded._set_state(PluginState.READY)
+        elif not health.ok and loaded.state is PluginState.READY:
+            loaded._set_state(PluginState.DEGRADED,
+                              error=PluginStateError(health.message, plugin_id=plugin_id))
+        return health.ok
+
+    # -- unload ------------------------------------------------------------------------------
+    async def unload(self, plugin_id: str) -> None:
+        """Drain (in-flight calls finish, bounded by the drain timeout), shut down, close.
+
+        Unloading a plugin that another task is already unloading waits for that to finish.
+        """
+        loaded = self.get(plugin_id)
+        if loaded._unloading:
+            await loaded._stopped.wait()
+            return
+        loaded._unloading = True
+        try:
+            async with self._lock(plugin_id):
+                await self._stop(loaded)
+        finally:
+            self._plugins.pop(plugin_id, None)
+            loaded._stopped.set()
+
+    async def _stop(self, loaded: LoadedPlugin) -> None:
+        gen = loaded._current
+        if loaded.state is PluginState.FAILED:
+            loaded._set_state(PluginState.STOPPING)
+        else:
+            loaded._set_state(PluginState.DRAINING)
+            if gen is not None and not await gen.wait_idle(self.drain_timeout):
+                log.warning("plugin %s: %d call(s) still in flight after the %gs drain "
+                            "timeout; they are cancelled", loaded.id, gen.in_flight,
+                            self.drain_timeout)
+            loaded._set_state(PluginState.STOPPING)
+        if gen is not None:
+            await self._retire(loaded, gen, graceful=True)
+        loaded._current = None
+        loaded._set_state(PluginState.STOPPED)
+
+    async def _retire(self, loaded: LoadedPlugin, gen: _Generation, *, graceful: bool) -> None:
+        """Shut a generation down (its shutdown() bounded by the drain timeout) and close it."""
+        try:
+            if graceful:
+                async with asyncio.timeout(self.drain_timeout):
+                    await gen.handle.shutdown()
+        except (SandboxerError, TimeoutError) as exc:
+            log.warning("plugin %s: shutdown of generation %d failed: %s", loaded.id,
+                        gen.number, exc)
+        finally:
+            usage = gen.handle.resource_usage()
+            old = loaded._usage_of_retired
+            loaded._usage_of_retired = ResourceUsage(
+                peak_memory_bytes=max((u for u in (usage.peak_memory_bytes,
+                                                   old.peak_memory_bytes) if u is not None),
+                                      default=None),
+                cpu_time_s=(None if usage.cpu_time_s is None and old.cpu_time_s is None
+                            else (usage.cpu_time_s or 0.0) + (old.cpu_time_s or 0.0)),
+            )
+            await gen.handle.close()
+
+    # -- reload ------------------------------------------------------------------------------
+    async def reload(self, plugin_id: str) -> LoadedPlugin:
+        """Replace the plugin with a fresh generation from its source, migrating state.
+
+        The old generation serves until the switch; any failure before the switch rolls back
+        (ReloadError, the old generation keeps serving with its state). See ``reload.py``.
+        """
+        from .reload import reload_generation
+
+        loaded = self.get(plugin_id)
+        async with self._lock(plugin_id):
+            if loaded._unloading or plugin_id not in self._plugins:
+                raise PluginStateError(f"plugin {plugin_id} is being unloaded",
+                                       plugin_id=plugin_id)
+            await reload_generation(self, loaded)
+        return loaded
+
+    async def _prepare_generation(self, loaded: LoadedPlugin) -> _Generation:
+        plugin = await asyncio.to_thread(load_plugin, loaded.source)
+        if plugin.id != loaded.id:
+            raise PluginLoadError(f"plugin {loaded.id}: the new files declare id {plugin.id}; "
+                                  "a reload cannot change a plugin's id", plugin_id=loaded.id)
+        await asyncio.to_thread(verify_integrity, plugin)
+        sandbox = self.resolve_sandbox(plugin, loaded._explicit_sandbox)
+        number = loaded._generations + 1
+        loaded._generations = number
+        return await self._start_generation(plugin, sandbox, number, loaded._config_override)
+

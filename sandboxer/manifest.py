@@ -1,0 +1,419 @@
+"""The plugin manifest (``plugin.toml``) and the plain types that describe a plugin.
+
+Parsing happens once, here, at the edge: every field is checked and a bad one raises
+``ManifestError`` naming the file, the dotted field and what was expected. Everything past
+this module trusts a ``Plugin``. Nothing here imports or runs plugin code.
+
+A bare ``.py``, ``.wasm`` or ``.so`` file is a plugin without a manifest (default profile,
+id from the file name, version 0.0.0); an executable always needs a manifest.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from . import _digest
+from ._units import parse_duration, parse_size
+from .errors import IntegrityError, ManifestError
+from .sandbox import profiles as _profiles
+from .sandbox.policy import (
+    SandboxRequest,
+    parse_cpu,
+    parse_denied_path,
+    parse_host_pattern,
+    parse_path_grant,
+)
+
+__all__ = [
+    "LoaderType",
+    "PluginState",
+    "Plugin",
+    "load_plugin",
+    "parse_manifest",
+    "verify_integrity",
+    "MANIFEST_NAME",
+]
+
+MANIFEST_NAME = "plugin.toml"
+MAX_MANIFEST_BYTES = 1 << 20
+
+ID_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,127}")
+# semver.org's recommended expression (2.0.0), anchored by fullmatch.
+SEMVER_RE = re.compile(
+    r"(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
+    r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
+    r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?"
+)
+METHOD_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+SHA256_RE = re.compile(r"(?:sha256:)?([0-9a-f]{64})")
+WASM_MAGIC = b"\0asm"
+ELF_MAGIC = b"\x7fELF"
+
+
+class LoaderType(enum.Enum):
+    """The four kinds of plugin (DESIGN section 4)."""
+
+    PYTHON = "python"
+    NATIVE = "native"
+    WASM = "wasm"
+    EXTERNAL = "external"
+
+
+class PluginState(enum.Enum):
+    """Lifecycle states (DESIGN section 8); the transitions live in ``sandboxer._lifecycle``."""
+
+    LOADING = "loading"
+    INITIALIZING = "initializing"
+    READY = "ready"
+    DEGRADED = "degraded"
+    RELOADING = "reloading"
+    DRAINING = "draining"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class Plugin:
+    """A validated plugin manifest, with paths resolved.
+
+    ``root`` is the plugin directory (for a bare file, the file itself); ``entrypoint`` an
+    absolute path inside it. ``config`` is the manifest's ``[config]`` table, the defaults handed
+    to ``init()``; treat it as read-only.
+    """
+
+    id: str
+    version: str
+    type: LoaderType
+    entrypoint: Path
+    root: Path
+    name: str | None = None
+    description: str | None = None
+    methods: tuple[str, ...] | None = None
+    sha256: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    sandbox: SandboxRequest = SandboxRequest()
+    manifest_path: Path | None = None
+
+    @property
+    def is_bare_file(self) -> bool:
+        return self.manifest_path is None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "version": self.version,
+            "type": self.type.value,
+            "entrypoint": str(self.entrypoint),
+            "root": str(self.root),
+            "name": self.name,
+            "description": self.description,
+            "methods": list(self.methods) if self.methods is not None else None,
+            "sha256": self.sha256,
+            "config": self.config,
+            "manifest": str(self.manifest_path) if self.manifest_path else None,
+        }
+
+
+# -- parsing ---------------------------------------------------------------------------------
+
+class _Fields:
+    """Reads one TOML table, remembering the file and table for error messages."""
+
+    def __init__(self, path: str, table: str, data: Any, known: set[str]) -> None:
+        self.path, self.table = path, table
+        if not isinstance(data, dict):
+            raise self.error("", "a table")
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise self.error(unknown[0], f"no such field (known: {', '.join(sorted(known))})")
+        self.data = data
+
+    def error(self, key: str, expected: str) -> ManifestError:
+        name = f"{self.table}.{key}" if key else self.table
+        return ManifestError(self.path, name, expected)
+
+    def get(self, key: str, parse: Callable[[Any], Any], *, required: bool = False,
+            default: Any = None) -> Any:
+        if key not in self.data:
+            if required:
+                raise self.error(key, "a value (this field is required)")
+            return default
+        try:
+            return parse(self.data[key])
+        except ValueError as exc:
+            raise self.error(key, str(exc)) from None
+
+
+def _text(limit: int, what: str = "a string") -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        if not isinstance(value, str):
+            raise ValueError(f"{what}, not {type(value).__name__}")
+        if len(value) > limit:
+            raise ValueError(f"{what} of at most {limit} characters")
+        if "\0" in value:
+            raise ValueError(f"{what} without NUL characters")
+        return value
+    return parse
+
+
+def _matching(regex: re.Pattern[str], what: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        if not isinstance(value, str) or not regex.fullmatch(value):
+            raise ValueError(f"{what}, not {value!r}")
+        return value
+    return parse
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"true or false, not {value!r}")
+    return value
+
+
+def _list_of(parse_item: Callable[[Any], Any], what: str, *, limit: int = 256) -> Callable[
+        [Any], tuple[Any, ...]]:
+    def parse(value: Any) -> tuple[Any, ...]:
+        if not isinstance(value, list):
+            raise ValueError(f"a list of {what}, not {type(value).__name__}")
+        if len(value) > limit:
+            raise ValueError(f"a list of at most {limit} {what}")
+        items = []
+        for i, item in enumerate(value):
+            try:
+                items.append(parse_item(item))
+            except ValueError as exc:
+                raise ValueError(f"item {i}: {exc}") from None
+        if len(set(items)) != len(items):
+            raise ValueError(f"a list of {what} without duplicates")
+        return tuple(items)
+    return parse
+
+
+def _loader_type(value: Any) -> LoaderType:
+    kinds = ", ".join(t.value for t in LoaderType)
+    try:
+        return LoaderType(value)
+    except ValueError:
+        raise ValueError(f"one of {kinds}, not {value!r}") from None
+
+
+def _sha256(value: Any) -> str:
+    if not isinstance(value, str) or not SHA256_RE.fullmatch(value):
+        raise ValueError(f"64 lower-case hex digits (optionally prefixed sha256:), not {value!r}")
+    return SHA256_RE.fullmatch(value).group(1)  # type: ignore[union-attr]
+
+
+def _method_name(value: Any) -> str:
+    if not isinstance(value, str) or not METHOD_RE.fullmatch(value):
+        raise ValueError(f"a method name (letters, digits, _), not {value!r}")
+    return value
+
+
+def _json_value(value: Any, where: str) -> Any:
+    """TOML values that JSON can carry; dates and times cannot reach a plugin's init()."""
+    if isinstance(value, dict):
+        return {k: _json_value(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_value(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where}: a finite number (JSON has no inf or nan)")
+    if isinstance(value, (str, int, float, bool)):
+        return value
+    raise ValueError(f"{where}: a JSON value (string, number, boolean, array, table), "
+                     f"not a TOML {type(value).__name__}")
+
+
+def _entrypoint(value: Any, root: Path, kind: LoaderType) -> Path:
+    """The entrypoint resolved inside ``root``; links may not lead out of it."""
+    if not isinstance(value, str) or not value or "\0" in value or len(value) > 4096:
+        raise ValueError("a relative path inside the plugin directory")
+    if value.startswith("/") or Path(value).is_absolute():
+        raise ValueError(f"a relative path inside the plugin directory, not absolute {value!r}")
+    if ".." in Path(value).parts:
+        raise ValueError(f"a path inside the plugin directory, without '..', not {value!r}")
+    try:
+        real_root = root.resolve(strict=True)
+        target = (root / value).resolve(strict=True)
+    except (OSError, RuntimeError):
+        raise ValueError(f"an existing file inside the plugin directory; {value!r} "
+                         "does not exist") from None
+    if not target.is_relative_to(real_root):
+        raise ValueError(f"a path that stays inside the plugin directory; {value!r} "
+                         f"leads to {target}")
+    if kind is LoaderType.PYTHON:
+        if target.is_dir():
+            if not (target / "__init__.py").is_file():
+                raise ValueError(f"a .py file or a package directory; {value!r} has no "
+                                 "__init__.py")
+        elif not (target.is_file() and target.suffix == ".py"):
+            raise ValueError(f"a .py file or a package directory, not {value!r}")
+    elif not target.is_file():
+        raise ValueError(f"a regular file, not {value!r}")
+    elif kind is LoaderType.EXTERNAL and not os.access(target, os.X_OK):
+        raise ValueError(f"an executable file; {value!r} is not executable (chmod +x)")
+    return target
+
+
+_PLUGIN_FIELDS = {"id", "version", "type", "entrypoint", "name", "description", "methods",
+                  "sha256"}
+_SANDBOX_FIELDS = {"profile", "memory_limit", "cpu_limit", "timeout", "network_allowed",
+                   "allowed_hosts", "allowed_paths", "denied_paths"}
+
+
+def parse_manifest(text: str | bytes, *, path: str | os.PathLike[str], root: Path) -> Plugin:
+    """Parse and validate a manifest's text; ``root`` is the plugin directory."""
+    where = str(path)
+    if isinstance(text, bytes):
+        if len(text) > MAX_MANIFEST_BYTES:
+            raise ManifestError(where, "(file)", f"at most {MAX_MANIFEST_BYTES} bytes")
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ManifestError(where, "(file)", f"UTF-8 text ({exc.reason} at byte "
+                                                 f"{exc.start})") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ManifestError(where, "(file)", f"valid TOML ({exc})") from None
+    top = _Fields(where, "(top level)", data, {"plugin", "config", "sandbox"})
+    if "plugin" not in data:
+        raise ManifestError(where, "plugin", "a [plugin] table")
+    p = _Fields(where, "plugin", data["plugin"], _PLUGIN_FIELDS)
+    plugin_id = p.get("id", _matching(ID_RE, "an id of lower-case letters, digits, '.', '_' "
+                                      "or '-', starting with a letter or digit, at most 128 "
+                                      "characters"), required=True)
+    version = p.get("version", _matching(SEMVER_RE, 'a semantic version such as "1.2.0"'),
+                    required=True)
+    kind = p.get("type", _loader_type, required=True)
+    entrypoint = p.get("entrypoint", lambda v: _entrypoint(v, root, kind), required=True)
+    methods = p.get("methods", _list_of(_method_name, "method names"))
+    if methods is not None and not methods:
+        raise p.error("methods", "a non-empty list of method names (omit it to expose all)")
+
+    config: dict[str, Any] = {}
+    if "config" in data:
+        if not isinstance(data["config"], dict):
+            raise top.error("config", "a table")
+        try:
+            config = _json_value(data["config"], "config")
+        except ValueError as exc:
+            field_name, _, expected = str(exc).partition(": ")
+            raise ManifestError(where, field_name, expected) from None
+
+    s = _Fields(where, "sandbox", data.get("sandbox", {}), _SANDBOX_FIELDS)
+    sandbox = SandboxRequest(
+        profile=s.get("profile", _matching(_profiles.NAME_RE, "a profile name such as "
+                                           '"default" or "strict"')),
+        memory_limit=s.get("memory_limit", parse_size),
+        cpu_limit=s.get("cpu_limit", parse_cpu),
+        timeout=s.get("timeout", parse_duration),
+        network_allowed=s.get("network_allowed", _boolean, default=False),
+        allowed_hosts=s.get("allowed_hosts", _list_of(parse_host_pattern, "hosts"), default=()),
+        allowed_paths=s.get("allowed_paths", _list_of(parse_path_grant, "paths"), default=()),
+        denied_paths=s.get("denied_paths", _list_of(parse_denied_path, "paths"), default=()),
+    )
+    if sandbox.allowed_hosts and not sandbox.network_allowed:
+        raise s.error("allowed_hosts", "empty unless network_allowed = true")
+    granted = [g.path for g in sandbox.allowed_paths]
+    if len(set(granted)) != len(granted):
+        raise s.error("allowed_paths", "each path once (it appears with both :ro and :rw)")
+
+    return Plugin(
+        id=plugin_id,
+        version=version,
+        type=kind,
+        entrypoint=entrypoint,
+        root=root.resolve(),
+        name=p.get("name", _text(200, "a name")),
+        description=p.get("description", _text(4000, "a description")),
+        methods=methods,
+        sha256=p.get("sha256", _sha256),
+        config=config,
+        sandbox=sandbox,
+        manifest_path=Path(path).resolve() if Path(path).exists() else Path(path),
+    )
+
+
+def _bare_kind(path: Path) -> LoaderType:
+    where = str(path)
+    if path.suffix == ".py":
+        return LoaderType.PYTHON
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as exc:
+        raise ManifestError(where, "(file)", f"a readable file ({exc.strerror})") from None
+    if path.suffix == ".wasm":
+        if head != WASM_MAGIC:
+            raise ManifestError(where, "(file)", "a WebAssembly module (it lacks the \\0asm "
+                                                 "magic bytes)")
+        return LoaderType.WASM
+    if path.suffix == ".so" or ".so." in path.name:
+        if head != ELF_MAGIC:
+            raise ManifestError(where, "(file)", "an ELF shared object")
+        return LoaderType.NATIVE
+    raise ManifestError(where, MANIFEST_NAME, "a plugin.toml beside it: only .py, .wasm and "
+                        ".so files load without a manifest (executables need one)")
+
+
+def _bare_id(path: Path) -> str:
+    stem = path.name.split(".")[0].lower().replace(" ", "-")
+    candidate = re.sub(r"[^a-z0-9._-]", "-", stem).strip("-._")[:128]
+    if not candidate or not ID_RE.fullmatch(candidate):
+        raise ManifestError(str(path), "plugin.id", "a file name from which an id can be made "
+                            "(letters or digits); add a plugin.toml with an explicit id")
+    return candidate
+
+
+def load_plugin(path: str | os.PathLike[str]) -> Plugin:
+    """The plugin at ``path``: a directory with plugin.toml, a plugin.toml, or a bare file."""
+    target = Path(path)
+    if target.is_dir():
+        manifest = target / MANIFEST_NAME
+        if not manifest.is_file():
+            raise ManifestError(str(target), MANIFEST_NAME,
+                                "a plugin.toml in the plugin directory")
+    elif target.name == MANIFEST_NAME:
+        manifest, target = target, target.parent
+    elif target.is_file():
+        kind = _bare_kind(target)
+        resolved = target.resolve()
+        return Plugin(id=_bare_id(target), version="0.0.0", type=kind, entrypoint=resolved,
+                      root=resolved)
+    else:
+        raise ManifestError(str(target), "(path)", "an existing plugin directory or file")
+    try:
+        raw = manifest.read_bytes()
+    except OSError as exc:
+        raise ManifestError(str(manifest), "(file)", f"a readable file ({exc.strerror})") from None
+    return parse_manifest(raw, path=manifest, root=target)
+
+
+def verify_integrity(plugin: Plugin) -> None:
+    """Check the manifest's ``sha256`` against the entrypoint (IntegrityError on mismatch).
+
+    For a file entrypoint it is the file's digest; for a python package directory it is the
+    tree checksum of that directory (``sandboxer.checksum``), without the ``sha256:`` prefix.
+    """
+    if plugin.sha256 is None:
+        return
+    if plugin.entrypoint.is_dir():
+        actual = _digest.tree_checksum(plugin.entrypoint).removeprefix("sha256:")
+    else:
+        actual = _digest.file_sha256(plugin.entrypoint)
+    if actual != plugin.sha256:
+        raise IntegrityError(
+            f"plugin {plugin.id}: entrypoint {plugin.entrypoint} has sha256 {actual}, but the "
+            f"manifest says {plugin.sha256}; the file changed after the manifest was written, "
+            "or was tampered with",
+            plugin_id=plugin.id,
+        )
+

@@ -1,0 +1,8 @@
+"""The sandbox: policy (what is enforced), and, from the launcher on, how it is enforced.
+
+Usable on its own: nothing here imports loaders/ or the manager.
+"""
+
+from .policy import HostConfig, PathGrant, SandboxConfig, SandboxRequest, effective_config
+
+__all__ = ["HostConfig", "PathGrant", "SandboxConfig", "SandboxRequest", "effective_config"]

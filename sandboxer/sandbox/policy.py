@@ -1,0 +1,370 @@
+"""Sandbox policy: what a plugin asks for, what the host allows, and what is enforced.
+
+A plugin's ``[sandbox]`` table is a ``SandboxRequest``. The host's ``HostConfig`` sets the
+ceilings and the path roots a plugin may be given. ``effective_config()`` clamps the request
+by the policy on top of the profile's defaults, and the result, a ``SandboxConfig``, is the
+one thing the launcher enforces. An explicit ``SandboxConfig`` handed to ``load()`` by the host
+program replaces the computed one: that is the operator speaking, not the plugin.
+
+This module only computes; it never touches the kernel. It must not import from loaders/ or
+the manager, so the sandbox stays usable on its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from .._units import format_duration, format_size, parse_duration, parse_size
+from ..errors import ConfigError, PluginLoadError
+from . import profiles as _profiles
+
+__all__ = [
+    "PathGrant",
+    "SandboxRequest",
+    "SandboxConfig",
+    "HostConfig",
+    "effective_config",
+    "parse_path_grant",
+    "parse_host_pattern",
+    "DEFAULT_CONFIG_PATH",
+]
+
+DEFAULT_CONFIG_PATH = "/etc/sandboxer/sandboxer.toml"
+
+_HOSTNAME_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+
+
+@dataclass(frozen=True, slots=True)
+class PathGrant:
+    """A host path made visible to the plugin: read-only unless ``writable``."""
+
+    path: str
+    writable: bool = False
+
+    def __str__(self) -> str:
+        return f"{self.path}:rw" if self.writable else self.path
+
+
+def _check_abs_path(path: str) -> str:
+    if not path or "\0" in path:
+        raise ValueError("a non-empty absolute path without NUL bytes")
+    if not path.startswith("/"):
+        raise ValueError(f"an absolute path, not {path!r}")
+    trimmed = path.rstrip("/") or "/"
+    if os.path.normpath(trimmed) != trimmed or trimmed.startswith("//"):
+        raise ValueError(f"a normalised path (no '.', '..' or '//'), not {path!r}")
+    return trimmed
+
+
+def parse_path_grant(text: object) -> PathGrant:
+    """``"/data"`` (read-only), ``"/data:ro"`` or ``"/data:rw"``."""
+    if not isinstance(text, str):
+        raise ValueError(f'a path string "PATH" or "PATH:rw", not {type(text).__name__}')
+    writable = False
+    path = text
+    if text.endswith(":rw"):
+        path, writable = text[:-3], True
+    elif text.endswith(":ro"):
+        path = text[:-3]
+    return PathGrant(_check_abs_path(path), writable)
+
+
+def parse_denied_path(text: object) -> str:
+    if not isinstance(text, str):
+        raise ValueError(f"an absolute path string, not {type(text).__name__}")
+    return _check_abs_path(text)
+
+
+def parse_host_pattern(text: object) -> str:
+    """Validate one ``allowed_hosts`` entry and return it normalised (lower case).
+
+    Accepted: ``example.com``, ``*.example.com``, ``example.com:443``, IPv4 and IPv6 literals
+    (``[::1]:443`` with a port), and CIDR ranges such as ``10.0.0.0/8`` for naming a private
+    range on purpose.
+    """
+    expected = 'a host such as "example.com", "*.example.com:443", "10.0.0.1" or "[::1]:8080"'
+    if not isinstance(text, str) or not text or len(text) > 300:
+        raise ValueError(f"{expected}, not {text!r}")
+    host, port = text.lower(), None
+    if host.startswith("["):
+        end = host.find("]")
+        if end < 0:
+            raise ValueError(f"{expected}, not {text!r}")
+        rest = host[end + 1:]
+        host = host[1:end]
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(f"{expected}, not {text!r}")
+            port = rest[1:]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{expected}, not {text!r}") from None
+    elif host.count(":") == 1:
+        host, port = host.split(":")
+    if port is not None:
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"a port between 1 and 65535 in {text!r}")
+    if "/" in host:
+        try:
+            ipaddress.ip_network(host, strict=True)
+        except ValueError:
+            raise ValueError(f"a CIDR range such as 10.0.0.0/8, not {text!r}") from None
+        if port is not None:
+            raise ValueError(f"a CIDR range without a port, not {text!r}")
+        return host
+    try:
+        ipaddress.ip_address(host)
+        return text.lower()
+    except ValueError:
+        pass
+    labels = host.split(".")
+    if labels[0] == "*":
+        labels = labels[1:]
+        if len(labels) < 2:
+            raise ValueError(f"a wildcard with at least two labels after '*.', not {text!r}")
+    if not labels or len(host) > 253 or not all(_HOSTNAME_LABEL.fullmatch(lb) for lb in labels):
+        raise ValueError(f"{expected}, not {text!r}")
+    if all(lb.isdigit() for lb in labels):
+        raise ValueError(f"{expected}, not {text!r}")
+    return text.lower()
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxRequest:
+    """A plugin's ``[sandbox]`` table: what it asks for. ``None`` means "the profile's default"."""
+
+    profile: str | None = None
+    memory_limit: int | None = None
+    cpu_limit: float | None = None
+    timeout: float | None = None
+    network_allowed: bool = False
+    allowed_hosts: tuple[str, ...] = ()
+    allowed_paths: tuple[PathGrant, ...] = ()
+    denied_paths: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxConfig:
+    """The sandbox the launcher enforces (the spec's SandboxConfig, plus the profile's limits).
+
+    ``enabled=False`` means the plugin runs in the supervisor's process: allowed only for
+    python and native plugins, and only when the host policy allows unsandboxed plugins.
+    """
+
+    enabled: bool = True
+    profile: str = "default"
+    allowed_paths: tuple[PathGrant, ...] = ()
+    denied_paths: tuple[str, ...] = ()
+    network_allowed: bool = False
+    allowed_hosts: tuple[str, ...] = ()
+    memory_limit: int = 256 << 20
+    cpu_limit: float = 1.0
+    timeout: float = 30.0
+    pids_limit: int = 128
+    tmp_size: int = 64 << 20
+    nofile: int = 1024
+
+    def replace(self, **changes: Any) -> SandboxConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> dict[str, Any]:
+        """The spec's camelCase keys, with sizes and durations in their human spelling."""
+        return {
+            "enabled": self.enabled,
+            "profile": self.profile,
+            "allowedPaths": [str(g) for g in self.allowed_paths],
+            "deniedPaths": list(self.denied_paths),
+            "networkAllowed": self.network_allowed,
+            "allowedHosts": list(self.allowed_hosts),
+            "memoryLimit": format_size(self.memory_limit),
+            "cpuLimit": self.cpu_limit,
+            "timeout": format_duration(self.timeout),
+            "pidsLimit": self.pids_limit,
+            "tmpSize": format_size(self.tmp_size),
+            "nofile": self.nofile,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class HostConfig:
+    """The host's policy: ceilings, path roots, trust, and supervisor timings.
+
+    Loaded from ``$SANDBOXER_CONFIG`` or ``/etc/sandboxer/sandboxer.toml`` (``HostConfig.load()``)
+    or built in code. Every limit a plugin requests is clamped to the ``max_*`` ceilings; a
+    path it requests must lie under one of ``path_roots``.
+    """
+
+    allow_unsandboxed: bool = True
+    allow_full_network: bool = False
+    default_profile: str = "default"
+    path_roots: tuple[str, ...] = ()
+    max_memory_limit: int | None = None
+    max_cpu_limit: float | None = None
+    max_timeout: float | None = None
+    max_pids: int | None = None
+    drain_timeout: float = 10.0
+    handshake_timeout: float = 10.0
+    max_frame: int = 16 << 20
+    profile_dirs: tuple[str, ...] = field(default_factory=tuple)
+    source: str = ""
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str] | None = None) -> HostConfig:
+        """Read the host config: ``path``, else ``$SANDBOXER_CONFIG``, else the system file.
+
+        A missing system file gives the defaults; a missing file named explicitly (argument or
+        environment) is an error, since the operator clearly meant one.
+        """
+        explicit = path if path is not None else os.environ.get("SANDBOXER_CONFIG")
+        target = Path(explicit) if explicit else Path(DEFAULT_CONFIG_PATH)
+        try:
+            raw = target.read_bytes()
+        except FileNotFoundError:
+            if explicit:
+                raise ConfigError(str(target), "(file)", "an existing host config file") from None
+            return cls()
+        except OSError as exc:
+            raise ConfigError(str(target), "(file)", f"a readable file ({exc.strerror})") from exc
+        try:
+            data = tomllib.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(str(target), "(file)", f"valid UTF-8 TOML ({exc})") from exc
+        return cls.from_mapping(data, source=str(target))
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], *, source: str = "") -> HostConfig:
+        """Build from the ``[host]`` and ``[limits]`` tables of a parsed sandboxer.toml."""
+        def fail(field_name: str, expected: str) -> ConfigError:
+            return ConfigError(source, field_name, expected)
+
+        unknown = set(data) - {"host", "limits"}
+        if unknown:
+            raise fail(sorted(unknown)[0], "one of the tables [host], [limits]")
+        host = data.get("host", {})
+        limits = data.get("limits", {})
+        if not isinstance(host, dict) or not isinstance(limits, dict):
+            raise fail("host" if not isinstance(host, dict) else "limits", "a table")
+        values: dict[str, Any] = {"source": source}
+        bools = {"allow_unsandboxed", "allow_full_network"}
+        host_keys = bools | {"default_profile", "path_roots", "drain_timeout",
+                             "handshake_timeout", "max_frame", "profile_dirs"}
+        for key, value in host.items():
+            name = f"host.{key}"
+            if key not in host_keys:
+                raise fail(name, f"one of {', '.join(sorted(host_keys))}")
+            if key in bools:
+                if not isinstance(value, bool):
+                    raise fail(name, "true or false")
+                values[key] = value
+            elif key == "default_profile":
+                if not isinstance(value, str) or not _profiles.NAME_RE.fullmatch(value):
+                    raise fail(name, "a profile name such as \"default\"")
+                values[key] = value
+            elif key in ("path_roots", "profile_dirs"):
+                if not isinstance(value, list):
+                    raise fail(name, "a list of absolute paths")
+                try:
+                    values[key] = tuple(parse_denied_path(v) for v in value)
+                except ValueError as exc:
+                    raise fail(name, str(exc)) from None
+            elif key == "max_frame":
+                try:
+                    values[key] = parse_size(value)
+                except ValueError as exc:
+                    raise fail(name, str(exc)) from None
+            else:
+                try:
+                    values[key] = parse_duration(value)
+                except ValueError as exc:
+                    raise fail(name, str(exc)) from None
+        limit_parsers = {
+            "max_memory_limit": parse_size,
+            "max_cpu_limit": parse_cpu,
+            "max_timeout": parse_duration,
+            "max_pids": parse_pids,
+        }
+        for key, value in limits.items():
+            name = f"limits.{key}"
+            if key not in limit_parsers:
+                raise fail(name, f"one of {', '.join(sorted(limit_parsers))}")
+            try:
+                values[key] = limit_parsers[key](value)
+            except ValueError as exc:
+                raise fail(name, str(exc)) from None
+        return cls(**values)
+
+
+def parse_cpu(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"a number of CPUs such as 0.5 or 2, not {value!r}")
+    if not 0.01 <= float(value) <= 1024:
+        raise ValueError(f"a number of CPUs between 0.01 and 1024, not {value!r}")
+    return float(value)
+
+
+def parse_pids(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1 << 22:
+        raise ValueError(f"a whole number of processes between 1 and 4194304, not {value!r}")
+    return value
+
+
+
+def _under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def effective_config(
+    request: SandboxRequest, host: HostConfig, *, plugin_id: str | None = None
+) -> SandboxConfig:
+    """The sandbox to enforce: the profile's defaults, the request, clamped by the host.
+
+    Raises PluginLoadError when the request asks for something the policy refuses outright
+    (a path outside every root, full network without the host's consent, an unknown profile);
+    numeric requests above a ceiling are clamped, not refused.
+    """
+    profile_name = request.profile or host.default_profile
+    profile = _profiles.load_profile(profile_name, host.profile_dirs)
+    limits = profile.limits
+
+    def clamp(value: Any, ceiling: Any) -> Any:
+        return value if ceiling is None else min(value, ceiling)
+
+    for grant in request.allowed_paths:
+        if not any(_under(grant.path, root) for root in host.path_roots):
+            roots = ", ".join(host.path_roots) or "none"
+            raise PluginLoadError(
+                f"plugin {plugin_id}: the host policy does not allow path {grant.path} "
+                f"(path roots: {roots}); add a root to path_roots in the host config "
+                f"or pass the path explicitly",
+                plugin_id=plugin_id,
+            )
+    if request.network_allowed and not request.allowed_hosts and not host.allow_full_network:
+        raise PluginLoadError(
+            f"plugin {plugin_id}: asks for the full network (network_allowed without "
+            f"allowed_hosts) and the host policy does not allow it; list allowed_hosts, or set "
+            f"allow_full_network = true under [host] in the host config",
+            plugin_id=plugin_id,
+        )
+    return SandboxConfig(
+        enabled=True,
+        profile=profile_name,
+        allowed_paths=request.allowed_paths,
+        denied_paths=request.denied_paths,
+        network_allowed=request.network_allowed,
+        allowed_hosts=request.allowed_hosts,
+        memory_limit=clamp(request.memory_limit or limits.memory, host.max_memory_limit),
+        cpu_limit=clamp(request.cpu_limit or limits.cpu, host.max_cpu_limit),
+        timeout=clamp(request.timeout or limits.timeout, host.max_timeout),
+        pids_limit=clamp(limits.pids, host.max_pids),
+        tmp_size=limits.tmp_size,
+        nofile=limits.nofile,
+    )
+

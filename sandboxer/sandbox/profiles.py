@@ -1,0 +1,114 @@
+"""Sandbox profiles: named bundles of default limits (and, with the launcher, the seccomp
+policy and extra mounts), read from ``profiles/*.toml``.
+
+Profiles ship with the package (``sandboxer.profiles``); a host may add directories of its
+own (``HostConfig.profile_dirs``), searched first. A profile is parsed strictly and cached per
+file; an unknown or broken profile is a PluginLoadError naming the file and the field.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import tomllib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .._units import parse_duration, parse_size
+from ..errors import PluginLoadError
+
+__all__ = ["Profile", "ProfileLimits", "load_profile", "profile_names", "NAME_RE"]
+
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileLimits:
+    memory: int
+    cpu: float
+    pids: int
+    tmp_size: int
+    nofile: int
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    name: str
+    description: str
+    limits: ProfileLimits
+    path: str
+
+
+def _builtin_dir() -> Path:
+    return Path(str(resources.files("sandboxer.profiles")))
+
+
+def _search_dirs(extra: tuple[str, ...]) -> list[Path]:
+    return [Path(d) for d in extra] + [_builtin_dir()]
+
+
+def profile_names(extra_dirs: tuple[str, ...] = ()) -> list[str]:
+    names = {p.stem for d in _search_dirs(extra_dirs) if d.is_dir() for p in d.glob("*.toml")}
+    return sorted(n for n in names if NAME_RE.fullmatch(n))
+
+
+def load_profile(name: str, extra_dirs: tuple[str, ...] = ()) -> Profile:
+    """The profile called ``name``; PluginLoadError if there is none or it is invalid."""
+    if not NAME_RE.fullmatch(name):
+        raise PluginLoadError(f"sandbox profile name {name!r} is not valid")
+    for directory in _search_dirs(extra_dirs):
+        candidate = directory / f"{name}.toml"
+        if candidate.is_file():
+            return _parse_profile(str(candidate), candidate.stat().st_mtime_ns)
+    known = ", ".join(profile_names(extra_dirs)) or "none"
+    raise PluginLoadError(f"no sandbox profile named {name!r} (known profiles: {known})")
+
+
+_LIMIT_FIELDS = {
+    "memory": parse_size,
+    "tmp_size": parse_size,
+    "timeout": parse_duration,
+}
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_profile(path: str, _mtime_ns: int) -> Profile:
+    def fail(field: str, expected: str) -> PluginLoadError:
+        return PluginLoadError(f"sandbox profile {path}: {field}: {expected}")
+
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise fail("(file)", f"readable TOML ({exc})") from exc
+    meta = data.get("profile", {})
+    limits = data.get("limits", {})
+    if not isinstance(meta, dict) or not isinstance(limits, dict):
+        raise fail("profile/limits", "tables")
+    values: dict[str, Any] = {}
+    for key in ("memory", "cpu", "pids", "tmp_size", "nofile", "timeout"):
+        if key not in limits:
+            raise fail(f"limits.{key}", "a value (every limit must be set)")
+        raw = limits[key]
+        try:
+            if key in _LIMIT_FIELDS:
+                values[key] = _LIMIT_FIELDS[key](raw)
+            elif key == "cpu":
+                if isinstance(raw, bool) or not isinstance(raw, (int, float)) or raw <= 0:
+                    raise ValueError("a positive number of CPUs")
+                values[key] = float(raw)
+            else:
+                if isinstance(raw, bool) or not isinstance(raw, int) or raw <= 0:
+                    raise ValueError("a positive whole number")
+                values[key] = raw
+        except ValueError as exc:
+            raise fail(f"limits.{key}", str(exc)) from None
+    return Profile(
+        name=Path(path).stem,
+        description=str(meta.get("description", "")),
+        limits=ProfileLimits(**values),
+        path=path,
+    )

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Sets up everything `make test` and `make demo` need on a fresh Debian 12 machine:
+# the Debian packages (installed only when missing), then .venv with the pinned dependencies
+# and sandboxer itself. Safe to run again; it does only what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Debian packages: libcap-dev builds python-prctl; libseccomp2 backs pyseccomp; python3-venv
+# gives the system interpreter its venv module.
+APT_PACKAGES=(libcap-dev libseccomp2 python3-venv python3-dev gcc make)
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+    if [[ $(id -u) -ne 0 ]]; then
+        echo "bootstrap: missing Debian packages: ${missing[*]}" >&2
+        echo "bootstrap: run as root, or: sudo apt-get install ${missing[*]}" >&2
+        exit 1
+    fi
+    echo "bootstrap: installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# The system interpreter (under /usr) rather than one in a home directory: the sandbox binds
+# /usr read-only into plugin hosts, so the runtime they need is already inside.
+PYTHON=${PYTHON:-/usr/bin/python3}
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {
+    echo "bootstrap: $PYTHON is older than Python 3.11" >&2; exit 1; }
+
+if [[ ! -x .venv/bin/python ]]; then
+    "$PYTHON" -m venv .venv
+fi
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+.venv/bin/python -m pip install -q setuptools==80.9.0 wheel==0.45.1 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -m pip install -q -r requirements.lock 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v "^WARNING: Location" || true
+# pip's exit status is lost in the filter above: check the result directly.
+.venv/bin/python -c "import sandboxer, orjson, prctl, pyseccomp, wasmtime, inotify_simple, pytest" || {
+    echo "bootstrap: the virtualenv is incomplete; see the pip output above" >&2; exit 1; }
+touch .venv/.installed
+echo "bootstrap: .venv ready"
