@@ -21,6 +21,7 @@ from typing import Any, Mapping
 
 from . import _lifecycle
 from .errors import (
+    PluginCallError,
     PluginLoadError,
     PluginNotFound,
     PluginStateError,
@@ -389,7 +390,11 @@ class PluginManager:
         loader = self._loader_for(plugin, sandbox)
         handle = await loader.start(plugin, sandbox, generation=number)
         try:
-            await handle.init({**plugin.config, **config})
+            try:
+                await handle.init({**plugin.config, **config})
+            except PluginCallError as exc:
+                raise PluginLoadError(f"plugin {plugin.id}: init failed: {exc}",
+                                      plugin_id=plugin.id) from exc
             health = await handle.health()
             if not health.ok:
                 raise PluginLoadError(f"plugin {plugin.id}: health check failed after init: "

@@ -1,0 +1,117 @@
+"""The sandboxer command: results, exit codes 0/1/2/4 and the --json shape."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import EXAMPLES
+
+HELLO = str(EXAMPLES / "hello")
+
+
+def sandboxer(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "sandboxer.cli", *args], capture_output=True,
+                          text=True, timeout=60, env=env)
+
+
+def test_call_prints_the_result():
+    run = sandboxer("call", "--no-sandbox", HELLO, "greet", "world")
+    assert (run.returncode, run.stdout, run.stderr) == (0, "Hello, world!\n", "")
+
+
+def test_args_that_parse_as_json_are_json():
+    run = sandboxer("call", "--no-sandbox", HELLO, "add", "2", "40")
+    assert (run.returncode, run.stdout) == (0, "42\n")
+    run = sandboxer("call", "--no-sandbox", HELLO, "add", '"2"', "x")
+    assert (run.returncode, run.stdout) == (0, "2x\n")
+
+
+def test_config_override_reaches_init():
+    run = sandboxer("call", "--no-sandbox", "--config", '{"greeting": "Hi"}', HELLO,
+                    "greet", "you")
+    assert (run.returncode, run.stdout) == (0, "Hi, you!\n")
+
+
+def test_json_output_of_a_successful_call():
+    run = sandboxer("call", "--no-sandbox", "--json", HELLO, "greet", "json")
+    assert run.returncode == 0
+    doc = json.loads(run.stdout)
+    assert doc["ok"] is True and doc["result"] == "Hello, json!" and doc["error"] is None
+    assert doc["plugin"] == {"id": "example.hello", "version": "1.0.0", "type": "python"}
+    assert set(doc["stats"]) >= {"durationMs", "peakMemoryBytes", "cpuTimeSeconds", "calls"}
+    assert doc["stats"]["calls"] == 1 and doc["sandbox"]["enabled"] is False
+
+
+def test_plugin_error_exits_1():
+    run = sandboxer("call", "--no-sandbox", HELLO, "fail", "on purpose")
+    assert run.returncode == 1
+    assert "ValueError: on purpose" in run.stderr and run.stdout == ""
+    run = sandboxer("call", "--no-sandbox", "--json", HELLO, "fail", "on purpose")
+    doc = json.loads(run.stdout)
+    assert run.returncode == 1 and doc["ok"] is False
+    assert doc["error"]["type"] == "PluginCallError" and doc["error"]["code"] == 1
+    assert doc["error"]["data"]["type"] == "ValueError"
+
+
+def test_unknown_method_exits_1_with_method_not_found():
+    run = sandboxer("call", "--no-sandbox", "--json", HELLO, "nope")
+    doc = json.loads(run.stdout)
+    assert run.returncode == 1 and doc["error"]["type"] == "MethodNotFound"
+    assert doc["error"]["code"] == -32601
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["call", "--no-sandbox", "/nonexistent/plugin", "f"], "ManifestError"),
+    (["call", "--no-sandbox", "--memory-limit", "lots", HELLO, "f"], "SIZE"),
+    (["call", "--no-sandbox", "--config", "[1]", HELLO, "greet", "x"], "JSON object"),
+    (["call"], "required"),
+    (["frobnicate"], "invalid choice"),
+], ids=["missing-plugin", "bad-size-option", "config-not-object", "no-target", "bad-command"])
+def test_usage_and_invalid_plugins_exit_2(argv, needle):
+    run = sandboxer(*argv)
+    assert run.returncode == 2
+    assert needle in run.stderr
+
+
+def test_bad_manifest_exits_2_naming_the_field(tmp_path: Path):
+    (tmp_path / "p.py").write_text("def f():\n    return 1\n")
+    (tmp_path / "plugin.toml").write_text('[plugin]\nid = "Bad Id"\nversion = "1.0.0"\n'
+                                          'type = "python"\nentrypoint = "p.py"\n')
+    for command in (["call", "--no-sandbox", str(tmp_path), "f"], ["inspect", str(tmp_path)]):
+        run = sandboxer(*command)
+        assert run.returncode == 2
+        assert "ManifestError" in run.stderr and "plugin.id" in run.stderr
+        assert str(tmp_path / "plugin.toml") in run.stderr
+    run = sandboxer("call", "--json", "--no-sandbox", str(tmp_path), "f")
+    doc = json.loads(run.stdout)
+    assert doc["error"]["type"] == "ManifestError" and doc["error"]["field"] == "plugin.id"
+
+
+def test_sandboxed_python_without_plugin_host_exits_4():
+    run = sandboxer("call", HELLO, "greet", "x")
+    assert run.returncode == 4 and "SandboxUnavailable" in run.stderr
+
+
+def test_inspect_shows_manifest_checksum_and_effective_sandbox():
+    run = sandboxer("inspect", "--json", HELLO)
+    assert run.returncode == 0
+    doc = json.loads(run.stdout)
+    assert doc["kind"] == "python" and doc["checksum"].startswith("sha256:")
+    assert doc["plugin"]["id"] == "example.hello"
+    assert doc["sandbox"]["memoryLimit"] == "64MiB" and doc["sandbox"]["timeout"] == "5s"
+    run = sandboxer("inspect", "--memory-limit", "32M", "--allow-path", "/srv:rw", HELLO)
+    assert run.returncode == 0
+    assert "sandbox.memoryLimit     32MiB" in run.stdout
+    assert '["/srv:rw"]' in run.stdout
+
+
+def test_demo_runs_the_examples():
+    run = sandboxer("demo")
+    assert run.returncode == 0, run.stderr
+    assert "Hello, world!" in run.stdout
+    assert "trusted in-process" in run.stdout
