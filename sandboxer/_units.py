@@ -18,11 +18,11 @@ _SIZE_UNITS = {
     "g": 1 << 30, "gib": 1 << 30, "gb": 10**9,
     "t": 1 << 40, "tib": 1 << 40, "tb": 10**12,
 }
-_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*")
+_SIZE_RE = re.compile(r"\s*([0-9]{1,20}(?:\.[0-9]{1,20})?)\s*([a-zA-Z]*)\s*", re.ASCII)
 MAX_SIZE = 1 << 50  # 1 PiB: anything above is a typo, not a limit
 
 _DURATION_UNITS = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, "us": 1e-6}
-_DURATION_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(us|ms|s|m|h)\s*")
+_DURATION_RE = re.compile(r"\s*([0-9]{1,20}(?:\.[0-9]{1,20})?)\s*(us|ms|s|m|h)\s*", re.ASCII)
 MAX_DURATION = 7 * 24 * 3600.0
 
 SIZE_EXPECTED = 'a size such as "64MiB", "512M", "1G" or a number of bytes'
@@ -34,7 +34,7 @@ def parse_size(value: object) -> int:
     if isinstance(value, bool):
         raise ValueError(f"{SIZE_EXPECTED}, not a boolean")
     if isinstance(value, int):
-        size = value
+        size = value  # exact: Python ints never overflow, the range check below bounds it
     elif isinstance(value, str):
         m = _SIZE_RE.fullmatch(value)
         unit = m.group(2).lower() if m else None
@@ -52,6 +52,8 @@ def parse_duration(value: object) -> float:
     """Seconds from ``"5s"``, ``"250ms"``, ``"2m"``, ``"1h"`` or a number; > 0, <= 1 week."""
     if isinstance(value, bool):
         raise ValueError(f"{DURATION_EXPECTED}, not a boolean")
+    if isinstance(value, int) and abs(value) > MAX_DURATION:
+        raise ValueError(f"{DURATION_EXPECTED}, at most a week, not {value!r}")
     if isinstance(value, (int, float)):
         seconds = float(value)
     elif isinstance(value, str):
@@ -75,6 +77,11 @@ def format_size(size: int) -> str:
 
 
 def format_duration(seconds: float) -> str:
-    if seconds < 1 and round(seconds * 1000, 3) == int(seconds * 1000):
-        return f"{int(seconds * 1000)}ms"
-    return f"{seconds:g}s"
+    """An exact spelling that parse_duration reads back: 30 -> "30s", 0.25 -> "250ms"."""
+    if seconds < 1:
+        for unit, factor in (("ms", 1e-3), ("us", 1e-6)):
+            count = seconds / factor
+            if count >= 1 and abs(count - round(count)) < 1e-9 * count:
+                return f"{round(count)}{unit}"
+    # Decimal seconds, never exponent notation; nine places keep nanoseconds.
+    return f"{seconds:.9f}".rstrip("0").rstrip(".") + "s"

@@ -137,7 +137,10 @@ class _Fields:
         self.data = data
 
     def error(self, key: str, expected: str) -> ManifestError:
-        name = f"{self.table}.{key}" if key else self.table
+        if not self.table:
+            name = key or "(top level)"
+        else:
+            name = f"{self.table}.{key}" if key else self.table
         return ManifestError(self.path, name, expected)
 
     def get(self, key: str, parse: Callable[[Any], Any], *, required: bool = False,
@@ -217,6 +220,12 @@ def _method_name(value: Any) -> str:
     return value
 
 
+class _ValueAt(ValueError):
+    def __init__(self, field: str, expected: str) -> None:
+        super().__init__(f"{field}: {expected}")
+        self.field, self.expected = field, expected
+
+
 def _json_value(value: Any, where: str) -> Any:
     """TOML values that JSON can carry; dates and times cannot reach a plugin's init()."""
     if isinstance(value, dict):
@@ -224,11 +233,11 @@ def _json_value(value: Any, where: str) -> Any:
     if isinstance(value, list):
         return [_json_value(v, f"{where}[{i}]") for i, v in enumerate(value)]
     if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"{where}: a finite number (JSON has no inf or nan)")
+        raise _ValueAt(where, "a finite number (JSON has no inf or nan)")
     if isinstance(value, (str, int, float, bool)):
         return value
-    raise ValueError(f"{where}: a JSON value (string, number, boolean, array, table), "
-                     f"not a TOML {type(value).__name__}")
+    raise _ValueAt(where, "a JSON value (string, number, boolean, array, table), "
+                          f"not a TOML {type(value).__name__}")
 
 
 def _entrypoint(value: Any, root: Path, kind: LoaderType) -> Path:
@@ -250,9 +259,13 @@ def _entrypoint(value: Any, root: Path, kind: LoaderType) -> Path:
                          f"leads to {target}")
     if kind is LoaderType.PYTHON:
         if target.is_dir():
-            if not (target / "__init__.py").is_file():
+            init = target / "__init__.py"
+            if not init.is_file():
                 raise ValueError(f"a .py file or a package directory; {value!r} has no "
                                  "__init__.py")
+            if not init.resolve().is_relative_to(real_root):
+                raise ValueError(f"a package whose __init__.py stays inside the plugin "
+                                 f"directory; {value!r}/__init__.py leads to {init.resolve()}")
         elif not (target.is_file() and target.suffix == ".py"):
             raise ValueError(f"a .py file or a package directory, not {value!r}")
     elif not target.is_file():
@@ -283,7 +296,9 @@ def parse_manifest(text: str | bytes, *, path: str | os.PathLike[str], root: Pat
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ManifestError(where, "(file)", f"valid TOML ({exc})") from None
-    top = _Fields(where, "(top level)", data, {"plugin", "config", "sandbox"})
+    except RecursionError:
+        raise ManifestError(where, "(file)", "TOML nested less deeply") from None
+    top = _Fields(where, "", data, {"plugin", "config", "sandbox"})
     if "plugin" not in data:
         raise ManifestError(where, "plugin", "a [plugin] table")
     p = _Fields(where, "plugin", data["plugin"], _PLUGIN_FIELDS)
@@ -304,9 +319,8 @@ def parse_manifest(text: str | bytes, *, path: str | os.PathLike[str], root: Pat
             raise top.error("config", "a table")
         try:
             config = _json_value(data["config"], "config")
-        except ValueError as exc:
-            field_name, _, expected = str(exc).partition(": ")
-            raise ManifestError(where, field_name, expected) from None
+        except _ValueAt as exc:
+            raise ManifestError(where, exc.field, exc.expected) from None
 
     s = _Fields(where, "sandbox", data.get("sandbox", {}), _SANDBOX_FIELDS)
     sandbox = SandboxRequest(

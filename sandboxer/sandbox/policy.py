@@ -235,7 +235,7 @@ class HostConfig:
             raise ConfigError(str(target), "(file)", f"a readable file ({exc.strerror})") from exc
         try:
             data = tomllib.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        except (UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError) as exc:
             raise ConfigError(str(target), "(file)", f"valid UTF-8 TOML ({exc})") from exc
         return cls.from_mapping(data, source=str(target))
 
@@ -305,7 +305,7 @@ class HostConfig:
 def parse_cpu(value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"a number of CPUs such as 0.5 or 2, not {value!r}")
-    if not 0.01 <= float(value) <= 1024:
+    if not 0.01 <= value <= 1024:  # compared before float(): a huge TOML int cannot overflow
         raise ValueError(f"a number of CPUs between 0.01 and 1024, not {value!r}")
     return float(value)
 

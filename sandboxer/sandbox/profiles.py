@@ -82,7 +82,7 @@ def _parse_profile(path: str, _mtime_ns: int) -> Profile:
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
-    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise fail("(file)", f"readable TOML ({exc})") from exc
     meta = data.get("profile", {})
     limits = data.get("limits", {})

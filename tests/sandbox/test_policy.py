@@ -1,0 +1,580 @@
+"""Sandbox policy: path grants, host patterns, the host config, and effective_config()."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sandboxer.errors import ConfigError, PluginLoadError
+from sandboxer.sandbox import policy
+from sandboxer.sandbox.policy import (
+    HostConfig,
+    PathGrant,
+    SandboxConfig,
+    SandboxRequest,
+    effective_config,
+    parse_host_pattern,
+    parse_path_grant,
+)
+
+MiB = 1 << 20
+
+
+# -- parse_path_grant ------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("text", "grant"),
+    [
+        pytest.param("/data", PathGrant("/data", False), id="bare-is-read-only"),
+        pytest.param("/data:ro", PathGrant("/data", False), id="explicit-ro"),
+        pytest.param("/data:rw", PathGrant("/data", True), id="rw"),
+        pytest.param("/data/", PathGrant("/data", False), id="trailing-slash-trimmed"),
+        pytest.param("/srv/a/b:rw", PathGrant("/srv/a/b", True), id="deep-rw"),
+        pytest.param("/", PathGrant("/", False), id="root"),
+        pytest.param("/:rw", PathGrant("/", True), id="root-rw"),
+    ],
+)
+def test_parse_path_grant_good(text: str, grant: PathGrant) -> None:
+    assert parse_path_grant(text) == grant
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param("data", id="relative"),
+        pytest.param("./data", id="dot-relative"),
+        pytest.param("", id="empty"),
+        pytest.param(":rw", id="mode-without-path"),
+        pytest.param("/data/../etc", id="dotdot"),
+        pytest.param("/data/./x", id="dot-component"),
+        pytest.param("/a//b", id="double-slash-inside"),
+        pytest.param("//data", id="double-slash-leading"),
+        pytest.param("/da\0ta", id="nul-byte"),
+        pytest.param(1, id="int"),
+        pytest.param(None, id="none"),
+        pytest.param(["/data"], id="list"),
+    ],
+)
+def test_parse_path_grant_bad(text: object) -> None:
+    with pytest.raises(ValueError):
+        parse_path_grant(text)
+
+
+def test_path_grant_str_spells_mode() -> None:
+    assert str(PathGrant("/data", True)) == "/data:rw"
+    assert str(PathGrant("/data")) == "/data"
+    assert parse_path_grant(str(PathGrant("/x/y", True))) == PathGrant("/x/y", True)
+
+
+# -- parse_host_pattern ----------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("text", "normalised"),
+    [
+        pytest.param("example.com", "example.com", id="hostname"),
+        pytest.param("*.example.com", "*.example.com", id="wildcard"),
+        pytest.param("example.com:443", "example.com:443", id="hostname-port"),
+        pytest.param("*.example.com:8443", "*.example.com:8443", id="wildcard-port"),
+        pytest.param("10.0.0.1", "10.0.0.1", id="ipv4"),
+        pytest.param("10.0.0.1:53", "10.0.0.1:53", id="ipv4-port"),
+        pytest.param("[::1]:8080", "[::1]:8080", id="ipv6-bracketed-port"),
+        pytest.param("[::1]", "[::1]", id="ipv6-bracketed"),
+        pytest.param("::1", "::1", id="ipv6-bare"),
+        pytest.param("10.0.0.0/8", "10.0.0.0/8", id="ipv4-cidr"),
+        pytest.param("fd00::/8", "fd00::/8", id="ipv6-cidr"),
+        pytest.param("Example.COM", "example.com", id="lower-cased"),
+        pytest.param("localhost", "localhost", id="single-label"),
+        pytest.param("a-b.example.co.uk:65535", "a-b.example.co.uk:65535", id="max-port"),
+        pytest.param("example.com:1", "example.com:1", id="min-port"),
+    ],
+)
+def test_parse_host_pattern_good(text: str, normalised: str) -> None:
+    assert parse_host_pattern(text) == normalised
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param("*.com", id="wildcard-one-label"),
+        pytest.param("*", id="wildcard-alone"),
+        pytest.param("*.*.example.com", id="double-wildcard"),
+        pytest.param("ex*ample.com", id="star-inside-label"),
+        pytest.param("exa mple.com", id="space"),
+        pytest.param("exa_mple.com", id="underscore"),
+        pytest.param("-example.com", id="label-starts-with-dash"),
+        pytest.param("example.com.", id="trailing-dot"),
+        pytest.param("example..com", id="empty-label"),
+        pytest.param("a" * 64 + ".com", id="label-over-63"),
+        pytest.param(".".join(["a" * 63] * 4), id="name-over-253"),
+        pytest.param("a" * 301, id="over-300-chars"),
+        pytest.param("example.com:0", id="port-zero"),
+        pytest.param("example.com:70000", id="port-too-big"),
+        pytest.param("example.com:", id="empty-port"),
+        pytest.param("example.com:http", id="named-port"),
+        pytest.param("[::1", id="unclosed-bracket"),
+        pytest.param("[::1]x", id="junk-after-bracket"),
+        pytest.param("[::1]:", id="bracket-empty-port"),
+        pytest.param("[example.com]:80", id="hostname-in-brackets"),
+        pytest.param("1.2.3", id="three-octets"),
+        pytest.param("256.1.1.1", id="octet-too-big"),
+        pytest.param("10.0.0.1/8", id="cidr-host-bits-set"),
+        pytest.param("10.0.0.0/8:80", id="cidr-with-port"),
+        pytest.param("example.com/8", id="hostname-with-prefix"),
+        pytest.param("http://example.com", id="url"),
+        pytest.param("", id="empty"),
+        pytest.param(42, id="int"),
+        pytest.param(None, id="none"),
+    ],
+)
+def test_parse_host_pattern_bad(text: object) -> None:
+    with pytest.raises(ValueError):
+        parse_host_pattern(text)
+
+
+# -- HostConfig.from_mapping -----------------------------------------------------------------
+
+def test_from_mapping_empty_is_defaults() -> None:
+    assert HostConfig.from_mapping({}) == HostConfig()
+    assert HostConfig.from_mapping({"host": {}, "limits": {}}, source="x") == HostConfig(source="x")
+
+
+def test_from_mapping_reads_every_field() -> None:
+    cfg = HostConfig.from_mapping(
+        {
+            "host": {
+                "allow_unsandboxed": False,
+                "allow_full_network": True,
+                "default_profile": "strict",
+                "path_roots": ["/data/", "/srv"],
+                "drain_timeout": "2s",
+                "handshake_timeout": 3,
+                "max_frame": "1MiB",
+                "profile_dirs": ["/etc/sandboxer/profiles"],
+            },
+            "limits": {
+                "max_memory_limit": "512MiB",
+                "max_cpu_limit": 2,
+                "max_timeout": "1m",
+                "max_pids": 64,
+            },
+        },
+        source="/etc/sandboxer/sandboxer.toml",
+    )
+    assert cfg == HostConfig(
+        allow_unsandboxed=False,
+        allow_full_network=True,
+        default_profile="strict",
+        path_roots=("/data", "/srv"),
+        max_memory_limit=512 * MiB,
+        max_cpu_limit=2.0,
+        max_timeout=60.0,
+        max_pids=64,
+        drain_timeout=2.0,
+        handshake_timeout=3.0,
+        max_frame=MiB,
+        profile_dirs=("/etc/sandboxer/profiles",),
+        source="/etc/sandboxer/sandboxer.toml",
+    )
+    assert isinstance(cfg.max_cpu_limit, float)
+
+
+@pytest.mark.parametrize(
+    ("mapping", "field"),
+    [
+        pytest.param({"extra": {}}, "extra", id="unknown-table"),
+        pytest.param({"host": 1}, "host", id="host-not-table"),
+        pytest.param({"limits": []}, "limits", id="limits-not-table"),
+        pytest.param({"host": {"colour": "red"}}, "host.colour", id="host-unknown-key"),
+        pytest.param({"host": {"allow_unsandboxed": "yes"}}, "host.allow_unsandboxed",
+                     id="allow-unsandboxed-string"),
+        pytest.param({"host": {"allow_full_network": 1}}, "host.allow_full_network",
+                     id="allow-full-network-int"),
+        pytest.param({"host": {"default_profile": "Strict"}}, "host.default_profile",
+                     id="default-profile-upper-case"),
+        pytest.param({"host": {"default_profile": 1}}, "host.default_profile",
+                     id="default-profile-int"),
+        pytest.param({"host": {"path_roots": "/data"}}, "host.path_roots",
+                     id="path-roots-not-list"),
+        pytest.param({"host": {"path_roots": ["data"]}}, "host.path_roots",
+                     id="path-roots-relative"),
+        pytest.param({"host": {"path_roots": ["/data/../etc"]}}, "host.path_roots",
+                     id="path-roots-dotdot"),
+        pytest.param({"host": {"path_roots": [1]}}, "host.path_roots", id="path-roots-int-item"),
+        pytest.param({"host": {"profile_dirs": ["profiles"]}}, "host.profile_dirs",
+                     id="profile-dirs-relative"),
+        pytest.param({"host": {"drain_timeout": 0}}, "host.drain_timeout", id="drain-timeout-0"),
+        pytest.param({"host": {"handshake_timeout": "soon"}}, "host.handshake_timeout",
+                     id="handshake-timeout-word"),
+        pytest.param({"host": {"max_frame": "big"}}, "host.max_frame", id="max-frame-word"),
+        pytest.param({"host": {"max_frame": 0}}, "host.max_frame", id="max-frame-zero"),
+        pytest.param({"limits": {"max_memory_limit": "lots"}}, "limits.max_memory_limit",
+                     id="max-memory-word"),
+        pytest.param({"limits": {"max_memory_limit": 0}}, "limits.max_memory_limit",
+                     id="max-memory-zero"),
+        pytest.param({"limits": {"max_memory_limit": True}}, "limits.max_memory_limit",
+                     id="max-memory-bool"),
+        pytest.param({"limits": {"max_cpu_limit": 0}}, "limits.max_cpu_limit", id="max-cpu-zero"),
+        pytest.param({"limits": {"max_cpu_limit": "2"}}, "limits.max_cpu_limit",
+                     id="max-cpu-string"),
+        pytest.param({"limits": {"max_cpu_limit": True}}, "limits.max_cpu_limit",
+                     id="max-cpu-bool"),
+        pytest.param({"limits": {"max_cpu_limit": 2000}}, "limits.max_cpu_limit",
+                     id="max-cpu-above-1024"),
+        pytest.param({"limits": {"max_cpu_limit": float("nan")}}, "limits.max_cpu_limit",
+                     id="max-cpu-nan"),
+        pytest.param({"limits": {"max_timeout": "1 fortnight"}}, "limits.max_timeout",
+                     id="max-timeout-unknown-unit"),
+        pytest.param({"limits": {"max_timeout": -1}}, "limits.max_timeout",
+                     id="max-timeout-negative"),
+        pytest.param({"limits": {"max_pids": 0}}, "limits.max_pids", id="max-pids-zero"),
+        pytest.param({"limits": {"max_pids": True}}, "limits.max_pids", id="max-pids-bool"),
+        pytest.param({"limits": {"max_pids": 1.5}}, "limits.max_pids", id="max-pids-float"),
+        pytest.param({"limits": {"max_pids": (1 << 22) + 1}}, "limits.max_pids",
+                     id="max-pids-too-many"),
+        pytest.param({"limits": {"max_files": 10}}, "limits.max_files", id="limits-unknown-key"),
+    ],
+)
+def test_from_mapping_bad(mapping: dict[str, Any], field: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        HostConfig.from_mapping(mapping, source="/etc/sandboxer/test.toml")
+    err = info.value
+    assert err.field == field
+    assert err.path == "/etc/sandboxer/test.toml"
+    assert str(err).startswith(f"/etc/sandboxer/test.toml: {field}: ")
+
+
+@pytest.mark.parametrize("key", ["max_cpu_limit", "max_timeout"])
+def test_from_mapping_huge_int_is_a_config_error(key: str) -> None:
+    with pytest.raises(ConfigError):
+        HostConfig.from_mapping({"limits": {key: 10**400}})
+
+
+# -- HostConfig.load -------------------------------------------------------------------------
+
+GOOD_CONFIG = textwrap.dedent("""\
+    [host]
+    allow_full_network = true
+    path_roots = ["/data"]
+
+    [limits]
+    max_memory_limit = "128MiB"
+    """)
+
+
+@pytest.fixture
+def no_env_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """No $SANDBOXER_CONFIG, and the system path pointed at a file that does not exist."""
+    monkeypatch.delenv("SANDBOXER_CONFIG", raising=False)
+    absent = tmp_path / "etc" / "sandboxer.toml"
+    # load() reads the module global at call time, so patching the module attribute works.
+    monkeypatch.setattr(policy, "DEFAULT_CONFIG_PATH", str(absent))
+    return absent
+
+
+def _assert_good(cfg: HostConfig, source: Path) -> None:
+    assert cfg.allow_full_network is True
+    assert cfg.path_roots == ("/data",)
+    assert cfg.max_memory_limit == 128 * MiB
+    assert cfg.source == str(source)
+
+
+def test_load_explicit_file(no_env_config: Path, tmp_path: Path) -> None:
+    f = tmp_path / "host.toml"
+    f.write_text(GOOD_CONFIG)
+    _assert_good(HostConfig.load(f), f)
+    _assert_good(HostConfig.load(str(f)), f)
+
+
+def test_load_explicit_missing_file_is_an_error(no_env_config: Path, tmp_path: Path) -> None:
+    missing = tmp_path / "nope.toml"
+    with pytest.raises(ConfigError) as info:
+        HostConfig.load(missing)
+    assert info.value.field == "(file)"
+    assert str(missing) in str(info.value)
+
+
+def test_load_directory_is_an_error(no_env_config: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        HostConfig.load(tmp_path)
+    assert info.value.field == "(file)"
+
+
+def test_load_from_environment(
+    no_env_config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    f = tmp_path / "env.toml"
+    f.write_text(GOOD_CONFIG)
+    # A system file exists too: the environment wins over it.
+    no_env_config.parent.mkdir()
+    no_env_config.write_text('[host]\ndefault_profile = "strict"\n')
+    monkeypatch.setenv("SANDBOXER_CONFIG", str(f))
+    cfg = HostConfig.load()
+    _assert_good(cfg, f)
+    assert cfg.default_profile == "default"
+
+
+def test_load_environment_missing_file_is_an_error(
+    no_env_config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    missing = tmp_path / "env-missing.toml"
+    monkeypatch.setenv("SANDBOXER_CONFIG", str(missing))
+    with pytest.raises(ConfigError) as info:
+        HostConfig.load()
+    assert info.value.field == "(file)"
+    assert str(missing) in str(info.value)
+
+
+def test_load_argument_beats_environment(
+    no_env_config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    f = tmp_path / "arg.toml"
+    f.write_text(GOOD_CONFIG)
+    monkeypatch.setenv("SANDBOXER_CONFIG", str(tmp_path / "env-missing.toml"))
+    _assert_good(HostConfig.load(f), f)
+
+
+def test_load_missing_system_file_gives_defaults(no_env_config: Path) -> None:
+    assert not no_env_config.exists()
+    assert HostConfig.load() == HostConfig()
+
+
+def test_load_empty_environment_falls_back_to_system_file(
+    no_env_config: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SANDBOXER_CONFIG", "")
+    assert HostConfig.load() == HostConfig()
+
+
+def test_load_reads_system_file(no_env_config: Path) -> None:
+    no_env_config.parent.mkdir()
+    no_env_config.write_text(GOOD_CONFIG)
+    _assert_good(HostConfig.load(), no_env_config)
+
+
+def test_load_broken_system_file_is_an_error(no_env_config: Path) -> None:
+    no_env_config.parent.mkdir()
+    no_env_config.write_text("[host\n")
+    with pytest.raises(ConfigError) as info:
+        HostConfig.load()
+    assert info.value.field == "(file)"
+    assert str(no_env_config) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("content", "field"),
+    [
+        pytest.param(b"[host]\nallow_full_network = \n", "(file)", id="invalid-toml"),
+        pytest.param(b"[host]\ndefault_profile = \"\xff\"\n", "(file)", id="bad-utf8"),
+        pytest.param(b"[limits]\nmax_pids = 0\n", "limits.max_pids", id="bad-value"),
+        pytest.param(b"[hosts]\n", "hosts", id="misspelt-table"),
+    ],
+)
+def test_load_bad_file(no_env_config: Path, tmp_path: Path, content: bytes, field: str) -> None:
+    f = tmp_path / "bad.toml"
+    f.write_bytes(content)
+    with pytest.raises(ConfigError) as info:
+        HostConfig.load(f)
+    assert info.value.field == field
+    assert str(f) in str(info.value)
+
+
+# -- effective_config ------------------------------------------------------------------------
+
+def test_default_profile_defaults() -> None:
+    cfg = effective_config(SandboxRequest(), HostConfig())
+    assert cfg == SandboxConfig(
+        enabled=True,
+        profile="default",
+        memory_limit=256 * MiB,
+        cpu_limit=1.0,
+        timeout=30.0,
+        pids_limit=128,
+        tmp_size=64 * MiB,
+        nofile=1024,
+    )
+    assert cfg.network_allowed is False
+    assert cfg.allowed_paths == () and cfg.allowed_hosts == () and cfg.denied_paths == ()
+
+
+def test_strict_profile_has_smaller_limits() -> None:
+    cfg = effective_config(SandboxRequest(profile="strict"), HostConfig())
+    assert cfg.profile == "strict"
+    assert (cfg.memory_limit, cfg.cpu_limit, cfg.pids_limit, cfg.tmp_size, cfg.nofile,
+            cfg.timeout) == (64 * MiB, 0.5, 16, 8 * MiB, 128, 5.0)
+    default = effective_config(SandboxRequest(), HostConfig())
+    assert cfg.memory_limit < default.memory_limit
+    assert cfg.pids_limit < default.pids_limit
+
+
+def test_host_default_profile_applies_and_request_overrides_it() -> None:
+    host = HostConfig(default_profile="strict")
+    assert effective_config(SandboxRequest(), host).profile == "strict"
+    assert effective_config(SandboxRequest(), host).memory_limit == 64 * MiB
+    overridden = effective_config(SandboxRequest(profile="default"), host)
+    assert overridden.profile == "default"
+    assert overridden.memory_limit == 256 * MiB
+
+
+def test_request_values_are_used() -> None:
+    request = SandboxRequest(memory_limit=64 * MiB, cpu_limit=0.25, timeout=5.0)
+    cfg = effective_config(request, HostConfig())
+    assert (cfg.memory_limit, cfg.cpu_limit, cfg.timeout) == (64 * MiB, 0.25, 5.0)
+    # Limits the request cannot name come from the profile.
+    assert (cfg.pids_limit, cfg.tmp_size, cfg.nofile) == (128, 64 * MiB, 1024)
+
+
+def test_request_above_ceilings_is_clamped() -> None:
+    host = HostConfig(max_memory_limit=128 * MiB, max_cpu_limit=0.5, max_timeout=10.0,
+                      max_pids=32)
+    request = SandboxRequest(memory_limit=1 << 30, cpu_limit=4.0, timeout=600.0)
+    cfg = effective_config(request, host)
+    assert (cfg.memory_limit, cfg.cpu_limit, cfg.timeout, cfg.pids_limit) == (
+        128 * MiB, 0.5, 10.0, 32)
+
+
+def test_request_below_ceilings_is_kept() -> None:
+    host = HostConfig(max_memory_limit=128 * MiB, max_cpu_limit=2.0, max_timeout=60.0)
+    request = SandboxRequest(memory_limit=32 * MiB, cpu_limit=0.5, timeout=2.0)
+    cfg = effective_config(request, host)
+    assert (cfg.memory_limit, cfg.cpu_limit, cfg.timeout) == (32 * MiB, 0.5, 2.0)
+
+
+def test_ceilings_clamp_profile_defaults_too() -> None:
+    host = HostConfig(max_memory_limit=100 * MiB, max_cpu_limit=0.5, max_timeout=3.0,
+                      max_pids=8)
+    cfg = effective_config(SandboxRequest(), host)
+    assert (cfg.memory_limit, cfg.cpu_limit, cfg.timeout, cfg.pids_limit) == (
+        100 * MiB, 0.5, 3.0, 8)
+
+
+def test_path_outside_roots_is_refused() -> None:
+    host = HostConfig(path_roots=("/data",))
+    request = SandboxRequest(allowed_paths=(PathGrant("/etc"),))
+    with pytest.raises(PluginLoadError) as info:
+        effective_config(request, host, plugin_id="acme.hello")
+    assert info.value.plugin_id == "acme.hello"
+    assert "acme.hello" in str(info.value)
+    assert "/etc" in str(info.value)
+    assert "/data" in str(info.value)
+
+
+def test_any_path_is_refused_without_roots() -> None:
+    request = SandboxRequest(allowed_paths=(PathGrant("/data"),))
+    with pytest.raises(PluginLoadError, match="/data"):
+        effective_config(request, HostConfig())
+
+
+def test_sibling_with_common_prefix_is_not_under_root() -> None:
+    host = HostConfig(path_roots=("/data",))
+    with pytest.raises(PluginLoadError, match="/database"):
+        effective_config(SandboxRequest(allowed_paths=(PathGrant("/database"),)), host)
+
+
+@pytest.mark.parametrize(
+    ("roots", "path"),
+    [
+        pytest.param(("/data",), "/data", id="the-root-itself"),
+        pytest.param(("/data",), "/data/plugins/x", id="below-root"),
+        pytest.param(("/srv", "/data/"), "/data/x", id="second-root-trailing-slash"),
+        pytest.param(("/",), "/etc", id="slash-root-allows-all"),
+    ],
+)
+def test_path_under_root_is_allowed(roots: tuple[str, ...], path: str) -> None:
+    grants = (PathGrant(path, True),)
+    request = SandboxRequest(allowed_paths=grants, denied_paths=("/data/secret",))
+    cfg = effective_config(request, HostConfig(path_roots=roots))
+    assert cfg.allowed_paths == grants
+    assert cfg.denied_paths == ("/data/secret",)
+
+
+def test_full_network_refused_unless_host_allows() -> None:
+    request = SandboxRequest(network_allowed=True)
+    with pytest.raises(PluginLoadError, match="allow_full_network") as info:
+        effective_config(request, HostConfig(), plugin_id="acme.net")
+    assert info.value.plugin_id == "acme.net"
+    cfg = effective_config(request, HostConfig(allow_full_network=True))
+    assert cfg.network_allowed is True
+    assert cfg.allowed_hosts == ()
+
+
+def test_network_with_allowed_hosts_needs_no_host_consent() -> None:
+    request = SandboxRequest(network_allowed=True, allowed_hosts=("example.com:443",))
+    cfg = effective_config(request, HostConfig())
+    assert cfg.network_allowed is True
+    assert cfg.allowed_hosts == ("example.com:443",)
+
+
+def test_unknown_profile_lists_known_profiles() -> None:
+    with pytest.raises(PluginLoadError) as info:
+        effective_config(SandboxRequest(profile="nosuch"), HostConfig())
+    message = str(info.value)
+    assert "nosuch" in message
+    assert "default" in message and "strict" in message
+
+
+def test_unknown_host_default_profile_is_refused() -> None:
+    with pytest.raises(PluginLoadError, match="nosuch"):
+        effective_config(SandboxRequest(), HostConfig(default_profile="nosuch"))
+
+
+PROFILE = textwrap.dedent("""\
+    [profile]
+    description = "tiny"
+
+    [limits]
+    memory = "{memory}"
+    cpu = 0.2
+    pids = 4
+    tmp_size = "1MiB"
+    nofile = 32
+    timeout = "1s"
+    """)
+
+
+def test_host_profile_dir_adds_profiles_and_is_searched_first(tmp_path: Path) -> None:
+    (tmp_path / "tiny.toml").write_text(PROFILE.format(memory="16MiB"))
+    (tmp_path / "default.toml").write_text(PROFILE.format(memory="32MiB"))
+    host = HostConfig(profile_dirs=(str(tmp_path),))
+    tiny = effective_config(SandboxRequest(profile="tiny"), host)
+    assert (tiny.memory_limit, tiny.cpu_limit, tiny.pids_limit, tiny.tmp_size, tiny.nofile,
+            tiny.timeout) == (16 * MiB, 0.2, 4, MiB, 32, 1.0)
+    assert effective_config(SandboxRequest(), host).memory_limit == 32 * MiB
+    # Without the directory neither exists / the built-in default applies.
+    with pytest.raises(PluginLoadError):
+        effective_config(SandboxRequest(profile="tiny"), HostConfig())
+
+
+def test_broken_profile_names_file_and_field(tmp_path: Path) -> None:
+    (tmp_path / "broken.toml").write_text(PROFILE.format(memory="lots"))
+    host = HostConfig(profile_dirs=(str(tmp_path),))
+    with pytest.raises(PluginLoadError) as info:
+        effective_config(SandboxRequest(profile="broken"), host)
+    assert str(tmp_path / "broken.toml") in str(info.value)
+    assert "limits.memory" in str(info.value)
+
+
+def test_sandbox_config_to_json_uses_spec_keys() -> None:
+    request = SandboxRequest(
+        network_allowed=True,
+        allowed_hosts=("example.com",),
+        allowed_paths=(PathGrant("/data", True), PathGrant("/srv")),
+        denied_paths=("/data/secret",),
+    )
+    cfg = effective_config(request, HostConfig(path_roots=("/",)))
+    assert cfg.to_json() == {
+        "enabled": True,
+        "profile": "default",
+        "allowedPaths": ["/data:rw", "/srv"],
+        "deniedPaths": ["/data/secret"],
+        "networkAllowed": True,
+        "allowedHosts": ["example.com"],
+        "memoryLimit": "256MiB",
+        "cpuLimit": 1.0,
+        "timeout": "30s",
+        "pidsLimit": 128,
+        "tmpSize": "64MiB",
+        "nofile": 1024,
+    }
