@@ -6,8 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages: libcap-dev builds python-prctl; libseccomp2 backs pyseccomp; python3-venv
-# gives the system interpreter its venv module.
-APT_PACKAGES=(libcap-dev libseccomp2 python3-venv python3-dev gcc make)
+# gives the system interpreter its venv module; gcc, make and golang-go build the native
+# examples the tests compile; nodejs runs the external example written in JavaScript.
+APT_PACKAGES=(libcap-dev libseccomp2 python3-venv python3-dev gcc make golang-go nodejs)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

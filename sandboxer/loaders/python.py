@@ -19,108 +19,27 @@ anything the supervisor can.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import inspect
-import re
-import secrets
-import sys
-import traceback
-from pathlib import Path
-from types import ModuleType
 from typing import Any, Callable
 
 from .. import _json
-from ..errors import (
-    CallTimeout,
-    MethodNotFound,
-    PluginCallError,
-    PluginLoadError,
-    PluginStateError,
-)
+from .._pymodule import INTERNAL_ERROR, INVALID_PARAMS, PythonModule
+from ..errors import CallTimeout, MethodNotFound, PluginCallError, PluginStateError
 from ..manifest import LoaderType, Plugin
 from ..sandbox.policy import SandboxConfig
 from . import Health, ResourceUsage
 
-__all__ = ["InProcessPythonLoader", "InProcessPythonHandle", "LIFECYCLE_NAMES"]
-
-LIFECYCLE_NAMES = frozenset({"init", "health_check", "shutdown", "export_state", "import_state"})
-INVALID_PARAMS = -32602
-INTERNAL_ERROR = -32603
-
-
-def _module_name(plugin: Plugin, generation: int) -> str:
-    safe = re.sub(r"[^A-Za-z0-9_]", "_", plugin.id)
-    return f"_sandboxer_plugin_{safe}_g{generation}_{secrets.token_hex(4)}"
-
-
-def _import_fresh(plugin: Plugin, name: str) -> ModuleType:
-    """Import the plugin's entrypoint as a new module ``name`` (a package if a directory)."""
-    entry = plugin.entrypoint
-    if entry.is_dir():
-        spec = importlib.util.spec_from_file_location(
-            name, entry / "__init__.py", submodule_search_locations=[str(entry)])
-    else:
-        spec = importlib.util.spec_from_file_location(name, entry)
-    if spec is None or spec.loader is None:
-        raise PluginLoadError(f"plugin {plugin.id}: cannot import {entry}", plugin_id=plugin.id)
-    module = importlib.util.module_from_spec(spec)
-    # Registered while executing so the package's relative imports resolve; removed at close.
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except KeyboardInterrupt:
-        _forget_module(name)
-        raise
-    except BaseException as exc:  # SystemExit too: a plugin may not end the supervisor
-        _forget_module(name)
-        detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-        raise PluginLoadError(
-            f"plugin {plugin.id}: importing {entry} failed: {detail}", plugin_id=plugin.id
-        ) from exc
-    return module
-
-
-def _forget_module(name: str) -> None:
-    for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
-        del sys.modules[key]
-
-
-def _public_methods(module: ModuleType, plugin: Plugin) -> dict[str, Callable[..., Any]]:
-    """The manifest's ``methods``, else the module's public functions (its ``__all__`` if set).
-
-    Functions merely imported into the module are not methods unless ``__all__`` names them;
-    lifecycle functions are never methods.
-    """
-    found: dict[str, Callable[..., Any]] = {}
-    if plugin.methods is not None:
-        for name in plugin.methods:
-            fn = getattr(module, name, None)
-            if not callable(fn) or inspect.isclass(fn):
-                raise PluginLoadError(
-                    f"plugin {plugin.id}: the manifest lists method {name!r}, but the module "
-                    f"has no function of that name", plugin_id=plugin.id)
-            found[name] = fn
-        return found
-    names = getattr(module, "__all__", None)
-    for name, value in vars(module).items():
-        if name.startswith("_") or name in LIFECYCLE_NAMES or inspect.isclass(value):
-            continue
-        if names is not None:
-            if name in names and callable(value):
-                found[name] = value
-        elif inspect.isfunction(value) and value.__module__ == module.__name__:
-            found[name] = value
-    return found
+__all__ = ["InProcessPythonLoader", "InProcessPythonHandle"]
 
 
 class InProcessPythonHandle:
     """A trusted Python plugin generation living in this process."""
 
-    def __init__(self, plugin: Plugin, module: ModuleType, sandbox: SandboxConfig) -> None:
+    def __init__(self, plugin: Plugin, module: PythonModule, sandbox: SandboxConfig) -> None:
         self.plugin = plugin
         self._module = module
         self._sandbox = sandbox
-        self._methods = _public_methods(module, plugin)
+        self._methods = module.methods
         self._tasks: set[asyncio.Future[Any]] = set()
         self._closed = False
 
@@ -130,45 +49,14 @@ class InProcessPythonHandle:
 
     @property
     def has_state(self) -> bool:
-        return self._lifecycle("export_state") is not None and \
-            self._lifecycle("import_state") is not None
-
-    def _lifecycle(self, name: str) -> Callable[..., Any] | None:
-        fn = getattr(self._module, name, None)
-        return fn if callable(fn) else None
-
-    def _plugin_traceback(self, exc: BaseException) -> str:
-        """The traceback from the plugin's own frames only (not sandboxer's or asyncio's)."""
-        root = self.plugin.root
-        frames = [f for f in traceback.extract_tb(exc.__traceback__)
-                  if Path(f.filename).is_relative_to(root)]
-        return "".join(["Traceback (most recent call last):\n",
-                        *traceback.format_list(frames),
-                        *traceback.format_exception_only(type(exc), exc)])
-
-    def _plugin_error(self, exc: BaseException, method: str) -> PluginCallError:
-        return PluginCallError(
-            f"plugin {self.plugin.id}: {method} raised {type(exc).__name__}: {exc}",
-            code=1,
-            data={"type": type(exc).__name__, "message": str(exc),
-                  "traceback": self._plugin_traceback(exc)},
-            plugin_id=self.plugin.id,
-            method=method,
-        )
+        return self._module.has_state
 
     async def _invoke(self, method: str, fn: Callable[..., Any], args: tuple[Any, ...],
                       timeout: float | None) -> Any:
         if self._closed:
             raise PluginStateError(f"plugin {self.plugin.id}: this generation is closed",
                                    plugin_id=self.plugin.id)
-        try:
-            inspect.signature(fn).bind(*args)
-        except TypeError as exc:
-            raise PluginCallError(
-                f"plugin {self.plugin.id}: invalid arguments for {method}: {exc}",
-                code=INVALID_PARAMS, plugin_id=self.plugin.id, method=method) from None
-        except ValueError:
-            pass  # no signature (some builtins): let the call itself decide
+        self._module.check_args(method, fn, args)
         if inspect.iscoroutinefunction(fn):
             work: asyncio.Future[Any] = asyncio.ensure_future(fn(*args))
         else:
@@ -195,7 +83,7 @@ class InProcessPythonHandle:
                 work.cancel()
             raise
         except Exception as exc:
-            raise self._plugin_error(exc, method) from exc
+            raise self._module.error(exc, method) from exc
         return result
 
     async def call(self, method: str, *args: Any, timeout: float | None = None) -> Any:
@@ -221,7 +109,7 @@ class InProcessPythonHandle:
                                   plugin_id=self.plugin.id, method=method) from None
 
     async def _lifecycle_call(self, name: str, *args: Any) -> tuple[bool, Any]:
-        fn = self._lifecycle(name)
+        fn = self._module.lifecycle(name)
         if fn is None:
             return False, None
         result = await self._invoke(name, fn, args, self._sandbox.timeout)
@@ -267,7 +155,7 @@ class InProcessPythonHandle:
             task.cancel()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=0)
-        _forget_module(self._module.__name__)
+        self._module.close()
 
 
 class InProcessPythonLoader:
@@ -277,10 +165,7 @@ class InProcessPythonLoader:
 
     async def start(self, plugin: Plugin, sandbox: SandboxConfig, *,
                     generation: int) -> InProcessPythonHandle:
-        name = _module_name(plugin, generation)
-        module = await asyncio.to_thread(_import_fresh, plugin, name)
-        try:
-            return InProcessPythonHandle(plugin, module, sandbox)
-        except BaseException:
-            _forget_module(name)
-            raise
+        module = await asyncio.to_thread(
+            PythonModule, plugin.entrypoint, plugin_id=plugin.id, generation=generation,
+            root=plugin.root, methods=plugin.methods)
+        return InProcessPythonHandle(plugin, module, sandbox)

@@ -81,7 +81,7 @@ class LineBuffer:
         return lines
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Request:
     id: int | str
     method: str

@@ -1,0 +1,3 @@
+module example.com/nativego
+
+go 1.19

@@ -1,0 +1,149 @@
+"""A Python plugin module: imported fresh, its methods and lifecycle found, errors shaped.
+
+Shared by the two places Python plugin code runs: the trusted in-process loader and the
+sandboxed plugin host. Both must see the same methods and report the same errors, so the
+rules live here once. Nothing here decides where the code runs; callers do.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import re
+import secrets
+import sys
+import traceback
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable
+
+from .errors import PluginCallError, PluginLoadError
+
+__all__ = ["LIFECYCLE_NAMES", "PythonModule", "INVALID_PARAMS", "INTERNAL_ERROR"]
+
+LIFECYCLE_NAMES = frozenset({"init", "health_check", "shutdown", "export_state", "import_state"})
+INVALID_PARAMS = -32602
+INTERNAL_ERROR = -32603
+
+
+def _module_name(plugin_id: str, generation: int) -> str:
+    safe = re.sub(r"[^A-Za-z0-9_]", "_", plugin_id)
+    return f"_sandboxer_plugin_{safe}_g{generation}_{secrets.token_hex(4)}"
+
+
+def _forget_module(name: str) -> None:
+    for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
+        del sys.modules[key]
+
+
+def _import_fresh(entry: Path, name: str, plugin_id: str) -> ModuleType:
+    """Import ``entry`` as a new module ``name`` (a package if it is a directory)."""
+    if entry.is_dir():
+        spec = importlib.util.spec_from_file_location(
+            name, entry / "__init__.py", submodule_search_locations=[str(entry)])
+    else:
+        spec = importlib.util.spec_from_file_location(name, entry)
+    if spec is None or spec.loader is None:
+        raise PluginLoadError(f"plugin {plugin_id}: cannot import {entry}", plugin_id=plugin_id)
+    module = importlib.util.module_from_spec(spec)
+    # Registered while executing so the package's relative imports resolve; removed at close.
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except KeyboardInterrupt:
+        _forget_module(name)
+        raise
+    except BaseException as exc:  # SystemExit too: a plugin may not end its host that way
+        _forget_module(name)
+        detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        raise PluginLoadError(
+            f"plugin {plugin_id}: importing {entry} failed: {detail}", plugin_id=plugin_id
+        ) from exc
+    return module
+
+
+def _public_methods(module: ModuleType, listed: tuple[str, ...] | None,
+                    plugin_id: str) -> dict[str, Callable[..., Any]]:
+    """The manifest's ``methods``, else the module's public functions (its ``__all__`` if set).
+
+    Functions merely imported into the module are not methods unless ``__all__`` names them;
+    lifecycle functions and classes are never methods.
+    """
+    found: dict[str, Callable[..., Any]] = {}
+    if listed is not None:
+        for name in listed:
+            fn = getattr(module, name, None)
+            if not callable(fn) or inspect.isclass(fn):
+                raise PluginLoadError(
+                    f"plugin {plugin_id}: the manifest lists method {name!r}, but the module "
+                    f"has no function of that name", plugin_id=plugin_id)
+            found[name] = fn
+        return found
+    names = getattr(module, "__all__", None)
+    for name, value in vars(module).items():
+        if name.startswith("_") or name in LIFECYCLE_NAMES or inspect.isclass(value):
+            continue
+        if names is not None:
+            if name in names and callable(value):
+                found[name] = value
+        elif inspect.isfunction(value) and value.__module__ == module.__name__:
+            found[name] = value
+    return found
+
+
+class PythonModule:
+    """One fresh import of a plugin's code, with its methods and lifecycle functions."""
+
+    def __init__(self, entry: Path, *, plugin_id: str, generation: int, root: Path,
+                 methods: tuple[str, ...] | None) -> None:
+        self.plugin_id = plugin_id
+        self.root = root
+        self.name = _module_name(plugin_id, generation)
+        self.module = _import_fresh(entry, self.name, plugin_id)
+        try:
+            self.methods = _public_methods(self.module, methods, plugin_id)
+        except BaseException:
+            _forget_module(self.name)
+            raise
+
+    def lifecycle(self, name: str) -> Callable[..., Any] | None:
+        fn = getattr(self.module, name, None)
+        return fn if callable(fn) else None
+
+    @property
+    def has_state(self) -> bool:
+        return self.lifecycle("export_state") is not None and \
+            self.lifecycle("import_state") is not None
+
+    def check_args(self, method: str, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        """PluginCallError(-32602) when ``args`` cannot bind to ``fn``'s signature."""
+        try:
+            inspect.signature(fn).bind(*args)
+        except TypeError as exc:
+            raise PluginCallError(
+                f"plugin {self.plugin_id}: invalid arguments for {method}: {exc}",
+                code=INVALID_PARAMS, plugin_id=self.plugin_id, method=method) from None
+        except ValueError:
+            pass  # no signature (some builtins): let the call itself decide
+
+    def _traceback(self, exc: BaseException) -> str:
+        """The traceback from the plugin's own frames only (not sandboxer's or asyncio's)."""
+        frames = [f for f in traceback.extract_tb(exc.__traceback__)
+                  if Path(f.filename).is_relative_to(self.root)]
+        return "".join(["Traceback (most recent call last):\n",
+                        *traceback.format_list(frames),
+                        *traceback.format_exception_only(type(exc), exc)])
+
+    def error(self, exc: BaseException, method: str) -> PluginCallError:
+        """The PluginCallError a plugin's exception becomes (code 1, type and traceback)."""
+        return PluginCallError(
+            f"plugin {self.plugin_id}: {method} raised {type(exc).__name__}: {exc}",
+            code=1,
+            data={"type": type(exc).__name__, "message": str(exc),
+                  "traceback": self._traceback(exc)},
+            plugin_id=self.plugin_id,
+            method=method,
+        )
+
+    def close(self) -> None:
+        _forget_module(self.name)

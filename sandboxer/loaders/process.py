@@ -1,0 +1,293 @@
+"""Out-of-process plugins: external executables, and python/native plugins in the plugin host.
+
+One handle type serves all three: a process speaking the wire protocol (DESIGN section 7) on
+fd 3. The loader builds the command (the executable itself, or ``python -m sandboxer.host``
+for python and native plugins), spawns it, waits for the handshake, and hands back a
+``ProcessHandle``. From then on the handle turns every way the process can fail into one
+named error that every pending call receives: a crash or exit is PluginCrashed (status or
+signal, stderr tail), a broken frame is ProtocolError; either way the process is killed and
+reaped, and the manager is told through ``on_failure``.
+
+The sandbox around the process is the launcher's business (sandbox/); this module never
+weakens it and never runs plugin code in the supervisor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import signal
+import socket
+import sys
+from typing import Any, Callable
+
+from ..errors import (
+    HandshakeError,
+    MethodNotFound,
+    PluginCrashed,
+    PluginLoadError,
+    PluginStateError,
+    SandboxerError,
+    SandboxUnavailable,
+)
+from ..manifest import LoaderType, Plugin
+from ..rpc.client import HandshakeInfo, RpcConnection
+from ..sandbox import process as _process
+from ..sandbox.policy import SandboxConfig
+from . import Health, ResourceUsage
+
+__all__ = ["ProcessLoader", "ProcessHandle", "plugin_command"]
+
+_SHUTDOWN_GRACE = 2.0
+_EXIT_WAIT = 2.0
+_RESERVED_PREFIX = "sandboxer."
+
+
+def plugin_command(plugin: Plugin) -> list[str]:
+    """The argv that runs ``plugin``: its executable, or the plugin host for python/native."""
+    if plugin.type is LoaderType.EXTERNAL:
+        return [str(plugin.entrypoint)]
+    if plugin.type in (LoaderType.PYTHON, LoaderType.NATIVE):
+        argv = [sys.executable, "-I", "-m", "sandboxer.host", "--kind", plugin.type.value,
+                "--entrypoint", str(plugin.entrypoint), "--root", str(plugin.root),
+                "--id", plugin.id, "--version", plugin.version]
+        if plugin.methods is not None:
+            argv += ["--methods", ",".join(plugin.methods)]
+        return argv
+    raise PluginLoadError(f"plugin {plugin.id}: {plugin.type.value} plugins do not run as "
+                          "processes", plugin_id=plugin.id)
+
+
+def plugin_environment(cookie: str, max_frame: int) -> dict[str, str]:
+    """The clean environment a plugin process starts with: nothing of the supervisor's."""
+    return {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": "/tmp",
+        "LANG": "C.UTF-8",
+        "SANDBOXER_RPC_FD": str(_process.RPC_FD),
+        "SANDBOXER_MAGIC_COOKIE": cookie,
+        "SANDBOXER_MAX_FRAME": str(max_frame),
+    }
+
+
+class ProcessHandle:
+    """One running plugin process and its RPC connection (a ``PluginHandle``)."""
+
+    def __init__(self, plugin: Plugin, sandbox: SandboxConfig, proc: _process.PluginProcess,
+                 conn: RpcConnection, info: HandshakeInfo) -> None:
+        self.plugin = plugin
+        self._sandbox = sandbox
+        self._proc = proc
+        self._conn = conn
+        self._info = info
+        offered = [m for m in info.methods if not m.startswith(_RESERVED_PREFIX)]
+        if plugin.methods is not None:
+            missing = sorted(set(plugin.methods) - set(offered)) if offered else []
+            if missing:
+                raise HandshakeError(f"plugin {plugin.id}: the manifest lists methods the "
+                                     f"process does not offer: {', '.join(missing)}",
+                                     plugin_id=plugin.id)
+            offered = list(plugin.methods)
+        self._methods = tuple(sorted(offered))
+        self._callbacks: list[Callable[[SandboxerError], None]] = []
+        self._closing = False
+        self._watcher = asyncio.ensure_future(self._watch())
+
+    # -- the PluginHandle protocol -----------------------------------------------------------
+    @property
+    def methods(self) -> tuple[str, ...]:
+        return self._methods
+
+    @property
+    def has_state(self) -> bool:
+        return {"sandboxer.export_state", "sandboxer.import_state"} <= set(self._info.methods)
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    def on_failure(self, callback: Callable[[SandboxerError], None]) -> None:
+        """``callback(error)`` once, when the process crashes or breaks the protocol."""
+        self._callbacks.append(callback)
+
+    async def call(self, method: str, *args: Any, timeout: float | None = None) -> Any:
+        if method.startswith(_RESERVED_PREFIX) or (self._methods and method not in
+                                                   self._methods):
+            raise MethodNotFound(
+                f"plugin {self.plugin.id} has no method {method!r} "
+                f"(methods: {', '.join(self._methods) or 'none'})",
+                plugin_id=self.plugin.id, method=method, available=list(self._methods))
+        return await self._conn.call(method, list(args),
+                                     timeout=self._sandbox.timeout if timeout is None else timeout)
+
+    async def _lifecycle(self, method: str, *params: Any) -> Any:
+        return await self._conn.call(method, list(params), timeout=self._sandbox.timeout)
+
+    async def init(self, config: dict[str, Any]) -> None:
+        await self._lifecycle("sandboxer.init", config)
+
+    async def health(self) -> Health:
+        try:
+            answer = await self._lifecycle("sandboxer.health")
+        except SandboxerError as exc:
+            return Health(False, str(exc))
+        if answer is True or (isinstance(answer, dict) and answer.get("ok") is True):
+            return Health(True)
+        message = answer.get("message", "") if isinstance(answer, dict) else ""
+        return Health(False, f"plugin {self.plugin.id}: health check says not ok"
+                             + (f": {message}" if message else ""))
+
+    async def shutdown(self) -> None:
+        self._closing = True
+        try:
+            await self._lifecycle("sandboxer.shutdown")
+        except PluginCrashed:
+            pass  # it exited while answering: that is what we asked for
+        await self._proc.wait(_SHUTDOWN_GRACE)
+
+    async def export_state(self) -> Any:
+        return await self._lifecycle("sandboxer.export_state")
+
+    async def import_state(self, state: Any, from_version: str) -> None:
+        await self._lifecycle("sandboxer.import_state", state, from_version)
+
+    def resource_usage(self) -> ResourceUsage:
+        return ResourceUsage()
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._conn.error is None:
+            self._conn.fail(PluginStateError(
+                f"plugin {self.plugin.id}: closed while calls were in flight",
+                plugin_id=self.plugin.id), notify=False)
+        await self._proc.terminate(_SHUTDOWN_GRACE)
+        await self._proc.close()
+        await self._watcher
+
+    # -- failure -----------------------------------------------------------------------------
+    def _crash_error(self) -> PluginCrashed:
+        proc = self._proc
+        tail = list(proc.stderr.tail)
+        message = f"plugin {self.plugin.id} {proc.describe_exit()}"
+        if tail:
+            message += f"; last stderr: {tail[-1]}"
+        return PluginCrashed(message, plugin_id=self.plugin.id, exit_status=proc.exit_status,
+                             signal=proc.signal, stderr_tail=tail)
+
+    def _failed(self, error: SandboxerError) -> None:
+        for callback in self._callbacks:
+            callback(error)
+
+    async def _watch(self) -> None:
+        """Runs for the life of the process: turns its death into PluginCrashed."""
+        await self._proc.wait()
+        await self._proc.output_closed(0.5)
+        if self._conn.error is None:
+            self._conn.fail(self._crash_error(), notify=not self._closing)
+
+
+class ProcessLoader:
+    """Starts out-of-process plugins of one kind (external, or python/native via the host)."""
+
+    def __init__(self, kind: LoaderType, *, handshake_timeout: float = 10.0,
+                 max_frame: int = 16 << 20) -> None:
+        self.kind = kind
+        self.handshake_timeout = handshake_timeout
+        self.max_frame = max_frame
+
+    async def start(self, plugin: Plugin, sandbox: SandboxConfig, *,
+                    generation: int) -> ProcessHandle:
+        if sandbox.enabled:
+            raise SandboxUnavailable(
+                f"plugin {plugin.id}: the sandbox launcher is not part of this build yet, so "
+                "an out-of-process plugin cannot be isolated", missing="sandbox launcher",
+                plugin_id=plugin.id)
+        return await self.start_process(plugin, sandbox, plugin_command(plugin))
+
+    async def start_process(self, plugin: Plugin, sandbox: SandboxConfig,
+                            argv: list[str]) -> ProcessHandle:
+        loop = asyncio.get_running_loop()
+        logger = logging.getLogger(f"sandboxer.plugin.{plugin.id}")
+        cookie = secrets.token_hex(16)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            proc = _process.spawn(argv, plugin_environment(cookie, self.max_frame),
+                                  rpc_fd=theirs.fileno(), logger=logger)
+        except OSError as exc:
+            ours.close()
+            raise PluginLoadError(f"plugin {plugin.id}: cannot start {argv[0]}: "
+                                  f"{exc.strerror}", plugin_id=plugin.id) from exc
+        finally:
+            theirs.close()
+        handle: ProcessHandle | None = None
+
+        def failed(error: SandboxerError) -> None:
+            # A protocol error or a crash: the process is done for, whatever it thinks.
+            proc.send_signal(signal.SIGKILL)
+            if handle is not None:
+                handle._failed(error)
+
+        def eof() -> None:
+            # It closed its end of the socket: it gets a moment to exit on its own (its exit
+            # status then explains the crash), then it is killed.
+            loop.call_later(1.0, proc.send_signal, signal.SIGKILL)
+
+        try:
+            _, conn = await loop.connect_accepted_socket(
+                lambda: RpcConnection(plugin_id=plugin.id, cookie=cookie,
+                                      max_frame=self.max_frame, logger=logger,
+                                      on_failure=failed, on_eof=eof),
+                sock=ours)
+        except BaseException:
+            ours.close()
+            await proc.close()
+            raise
+        watcher = asyncio.ensure_future(self._watch_startup(proc, conn))
+        try:
+            async with asyncio.timeout(self.handshake_timeout):
+                info = await conn.handshake
+            handle = ProcessHandle(plugin, sandbox, proc, conn, info)
+        except TimeoutError:
+            conn.fail(HandshakeError(
+                f"plugin {plugin.id}: sent no handshake within {self.handshake_timeout:g}s",
+                plugin_id=plugin.id), notify=False)
+            await self._abandon(proc, conn, watcher)
+            raise conn.error from None  # type: ignore[misc]
+        except PluginCrashed as exc:
+            await self._abandon(proc, conn, watcher)
+            raise HandshakeError(f"plugin {plugin.id} exited before the handshake: "
+                                 f"{exc.message}" + self._stderr_note(exc),
+                                 plugin_id=plugin.id) from exc
+        except BaseException:
+            await self._abandon(proc, conn, watcher)
+            raise
+        watcher.cancel()
+        return handle
+
+    @staticmethod
+    def _stderr_note(exc: PluginCrashed) -> str:
+        return ("\n  stderr:\n    " + "\n    ".join(exc.stderr_tail[-10:])
+                if exc.stderr_tail else "")
+
+    @staticmethod
+    async def _watch_startup(proc: _process.PluginProcess, conn: RpcConnection) -> None:
+        """Before the handshake: a process that exits fails the handshake at once."""
+        await proc.wait()
+        await proc.output_closed(0.5)
+        tail = list(proc.stderr.tail)
+        conn.fail(PluginCrashed(f"plugin {conn.plugin_id} {proc.describe_exit()}",
+                                plugin_id=conn.plugin_id, exit_status=proc.exit_status,
+                                signal=proc.signal, stderr_tail=tail), notify=False)
+
+    @staticmethod
+    async def _abandon(proc: _process.PluginProcess, conn: RpcConnection,
+                       watcher: asyncio.Task[None]) -> None:
+        watcher.cancel()
+        conn.close()
+        await proc.close()
+        try:
+            await watcher
+        except (asyncio.CancelledError, SandboxerError):
+            pass
+

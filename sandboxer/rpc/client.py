@@ -1,0 +1,276 @@
+"""The host side of the wire protocol: one connection to one plugin process.
+
+An asyncio Protocol over the supervisor's end of the socketpair. The plugin speaks first (the
+handshake); after that the host sends requests, multiplexed by id, and the plugin answers.
+Everything the plugin sends is untrusted: a garbage frame, an oversized frame, a response to
+an id nobody asked, a second handshake, a response with both result and error: each ends the
+session with a ProtocolError that every pending call receives. The owner (the process handle)
+is told through ``on_failure`` and decides what the plugin's fate is; this module never
+touches the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from typing import Any, Callable
+
+from ..errors import (
+    CallTimeout,
+    HandshakeError,
+    MethodNotFound,
+    PluginCallError,
+    ProtocolError,
+    SandboxerError,
+)
+from .framing import (
+    DEFAULT_MAX_FRAME,
+    METHOD_NOT_FOUND,
+    LineBuffer,
+    Notification,
+    Request,
+    Response,
+    encode_error,
+    encode_notification,
+    encode_request,
+    encode_result,
+    parse_message,
+)
+
+__all__ = ["RpcConnection", "HandshakeInfo", "SUPPORTED_PROTOCOLS"]
+
+SUPPORTED_PROTOCOLS = (1,)
+_LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+               "warn": logging.WARNING, "error": logging.ERROR, "critical": logging.CRITICAL}
+
+
+class HandshakeInfo:
+    """What the plugin said about itself in its handshake."""
+
+    __slots__ = ("protocol", "name", "version", "methods")
+
+    def __init__(self, protocol: int, name: str, version: str, methods: tuple[str, ...]):
+        self.protocol = protocol
+        self.name = name
+        self.version = version
+        self.methods = methods
+
+
+def _check_handshake(params: Any, cookie: str) -> HandshakeInfo:
+    """Validate handshake params; HandshakeError says exactly what was wrong."""
+    if not isinstance(params, dict):
+        raise HandshakeError("the handshake params must be an object")
+    given = params.get("cookie")
+    if not isinstance(given, str) or not hmac.compare_digest(given.encode(), cookie.encode()):
+        raise HandshakeError("the handshake carried the wrong magic cookie (is this process "
+                             "a sandboxer plugin started by this host?)")
+    protocols = params.get("protocols")
+    if not isinstance(protocols, list) or not all(
+            isinstance(p, int) and not isinstance(p, bool) for p in protocols):
+        raise HandshakeError("the handshake must list its protocol versions as integers")
+    common = sorted(set(protocols) & set(SUPPORTED_PROTOCOLS))
+    if not common:
+        raise HandshakeError(f"no common protocol version: the plugin speaks {protocols}, "
+                             f"this host speaks {list(SUPPORTED_PROTOCOLS)}")
+    plugin = params.get("plugin", {})
+    if not isinstance(plugin, dict):
+        raise HandshakeError("the handshake's plugin field must be an object")
+    methods = params.get("methods", [])
+    if not isinstance(methods, list) or not all(isinstance(m, str) for m in methods) \
+            or len(methods) > 10_000:
+        raise HandshakeError("the handshake's methods must be a list of strings")
+    return HandshakeInfo(common[-1], str(plugin.get("name", ""))[:200],
+                         str(plugin.get("version", ""))[:100], tuple(methods))
+
+
+class RpcConnection(asyncio.Protocol):
+    """JSON-RPC over one stream; create with ``loop.connect_accepted_socket``."""
+
+    def __init__(self, *, plugin_id: str, cookie: str, max_frame: int = DEFAULT_MAX_FRAME,
+                 logger: logging.Logger | None = None,
+                 on_failure: Callable[[SandboxerError], None] | None = None,
+                 on_eof: Callable[[], None] | None = None) -> None:
+        self.plugin_id = plugin_id
+        self._cookie = cookie
+        self._buffer = LineBuffer(max_frame)
+        self._log = logger or logging.getLogger(f"sandboxer.plugin.{plugin_id}")
+        self._on_failure = on_failure
+        self._on_eof = on_eof
+        self._eof = False
+        self._transport: asyncio.Transport | None = None
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._next_id = 1
+        self._loop = asyncio.get_running_loop()
+        self.handshake: asyncio.Future[HandshakeInfo] = self._loop.create_future()
+        self.failed: asyncio.Future[SandboxerError] = self._loop.create_future()
+        self.error: SandboxerError | None = None
+
+    # -- asyncio.Protocol --------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if self.error is not None:
+            return
+        try:
+            for line in self._buffer.feed(data):
+                self._receive(line)
+                if self.error is not None:
+                    return
+        except SandboxerError as exc:
+            self.fail(exc)
+
+    def eof_received(self) -> bool:
+        return False  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.error is not None:
+            return
+        self._eof = True
+        if self._on_eof is not None:
+            # The owner finds out why (exit status, signal, stderr) and calls fail() with it;
+            # pending calls wait for that rather than seeing a bare "connection closed".
+            self._on_eof()
+        else:
+            reason = f": {exc}" if exc else ""
+            self.fail(ProtocolError(f"plugin {self.plugin_id}: the connection closed{reason}",
+                                    plugin_id=self.plugin_id))
+
+    # -- receiving ---------------------------------------------------------------------------
+    def _receive(self, line: bytes) -> None:
+        if not line.strip():
+            raise ProtocolError(f"plugin {self.plugin_id}: sent an empty frame",
+                                plugin_id=self.plugin_id)
+        try:
+            message = parse_message(line)
+        except ProtocolError as exc:
+            raise ProtocolError(f"plugin {self.plugin_id}: {exc}",
+                                plugin_id=self.plugin_id) from None
+        if not self.handshake.done():
+            self._receive_handshake(message)
+        elif isinstance(message, Response):
+            self._receive_response(message)
+        elif isinstance(message, Notification):
+            self._receive_notification(message)
+        elif message.method == "sandboxer.handshake":
+            raise ProtocolError(f"plugin {self.plugin_id}: sent the handshake twice",
+                                plugin_id=self.plugin_id)
+        else:
+            # A well-formed request the host does not serve: answer it as JSON-RPC says.
+            self._write(encode_error(message.id, METHOD_NOT_FOUND,
+                                     f"the host offers no method {message.method!r}"))
+
+    def _receive_handshake(self, message: Any) -> None:
+        if not isinstance(message, Request) or message.method != "sandboxer.handshake":
+            raise HandshakeError(f"plugin {self.plugin_id}: the first frame must be the "
+                                 "sandboxer.handshake request", plugin_id=self.plugin_id)
+        try:
+            info = _check_handshake(message.params, self._cookie)
+        except HandshakeError as exc:
+            self._write(encode_error(message.id, -32000, exc.message))
+            raise HandshakeError(f"plugin {self.plugin_id}: {exc.message}",
+                                 plugin_id=self.plugin_id) from None
+        self._write(encode_result(message.id, {"protocol": info.protocol}))
+        self.handshake.set_result(info)
+
+    def _receive_response(self, message: Response) -> None:
+        future = self._pending.pop(message.id, None)  # type: ignore[arg-type]
+        if future is None:
+            raise ProtocolError(f"plugin {self.plugin_id}: answered id {message.id!r}, which "
+                                "no call is waiting for", plugin_id=self.plugin_id)
+        if future.done():  # the caller gave up (timeout, cancellation) already
+            return
+        if message.error is None:
+            future.set_result(message.result)
+            return
+        error = message.error
+        code, text = error["code"], error["message"]
+        prefix = f"plugin {self.plugin_id}"
+        if not text.startswith(prefix):
+            text = f"{prefix}: {text}"
+        if code == METHOD_NOT_FOUND:
+            data = error.get("data")
+            available = data.get("available") if isinstance(data, dict) else None
+            future.set_exception(MethodNotFound(
+                text, plugin_id=self.plugin_id,
+                available=available if isinstance(available, list) else None))
+        else:
+            future.set_exception(PluginCallError(text, code=code,
+                                                 data=error.get("data"),
+                                                 plugin_id=self.plugin_id))
+
+    def _receive_notification(self, message: Notification) -> None:
+        if message.method == "sandboxer.log" and isinstance(message.params, dict):
+            level = _LOG_LEVELS.get(str(message.params.get("level", "info")).lower(),
+                                    logging.INFO)
+            self._log.log(level, "%s", str(message.params.get("message", ""))[:8192])
+        # Other notifications are not part of protocol 1; ignoring them is safe.
+
+    # -- sending -----------------------------------------------------------------------------
+    def _write(self, frame: bytes) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(frame)
+
+    def notify(self, method: str, params: Any) -> None:
+        if self.error is None:
+            self._write(encode_notification(method, params))
+
+    async def call(self, method: str, params: list[Any], *, timeout: float | None) -> Any:
+        """Send a request and wait for its answer (CallTimeout after ``timeout`` seconds)."""
+        if self.error is not None:
+            raise self.error
+        if self._eof:
+            raise await asyncio.shield(self.failed)
+        rid = self._next_id
+        self._next_id = rid + 1
+        future = self._loop.create_future()
+        self._pending[rid] = future
+        try:
+            frame = encode_request(rid, method, params)
+        except TypeError as exc:
+            del self._pending[rid]
+            raise PluginCallError(f"plugin {self.plugin_id}: arguments of {method} are not "
+                                  f"JSON values: {exc}", code=-32602,
+                                  plugin_id=self.plugin_id, method=method) from None
+        self._write(frame)
+        try:
+            if timeout is None:
+                return await future
+            async with asyncio.timeout(timeout):
+                return await future
+        except TimeoutError:
+            # Keep the id pending: a late answer is dropped quietly, not a protocol error.
+            self.notify("sandboxer.cancel", {"id": rid})
+            raise CallTimeout(f"plugin {self.plugin_id}: {method} did not answer within "
+                              f"{timeout:g}s", timeout=timeout or 0.0,
+                              plugin_id=self.plugin_id, method=method) from None
+        except asyncio.CancelledError:
+            self.notify("sandboxer.cancel", {"id": rid})
+            raise
+
+    @property
+    def in_flight(self) -> int:
+        return sum(1 for f in self._pending.values() if not f.done())
+
+    # -- failure -----------------------------------------------------------------------------
+    def fail(self, error: SandboxerError, *, notify: bool = True) -> None:
+        """End the session: every pending call and the handshake get ``error``."""
+        if self.error is not None:
+            return
+        self.error = error
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(error)
+        self._pending.clear()
+        if not self.handshake.done():
+            self.handshake.set_exception(error)
+        self.failed.set_result(error)
+        if self._transport is not None:
+            self._transport.abort()
+        if notify and self._on_failure is not None:
+            self._on_failure(error)
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()

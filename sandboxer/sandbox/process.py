@@ -1,0 +1,246 @@
+"""A plugin process as the supervisor sees it: spawned, watched, captured, reaped.
+
+``spawn()`` starts a program with the plugin's end of the RPC socketpair as fd 3, stdin on
+/dev/null and stdout/stderr on pipes the supervisor reads line by line into its logging. The
+process is watched through a pidfd on the event loop (no SIGCHLD handler, no watcher thread),
+so its exit is noticed at once and it is always reaped.
+
+posix_spawn, not fork: the supervisor is a threaded asyncio program, and a forked copy of it
+must never run Python. Only the fds named in the file actions reach the child; everything
+sandboxer opens is close-on-exec.
+
+This module must never leave a process unreaped or a pipe open after ``close()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import fcntl
+import logging
+import os
+import signal
+import time
+from typing import Callable
+
+__all__ = ["PluginProcess", "OutputCapture", "spawn", "RPC_FD"]
+
+RPC_FD = 3
+_MIN_FD = 10  # spawn-side fds are moved up here so no dup2 target (0-3) is ever a source
+_LINE_MAX = 4096
+_READ_SIZE = 1 << 16
+# Logging a flood costs the supervisor far more than reading it: lines beyond this budget
+# are counted, kept in the tail, and summarised instead of logged one by one.
+_LOG_BURST = 200
+_LOG_RATE = 50.0
+
+
+class OutputCapture:
+    """Reads one of the plugin's output pipes line by line, with bounded memory.
+
+    Lines longer than 4 KiB are cut; the last ``tail`` lines are kept for crash reports;
+    logging is rate-limited per stream so a flood cannot stall the supervisor.
+    """
+
+    def __init__(self, fd: int, *, name: str, logger: logging.Logger, level: int,
+                 tail: int = 50) -> None:
+        self.fd = fd
+        self.name = name
+        self.lines = 0
+        self.dropped = 0
+        self.tail: collections.deque[str] = collections.deque(maxlen=tail)
+        self._log = logger
+        self._level = level
+        self._partial = bytearray()
+        self._skipping = False
+        self._tokens = float(_LOG_BURST)
+        self._last = time.monotonic()
+        self._loop = asyncio.get_running_loop()
+        self.eof: asyncio.Future[None] = self._loop.create_future()
+        os.set_blocking(fd, False)
+        self._loop.add_reader(fd, self._readable)
+
+    def _readable(self) -> None:
+        try:
+            data = os.read(self.fd, _READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            if self._partial:
+                self._line(bytes(self._partial))
+                self._partial.clear()
+            self._finish()
+            return
+        parts = data.split(b"\n")
+        last = parts.pop()
+        for part in parts:
+            if self._skipping:
+                self._skipping = False
+                continue
+            if self._partial:
+                self._partial += part
+                part = bytes(self._partial)
+                self._partial.clear()
+            self._line(part)
+        if last and not self._skipping:
+            self._partial += last
+            if len(self._partial) > _LINE_MAX:
+                self._line(bytes(self._partial[:_LINE_MAX]) + "…".encode())
+                self._partial.clear()
+                self._skipping = True  # drop the rest of this overlong line
+
+    def _line(self, raw: bytes) -> None:
+        text = raw[:_LINE_MAX].decode("utf-8", "replace").rstrip("\r")
+        self.lines += 1
+        self.tail.append(text)
+        now = time.monotonic()
+        self._tokens = min(_LOG_BURST, self._tokens + (now - self._last) * _LOG_RATE)
+        self._last = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            if self.dropped:
+                self._log.log(self._level, "[%s] (%d lines not logged: output flood)",
+                              self.name, self.dropped)
+                self.dropped = 0
+            self._log.log(self._level, "[%s] %s", self.name, text)
+        else:
+            self.dropped += 1
+
+    def _finish(self) -> None:
+        self._loop.remove_reader(self.fd)
+        if not self.eof.done():
+            self.eof.set_result(None)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            self._finish()
+            os.close(self.fd)
+            self.fd = -1
+
+
+class PluginProcess:
+    """A spawned plugin process: its pid, exit status, and captured stdout/stderr."""
+
+    def __init__(self, pid: int, stdout: int, stderr: int, *, logger: logging.Logger) -> None:
+        self.pid = pid
+        self._loop = asyncio.get_running_loop()
+        self._pidfd = os.pidfd_open(pid)
+        self.returncode: int | None = None
+        self.exited: asyncio.Future[int] = self._loop.create_future()
+        self._exit_callbacks: list[Callable[[int], None]] = []
+        self.stdout = OutputCapture(stdout, name="stdout", logger=logger, level=logging.INFO)
+        self.stderr = OutputCapture(stderr, name="stderr", logger=logger, level=logging.WARNING)
+        self._loop.add_reader(self._pidfd, self._reap)
+
+    def _reap(self) -> None:
+        try:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            pid, status = self.pid, 255 << 8
+        if pid == 0:
+            return
+        self._loop.remove_reader(self._pidfd)
+        self.returncode = os.waitstatus_to_exitcode(status)
+        if not self.exited.done():
+            self.exited.set_result(self.returncode)
+
+    @property
+    def exit_status(self) -> int | None:
+        rc = self.returncode
+        return rc if rc is not None and rc >= 0 else None
+
+    @property
+    def signal(self) -> int | None:
+        rc = self.returncode
+        return -rc if rc is not None and rc < 0 else None
+
+    def describe_exit(self) -> str:
+        if self.signal is not None:
+            try:
+                name = signal.Signals(self.signal).name
+            except ValueError:
+                name = str(self.signal)
+            return f"killed by {name}"
+        if self.exit_status is not None:
+            return f"exited with status {self.exit_status}"
+        return "still running"
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            try:
+                signal.pidfd_send_signal(self._pidfd, sig)
+            except ProcessLookupError:
+                pass
+
+    async def wait(self, timeout: float | None = None) -> int | None:
+        """The return code (negative: killed by that signal), or None on timeout."""
+        try:
+            async with asyncio.timeout(timeout):
+                return await asyncio.shield(self.exited)
+        except TimeoutError:
+            return None
+
+    async def output_closed(self, timeout: float) -> None:
+        """Wait (bounded) until both pipes hit EOF, so the stderr tail is complete."""
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.gather(self.stdout.eof, self.stderr.eof)
+        except TimeoutError:
+            pass
+
+    async def terminate(self, grace: float) -> None:
+        """SIGTERM, then SIGKILL after ``grace`` seconds; returns once reaped."""
+        if self.returncode is None:
+            self.send_signal(signal.SIGTERM)
+            if await self.wait(grace) is None:
+                self.send_signal(signal.SIGKILL)
+                await self.wait()
+
+    async def close(self) -> None:
+        """Kill if still running, reap, close every fd. Idempotent."""
+        if self.returncode is None:
+            self.send_signal(signal.SIGKILL)
+            await self.wait()
+        if self._pidfd >= 0:
+            self._loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = -1
+        self.stdout.close()
+        self.stderr.close()
+
+
+def _high_cloexec(fd: int) -> int:
+    moved = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, _MIN_FD)
+    os.close(fd)
+    return moved
+
+
+def spawn(argv: list[str], env: dict[str, str], *, rpc_fd: int,
+          logger: logging.Logger) -> PluginProcess:
+    """Start ``argv`` (argv[0] an absolute path) with ``rpc_fd`` as its fd 3.
+
+    ``rpc_fd`` stays owned by the caller (close it after this returns). The child gets a new
+    session, so terminal signals meant for the supervisor do not reach it.
+    """
+    out_r, out_w = os.pipe2(os.O_CLOEXEC)
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    out_w, err_w = _high_cloexec(out_w), _high_cloexec(err_w)
+    rpc_copy = fcntl.fcntl(rpc_fd, fcntl.F_DUPFD_CLOEXEC, _MIN_FD)
+    try:
+        actions = [
+            (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_DUP2, out_w, 1),
+            (os.POSIX_SPAWN_DUP2, err_w, 2),
+            (os.POSIX_SPAWN_DUP2, rpc_copy, RPC_FD),
+        ]
+        pid = os.posix_spawn(argv[0], argv, env, file_actions=actions, setsid=True)
+    except BaseException:
+        for fd in (out_r, err_r):
+            os.close(fd)
+        raise
+    finally:
+        for fd in (out_w, err_w, rpc_copy):
+            os.close(fd)
+    return PluginProcess(pid, out_r, err_r, logger=logger)
