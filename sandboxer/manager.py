@@ -26,9 +26,9 @@ from .errors import (
     PluginNotFound,
     PluginStateError,
     SandboxerError,
-    SandboxUnavailable,
 )
 from .loaders import Loader, PluginHandle, ResourceUsage
+from .loaders.process import ProcessLoader
 from .loaders.python import InProcessPythonLoader
 from .manifest import LoaderType, Plugin, PluginState, load_plugin, verify_integrity
 from .sandbox.policy import HostConfig, SandboxConfig, effective_config
@@ -106,6 +106,7 @@ class _Generation:
         self.idle.set()
         self.open = asyncio.Event()
         self.open.set()
+        self.failure: SandboxerError | None = None  # set when it died on its own
 
     def enter(self) -> None:
         self.in_flight += 1
@@ -149,6 +150,7 @@ class LoadedPlugin:
         self._failures = 0
         self._usage_of_retired = ResourceUsage()
         self._unloading = False
+        self._health_failures = 0
         self._stopped = asyncio.Event()
         self.fallbacks: tuple[str, ...] = ()
 
@@ -297,6 +299,13 @@ class PluginManager:
         self._subscribers: set[EventStream] = set()
         self._closed = False
         self._in_process_python = InProcessPythonLoader()
+        self._process_loaders = {
+            kind: ProcessLoader(kind, handshake_timeout=self.config.handshake_timeout,
+                                max_frame=self.config.max_frame)
+            for kind in (LoaderType.PYTHON, LoaderType.NATIVE, LoaderType.EXTERNAL)}
+        # Tasks the manager owns (health checks, cleanup after a crash); awaited at close.
+        self._background: set[asyncio.Task[None]] = set()
+        self._health_task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> PluginManager:
         return self
@@ -317,6 +326,10 @@ class PluginManager:
                 pass
             except Exception as exc:  # keep closing the others; report after
                 errors.append(exc)
+        if self._health_task is not None:
+            self._health_task.cancel()
+        while self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
         for stream in list(self._subscribers):
             stream._offer(None)
         self._subscribers.clear()
@@ -374,21 +387,19 @@ class PluginManager:
                     plugin_id=plugin.id)
             if plugin.type is LoaderType.PYTHON:
                 return self._in_process_python
-        if plugin.type is LoaderType.PYTHON:
-            raise SandboxUnavailable(
-                f"plugin {plugin.id}: sandboxed python plugins need the out-of-process plugin "
-                "host, which this build of sandboxer does not include yet; load it trusted "
-                "(SandboxConfig(enabled=False), or --no-sandbox) only if you trust its code",
-                missing="plugin host", plugin_id=plugin.id)
-        raise PluginLoadError(
-            f"plugin {plugin.id}: this build of sandboxer cannot load {plugin.type.value} "
-            f"plugins yet", plugin_id=plugin.id)
+        loader = self._process_loaders.get(plugin.type)
+        if loader is None:
+            raise PluginLoadError(
+                f"plugin {plugin.id}: this build of sandboxer cannot load {plugin.type.value} "
+                f"plugins yet", plugin_id=plugin.id)
+        return loader
 
-    async def _start_generation(self, plugin: Plugin, sandbox: SandboxConfig, number: int,
-                                config: Mapping[str, Any]) -> _Generation:
+    async def _start_generation(self, loaded: LoadedPlugin, plugin: Plugin,
+                                sandbox: SandboxConfig, number: int) -> _Generation:
         """Start, init and health-check one generation; on any failure nothing is left."""
         loader = self._loader_for(plugin, sandbox)
         handle = await loader.start(plugin, sandbox, generation=number)
+        config = loaded._config_override
         try:
             try:
                 await handle.init({**plugin.config, **config})
@@ -402,7 +413,27 @@ class PluginManager:
         except BaseException:
             await handle.close()
             raise
-        return _Generation(number, plugin, handle, sandbox)
+        gen = _Generation(number, plugin, handle, sandbox)
+        handle.on_failure(lambda error: self._generation_failed(loaded, gen, error))
+        return gen
+
+    def _generation_failed(self, loaded: LoadedPlugin, gen: _Generation,
+                           error: SandboxerError) -> None:
+        """A generation died on its own (crash, protocol error)."""
+        gen.failure = error
+        if loaded._current is not gen or loaded.state not in (
+                PluginState.READY, PluginState.DEGRADED):
+            # Not serving, or a reload is in charge: the reload sees ``gen.failure``.
+            return
+        log.warning("plugin %s failed: %s", loaded.id, error)
+        loaded._current = None
+        loaded._set_state(PluginState.FAILED, error=error)
+        self._spawn(self._retire(loaded, gen, graceful=False))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # -- load --------------------------------------------------------------------------------
     async def load(self, path: str | os.PathLike[str], *, sandbox: SandboxConfig | None = None,
@@ -445,11 +476,30 @@ class PluginManager:
         sandbox = self.resolve_sandbox(plugin, loaded._explicit_sandbox)
         loaded._set_state(PluginState.INITIALIZING)
         loaded._generations += 1
-        loaded._current = await self._start_generation(
-            plugin, sandbox, loaded._generations, loaded._config_override)
+        loaded._current = await self._start_generation(loaded, plugin, sandbox,
+                                                       loaded._generations)
         loaded._set_state(PluginState.READY)
+        self._ensure_health_checks()
 
     # -- health ------------------------------------------------------------------------------
+    def _ensure_health_checks(self) -> None:
+        if self._health_task is None and not self._closed:
+            self._health_task = asyncio.ensure_future(self._health_loop())
+            self._background.add(self._health_task)
+            self._health_task.add_done_callback(self._background.discard)
+
+    async def _health_loop(self) -> None:
+        """Every ``health_interval``: check each serving plugin. A failing check degrades it;
+        ``health_failures`` failures in a row fail it (its generation is closed)."""
+        while True:
+            await asyncio.sleep(self.config.health_interval)
+            for loaded in list(self._plugins.values()):
+                if loaded.state in (PluginState.READY, PluginState.DEGRADED):
+                    try:
+                        await self.check_health(loaded.id)
+                    except SandboxerError as exc:
+                        log.warning("plugin %s: health check errored: %s", loaded.id, exc)
+
     async def check_health(self, plugin_id: str) -> bool:
         """Run the plugin's health check now; ready ⇄ degraded follows the answer."""
         loaded = self.get(plugin_id)
@@ -457,14 +507,25 @@ class PluginManager:
         if gen is None or loaded.state not in (PluginState.READY, PluginState.DEGRADED):
             return False
         health = await gen.handle.health()
-        if loaded._current is not gen:
+        if loaded._current is not gen or loaded.state not in (PluginState.READY,
+                                                              PluginState.DEGRADED):
             return health.ok
-        if health.ok and loaded.state is PluginState.DEGRADED:
-            loaded._set_state(PluginState.READY)
-        elif not health.ok and loaded.state is PluginState.READY:
-            loaded._set_state(PluginState.DEGRADED,
-                              error=PluginStateError(health.message, plugin_id=plugin_id))
-        return health.ok
+        if health.ok:
+            loaded._health_failures = 0
+            if loaded.state is PluginState.DEGRADED:
+                loaded._set_state(PluginState.READY)
+            return True
+        loaded._health_failures += 1
+        error = PluginStateError(
+            f"plugin {plugin_id}: health check failed ({loaded._health_failures} in a row): "
+            f"{health.message}", plugin_id=plugin_id)
+        if loaded._health_failures >= self.config.health_failures:
+            loaded._current = None
+            loaded._set_state(PluginState.FAILED, error=error)
+            self._spawn(self._retire(loaded, gen, graceful=False))
+        elif loaded.state is PluginState.READY:
+            loaded._set_state(PluginState.DEGRADED, error=error)
+        return False
 
     # -- unload ------------------------------------------------------------------------------
     async def unload(self, plugin_id: str) -> None:
@@ -547,5 +608,5 @@ class PluginManager:
         sandbox = self.resolve_sandbox(plugin, loaded._explicit_sandbox)
         number = loaded._generations + 1
         loaded._generations = number
-        return await self._start_generation(plugin, sandbox, number, loaded._config_override)
+        return await self._start_generation(loaded, plugin, sandbox, number)
 

@@ -68,7 +68,14 @@ async def reload_generation(manager: PluginManager, loaded: LoadedPlugin) -> Non
             f"(version {old.plugin.version}) keeps serving: {cause}",
             cause=cause, plugin_id=loaded.id)
         loaded.error = error
-        loaded._set_state(resume_state)
+        if old.failure is not None:
+            # The old generation died while the new one was being prepared: nothing is left
+            # to roll back to.
+            loaded._current = None
+            loaded._set_state(PluginState.FAILED, error=error)
+            manager._spawn(manager._retire(loaded, old, graceful=False))
+        else:
+            loaded._set_state(resume_state)
         manager._emit("reload_failed", loaded, PluginState.RELOADING, error=str(error))
         if isinstance(exc, Exception):
             raise error from exc

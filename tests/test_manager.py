@@ -325,7 +325,7 @@ async def test_health_checks_move_between_ready_and_degraded(make_plugin):
         assert await mgr.check_health(p.id) is True and p.state is S.READY
 
 
-async def test_trust_needs_host_policy_and_sandbox_needs_plugin_host(make_plugin):
+async def test_trust_needs_host_policy_and_sandbox_needs_the_launcher(make_plugin):
     root = make_plugin("def f():\n    return 1\n")
     async with PluginManager(HostConfig(allow_unsandboxed=False)) as mgr:
         with pytest.raises(PluginLoadError, match="does not allow unsandboxed"):
@@ -333,7 +333,7 @@ async def test_trust_needs_host_policy_and_sandbox_needs_plugin_host(make_plugin
     async with PluginManager() as mgr:
         with pytest.raises(SandboxUnavailable) as info:
             await mgr.load(root)
-        assert info.value.missing == "plugin host"
+        assert info.value.missing == "sandbox launcher"
 
 
 async def test_manifest_sha256_is_verified_at_load(make_plugin):
@@ -486,3 +486,33 @@ async def test_loaded_plugin_json_uses_the_spec_keys(make_plugin):
         assert doc["state"] == "ready" and doc["error"] is None
         assert doc["plugin"]["id"] == "test.plugin" and doc["sandbox"]["enabled"] is False
         assert doc["loadedAt"].endswith("+00:00")
+
+
+async def test_periodic_health_checks_degrade_then_fail(make_plugin):
+    code = "healthy = [True]\n\ndef health_check():\n    return healthy[0]\n\n" \
+           "def set_health(v):\n    healthy[0] = v\n"
+    config = HostConfig(health_interval=0.05, health_failures=3)
+    async with PluginManager(config) as mgr:
+        events = mgr.events()
+        p = await mgr.load(make_plugin(code), sandbox=TRUSTED)
+        await p.call("set_health", False)
+        got = [e async for e in _until(events, lambda e: e.state is S.FAILED)]
+        states = [e.state for e in got]
+        assert states[-2:] == [S.DEGRADED, S.FAILED]
+        assert "3 in a row" in got[-1].error
+        with pytest.raises(PluginStateError, match="failed"):
+            await p.call("set_health", True)
+        assert [q.state for q in await mgr.list()] == [S.FAILED]
+        await mgr.unload(p.id)
+        assert p.state is S.STOPPED
+
+
+async def test_a_recovering_plugin_goes_back_to_ready(make_plugin):
+    code = "calls = [0]\n\ndef health_check():\n    calls[0] += 1\n    return calls[0] != 2\n"
+    config = HostConfig(health_interval=0.05, health_failures=3)
+    async with PluginManager(config) as mgr:
+        events = mgr.events()
+        p = await mgr.load(make_plugin(code), sandbox=TRUSTED)  # check 1 at load: healthy
+        got = [e async for e in _until(events, lambda e: e.previous is S.DEGRADED)]
+        assert [e.state for e in got][-2:] == [S.DEGRADED, S.READY]
+        assert p.state is S.READY

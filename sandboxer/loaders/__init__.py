@@ -8,8 +8,9 @@ import the manager (the layer above them).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Callable, Protocol, runtime_checkable
 
+from ..errors import SandboxerError
 from ..manifest import LoaderType, Plugin
 from ..sandbox.policy import SandboxConfig
 
@@ -64,6 +65,11 @@ class PluginHandle(Protocol):
     async def import_state(self, state: Any, from_version: str) -> None: ...
 
     def resource_usage(self) -> ResourceUsage: ...
+
+    def on_failure(self, callback: Callable[[SandboxerError], None]) -> None:
+        """Register ``callback(error)``, called once if the plugin dies or breaks the
+        protocol on its own (not when closed on purpose)."""
+        ...
 
     async def close(self) -> None: ...
 

@@ -24,7 +24,13 @@ from typing import Any, Callable
 
 from .. import _json
 from .._pymodule import INTERNAL_ERROR, INVALID_PARAMS, PythonModule
-from ..errors import CallTimeout, MethodNotFound, PluginCallError, PluginStateError
+from ..errors import (
+    CallTimeout,
+    MethodNotFound,
+    PluginCallError,
+    PluginStateError,
+    SandboxerError,
+)
 from ..manifest import LoaderType, Plugin
 from ..sandbox.policy import SandboxConfig
 from . import Health, ResourceUsage
@@ -146,6 +152,9 @@ class InProcessPythonHandle:
 
     def resource_usage(self) -> ResourceUsage:
         return ResourceUsage()
+
+    def on_failure(self, callback: Callable[[SandboxerError], None]) -> None:
+        """In-process code cannot die apart from the supervisor: nothing will ever fail."""
 
     async def close(self) -> None:
         if self._closed:

@@ -19,7 +19,7 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from .._units import format_duration, format_size, parse_duration, parse_size
 from ..errors import ConfigError, PluginLoadError
@@ -212,6 +212,8 @@ class HostConfig:
     max_pids: int | None = None
     drain_timeout: float = 10.0
     handshake_timeout: float = 10.0
+    health_interval: float = 30.0
+    health_failures: int = 3
     max_frame: int = 16 << 20
     profile_dirs: tuple[str, ...] = field(default_factory=tuple)
     source: str = ""
@@ -253,38 +255,26 @@ class HostConfig:
         if not isinstance(host, dict) or not isinstance(limits, dict):
             raise fail("host" if not isinstance(host, dict) else "limits", "a table")
         values: dict[str, Any] = {"source": source}
-        bools = {"allow_unsandboxed", "allow_full_network"}
-        host_keys = bools | {"default_profile", "path_roots", "drain_timeout",
-                             "handshake_timeout", "max_frame", "profile_dirs"}
+        host_parsers: dict[str, Callable[[Any], Any]] = {
+            "allow_unsandboxed": _parse_bool,
+            "allow_full_network": _parse_bool,
+            "default_profile": _parse_profile_name,
+            "path_roots": _parse_path_list,
+            "profile_dirs": _parse_path_list,
+            "drain_timeout": parse_duration,
+            "handshake_timeout": parse_duration,
+            "health_interval": parse_duration,
+            "health_failures": _parse_health_failures,
+            "max_frame": parse_size,
+        }
         for key, value in host.items():
             name = f"host.{key}"
-            if key not in host_keys:
-                raise fail(name, f"one of {', '.join(sorted(host_keys))}")
-            if key in bools:
-                if not isinstance(value, bool):
-                    raise fail(name, "true or false")
-                values[key] = value
-            elif key == "default_profile":
-                if not isinstance(value, str) or not _profiles.NAME_RE.fullmatch(value):
-                    raise fail(name, "a profile name such as \"default\"")
-                values[key] = value
-            elif key in ("path_roots", "profile_dirs"):
-                if not isinstance(value, list):
-                    raise fail(name, "a list of absolute paths")
-                try:
-                    values[key] = tuple(parse_denied_path(v) for v in value)
-                except ValueError as exc:
-                    raise fail(name, str(exc)) from None
-            elif key == "max_frame":
-                try:
-                    values[key] = parse_size(value)
-                except ValueError as exc:
-                    raise fail(name, str(exc)) from None
-            else:
-                try:
-                    values[key] = parse_duration(value)
-                except ValueError as exc:
-                    raise fail(name, str(exc)) from None
+            if key not in host_parsers:
+                raise fail(name, f"one of {', '.join(sorted(host_parsers))}")
+            try:
+                values[key] = host_parsers[key](value)
+            except ValueError as exc:
+                raise fail(name, str(exc)) from None
         limit_parsers = {
             "max_memory_limit": parse_size,
             "max_cpu_limit": parse_cpu,
@@ -300,6 +290,30 @@ class HostConfig:
             except ValueError as exc:
                 raise fail(name, str(exc)) from None
         return cls(**values)
+
+
+def _parse_bool(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"true or false, not {value!r}")
+    return value
+
+
+def _parse_profile_name(value: object) -> str:
+    if not isinstance(value, str) or not _profiles.NAME_RE.fullmatch(value):
+        raise ValueError(f'a profile name such as "default", not {value!r}')
+    return value
+
+
+def _parse_path_list(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ValueError("a list of absolute paths")
+    return tuple(parse_denied_path(v) for v in value)
+
+
+def _parse_health_failures(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1000:
+        raise ValueError(f"a whole number of failed checks between 1 and 1000, not {value!r}")
+    return value
 
 
 def parse_cpu(value: object) -> float:
