@@ -217,9 +217,10 @@ def _high_cloexec(fd: int) -> int:
     return moved
 
 
-def spawn(argv: list[str], env: dict[str, str], *, rpc_fd: int,
-          logger: logging.Logger) -> PluginProcess:
-    """Start ``argv`` (argv[0] an absolute path) with ``rpc_fd`` as its fd 3.
+def spawn(argv: list[str], env: dict[str, str], *, rpc_fd: int, logger: logging.Logger,
+          extra_fds: dict[int, int] | None = None) -> PluginProcess:
+    """Start ``argv`` (argv[0] an absolute path) with ``rpc_fd`` as its fd 3 and each
+    ``extra_fds`` source at its target number (4 and up).
 
     ``rpc_fd`` stays owned by the caller (close it after this returns). The child gets a new
     session, so terminal signals meant for the supervisor do not reach it.
@@ -228,19 +229,21 @@ def spawn(argv: list[str], env: dict[str, str], *, rpc_fd: int,
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     out_w, err_w = _high_cloexec(out_w), _high_cloexec(err_w)
     rpc_copy = fcntl.fcntl(rpc_fd, fcntl.F_DUPFD_CLOEXEC, _MIN_FD)
+    extra = {target: fcntl.fcntl(source, fcntl.F_DUPFD_CLOEXEC, _MIN_FD)
+             for target, source in (extra_fds or {}).items()}
     try:
         actions = [
             (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
             (os.POSIX_SPAWN_DUP2, out_w, 1),
             (os.POSIX_SPAWN_DUP2, err_w, 2),
             (os.POSIX_SPAWN_DUP2, rpc_copy, RPC_FD),
-        ]
+        ] + [(os.POSIX_SPAWN_DUP2, source, target) for target, source in extra.items()]
         pid = os.posix_spawn(argv[0], argv, env, file_actions=actions, setsid=True)
     except BaseException:
         for fd in (out_r, err_r):
             os.close(fd)
         raise
     finally:
-        for fd in (out_w, err_w, rpc_copy):
+        for fd in (out_w, err_w, rpc_copy, *extra.values()):
             os.close(fd)
     return PluginProcess(pid, out_r, err_r, logger=logger)

@@ -1,0 +1,148 @@
+"""The Linux system calls the sandbox needs that Python's os module lacks, via ctypes.
+
+One function per call, named as in its man page; each raises OSError with the errno on
+failure, never returns an error code. x86-64 numbers are used where glibc has no wrapper
+(mount_setattr, pivot_root, close_range); other architectures fail closed at import.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import platform
+
+__all__ = [
+    "CLONE_NEWNS", "CLONE_NEWCGROUP", "CLONE_NEWUTS", "CLONE_NEWIPC", "CLONE_NEWUSER",
+    "CLONE_NEWPID", "CLONE_NEWNET",
+    "MS_RDONLY", "MS_NOSUID", "MS_NODEV", "MS_NOEXEC", "MS_REMOUNT", "MS_BIND", "MS_MOVE",
+    "MS_REC", "MS_PRIVATE", "MS_SLAVE", "MNT_DETACH",
+    "MOUNT_ATTR_RDONLY", "MOUNT_ATTR_NOSUID", "MOUNT_ATTR_NODEV", "MOUNT_ATTR_NOEXEC",
+    "unshare", "mount", "umount2", "pivot_root", "mount_setattr", "close_range",
+    "sethostname", "capset_empty", "capget",
+]
+
+if platform.machine() != "x86_64":  # syscall numbers below are x86-64's
+    raise ImportError(f"sandboxer's sandbox supports x86_64 only, not {platform.machine()}")
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWCGROUP = 0x02000000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_REMOUNT = 32
+MS_BIND = 4096
+MS_MOVE = 8192
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+MS_SLAVE = 1 << 19
+MNT_DETACH = 2
+
+MOUNT_ATTR_RDONLY = 0x00000001
+MOUNT_ATTR_NOSUID = 0x00000002
+MOUNT_ATTR_NODEV = 0x00000004
+MOUNT_ATTR_NOEXEC = 0x00000008
+AT_RECURSIVE = 0x8000
+AT_FDCWD = -100
+
+SYS_pivot_root = 155
+SYS_close_range = 436
+SYS_mount_setattr = 442
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+
+
+def _check(result: int, what: str, path: str | None = None) -> int:
+    if result < 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"{what}: {os.strerror(errno)}", path)
+    return result
+
+
+def _b(path: str | None) -> bytes | None:
+    return None if path is None else os.fsencode(path)
+
+
+def unshare(flags: int) -> None:
+    """unshare(2)."""
+    _check(_libc.unshare(ctypes.c_int(flags)), "unshare")
+
+
+def mount(source: str | None, target: str, fstype: str | None, flags: int,
+          data: str | None = None) -> None:
+    """mount(2)."""
+    _check(_libc.mount(_b(source), _b(target), _b(fstype), ctypes.c_ulong(flags), _b(data)),
+           "mount", target)
+
+
+def umount2(target: str, flags: int) -> None:
+    """umount2(2)."""
+    _check(_libc.umount2(_b(target), ctypes.c_int(flags)), "umount2", target)
+
+
+def pivot_root(new_root: str, put_old: str) -> None:
+    """pivot_root(2)."""
+    _check(_libc.syscall(ctypes.c_long(SYS_pivot_root), _b(new_root), _b(put_old)),
+           "pivot_root", new_root)
+
+
+def mount_setattr(path: str, attr_set: int, *, recursive: bool = True) -> None:
+    """mount_setattr(2): set ``attr_set`` on the mount at ``path`` (and every mount below)."""
+    attr = _MountAttr(attr_set, 0, 0, 0)
+    flags = AT_RECURSIVE if recursive else 0
+    _check(_libc.syscall(ctypes.c_long(SYS_mount_setattr), ctypes.c_int(AT_FDCWD), _b(path),
+                         ctypes.c_uint(flags), ctypes.byref(attr),
+                         ctypes.c_size_t(ctypes.sizeof(attr))), "mount_setattr", path)
+
+
+def close_range(first: int, last: int = 0xFFFFFFFF) -> None:
+    """close_range(2) with no flags: close every fd from ``first`` to ``last``."""
+    _check(_libc.syscall(ctypes.c_long(SYS_close_range), ctypes.c_uint(first),
+                         ctypes.c_uint(last), ctypes.c_uint(0)), "close_range")
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+
+def capset_empty() -> None:
+    """capset(2) with empty effective, permitted and inheritable sets for this thread."""
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    _check(_libc.capset(ctypes.byref(header), data), "capset")
+
+
+def capget() -> tuple[int, int, int]:
+    """capget(2): (effective, permitted, inheritable) of this thread as 64-bit masks."""
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    _check(_libc.capget(ctypes.byref(header), data), "capget")
+    return tuple(data[0].__getattribute__(f) | (data[1].__getattribute__(f) << 32)
+                 for f in ("effective", "permitted", "inheritable"))  # type: ignore[return-value]
+
+
+def sethostname(name: str) -> None:
+    """sethostname(2)."""
+    raw = name.encode()
+    _check(_libc.sethostname(raw, ctypes.c_size_t(len(raw))), "sethostname")

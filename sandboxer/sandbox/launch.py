@@ -1,0 +1,279 @@
+"""The supervisor's half of a sandboxed launch: build the spec, start the launcher, write the
+id maps, and learn whether every setup step succeeded.
+
+The launcher (``launcher.py``) does the work inside the new namespaces; this side does what
+only the parent can: validate everything before any process exists, choose the host uid/gid
+the plugin maps to, write ``/proc/PID/{setgroups,uid_map,gid_map}`` (nsjail's order: setgroups
+deny, then gid_map, then uid_map) and turn the launcher's step report into an error naming the
+step, the path and the errno.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import errno as _errno
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import PluginLoadError, SandboxUnavailable
+from . import process as _process
+from .policy import PathGrant, SandboxConfig
+
+__all__ = ["Mount", "LaunchSpec", "launch", "SandboxSetupError", "SANDBOX_UID", "IdAllocator"]
+
+LAUNCHER = str(Path(__file__).with_name("launcher.py"))
+SANDBOX_UID = SANDBOX_GID = 1000
+_DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
+# Read-only /etc pieces ordinary programs need (dynamic loader, alternatives for cc/node,
+# certificates, time zone, name service switch); missing ones are skipped.
+_ETC = ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/alternatives",
+        "/etc/ssl", "/etc/ca-certificates", "/etc/localtime", "/etc/nsswitch.conf",
+        "/etc/protocols", "/etc/services", "/etc/mime.types")
+_MERGED_USR = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
+# As Docker masks them (moby's oci defaults): kernel state that leaks or acts on the host.
+PROC_MASKED = ("/acpi", "/asound", "/kcore", "/keys", "/latency_stats", "/timer_list",
+               "/timer_stats", "/sched_debug", "/scsi", "/sysrq-trigger")
+PROC_READONLY = ("/bus", "/fs", "/irq", "/sys")
+PLUGIN_MOUNT = "/plugin"
+
+
+class SandboxSetupError(SandboxUnavailable):
+    """A step of the sandbox setup failed: names the step, the path and the errno."""
+
+
+@dataclass(frozen=True, slots=True)
+class Mount:
+    source: str
+    target: str
+    writable: bool = False
+    exec: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class LaunchSpec:
+    """Everything the launcher needs, validated before any process is started."""
+
+    argv: list[str]
+    env: dict[str, str]
+    sandbox: SandboxConfig
+    mounts: tuple[Mount, ...] = ()
+    cwd: str = "/tmp"
+    masks: tuple[str, ...] = ()
+    seccomp_bpf: bytes | None = None
+    files: dict[str, str] = field(default_factory=dict)
+
+
+class IdAllocator:
+    """Host uids/gids for rootful plugins: one unprivileged id per running plugin, from a
+    configured range, so that plugins are strangers to each other and to the host."""
+
+    def __init__(self, first: int = 1_800_000, count: int = 65_536) -> None:
+        self.first, self.count = first, count
+        self._used: set[int] = set()
+
+    def acquire(self) -> int:
+        for candidate in range(self.first, self.first + self.count):
+            if candidate not in self._used:
+                self._used.add(candidate)
+                return candidate
+        raise SandboxUnavailable(f"all {self.count} sandbox uids from {self.first} are in use",
+                                 missing="free sandbox uid")
+
+    def release(self, uid: int) -> None:
+        self._used.discard(uid)
+
+
+_ids = IdAllocator()
+
+
+def _resolve(path: str, what: str) -> str:
+    """The real path of an existing host path, or PluginLoadError."""
+    try:
+        return os.path.realpath(path, strict=True)
+    except (OSError, RuntimeError) as exc:
+        raise PluginLoadError(f"{what} {path} cannot be used: {exc}") from None
+
+
+def base_mounts() -> list[Mount]:
+    """/usr, the /etc pieces, and the Python runtime and sandboxer install (plugin host)."""
+    mounts = [Mount("/usr", "/usr")]
+    mounts += [Mount(p, p) for p in _ETC if os.path.exists(p)]
+    prefix = os.path.realpath(sys.prefix)
+    if not prefix.startswith("/usr"):
+        mounts.append(Mount(prefix, sys.prefix))  # the venv, at the path its scripts expect
+    package = str(Path(__file__).resolve().parent.parent)
+    if not package.startswith(prefix + "/") and not package.startswith("/usr/"):
+        mounts.append(Mount(package, package))  # an editable install lives outside the venv
+    return mounts
+
+
+def grant_mounts(grants: tuple[PathGrant, ...]) -> list[Mount]:
+    """Allowed paths at their own path inside; writable ones are data: never executable.
+    Symlinks are resolved here, by the supervisor: a grant names what it resolves to, and
+    a link inside a granted directory resolves against the sandbox's root, not the host's."""
+    out = []
+    for grant in grants:
+        real = _resolve(grant.path, "allowed path")
+        out.append(Mount(real, grant.path, writable=grant.writable, exec=not grant.writable))
+    return out
+
+
+def _files(hostname: str) -> dict[str, str]:
+    return {
+        "/etc/passwd": f"root:x:0:0:root:/root:/usr/sbin/nologin\n"
+                       f"sandbox:x:{SANDBOX_UID}:{SANDBOX_GID}:sandbox:/tmp:/bin/sh\n"
+                       "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n",
+        "/etc/group": f"root:x:0:\nsandbox:x:{SANDBOX_GID}:\nnogroup:x:65534:\n",
+        "/etc/hostname": f"{hostname}\n",
+        "/etc/hosts": f"127.0.0.1\tlocalhost {hostname}\n::1\tlocalhost\n",
+    }
+
+
+def build_spec(spec: LaunchSpec) -> dict[str, object]:
+    sandbox = spec.sandbox
+    mounts = list(spec.mounts)
+    targets = [m.target for m in mounts]
+    if len(set(targets)) != len(targets):
+        raise PluginLoadError(f"two mounts share a target: {sorted(targets)}")
+    symlinks = {f"/{d}": f"usr/{d}" for d in _MERGED_USR
+                if os.path.islink(f"/{d}") and os.readlink(f"/{d}") == f"usr/{d}"}
+    return {
+        "argv": spec.argv,
+        "env": spec.env,
+        "cwd": spec.cwd,
+        "uid": SANDBOX_UID,
+        "gid": SANDBOX_GID,
+        "hostname": "sandbox",
+        "binds": [{"source": m.source, "target": m.target, "writable": m.writable,
+                   "exec": m.exec} for m in mounts],
+        "devices": list(_DEVICES),
+        "symlinks": symlinks,
+        "files": {**_files("sandbox"), **spec.files},
+        "masks": list(spec.masks),
+        "proc_masked": list(PROC_MASKED),
+        "proc_readonly": list(PROC_READONLY),
+        "tmp_size": sandbox.tmp_size,
+        "rlimits": {"core": 0, "nofile": sandbox.nofile,
+                    **({"nproc": sandbox.pids_limit} if os.geteuid() == 0 else {})},
+        "seccomp_bpf": (None if spec.seccomp_bpf is None else
+                        base64.b64encode(spec.seccomp_bpf).decode()),
+    }
+
+
+async def _read_status(fd: int) -> bytes:
+    """One chunk from the status pipe (b"" at EOF), without blocking the loop."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[bytes] = loop.create_future()
+
+    def readable() -> None:
+        try:
+            data = os.read(fd, 4096)
+        except BlockingIOError:
+            return
+        loop.remove_reader(fd)
+        if not future.done():
+            future.set_result(data)
+
+    loop.add_reader(fd, readable)
+    try:
+        return await future
+    finally:
+        loop.remove_reader(fd)
+
+
+def _setup_error(report: bytes) -> SandboxSetupError:
+    try:
+        info = json.loads(report.splitlines()[0])
+    except (ValueError, IndexError):
+        return SandboxSetupError(f"the sandbox launcher failed: {report[:500]!r}",
+                                 missing="sandbox launcher")
+    err = info.get("errno")
+    where = f" ({info['path']})" if info.get("path") else ""
+    message = f"sandbox setup failed at step {info.get('what')}{where}: {info.get('error')}"
+    missing = info.get("step", "sandbox").lower()
+    if info.get("step") == "NAMESPACES" and err in (_errno.EPERM, _errno.ENOSPC,
+                                                     _errno.EINVAL):
+        message += ("; this host does not allow new user namespaces (check "
+                    "/proc/sys/user/max_user_namespaces and "
+                    "/proc/sys/kernel/unprivileged_userns_clone, or an AppArmor/SELinux "
+                    "policy restricting them)")
+        missing = "user namespaces"
+    return SandboxSetupError(message, missing=missing)
+
+
+def _write_id_maps(pid: int, host_uid: int, host_gid: int) -> None:
+    with open(f"/proc/{pid}/setgroups", "w") as f:
+        f.write("deny")
+    with open(f"/proc/{pid}/gid_map", "w") as f:
+        f.write(f"{SANDBOX_GID} {host_gid} 1\n")
+    with open(f"/proc/{pid}/uid_map", "w") as f:
+        f.write(f"{SANDBOX_UID} {host_uid} 1\n")
+
+
+async def launch(spec: LaunchSpec, *, rpc_fd: int, logger: logging.Logger,
+                 setup_timeout: float = 10.0) -> tuple[_process.PluginProcess, int]:
+    """Start ``spec`` sandboxed; returns the process (the launcher, whose exit status is the
+    plugin's) and the host uid it maps to (release it with ``release_uid`` when it is gone).
+    """
+    payload = json.dumps(build_spec(spec)).encode() + b"\n"
+    rootful = os.geteuid() == 0
+    host_uid = _ids.acquire() if rootful else os.geteuid()
+    host_gid = host_uid if rootful else os.getegid()
+    control_r, control_w = os.pipe2(os.O_CLOEXEC)
+    status_r, status_w = os.pipe2(os.O_CLOEXEC)
+    try:
+        proc = _process.spawn([sys.executable, "-I", LAUNCHER], {"PATH": "/usr/bin:/bin"},
+                              rpc_fd=rpc_fd, logger=logger,
+                              extra_fds={4: control_r, 5: status_w})
+    except BaseException:
+        for fd in (control_r, control_w, status_r, status_w):
+            os.close(fd)
+        if rootful:
+            _ids.release(host_uid)
+        raise
+    os.close(control_r)
+    os.close(status_w)
+    os.set_blocking(status_r, False)
+    try:
+        async with asyncio.timeout(setup_timeout):
+            os.write(control_w, payload)
+            first = await _read_status(status_r)
+            if first != b"U\n":
+                raise _setup_error(first) if first else SandboxSetupError(
+                    f"the sandbox launcher exited during setup ({proc.describe_exit()})",
+                    missing="sandbox launcher")
+            try:
+                _write_id_maps(proc.pid, host_uid, host_gid)
+            except OSError as exc:
+                raise SandboxSetupError(
+                    f"writing the user namespace id maps failed: {exc.strerror} "
+                    f"({exc.filename})", missing="user namespace id maps") from exc
+            os.write(control_w, b"G")
+            report = b""
+            while chunk := await _read_status(status_r):
+                report += chunk
+            if report:
+                raise _setup_error(report)
+    except BaseException as exc:
+        await proc.close()
+        if rootful:
+            _ids.release(host_uid)
+        if isinstance(exc, TimeoutError):
+            raise SandboxSetupError(f"the sandbox setup did not finish within "
+                                    f"{setup_timeout:g}s", missing="sandbox launcher") from None
+        raise
+    finally:
+        os.close(control_w)
+        os.close(status_r)
+    return proc, host_uid
+
+
+def release_uid(uid: int) -> None:
+    if os.geteuid() == 0:
+        _ids.release(uid)
+
