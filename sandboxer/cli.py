@@ -25,6 +25,7 @@ from .manifest import Plugin, load_plugin
 from .sandbox.policy import (
     HostConfig,
     SandboxConfig,
+    SandboxRequest,
     effective_config,
     parse_cpu,
     parse_denied_path,
@@ -100,6 +101,15 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("target", metavar="TARGET")
     _add_sandbox_options(inspect)
 
+    run = sub.add_parser("exec", help="run any program in the sandbox; exits with its status")
+    _add_sandbox_options(run)
+    run.add_argument("command", metavar="-- CMD ARG", nargs=argparse.REMAINDER)
+
+    doctor = sub.add_parser("doctor", help="what this host can enforce (and, given a plugin, "
+                            "what would be enforced for it)")
+    doctor.add_argument("target", metavar="TARGET", nargs="?")
+    doctor.add_argument("--json", action="store_true")
+
     demo = sub.add_parser("demo", help="run the example plugins and show what each did")
     demo.add_argument("--examples", metavar="DIR", type=Path,
                       default=Path(__file__).resolve().parent.parent / "examples")
@@ -130,7 +140,11 @@ def _config_override(args: argparse.Namespace) -> dict[str, Any]:
 
 def _sandbox_for(plugin: Plugin, host: HostConfig, args: argparse.Namespace) -> SandboxConfig:
     """The manifest's request clamped by the host policy, then the operator's CLI choices."""
-    request = plugin.sandbox
+    return _sandbox_from(plugin.sandbox, plugin.id, host, args)
+
+
+def _sandbox_from(request: SandboxRequest, plugin_id: str | None, host: HostConfig,
+                  args: argparse.Namespace) -> SandboxConfig:
     if args.profile:
         request = dataclasses.replace(request, profile=args.profile)
     if args.network or args.allow_host:
@@ -138,8 +152,8 @@ def _sandbox_for(plugin: Plugin, host: HostConfig, args: argparse.Namespace) -> 
             raise PluginLoadError(
                 "--network without --allow-host asks for the host's full network, which the "
                 "host policy does not allow (allow_full_network = false); name the hosts with "
-                "--allow-host", plugin_id=plugin.id)
-    config = effective_config(request, host, plugin_id=plugin.id)
+                "--allow-host", plugin_id=plugin_id)
+    config = effective_config(request, host, plugin_id=plugin_id)
     changes: dict[str, Any] = {}
     for option, field in (("memory_limit", "memory_limit"), ("cpu_limit", "cpu_limit"),
                           ("timeout", "timeout")):
@@ -238,12 +252,72 @@ async def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _cmd_exec(args: argparse.Namespace) -> int:
+    from .sandbox import cgroups, launch
+    from .sandbox.seccomp import compile_filter
+
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        raise _Usage("exec: name the program to run after --")
+    if args.no_sandbox:
+        raise _Usage("exec runs programs sandboxed; --no-sandbox makes no sense here")
+    host = HostConfig.load()
+    sandbox = _sandbox_from(SandboxRequest(), None, host, args)
+    out, err = sys.stdout.buffer, sys.stderr.buffer
+
+    def sink(stream: Any) -> Any:
+        def write(data: bytes) -> None:
+            stream.write(data)
+            stream.flush()
+        return write
+
+    result = await launch.run(
+        command, sandbox, backend=cgroups.detect(),
+        seccomp_bpf=compile_filter(sandbox.profile, network=sandbox.network_allowed),
+        sinks=(sink(out), sink(err)))
+    if result.oom_killed:
+        peak = result.stats.memory_peak if result.stats else None
+        print(f"sandboxer: killed for exceeding the memory limit of "
+              f"{sandbox.to_json()['memoryLimit']} (peak {peak} bytes)", file=sys.stderr)
+    code = result.returncode
+    return 128 - code if code < 0 else code
+
+
+async def _cmd_doctor(args: argparse.Namespace) -> int:
+    from ._doctor import diagnose
+    report = diagnose()
+    if args.target:
+        host = HostConfig.load()
+        plugin = load_plugin(args.target)
+        report["plugin"] = {"id": plugin.id, "kind": plugin.type.value,
+                            "sandbox": _sandbox_from(plugin.sandbox, plugin.id, host,
+                                                     _no_overrides()).to_json()}
+    if args.json:
+        _print_json(report)
+    else:
+        for key, value in report.items():
+            if isinstance(value, dict):
+                print(f"{key}:")
+                for k, v in value.items():
+                    print(f"  {k:<22} {v if not isinstance(v, (dict, list)) else _json.dumps(v).decode()}")
+            else:
+                print(f"{key:<24} {value}")
+    return 0 if report["ok"] else 4
+
+
+def _no_overrides() -> argparse.Namespace:
+    return argparse.Namespace(profile=None, memory_limit=None, cpu_limit=None, timeout=None,
+                              allow_path=[], deny_path=[], network=False, allow_host=[],
+                              no_sandbox=False)
+
+
 async def _cmd_demo(args: argparse.Namespace) -> int:
     from ._demo import run_demo
     return await run_demo(args.examples, as_json=args.json)
 
 
-_COMMANDS = {"call": _cmd_call, "inspect": _cmd_inspect, "demo": _cmd_demo}
+_COMMANDS = {"call": _cmd_call, "inspect": _cmd_inspect, "exec": _cmd_exec,
+             "doctor": _cmd_doctor, "demo": _cmd_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

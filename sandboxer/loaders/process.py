@@ -15,15 +15,18 @@ weakens it and never runs plugin code in the supervisor.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import secrets
 import signal
 import socket
 import sys
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Awaitable, Callable
 
 from ..errors import (
     HandshakeError,
+    MemoryLimitExceeded,
     MethodNotFound,
     PluginCrashed,
     PluginLoadError,
@@ -33,24 +36,43 @@ from ..errors import (
 )
 from ..manifest import LoaderType, Plugin
 from ..rpc.client import HandshakeInfo, RpcConnection
+from .._units import format_size
+from ..sandbox import cgroups
 from ..sandbox import process as _process
+from ..sandbox.cgroups import CgroupBackend
+from ..sandbox.launch import (
+    PLUGIN_MOUNT,
+    Confinement,
+    LaunchSpec,
+    Mount,
+    base_mounts,
+    grant_mounts,
+    launch_confined,
+)
 from ..sandbox.policy import SandboxConfig
 from . import Health, ResourceUsage
 
 __all__ = ["ProcessLoader", "ProcessHandle", "plugin_command"]
+
+Spawner = Callable[[dict[str, str], int, logging.Logger],
+                   Awaitable[tuple[_process.PluginProcess, Confinement]]]
 
 _SHUTDOWN_GRACE = 2.0
 _EXIT_WAIT = 2.0
 _RESERVED_PREFIX = "sandboxer."
 
 
-def plugin_command(plugin: Plugin) -> list[str]:
-    """The argv that runs ``plugin``: its executable, or the plugin host for python/native."""
+def plugin_command(plugin: Plugin, *, entrypoint: str | None = None,
+                   root: str | None = None) -> list[str]:
+    """The argv that runs ``plugin``: its executable, or the plugin host for python/native.
+    ``entrypoint`` and ``root`` are the paths as the process sees them (inside the sandbox)."""
+    entrypoint = entrypoint or str(plugin.entrypoint)
+    root = root or str(plugin.root)
     if plugin.type is LoaderType.EXTERNAL:
-        return [str(plugin.entrypoint)]
+        return [entrypoint]
     if plugin.type in (LoaderType.PYTHON, LoaderType.NATIVE):
         argv = [sys.executable, "-I", "-m", "sandboxer.host", "--kind", plugin.type.value,
-                "--entrypoint", str(plugin.entrypoint), "--root", str(plugin.root),
+                "--entrypoint", entrypoint, "--root", root,
                 "--id", plugin.id, "--version", plugin.version]
         if plugin.methods is not None:
             argv += ["--methods", ",".join(plugin.methods)]
@@ -75,10 +97,12 @@ class ProcessHandle:
     """One running plugin process and its RPC connection (a ``PluginHandle``)."""
 
     def __init__(self, plugin: Plugin, sandbox: SandboxConfig, proc: _process.PluginProcess,
-                 conn: RpcConnection, info: HandshakeInfo) -> None:
+                 conn: RpcConnection, info: HandshakeInfo,
+                 confinement: Confinement | None = None) -> None:
         self.plugin = plugin
         self._sandbox = sandbox
         self._proc = proc
+        self._confinement = confinement
         self._conn = conn
         self._info = info
         offered = [m for m in info.methods if not m.startswith(_RESERVED_PREFIX)]
@@ -153,7 +177,10 @@ class ProcessHandle:
         await self._lifecycle("sandboxer.import_state", state, from_version)
 
     def resource_usage(self) -> ResourceUsage:
-        return ResourceUsage()
+        stats = self._confinement.stats() if self._confinement is not None else None
+        if stats is None:
+            return ResourceUsage()
+        return ResourceUsage(peak_memory_bytes=stats.memory_peak, cpu_time_s=stats.cpu_time_s)
 
     async def close(self) -> None:
         self._closing = True
@@ -164,10 +191,20 @@ class ProcessHandle:
         await self._proc.terminate(_SHUTDOWN_GRACE)
         await self._proc.close()
         await self._watcher
+        if self._confinement is not None:
+            self._confinement.release()
 
     # -- failure -----------------------------------------------------------------------------
-    def _crash_error(self) -> PluginCrashed:
+    def _crash_error(self) -> SandboxerError:
         proc = self._proc
+        confinement = self._confinement
+        if confinement is not None and confinement.oom_killed():
+            stats = confinement.stats()
+            return MemoryLimitExceeded(
+                f"plugin {self.plugin.id} was killed for exceeding its memory limit of "
+                f"{format_size(confinement.memory_limit)}; raise memory_limit (within the "
+                "host policy) if it needs more", limit=confinement.memory_limit,
+                peak=stats.memory_peak if stats else None, plugin_id=self.plugin.id)
         tail = list(proc.stderr.tail)
         message = f"plugin {self.plugin.id} {proc.describe_exit()}"
         if tail:
@@ -195,29 +232,79 @@ class ProcessLoader:
         self.kind = kind
         self.handshake_timeout = handshake_timeout
         self.max_frame = max_frame
+        self._cgroup_backend: CgroupBackend | None = None
 
     async def start(self, plugin: Plugin, sandbox: SandboxConfig, *,
                     generation: int) -> ProcessHandle:
-        if sandbox.enabled:
-            raise SandboxUnavailable(
-                f"plugin {plugin.id}: the sandbox launcher is not part of this build yet, so "
-                "an out-of-process plugin cannot be isolated", missing="sandbox launcher",
-                plugin_id=plugin.id)
-        return await self.start_process(plugin, sandbox, plugin_command(plugin))
+        """Start ``plugin`` sandboxed as ``sandbox`` says. With ``enabled=False`` the process
+        runs unconfined: only tests and benchmarks of the protocol ask for that; the manager
+        never does for an out-of-process plugin."""
+        if not sandbox.enabled:
+            return await self.start_process(plugin, sandbox, plugin_command(plugin))
+        spec = self._launch_spec(plugin, sandbox)
+        backend = self._cgroups()
 
-    async def start_process(self, plugin: Plugin, sandbox: SandboxConfig,
-                            argv: list[str]) -> ProcessHandle:
+        async def spawn(env: dict[str, str], rpc_fd: int, logger: logging.Logger
+                        ) -> tuple[_process.PluginProcess, Confinement]:
+            return await launch_confined(dataclasses.replace(spec, env=env), backend=backend,
+                                         rpc_fd=rpc_fd, logger=logger)
+
+        return await self.start_process(plugin, sandbox, spec.argv, spawner=spawn)
+
+    def _cgroups(self) -> CgroupBackend:
+        if self._cgroup_backend is None:
+            self._cgroup_backend = cgroups.detect()
+        return self._cgroup_backend
+
+    def _launch_spec(self, plugin: Plugin, sandbox: SandboxConfig) -> LaunchSpec:
+        """Mounts, masks, argv and seccomp filter for ``plugin``, all checked before any
+        process exists."""
+        if sandbox.network_allowed:
+            raise SandboxUnavailable(
+                f"plugin {plugin.id}: asks for network access, and this build cannot enforce "
+                "a network policy yet (no egress proxy), so it refuses rather than open the "
+                "host's network", missing="network policy", plugin_id=plugin.id)
+        root = plugin.root
+        if root.is_dir():
+            plugin_mount = Mount(str(root), PLUGIN_MOUNT)
+            entry = f"{PLUGIN_MOUNT}/{plugin.entrypoint.relative_to(root).as_posix()}"
+        else:  # a bare file is its own root
+            plugin_mount = Mount(str(root), f"{PLUGIN_MOUNT}/{root.name}")
+            entry = f"{PLUGIN_MOUNT}/{root.name}"
+        mounts = base_mounts() + [plugin_mount] + grant_mounts(sandbox.allowed_paths)
+        masks: list[str] = []
+        for denied in sandbox.denied_paths:
+            masks.append(denied)
+            if Path(denied).is_relative_to(root) and root.is_dir():
+                masks.append(f"{PLUGIN_MOUNT}/{Path(denied).relative_to(root).as_posix()}")
+        from ..sandbox.seccomp import compile_filter
+
+        return LaunchSpec(
+            argv=plugin_command(plugin, entrypoint=entry, root=PLUGIN_MOUNT),
+            env={}, sandbox=sandbox, mounts=tuple(mounts), cwd=PLUGIN_MOUNT,
+            masks=tuple(masks),
+            seccomp_bpf=compile_filter(sandbox.profile, network=sandbox.network_allowed))
+
+    async def start_process(self, plugin: Plugin, sandbox: SandboxConfig, argv: list[str], *,
+                            spawner: Spawner | None = None) -> ProcessHandle:
         loop = asyncio.get_running_loop()
         logger = logging.getLogger(f"sandboxer.plugin.{plugin.id}")
         cookie = secrets.token_hex(16)
+        env = plugin_environment(cookie, self.max_frame)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        confinement: Confinement | None = None
         try:
-            proc = _process.spawn(argv, plugin_environment(cookie, self.max_frame),
-                                  rpc_fd=theirs.fileno(), logger=logger)
+            if spawner is None:
+                proc = _process.spawn(argv, env, rpc_fd=theirs.fileno(), logger=logger)
+            else:
+                proc, confinement = await spawner(env, theirs.fileno(), logger)
         except OSError as exc:
             ours.close()
             raise PluginLoadError(f"plugin {plugin.id}: cannot start {argv[0]}: "
                                   f"{exc.strerror}", plugin_id=plugin.id) from exc
+        except BaseException:
+            ours.close()
+            raise
         finally:
             theirs.close()
         handle: ProcessHandle | None = None
@@ -242,25 +329,27 @@ class ProcessLoader:
         except BaseException:
             ours.close()
             await proc.close()
+            if confinement is not None:
+                confinement.release()
             raise
         watcher = asyncio.ensure_future(self._watch_startup(proc, conn))
         try:
             async with asyncio.timeout(self.handshake_timeout):
                 info = await conn.handshake
-            handle = ProcessHandle(plugin, sandbox, proc, conn, info)
+            handle = ProcessHandle(plugin, sandbox, proc, conn, info, confinement)
         except TimeoutError:
             conn.fail(HandshakeError(
                 f"plugin {plugin.id}: sent no handshake within {self.handshake_timeout:g}s",
                 plugin_id=plugin.id), notify=False)
-            await self._abandon(proc, conn, watcher)
+            await self._abandon(proc, conn, watcher, confinement)
             raise conn.error from None  # type: ignore[misc]
         except PluginCrashed as exc:
-            await self._abandon(proc, conn, watcher)
+            await self._abandon(proc, conn, watcher, confinement)
             raise HandshakeError(f"plugin {plugin.id} exited before the handshake: "
                                  f"{exc.message}" + self._stderr_note(exc),
                                  plugin_id=plugin.id) from exc
         except BaseException:
-            await self._abandon(proc, conn, watcher)
+            await self._abandon(proc, conn, watcher, confinement)
             raise
         watcher.cancel()
         return handle
@@ -282,10 +371,12 @@ class ProcessLoader:
 
     @staticmethod
     async def _abandon(proc: _process.PluginProcess, conn: RpcConnection,
-                       watcher: asyncio.Task[None]) -> None:
+                       watcher: asyncio.Task[None], confinement: Confinement | None) -> None:
         watcher.cancel()
         conn.close()
         await proc.close()
+        if confinement is not None:
+            confinement.release()
         try:
             await watcher
         except (asyncio.CancelledError, SandboxerError):

@@ -18,13 +18,17 @@ import logging
 import os
 import sys
 from dataclasses import dataclass, field
+from typing import Callable
 from pathlib import Path
 
 from ..errors import PluginLoadError, SandboxUnavailable
 from . import process as _process
+from .cgroups import Cgroup, CgroupBackend, CgroupLimits, CgroupStats
+from .cgroups import new_name as new_cgroup_name
 from .policy import PathGrant, SandboxConfig
 
-__all__ = ["Mount", "LaunchSpec", "launch", "SandboxSetupError", "SANDBOX_UID", "IdAllocator"]
+__all__ = ["Mount", "LaunchSpec", "launch", "launch_confined", "Confinement",
+           "SandboxSetupError", "SANDBOX_UID", "IdAllocator"]
 
 LAUNCHER = str(Path(__file__).with_name("launcher.py"))
 SANDBOX_UID = SANDBOX_GID = 1000
@@ -216,9 +220,13 @@ def _write_id_maps(pid: int, host_uid: int, host_gid: int) -> None:
 
 
 async def launch(spec: LaunchSpec, *, rpc_fd: int, logger: logging.Logger,
-                 setup_timeout: float = 10.0) -> tuple[_process.PluginProcess, int]:
+                 setup_timeout: float = 10.0,
+                 on_spawn: Callable[[int], None] | None = None,
+                 sinks: tuple[Callable[[bytes], None], Callable[[bytes], None]] | None = None
+                 ) -> tuple[_process.PluginProcess, int]:
     """Start ``spec`` sandboxed; returns the process (the launcher, whose exit status is the
     plugin's) and the host uid it maps to (release it with ``release_uid`` when it is gone).
+    ``on_spawn(pid)`` runs before the launcher may go on: the place to put it in a cgroup.
     """
     payload = json.dumps(build_spec(spec)).encode() + b"\n"
     rootful = os.geteuid() == 0
@@ -229,7 +237,7 @@ async def launch(spec: LaunchSpec, *, rpc_fd: int, logger: logging.Logger,
     try:
         proc = _process.spawn([sys.executable, "-I", LAUNCHER], {"PATH": "/usr/bin:/bin"},
                               rpc_fd=rpc_fd, logger=logger,
-                              extra_fds={4: control_r, 5: status_w})
+                              extra_fds={4: control_r, 5: status_w}, sinks=sinks)
     except BaseException:
         for fd in (control_r, control_w, status_r, status_w):
             os.close(fd)
@@ -241,6 +249,8 @@ async def launch(spec: LaunchSpec, *, rpc_fd: int, logger: logging.Logger,
     os.set_blocking(status_r, False)
     try:
         async with asyncio.timeout(setup_timeout):
+            if on_spawn is not None:
+                on_spawn(proc.pid)  # the launcher waits for the spec: it has done nothing yet
             os.write(control_w, payload)
             first = await _read_status(status_r)
             if first != b"U\n":
@@ -277,3 +287,106 @@ def release_uid(uid: int) -> None:
     if os.geteuid() == 0:
         _ids.release(uid)
 
+
+class Confinement:
+    """What a sandboxed process holds besides itself: its cgroup and its host uid.
+    ``release()`` (idempotent) kills anything left in the cgroup, removes it, frees the uid."""
+
+    def __init__(self, cgroup: Cgroup, host_uid: int, memory_limit: int) -> None:
+        self.cgroup = cgroup
+        self.host_uid = host_uid
+        self.memory_limit = memory_limit
+        self._last: CgroupStats | None = None
+        self._released = False
+
+    def stats(self) -> CgroupStats | None:
+        if not self._released:
+            try:
+                self._last = self.cgroup.stats()
+            except OSError:
+                pass
+        return self._last
+
+    def oom_killed(self) -> bool:
+        stats = self.stats()
+        return stats is not None and stats.oom_kills > 0
+
+    def release(self) -> None:
+        if self._released:
+            return
+        self.stats()
+        self._released = True
+        try:
+            self.cgroup.remove()
+        finally:
+            release_uid(self.host_uid)
+
+
+async def launch_confined(
+        spec: LaunchSpec, *, backend: CgroupBackend, rpc_fd: int, logger: logging.Logger,
+        sinks: tuple[Callable[[bytes], None], Callable[[bytes], None]] | None = None,
+) -> tuple[_process.PluginProcess, Confinement]:
+    """``launch`` inside a fresh cgroup limited as ``spec.sandbox`` says."""
+    sandbox = spec.sandbox
+    group = backend.create(new_cgroup_name(), CgroupLimits(
+        memory=sandbox.memory_limit, cpu=sandbox.cpu_limit, pids=sandbox.pids_limit))
+    try:
+        proc, uid = await launch(spec, rpc_fd=rpc_fd, logger=logger, on_spawn=group.add,
+                                 sinks=sinks)
+    except BaseException:
+        group.remove()
+        raise
+    return proc, Confinement(group, uid, sandbox.memory_limit)
+
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    """How a ``run()`` ended: the return code (negative: killed by that signal) and what the
+    cgroup measured."""
+
+    returncode: int
+    stats: CgroupStats | None
+    oom_killed: bool
+
+
+def _which(name: str) -> str:
+    if "/" in name:
+        return name
+    for directory in ("/usr/local/bin", "/usr/bin", "/bin", "/usr/sbin", "/sbin"):
+        candidate = os.path.join(directory, name)
+        if os.access(candidate, os.X_OK) and not os.path.isdir(candidate):
+            return candidate
+    raise PluginLoadError(f"{name}: no such program in /usr/local/bin, /usr/bin or /bin")
+
+
+async def run(argv: list[str], sandbox: SandboxConfig, *, backend: CgroupBackend,
+              seccomp_bpf: bytes | None, cwd: str = "/tmp",
+              sinks: tuple[Callable[[bytes], None], Callable[[bytes], None]] | None = None,
+              logger: logging.Logger | None = None) -> RunResult:
+    """Run any program in the sandbox (``sandboxer exec``) and wait for it."""
+    if sandbox.network_allowed:
+        raise SandboxUnavailable("network access cannot be enforced yet (no egress proxy); "
+                                 "refusing rather than opening the host's network",
+                                 missing="network policy")
+    spec = LaunchSpec(argv=[_which(argv[0]), *argv[1:]],
+                      env={"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp",
+                           "LANG": "C.UTF-8", "TERM": os.environ.get("TERM", "dumb")},
+                      sandbox=sandbox, mounts=tuple(base_mounts() +
+                                                    grant_mounts(sandbox.allowed_paths)),
+                      cwd=cwd, masks=sandbox.denied_paths, seccomp_bpf=seccomp_bpf)
+    null = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        proc, confinement = await launch_confined(
+            spec, backend=backend, rpc_fd=null, sinks=sinks,
+            logger=logger or logging.getLogger("sandboxer.exec"))
+    finally:
+        os.close(null)
+    try:
+        code = await proc.wait()
+        await proc.output_closed(1.0)
+        assert code is not None
+        return RunResult(code, confinement.stats(), confinement.oom_killed())
+    finally:
+        await proc.close()
+        confinement.release()

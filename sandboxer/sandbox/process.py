@@ -43,8 +43,9 @@ class OutputCapture:
     """
 
     def __init__(self, fd: int, *, name: str, logger: logging.Logger, level: int,
-                 tail: int = 50) -> None:
+                 tail: int = 50, sink: Callable[[bytes], None] | None = None) -> None:
         self.fd = fd
+        self._sink = sink
         self.name = name
         self.lines = 0
         self.dropped = 0
@@ -72,6 +73,9 @@ class OutputCapture:
                 self._line(bytes(self._partial))
                 self._partial.clear()
             self._finish()
+            return
+        if self._sink is not None:  # passed through as is (``sandboxer exec``)
+            self._sink(data)
             return
         parts = data.split(b"\n")
         last = parts.pop()
@@ -123,15 +127,20 @@ class OutputCapture:
 class PluginProcess:
     """A spawned plugin process: its pid, exit status, and captured stdout/stderr."""
 
-    def __init__(self, pid: int, stdout: int, stderr: int, *, logger: logging.Logger) -> None:
+    def __init__(self, pid: int, stdout: int, stderr: int, *, logger: logging.Logger,
+                 sinks: tuple[Callable[[bytes], None], Callable[[bytes], None]] | None = None
+                 ) -> None:
         self.pid = pid
         self._loop = asyncio.get_running_loop()
         self._pidfd = os.pidfd_open(pid)
         self.returncode: int | None = None
         self.exited: asyncio.Future[int] = self._loop.create_future()
         self._exit_callbacks: list[Callable[[int], None]] = []
-        self.stdout = OutputCapture(stdout, name="stdout", logger=logger, level=logging.INFO)
-        self.stderr = OutputCapture(stderr, name="stderr", logger=logger, level=logging.WARNING)
+        out_sink, err_sink = sinks or (None, None)
+        self.stdout = OutputCapture(stdout, name="stdout", logger=logger, level=logging.INFO,
+                                    sink=out_sink)
+        self.stderr = OutputCapture(stderr, name="stderr", logger=logger, level=logging.WARNING,
+                                    sink=err_sink)
         self._loop.add_reader(self._pidfd, self._reap)
 
     def _reap(self) -> None:
@@ -218,7 +227,9 @@ def _high_cloexec(fd: int) -> int:
 
 
 def spawn(argv: list[str], env: dict[str, str], *, rpc_fd: int, logger: logging.Logger,
-          extra_fds: dict[int, int] | None = None) -> PluginProcess:
+          extra_fds: dict[int, int] | None = None,
+          sinks: tuple[Callable[[bytes], None], Callable[[bytes], None]] | None = None
+          ) -> PluginProcess:
     """Start ``argv`` (argv[0] an absolute path) with ``rpc_fd`` as its fd 3 and each
     ``extra_fds`` source at its target number (4 and up).
 
@@ -246,4 +257,4 @@ def spawn(argv: list[str], env: dict[str, str], *, rpc_fd: int, logger: logging.
     finally:
         for fd in (out_w, err_w, rpc_copy, *extra.values()):
             os.close(fd)
-    return PluginProcess(pid, out_r, err_r, logger=logger)
+    return PluginProcess(pid, out_r, err_r, logger=logger, sinks=sinks)
