@@ -315,6 +315,11 @@ class ProcessLoader:
             if handle is not None:
                 handle._failed(error)
 
+        def cancel_ignored(method: str) -> None:
+            conn.fail(PluginCrashed(
+                f"plugin {plugin.id} was killed: a call to {method} timed out and the plugin "
+                "ignored the cancel for a second", plugin_id=plugin.id))
+
         def eof() -> None:
             # It closed its end of the socket: it gets a moment to exit on its own (its exit
             # status then explains the crash), then it is killed.
@@ -324,7 +329,8 @@ class ProcessLoader:
             _, conn = await loop.connect_accepted_socket(
                 lambda: RpcConnection(plugin_id=plugin.id, cookie=cookie,
                                       max_frame=self.max_frame, logger=logger,
-                                      on_failure=failed, on_eof=eof),
+                                      on_failure=failed, on_eof=eof,
+                                      on_cancel_ignored=cancel_ignored),
                 sock=ours)
         except BaseException:
             ours.close()

@@ -90,7 +90,9 @@ class RpcConnection(asyncio.Protocol):
     def __init__(self, *, plugin_id: str, cookie: str, max_frame: int = DEFAULT_MAX_FRAME,
                  logger: logging.Logger | None = None,
                  on_failure: Callable[[SandboxerError], None] | None = None,
-                 on_eof: Callable[[], None] | None = None) -> None:
+                 on_eof: Callable[[], None] | None = None,
+                 on_cancel_ignored: Callable[[str], None] | None = None,
+                 cancel_grace: float = 1.0) -> None:
         self.plugin_id = plugin_id
         self._cookie = cookie
         self._buffer = LineBuffer(max_frame)
@@ -98,6 +100,8 @@ class RpcConnection(asyncio.Protocol):
         self._on_failure = on_failure
         self._on_eof = on_eof
         self._eof = False
+        self._on_cancel_ignored = on_cancel_ignored
+        self._cancel_grace = cancel_grace
         self._transport: asyncio.Transport | None = None
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._next_id = 1
@@ -114,12 +118,22 @@ class RpcConnection(asyncio.Protocol):
         if self.error is not None:
             return
         try:
-            for line in self._buffer.feed(data):
+            try:
+                lines = self._buffer.feed(data)
+            except ProtocolError as exc:
+                raise self._framing_error(exc.message) from None
+            for line in lines:
                 self._receive(line)
                 if self.error is not None:
                     return
         except SandboxerError as exc:
             self.fail(exc)
+
+    def _framing_error(self, what: str) -> ProtocolError:
+        """Before the handshake any broken frame is a failed handshake (a load error)."""
+        kind = ProtocolError if self.handshake.done() else HandshakeError
+        prefix = "" if self.handshake.done() else "broken handshake: "
+        return kind(f"plugin {self.plugin_id}: {prefix}{what}", plugin_id=self.plugin_id)
 
     def eof_received(self) -> bool:
         return False  # close our side too
@@ -140,13 +154,11 @@ class RpcConnection(asyncio.Protocol):
     # -- receiving ---------------------------------------------------------------------------
     def _receive(self, line: bytes) -> None:
         if not line.strip():
-            raise ProtocolError(f"plugin {self.plugin_id}: sent an empty frame",
-                                plugin_id=self.plugin_id)
+            raise self._framing_error("sent an empty frame")
         try:
             message = parse_message(line)
         except ProtocolError as exc:
-            raise ProtocolError(f"plugin {self.plugin_id}: {exc}",
-                                plugin_id=self.plugin_id) from None
+            raise self._framing_error(exc.message) from None
         if not self.handshake.done():
             self._receive_handshake(message)
         elif isinstance(message, Response):
@@ -241,13 +253,21 @@ class RpcConnection(asyncio.Protocol):
                 return await future
         except TimeoutError:
             # Keep the id pending: a late answer is dropped quietly, not a protocol error.
+            # One that never comes within the grace period means the plugin ignored the
+            # cancel: the owner is told (and kills it).
             self.notify("sandboxer.cancel", {"id": rid})
+            if self._on_cancel_ignored is not None:
+                self._loop.call_later(self._cancel_grace, self._check_cancelled, rid, method)
             raise CallTimeout(f"plugin {self.plugin_id}: {method} did not answer within "
                               f"{timeout:g}s", timeout=timeout or 0.0,
                               plugin_id=self.plugin_id, method=method) from None
         except asyncio.CancelledError:
             self.notify("sandboxer.cancel", {"id": rid})
             raise
+
+    def _check_cancelled(self, rid: int, method: str) -> None:
+        if self.error is None and rid in self._pending and self._on_cancel_ignored:
+            self._on_cancel_ignored(method)
 
     @property
     def in_flight(self) -> int:

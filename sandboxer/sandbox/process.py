@@ -91,12 +91,13 @@ class OutputCapture:
         if last and not self._skipping:
             self._partial += last
             if len(self._partial) > _LINE_MAX:
-                self._line(bytes(self._partial[:_LINE_MAX]) + "…".encode())
+                self._line(bytes(self._partial[:_LINE_MAX]), cut=True)
                 self._partial.clear()
                 self._skipping = True  # drop the rest of this overlong line
 
-    def _line(self, raw: bytes) -> None:
-        text = raw[:_LINE_MAX].decode("utf-8", "replace").rstrip("\r")
+    def _line(self, raw: bytes, *, cut: bool = False) -> None:
+        cut = cut or len(raw) > _LINE_MAX
+        text = raw[:_LINE_MAX].decode("utf-8", "replace").rstrip("\r") + ("…" if cut else "")
         self.lines += 1
         self.tail.append(text)
         now = time.monotonic()
@@ -220,6 +221,18 @@ class PluginProcess:
         self.stderr.close()
 
 
+def _inheritable_fds() -> list[int]:
+    out = []
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        try:
+            if os.get_inheritable(fd):
+                out.append(fd)
+        except OSError:
+            pass  # the listing's own fd, already closed
+    return out
+
+
 def _high_cloexec(fd: int) -> int:
     moved = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, _MIN_FD)
     os.close(fd)
@@ -249,6 +262,10 @@ def spawn(argv: list[str], env: dict[str, str], *, rpc_fd: int, logger: logging.
             (os.POSIX_SPAWN_DUP2, err_w, 2),
             (os.POSIX_SPAWN_DUP2, rpc_copy, RPC_FD),
         ] + [(os.POSIX_SPAWN_DUP2, source, target) for target, source in extra.items()]
+        # Whatever the supervisor's host application left inheritable must not reach the
+        # plugin: close every such fd in the child (targets 0-5 are set above).
+        actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in _inheritable_fds()
+                    if fd > max([RPC_FD, *extra])]
         pid = os.posix_spawn(argv[0], argv, env, file_actions=actions, setsid=True)
     except BaseException:
         for fd in (out_r, err_r):

@@ -302,6 +302,32 @@ JSON_STRUCTURED = st.lists(JSON, max_size=5) | st.dictionaries(JSON_KEYS, JSON, 
 IDS = st.integers(-(2**63), 2**63 - 1) | st.text(max_size=20)
 
 
+FIELDS = st.sampled_from(["jsonrpc", "id", "method", "params", "result", "error", "code",
+                          "message", "data"])
+FIELD_VALUES = st.one_of(st.just("2.0"), IDS, JSON, st.fixed_dictionaries(
+    {}, optional={"code": JSON | st.integers(), "message": JSON | st.text(), "data": JSON}))
+PLAUSIBLE_FRAMES = st.dictionaries(FIELDS, FIELD_VALUES, max_size=6).map(
+    lambda obj: json.dumps(obj).encode())
+
+
+@given(PLAUSIBLE_FRAMES)
+@settings(max_examples=500, deadline=None)
+def test_any_object_frame_parses_or_raises_protocol_error(frame: bytes):
+    try:
+        message = parse_message(frame)
+    except ProtocolError:
+        return
+    # What does parse is well-formed enough for the client to act on without checking again.
+    assert isinstance(message, (Request, Notification, Response))
+    if isinstance(message, (Request, Notification)):
+        assert isinstance(message.method, str)
+        assert message.params is None or isinstance(message.params, (list, dict))
+    if isinstance(message, Request) or (isinstance(message, Response) and message.id is not None):
+        assert type(message.id) in (int, str)
+    if isinstance(message, Response) and message.error is not None:
+        assert type(message.error["code"]) is int and type(message.error["message"]) is str
+
+
 def _through_the_wire(frame: bytes, split: int):
     buf = LineBuffer(framing.DEFAULT_MAX_FRAME)
     cut = split % (len(frame) + 1)

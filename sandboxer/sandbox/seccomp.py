@@ -1,0 +1,459 @@
+"""Seccomp filters for sandboxed plugins: a profile's ``[seccomp]`` table and the named syscall
+groups of ``seccomp.toml``, validated, flattened into rules and compiled by libseccomp
+(pyseccomp) into the classic-BPF program the launcher loads as its last step before exec.
+
+The filter is an allow-list for the native x86_64 ABI only: whatever no group or rule allows
+is answered EPERM, and a call through the i386 (``int 0x80``) or x32 ABI kills the process
+(libseccomp's bad-architecture action, which it also applies to x32 syscall numbers).
+Compiled programs are cached per profile file, groups file (both by mtime) and network flag.
+
+This module must never fail open: a profile or groups file that cannot be read, names an
+unknown group, syscall, errno or constant, lacks a comment, or asks for something libseccomp
+cannot express exactly is a PluginLoadError naming the file and the field, never a filter
+with less in it. It never loads a filter into the calling process: it only produces bytes.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import functools
+import os
+import platform
+import tempfile
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyseccomp
+
+from ..errors import PluginLoadError, SandboxUnavailable
+from .profiles import _builtin_dir, load_profile
+
+__all__ = ["compile_filter", "GROUPS_FILE"]
+
+GROUPS_FILE = "seccomp.toml"
+DEFAULT_ERRNO = _errno.EPERM
+# What the filter answers for every call no rule allows. Docker answers EPERM too: programs
+# treat it as "not permitted here" and carry on, where ENOSYS would make some of them try an
+# older syscall that is equally denied.
+DEFAULT_ACTION = pyseccomp.ERRNO(DEFAULT_ERRNO)
+# i386 and x32 calls: never legitimate for the x86_64 programs we run, and the classic way
+# around filters that only list x86_64 numbers. Killing the process (not just the thread)
+# makes the attempt visible as SIGSYS.
+BAD_ARCH_ACTION = pyseccomp.KILL_PROCESS
+BPF_MAXINSNS = 4096  # the kernel refuses longer classic-BPF programs (EINVAL)
+_U64 = (1 << 64) - 1
+
+_OPS = {
+    "eq": pyseccomp.EQ, "ne": pyseccomp.NE, "lt": pyseccomp.LT, "le": pyseccomp.LE,
+    "gt": pyseccomp.GT, "ge": pyseccomp.GE, "masked_eq": pyseccomp.MASKED_EQ,
+}
+_RULE_KEYS = {"syscalls", "action", "comment", "args"}
+_ARG_KEYS = {"index", "op", "value", "mask", "comment"}
+_GROUP_KEYS = {"comment", "syscalls", "rules"}
+_TABLE_KEYS = {"groups", "network_groups", "rules"}
+
+
+@dataclass(frozen=True, slots=True)
+class _ArgCheck:
+    index: int
+    op: str
+    value: int
+    mask: int = 0  # only for masked_eq
+
+
+@dataclass(frozen=True, slots=True)
+class _Rule:
+    syscall: str
+    action: str  # "allow", "errno:NAME" or "kill"
+    args: tuple[_ArgCheck, ...] = ()
+    origin: str = field(default="", compare=False)  # "file: field", for error messages
+
+
+@dataclass(frozen=True, slots=True)
+class _Group:
+    comment: str
+    rules: tuple[_Rule, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _Groups:
+    path: str
+    constants: dict[str, int]
+    groups: dict[str, _Group]
+
+
+class _Invalid(Exception):
+    """A field is wrong: turned into a PluginLoadError naming the file."""
+
+    def __init__(self, field: str, expected: str) -> None:
+        super().__init__(field)
+        self.field = field
+        self.expected = expected
+
+
+# -- reading and validating ---------------------------------------------------------------------
+
+def _read_toml(path: str, what: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise PluginLoadError(f"{what} {path}: (file): readable TOML ({exc})") from exc
+
+
+def _check_keys(table: dict[str, Any], allowed: set[str], where: str) -> None:
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise _Invalid(f"{where}.{unknown[0]}",
+                       f"not a known key (known: {', '.join(sorted(allowed))})")
+
+
+def _comment(table: dict[str, Any], where: str) -> str:
+    text = table.get("comment")
+    if not isinstance(text, str) or not text.strip():
+        raise _Invalid(f"{where}.comment", "a comment saying why this is allowed (required)")
+    return text
+
+
+def _names(value: Any, where: str) -> list[str]:
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise _Invalid(where, "a non-empty list of names")
+    return value
+
+
+def _syscall(name: str, where: str) -> str:
+    # libseccomp answers a negative pseudo-number for calls this architecture does not have
+    # (socketcall, stat64 ...) and -1 for names it does not know at all.
+    if pyseccomp.resolve_syscall(pyseccomp.Arch.NATIVE, name) < 0:
+        raise _Invalid(where, f"a syscall of x86_64 ({name!r} is not one)")
+    return name
+
+
+def _number(value: Any, constants: dict[str, int], where: str) -> int:
+    """An integer, or constant names joined by "|" (``"CLONE_NEWNS | CLONE_NEWUSER"``)."""
+    if isinstance(value, bool):
+        raise _Invalid(where, "a number or named constants joined by |")
+    if isinstance(value, int):
+        number = value
+    elif isinstance(value, str) and value.strip():
+        number = 0
+        for name in (part.strip() for part in value.split("|")):
+            if name not in constants:
+                known = ", ".join(sorted(constants)) or "none"
+                raise _Invalid(where, f"a number or named constants joined by | ({name!r} is "
+                                      f"not a constant of the groups file; known: {known})")
+            number |= constants[name]
+    else:
+        raise _Invalid(where, "a number or named constants joined by |")
+    if not 0 <= number <= _U64:
+        raise _Invalid(where, "a value between 0 and 2**64-1")
+    return number
+
+
+def _action(value: Any, where: str) -> str:
+    if value in ("allow", "kill"):
+        return str(value)
+    if isinstance(value, str) and value.startswith("errno:"):
+        name = value[len("errno:"):]
+        if name in _errno.errorcode.values():
+            return value
+    raise _Invalid(where, '"allow", "kill" or "errno:NAME" with NAME an errno such as EPERM')
+
+
+def _arg(raw: Any, constants: dict[str, int], where: str) -> _ArgCheck:
+    if not isinstance(raw, dict):
+        raise _Invalid(where, "a table with index, op and value")
+    _check_keys(raw, _ARG_KEYS, where)
+    index = raw.get("index")
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index <= 5:
+        raise _Invalid(f"{where}.index", "a syscall argument index from 0 to 5")
+    op = raw.get("op")
+    if op not in _OPS:
+        raise _Invalid(f"{where}.op", f"one of {', '.join(_OPS)}")
+    if "value" not in raw:
+        raise _Invalid(f"{where}.value", "a value to compare with (required)")
+    value = _number(raw["value"], constants, f"{where}.value")
+    if op == "masked_eq":
+        if "mask" not in raw:
+            raise _Invalid(f"{where}.mask", "a mask (required with masked_eq)")
+        mask = _number(raw["mask"], constants, f"{where}.mask")
+        if value & ~mask:
+            raise _Invalid(f"{where}.value", "bits inside the mask only (it could never match)")
+        return _ArgCheck(index, op, value, mask)
+    if "mask" in raw:
+        raise _Invalid(f"{where}.mask", "absent: a mask goes with op masked_eq only")
+    return _ArgCheck(index, op, value)
+
+
+def _rules(raw: Any, constants: dict[str, int], where: str, origin: str) -> list[_Rule]:
+    if not isinstance(raw, list):
+        raise _Invalid(where, "an array of rule tables ([[...rules]])")
+    out: list[_Rule] = []
+    for i, entry in enumerate(raw):
+        here = f"{where}[{i}]"
+        if not isinstance(entry, dict):
+            raise _Invalid(here, "a rule table")
+        _check_keys(entry, _RULE_KEYS, here)
+        _comment(entry, here)
+        syscalls = [_syscall(name, f"{here}.syscalls")
+                    for name in _names(entry.get("syscalls"), f"{here}.syscalls")]
+        action = _action(entry.get("action"), f"{here}.action")
+        args_raw = entry.get("args", [])
+        if not isinstance(args_raw, list):
+            raise _Invalid(f"{here}.args", "an array of argument checks")
+        args = tuple(_arg(a, constants, f"{here}.args[{j}]") for j, a in enumerate(args_raw))
+        if len({a.index for a in args}) != len(args):
+            raise _Invalid(f"{here}.args", "at most one check per argument index "
+                                           "(libseccomp ANDs them; use two rules for OR)")
+        out += [_Rule(name, action, args, f"{origin}: {here}") for name in syscalls]
+    return out
+
+
+@functools.lru_cache(maxsize=16)
+def _parse_groups(path: str, _mtime_ns: int) -> _Groups:
+    data = _read_toml(path, "seccomp groups")
+    try:
+        _check_keys(data, {"constants", "groups"}, "(top level)")
+        raw_constants = data.get("constants", {})
+        if not isinstance(raw_constants, dict):
+            raise _Invalid("constants", "a table of NAME = number")
+        constants: dict[str, int] = {}
+        for name, value in raw_constants.items():
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _U64:
+                raise _Invalid(f"constants.{name}", "a number between 0 and 2**64-1")
+            constants[name] = value
+        raw_groups = data.get("groups")
+        if not isinstance(raw_groups, dict) or not raw_groups:
+            raise _Invalid("groups", "tables of named syscall groups ([groups.NAME])")
+        groups: dict[str, _Group] = {}
+        for name, table in raw_groups.items():
+            where = f"groups.{name}"
+            if not isinstance(table, dict):
+                raise _Invalid(where, "a table with comment and syscalls and/or rules")
+            _check_keys(table, _GROUP_KEYS, where)
+            comment = _comment(table, where)
+            rules: list[_Rule] = []
+            if "syscalls" in table:
+                rules += [_Rule(_syscall(s, f"{where}.syscalls"), "allow", (),
+                                f"{path}: {where}.syscalls")
+                          for s in _names(table["syscalls"], f"{where}.syscalls")]
+            if "rules" in table:
+                rules += _rules(table["rules"], constants, f"{where}.rules", path)
+            if not rules:
+                raise _Invalid(where, "syscalls or rules (a group that allows nothing)")
+            groups[name] = _Group(comment, tuple(rules))
+    except _Invalid as exc:
+        raise PluginLoadError(f"seccomp groups {path}: {exc.field}: {exc.expected}") from None
+    return _Groups(path, constants, groups)
+
+
+def _group_list(table: dict[str, Any], key: str, groups: _Groups, *, required: bool
+                ) -> list[str]:
+    where = f"seccomp.{key}"
+    if key not in table:
+        if required:
+            raise _Invalid(where, "a list of syscall group names (required)")
+        return []
+    value = table[key]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _Invalid(where, "a list of syscall group names")
+    if required and not value:
+        raise _Invalid(where, "at least one syscall group")
+    for i, name in enumerate(value):
+        if name not in groups.groups:
+            raise _Invalid(f"{where}[{i}]", f"a group of {groups.path} ({name!r} is not one; "
+                                            f"known: {', '.join(sorted(groups.groups))})")
+    if len(set(value)) != len(value):
+        raise _Invalid(where, "each group once")
+    return value
+
+
+def _profile_rules(path: str, groups: _Groups, network: bool) -> list[_Rule]:
+    """The profile's [seccomp] table, flattened: its groups' rules, then its own."""
+    data = _read_toml(path, "sandbox profile")
+    try:
+        table = data.get("seccomp")
+        if not isinstance(table, dict):
+            raise _Invalid("seccomp", "a [seccomp] table (every profile says which syscalls "
+                                      "its plugins may make)")
+        _check_keys(table, _TABLE_KEYS, "seccomp")
+        names = _group_list(table, "groups", groups, required=True)
+        network_names = _group_list(table, "network_groups", groups, required=False)
+        own = _rules(table.get("rules", []), groups.constants, "seccomp.rules", path)
+    except _Invalid as exc:
+        raise PluginLoadError(f"sandbox profile {path}: {exc.field}: {exc.expected}") from None
+    if network and not network_names:
+        raise PluginLoadError(
+            f"sandbox profile {path}: seccomp.network_groups: this profile never allows "
+            "network sockets; choose another profile or do not allow network access")
+    chosen = names + [n for n in network_names if network and n not in names]
+    rules = [rule for name in chosen for rule in groups.groups[name].rules]
+    return rules + own
+
+
+# -- flattening to what libseccomp can express ----------------------------------------------------
+
+def _complement(denied: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Masked patterns (mask, value) matching exactly the values no denied pattern matches.
+
+    libseccomp drops conditional rules for a syscall that also has an unconditional one, so
+    "allow ioctl except TIOCSTI" cannot be written as an allow plus a deny. Instead the allowed
+    values are covered by masked-equality patterns: walking the bits of the denied masks from
+    the top, every branch no denied pattern takes becomes one allow pattern (at most one per
+    bit per denied pattern: about 35 rules for ioctl's two requests).
+    """
+    union = 0
+    for mask, _ in denied:
+        union |= mask
+    bits = [1 << b for b in range(63, -1, -1) if union >> b & 1]
+    out: list[tuple[int, int]] = []
+
+    def walk(depth: int, fixed: int, value: int, live: list[tuple[int, int]]) -> None:
+        if not live:
+            out.append((fixed, value))
+            return
+        if any(mask & ~fixed == 0 for mask, _ in live):
+            return  # a denied pattern matches everything below this branch
+        bit = bits[depth]
+        for branch in (0, bit):
+            walk(depth + 1, fixed | bit, value | branch,
+                 [(m, v) for m, v in live if not m & bit or v & bit == branch])
+
+    walk(0, 0, 0, denied)
+    return out
+
+
+def _plan(rules: list[_Rule]) -> list[_Rule]:
+    """The rules to hand libseccomp, checked for conflicts and with denied exceptions to an
+    allowed syscall turned into allow patterns (see ``_complement``)."""
+    default = f"errno:{_errno.errorcode[DEFAULT_ERRNO]}"
+    by_syscall: dict[str, list[_Rule]] = {}
+    for rule in rules:
+        if rule not in by_syscall.setdefault(rule.syscall, []):
+            by_syscall[rule.syscall].append(rule)
+    planned: list[_Rule] = []
+    for name, entries in by_syscall.items():
+        whole = [r for r in entries if not r.args]
+        partial = [r for r in entries if r.args]
+        allowed_whole = [r for r in whole if r.action == "allow"]
+        other_whole = [r for r in whole if r.action != "allow"]
+        if other_whole:
+            # An unconditional "errno"/"kill" rule decides the syscall: it must be the only
+            # word on it, so that a profile's explicit deny is a guarantee no group undoes.
+            others = [r for r in entries if r.action != other_whole[0].action or r.args]
+            if others:
+                raise PluginLoadError(
+                    f"seccomp: {name}: {other_whole[0].origin} answers it "
+                    f"{other_whole[0].action} always, but {others[0].origin} also has a rule "
+                    f"for it ({others[0].action}); remove one of them")
+            if other_whole[0].action != default:
+                planned.append(other_whole[0])
+            continue
+        if allowed_whole:
+            exceptions = [r for r in partial if r.action != "allow"]
+            if exceptions:
+                planned += _carve(name, allowed_whole[0], exceptions, default)
+            else:
+                planned.append(allowed_whole[0])  # conditional allows add nothing to it
+            continue
+        planned += [r for r in partial if r.action != default]
+    return planned
+
+
+def _carve(name: str, allowed: _Rule, exceptions: list[_Rule], default: str) -> list[_Rule]:
+    index = exceptions[0].args[0].index
+    for rule in exceptions:
+        if len(rule.args) != 1 or rule.args[0].op not in ("eq", "masked_eq") \
+                or rule.args[0].index != index:
+            raise PluginLoadError(
+                f"seccomp: {name}: {rule.origin}: an exception to an allowed syscall must "
+                f"compare one argument (the same index in every exception) with eq or "
+                f"masked_eq; libseccomp cannot express more")
+    denied = [(a.mask if a.op == "masked_eq" else _U64, a.value)
+              for a in (r.args[0] for r in exceptions)]
+    patterns = [_Rule(name, "allow", (_ArgCheck(index, "masked_eq", value, mask),),
+                      f"{allowed.origin} (except {', '.join(r.origin for r in exceptions)})")
+                for mask, value in _complement(denied)]
+    # Exceptions answered with the default action need no rule of their own; any other
+    # answer (errno:EACCES, kill) is added for exactly the values they name.
+    return patterns + [r for r in exceptions if r.action != default]
+
+
+# -- compiling ----------------------------------------------------------------------------------
+
+def _libseccomp_action(action: str) -> int:
+    if action == "allow":
+        return pyseccomp.ALLOW
+    if action == "kill":
+        return pyseccomp.KILL_PROCESS
+    return pyseccomp.ERRNO(getattr(_errno, action[len("errno:"):]))
+
+
+def _build(rules: list[_Rule]) -> bytes:
+    flt = pyseccomp.SyscallFilter(DEFAULT_ACTION)
+    flt.set_attr(pyseccomp.Attr.ACT_BADARCH, BAD_ARCH_ACTION)
+    # seccomp_init adds only the native architecture: no x86 or x32 is ever added here.
+    flt.set_attr(pyseccomp.Attr.CTL_OPTIMIZE, 2)  # binary search over syscall numbers
+    for rule in rules:
+        args = [pyseccomp.Arg(a.index, _OPS[a.op], a.mask, a.value) if a.op == "masked_eq"
+                else pyseccomp.Arg(a.index, _OPS[a.op], a.value) for a in rule.args]
+        try:
+            flt.add_rule_exactly(_libseccomp_action(rule.action), rule.syscall, *args)
+        except OSError as exc:
+            raise PluginLoadError(f"seccomp: {rule.origin}: libseccomp refused the rule for "
+                                  f"{rule.syscall} ({exc.strerror})") from exc
+    with tempfile.TemporaryFile() as out:
+        try:
+            flt.export_bpf(out)
+        except OSError as exc:
+            raise PluginLoadError(f"seccomp: libseccomp could not compile the filter "
+                                  f"({exc.strerror})") from exc
+        out.seek(0)
+        program = out.read()
+    if not program or len(program) % 8 or len(program) // 8 > BPF_MAXINSNS:
+        raise PluginLoadError(f"seccomp: the compiled filter has {len(program) / 8:g} "
+                              f"instructions; the kernel loads 1 to {BPF_MAXINSNS}")
+    return program
+
+
+@functools.lru_cache(maxsize=32)
+def _compile(profile_path: str, _profile_mtime_ns: int, groups_path: str,
+             groups_mtime_ns: int, network: bool) -> bytes:
+    groups = _parse_groups(groups_path, groups_mtime_ns)
+    return _build(_plan(_profile_rules(profile_path, groups, network)))
+
+
+def _groups_path(profile_path: str) -> str:
+    """The seccomp.toml beside the profile (a host's profile dir may bring its own groups),
+    else the one shipped with the package."""
+    beside = Path(profile_path).with_name(GROUPS_FILE)
+    return str(beside if beside.is_file() else _builtin_dir() / GROUPS_FILE)
+
+
+def _mtime_ns(path: str, what: str) -> int:
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError as exc:
+        raise PluginLoadError(f"{what} {path}: (file): readable ({exc.strerror})") from exc
+
+
+def compile_filter(profile: str, *, network: bool, extra_dirs: tuple[str, ...] = ()) -> bytes:
+    """The seccomp BPF program (``struct sock_filter`` array) for the profile named
+    ``profile``, with its ``network_groups`` when ``network`` is true.
+
+    Compiled once per profile file, groups file and network flag, and reused until either file
+    changes. PluginLoadError if the profile or its groups are invalid, or if ``network`` is
+    asked of a profile that never allows it; SandboxUnavailable on a host that is not x86_64
+    (the groups name x86_64 syscalls).
+    """
+    if pyseccomp.system_arch() != pyseccomp.Arch.X86_64:
+        raise SandboxUnavailable(
+            f"the seccomp profiles are written for x86_64 and this host is "
+            f"{platform.machine()}; sandboxed plugins need an x86_64 host",
+            missing="seccomp filter for this architecture")
+    path = load_profile(profile, extra_dirs).path
+    groups_path = _groups_path(path)
+    return _compile(path, _mtime_ns(path, "sandbox profile"), groups_path,
+                    _mtime_ns(groups_path, "seccomp groups"), bool(network))
