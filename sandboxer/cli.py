@@ -103,7 +103,7 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("exec", help="run any program in the sandbox; exits with its status")
     _add_sandbox_options(run)
-    run.add_argument("command", metavar="-- CMD ARG", nargs=argparse.REMAINDER)
+    run.add_argument("program", metavar="-- CMD ARG", nargs=argparse.REMAINDER)
 
     doctor = sub.add_parser("doctor", help="what this host can enforce (and, given a plugin, "
                             "what would be enforced for it)")
@@ -256,7 +256,7 @@ async def _cmd_exec(args: argparse.Namespace) -> int:
     from .sandbox import cgroups, launch
     from .sandbox.seccomp import compile_filter
 
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    command = args.program[1:] if args.program[:1] == ["--"] else args.program
     if not command:
         raise _Usage("exec: name the program to run after --")
     if args.no_sandbox:

@@ -45,15 +45,38 @@ def _plugin_modules() -> set[str]:
     return {name for name in sys.modules if name.startswith("_sandboxer_plugin_")}
 
 
+def _plugin_cgroups() -> set[str]:
+    """Every sandboxer-* cgroup under this process's cgroups, in every hierarchy."""
+    found: set[str] = set()
+    with open("/proc/self/cgroup") as f:
+        entries = [line.strip().split(":", 2) for line in f]
+    for _, controllers, path in entries:
+        names = controllers.split(",") if controllers else ["unified"]
+        for name in names:
+            base = Path("/sys/fs/cgroup") / name / path.lstrip("/")
+            if base.is_dir():
+                found.update(str(d) for d in base.glob("sandboxer-*"))
+    return found
+
+
+def _mounts() -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        return f.read().splitlines()
+
+
 @pytest.fixture
 def no_leaks():
-    """Fails the test if it leaves an fd, a child process or a plugin module behind."""
+    """Fails the test if it leaves an fd, a child process, a plugin module, a cgroup or a
+    mount behind."""
     fds, kids, mods = _open_fds(), _children(), _plugin_modules()
+    groups, mounts = _plugin_cgroups(), _mounts()
     yield
     leaked_fds = {fd for fd in _open_fds() - fds if os.path.exists(f"/proc/self/fd/{fd}")}
     assert not leaked_fds, f"leaked fds: {[os.readlink(f'/proc/self/fd/{fd}') for fd in leaked_fds]}"
     assert _children() - kids == set(), "leaked child processes"
     assert _plugin_modules() - mods == set(), "plugin modules left in sys.modules"
+    assert _plugin_cgroups() - groups == set(), "plugin cgroups left behind"
+    assert _mounts() == mounts, "mounts changed"
 
 
 @pytest.fixture

@@ -92,9 +92,25 @@ def test_bad_manifest_exits_2_naming_the_field(tmp_path: Path):
     assert doc["error"]["type"] == "ManifestError" and doc["error"]["field"] == "plugin.id"
 
 
-def test_sandboxed_python_without_plugin_host_exits_4():
-    run = sandboxer("call", HELLO, "greet", "x")
-    assert run.returncode == 4 and "SandboxUnavailable" in run.stderr
+def test_call_runs_sandboxed_by_default():
+    run = sandboxer("call", "--json", HELLO, "greet", "sandbox")
+    assert run.returncode == 0, run.stderr
+    doc = json.loads(run.stdout)
+    assert doc["result"] == "Hello, sandbox!" and doc["sandbox"]["enabled"] is True
+    assert doc["stats"]["peakMemoryBytes"] > 0 and doc["stats"]["cpuTimeSeconds"] > 0
+
+
+def test_a_sandbox_this_host_cannot_enforce_exits_4():
+    run = sandboxer("call", "--allow-host", "example.com:443", HELLO, "greet", "x")
+    assert run.returncode == 4
+    assert "SandboxUnavailable" in run.stderr and "network" in run.stderr
+
+
+def test_exec_returns_the_programs_exit_status():
+    run = sandboxer("exec", "--", "/bin/sh", "-c", "echo out; echo err >&2; exit 7")
+    assert (run.returncode, run.stdout, run.stderr) == (7, "out\n", "err\n")
+    run = sandboxer("exec", "--", "sh", "-c", "id -u; kill -9 $$")
+    assert (run.returncode, run.stdout) == (137, "1000\n")
 
 
 def test_inspect_shows_manifest_checksum_and_effective_sandbox():

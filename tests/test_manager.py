@@ -23,7 +23,6 @@ from sandboxer import (
     PluginStateError,
     ReloadError,
     SandboxConfig,
-    SandboxUnavailable,
 )
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
@@ -325,15 +324,21 @@ async def test_health_checks_move_between_ready_and_degraded(make_plugin):
         assert await mgr.check_health(p.id) is True and p.state is S.READY
 
 
-async def test_trust_needs_host_policy_and_sandbox_needs_the_launcher(make_plugin):
+async def test_trust_needs_host_policy_and_only_python_or_native_may_be_trusted(
+        make_plugin, tmp_path):
     root = make_plugin("def f():\n    return 1\n")
     async with PluginManager(HostConfig(allow_unsandboxed=False)) as mgr:
         with pytest.raises(PluginLoadError, match="does not allow unsandboxed"):
             await mgr.load(root, sandbox=TRUSTED)
+    exe = tmp_path / "ext"
+    exe.mkdir()
+    (exe / "run").write_text("#!/bin/sh\n")
+    (exe / "run").chmod(0o755)
+    (exe / "plugin.toml").write_text('[plugin]\nid = "ext"\nversion = "1.0.0"\n'
+                                     'type = "external"\nentrypoint = "run"\n')
     async with PluginManager() as mgr:
-        with pytest.raises(SandboxUnavailable) as info:
-            await mgr.load(root)
-        assert info.value.missing == "sandbox launcher"
+        with pytest.raises(PluginLoadError, match="always run sandboxed"):
+            await mgr.load(exe, sandbox=TRUSTED)
 
 
 async def test_manifest_sha256_is_verified_at_load(make_plugin):

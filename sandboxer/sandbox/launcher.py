@@ -164,8 +164,9 @@ def proxy(child: int, exit_pipe: int) -> None:
         status = int(reported)
     code = os.waitstatus_to_exitcode(status)
     if code < 0:  # die the way the plugin died, so the supervisor sees the signal
-        signal.signal(-code, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, [-code])
+        if -code not in (signal.SIGKILL, signal.SIGSTOP):  # those two cannot be handled
+            signal.signal(-code, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, [-code])
         os.kill(os.getpid(), -code)
     os._exit(code & 0xFF)
 
@@ -457,6 +458,9 @@ def pid1(spec: dict, exit_pipe: int, sources: dict[str, int]) -> None:  # type: 
 
 def main() -> None:
     try:
+        # Nothing but fds 0-5 may live on in the launcher or PID 1: both outlast the setup.
+        with step(Step.FDS):
+            sc.close_range(STATUS_FD + 1)
         spec = read_spec()
         drop_supplementary_groups()
         unshare_namespaces()
