@@ -46,7 +46,7 @@ def _plugin_modules() -> set[str]:
 
 
 def _plugin_cgroups() -> set[str]:
-    """Every sandboxer-* cgroup under this process's cgroups, in every hierarchy."""
+    """Every cgroup this process made (sandboxer-PID-*), in every hierarchy."""
     found: set[str] = set()
     with open("/proc/self/cgroup") as f:
         entries = [line.strip().split(":", 2) for line in f]
@@ -55,7 +55,7 @@ def _plugin_cgroups() -> set[str]:
         for name in names:
             base = Path("/sys/fs/cgroup") / name / path.lstrip("/")
             if base.is_dir():
-                found.update(str(d) for d in base.glob("sandboxer-*"))
+                found.update(str(d) for d in base.glob(f"sandboxer-{os.getpid()}-*"))
     return found
 
 

@@ -43,6 +43,10 @@ DEFAULT_ACTION = pyseccomp.ERRNO(DEFAULT_ERRNO)
 # makes the attempt visible as SIGSYS.
 BAD_ARCH_ACTION = pyseccomp.KILL_PROCESS
 BPF_MAXINSNS = 4096  # the kernel refuses longer classic-BPF programs (EINVAL)
+# The launcher loads the filter and then, under it, changes to the plugin's directory and
+# execs the plugin (or writes its failure report and exits): a profile that does not allow
+# these could never start anything.
+LAUNCHER_NEEDS = ("chdir", "execve", "write", "exit_group")
 _U64 = (1 << 64) - 1
 
 _OPS = {
@@ -385,10 +389,10 @@ def _carve(name: str, allowed: _Rule, exceptions: list[_Rule], default: str) -> 
 
 def _libseccomp_action(action: str) -> int:
     if action == "allow":
-        return pyseccomp.ALLOW
+        return int(pyseccomp.ALLOW)
     if action == "kill":
-        return pyseccomp.KILL_PROCESS
-    return pyseccomp.ERRNO(getattr(_errno, action[len("errno:"):]))
+        return int(pyseccomp.KILL_PROCESS)
+    return int(pyseccomp.ERRNO(getattr(_errno, action[len("errno:"):])))
 
 
 def _build(rules: list[_Rule]) -> bytes:
@@ -422,7 +426,15 @@ def _build(rules: list[_Rule]) -> bytes:
 def _compile(profile_path: str, _profile_mtime_ns: int, groups_path: str,
              groups_mtime_ns: int, network: bool) -> bytes:
     groups = _parse_groups(groups_path, groups_mtime_ns)
-    return _build(_plan(_profile_rules(profile_path, groups, network)))
+    rules = _plan(_profile_rules(profile_path, groups, network))
+    allowed = {r.syscall for r in rules if r.action == "allow" and not r.args}
+    missing = [name for name in LAUNCHER_NEEDS if name not in allowed]
+    if missing:
+        raise PluginLoadError(
+            f"sandbox profile {profile_path}: seccomp.groups: groups that allow "
+            f"{', '.join(missing)} (the launcher calls them under the filter to exec the "
+            f"plugin, so a profile without them could never start one)")
+    return _build(rules)
 
 
 def _groups_path(profile_path: str) -> str:
