@@ -273,7 +273,8 @@ async def _cmd_exec(args: argparse.Namespace) -> int:
 
     result = await launch.run(
         command, sandbox, backend=cgroups.detect(),
-        seccomp_bpf=compile_filter(sandbox.profile, network=sandbox.network_allowed),
+        seccomp_bpf=compile_filter(sandbox.profile, network=sandbox.network_allowed,
+                                   extra_dirs=host.profile_dirs),
         sinks=(sink(out), sink(err)))
     if result.oom_killed:
         peak = result.stats.memory_peak if result.stats else None

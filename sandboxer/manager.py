@@ -301,7 +301,8 @@ class PluginManager:
         self._in_process_python = InProcessPythonLoader()
         self._process_loaders = {
             kind: ProcessLoader(kind, handshake_timeout=self.config.handshake_timeout,
-                                max_frame=self.config.max_frame)
+                                max_frame=self.config.max_frame,
+                                profile_dirs=self.config.profile_dirs)
             for kind in (LoaderType.PYTHON, LoaderType.NATIVE, LoaderType.EXTERNAL)}
         # Tasks the manager owns (health checks, cleanup after a crash); awaited at close.
         self._background: set[asyncio.Task[None]] = set()

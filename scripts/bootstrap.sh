@@ -7,8 +7,9 @@ cd "$(dirname "$0")/.."
 
 # Debian packages: libcap-dev builds python-prctl; libseccomp2 backs pyseccomp; python3-venv
 # gives the system interpreter its venv module; gcc, make and golang-go build the native
-# examples the tests compile; nodejs runs the external example written in JavaScript.
-APT_PACKAGES=(libcap-dev libseccomp2 python3-venv python3-dev gcc make golang-go nodejs)
+# examples the tests compile; nodejs runs the external example written in JavaScript; git and
+# sqlite3 are among the ordinary programs the tests run inside the sandbox.
+APT_PACKAGES=(libcap-dev libseccomp2 python3-venv python3-dev gcc make golang-go nodejs git sqlite3)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

@@ -50,6 +50,7 @@ from ..sandbox.launch import (
     launch_confined,
 )
 from ..sandbox.policy import SandboxConfig
+from ..sandbox.seccomp import compile_filter
 from . import Health, ResourceUsage
 
 __all__ = ["ProcessLoader", "ProcessHandle", "plugin_command"]
@@ -228,10 +229,11 @@ class ProcessLoader:
     """Starts out-of-process plugins of one kind (external, or python/native via the host)."""
 
     def __init__(self, kind: LoaderType, *, handshake_timeout: float = 10.0,
-                 max_frame: int = 16 << 20) -> None:
+                 max_frame: int = 16 << 20, profile_dirs: tuple[str, ...] = ()) -> None:
         self.kind = kind
         self.handshake_timeout = handshake_timeout
         self.max_frame = max_frame
+        self.profile_dirs = profile_dirs
         self._cgroup_backend: CgroupBackend | None = None
 
     async def start(self, plugin: Plugin, sandbox: SandboxConfig, *,
@@ -277,13 +279,12 @@ class ProcessLoader:
             masks.append(denied)
             if Path(denied).is_relative_to(root) and root.is_dir():
                 masks.append(f"{PLUGIN_MOUNT}/{Path(denied).relative_to(root).as_posix()}")
-        from ..sandbox.seccomp import compile_filter
-
         return LaunchSpec(
             argv=plugin_command(plugin, entrypoint=entry, root=PLUGIN_MOUNT),
             env={}, sandbox=sandbox, mounts=tuple(mounts), cwd=PLUGIN_MOUNT,
             masks=tuple(masks),
-            seccomp_bpf=compile_filter(sandbox.profile, network=sandbox.network_allowed))
+            seccomp_bpf=compile_filter(sandbox.profile, network=sandbox.network_allowed,
+                                       extra_dirs=self.profile_dirs))
 
     async def start_process(self, plugin: Plugin, sandbox: SandboxConfig, argv: list[str], *,
                             spawner: Spawner | None = None) -> ProcessHandle:

@@ -50,14 +50,18 @@ def _search_dirs(extra: tuple[str, ...]) -> list[Path]:
     return [Path(d) for d in extra] + [_builtin_dir()]
 
 
+# profiles/seccomp.toml holds the named syscall groups that profiles refer to; not a profile.
+_NOT_PROFILES = frozenset({"seccomp"})
+
+
 def profile_names(extra_dirs: tuple[str, ...] = ()) -> list[str]:
     names = {p.stem for d in _search_dirs(extra_dirs) if d.is_dir() for p in d.glob("*.toml")}
-    return sorted(n for n in names if NAME_RE.fullmatch(n))
+    return sorted(n for n in names if NAME_RE.fullmatch(n) and n not in _NOT_PROFILES)
 
 
 def load_profile(name: str, extra_dirs: tuple[str, ...] = ()) -> Profile:
     """The profile called ``name``; PluginLoadError if there is none or it is invalid."""
-    if not NAME_RE.fullmatch(name):
+    if not NAME_RE.fullmatch(name) or name in _NOT_PROFILES:
         raise PluginLoadError(f"sandbox profile name {name!r} is not valid")
     for directory in _search_dirs(extra_dirs):
         candidate = directory / f"{name}.toml"
