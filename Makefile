@@ -16,7 +16,14 @@ test: setup
 demo: setup
 	$(VENV)/bin/sandboxer demo
 
-bench: setup
+BENCH_STAMP := $(VENV)/.bench-installed
+
+$(BENCH_STAMP): requirements-bench.txt $(STAMP)
+	PIP_DISABLE_PIP_VERSION_CHECK=1 $(PY) -m pip install -q -r requirements-bench.txt 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) -c "import grpc, uvloop"
+	touch $@
+
+bench: setup $(BENCH_STAMP)
 	$(PY) -m benchmarks
 
 clean:

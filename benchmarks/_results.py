@@ -1,0 +1,53 @@
+"""benchmarks/results/latest.json: one key per benchmark, merged, written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+__all__ = ["RESULTS", "load", "merge"]
+
+RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
+
+
+def load(path: Path = RESULTS) -> dict[str, Any]:
+    """The stored results; {} when there are none yet (or the file is not a JSON object)."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"benchmarks: cannot read {path}: {exc}; move it away to start anew")
+    return data if isinstance(data, dict) else {}
+
+
+def merge(name: str, result: dict[str, Any], path: Path = RESULTS) -> None:
+    """Set ``name`` to ``result``, keeping every other benchmark's key as it was.
+
+    Read, update, write to a temp file beside the target (``*.tmp``, git-ignored), fsync,
+    os.replace: a reader sees the old file or the new one, never a half-written one.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = load(path)
+    data[name] = result
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        # mkstemp makes it 0600; the results are for everyone to read, like any other file.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
