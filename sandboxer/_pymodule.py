@@ -100,6 +100,7 @@ class PythonModule:
         self.root = root
         self.name = _module_name(plugin_id, generation)
         self.module = _import_fresh(entry, self.name, plugin_id)
+        self._signatures: dict[Callable[..., Any], inspect.Signature] = {}
         try:
             self.methods = _public_methods(self.module, methods, plugin_id)
         except BaseException:
@@ -118,7 +119,10 @@ class PythonModule:
     def check_args(self, method: str, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
         """PluginCallError(-32602) when ``args`` cannot bind to ``fn``'s signature."""
         try:
-            inspect.signature(fn).bind(*args)
+            signature = self._signatures.get(fn)
+            if signature is None:
+                signature = self._signatures[fn] = inspect.signature(fn)
+            signature.bind(*args)
         except TypeError as exc:
             raise PluginCallError(
                 f"plugin {self.plugin_id}: invalid arguments for {method}: {exc}",

@@ -4,11 +4,13 @@ Runs inside the plugin process (the plugin host, or an external plugin using the
 trusts the host and nothing else; it must never import the manager or anything of the
 supervisor's.
 
-Threads, not an event loop, carry sync handlers: a small pool of workers passes one "reader"
-token around. The worker holding it reads a batch of frames, queues all but the first request
-for the others, hands the token on, and runs its first request itself. A lone call therefore
-runs on the thread that read it with no hand-off on its path, while many calls in flight, or a
-slow one, still run side by side and never stop the reading of new frames (or of cancels).
+Threads, not an event loop, carry sync handlers. One thread reads: a batch of frames is
+run right there, call after call, and their answers leave in one write, so a lone call has no
+hand-off between threads on its path and pipelined calls cost one syscall per batch. A method
+that once took longer than a millisecond is handed to a small pool of workers (started on
+demand) from then on, so a slow call never stops the reading of new frames or cancels; it
+comes back to the reading thread when it is quick again. The first slow call of a method
+does hold up reading for its duration: that is the price of not guessing in advance.
 Async handlers run on one asyncio loop in a thread of its own and can be cancelled.
 """
 
@@ -54,9 +56,8 @@ RESERVED = {
     "sandboxer.export_state": "export_state",
     "sandboxer.import_state": "import_state",
 }
-_READ = object()
 _STOP = object()
-_RECV_SIZE = 1 << 18
+_RECV_SIZE = 1 << 16  # larger reads cost more in allocation than they save
 # A sync method that once took longer than this is run off the reading thread from then on,
 # so frames (and cancels) keep being read while it works.
 _SLOW_CALL = 0.001
@@ -109,6 +110,11 @@ class Server:
         self._tasks: dict[Any, asyncio.Task[Any]] = {}
         self.exit_code = 0
         self._slow_methods: set[str] = set()
+        self._local = threading.local()
+        self._recv_buffer = bytearray(_RECV_SIZE)
+        self._threads: list[threading.Thread] = []
+        self._pool_lock = threading.Lock()
+        self._idle = 0
         # method name -> (handler or None, is_async, is_lifecycle), computed once
         self._table: dict[str, tuple[Callable[..., Any] | None, bool, bool]] = {
             name: (fn, inspect.iscoroutinefunction(fn), False)
@@ -120,9 +126,16 @@ class Server:
 
     # -- output ------------------------------------------------------------------------------
     def _send(self, frame: bytes) -> None:
+        frames = getattr(self._local, "frames", None)
+        if frames is not None:  # on the reading thread: leaves with the batch's answers
+            frames.append(frame)
+        else:
+            self._write(frame)
+
+    def _write(self, data: bytes) -> None:
         with self._write_lock:
             try:
-                self._sock.sendall(frame)
+                self._sock.sendall(data)
             except OSError:
                 self._stopping.set()  # the host is gone; nothing left to answer
 
@@ -314,15 +327,16 @@ class Server:
 
     def _read_batch(self) -> list[Request] | None:
         """Read until at least one request arrived; None at EOF or on a framing error."""
+        view = memoryview(self._recv_buffer)
         while not self._stopping.is_set():
             try:
-                data = self._sock.recv(_RECV_SIZE)
+                size = self._sock.recv_into(view)
             except OSError:
                 return None
-            if not data:
+            if not size:
                 return None
             try:
-                lines = self._buffer.feed(data)
+                lines = self._buffer.feed(bytes(view[:size]))
             except Exception as exc:
                 print(f"sandboxer: {exc}; closing", file=sys.stderr)
                 self.exit_code = 1
@@ -332,34 +346,56 @@ class Server:
                 return requests
         return None
 
-    def _worker(self) -> None:
-        work = self._work
+    def _reader(self) -> None:
+        """The reading thread: quick calls run right here, their answers leave in one write
+        per batch; methods known to be slow go to the worker pool so reading never waits."""
         slow = self._slow_methods
         while True:
+            batch = self._read_batch()
+            if batch is None:
+                self._stopping.set()
+                for _ in self._threads:
+                    self._work.put(_STOP)
+                return
+            frames: list[bytes] = []
+            self._local.frames = frames
+            try:
+                for request in batch:
+                    if request.method in slow:
+                        self._hand_off(request)
+                        continue
+                    started = time.monotonic()
+                    self._run(request)
+                    if time.monotonic() - started > _SLOW_CALL:
+                        slow.add(request.method)
+            finally:
+                self._local.frames = None
+            if frames:
+                self._write(b"".join(frames))
+
+    def _hand_off(self, request: Request) -> None:
+        with self._pool_lock:
+            if self._idle == 0 and len(self._threads) < self._workers:
+                thread = threading.Thread(target=self._worker, daemon=True,
+                                          name=f"sandboxer-worker-{len(self._threads)}")
+                self._threads.append(thread)
+                thread.start()
+        self._work.put(request)
+
+    def _worker(self) -> None:
+        work, slow = self._work, self._slow_methods
+        while True:
+            with self._pool_lock:
+                self._idle += 1
             item = work.get()
+            with self._pool_lock:
+                self._idle -= 1
             if item is _STOP:
                 return
-            while item is _READ:
-                batch = self._read_batch()
-                if batch is None:
-                    self._stopping.set()
-                    for _ in range(self._workers):
-                        work.put(_STOP)
-                    return
-                first = batch[0]
-                if len(batch) == 1 and first.method not in slow:
-                    # The common case, one quick call: run it right here and keep reading,
-                    # with no hand-off between threads on its path.
-                    started = time.monotonic()
-                    self._run(first)
-                    if time.monotonic() - started > _SLOW_CALL:
-                        slow.add(first.method)
-                    continue
-                for request in batch[1:]:
-                    work.put(request)
-                work.put(_READ)  # another worker reads on while this one runs `first`
-                item = first
+            started = time.monotonic()
             self._run(item)
+            if time.monotonic() - started <= _SLOW_CALL:
+                slow.discard(item.method)  # quick again: back to the reading thread
 
     def _run(self, request: Request) -> None:
         try:
@@ -371,13 +407,12 @@ class Server:
     def run(self) -> int:
         if not self._handshake():
             return 1
-        threads = [threading.Thread(target=self._worker, name=f"sandboxer-worker-{i}",
-                                    daemon=True) for i in range(self._workers)]
-        for t in threads:
-            t.start()
-        self._work.put(_READ)
-        for t in threads:
-            t.join()
+        while not self._work.empty():  # requests that came with the handshake reply
+            item = self._work.get()
+            self._run(item)
+        self._reader()
+        for thread in list(self._threads):
+            thread.join()
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._loop.stop)
         return self.exit_code
