@@ -53,9 +53,7 @@ class _Expired(Exception):
     """A call's deadline passed (raised into its future by the timer)."""
 
 
-def _expire(future: asyncio.Future[Any]) -> None:
-    if not future.done():
-        future.set_exception(_Expired())
+_SWEEP = 0.02  # seconds between deadline checks while calls are in flight
 
 
 class HandshakeInfo:
@@ -126,6 +124,8 @@ class RpcConnection(asyncio.BufferedProtocol):
         # read); writes made in the same loop pass leave together (``_write``).
         self._read_buffer = memoryview(bytearray(_READ_SIZE))
         self._out: list[bytes] | None = None
+        self._deadlines: dict[int, tuple[float, asyncio.Future[Any]]] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol --------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -299,7 +299,10 @@ class RpcConnection(asyncio.BufferedProtocol):
                                   f"JSON values: {exc}", code=-32602,
                                   plugin_id=self.plugin_id, method=method) from None
         self._write(frame)
-        timer = None if timeout is None else self._loop.call_later(timeout, _expire, future)
+        if timeout is not None:
+            self._deadlines[rid] = (self._loop.time() + timeout, future)
+            if self._sweeper is None:
+                self._sweeper = self._loop.call_later(_SWEEP, self._sweep)
         try:
             return await future
         except _Expired:
@@ -316,8 +319,18 @@ class RpcConnection(asyncio.BufferedProtocol):
             self.notify("sandboxer.cancel", {"id": rid})
             raise
         finally:
-            if timer is not None:
-                timer.cancel()
+            self._deadlines.pop(rid, None)
+
+    def _sweep(self) -> None:
+        """Expire calls past their deadline. One timer per connection, not one per call:
+        a deadline is honoured within ``_SWEEP`` seconds, well inside the promised second."""
+        self._sweeper = None
+        now = self._loop.time()
+        for deadline, future in list(self._deadlines.values()):
+            if deadline <= now and not future.done():
+                future.set_exception(_Expired())
+        if self._deadlines and self.error is None:
+            self._sweeper = self._loop.call_later(_SWEEP, self._sweep)
 
     def _check_cancelled(self, rid: int, method: str) -> None:
         if self.error is None and rid in self._pending and self._on_cancel_ignored:
@@ -340,6 +353,9 @@ class RpcConnection(asyncio.BufferedProtocol):
         if not self.handshake.done():
             self.handshake.set_exception(error)
         self.failed.set_result(error)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         if self._transport is not None:
             self._transport.abort()
         if notify and self._on_failure is not None:
