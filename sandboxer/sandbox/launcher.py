@@ -423,8 +423,10 @@ def plugin_process(spec: dict) -> None:  # type: ignore[type-arg]
 def pid1(spec: dict, exit_pipe: int, sources: dict[str, int]) -> None:  # type: ignore[type-arg]
     _libc_prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # die with the launcher
     build_root()
-    bind_paths(spec, sources)
+    # /tmp first: binds of host paths that live under /tmp (a checkout, a venv, a plugin
+    # directory) must land on top of the private /tmp, not be hidden by it.
     mount_tmp(spec)
+    bind_paths(spec, sources)
     mount_proc(spec)
     build_dev(spec, sources)
     mask_denied(spec)
