@@ -69,6 +69,7 @@ _EXAMPLES = (
     _Example("counter", "counter", None, _counter),
     _Example("native-c", "native-c", None, _native, build=True),
     _Example("native-go", "native-go", None, _native, build=True),
+    _Example("external-python", "external-python", None, _native),
     _Example("external-node", "external-node", None, _native),
 )
 

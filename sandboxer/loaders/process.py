@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import secrets
 import signal
 import socket
@@ -85,7 +86,9 @@ def plugin_command(plugin: Plugin, *, entrypoint: str | None = None,
 def plugin_environment(cookie: str, max_frame: int) -> dict[str, str]:
     """The clean environment a plugin process starts with: nothing of the supervisor's."""
     return {
-        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        # The plugin host's interpreter (with sandboxer, for SDK plugins) comes first; it is
+        # mounted read-only inside the sandbox.
+        "PATH": f"{os.path.dirname(sys.executable)}:/usr/local/bin:/usr/bin:/bin",
         "HOME": "/tmp",
         "LANG": "C.UTF-8",
         "SANDBOXER_RPC_FD": str(_process.RPC_FD),
