@@ -19,6 +19,7 @@ demo: setup
 BENCH_STAMP := $(VENV)/.bench-installed
 
 $(BENCH_STAMP): requirements-bench.txt $(STAMP)
+	command -v bwrap >/dev/null || (apt-get update -qq && apt-get install -y -qq bubblewrap >/dev/null)
 	PIP_DISABLE_PIP_VERSION_CHECK=1 $(PY) -m pip install -q -r requirements-bench.txt 2>&1 | grep -v "^WARNING: Location" || true
 	$(PY) -c "import grpc, uvloop"
 	touch $@
