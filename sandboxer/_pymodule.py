@@ -91,6 +91,22 @@ def _public_methods(module: ModuleType, listed: tuple[str, ...] | None,
     return found
 
 
+def _positional_arity(fn: Callable[..., Any]) -> tuple[float, float]:
+    """(fewest, most) positional arguments ``fn`` accepts; (0, inf) when it cannot be told,
+    and an empty range when a keyword-only parameter is required (positional calls fail)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except ValueError:
+        return 0, float("inf")
+    P = inspect.Parameter
+    positional = [p for p in params if p.kind in (P.POSITIONAL_ONLY, P.POSITIONAL_OR_KEYWORD)]
+    if any(p.kind is P.KEYWORD_ONLY and p.default is P.empty for p in params):
+        return 1, 0
+    low = sum(1 for p in positional if p.default is P.empty)
+    high = float("inf") if any(p.kind is P.VAR_POSITIONAL for p in params) else len(positional)
+    return low, high
+
+
 class PythonModule:
     """One fresh import of a plugin's code, with its methods and lifecycle functions."""
 
@@ -100,7 +116,7 @@ class PythonModule:
         self.root = root
         self.name = _module_name(plugin_id, generation)
         self.module = _import_fresh(entry, self.name, plugin_id)
-        self._signatures: dict[Callable[..., Any], inspect.Signature] = {}
+        self._arity: dict[Callable[..., Any], tuple[float, float]] = {}
         try:
             self.methods = _public_methods(self.module, methods, plugin_id)
         except BaseException:
@@ -117,12 +133,18 @@ class PythonModule:
             self.lifecycle("import_state") is not None
 
     def check_args(self, method: str, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
-        """PluginCallError(-32602) when ``args`` cannot bind to ``fn``'s signature."""
+        """PluginCallError(-32602) when ``args`` cannot bind to ``fn``'s signature.
+
+        The signature is read once per function and reduced to the range of positional
+        argument counts it accepts, so the check on every call is two comparisons."""
+        bounds = self._arity.get(fn)
+        if bounds is None:
+            bounds = self._arity[fn] = _positional_arity(fn)
+        low, high = bounds
+        if low <= len(args) <= high:
+            return
         try:
-            signature = self._signatures.get(fn)
-            if signature is None:
-                signature = self._signatures[fn] = inspect.signature(fn)
-            signature.bind(*args)
+            inspect.signature(fn).bind(*args)
         except TypeError as exc:
             raise PluginCallError(
                 f"plugin {self.plugin_id}: invalid arguments for {method}: {exc}",
