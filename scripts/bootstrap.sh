@@ -8,8 +8,10 @@ cd "$(dirname "$0")/.."
 # Debian packages: libcap-dev builds python-prctl; libseccomp2 backs pyseccomp; python3-venv
 # gives the system interpreter its venv module; gcc, make and golang-go build the native
 # examples the tests compile; nodejs runs the external example written in JavaScript; git and
-# sqlite3 are among the ordinary programs the tests run inside the sandbox.
-APT_PACKAGES=(libcap-dev libseccomp2 python3-venv python3-dev gcc make golang-go nodejs git sqlite3)
+# sqlite3 are among the ordinary programs the tests run inside the sandbox, and so is Python's
+# own test suite (libpython3.11-testsuite).
+APT_PACKAGES=(libcap-dev libseccomp2 python3-venv python3-dev gcc make golang-go nodejs git sqlite3
+              libpython3.11-testsuite)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

@@ -311,7 +311,8 @@ class CgroupV2:
             raise _unavailable(f"creating {name}", exc) from exc
         try:
             _write(f"{path}/memory.max", str(limits.memory))
-            _write(f"{path}/memory.swap.max", "0")
+            if os.path.exists(f"{path}/memory.swap.max"):  # absent without swap accounting
+                _write(f"{path}/memory.swap.max", "0")
             _write(f"{path}/memory.oom.group", "1")
             quota = max(1000, int(limits.cpu * CPU_PERIOD_US))
             _write(f"{path}/cpu.max", f"{quota} {CPU_PERIOD_US}")
@@ -325,9 +326,21 @@ class CgroupV2:
         return _V2Group(path)
 
 
+_detected: dict[str, CgroupBackend] = {}
+
+
 def detect(root: str = "/sys/fs/cgroup") -> CgroupBackend:
     """The backend that enforces limits on this host: v2 when the v2 hierarchy has the
-    controllers, else v1 (hybrid hosts), else SandboxUnavailable."""
+    controllers, else v1 (hybrid hosts), else SandboxUnavailable. One per process: after a
+    v2 backend moved the supervisor into its ``supervisor`` leaf, a second one must not take
+    that leaf for the supervisor's own cgroup."""
+    backend = _detected.get(root)
+    if backend is None:
+        backend = _detected[root] = _detect(root)
+    return backend
+
+
+def _detect(root: str) -> CgroupBackend:
     for v2_root in (root, os.path.join(root, "unified")):
         if _is_cgroup2(v2_root):
             try:

@@ -49,6 +49,11 @@ PLUGIN_MOUNT = "/plugin"
 class SandboxSetupError(SandboxUnavailable):
     """A step of the sandbox setup failed: names the step, the path and the errno."""
 
+    def __init__(self, message: str, *, missing: str, step: str | None = None,
+                 path: str | None = None, errno: int | None = None) -> None:
+        super().__init__(message, missing=missing)
+        self.step, self.path, self.errno = step, path, errno
+
 
 @dataclass(frozen=True, slots=True)
 class Mount:
@@ -198,7 +203,9 @@ def _setup_error(report: bytes) -> SandboxSetupError:
                                  missing="sandbox launcher")
     err = info.get("errno")
     where = f" ({info['path']})" if info.get("path") else ""
-    message = f"sandbox setup failed at step {info.get('what')}{where}: {info.get('error')}"
+    code = f" [{_errno.errorcode.get(err, err)}]" if err is not None else ""
+    message = (f"sandbox setup failed at step {info.get('what')}{where}: "
+               f"{info.get('error')}{code}")
     missing = info.get("step", "sandbox").lower()
     if info.get("step") == "NAMESPACES" and err in (_errno.EPERM, _errno.ENOSPC,
                                                      _errno.EINVAL):
@@ -207,7 +214,8 @@ def _setup_error(report: bytes) -> SandboxSetupError:
                     "/proc/sys/kernel/unprivileged_userns_clone, or an AppArmor/SELinux "
                     "policy restricting them)")
         missing = "user namespaces"
-    return SandboxSetupError(message, missing=missing)
+    return SandboxSetupError(message, missing=missing, step=info.get("step"),
+                             path=info.get("path"), errno=err)
 
 
 def _write_id_maps(pid: int, host_uid: int, host_gid: int) -> None:

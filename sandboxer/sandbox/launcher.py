@@ -383,8 +383,8 @@ def set_no_new_privs() -> None:
 
 def load_seccomp(spec: dict) -> None:  # type: ignore[type-arg]
     bpf = spec.get("seccomp_bpf")
-    if bpf is None:
-        return
+    if not bpf:  # fail closed: a sandbox without its filter is not the sandbox asked for
+        raise SetupFailed(Step.SECCOMP, "the spec carries no seccomp filter")
     import base64
     import ctypes
     program = base64.b64decode(bpf)
@@ -402,8 +402,9 @@ def load_seccomp(spec: dict) -> None:  # type: ignore[type-arg]
 
 
 def exec_plugin(spec: dict) -> None:  # type: ignore[type-arg]
-    with step(Step.EXEC, spec["argv"][0]):
+    with step(Step.EXEC, spec["cwd"]):
         os.chdir(spec["cwd"])
+    with step(Step.EXEC, spec["argv"][0]):
         os.execve(spec["argv"][0], spec["argv"], spec["env"])
 
 
