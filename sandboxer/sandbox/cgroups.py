@@ -112,6 +112,19 @@ def _remove_dir(path: str) -> None:
     os.rmdir(path)
 
 
+def _quota_us(cpus: float) -> int:
+    """CFS quota per CPU_PERIOD_US for ``cpus`` CPUs; the kernel's minimum is 1 ms."""
+    return max(1000, int(cpus * CPU_PERIOD_US))
+
+
+def _kill_until_empty(procs_file: str) -> None:
+    """SIGKILL whatever ``procs_file`` lists until it lists nothing (bounded)."""
+    for _ in range(100):
+        if _kill_listed(procs_file) == 0:
+            return
+        time.sleep(0.005)
+
+
 def _kill_listed(procs_file: str) -> int:
     try:
         pids = [int(p) for p in _read(procs_file).split()]
@@ -162,11 +175,7 @@ class _V1Group:
                            pids=current)
 
     def kill(self) -> None:
-        procs = f"{self.dirs['pids']}/cgroup.procs"
-        for _ in range(100):
-            if _kill_listed(procs) == 0:
-                return
-            time.sleep(0.005)
+        _kill_until_empty(f"{self.dirs['pids']}/cgroup.procs")
 
     def remove(self) -> None:
         self.kill()
@@ -210,8 +219,7 @@ class CgroupV1:
             if os.path.exists(f"{mem}/memory.memsw.limit_in_bytes"):
                 _write(f"{mem}/memory.memsw.limit_in_bytes", str(limits.memory))
             _write(f"{dirs['cpu']}/cpu.cfs_period_us", str(CPU_PERIOD_US))
-            _write(f"{dirs['cpu']}/cpu.cfs_quota_us",
-                   str(max(1000, int(limits.cpu * CPU_PERIOD_US))))
+            _write(f"{dirs['cpu']}/cpu.cfs_quota_us", str(_quota_us(limits.cpu)))
             _write(f"{dirs['pids']}/pids.max", str(limits.pids))
         except OSError as exc:
             for directory in reversed(made):  # undo what we created, as runc does
@@ -250,10 +258,7 @@ class _V2Group:
         try:
             _write(f"{self.path}/cgroup.kill", "1")
         except FileNotFoundError:  # before Linux 5.14: kill what is listed until empty
-            for _ in range(100):
-                if _kill_listed(f"{self.path}/cgroup.procs") == 0:
-                    break
-                time.sleep(0.005)
+            _kill_until_empty(f"{self.path}/cgroup.procs")
 
     def remove(self) -> None:
         self.kill()
@@ -314,8 +319,7 @@ class CgroupV2:
             if os.path.exists(f"{path}/memory.swap.max"):  # absent without swap accounting
                 _write(f"{path}/memory.swap.max", "0")
             _write(f"{path}/memory.oom.group", "1")
-            quota = max(1000, int(limits.cpu * CPU_PERIOD_US))
-            _write(f"{path}/cpu.max", f"{quota} {CPU_PERIOD_US}")
+            _write(f"{path}/cpu.max", f"{_quota_us(limits.cpu)} {CPU_PERIOD_US}")
             _write(f"{path}/pids.max", str(limits.pids))
         except OSError as exc:
             try:
