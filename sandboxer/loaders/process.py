@@ -22,7 +22,6 @@ import secrets
 import signal
 import socket
 import sys
-from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from ..errors import (
@@ -49,6 +48,7 @@ from ..sandbox.launch import (
     base_mounts,
     grant_mounts,
     launch_confined,
+    mask_plan,
 )
 from ..sandbox.policy import SandboxConfig
 from ..sandbox.seccomp import compile_filter
@@ -276,16 +276,14 @@ class ProcessLoader:
         else:  # a bare file is its own root
             plugin_mount = Mount(str(root), f"{PLUGIN_MOUNT}/{root.name}")
             entry = f"{PLUGIN_MOUNT}/{root.name}"
-        mounts = base_mounts() + [plugin_mount] + grant_mounts(sandbox.allowed_paths)
-        masks: list[str] = []
-        for denied in sandbox.denied_paths:
-            masks.append(denied)
-            if Path(denied).is_relative_to(root) and root.is_dir():
-                masks.append(f"{PLUGIN_MOUNT}/{Path(denied).relative_to(root).as_posix()}")
+        grants = grant_mounts(sandbox.allowed_paths)
+        mounts = base_mounts() + [plugin_mount] + grants
+        masks, pins = mask_plan(sandbox.denied_paths, grants,
+                                {str(root): PLUGIN_MOUNT} if root.is_dir() else None)
         return LaunchSpec(
             argv=plugin_command(plugin, entrypoint=entry, root=PLUGIN_MOUNT),
             env={}, sandbox=sandbox, mounts=tuple(mounts), cwd=PLUGIN_MOUNT,
-            masks=tuple(masks),
+            masks=masks, pins=pins,
             seccomp_bpf=compile_filter(sandbox.profile, network=sandbox.network_allowed,
                                        extra_dirs=self.profile_dirs))
 

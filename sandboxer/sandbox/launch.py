@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import errno as _errno
 import json
 import logging
@@ -44,6 +45,8 @@ PROC_MASKED = ("/acpi", "/asound", "/kcore", "/keys", "/latency_stats", "/timer_
                "/timer_stats", "/sched_debug", "/scsi", "/sysrq-trigger")
 PROC_READONLY = ("/bus", "/fs", "/irq", "/sys")
 PLUGIN_MOUNT = "/plugin"
+# RLIMIT_FSIZE: no single file a plugin writes (in a writable grant, say) may pass this.
+MAX_FILE_SIZE = 4 << 30
 
 
 class SandboxSetupError(SandboxUnavailable):
@@ -73,6 +76,7 @@ class LaunchSpec:
     mounts: tuple[Mount, ...] = ()
     cwd: str = "/tmp"
     masks: tuple[str, ...] = ()
+    pins: tuple[str, ...] = ()
     seccomp_bpf: bytes | None = None
     files: dict[str, str] = field(default_factory=dict)
 
@@ -132,6 +136,39 @@ def grant_mounts(grants: tuple[PathGrant, ...]) -> list[Mount]:
     return out
 
 
+def mask_plan(denied: tuple[str, ...], mounts: list[Mount],
+              extra_views: dict[str, str] | None = None) -> tuple[tuple[str, ...],
+                                                                   tuple[str, ...]]:
+    """Where to mask each denied path inside the sandbox, and which directories to pin.
+
+    A denied path inside a *writable* grant is the dangerous case: the plugin could create it
+    if it does not exist yet, or rename a parent directory to carry the mask away and find the
+    file uncovered at the next load. So such a path must exist (else PluginLoadError), and
+    every directory between the grant and it is pinned (bound onto itself: a mount point
+    cannot be renamed or removed). ``extra_views`` maps other host directories to where the
+    sandbox sees them (the plugin directory at /plugin)."""
+    masks: list[str] = []
+    pins: list[str] = []
+    views = {m.source: m for m in mounts}
+    for path in denied:
+        masks.append(path)
+        for host_dir, inside in (extra_views or {}).items():
+            if Path(path).is_relative_to(host_dir) and path != host_dir:
+                masks.append(f"{inside}/{Path(path).relative_to(host_dir).as_posix()}")
+        for mount in views.values():
+            if not mount.writable or not Path(path).is_relative_to(mount.target):
+                continue
+            if not os.path.lexists(path):
+                raise PluginLoadError(
+                    f"denied path {path} does not exist, and it lies inside the writable "
+                    f"allowed path {mount.target}: the plugin could create it; create it "
+                    "first, or deny the directory that would hold it")
+            rel = Path(path).relative_to(mount.target).parts[:-1]
+            for depth in range(1, len(rel) + 1):
+                pins.append(str(Path(mount.target, *rel[:depth])))
+    return tuple(masks), tuple(dict.fromkeys(pins))
+
+
 def _files(hostname: str) -> dict[str, str]:
     return {
         "/etc/passwd": f"root:x:0:0:root:/root:/usr/sbin/nologin\n"
@@ -164,10 +201,11 @@ def build_spec(spec: LaunchSpec) -> dict[str, object]:
         "symlinks": symlinks,
         "files": {**_files("sandbox"), **spec.files},
         "masks": list(spec.masks),
+        "pins": list(spec.pins),
         "proc_masked": list(PROC_MASKED),
         "proc_readonly": list(PROC_READONLY),
         "tmp_size": sandbox.tmp_size,
-        "rlimits": {"core": 0, "nofile": sandbox.nofile,
+        "rlimits": {"core": 0, "nofile": sandbox.nofile, "fsize": MAX_FILE_SIZE,
                     **({"nproc": sandbox.pids_limit} if os.geteuid() == 0 else {})},
         "seccomp_bpf": (None if spec.seccomp_bpf is None else
                         base64.b64encode(spec.seccomp_bpf).decode()),
@@ -382,7 +420,10 @@ async def run(argv: list[str], sandbox: SandboxConfig, *, backend: CgroupBackend
                            "LANG": "C.UTF-8", "TERM": os.environ.get("TERM", "dumb")},
                       sandbox=sandbox, mounts=tuple(base_mounts() +
                                                     grant_mounts(sandbox.allowed_paths)),
-                      cwd=cwd, masks=sandbox.denied_paths, seccomp_bpf=seccomp_bpf)
+                      cwd=cwd, seccomp_bpf=seccomp_bpf)
+    grants = grant_mounts(sandbox.allowed_paths)
+    masks, pins = mask_plan(sandbox.denied_paths, grants)
+    spec = dataclasses.replace(spec, masks=masks, pins=pins)
     null = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
     try:
         proc, confinement = await launch_confined(

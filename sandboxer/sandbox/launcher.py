@@ -286,6 +286,14 @@ def build_dev(spec: dict, sources: dict[str, int]) -> None:  # type: ignore[type
 
 
 def mask_denied(spec: dict) -> None:  # type: ignore[type-arg]
+    # Directories between a writable grant and a denied path in it become mount points, which
+    # cannot be renamed or removed: the mask cannot be carried away by moving its parent.
+    for path in spec["pins"]:
+        full = NEW_ROOT + path
+        with step(Step.MASK, path):
+            sc.mount(full, full, None, sc.MS_BIND | sc.MS_REC)
+            sc.mount_setattr(full, sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NODEV
+                             | sc.MOUNT_ATTR_NOEXEC)
     for path in spec["masks"]:
         full = NEW_ROOT + path
         if not os.path.lexists(full):
