@@ -56,6 +56,8 @@ class LineBuffer:
         """
         buf, limit = self._buf, self.max_frame
         newline = data.find(b"\n")
+        if 0 <= newline == len(data) - 1 and not buf and newline <= limit:
+            return [data[:-1]]  # the common case: exactly one whole frame
         if newline < 0:
             if len(buf) + len(data) > limit:
                 raise ProtocolError(f"more than {limit} bytes without a newline: frame over "

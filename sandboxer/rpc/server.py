@@ -341,6 +341,11 @@ class Server:
                 print(f"sandboxer: {exc}; closing", file=sys.stderr)
                 self.exit_code = 1
                 return None
+            if len(lines) == 1:
+                request = self._dispatch_line(lines[0])
+                if request is not None:
+                    return [request]
+                continue
             requests = [r for r in map(self._dispatch_line, lines) if r is not None]
             if requests:
                 return requests
@@ -365,7 +370,11 @@ class Server:
                         self._hand_off(request)
                         continue
                     started = time.monotonic()
-                    self._run(request)
+                    try:
+                        self._execute(request)
+                    except Exception as exc:  # a bug in dispatch must not end the reading
+                        print(f"sandboxer: internal error handling {request.method}: "
+                              f"{exc!r}", file=sys.stderr)
                     if time.monotonic() - started > _SLOW_CALL:
                         slow.add(request.method)
             finally:
