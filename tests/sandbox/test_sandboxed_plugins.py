@@ -181,3 +181,13 @@ async def test_trusted_and_sandboxed_generations_of_one_plugin_answer_alike(tmp_
             await trusted.call("boom")
     assert type(trusted_error.value) is type(sandboxed_error.value)
     assert trusted_error.value.data["type"] == sandboxed_error.value.data["type"] == "ValueError"
+
+
+async def test_a_trusted_native_plugin_runs_in_its_own_process(native_c):
+    """Trusted (sandbox disabled by the operator) native code still gets a process of its
+    own, so its segfault cannot take the supervisor down."""
+    async with PluginManager() as mgr:
+        p = await mgr.load(native_c, sandbox=SandboxConfig(enabled=False))
+        assert await p.call("greet", "trusted") == "Hello, trusted!"
+        with pytest.raises(PluginCrashed):
+            await p.call("crash")
