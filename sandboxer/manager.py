@@ -152,7 +152,6 @@ class LoadedPlugin:
         self._unloading = False
         self._health_failures = 0
         self._stopped = asyncio.Event()
-        self.fallbacks: tuple[str, ...] = ()
 
     # -- identity and views ------------------------------------------------------------------
     @property
@@ -181,6 +180,12 @@ class LoadedPlugin:
     def methods(self) -> tuple[str, ...]:
         return self._current.handle.methods if self._current else ()
 
+    @property
+    def fallbacks(self) -> tuple[str, ...]:
+        """Host-policy fallbacks in force for the current generation (e.g. "rlimit": memory
+        limited by RLIMIT_AS because no cgroup could be made); empty when fully enforced."""
+        return tuple(getattr(self._current.handle, "fallbacks", ())) if self._current else ()
+
     def to_json(self) -> dict[str, Any]:
         return {
             "plugin": self.plugin.to_json(),
@@ -190,6 +195,7 @@ class LoadedPlugin:
             "generation": self.generation,
             "sandbox": self.sandbox.to_json() if self.sandbox else None,
             "methods": list(self.methods),
+            "fallbacks": list(self.fallbacks),
         }
 
     def statistics(self) -> PluginStatistics:
@@ -302,7 +308,8 @@ class PluginManager:
         self._process_loaders = {
             kind: ProcessLoader(kind, handshake_timeout=self.config.handshake_timeout,
                                 max_frame=self.config.max_frame,
-                                profile_dirs=self.config.profile_dirs)
+                                profile_dirs=self.config.profile_dirs,
+                                fallbacks=self.config.fallbacks)
             for kind in (LoaderType.PYTHON, LoaderType.NATIVE, LoaderType.EXTERNAL)}
         # Tasks the manager owns (health checks, cleanup after a crash); awaited at close.
         self._background: set[asyncio.Task[None]] = set()

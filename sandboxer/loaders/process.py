@@ -139,6 +139,11 @@ class ProcessHandle:
     def pid(self) -> int:
         return self._proc.pid
 
+    @property
+    def fallbacks(self) -> tuple[str, ...]:
+        """The host policy's fallbacks this process runs under (e.g. "rlimit")."""
+        return self._confinement.fallbacks if self._confinement is not None else ()
+
     def on_failure(self, callback: Callable[[SandboxerError], None]) -> None:
         """``callback(error)`` once, when the process crashes or breaks the protocol."""
         self._callbacks.append(callback)
@@ -238,11 +243,13 @@ class ProcessLoader:
     """Starts out-of-process plugins of one kind (external, or python/native via the host)."""
 
     def __init__(self, kind: LoaderType, *, handshake_timeout: float = 10.0,
-                 max_frame: int = 16 << 20, profile_dirs: tuple[str, ...] = ()) -> None:
+                 max_frame: int = 16 << 20, profile_dirs: tuple[str, ...] = (),
+                 fallbacks: tuple[str, ...] = ()) -> None:
         self.kind = kind
         self.handshake_timeout = handshake_timeout
         self.max_frame = max_frame
         self.profile_dirs = profile_dirs
+        self.fallbacks = fallbacks
         self._cgroup_backend: CgroupBackend | None = None
 
     async def start(self, plugin: Plugin, sandbox: SandboxConfig, *,
@@ -258,7 +265,8 @@ class ProcessLoader:
         async def spawn(env: dict[str, str], rpc_fd: int, logger: logging.Logger
                         ) -> tuple[_process.PluginProcess, Confinement]:
             return await launch_confined(dataclasses.replace(spec, env=env), backend=backend,
-                                         rpc_fd=rpc_fd, logger=logger)
+                                         rpc_fd=rpc_fd, logger=logger,
+                                         fallbacks=self.fallbacks)
 
         return await self.start_process(plugin, sandbox, spec.argv, spawner=spawn)
 

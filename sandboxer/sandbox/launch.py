@@ -78,6 +78,7 @@ class LaunchSpec:
     masks: tuple[str, ...] = ()
     pins: tuple[str, ...] = ()
     seccomp_bpf: bytes | None = None
+    address_space_limit: int | None = None  # RLIMIT_AS, only under the "rlimit" fallback
     files: dict[str, str] = field(default_factory=dict)
 
 
@@ -206,6 +207,7 @@ def build_spec(spec: LaunchSpec) -> dict[str, object]:
         "proc_readonly": list(PROC_READONLY),
         "tmp_size": sandbox.tmp_size,
         "rlimits": {"core": 0, "nofile": sandbox.nofile, "fsize": MAX_FILE_SIZE,
+                    **({"as": spec.address_space_limit} if spec.address_space_limit else {}),
                     **({"nproc": sandbox.pids_limit} if os.geteuid() == 0 else {})},
         "seccomp_bpf": (None if spec.seccomp_bpf is None else
                         base64.b64encode(spec.seccomp_bpf).decode()),
@@ -338,15 +340,17 @@ class Confinement:
     """What a sandboxed process holds besides itself: its cgroup and its host uid.
     ``release()`` (idempotent) kills anything left in the cgroup, removes it, frees the uid."""
 
-    def __init__(self, cgroup: Cgroup, host_uid: int, memory_limit: int) -> None:
+    def __init__(self, cgroup: Cgroup | None, host_uid: int, memory_limit: int,
+                 fallbacks: tuple[str, ...] = ()) -> None:
         self.cgroup = cgroup
+        self.fallbacks = fallbacks
         self.host_uid = host_uid
         self.memory_limit = memory_limit
         self._last: CgroupStats | None = None
         self._released = False
 
     def stats(self) -> CgroupStats | None:
-        if not self._released:
+        if not self._released and self.cgroup is not None:
             try:
                 self._last = self.cgroup.stats()
             except OSError:
@@ -363,7 +367,8 @@ class Confinement:
         self.stats()
         self._released = True
         try:
-            self.cgroup.remove()
+            if self.cgroup is not None:
+                self.cgroup.remove()
         finally:
             release_uid(self.host_uid)
 
@@ -371,11 +376,24 @@ class Confinement:
 async def launch_confined(
         spec: LaunchSpec, *, backend: CgroupBackend, rpc_fd: int, logger: logging.Logger,
         sinks: tuple[Callable[[bytes], None], Callable[[bytes], None]] | None = None,
+        fallbacks: tuple[str, ...] = (),
 ) -> tuple[_process.PluginProcess, Confinement]:
-    """``launch`` inside a fresh cgroup limited as ``spec.sandbox`` says."""
+    """``launch`` inside a fresh cgroup limited as ``spec.sandbox`` says.
+
+    With ``fallbacks`` naming "rlimit" and no cgroup to be had, the process is limited by
+    RLIMIT_AS instead, and the returned Confinement says so."""
     sandbox = spec.sandbox
-    group = backend.create(new_cgroup_name(), CgroupLimits(
-        memory=sandbox.memory_limit, cpu=sandbox.cpu_limit, pids=sandbox.pids_limit))
+    try:
+        group = backend.create(new_cgroup_name(), CgroupLimits(
+            memory=sandbox.memory_limit, cpu=sandbox.cpu_limit, pids=sandbox.pids_limit))
+    except SandboxUnavailable as exc:
+        if "rlimit" not in fallbacks or not exc.missing.startswith("cgroup"):
+            raise
+        logger.warning("no cgroup (%s): falling back to RLIMIT_AS as the host policy allows; "
+                       "CPU and process limits are not enforced", exc)
+        spec = dataclasses.replace(spec, address_space_limit=sandbox.memory_limit)
+        proc, uid = await launch(spec, rpc_fd=rpc_fd, logger=logger, sinks=sinks)
+        return proc, Confinement(None, uid, sandbox.memory_limit, fallbacks=("rlimit",))
     try:
         proc, uid = await launch(spec, rpc_fd=rpc_fd, logger=logger, on_spawn=group.add,
                                  sinks=sinks)

@@ -343,7 +343,8 @@ def set_hostname(spec: dict) -> None:  # type: ignore[type-arg]
 def set_rlimits(spec: dict) -> None:  # type: ignore[type-arg]
     import resource
     names = {"core": resource.RLIMIT_CORE, "nofile": resource.RLIMIT_NOFILE,
-             "fsize": resource.RLIMIT_FSIZE, "nproc": resource.RLIMIT_NPROC}
+             "fsize": resource.RLIMIT_FSIZE, "nproc": resource.RLIMIT_NPROC,
+             "as": resource.RLIMIT_AS}
     for name, value in spec["rlimits"].items():
         with step(Step.RLIMITS, name):
             soft, hard = resource.getrlimit(names[name])

@@ -215,6 +215,7 @@ class HostConfig:
     health_interval: float = 30.0
     health_failures: int = 3
     max_frame: int = 16 << 20
+    fallbacks: tuple[str, ...] = ()
     profile_dirs: tuple[str, ...] = field(default_factory=tuple)
     source: str = ""
 
@@ -266,6 +267,7 @@ class HostConfig:
             "health_interval": parse_duration,
             "health_failures": _parse_health_failures,
             "max_frame": parse_size,
+            "fallbacks": _parse_fallbacks,
         }
         for key, value in host.items():
             name = f"host.{key}"
@@ -308,6 +310,18 @@ def _parse_path_list(value: object) -> tuple[str, ...]:
     if not isinstance(value, list):
         raise ValueError("a list of absolute paths")
     return tuple(parse_denied_path(v) for v in value)
+
+
+# Named fallbacks a host may opt in to when it cannot enforce something (DESIGN section 6).
+# "rlimit": no cgroup can be made (rootless without delegation): memory is limited by
+# RLIMIT_AS instead; CPU quota, pids limit and OOM accounting are then not enforced.
+FALLBACKS = frozenset({"rlimit"})
+
+
+def _parse_fallbacks(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(v in FALLBACKS for v in value):
+        raise ValueError(f"a list of fallback names from {sorted(FALLBACKS)}, not {value!r}")
+    return tuple(value)
 
 
 def _parse_health_failures(value: object) -> int:

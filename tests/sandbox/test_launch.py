@@ -659,3 +659,42 @@ async def test_200_load_unload_cycles_leave_nothing_behind(tmp_path, no_leaks):
     assert not launch._ids._used
     assert _cgroups_named(f"sandboxer-{os.getpid()}-") == []
     print(f"\n200 load/unload cycles: {elapsed:.1f}s ({elapsed / 200 * 1000:.0f} ms/cycle)")
+
+
+ROOTLESS_FALLBACK_LOAD = """\
+import asyncio, json, os, sys
+from sandboxer import HostConfig, PluginCallError, PluginManager, load_plugin
+
+async def main(root):
+    result = {"euid": os.geteuid()}
+    async with PluginManager(HostConfig(fallbacks=("rlimit",))) as mgr:
+        p = await mgr.load(root, sandbox=mgr.resolve_sandbox(load_plugin(root)).replace(
+            memory_limit=256 << 20))
+        result["answer"] = await p.call("f")
+        result["fallbacks"] = p.to_json()["fallbacks"]
+        result["small"] = await p.call("hog", 16)
+        try:
+            await p.call("hog", 400)
+        except PluginCallError as exc:
+            result["hog"] = exc.data["type"]
+    print(json.dumps(result))
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+def test_rootless_load_with_the_rlimit_fallback_reports_it(world_dir, nobody_can_run_sandboxer):
+    """A host policy that names the "rlimit" fallback lets a rootless supervisor without
+    cgroup delegation load plugins: memory is then bounded by RLIMIT_AS, and the plugin says
+    which fallback it runs under."""
+    python_plugin(world_dir / "plugin", ROOTLESS_PLUGIN)
+    for path in (world_dir / "plugin").iterdir():
+        path.chmod(0o644)
+    script = _write_world_readable(world_dir / "load.py", ROOTLESS_FALLBACK_LOAD)
+    proc = _as_nobody(script, str(world_dir / "plugin"))
+    result = _finish(proc)
+    assert result["euid"] == NOBODY and result["answer"] == 1
+    assert result["fallbacks"] == ["rlimit"]
+    assert result["small"] == 16 << 20
+    assert result["hog"] == "MemoryError"  # RLIMIT_AS, not a cgroup OOM kill
+    assert _cgroups_named(f"sandboxer-{proc.pid}-") == []

@@ -578,3 +578,11 @@ def test_sandbox_config_to_json_uses_spec_keys() -> None:
         "tmpSize": "64MiB",
         "nofile": 1024,
     }
+
+
+def test_host_config_fallbacks_are_named_and_checked():
+    assert HostConfig.from_mapping({"host": {"fallbacks": ["rlimit"]}}).fallbacks == ("rlimit",)
+    assert HostConfig().fallbacks == ()
+    with pytest.raises(ConfigError) as info:
+        HostConfig.from_mapping({"host": {"fallbacks": ["ignore-limits"]}})
+    assert info.value.field == "host.fallbacks"

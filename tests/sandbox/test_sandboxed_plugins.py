@@ -50,6 +50,7 @@ async def test_python_plugin_runs_in_the_sandbox(tmp_path):
     async with PluginManager() as mgr:
         p = await mgr.load(python_plugin(tmp_path / "p", code))
         assert p.sandbox is not None and p.sandbox.enabled
+        assert p.fallbacks == () and p.to_json()["fallbacks"] == []  # fully enforced
         who = await p.call("who")
         assert who["uid"] == 1000 and who["cwd"] == "/plugin" and who["hostname"] == "sandbox"
         assert "shadow" not in who["etc"] and "passwd" in who["etc"]
