@@ -291,13 +291,13 @@ class ProcessLoader:
             plugin_mount = Mount(str(root), f"{PLUGIN_MOUNT}/{root.name}")
             entry = f"{PLUGIN_MOUNT}/{root.name}"
         grants = grant_mounts(sandbox.allowed_paths)
-        mounts = base_mounts() + [plugin_mount] + grants
+        mounts = base_mounts() + grants
         masks, pins = mask_plan(sandbox.denied_paths, grants,
                                 {str(root): PLUGIN_MOUNT} if root.is_dir() else None)
         return LaunchSpec(
             argv=plugin_command(plugin, entrypoint=entry, root=PLUGIN_MOUNT),
             env={}, sandbox=sandbox, mounts=tuple(mounts), cwd=PLUGIN_MOUNT,
-            masks=masks, pins=pins,
+            masks=masks, pins=pins, copies=(plugin_mount,),
             seccomp_bpf=compile_filter(sandbox.profile, network=sandbox.network_allowed,
                                        extra_dirs=self.profile_dirs))
 

@@ -77,6 +77,7 @@ class LaunchSpec:
     cwd: str = "/tmp"
     masks: tuple[str, ...] = ()
     pins: tuple[str, ...] = ()
+    copies: tuple[Mount, ...] = ()  # trees copied into a private tmpfs (the plugin dir)
     seccomp_bpf: bytes | None = None
     address_space_limit: int | None = None  # RLIMIT_AS, only under the "rlimit" fallback
     files: dict[str, str] = field(default_factory=dict)
@@ -170,6 +171,31 @@ def mask_plan(denied: tuple[str, ...], mounts: list[Mount],
     return tuple(masks), tuple(dict.fromkeys(pins))
 
 
+MAX_COPY_BYTES = 512 << 20
+MAX_COPY_ENTRIES = 20_000
+
+
+def _tree_size(path: str) -> int:
+    """Bytes a copy of ``path`` needs in a tmpfs (with room for inodes), or PluginLoadError
+    when the tree is too large to copy."""
+    total, entries = 0, 0
+    if os.path.isdir(path):
+        for dirpath, dirnames, filenames in os.walk(path):
+            for name in dirnames + filenames:
+                entries += 1
+                full = os.path.join(dirpath, name)
+                if os.path.isfile(full) and not os.path.islink(full):
+                    total += os.path.getsize(full)
+    else:
+        entries, total = 1, os.path.getsize(path)
+    if total > MAX_COPY_BYTES or entries > MAX_COPY_ENTRIES:
+        raise PluginLoadError(
+            f"the plugin directory {path} is too large to run sandboxed ({total} bytes in "
+            f"{entries} entries; at most {MAX_COPY_BYTES} bytes and {MAX_COPY_ENTRIES} "
+            "entries): it is copied into the sandbox, so that no host path shows inside")
+    return total + entries * 4096 + (1 << 20)
+
+
 def _files(hostname: str) -> dict[str, str]:
     return {
         "/etc/passwd": f"root:x:0:0:root:/root:/usr/sbin/nologin\n"
@@ -199,6 +225,8 @@ def build_spec(spec: LaunchSpec) -> dict[str, object]:
         "binds": [{"source": m.source, "target": m.target, "writable": m.writable,
                    "exec": m.exec} for m in mounts],
         "devices": list(_DEVICES),
+        "copies": [{"source": m.source, "target": m.target, "size": _tree_size(m.source)}
+                   for m in spec.copies],
         "symlinks": symlinks,
         "files": {**_files("sandbox"), **spec.files},
         "masks": list(spec.masks),

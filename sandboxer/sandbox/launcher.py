@@ -56,6 +56,7 @@ class Step(enum.Enum):
     PID1 = "fork PID 1"
     ROOT = "build the new root"
     BIND = "bind-mount a path"
+    COPY = "copy the plugin directory"
     PROC = "mount /proc"
     DEV = "build /dev"
     MASK = "mask a path"
@@ -195,6 +196,67 @@ def open_sources(spec: dict) -> dict[str, int]:  # type: ignore[type-arg]
             if bind["source"] not in sources:
                 sources[bind["source"]] = os.open(bind["source"], os.O_PATH | os.O_CLOEXEC)
     return sources
+
+
+def open_copies(spec: dict) -> list[tuple[str, list[tuple[str, str, int, object]]]]:  # type: ignore[type-arg]
+    """For each copied tree (the plugin directory): every entry, its files opened for reading
+    while still the supervisor's host identity. Copied rather than bound, the plugin's
+    directory shows no host path anywhere, not even as a mount's root in mountinfo."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    trees = []
+    for copy in spec["copies"]:
+        source = copy["source"]
+        entries: list[tuple[str, str, int, object]] = []
+        with step(Step.COPY, source):
+            if not os.path.isdir(source):
+                st = os.lstat(source)
+                entries.append((os.path.basename(source), "f", st.st_mode & 0o7777,
+                                os.open(source, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)))
+            for dirpath, dirnames, filenames in os.walk(source) if os.path.isdir(source) else ():
+                rel_dir = os.path.relpath(dirpath, source)
+                for name in sorted(dirnames + filenames):
+                    full = os.path.join(dirpath, name)
+                    rel = os.path.normpath(os.path.join(rel_dir, name))
+                    st = os.lstat(full)
+                    mode = st.st_mode & 0o7777
+                    if os.path.islink(full):
+                        entries.append((rel, "l", 0, os.readlink(full)))
+                    elif os.path.isdir(full):
+                        entries.append((rel, "d", mode, None))
+                    elif os.path.isfile(full):
+                        entries.append((rel, "f", mode, os.open(
+                            full, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)))
+        trees.append((copy["target"], entries))
+    return trees
+
+
+def copy_trees(spec: dict, trees: list) -> None:  # type: ignore[type-arg]
+    for (target, entries), copy in zip(trees, spec["copies"]):
+        full_target = NEW_ROOT + target
+        with step(Step.COPY, target):
+            _mkdirs(full_target)
+            sc.mount("tmpfs", full_target, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV,
+                     f"mode=0755,size={int(copy['size'])}")
+            for rel, kind, mode, payload in entries:
+                dest = os.path.join(full_target, rel)
+                if kind == "d":
+                    os.mkdir(dest, mode | 0o700)
+                elif kind == "l":
+                    os.symlink(str(payload), dest)
+                else:
+                    out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                                  (mode & 0o7777 & ~0o6000) | 0o600)
+                    try:
+                        while os.sendfile(out, int(payload), None, 1 << 20):  # type: ignore[arg-type]
+                            pass
+                    finally:
+                        os.close(out)
+                        os.close(int(payload))  # type: ignore[arg-type]
+            sc.mount_setattr(full_target, sc.MOUNT_ATTR_RDONLY | sc.MOUNT_ATTR_NOSUID
+                             | sc.MOUNT_ATTR_NODEV)
 
 
 def become_sandbox_ids(spec: dict) -> None:  # type: ignore[type-arg]
@@ -430,12 +492,13 @@ def plugin_process(spec: dict) -> None:  # type: ignore[type-arg]
     exec_plugin(spec)
 
 
-def pid1(spec: dict, exit_pipe: int, sources: dict[str, int]) -> None:  # type: ignore[type-arg]
+def pid1(spec: dict, exit_pipe: int, sources: dict[str, int], trees: list) -> None:  # type: ignore[type-arg]
     _libc_prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # die with the launcher
     build_root()
     # /tmp first: binds of host paths that live under /tmp (a checkout, a venv, a plugin
     # directory) must land on top of the private /tmp, not be hidden by it.
     mount_tmp(spec)
+    copy_trees(spec, trees)
     bind_paths(spec, sources)
     mount_proc(spec)
     build_dev(spec, sources)
@@ -478,6 +541,7 @@ def main() -> None:
         unshare_namespaces()
         wait_for_id_maps()
         sources = open_sources(spec)
+        trees = open_copies(spec)
         become_sandbox_ids(spec)
         with step(Step.PID1):
             exit_read, exit_write = os.pipe()
@@ -488,13 +552,17 @@ def main() -> None:
     if child == 0:
         os.close(exit_read)
         try:
-            pid1(spec, exit_write, sources)
+            pid1(spec, exit_write, sources, trees)
         except SetupFailed as failure:
             report(failure)
         os._exit(127)
     os.close(exit_write)
     for fd in sources.values():
         os.close(fd)
+    for _, entries in trees:
+        for _, kind, _, payload in entries:
+            if kind == "f":
+                os.close(int(payload))  # type: ignore[arg-type]
     proxy(child, exit_read)
 
 

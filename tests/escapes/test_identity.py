@@ -141,14 +141,6 @@ async def test_mountinfo_shows_only_the_sandboxs_mounts(fleet: Fleet) -> None:
     assert not any(fstype in ("cgroup", "cgroup2", "sysfs", "devpts") for *_, fstype in mounts)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ESCAPE: /proc/self/mountinfo names the host path of the plugin's directory: the "
-    "bind mount at /plugin shows its source, e.g. `/tmp/pytest-of-root/.../hostile /plugin` "
-    "(the root field is the path inside the host filesystem). The plugin learns where it "
-    "lives on the host (user names, layout). Grants at their own path and /usr are the "
-    "same inside and out; only /plugin leaks. A bind cannot hide its root field: the plugin "
-    "directory would have to be reached through a mount whose root it is (e.g. a private "
-    "bind made first in a scratch mount namespace, or a copy)"))
 async def test_mountinfo_names_no_host_path(fleet: Fleet, hostile_dir: Path) -> None:
     text = (await fleet.probe("read", "/proc/self/mountinfo"))["ok"]
     for root, point, _ in _mounts(text):
