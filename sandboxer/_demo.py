@@ -36,7 +36,7 @@ class _Row:
     ok: bool
 
 
-async def _hello(mgr: PluginManager, p: LoadedPlugin) -> list[tuple[str, Any]]:
+async def _greet_and_add(mgr: PluginManager, p: LoadedPlugin) -> list[tuple[str, Any]]:
     return [("greet('world')", await p.call("greet", "world")),
             ("add(2, 3)", await p.call("add", 2, 3))]
 
@@ -49,11 +49,6 @@ async def _counter(mgr: PluginManager, p: LoadedPlugin) -> list[tuple[str, Any]]
             ("generation after reload", p.generation)]
 
 
-async def _native(mgr: PluginManager, p: LoadedPlugin) -> list[tuple[str, Any]]:
-    return [("greet('world')", await p.call("greet", "world")),
-            ("add(2, 3)", await p.call("add", 2, 3))]
-
-
 @dataclass(frozen=True)
 class _Example:
     directory: str
@@ -64,13 +59,13 @@ class _Example:
 
 
 _EXAMPLES = (
-    _Example("hello", "hello", None, _hello),
-    _Example("hello", "hello (trusted)", _TRUSTED, _hello),
+    _Example("hello", "hello", None, _greet_and_add),
+    _Example("hello", "hello (trusted)", _TRUSTED, _greet_and_add),
     _Example("counter", "counter", None, _counter),
-    _Example("native-c", "native-c", None, _native, build=True),
-    _Example("native-go", "native-go", None, _native, build=True),
-    _Example("external-python", "external-python", None, _native),
-    _Example("external-node", "external-node", None, _native),
+    _Example("native-c", "native-c", None, _greet_and_add, build=True),
+    _Example("native-go", "native-go", None, _greet_and_add, build=True),
+    _Example("external-python", "external-python", None, _greet_and_add),
+    _Example("external-node", "external-node", None, _greet_and_add),
 )
 
 

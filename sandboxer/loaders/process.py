@@ -60,7 +60,6 @@ Spawner = Callable[[dict[str, str], int, logging.Logger],
                    Awaitable[tuple[_process.PluginProcess, Confinement]]]
 
 _SHUTDOWN_GRACE = 2.0
-_EXIT_WAIT = 2.0
 _RESERVED_PREFIX = "sandboxer."
 
 
@@ -95,6 +94,16 @@ def plugin_environment(cookie: str, max_frame: int) -> dict[str, str]:
         "SANDBOXER_MAGIC_COOKIE": cookie,
         "SANDBOXER_MAX_FRAME": str(max_frame),
     }
+
+
+def _crashed(plugin_id: str, proc: _process.PluginProcess) -> PluginCrashed:
+    """The PluginCrashed for a process that is gone: how it ended and its stderr tail."""
+    tail = list(proc.stderr.tail)
+    message = f"plugin {plugin_id} {proc.describe_exit()}"
+    if tail:
+        message += f"; last stderr: {tail[-1]}"
+    return PluginCrashed(message, plugin_id=plugin_id, exit_status=proc.exit_status,
+                         signal=proc.signal, stderr_tail=tail)
 
 
 async def _raise(error: BaseException) -> Any:
@@ -220,12 +229,7 @@ class ProcessHandle:
                 f"{format_size(confinement.memory_limit)}; raise memory_limit (within the "
                 "host policy) if it needs more", limit=confinement.memory_limit,
                 peak=stats.memory_peak if stats else None, plugin_id=self.plugin.id)
-        tail = list(proc.stderr.tail)
-        message = f"plugin {self.plugin.id} {proc.describe_exit()}"
-        if tail:
-            message += f"; last stderr: {tail[-1]}"
-        return PluginCrashed(message, plugin_id=self.plugin.id, exit_status=proc.exit_status,
-                             signal=proc.signal, stderr_tail=tail)
+        return _crashed(self.plugin.id, proc)
 
     def _failed(self, error: SandboxerError) -> None:
         for callback in self._callbacks:
@@ -386,10 +390,7 @@ class ProcessLoader:
         """Before the handshake: a process that exits fails the handshake at once."""
         await proc.wait()
         await proc.output_closed(0.5)
-        tail = list(proc.stderr.tail)
-        conn.fail(PluginCrashed(f"plugin {conn.plugin_id} {proc.describe_exit()}",
-                                plugin_id=conn.plugin_id, exit_status=proc.exit_status,
-                                signal=proc.signal, stderr_tail=tail), notify=False)
+        conn.fail(_crashed(conn.plugin_id, proc), notify=False)
 
     @staticmethod
     async def _abandon(proc: _process.PluginProcess, conn: RpcConnection,

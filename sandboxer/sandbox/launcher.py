@@ -1,7 +1,7 @@
 """The sandbox launcher: a fresh, single-threaded process that builds the sandbox and execs.
 
 Run by the supervisor as ``python -I launcher.py`` (by path, so that importing it pulls in
-nothing but the standard library, python-prctl and ``_syscalls``) with:
+nothing but the standard library and ``_syscalls``) with:
 
     fd 0  /dev/null          fd 3  the plugin's end of the RPC socket
     fd 1  stdout pipe        fd 4  control pipe from the supervisor (spec, then "go")

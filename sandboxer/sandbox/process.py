@@ -136,7 +136,6 @@ class PluginProcess:
         self._pidfd = os.pidfd_open(pid)
         self.returncode: int | None = None
         self.exited: asyncio.Future[int] = self._loop.create_future()
-        self._exit_callbacks: list[Callable[[int], None]] = []
         out_sink, err_sink = sinks or (None, None)
         self.stdout = OutputCapture(stdout, name="stdout", logger=logger, level=logging.INFO,
                                     sink=out_sink)
