@@ -30,6 +30,7 @@ from .errors import (
 from .loaders import Loader, PluginHandle, ResourceUsage
 from .loaders.process import ProcessLoader
 from .loaders.python import InProcessPythonLoader
+from .loaders.wasm import WasmEngine, WasmLoader
 from .manifest import LoaderType, Plugin, PluginState, load_plugin, verify_integrity
 from .sandbox.policy import HostConfig, SandboxConfig, effective_config
 
@@ -311,6 +312,7 @@ class PluginManager:
                                 profile_dirs=self.config.profile_dirs,
                                 fallbacks=self.config.fallbacks)
             for kind in (LoaderType.PYTHON, LoaderType.NATIVE, LoaderType.EXTERNAL)}
+        self._wasm_engine: WasmEngine | None = None  # made on the first wasm plugin
         # Tasks the manager owns (health checks, cleanup after a crash); awaited at close.
         self._background: set[asyncio.Task[None]] = set()
         self._health_task: asyncio.Task[None] | None = None
@@ -341,6 +343,9 @@ class PluginManager:
         for stream in list(self._subscribers):
             stream._offer(None)
         self._subscribers.clear()
+        if self._wasm_engine is not None:
+            await asyncio.to_thread(self._wasm_engine.close)
+            self._wasm_engine = None
         if errors:
             raise errors[0]
 
@@ -395,6 +400,11 @@ class PluginManager:
                     plugin_id=plugin.id)
             if plugin.type is LoaderType.PYTHON:
                 return self._in_process_python
+        if plugin.type is LoaderType.WASM:
+            if self._wasm_engine is None:
+                self._wasm_engine = WasmEngine()
+            return WasmLoader(self._wasm_engine, pool_size=self.config.wasm_instances,
+                              max_frame=self.config.max_frame)
         loader = self._process_loaders.get(plugin.type)
         if loader is None:
             raise PluginLoadError(

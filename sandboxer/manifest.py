@@ -26,6 +26,7 @@ from .sandbox import profiles as _profiles
 from .sandbox.policy import (
     SandboxRequest,
     parse_cpu,
+    parse_fuel,
     parse_denied_path,
     parse_host_pattern,
     parse_path_grant,
@@ -278,7 +279,7 @@ def _entrypoint(value: Any, root: Path, kind: LoaderType) -> Path:
 _PLUGIN_FIELDS = {"id", "version", "type", "entrypoint", "name", "description", "methods",
                   "sha256"}
 _SANDBOX_FIELDS = {"profile", "memory_limit", "cpu_limit", "timeout", "network_allowed",
-                   "allowed_hosts", "allowed_paths", "denied_paths"}
+                   "allowed_hosts", "allowed_paths", "denied_paths", "fuel"}
 
 
 def parse_manifest(text: str | bytes, *, path: str | os.PathLike[str], root: Path) -> Plugin:
@@ -333,6 +334,7 @@ def parse_manifest(text: str | bytes, *, path: str | os.PathLike[str], root: Pat
         allowed_hosts=s.get("allowed_hosts", _list_of(parse_host_pattern, "hosts"), default=()),
         allowed_paths=s.get("allowed_paths", _list_of(parse_path_grant, "paths"), default=()),
         denied_paths=s.get("denied_paths", _list_of(parse_denied_path, "paths"), default=()),
+        fuel=s.get("fuel", parse_fuel),
     )
     if sandbox.allowed_hosts and not sandbox.network_allowed:
         raise s.error("allowed_hosts", "empty unless network_allowed = true")

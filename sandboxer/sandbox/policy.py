@@ -149,6 +149,7 @@ class SandboxRequest:
     allowed_hosts: tuple[str, ...] = ()
     allowed_paths: tuple[PathGrant, ...] = ()
     denied_paths: tuple[str, ...] = ()
+    fuel: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +172,7 @@ class SandboxConfig:
     pids_limit: int = 128
     tmp_size: int = 64 << 20
     nofile: int = 1024
+    fuel: int | None = None  # wasm only: instructions' fuel per call; None = unmetered
 
     def replace(self, **changes: Any) -> SandboxConfig:
         return dataclasses.replace(self, **changes)
@@ -190,6 +192,7 @@ class SandboxConfig:
             "pidsLimit": self.pids_limit,
             "tmpSize": format_size(self.tmp_size),
             "nofile": self.nofile,
+            "fuel": self.fuel,
         }
 
 
@@ -210,6 +213,8 @@ class HostConfig:
     max_cpu_limit: float | None = None
     max_timeout: float | None = None
     max_pids: int | None = None
+    max_fuel: int | None = None
+    wasm_instances: int = 1
     drain_timeout: float = 10.0
     handshake_timeout: float = 10.0
     health_interval: float = 30.0
@@ -268,6 +273,7 @@ class HostConfig:
             "health_failures": _parse_health_failures,
             "max_frame": parse_size,
             "fallbacks": _parse_fallbacks,
+            "wasm_instances": _parse_instances,
         }
         for key, value in host.items():
             name = f"host.{key}"
@@ -282,6 +288,7 @@ class HostConfig:
             "max_cpu_limit": parse_cpu,
             "max_timeout": parse_duration,
             "max_pids": parse_pids,
+            "max_fuel": parse_fuel,
         }
         for key, value in limits.items():
             name = f"limits.{key}"
@@ -336,6 +343,19 @@ def parse_cpu(value: object) -> float:
     if not 0.01 <= value <= 1024:  # compared before float(): a huge TOML int cannot overflow
         raise ValueError(f"a number of CPUs between 0.01 and 1024, not {value!r}")
     return float(value)
+
+
+def parse_fuel(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < 1 << 63:
+        raise ValueError(f"a whole amount of fuel (wasm instructions) per call, from 1 to "
+                         f"2**63-1, not {value!r}")
+    return value
+
+
+def _parse_instances(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64:
+        raise ValueError(f"a number of instances per wasm plugin between 1 and 64, not {value!r}")
+    return value
 
 
 def parse_pids(value: object) -> int:
@@ -394,5 +414,13 @@ def effective_config(
         pids_limit=clamp(limits.pids, host.max_pids),
         tmp_size=limits.tmp_size,
         nofile=limits.nofile,
+        fuel=_fuel(request.fuel, host.max_fuel),
     )
+
+
+def _fuel(requested: int | None, ceiling: int | None) -> int | None:
+    """Fuel is metered when the plugin or the host asks for it; the host's figure caps it."""
+    if requested is None:
+        return ceiling
+    return requested if ceiling is None else min(requested, ceiling)
 

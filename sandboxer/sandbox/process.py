@@ -23,7 +23,7 @@ import signal
 import time
 from typing import Callable
 
-__all__ = ["PluginProcess", "OutputCapture", "spawn", "RPC_FD"]
+__all__ = ["PluginProcess", "OutputCapture", "LineLog", "spawn", "RPC_FD"]
 
 RPC_FD = 3
 _MIN_FD = 10  # spawn-side fds are moved up here so no dup2 target (0-3) is ever a source
@@ -35,17 +35,15 @@ _LOG_BURST = 200
 _LOG_RATE = 50.0
 
 
-class OutputCapture:
-    """Reads one of the plugin's output pipes line by line, with bounded memory.
+class LineLog:
+    """Turns a stream of output bytes into log lines, with bounded memory.
 
     Lines longer than 4 KiB are cut; the last ``tail`` lines are kept for crash reports;
-    logging is rate-limited per stream so a flood cannot stall the supervisor.
+    logging is rate-limited so a flood cannot stall the supervisor. Not thread-safe: one
+    writer at a time (a pipe's reader, or the one thread inside a wasm store).
     """
 
-    def __init__(self, fd: int, *, name: str, logger: logging.Logger, level: int,
-                 tail: int = 50, sink: Callable[[bytes], None] | None = None) -> None:
-        self.fd = fd
-        self._sink = sink
+    def __init__(self, *, name: str, logger: logging.Logger, level: int, tail: int = 50) -> None:
         self.name = name
         self.lines = 0
         self.dropped = 0
@@ -56,27 +54,8 @@ class OutputCapture:
         self._skipping = False
         self._tokens = float(_LOG_BURST)
         self._last = time.monotonic()
-        self._loop = asyncio.get_running_loop()
-        self.eof: asyncio.Future[None] = self._loop.create_future()
-        os.set_blocking(fd, False)
-        self._loop.add_reader(fd, self._readable)
 
-    def _readable(self) -> None:
-        try:
-            data = os.read(self.fd, _READ_SIZE)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
-            if self._partial:
-                self._line(bytes(self._partial))
-                self._partial.clear()
-            self._finish()
-            return
-        if self._sink is not None:  # passed through as is (``sandboxer exec``)
-            self._sink(data)
-            return
+    def feed(self, data: bytes) -> None:
         parts = data.split(b"\n")
         last = parts.pop()
         for part in parts:
@@ -95,6 +74,13 @@ class OutputCapture:
                 self._partial.clear()
                 self._skipping = True  # drop the rest of this overlong line
 
+    def flush(self) -> None:
+        """The stream ended: log an unterminated last line."""
+        if self._partial:
+            self._line(bytes(self._partial))
+            self._partial.clear()
+        self._skipping = False
+
     def _line(self, raw: bytes, *, cut: bool = False) -> None:
         cut = cut or len(raw) > _LINE_MAX
         text = raw[:_LINE_MAX].decode("utf-8", "replace").rstrip("\r") + ("…" if cut else "")
@@ -112,6 +98,36 @@ class OutputCapture:
             self._log.log(self._level, "[%s] %s", self.name, text)
         else:
             self.dropped += 1
+
+
+class OutputCapture(LineLog):
+    """Reads one of the plugin's output pipes into a ``LineLog``."""
+
+    def __init__(self, fd: int, *, name: str, logger: logging.Logger, level: int,
+                 tail: int = 50, sink: Callable[[bytes], None] | None = None) -> None:
+        super().__init__(name=name, logger=logger, level=level, tail=tail)
+        self.fd = fd
+        self._sink = sink
+        self._loop = asyncio.get_running_loop()
+        self.eof: asyncio.Future[None] = self._loop.create_future()
+        os.set_blocking(fd, False)
+        self._loop.add_reader(fd, self._readable)
+
+    def _readable(self) -> None:
+        try:
+            data = os.read(self.fd, _READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.flush()
+            self._finish()
+            return
+        if self._sink is not None:  # passed through as is (``sandboxer exec``)
+            self._sink(data)
+            return
+        self.feed(data)
 
     def _finish(self) -> None:
         self._loop.remove_reader(self.fd)

@@ -1,0 +1,1160 @@
+"""WebAssembly plugins, in the supervisor's process under wasmtime's limits (DESIGN 4 and 6).
+
+One ``WasmEngine`` per manager holds the wasmtime Engine, the compiled modules (by content
+digest, compiled once), one epoch ticker thread and the worker threads long calls move to.
+Each plugin generation gets a pool of instances (``HostConfig.wasm_instances``, default 1),
+each in its own Store with the plugin's limits: a Store is only ever entered by one thread at
+a time, and calls of one plugin run in parallel only across instances.
+
+How a call runs. Handing every call to a thread costs 60-90 µs, while a small wasm call takes
+1-2 µs, so a call *starts* on the event loop as a wasmtime async call (its wasm runs on a
+fiber). The epoch ticker advances every millisecond; at a deadline the store's callback
+either lets the call go on, suspends it (when it has run about a millisecond on the event
+loop), or traps it (when its timeout has passed). A suspended call is finished on a worker
+thread, so the event loop is never held by one call for more than about two milliseconds,
+and a quick call never pays for a thread hop. Fuel, when metered, is refilled per call.
+
+Failure semantics. A trap (including a timeout, fuel exhaustion, a stack overflow or a WASI
+``proc_exit`` outside a command) ends the call with an error, and the instance that trapped is
+discarded: its memory may be half-updated. The next call gets a fresh instance, initialised
+again with ``init(config)``; whatever state the old instance held is lost. A plugin that must
+not lose state across traps keeps it where a reload can migrate it (export_state).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ctypes
+import dataclasses
+import itertools
+import logging
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import orjson
+import wasmtime
+from wasmtime import _ffi as ffi
+
+from .. import _json
+from ..errors import (
+    CallTimeout,
+    CpuLimitExceeded,
+    MemoryLimitExceeded,
+    MethodNotFound,
+    PluginCallError,
+    PluginLoadError,
+    PluginStateError,
+    SandboxerError,
+    SandboxUnavailable,
+)
+from ..manifest import LoaderType, Plugin
+from ..sandbox.policy import SandboxConfig
+from ..sandbox.process import LineLog
+from . import Health, ResourceUsage
+from . import _wasmtime as _wt
+
+__all__ = ["WasmEngine", "WasmLoader", "WasmHandle", "WASM_MAGIC"]
+
+WASM_MAGIC = b"\0asm"
+TICK = 0.001          # the epoch ticker's period
+SLICE = 0.001         # how long a call may run on the event loop before it moves off it
+MAX_WASM_STACK = 512 << 10
+TABLE_ELEMENTS = 100_000
+LOG_MESSAGE_MAX = 64 << 10
+INVALID_PARAMS = -32602
+INTERNAL_ERROR = -32603
+LIFECYCLE = ("init", "health_check", "shutdown", "export_state", "import_state")
+_SPECIAL = {"sandboxer_alloc", "sandboxer_free", "_start", "_initialize", *LIFECYCLE}
+
+_I32, _I64, _F32, _F64 = 0, 1, 2, 3  # wasmtime_valkind_t
+_KINDS = {"i32": _I32, "i64": _I64, "f32": _F32, "f64": _F64}
+_FIELDS = {_I32: "i32", _I64: "i64", _F32: "f32", _F64: "f64"}
+_RANGES = {_I32: (-(1 << 31), 1 << 32), _I64: (-(1 << 63), 1 << 64)}
+# What the ``sandboxer`` import module provides, with each function's signature.
+HOST_FUNCTIONS = {
+    "log": (("i32", "i32", "i32"), ()),
+    "config_get": (("i32", "i32", "i32", "i32"), ("i32",)),
+}
+WASI_MODULE = "wasi_snapshot_preview1"
+
+
+def _signature(ty: wasmtime.FuncType) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    return tuple(str(t) for t in ty.params), tuple(str(t) for t in ty.results)
+
+
+def _show(sig: tuple[tuple[str, ...], tuple[str, ...]]) -> str:
+    params, results = sig
+    return f"({', '.join(params)}) -> ({', '.join(results)})"
+
+
+JSON_SIGNATURE = (("i32", "i32"), ("i64",))
+
+
+# -- the engine ------------------------------------------------------------------------------
+class WasmEngine:
+    """The manager's one wasmtime Engine, module cache, epoch ticker and worker threads."""
+
+    def __init__(self, *, workers: int = 32) -> None:
+        config = wasmtime.Config()
+        config.epoch_interruption = True
+        config.consume_fuel = True       # metered per store; unmetered stores get 2**63-1
+        config.max_wasm_stack = MAX_WASM_STACK
+        config.memory_may_move = False   # memory base addresses stay put: cached per instance
+        config.wasm_memory64 = False     # limits and the JSON ABI are 32-bit
+        config.wasm_threads = False
+        config.parallel_compilation = False
+        self.engine = wasmtime.Engine(config)
+        self._modules: dict[str, wasmtime.Module] = {}
+        self._compile_lock = threading.Lock()
+        self.executor = ThreadPoolExecutor(max_workers=workers,
+                                           thread_name_prefix="sandboxer-wasm")
+        self._users = 0
+        self._stop = threading.Event()
+        self._ticker: threading.Thread | None = None
+
+    def module(self, data: bytes, digest: str) -> wasmtime.Module:
+        """The compiled module for ``data`` (sha256 ``digest``), compiled once. Blocking."""
+        with self._compile_lock:
+            module = self._modules.get(digest)
+            if module is None:
+                module = wasmtime.Module(self.engine, data)
+                self._modules[digest] = module
+            return module
+
+    def attach(self) -> None:
+        """One more live plugin: the ticker runs while any is loaded."""
+        self._users += 1
+        if self._ticker is None:
+            self._stop.clear()
+            self._ticker = threading.Thread(target=self._tick, name="sandboxer-wasm-epoch",
+                                            daemon=True)
+            self._ticker.start()
+
+    def detach(self) -> None:
+        self._users -= 1
+        if self._users <= 0 and self._ticker is not None:
+            self._stop.set()
+            self._ticker.join()
+            self._ticker = None
+
+    def _tick(self) -> None:
+        engine, stop = self.engine, self._stop
+        while not stop.wait(TICK):
+            engine.increment_epoch()
+
+    def close(self) -> None:
+        self._users = 0
+        self.detach()
+        self.executor.shutdown(wait=True, cancel_futures=True)
+        self._modules.clear()
+
+
+# -- one instance in its own store ------------------------------------------------------------
+_LIVE: dict[int, "_Store"] = {}
+_keys = itertools.count(1)
+
+
+@_wt.epoch_callback_type
+def _on_epoch(_ctx: Any, data: int | None, delta: Any, kind: Any) -> int:
+    """A store reached its epoch deadline (every tick while its wasm runs)."""
+    try:
+        delta[0] = 1
+        kind[0] = _wt.CONTINUE
+        store = _LIVE.get(data or 0)
+        if store is None:
+            return 0
+        now = time.monotonic()
+        if now >= store.deadline:
+            store.timed_out = True
+            return _wt.new_error("sandboxer: the call's deadline passed")
+        if store.inline and now - store.started >= SLICE:
+            kind[0] = _wt.YIELD
+        return 0
+    except BaseException:  # a ctypes callback must not raise
+        return 0
+
+
+class _Ptr(ctypes.c_void_p):
+    """Returned as is by ctypes (a plain c_void_p restype would become an int)."""
+
+
+_wt.call_async.restype = _Ptr
+
+
+@dataclasses.dataclass(slots=True)
+class _Bound:
+    """One export bound to one store, with its value arrays ready for the hot path."""
+
+    func: wasmtime.Func
+    fptr: ctypes.c_void_p
+    args: Any
+    argsp: ctypes.c_void_p
+    nargs: ctypes.c_size_t
+    results: Any
+    resultsp: ctypes.c_void_p
+    nresults: ctypes.c_size_t
+    kinds: tuple[int, ...]
+    result_kinds: tuple[int, ...]
+    arg: tuple[Any, ...] = ()      # each argument's value union, written in place
+    result: tuple[Any, ...] = ()   # each result's value union
+
+    def __post_init__(self) -> None:
+        self.arg = tuple(self.args[i].of for i in range(len(self.kinds)))
+        self.result = tuple(self.results[i].of for i in range(len(self.result_kinds)))
+
+
+class _Store:
+    """A Store with the plugin's limits, its epoch callback and the state of its call."""
+
+    def __init__(self, engine: WasmEngine, sandbox: SandboxConfig) -> None:
+        self.store = wasmtime.Store(engine.engine)
+        self.store.set_limits(memory_size=sandbox.memory_limit, table_elements=TABLE_ELEMENTS,
+                              instances=1, tables=4, memories=1)
+        self.store.set_fuel(sandbox.fuel or (1 << 63) - 1)
+        self.key = next(_keys)
+        self.deadline = 0.0
+        self.started = 0.0
+        self.inline = False
+        self.timed_out = False
+        _LIVE[self.key] = self
+        _wt.set_epoch_callback(self.store, _on_epoch, self.key)
+        self.store.set_epoch_deadline(1)
+        self.ctx = _wt.context(self.store)
+
+    def arm(self, timeout: float, *, inline: bool) -> None:
+        self.timed_out = False
+        self.started = now = time.monotonic()
+        self.deadline = now + timeout
+        self.inline = inline
+
+    def release(self) -> None:
+        _LIVE.pop(self.key, None)
+        self.view = memoryview(b"")
+
+
+class _Instance(_Store):
+    """A reactor-style instance: exports called as methods, many calls over its life."""
+
+    def __init__(self, engine: WasmEngine, sandbox: SandboxConfig, module: wasmtime.Module,
+                 linker: wasmtime.Linker, wasi: wasmtime.WasiConfig | None,
+                 exports: Iterable[str], timeout: float) -> None:
+        super().__init__(engine, sandbox)
+        self.broken = False
+        self.busy = False
+        self._trap = ctypes.c_void_p()
+        self._error = ctypes.c_void_p()
+        self.trapp = _wt.address(self._trap)
+        self.errorp = _wt.address(self._error)
+        self.fuel = ctypes.c_uint64(sandbox.fuel) if sandbox.fuel else None
+        if wasi is not None:
+            self.store.set_wasi(wasi)
+        self.arm(timeout, inline=False)
+        self.instance = linker.instantiate(self.store, module)  # may raise: caller cleans up
+        found = self.instance.exports(self.store)
+        self.bound: dict[str, _Bound] = {}
+        for name in exports:
+            func = found[name]
+            assert isinstance(func, wasmtime.Func)
+            params, results = _signature(func.type(self.store))
+            kinds = tuple(_KINDS[p] for p in params)
+            result_kinds = tuple(_KINDS[r] for r in results)
+            args, res = _wt.val_array(list(kinds)), _wt.val_array(list(result_kinds))
+            self.bound[name] = _Bound(func, _wt.address(func._func), args, _wt.address(args),
+                                      ctypes.c_size_t(len(kinds)), res, _wt.address(res),
+                                      ctypes.c_size_t(len(result_kinds)), kinds, result_kinds)
+        memory = found.get("memory") if "memory" in {e.name for e in module.exports} else None
+        self.memory = memory if isinstance(memory, wasmtime.Memory) else None
+        self.base = 0
+        self.memp: ctypes.c_void_p | None = None
+        if self.memory is not None:
+            self.base = ctypes.addressof(self.memory.data_ptr(self.store).contents)
+            self.memp = _wt.address(self.memory._memory)
+        self.view = memoryview(b"")
+        self.refresh()
+        self.buffer = 0     # the argument buffer (from sandboxer_alloc), reused across calls
+        self.capacity = 0
+
+    def memory_size(self) -> int:
+        if self.memp is None:
+            return 0
+        return int(_wt.memory_data_size(self.ctx, self.memp))
+
+    def refresh(self) -> int:
+        """Re-read the memory's size after it may have grown; ``view`` covers all of it.
+
+        The memory never moves (``memory_may_move`` is off) and never shrinks, so a view
+        stays valid for the instance's life; it is dropped with the instance."""
+        size = self.memory_size()
+        if size != len(self.view):
+            self.view = memoryview((ctypes.c_ubyte * size).from_address(self.base)).cast("B") \
+                if size else memoryview(b"")
+        return size
+
+    # The hot path: start on the calling thread, finish on a worker if it yields.
+    def start(self, bound: _Bound, timeout: float) -> _Ptr | None:
+        """Start a call; None once it has finished, else the suspended future."""
+        self.timed_out = False
+        self.started = now = time.monotonic()
+        self.deadline = now + timeout
+        self.inline = True
+        if self.fuel is not None:
+            _wt.set_fuel(self.ctx, self.fuel)
+        future = _wt.call_async(self.ctx, bound.fptr, bound.argsp, bound.nargs,
+                                bound.resultsp, bound.nresults, self.trapp, self.errorp)
+        done = _wt.poll(future)
+        self.inline = False
+        if done:
+            _wt.delete_future(future)
+            return None
+        return future
+
+    def finish(self, future: _Ptr) -> None:
+        """Run a suspended call to its end (on a worker thread)."""
+        try:
+            while not _wt.poll(future):
+                pass
+        finally:
+            _wt.delete_future(future)
+
+    def take_failure(self) -> tuple[wasmtime.Trap | None, wasmtime.WasmtimeError | None]:
+        trap = error = None
+        if self._trap.value:
+            trap = _wt.trap_from(self._trap.value)
+            self._trap.value = None
+        if self._error.value:
+            error = _wt.error_from(self._error.value)
+            self._error.value = None
+        return trap, error
+
+
+# -- the handle --------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Method:
+    name: str
+    json: bool
+    params: tuple[int, ...] = ()
+    results: tuple[int, ...] = ()
+
+
+class _Layout:
+    """What a module offers, checked against what sandboxer provides; raises PluginLoadError."""
+
+    def __init__(self, plugin: Plugin, module: wasmtime.Module) -> None:
+        pid = plugin.id
+
+        def refuse(message: str) -> PluginLoadError:
+            return PluginLoadError(f"plugin {pid}: {message}", plugin_id=pid)
+
+        self.uses_wasi = False
+        for imp in module.imports:
+            where = f"{imp.module}.{imp.name}"
+            if imp.module == WASI_MODULE and isinstance(imp.type, wasmtime.FuncType):
+                self.uses_wasi = True
+                continue
+            if imp.module == "sandboxer" and imp.name in HOST_FUNCTIONS:
+                if not isinstance(imp.type, wasmtime.FuncType):
+                    raise refuse(f"imports {where} as something other than a function")
+                want = HOST_FUNCTIONS[imp.name]
+                if _signature(imp.type) != want:
+                    raise refuse(f"imports {where} with signature {_show(_signature(imp.type))}"
+                                 f"; sandboxer provides it as {_show(want)}")
+                continue
+            provided = ", ".join(f"sandboxer.{n}" for n in HOST_FUNCTIONS)
+            raise refuse(f"imports {where}, which sandboxer does not provide (a wasm plugin "
+                         f"may import {WASI_MODULE} functions and {provided})")
+
+        funcs: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
+        has_memory = False
+        for exp in module.exports:
+            if isinstance(exp.type, wasmtime.FuncType):
+                funcs[exp.name] = _signature(exp.type)
+            elif exp.name == "memory" and isinstance(exp.type, wasmtime.MemoryType):
+                has_memory = True
+
+        def expect(name: str, sig: tuple[tuple[str, ...], tuple[str, ...]]) -> bool:
+            if name not in funcs:
+                return False
+            if funcs[name] != sig:
+                raise refuse(f"export {name} has signature {_show(funcs[name])}; sandboxer "
+                             f"calls it as {_show(sig)}")
+            return True
+
+        self.command = expect("_start", ((), ()))
+        self.initialize = expect("_initialize", ((), ()))
+        self.alloc = expect("sandboxer_alloc", (("i32",), ("i32",)))
+        self.free = expect("sandboxer_free", (("i32", "i32"), ()))
+        json_abi = self.alloc and has_memory
+        if self.alloc and not has_memory:
+            raise refuse("exports sandboxer_alloc but no memory named \"memory\"; the JSON ABI "
+                         "needs both")
+        self.lifecycle: set[str] = set()
+        for name in LIFECYCLE:
+            if name in funcs:
+                if not json_abi:
+                    raise refuse(f"exports {name} but not the JSON ABI (memory and "
+                                 "sandboxer_alloc) that lifecycle calls use")
+                expect(name, JSON_SIGNATURE)
+                self.lifecycle.add(name)
+        if ("export_state" in self.lifecycle) != ("import_state" in self.lifecycle):
+            missing = "import_state" if "export_state" in self.lifecycle else "export_state"
+            raise refuse(f"exports only one of export_state/import_state (add {missing})")
+
+        self.methods: dict[str, _Method] = {}
+        if self.command:
+            for name in plugin.methods or ():
+                self.methods[name] = _Method(name, json=True)
+            return
+        usable: dict[str, _Method] = {}
+        unusable: dict[str, str] = {}
+        for name, sig in funcs.items():
+            if name in _SPECIAL:
+                continue
+            params, results = sig
+            if json_abi and sig == JSON_SIGNATURE:
+                usable[name] = _Method(name, json=True)
+            elif all(t in _KINDS for t in params + results):
+                usable[name] = _Method(name, json=False,
+                                       params=tuple(_KINDS[t] for t in params),
+                                       results=tuple(_KINDS[t] for t in results))
+            else:
+                unusable[name] = _show(sig)
+        if plugin.methods is not None:
+            for name in plugin.methods:
+                if name in unusable:
+                    raise refuse(f"method {name} has signature {unusable[name]}, which is "
+                                 "neither numeric nor the JSON ABI (i32, i32) -> (i64)")
+                if name not in usable:
+                    raise refuse(f"the manifest lists method {name}, which the module does "
+                                 "not export")
+            usable = {n: m for n, m in usable.items() if n in plugin.methods}
+        self.methods = usable
+
+
+class WasmHandle:
+    """One generation of a wasm plugin: its instance pool (or, for a WASI command, a runner)."""
+
+    def __init__(self, plugin: Plugin, sandbox: SandboxConfig, engine: WasmEngine,
+                 module: wasmtime.Module, layout: _Layout, *, pool_size: int) -> None:
+        self.plugin = plugin
+        self._sandbox = sandbox
+        self._engine = engine
+        self._module = module
+        self._layout = layout
+        self._pool_size = pool_size
+        self._methods = layout.methods
+        self._config: dict[str, Any] = dict(plugin.config)
+        self._config_json: dict[str, bytes] = {}
+        self._log = logging.getLogger(f"sandboxer.plugin.{plugin.id}")
+        self._linker = self._make_linker()
+        self._instances: list[_Instance] = []
+        self._idle: list[_Instance] = []
+        self._waiters: collections.deque[asyncio.Future[_Instance]] = collections.deque()
+        self._offloop: set[asyncio.Future[Any]] = set()
+        self._failure_callbacks: list[Callable[[SandboxerError], None]] = []
+        self._closed = False
+        self._failed: SandboxerError | None = None
+        self._peak = 0
+        self._slots = asyncio.Semaphore(pool_size)  # command modules: runs at once
+        self._loop = asyncio.get_running_loop()
+        self._executor = engine.executor
+        self._timeout = sandbox.timeout
+        self._max_output = 16 << 20
+        engine.attach()
+
+    # -- setup ---------------------------------------------------------------------------------
+    def _make_linker(self) -> wasmtime.Linker:
+        linker = wasmtime.Linker(self._engine.engine)
+        if self._layout.uses_wasi:
+            linker.define_wasi()
+        i32 = wasmtime.ValType.i32()
+        linker.define_func("sandboxer", "log", wasmtime.FuncType([i32, i32, i32], []),
+                           self._host_log, access_caller=True)
+        linker.define_func("sandboxer", "config_get", wasmtime.FuncType([i32] * 4, [i32]),
+                           self._host_config_get, access_caller=True)
+        return linker
+
+    def _wasi(self, *, argv: list[str], stdin: bytes | None,
+              stdout: Callable[[bytes], Any], stderr: Callable[[bytes], Any]
+              ) -> wasmtime.WasiConfig | None:
+        if not self._layout.uses_wasi:
+            return None
+        wasi = wasmtime.WasiConfig()
+        wasi.argv = argv
+        wasi.env = []
+        if stdin is not None:
+            vec = ffi.wasm_byte_vec_t()
+            buf = (ctypes.c_uint8 * len(stdin)).from_buffer_copy(stdin)
+            ffi.wasm_byte_vec_new(ctypes.byref(vec), len(stdin), buf)
+            ffi.wasi_config_set_stdin_bytes(wasi.ptr(), ctypes.byref(vec))  # takes the vec
+        wasi.stdout_custom = stdout
+        wasi.stderr_custom = stderr
+        for grant in self._sandbox.allowed_paths:
+            wasi.preopen_dir(grant.path, grant.path, fs_mutable=grant.writable)
+        return wasi
+
+    def _line_sink(self, name: str) -> Callable[[bytes], int]:
+        lines = LineLog(name=name, logger=self._log,
+                        level=logging.INFO if name == "stdout" else logging.WARNING)
+
+        def sink(data: bytes) -> int:
+            lines.feed(data)
+            return len(data)
+        return sink
+
+    def _new_instance(self) -> _Instance:
+        """Instantiate one pool member (blocking: run off the loop)."""
+        wasi = self._wasi(argv=[self.plugin.id], stdin=None, stdout=self._line_sink("stdout"),
+                          stderr=self._line_sink("stderr"))
+        names = set(self._methods) | self._layout.lifecycle
+        if self._layout.alloc:
+            names.add("sandboxer_alloc")
+        if self._layout.initialize:
+            names.add("_initialize")
+        inst = None
+        try:
+            inst = _Instance(self._engine, self._sandbox, self._module, self._linker, wasi,
+                             sorted(names), self._timeout)
+            if self._layout.initialize:
+                self._call_blocking(inst, "_initialize")
+            return inst
+        except wasmtime.WasmtimeError as exc:
+            if inst is not None:
+                inst.release()
+            raise self._load_error("could not be instantiated", exc) from None
+        except SandboxerError as exc:
+            if inst is not None:
+                inst.release()
+            raise PluginLoadError(f"plugin {self.plugin.id}: _initialize failed: {exc}",
+                                  plugin_id=self.plugin.id) from exc
+
+    def _load_error(self, what: str, exc: BaseException) -> PluginLoadError:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if isinstance(exc, wasmtime.Trap) and exc.trap_code is wasmtime.TrapCode.INTERRUPT:
+            text = f"its start function did not finish within {self._timeout:g}s"
+        return PluginLoadError(f"plugin {self.plugin.id}: {what}: {text}",
+                               plugin_id=self.plugin.id)
+
+    async def start(self) -> None:
+        if self._layout.command:
+            return
+        try:
+            for _ in range(self._pool_size):
+                inst = await self._loop.run_in_executor(self._executor, self._new_instance)
+                self._instances.append(inst)
+                self._idle.append(inst)
+        except BaseException:
+            await self.close()
+            raise
+
+    # -- the pool (event loop thread only) ------------------------------------------------------
+    async def _acquire(self) -> _Instance:
+        if self._closed:
+            raise self._closed_error()
+        if self._idle:
+            inst = self._idle.pop()
+        else:
+            waiter: asyncio.Future[_Instance] = self._loop.create_future()
+            self._waiters.append(waiter)
+            inst = await waiter
+        inst.busy = True
+        if inst.broken:
+            try:
+                inst = await self._replace(inst)
+            except BaseException:
+                self._release(inst)
+                raise
+        return inst
+
+    def _release(self, inst: _Instance) -> None:
+        inst.busy = False
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(inst)
+                return
+        self._idle.append(inst)
+
+    async def _replace(self, old: _Instance) -> _Instance:
+        """A fresh instance for one that trapped, initialised again with the same config."""
+        old.release()
+        new = await self._loop.run_in_executor(self._executor, self._new_instance)
+        new.busy = True
+        index = self._instances.index(old)
+        self._instances[index] = new
+        try:
+            if "init" in self._layout.lifecycle:
+                await self._json_call(new, "init", [self._config])
+        except SandboxerError as exc:
+            new.broken = True
+            error = PluginLoadError(f"plugin {self.plugin.id}: could not replace an instance "
+                                    f"that trapped: init failed: {exc}", plugin_id=self.plugin.id)
+            self._fail(error)
+            raise error from exc
+        return new
+
+    def _fail(self, error: SandboxerError) -> None:
+        if self._failed is None and not self._closed:
+            self._failed = error
+            for callback in self._failure_callbacks:
+                callback(error)
+
+    def _closed_error(self) -> PluginStateError:
+        return PluginStateError(f"plugin {self.plugin.id}: this generation is closed",
+                                plugin_id=self.plugin.id)
+
+    # -- calls -----------------------------------------------------------------------------------
+    @property
+    def methods(self) -> tuple[str, ...]:
+        return tuple(sorted(self._methods))
+
+    @property
+    def has_state(self) -> bool:
+        return {"export_state", "import_state"} <= self._layout.lifecycle
+
+    async def call(self, method: str, *args: Any, timeout: float | None = None) -> Any:
+        m = self._methods.get(method)
+        if m is None:
+            if self._layout.command and self.plugin.methods is None and method not in LIFECYCLE:
+                return await self._command(method, args, self._timeout if timeout is None
+                                           else timeout)
+            raise MethodNotFound(
+                f"plugin {self.plugin.id} has no method {method!r} "
+                f"(methods: {', '.join(self.methods) or 'none'})",
+                plugin_id=self.plugin.id, method=method, available=list(self.methods))
+        if timeout is None:
+            timeout = self._timeout
+        if self._layout.command:
+            return await self._command(method, args, timeout)
+        # The hot path: take an idle instance without awaiting when there is one.
+        idle = self._idle
+        if idle and not idle[-1].broken and not self._closed:
+            inst = idle.pop()
+            inst.busy = True
+        else:
+            inst = await self._acquire()
+        try:
+            bound = inst.bound[method]
+            if m.json:
+                payload = self._encode(method, args)
+                n = len(payload)
+                if n > inst.capacity:
+                    await self._grow(inst, n, method, timeout)
+                start = inst.buffer
+                inst.view[start:start + n] = payload
+                bound.arg[0].i32 = start
+                bound.arg[1].i32 = n
+            else:
+                self._put_numbers(bound, m, method, args)
+            future = inst.start(bound, timeout)
+            if future is not None:
+                await self._off_loop(inst, future)
+            if inst._trap.value or inst._error.value:
+                raise self._call_failure(inst, method, timeout)
+            if m.json:
+                return self._json_result(inst, bound, method)
+            return self._get_numbers(bound, m)
+        finally:
+            if inst.busy:
+                self._release(inst)
+
+    def _encode(self, method: str, args: Any) -> bytes:
+        try:
+            return orjson.dumps(args, default=_json._default, option=orjson.OPT_NON_STR_KEYS)
+        except TypeError as exc:
+            raise PluginCallError(f"plugin {self.plugin.id}: arguments of {method} are not "
+                                  f"JSON values: {exc}", code=INVALID_PARAMS,
+                                  plugin_id=self.plugin.id, method=method) from None
+
+    def _put_numbers(self, bound: _Bound, m: _Method, method: str, args: tuple[Any, ...]
+                     ) -> None:
+        if len(args) != len(m.params):
+            raise PluginCallError(
+                f"plugin {self.plugin.id}: {method} takes {len(m.params)} numeric "
+                f"argument(s), got {len(args)}", code=INVALID_PARAMS,
+                plugin_id=self.plugin.id, method=method)
+        for i, kind in enumerate(m.params):
+            value = args[i]
+            if kind == _I32 or kind == _I64:
+                lo, hi = _RANGES[kind]
+                if type(value) is not int or not lo <= value < hi:
+                    raise self._bad_number(method, i, value, kind)
+                if kind == _I32:
+                    bound.arg[i].i32 = value - (1 << 32) if value >= 1 << 31 else value
+                else:
+                    bound.arg[i].i64 = value - (1 << 64) if value >= 1 << 63 else value
+            else:
+                if type(value) not in (int, float):
+                    raise self._bad_number(method, i, value, kind)
+                setattr(bound.arg[i], _FIELDS[kind], value)
+
+    @staticmethod
+    def _get_numbers(bound: _Bound, m: _Method) -> Any:
+        kinds = m.results
+        if len(kinds) == 1:
+            return getattr(bound.result[0], _FIELDS[kinds[0]])
+        if not kinds:
+            return None
+        return [getattr(bound.result[i], _FIELDS[k]) for i, k in enumerate(kinds)]
+
+    def _bad_number(self, method: str, index: int, value: Any, kind: int) -> PluginCallError:
+        name = _FIELDS[kind]
+        expected = "an integer in range" if kind in _RANGES else "a number"
+        return PluginCallError(
+            f"plugin {self.plugin.id}: argument {index + 1} of {method} must be {expected} "
+            f"for {name}, not {value!r}", code=INVALID_PARAMS, plugin_id=self.plugin.id,
+            method=method)
+
+    async def _off_loop(self, inst: _Instance, future: _Ptr) -> None:
+        """Finish a suspended call on a worker thread; the loop waits without blocking."""
+        work = self._loop.run_in_executor(self._executor, inst.finish, future)
+        self._offloop.add(work)
+        work.add_done_callback(self._offloop.discard)
+        try:
+            await asyncio.shield(work)
+        except asyncio.CancelledError:
+            # The caller gave up: stop the wasm at the next tick and keep the instance out of
+            # the pool until its thread is done with it; it is discarded, not reused.
+            inst.deadline = 0.0
+            inst.broken = True
+            work.add_done_callback(lambda _: self._after_abandon(inst))
+            inst.busy = False
+            raise
+
+    def _after_abandon(self, inst: _Instance) -> None:
+        inst.take_failure()
+        if not self._closed:
+            self._release(inst)
+
+    def _call_failure(self, inst: _Instance, method: str, timeout: float) -> SandboxerError:
+        """The error for a call that trapped; the instance is marked for replacement."""
+        trap, error = inst.take_failure()
+        inst.broken = True
+        pid = self.plugin.id
+        code = trap.trap_code if trap is not None else None
+        size = inst.memory_size()
+        self._peak = max(self._peak, size)
+        if inst.timed_out:
+            return CallTimeout(f"plugin {pid}: {method} did not finish within {timeout:g}s",
+                               timeout=timeout, plugin_id=pid, method=method)
+        if code is wasmtime.TrapCode.OUT_OF_FUEL:
+            return CpuLimitExceeded(f"plugin {pid}: {method} used up its fuel "
+                                    f"({self._sandbox.fuel} per call)", plugin_id=pid)
+        if code is wasmtime.TrapCode.STACK_OVERFLOW:
+            return PluginCallError(f"plugin {pid}: {method} trapped: stack overflow (deep "
+                                   f"recursion; the wasm stack is {MAX_WASM_STACK >> 10} KiB)",
+                                   code=INTERNAL_ERROR, plugin_id=pid, method=method,
+                                   data={"trap": "stack_overflow"})
+        limit = self._sandbox.memory_limit
+        if size + (64 << 10) > limit:
+            return MemoryLimitExceeded(
+                f"plugin {pid}: {method} failed at its memory limit ({limit} bytes; linear "
+                f"memory {size} bytes): {_first_line(trap or error)}",
+                limit=limit, peak=size, plugin_id=pid)
+        if isinstance(error, wasmtime.ExitTrap):
+            return PluginCallError(f"plugin {pid}: {method} called proc_exit({error.code})",
+                                   code=INTERNAL_ERROR, plugin_id=pid, method=method,
+                                   data={"exit_status": error.code})
+        detail = _first_line(trap or error)
+        return PluginCallError(f"plugin {pid}: {method} trapped: {detail}", code=INTERNAL_ERROR,
+                               plugin_id=pid, method=method,
+                               data={"trap": code.name.lower() if code else None})
+
+    async def _run(self, inst: _Instance, name: str, timeout: float) -> _Bound:
+        bound = inst.bound[name]
+        future = inst.start(bound, timeout)
+        if future is not None:
+            await self._off_loop(inst, future)
+        if inst._trap.value or inst._error.value:
+            raise self._call_failure(inst, name, timeout)
+        return bound
+
+    def _call_blocking(self, inst: _Instance, name: str) -> None:
+        """Call a () -> () export to its end on this (worker) thread."""
+        inst.arm(self._timeout, inline=False)
+        try:
+            inst.bound[name].func(inst.store)
+        except (wasmtime.Trap, wasmtime.WasmtimeError):
+            raise self._load_error(f"{name} failed", _current_exception()) from None
+
+    async def _json_call(self, inst: _Instance, method: str, args: list[Any]) -> Any:
+        """A JSON ABI call outside the hot path (lifecycle exports)."""
+        payload = self._encode(method, args)
+        n = len(payload)
+        timeout = self._timeout
+        if n > inst.capacity:
+            await self._grow(inst, n, method, timeout)
+        inst.view[inst.buffer:inst.buffer + n] = payload
+        bound = inst.bound[method]
+        bound.arg[0].i32 = inst.buffer
+        bound.arg[1].i32 = n
+        await self._run(inst, method, timeout)
+        return self._json_result(inst, bound, method)
+
+    def _json_result(self, inst: _Instance, bound: _Bound, method: str) -> Any:
+        """Read ``{"result": …}`` or ``{"error": …}`` from the (ptr << 32 | len) a call gave."""
+        packed = bound.result[0].i64 & 0xFFFF_FFFF_FFFF_FFFF
+        ptr, length = packed >> 32, packed & 0xFFFF_FFFF
+        end = ptr + length
+        if end > len(inst.view) and end > inst.refresh():
+            inst.broken = True
+            raise PluginCallError(
+                f"plugin {self.plugin.id}: {method} returned a result at {ptr}+{length}, "
+                f"outside its memory ({len(inst.view)} bytes)", code=INTERNAL_ERROR,
+                plugin_id=self.plugin.id, method=method)
+        if length > self._max_output:
+            raise PluginCallError(
+                f"plugin {self.plugin.id}: {method} returned {length} bytes, more than the "
+                f"{self._max_output}-byte limit", code=INTERNAL_ERROR,
+                plugin_id=self.plugin.id, method=method)
+        view = inst.view
+        if view[ptr:ptr + 10] == b'{"result":' and view[end - 1] == 0x7D:  # the usual shape
+            try:
+                return orjson.loads(view[ptr + 10:end - 1])
+            except orjson.JSONDecodeError:
+                pass  # e.g. {"result":1,"x":2}: the full check below names the problem
+        return self._envelope(bytes(view[ptr:end]), method)
+
+    def _envelope(self, raw: bytes, method: str) -> Any:
+        pid = self.plugin.id
+        try:
+            reply = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise PluginCallError(f"plugin {pid}: {method} returned invalid JSON or UTF-8: "
+                                  f"{exc}", code=INTERNAL_ERROR, plugin_id=pid,
+                                  method=method) from None
+        if type(reply) is dict and len(reply) == 1:
+            if "result" in reply:
+                return reply["result"]
+            error = reply.get("error")
+            if (type(error) is dict and type(error.get("code")) is int
+                    and type(error.get("message")) is str):
+                raise PluginCallError(f"plugin {pid}: {method}: {error['message']}",
+                                      code=error["code"], data=error.get("data"),
+                                      plugin_id=pid, method=method)
+        raise PluginCallError(
+            f"plugin {pid}: {method} returned {raw[:80]!r}, not {{\"result\": …}} or "
+            f"{{\"error\": {{\"code\": int, \"message\": str}}}}", code=INTERNAL_ERROR,
+            plugin_id=pid, method=method)
+
+    async def _grow(self, inst: _Instance, n: int, method: str, timeout: float) -> None:
+        """A bigger argument buffer from the plugin's sandboxer_alloc."""
+        pid = self.plugin.id
+        limit = self._sandbox.memory_limit
+        size = max(n, 4096)
+        if size > limit:
+            raise MemoryLimitExceeded(
+                f"plugin {pid}: the arguments of {method} ({n} bytes) do not fit in its "
+                f"memory limit ({limit} bytes)", limit=limit, peak=inst.memory_size(),
+                plugin_id=pid)
+        bound = inst.bound["sandboxer_alloc"]
+        bound.arg[0].i32 = size
+        await self._run(inst, "sandboxer_alloc", timeout)
+        ptr = bound.result[0].i32 & 0xFFFF_FFFF
+        memory = inst.refresh()
+        self._peak = max(self._peak, memory)
+        if ptr == 0 or ptr + size > memory:
+            if ptr == 0 and memory + size > limit - (64 << 10):
+                raise MemoryLimitExceeded(
+                    f"plugin {pid}: sandboxer_alloc({size}) for the arguments of {method} "
+                    f"failed at the memory limit ({limit} bytes; linear memory {memory} "
+                    "bytes)", limit=limit, peak=memory, plugin_id=pid)
+            inst.broken = True
+            raise PluginCallError(f"plugin {pid}: sandboxer_alloc({size}) returned {ptr}, "
+                                  f"not a buffer inside its memory ({memory} bytes)",
+                                  code=INTERNAL_ERROR, plugin_id=pid, method=method)
+        inst.buffer, inst.capacity = ptr, size
+
+    # -- WASI command modules: one fresh instance per call -------------------------------------
+    async def _command(self, method: str, args: tuple[Any, ...], timeout: float) -> Any:
+        if self._closed:
+            raise self._closed_error()
+        try:
+            payload = _json.dumps(list(args))
+        except TypeError as exc:
+            raise PluginCallError(f"plugin {self.plugin.id}: arguments of {method} are not "
+                                  f"JSON values: {exc}", code=INVALID_PARAMS,
+                                  plugin_id=self.plugin.id, method=method) from None
+        async with self._slots:
+            work = self._loop.run_in_executor(self._executor, self._run_command, method,
+                                              payload, timeout)
+            self._offloop.add(work)
+            work.add_done_callback(self._offloop.discard)
+            return await asyncio.shield(work)
+
+    def _run_command(self, method: str, payload: bytes, timeout: float) -> Any:
+        """Run ``_start`` once with the args on stdin; the result is its stdout (blocking)."""
+        pid = self.plugin.id
+        out = bytearray()
+        err = LineLog(name="stderr", logger=self._log, level=logging.WARNING, tail=20)
+        too_much = False
+
+        def stdout(data: bytes) -> int:
+            nonlocal too_much
+            if len(out) + len(data) > self._max_output:
+                too_much = True
+                return -5  # EIO: the write fails inside the plugin
+            out.extend(data)
+            return len(data)
+
+        def stderr(data: bytes) -> int:
+            err.feed(data)
+            return len(data)
+
+        wasi = self._wasi(argv=[pid, method], stdin=payload, stdout=stdout, stderr=stderr)
+        store = _Store(self._engine, self._sandbox)
+        status = 0
+        try:
+            if wasi is not None:
+                store.store.set_wasi(wasi)
+            store.arm(timeout, inline=False)
+            try:
+                instance = self._linker.instantiate(store.store, self._module)
+                start = instance.exports(store.store)["_start"]
+                assert isinstance(start, wasmtime.Func)
+                start(store.store)
+            except wasmtime.ExitTrap as exc:
+                status = exc.code
+            except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
+                err.flush()
+                if store.timed_out:
+                    raise CallTimeout(f"plugin {pid}: {method} did not finish within "
+                                      f"{timeout:g}s", timeout=timeout, plugin_id=pid,
+                                      method=method) from None
+                if isinstance(exc, wasmtime.Trap) and (
+                        exc.trap_code is wasmtime.TrapCode.OUT_OF_FUEL):
+                    raise CpuLimitExceeded(f"plugin {pid}: {method} used up its fuel "
+                                           f"({self._sandbox.fuel} per call)",
+                                           plugin_id=pid) from None
+                raise PluginCallError(f"plugin {pid}: {method} trapped: {_first_line(exc)}",
+                                      code=INTERNAL_ERROR, plugin_id=pid, method=method,
+                                      data={"stderr": list(err.tail)}) from None
+        finally:
+            store.release()
+        err.flush()
+        if too_much:
+            raise PluginCallError(f"plugin {pid}: {method} wrote more than "
+                                  f"{self._max_output} bytes to stdout", code=INTERNAL_ERROR,
+                                  plugin_id=pid, method=method)
+        if status != 0:
+            tail = " | ".join(err.tail) or "no stderr"
+            raise PluginCallError(f"plugin {pid}: {method} exited with status {status}: {tail}",
+                                  code=INTERNAL_ERROR, plugin_id=pid, method=method,
+                                  data={"exit_status": status, "stderr": list(err.tail)})
+        if not out.strip():
+            return None
+        try:
+            return orjson.loads(out)
+        except orjson.JSONDecodeError as exc:
+            raise PluginCallError(f"plugin {pid}: {method} wrote something other than one "
+                                  f"JSON value to stdout: {exc}", code=INTERNAL_ERROR,
+                                  plugin_id=pid, method=method) from None
+
+    # -- host functions (run on whichever thread is inside the store) ---------------------------
+    def _read(self, caller: wasmtime.Caller, ptr: int, length: int) -> bytes | None:
+        memory = caller.get("memory")
+        if not isinstance(memory, wasmtime.Memory):
+            return None
+        ptr &= 0xFFFF_FFFF
+        length &= 0xFFFF_FFFF
+        if ptr + length > memory.data_len(caller):
+            return None
+        return bytes(memory.read(caller, ptr, ptr + length))
+
+    def _host_log(self, caller: wasmtime.Caller, level: int, ptr: int, length: int) -> None:
+        data = self._read(caller, ptr, min(length & 0xFFFF_FFFF, LOG_MESSAGE_MAX))
+        if data is None:
+            raise wasmtime.Trap("sandboxer.log: the message lies outside the plugin's memory")
+        levels = {0: logging.DEBUG, 1: logging.INFO, 2: logging.WARNING, 3: logging.ERROR}
+        self._log.log(levels.get(level, logging.INFO), "%s",
+                      data.decode("utf-8", "replace"))
+
+    def _host_config_get(self, caller: wasmtime.Caller, key_ptr: int, key_len: int,
+                         buf_ptr: int, buf_cap: int) -> int:
+        """Copy config[key] as JSON into (buf_ptr, buf_cap); -1 if absent; the length needed
+        (and nothing written) if the buffer is too small."""
+        raw = self._read(caller, key_ptr, key_len)
+        if raw is None:
+            raise wasmtime.Trap("sandboxer.config_get: the key lies outside the plugin's memory")
+        key = raw.decode("utf-8", "replace")
+        if key not in self._config:
+            return -1
+        value = self._config_json.get(key)
+        if value is None:
+            value = self._config_json[key] = _json.dumps(self._config[key])
+        buf_ptr &= 0xFFFF_FFFF
+        buf_cap &= 0xFFFF_FFFF
+        if len(value) > buf_cap:
+            return len(value)
+        memory = caller.get("memory")
+        assert isinstance(memory, wasmtime.Memory)
+        if buf_ptr + len(value) > memory.data_len(caller):
+            raise wasmtime.Trap("sandboxer.config_get: the buffer lies outside the plugin's "
+                                "memory")
+        memory.write(caller, value, buf_ptr)
+        return len(value)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    async def _lifecycle(self, name: str, args: list[Any], *, every: bool = False) -> Any:
+        if name not in self._layout.lifecycle:
+            return None
+        result = None
+        for _ in range(len(self._instances) if every else 1):
+            inst = await self._acquire()
+            try:
+                result = await self._json_call(inst, name, args)
+            finally:
+                if inst.busy:
+                    self._release(inst)
+        return result
+
+    async def init(self, config: dict[str, Any]) -> None:
+        self._config = _json.normalize(config)
+        self._config_json = {}
+        await self._lifecycle("init", [self._config], every=True)
+
+    async def health(self) -> Health:
+        if self._failed is not None:
+            return Health(False, str(self._failed))
+        try:
+            result = await self._lifecycle("health_check", [])
+        except (PluginCallError, CallTimeout, CpuLimitExceeded, MemoryLimitExceeded) as exc:
+            return Health(False, str(exc))
+        if result is False:
+            return Health(False, f"plugin {self.plugin.id}: health_check returned false")
+        if isinstance(result, dict) and result.get("ok") is False:
+            return Health(False, str(result.get("message", "health_check reported not ok")))
+        return Health(True)
+
+    async def shutdown(self) -> None:
+        await self._lifecycle("shutdown", [], every=True)
+
+    async def export_state(self) -> Any:
+        return await self._lifecycle("export_state", [])
+
+    async def import_state(self, state: Any, from_version: str) -> None:
+        await self._lifecycle("import_state", [_json.normalize(state), from_version])
+
+    def resource_usage(self) -> ResourceUsage:
+        for inst in self._instances:
+            self._peak = max(self._peak, inst.memory_size())
+        return ResourceUsage(peak_memory_bytes=self._peak or None)
+
+    def on_failure(self, callback: Callable[[SandboxerError], None]) -> None:
+        self._failure_callbacks.append(callback)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        error = self._closed_error()
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(error)
+        for inst in self._instances:
+            inst.deadline = 0.0  # a call still running traps at the next tick
+        if self._offloop:
+            await asyncio.wait(list(self._offloop))
+        for inst in self._instances:
+            inst.release()
+        self._instances.clear()
+        self._idle.clear()
+        self._engine.detach()
+
+
+def _first_line(exc: BaseException | None) -> str:
+    """The telling line of a wasmtime error: its cause (after a backtrace) or its first line."""
+    text = str(exc or "").strip()
+    if not text:
+        return type(exc).__name__
+    if "Caused by:" in text:
+        causes = [line.strip() for line in text.split("Caused by:", 1)[1].splitlines()]
+        return "; ".join(line for line in causes if line)
+    return text.splitlines()[0]
+
+
+def _current_exception() -> BaseException:
+    import sys
+    exc = sys.exc_info()[1]
+    assert exc is not None
+    return exc
+
+
+class WasmLoader:
+    """Loads wasm plugins into this process under wasmtime's limits."""
+
+    kind = LoaderType.WASM
+
+    def __init__(self, engine: WasmEngine, *, pool_size: int = 1, max_frame: int = 16 << 20
+                 ) -> None:
+        self._engine = engine
+        self._pool_size = pool_size
+        self._max_frame = max_frame
+
+    def _check_sandbox(self, plugin: Plugin, sandbox: SandboxConfig) -> None:
+        pid = plugin.id
+        if sandbox.network_allowed:
+            raise SandboxUnavailable(
+                f"plugin {pid}: asks for network access, and this build cannot enforce a "
+                "network policy for wasm yet (no http_request host function), so it refuses",
+                missing="network policy", plugin_id=pid)
+        requested = plugin.sandbox.cpu_limit
+        if requested is not None and requested < 1.0:
+            raise SandboxUnavailable(
+                f"plugin {pid}: asks for cpu_limit = {requested:g}, which cannot be enforced "
+                "for wasm in the supervisor's process (a call runs on one thread, bounded by "
+                "its timeout and, if set, fuel); remove cpu_limit or set fuel",
+                missing="cpu quota for in-process wasm", plugin_id=pid)
+        for grant in sandbox.allowed_paths:
+            if not os.path.isdir(grant.path):
+                raise PluginLoadError(
+                    f"plugin {pid}: allowed path {grant.path} is not an existing directory; "
+                    "WASI can only be given directories", plugin_id=pid)
+            for denied in sandbox.denied_paths:
+                if denied == grant.path or denied.startswith(grant.path.rstrip("/") + "/"):
+                    raise PluginLoadError(
+                        f"plugin {pid}: denied path {denied} lies inside allowed path "
+                        f"{grant.path}; WASI cannot mask part of a preopened directory, so "
+                        "wasm plugins may not have it (allow narrower directories instead)",
+                        plugin_id=pid)
+
+    def _compile(self, plugin: Plugin) -> wasmtime.Module:
+        pid = plugin.id
+        path = Path(plugin.entrypoint)
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise PluginLoadError(f"plugin {pid}: cannot read {path}: {exc.strerror}",
+                                  plugin_id=pid) from None
+        if data[:4] != WASM_MAGIC:
+            raise PluginLoadError(f"plugin {pid}: {path} is not a WebAssembly module (it does "
+                                  "not start with \\0asm)", plugin_id=pid)
+        import hashlib
+        digest = hashlib.sha256(data).hexdigest()
+        try:
+            return self._engine.module(data, digest)
+        except wasmtime.WasmtimeError as exc:
+            detail = str(exc).strip().replace("\n", "; ")
+            raise PluginLoadError(f"plugin {pid}: {path} is not a valid WebAssembly module: "
+                                  f"{detail}", plugin_id=pid) from None
+
+    async def start(self, plugin: Plugin, sandbox: SandboxConfig, *,
+                    generation: int) -> WasmHandle:
+        self._check_sandbox(plugin, sandbox)
+        loop = asyncio.get_running_loop()
+        module = await loop.run_in_executor(self._engine.executor, self._compile, plugin)
+        layout = _Layout(plugin, module)
+        pool = self._pool_size
+        if pool > 1 and {"export_state", "import_state"} <= layout.lifecycle:
+            raise PluginLoadError(
+                f"plugin {plugin.id}: exports state, so it must run as one instance; the "
+                f"host's wasm_instances = {pool} would split its state", plugin_id=plugin.id)
+        handle = WasmHandle(plugin, sandbox, self._engine, module, layout, pool_size=pool)
+        handle._max_output = self._max_frame
+        await handle.start()
+        return handle
