@@ -15,6 +15,7 @@ from typing import Any, Awaitable, Callable
 
 from . import _json
 from .errors import PluginLoadError, SandboxerError
+from .loaders import run_mode
 from .manager import LoadedPlugin, PluginManager
 from .sandbox.policy import HostConfig, SandboxConfig
 
@@ -49,6 +50,25 @@ async def _counter(mgr: PluginManager, p: LoadedPlugin) -> list[tuple[str, Any]]
             ("generation after reload", p.generation)]
 
 
+async def _wasm_c(mgr: PluginManager, p: LoadedPlugin) -> list[tuple[str, Any]]:
+    for _ in range(3):
+        await p.call("count")
+    await mgr.reload(p.id)
+    return [("greet('world')", await p.call("greet", "world")),
+            ("count() x3, reload, count()", await p.call("count"))]
+
+
+async def _wasm_wat(mgr: PluginManager, p: LoadedPlugin) -> list[tuple[str, Any]]:
+    return [("add(2, 3)", await p.call("add", 2, 3)),
+            ("fib(50)", await p.call("fib", 50)),
+            ("describe('x', 1)", await p.call("describe", "x", 1))]
+
+
+async def _wasm_command(mgr: PluginManager, p: LoadedPlugin) -> list[tuple[str, Any]]:
+    return [("upper('hello, world')", await p.call("upper", "hello, world")),
+            ("length('héllo')", await p.call("length", "héllo"))]
+
+
 @dataclass(frozen=True)
 class _Example:
     directory: str
@@ -66,6 +86,9 @@ _EXAMPLES = (
     _Example("native-go", "native-go", None, _greet_and_add, build=True),
     _Example("external-python", "external-python", None, _greet_and_add),
     _Example("external-node", "external-node", None, _greet_and_add),
+    _Example("wasm-c", "wasm-c", None, _wasm_c, build=True),
+    _Example("wasm-wat", "wasm-wat", None, _wasm_wat, build=True),
+    _Example("wasm-command", "wasm-command", None, _wasm_command, build=True),
 )
 
 
@@ -99,7 +122,7 @@ async def run_demo(examples: Path, *, as_json: bool) -> int:
                     start = time.perf_counter()
                 p = await mgr.load(path, sandbox=example.sandbox)
                 kind = p.plugin.type.value
-                mode = "sandboxed" if p.sandbox and p.sandbox.enabled else "trusted in-process"
+                mode = run_mode(p.plugin.type, p.sandbox) if p.sandbox else "?"
                 for action, result in await example.script(mgr, p):
                     rows.append(_Row(name, kind, mode, action, _show(result),
                                      (time.perf_counter() - start) * 1000, True))

@@ -65,11 +65,40 @@ def _cgroups() -> dict[str, Any]:
             "parents": where}
 
 
+def _wasm() -> dict[str, Any]:
+    """Whether wasm plugins can run: an engine with epochs and fuel that runs a tiny module."""
+    try:
+        from importlib.metadata import version
+
+        import wasmtime
+
+        from .loaders.wasm import WasmEngine
+        engine = WasmEngine(workers=1)
+        try:
+            module = wasmtime.Module(engine.engine, wasmtime.wat2wasm(
+                '(module (func (export "add") (param i32 i32) (result i32) '
+                'local.get 0 local.get 1 i32.add))'))
+            store = wasmtime.Store(engine.engine)
+            store.set_fuel(1000)
+            store.set_epoch_deadline(1)
+            add = wasmtime.Instance(store, module, []).exports(store)["add"]
+            assert isinstance(add, wasmtime.Func) and add(store, 2, 3) == 5
+        finally:
+            engine.close()
+    except Exception as exc:  # any failure is the answer
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+    return {"ok": True, "wasmtime": version("wasmtime"),
+            "limits": ["memory", "tables", "instances", "epoch deadline", "fuel"],
+            "wasi": "preopened allowed paths only; no sockets, no environment"}
+
+
 def diagnose() -> dict[str, Any]:
     namespaces = {name: _can_unshare(flag) for name, flag in _NAMESPACES.items()}
     cgroup = _cgroups()
     seccomp = _seccomp()
-    ok = all(v == "yes" for v in namespaces.values()) and cgroup["ok"] and seccomp == "yes"
+    wasm = _wasm()
+    ok = (all(v == "yes" for v in namespaces.values()) and cgroup["ok"] and seccomp == "yes"
+          and wasm["ok"])
     return {
         "ok": ok,
         "mode": "rootful" if os.geteuid() == 0 else "rootless",
@@ -77,5 +106,6 @@ def diagnose() -> dict[str, Any]:
         "namespaces": namespaces,
         "seccomp": seccomp,
         "cgroups": cgroup,
+        "wasm": wasm,
         "network_policy": "no network only (allow-listed egress is not built yet)",
     }

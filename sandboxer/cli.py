@@ -20,6 +20,7 @@ from . import _json
 from ._digest import tree_checksum
 from ._units import parse_duration, parse_size
 from .errors import PluginLoadError, SandboxerError, exit_code
+from .loaders import run_mode
 from .manager import PluginManager
 from .manifest import Plugin, load_plugin
 from .sandbox.policy import (
@@ -235,7 +236,7 @@ async def _cmd_inspect(args: argparse.Namespace) -> int:
     checksum = await asyncio.to_thread(tree_checksum, plugin.root)
     report = {"plugin": plugin.to_json(), "kind": plugin.type.value, "checksum": checksum,
               "sandbox": sandbox.to_json(),
-              "mode": "sandboxed" if sandbox.enabled else "trusted in-process"}
+              "mode": run_mode(plugin.type, sandbox)}
     if args.json:
         _print_json(report)
         return 0

@@ -9,9 +9,10 @@ cd "$(dirname "$0")/.."
 # gives the system interpreter its venv module; gcc, make and golang-go build the native
 # examples the tests compile; nodejs runs the external example written in JavaScript; git and
 # sqlite3 are among the ordinary programs the tests run inside the sandbox, and so is Python's
-# own test suite (libpython3.11-testsuite).
+# own test suite (libpython3.11-testsuite). clang, lld, wasi-libc and the wasm32 compiler-rt
+# build the C examples for wasm32-wasi.
 APT_PACKAGES=(libcap-dev libseccomp2 python3-venv python3-dev gcc make golang-go nodejs git sqlite3
-              libpython3.11-testsuite)
+              libpython3.11-testsuite clang lld wasi-libc libclang-rt-14-dev-wasm32)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

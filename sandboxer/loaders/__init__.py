@@ -14,7 +14,7 @@ from ..errors import SandboxerError
 from ..manifest import LoaderType, Plugin
 from ..sandbox.policy import SandboxConfig
 
-__all__ = ["Loader", "PluginHandle", "ResourceUsage", "Health"]
+__all__ = ["Loader", "PluginHandle", "ResourceUsage", "Health", "run_mode"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,3 +81,10 @@ class Loader(Protocol):
 
     async def start(self, plugin: Plugin, sandbox: SandboxConfig, *,
                     generation: int) -> PluginHandle: ...
+
+
+def run_mode(kind: LoaderType, sandbox: SandboxConfig) -> str:
+    """Where and how a plugin of ``kind`` runs under ``sandbox``, in words for people."""
+    if kind is LoaderType.WASM:
+        return "wasmtime in-process"
+    return "sandboxed" if sandbox.enabled else "trusted in-process"
