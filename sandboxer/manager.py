@@ -141,6 +141,7 @@ class LoadedPlugin:
         self.plugin = plugin
         self.source = source
         self.state = PluginState.LOADING
+        self._accepting = False  # state in ACCEPTS_CALLS, kept in step by _set_state
         self.loaded_at = _now()
         self.error: SandboxerError | None = None
         self._explicit_sandbox = sandbox
@@ -223,17 +224,9 @@ class LoadedPlugin:
 
         ``timeout`` (seconds) defaults to the effective sandbox's per-call timeout.
         """
-        while True:
-            gen = self._current
-            if gen is None or self.state not in _lifecycle.ACCEPTS_CALLS:
-                raise PluginStateError(
-                    f"plugin {self.id} is {self.state.value} and takes no calls"
-                    + (f" ({self.error})" if self.error else ""), plugin_id=self.id)
-            if gen.open.is_set():
-                break
-            # A reload is moving state to the next generation: wait, then route to whichever
-            # generation is current once the gate reopens (the new one, or the old on rollback).
-            await gen.open.wait()
+        gen = self._current
+        if gen is None or not self._accepting or not gen.open.is_set():
+            gen = await self._gate()
         gen.enter()
         self._calls += 1
         try:
@@ -244,10 +237,25 @@ class LoadedPlugin:
         finally:
             gen.leave()
 
+    async def _gate(self) -> _Generation:
+        """The generation to call once calls are admitted; raises if none will be."""
+        while True:
+            gen = self._current
+            if gen is None or self.state not in _lifecycle.ACCEPTS_CALLS:
+                raise PluginStateError(
+                    f"plugin {self.id} is {self.state.value} and takes no calls"
+                    + (f" ({self.error})" if self.error else ""), plugin_id=self.id)
+            if gen.open.is_set():
+                return gen
+            # A reload is moving state to the next generation: wait, then route to whichever
+            # generation is current once the gate reopens (the new one, or the old on rollback).
+            await gen.open.wait()
+
     # -- lifecycle helpers used by the manager -----------------------------------------------
     def _set_state(self, target: PluginState, *, error: SandboxerError | None = None) -> None:
         _lifecycle.check_transition(self.id, self.state, target)
         previous, self.state = self.state, target
+        self._accepting = target in _lifecycle.ACCEPTS_CALLS
         if error is not None:
             self.error = error
         self._manager._emit("state", self, previous,

@@ -455,6 +455,7 @@ class WasmHandle:
         self._idle: list[_Instance] = []
         self._waiters: collections.deque[asyncio.Future[_Instance]] = collections.deque()
         self._offloop: set[asyncio.Future[Any]] = set()
+        self._commands: set[_Store] = set()  # stores of WASI command runs in progress
         self._failure_callbacks: list[Callable[[SandboxerError], None]] = []
         self._closed = False
         self._failed: SandboxerError | None = None
@@ -563,11 +564,7 @@ class WasmHandle:
             inst = await waiter
         inst.busy = True
         if inst.broken:
-            try:
-                inst = await self._replace(inst)
-            except BaseException:
-                self._release(inst)
-                raise
+            inst = await self._replace(inst)
         return inst
 
     def _release(self, inst: _Instance) -> None:
@@ -580,21 +577,39 @@ class WasmHandle:
         self._idle.append(inst)
 
     async def _replace(self, old: _Instance) -> _Instance:
-        """A fresh instance for one that trapped, initialised again with the same config."""
-        old.release()
-        new = await self._loop.run_in_executor(self._executor, self._new_instance)
-        new.busy = True
+        """A fresh instance for one that trapped, initialised again with the same config.
+
+        On failure the broken instance goes back to the pool (a later call tries again) and,
+        when the plugin itself is at fault, the plugin fails."""
         index = self._instances.index(old)
-        self._instances[index] = new
+        old.release()
+        work = self._loop.run_in_executor(self._executor, self._new_instance)
         try:
-            if "init" in self._layout.lifecycle:
+            new = await asyncio.shield(work)
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                work.add_done_callback(
+                    lambda f: f.cancelled() or f.exception() or f.result().release())
+            self._release(old)
+            if isinstance(exc, SandboxerError):
+                self._fail(exc)
+            raise
+        self._instances[index] = new
+        new.busy = True
+        if "init" in self._layout.lifecycle:
+            try:
                 await self._json_call(new, "init", [self._config])
-        except SandboxerError as exc:
-            new.broken = True
-            error = PluginLoadError(f"plugin {self.plugin.id}: could not replace an instance "
-                                    f"that trapped: init failed: {exc}", plugin_id=self.plugin.id)
-            self._fail(error)
-            raise error from exc
+            except BaseException as exc:
+                new.broken = True
+                if new.busy:
+                    self._release(new)
+                if not isinstance(exc, SandboxerError):
+                    raise
+                error = PluginLoadError(f"plugin {self.plugin.id}: could not replace an "
+                                        f"instance that trapped: init failed: {exc}",
+                                        plugin_id=self.plugin.id)
+                self._fail(error)
+                raise error from exc
         return new
 
     def _fail(self, error: SandboxerError) -> None:
@@ -907,6 +922,7 @@ class WasmHandle:
 
         wasi = self._wasi(argv=[pid, method], stdin=payload, stdout=stdout, stderr=stderr)
         store = _Store(self._engine, self._sandbox)
+        self._commands.add(store)
         status = 0
         try:
             if wasi is not None:
@@ -934,6 +950,7 @@ class WasmHandle:
                                       code=INTERNAL_ERROR, plugin_id=pid, method=method,
                                       data={"stderr": list(err.tail)}) from None
         finally:
+            self._commands.discard(store)
             store.release()
         err.flush()
         if too_much:
@@ -1056,8 +1073,8 @@ class WasmHandle:
             waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_exception(error)
-        for inst in self._instances:
-            inst.deadline = 0.0  # a call still running traps at the next tick
+        for running in [*self._instances, *self._commands]:
+            running.deadline = 0.0  # a call still running traps at the next tick
         if self._offloop:
             await asyncio.wait(list(self._offloop))
         for inst in self._instances:

@@ -230,6 +230,11 @@ def test_from_mapping_reads_every_field() -> None:
         pytest.param({"limits": {"max_timeout": -1}}, "limits.max_timeout",
                      id="max-timeout-negative"),
         pytest.param({"limits": {"max_pids": 0}}, "limits.max_pids", id="max-pids-zero"),
+        pytest.param({"limits": {"max_fuel": 0}}, "limits.max_fuel", id="max-fuel-zero"),
+        pytest.param({"limits": {"max_fuel": "x"}}, "limits.max_fuel", id="max-fuel-word"),
+        pytest.param({"host": {"wasm_instances": 0}}, "host.wasm_instances", id="pool-zero"),
+        pytest.param({"host": {"wasm_instances": 65}}, "host.wasm_instances", id="pool-65"),
+        pytest.param({"host": {"wasm_instances": True}}, "host.wasm_instances", id="pool-bool"),
         pytest.param({"limits": {"max_pids": True}}, "limits.max_pids", id="max-pids-bool"),
         pytest.param({"limits": {"max_pids": 1.5}}, "limits.max_pids", id="max-pids-float"),
         pytest.param({"limits": {"max_pids": (1 << 22) + 1}}, "limits.max_pids",
@@ -577,6 +582,7 @@ def test_sandbox_config_to_json_uses_spec_keys() -> None:
         "pidsLimit": 128,
         "tmpSize": "64MiB",
         "nofile": 1024,
+        "fuel": None,
     }
 
 
@@ -586,3 +592,28 @@ def test_host_config_fallbacks_are_named_and_checked():
     with pytest.raises(ConfigError) as info:
         HostConfig.from_mapping({"host": {"fallbacks": ["ignore-limits"]}})
     assert info.value.field == "host.fallbacks"
+
+
+@pytest.mark.parametrize(
+    ("requested", "ceiling", "expected"),
+    [
+        pytest.param(None, None, None, id="unmetered"),
+        pytest.param(5000, None, 5000, id="plugin-asks"),
+        pytest.param(5000, 1000, 1000, id="host-caps"),
+        pytest.param(500, 1000, 500, id="under-the-cap"),
+        pytest.param(None, 1000, 1000, id="host-imposes"),
+    ],
+)
+def test_fuel_is_metered_when_plugin_or_host_asks(requested: int | None, ceiling: int | None,
+                                                   expected: int | None) -> None:
+    """Fuel (wasm) per call: the plugin's request, capped by the host's max_fuel, which also
+    applies on its own."""
+    cfg = effective_config(SandboxRequest(fuel=requested), HostConfig(max_fuel=ceiling))
+    assert cfg.fuel == expected
+
+
+def test_host_config_reads_wasm_settings() -> None:
+    host = HostConfig.from_mapping({"host": {"wasm_instances": 4},
+                                    "limits": {"max_fuel": 10_000_000}})
+    assert host.wasm_instances == 4
+    assert host.max_fuel == 10_000_000
