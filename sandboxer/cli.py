@@ -291,9 +291,9 @@ async def _cmd_doctor(args: argparse.Namespace) -> int:
     if args.target:
         host = HostConfig.load()
         plugin = load_plugin(args.target)
+        sandbox = _sandbox_from(plugin.sandbox, plugin.id, host, _no_overrides())
         report["plugin"] = {"id": plugin.id, "kind": plugin.type.value,
-                            "sandbox": _sandbox_from(plugin.sandbox, plugin.id, host,
-                                                     _no_overrides()).to_json()}
+                            "mode": run_mode(plugin.type, sandbox), "sandbox": sandbox.to_json()}
     if args.json:
         _print_json(report)
     else:
