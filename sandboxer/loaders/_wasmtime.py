@@ -8,7 +8,7 @@ library wasmtime-py loaded. Everything else (compiling, linking, WASI, host func
 through wasmtime-py's public API.
 
 Calls use wasmtime's async API: a call is a *future* whose wasm runs on its own fiber stack
-and can be suspended at an epoch deadline and resumed later, even on another thread. That is
+and can be suspended (every so much fuel) and resumed later, even on another thread. That is
 what lets the loader start every call on the event loop (a quick call finishes in the first
 slice, with no thread hand-off) and move a long call to a worker thread (see wasm.py).
 """
@@ -22,8 +22,9 @@ import wasmtime
 from wasmtime import _ffi as ffi
 
 __all__ = [
-    "lib", "call_async", "poll", "delete_future", "set_fuel", "memory_data_size",
-    "epoch_callback_type", "CONTINUE", "YIELD", "val_array", "trap_from", "error_from",
+    "lib", "call_async", "poll", "delete_future", "set_fuel", "fuel_async_yield_interval",
+    "memory_data_size", "epoch_callback_type", "CONTINUE", "val_array", "trap_from",
+    "error_from",
 ]
 
 lib = ctypes.CDLL(ffi.dll._name)
@@ -41,6 +42,9 @@ delete_future.restype = None
 # wasmtime_error_t *wasmtime_context_set_fuel(wasmtime_context_t *, uint64_t)
 set_fuel = lib.wasmtime_context_set_fuel
 set_fuel.restype = ctypes.c_void_p
+# wasmtime_error_t *wasmtime_context_fuel_async_yield_interval(wasmtime_context_t *, uint64_t)
+fuel_async_yield_interval = lib.wasmtime_context_fuel_async_yield_interval
+fuel_async_yield_interval.restype = ctypes.c_void_p
 # size_t wasmtime_memory_data_size(const wasmtime_context_t *, const wasmtime_memory_t *)
 memory_data_size = lib.wasmtime_memory_data_size
 memory_data_size.restype = ctypes.c_size_t
@@ -50,7 +54,6 @@ epoch_callback_type = ctypes.CFUNCTYPE(
     ctypes.c_size_t, ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint64),
     ctypes.POINTER(ctypes.c_uint8))
 CONTINUE = 0  # WASMTIME_UPDATE_DEADLINE_CONTINUE
-YIELD = 1     # WASMTIME_UPDATE_DEADLINE_YIELD: suspend an async call until polled again
 
 _set_epoch_callback = lib.wasmtime_store_epoch_deadline_callback
 _set_epoch_callback.restype = None

@@ -8,11 +8,14 @@ a time, and calls of one plugin run in parallel only across instances.
 
 How a call runs. Handing every call to a thread costs 60-90 µs, while a small wasm call takes
 1-2 µs, so a call *starts* on the event loop as a wasmtime async call (its wasm runs on a
-fiber). The epoch ticker advances every millisecond; at a deadline the store's callback
-either lets the call go on, suspends it (when it has run about a millisecond on the event
-loop), or traps it (when its timeout has passed). A suspended call is finished on a worker
-thread, so the event loop is never held by one call for more than about two milliseconds,
-and a quick call never pays for a thread hop. Fuel, when metered, is refilled per call.
+fiber) and yields after SLICE_FUEL of fuel, about a millisecond of wasm. A call that yields is
+finished on a worker thread, so the event loop is never held long by one call and a quick
+call never pays for a thread hop. Timeouts are epoch deadlines: while wasm runs off the loop
+(a moved call, instantiation, a WASI command) one ticker thread advances the engine's epoch
+every millisecond, and at each deadline the store's callback traps the call once its time is
+up. The ticker sleeps while nothing runs off the loop: calls on the loop, bounded by their
+slice, need no timer, and they do not compete with it for the GIL. Fuel, when metered, is
+refilled per call.
 
 Failure semantics. A trap (including a timeout, fuel exhaustion, a stack overflow or a WASI
 ``proc_exit`` outside a command) ends the call with an error, and the instance that trapped is
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import ctypes
 import dataclasses
 import itertools
@@ -34,7 +38,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import orjson
 import wasmtime
@@ -62,7 +66,9 @@ __all__ = ["WasmEngine", "WasmLoader", "WasmHandle", "WASM_MAGIC"]
 
 WASM_MAGIC = b"\0asm"
 TICK = 0.001          # the epoch ticker's period
-SLICE = 0.001         # how long a call may run on the event loop before it moves off it
+# How much a call may run on the event loop before it moves off it, in fuel (about one wasm
+# instruction each): 5 million is roughly a millisecond here.
+SLICE_FUEL = 5_000_000
 MAX_WASM_STACK = 512 << 10
 TABLE_ELEMENTS = 100_000
 LOG_MESSAGE_MAX = 64 << 10
@@ -113,8 +119,9 @@ class WasmEngine:
         self._compile_lock = threading.Lock()
         self.executor = ThreadPoolExecutor(max_workers=workers,
                                            thread_name_prefix="sandboxer-wasm")
-        self._users = 0
-        self._stop = threading.Event()
+        self._closing = False
+        self._running = 0  # wasm runs off the event loop right now (calls, instantiation)
+        self._wake = threading.Condition()
         self._ticker: threading.Thread | None = None
 
     def module(self, data: bytes, digest: str) -> wasmtime.Module:
@@ -126,30 +133,43 @@ class WasmEngine:
                 self._modules[digest] = module
             return module
 
-    def attach(self) -> None:
-        """One more live plugin: the ticker runs while any is loaded."""
-        self._users += 1
-        if self._ticker is None:
-            self._stop.clear()
-            self._ticker = threading.Thread(target=self._tick, name="sandboxer-wasm-epoch",
-                                            daemon=True)
-            self._ticker.start()
+    @contextlib.contextmanager
+    def ticking(self) -> Iterator[None]:
+        """Advance the epoch while the block runs: wasm off the event loop is timed by it.
 
-    def detach(self) -> None:
-        self._users -= 1
-        if self._users <= 0 and self._ticker is not None:
-            self._stop.set()
-            self._ticker.join()
-            self._ticker = None
+        One ticker thread for the engine, asleep while nothing runs off the loop, so quick
+        calls on the loop never compete with it for the GIL."""
+        with self._wake:
+            if self._ticker is None and not self._closing:
+                self._ticker = threading.Thread(target=self._tick, daemon=True,
+                                                name="sandboxer-wasm-epoch")
+                self._ticker.start()
+            self._running += 1
+            self._wake.notify()
+        try:
+            yield
+        finally:
+            with self._wake:
+                self._running -= 1
 
     def _tick(self) -> None:
-        engine, stop = self.engine, self._stop
-        while not stop.wait(TICK):
+        engine, wake = self.engine, self._wake
+        while True:
+            with wake:
+                while not self._running and not self._closing:
+                    wake.wait()
+                if self._closing:
+                    return
             engine.increment_epoch()
+            time.sleep(TICK)
 
     def close(self) -> None:
-        self._users = 0
-        self.detach()
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+            ticker = self._ticker
+        if ticker is not None:
+            ticker.join()
         self.executor.shutdown(wait=True, cancel_futures=True)
         self._modules.clear()
 
@@ -172,8 +192,6 @@ def _on_epoch(_ctx: Any, data: int | None, delta: Any, kind: Any) -> int:
         if now >= store.deadline:
             store.timed_out = True
             return _wt.new_error("sandboxer: the call's deadline passed")
-        if store.inline and now - store.started >= SLICE:
-            kind[0] = _wt.YIELD
         return 0
     except BaseException:  # a ctypes callback must not raise
         return 0
@@ -212,25 +230,22 @@ class _Store:
     """A Store with the plugin's limits, its epoch callback and the state of its call."""
 
     def __init__(self, engine: WasmEngine, sandbox: SandboxConfig) -> None:
+        self.engine = engine
         self.store = wasmtime.Store(engine.engine)
         self.store.set_limits(memory_size=sandbox.memory_limit, table_elements=TABLE_ELEMENTS,
                               instances=1, tables=4, memories=1)
         self.store.set_fuel(sandbox.fuel or (1 << 63) - 1)
         self.key = next(_keys)
         self.deadline = 0.0
-        self.started = 0.0
-        self.inline = False
         self.timed_out = False
         _LIVE[self.key] = self
         _wt.set_epoch_callback(self.store, _on_epoch, self.key)
         self.store.set_epoch_deadline(1)
         self.ctx = _wt.context(self.store)
 
-    def arm(self, timeout: float, *, inline: bool) -> None:
+    def arm(self, timeout: float) -> None:
         self.timed_out = False
-        self.started = now = time.monotonic()
-        self.deadline = now + timeout
-        self.inline = inline
+        self.deadline = time.monotonic() + timeout
 
     def release(self) -> None:
         _LIVE.pop(self.key, None)
@@ -253,7 +268,7 @@ class _Instance(_Store):
         self.fuel = ctypes.c_uint64(sandbox.fuel) if sandbox.fuel else None
         if wasi is not None:
             self.store.set_wasi(wasi)
-        self.arm(timeout, inline=False)
+        self.arm(timeout)
         self.instance = linker.instantiate(self.store, module)  # may raise: caller cleans up
         found = self.instance.exports(self.store)
         self.bound: dict[str, _Bound] = {}
@@ -299,25 +314,27 @@ class _Instance(_Store):
     def start(self, bound: _Bound, timeout: float) -> _Ptr | None:
         """Start a call; None once it has finished, else the suspended future."""
         self.timed_out = False
-        self.started = now = time.monotonic()
-        self.deadline = now + timeout
-        self.inline = True
+        self.deadline = time.monotonic() + timeout
         if self.fuel is not None:
             _wt.set_fuel(self.ctx, self.fuel)
         future = _wt.call_async(self.ctx, bound.fptr, bound.argsp, bound.nargs,
                                 bound.resultsp, bound.nresults, self.trapp, self.errorp)
-        done = _wt.poll(future)
-        self.inline = False
-        if done:
+        if _wt.poll(future):
             _wt.delete_future(future)
             return None
         return future
 
+    def slice_calls(self) -> None:
+        """From now on an async call yields every SLICE_FUEL of fuel, so one that runs long
+        can leave the event loop. The store then takes only async calls."""
+        _wt.fuel_async_yield_interval(self.ctx, ctypes.c_uint64(SLICE_FUEL))
+
     def finish(self, future: _Ptr) -> None:
-        """Run a suspended call to its end (on a worker thread)."""
+        """Run a suspended call to its end (on a worker thread, under the epoch ticker)."""
         try:
-            while not _wt.poll(future):
-                pass
+            with self.engine.ticking():
+                while not _wt.poll(future):
+                    pass
         finally:
             _wt.delete_future(future)
 
@@ -465,7 +482,6 @@ class WasmHandle:
         self._executor = engine.executor
         self._timeout = sandbox.timeout
         self._max_output = 16 << 20
-        engine.attach()
 
     # -- setup ---------------------------------------------------------------------------------
     def _make_linker(self) -> wasmtime.Linker:
@@ -518,10 +534,12 @@ class WasmHandle:
             names.add("_initialize")
         inst = None
         try:
-            inst = _Instance(self._engine, self._sandbox, self._module, self._linker, wasi,
-                             sorted(names), self._timeout)
-            if self._layout.initialize:
-                self._call_blocking(inst, "_initialize")
+            with self._engine.ticking():
+                inst = _Instance(self._engine, self._sandbox, self._module, self._linker, wasi,
+                                 sorted(names), self._timeout)
+                if self._layout.initialize:
+                    self._call_blocking(inst, "_initialize")
+            inst.slice_calls()
             return inst
         except wasmtime.WasmtimeError as exc:
             if inst is not None:
@@ -790,7 +808,7 @@ class WasmHandle:
 
     def _call_blocking(self, inst: _Instance, name: str) -> None:
         """Call a () -> () export to its end on this (worker) thread."""
-        inst.arm(self._timeout, inline=False)
+        inst.arm(self._timeout)
         try:
             inst.bound[name].func(inst.store)
         except (wasmtime.Trap, wasmtime.WasmtimeError):
@@ -927,12 +945,13 @@ class WasmHandle:
         try:
             if wasi is not None:
                 store.store.set_wasi(wasi)
-            store.arm(timeout, inline=False)
+            store.arm(timeout)
             try:
-                instance = self._linker.instantiate(store.store, self._module)
-                start = instance.exports(store.store)["_start"]
-                assert isinstance(start, wasmtime.Func)
-                start(store.store)
+                with self._engine.ticking():
+                    instance = self._linker.instantiate(store.store, self._module)
+                    start = instance.exports(store.store)["_start"]
+                    assert isinstance(start, wasmtime.Func)
+                    start(store.store)
             except wasmtime.ExitTrap as exc:
                 status = exc.code
             except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
@@ -1081,7 +1100,6 @@ class WasmHandle:
             inst.release()
         self._instances.clear()
         self._idle.clear()
-        self._engine.detach()
 
 
 def _first_line(exc: BaseException | None) -> str:
