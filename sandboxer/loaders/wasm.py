@@ -36,6 +36,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -113,9 +114,11 @@ class WasmEngine:
         config.memory_may_move = False   # memory base addresses stay put: cached per instance
         config.wasm_memory64 = False     # limits and the JSON ABI are 32-bit
         config.wasm_threads = False
+        config.wasm_simd = False         # v128 values cannot cross wasmtime's C API: refuse them
+        config.wasm_relaxed_simd = False
         config.parallel_compilation = False
         self.engine = wasmtime.Engine(config)
-        self._modules: dict[str, wasmtime.Module] = {}
+        self._modules: dict[str, list[Any]] = {}  # digest -> [module, plugins using it]
         self._compile_lock = threading.Lock()
         self.executor = ThreadPoolExecutor(max_workers=workers,
                                            thread_name_prefix="sandboxer-wasm")
@@ -125,13 +128,23 @@ class WasmEngine:
         self._ticker: threading.Thread | None = None
 
     def module(self, data: bytes, digest: str) -> wasmtime.Module:
-        """The compiled module for ``data`` (sha256 ``digest``), compiled once. Blocking."""
+        """The compiled module for ``data`` (sha256 ``digest``), compiled once and shared
+        while any plugin holds it; each call must be paired with ``release``. Blocking."""
         with self._compile_lock:
-            module = self._modules.get(digest)
-            if module is None:
-                module = wasmtime.Module(self.engine, data)
-                self._modules[digest] = module
-            return module
+            entry = self._modules.get(digest)
+            if entry is None:
+                entry = self._modules[digest] = [wasmtime.Module(self.engine, data), 0]
+            entry[1] += 1
+            return entry[0]
+
+    def release(self, digest: str) -> None:
+        with self._compile_lock:
+            entry = self._modules.get(digest)
+            if entry is not None:
+                entry[1] -= 1
+                if entry[1] <= 0:
+                    del self._modules[digest]
+                    entry[0].close()
 
     @contextlib.contextmanager
     def ticking(self) -> Iterator[None]:
@@ -171,6 +184,8 @@ class WasmEngine:
         if ticker is not None:
             ticker.join()
         self.executor.shutdown(wait=True, cancel_futures=True)
+        for module, _ in self._modules.values():
+            module.close()
         self._modules.clear()
 
 
@@ -248,16 +263,17 @@ class _Store:
         self.deadline = time.monotonic() + timeout
 
     def release(self) -> None:
+        """Free the store now (not when Python collects it: a traceback a caller keeps may
+        hold this object for long, and the store pins the module and its memory image)."""
         _LIVE.pop(self.key, None)
         self.view = memoryview(b"")
+        self.store.close()
 
 
 class _Instance(_Store):
     """A reactor-style instance: exports called as methods, many calls over its life."""
 
-    def __init__(self, engine: WasmEngine, sandbox: SandboxConfig, module: wasmtime.Module,
-                 linker: wasmtime.Linker, wasi: wasmtime.WasiConfig | None,
-                 exports: Iterable[str], timeout: float) -> None:
+    def __init__(self, engine: WasmEngine, sandbox: SandboxConfig) -> None:
         super().__init__(engine, sandbox)
         self.broken = False
         self.busy = False
@@ -266,10 +282,19 @@ class _Instance(_Store):
         self.trapp = _wt.address(self._trap)
         self.errorp = _wt.address(self._error)
         self.fuel = ctypes.c_uint64(sandbox.fuel) if sandbox.fuel else None
+        self.view = memoryview(b"")
+        self.buffer = 0     # the argument buffer (from sandboxer_alloc), reused across calls
+        self.capacity = 0
+
+    def instantiate(self, module: wasmtime.Module, linker: wasmtime.Linker,
+                    wasi: wasmtime.WasiConfig | None, exports: Iterable[str],
+                    timeout: float) -> None:
+        """Instantiate (running the module's start function) and bind ``exports``; blocking,
+        bounded by ``timeout`` when the epoch ticker runs."""
         if wasi is not None:
             self.store.set_wasi(wasi)
         self.arm(timeout)
-        self.instance = linker.instantiate(self.store, module)  # may raise: caller cleans up
+        self.instance = linker.instantiate(self.store, module)
         found = self.instance.exports(self.store)
         self.bound: dict[str, _Bound] = {}
         for name in exports:
@@ -289,10 +314,7 @@ class _Instance(_Store):
         if self.memory is not None:
             self.base = ctypes.addressof(self.memory.data_ptr(self.store).contents)
             self.memp = _wt.address(self.memory._memory)
-        self.view = memoryview(b"")
         self.refresh()
-        self.buffer = 0     # the argument buffer (from sandboxer_alloc), reused across calls
-        self.capacity = 0
 
     def memory_size(self) -> int:
         if self.memp is None:
@@ -456,8 +478,10 @@ class WasmHandle:
     """One generation of a wasm plugin: its instance pool (or, for a WASI command, a runner)."""
 
     def __init__(self, plugin: Plugin, sandbox: SandboxConfig, engine: WasmEngine,
-                 module: wasmtime.Module, layout: _Layout, *, pool_size: int) -> None:
+                 module: wasmtime.Module, digest: str, layout: _Layout, *, pool_size: int
+                 ) -> None:
         self.plugin = plugin
+        self._digest = digest
         self._sandbox = sandbox
         self._engine = engine
         self._module = module
@@ -485,14 +509,30 @@ class WasmHandle:
 
     # -- setup ---------------------------------------------------------------------------------
     def _make_linker(self) -> wasmtime.Linker:
+        """The imports this plugin may use. The host functions reach the handle through a
+        weak reference: wasmtime-py keeps them in a global table while the linker lives, and
+        a strong one would keep every unloaded generation alive."""
         linker = wasmtime.Linker(self._engine.engine)
         if self._layout.uses_wasi:
             linker.define_wasi()
+        handle = weakref.ref(self)
+
+        def log(caller: wasmtime.Caller, level: int, ptr: int, length: int) -> None:
+            me = handle()
+            if me is not None:
+                me._host_log(caller, level, ptr, length)
+
+        def config_get(caller: wasmtime.Caller, key_ptr: int, key_len: int, buf_ptr: int,
+                       buf_cap: int) -> int:
+            me = handle()
+            return -1 if me is None else me._host_config_get(caller, key_ptr, key_len,
+                                                             buf_ptr, buf_cap)
+
         i32 = wasmtime.ValType.i32()
-        linker.define_func("sandboxer", "log", wasmtime.FuncType([i32, i32, i32], []),
-                           self._host_log, access_caller=True)
+        linker.define_func("sandboxer", "log", wasmtime.FuncType([i32, i32, i32], []), log,
+                           access_caller=True)
         linker.define_func("sandboxer", "config_get", wasmtime.FuncType([i32] * 4, [i32]),
-                           self._host_config_get, access_caller=True)
+                           config_get, access_caller=True)
         return linker
 
     def _wasi(self, *, argv: list[str], stdin: bytes | None,
@@ -532,31 +572,29 @@ class WasmHandle:
             names.add("sandboxer_alloc")
         if self._layout.initialize:
             names.add("_initialize")
-        inst = None
+        inst = _Instance(self._engine, self._sandbox)
+        step = "could not be instantiated"
         try:
             with self._engine.ticking():
-                inst = _Instance(self._engine, self._sandbox, self._module, self._linker, wasi,
-                                 sorted(names), self._timeout)
+                inst.instantiate(self._module, self._linker, wasi, sorted(names), self._timeout)
                 if self._layout.initialize:
-                    self._call_blocking(inst, "_initialize")
+                    step = "_initialize failed"
+                    inst.arm(self._timeout)
+                    inst.bound["_initialize"].func(inst.store)
             inst.slice_calls()
             return inst
-        except wasmtime.WasmtimeError as exc:
-            if inst is not None:
-                inst.release()
-            raise self._load_error("could not be instantiated", exc) from None
-        except SandboxerError as exc:
-            if inst is not None:
-                inst.release()
-            raise PluginLoadError(f"plugin {self.plugin.id}: _initialize failed: {exc}",
-                                  plugin_id=self.plugin.id) from exc
-
-    def _load_error(self, what: str, exc: BaseException) -> PluginLoadError:
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if isinstance(exc, wasmtime.Trap) and exc.trap_code is wasmtime.TrapCode.INTERRUPT:
-            text = f"its start function did not finish within {self._timeout:g}s"
-        return PluginLoadError(f"plugin {self.plugin.id}: {what}: {text}",
-                               plugin_id=self.plugin.id)
+        except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
+            inst.release()
+            if inst.timed_out:
+                detail = f"it did not finish within {self._timeout:g}s (start function " \
+                         "or _initialize)"
+            else:
+                detail = _first_line(exc)
+            raise PluginLoadError(f"plugin {self.plugin.id}: {step}: {detail}",
+                                  plugin_id=self.plugin.id) from None
+        except BaseException:
+            inst.release()
+            raise
 
     async def start(self) -> None:
         if self._layout.command:
@@ -723,7 +761,10 @@ class WasmHandle:
             else:
                 if type(value) not in (int, float):
                     raise self._bad_number(method, i, value, kind)
-                setattr(bound.arg[i], _FIELDS[kind], value)
+                try:
+                    setattr(bound.arg[i], _FIELDS[kind], float(value))
+                except OverflowError:
+                    raise self._bad_number(method, i, value, kind) from None
 
     @staticmethod
     def _get_numbers(bound: _Bound, m: _Method) -> Any:
@@ -771,6 +812,9 @@ class WasmHandle:
         code = trap.trap_code if trap is not None else None
         size = inst.memory_size()
         self._peak = max(self._peak, size)
+        if inst.timed_out and self._closed:
+            return PluginStateError(f"plugin {pid}: unloaded while {method} was in flight (it "
+                                    "outlived the drain timeout)", plugin_id=pid)
         if inst.timed_out:
             return CallTimeout(f"plugin {pid}: {method} did not finish within {timeout:g}s",
                                timeout=timeout, plugin_id=pid, method=method)
@@ -806,14 +850,6 @@ class WasmHandle:
             raise self._call_failure(inst, name, timeout)
         return bound
 
-    def _call_blocking(self, inst: _Instance, name: str) -> None:
-        """Call a () -> () export to its end on this (worker) thread."""
-        inst.arm(self._timeout)
-        try:
-            inst.bound[name].func(inst.store)
-        except (wasmtime.Trap, wasmtime.WasmtimeError):
-            raise self._load_error(f"{name} failed", _current_exception()) from None
-
     async def _json_call(self, inst: _Instance, method: str, args: list[Any]) -> Any:
         """A JSON ABI call outside the hot path (lifecycle exports)."""
         payload = self._encode(method, args)
@@ -845,7 +881,7 @@ class WasmHandle:
                 f"{self._max_output}-byte limit", code=INTERNAL_ERROR,
                 plugin_id=self.plugin.id, method=method)
         view = inst.view
-        if view[ptr:ptr + 10] == b'{"result":' and view[end - 1] == 0x7D:  # the usual shape
+        if length > 10 and view[ptr:ptr + 10] == b'{"result":' and view[end - 1] == 0x7D:
             try:
                 return orjson.loads(view[ptr + 10:end - 1])
             except orjson.JSONDecodeError:
@@ -956,6 +992,10 @@ class WasmHandle:
                 status = exc.code
             except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
                 err.flush()
+                if store.timed_out and self._closed:
+                    raise PluginStateError(f"plugin {pid}: unloaded while {method} was in "
+                                           "flight (it outlived the drain timeout)",
+                                           plugin_id=pid) from None
                 if store.timed_out:
                     raise CallTimeout(f"plugin {pid}: {method} did not finish within "
                                       f"{timeout:g}s", timeout=timeout, plugin_id=pid,
@@ -1100,6 +1140,11 @@ class WasmHandle:
             inst.release()
         self._instances.clear()
         self._idle.clear()
+        # Drop everything that holds wasmtime objects, so the module (and its memory image)
+        # is freed once no other plugin uses it.
+        self._linker.close()
+        self._module = None  # type: ignore[assignment]
+        self._engine.release(self._digest)
 
 
 def _first_line(exc: BaseException | None) -> str:
@@ -1111,13 +1156,6 @@ def _first_line(exc: BaseException | None) -> str:
         causes = [line.strip() for line in text.split("Caused by:", 1)[1].splitlines()]
         return "; ".join(line for line in causes if line)
     return text.splitlines()[0]
-
-
-def _current_exception() -> BaseException:
-    import sys
-    exc = sys.exc_info()[1]
-    assert exc is not None
-    return exc
 
 
 class WasmLoader:
@@ -1158,7 +1196,7 @@ class WasmLoader:
                         "wasm plugins may not have it (allow narrower directories instead)",
                         plugin_id=pid)
 
-    def _compile(self, plugin: Plugin) -> wasmtime.Module:
+    def _compile(self, plugin: Plugin) -> tuple[wasmtime.Module, str]:
         pid = plugin.id
         path = Path(plugin.entrypoint)
         try:
@@ -1172,7 +1210,7 @@ class WasmLoader:
         import hashlib
         digest = hashlib.sha256(data).hexdigest()
         try:
-            return self._engine.module(data, digest)
+            return self._engine.module(data, digest), digest
         except wasmtime.WasmtimeError as exc:
             detail = str(exc).strip().replace("\n", "; ")
             raise PluginLoadError(f"plugin {pid}: {path} is not a valid WebAssembly module: "
@@ -1182,14 +1220,21 @@ class WasmLoader:
                     generation: int) -> WasmHandle:
         self._check_sandbox(plugin, sandbox)
         loop = asyncio.get_running_loop()
-        module = await loop.run_in_executor(self._engine.executor, self._compile, plugin)
-        layout = _Layout(plugin, module)
+        module, digest = await loop.run_in_executor(self._engine.executor, self._compile,
+                                                    plugin)
         pool = self._pool_size
-        if pool > 1 and {"export_state", "import_state"} <= layout.lifecycle:
-            raise PluginLoadError(
-                f"plugin {plugin.id}: exports state, so it must run as one instance; the "
-                f"host's wasm_instances = {pool} would split its state", plugin_id=plugin.id)
-        handle = WasmHandle(plugin, sandbox, self._engine, module, layout, pool_size=pool)
+        try:
+            layout = _Layout(plugin, module)
+            if pool > 1 and {"export_state", "import_state"} <= layout.lifecycle:
+                raise PluginLoadError(
+                    f"plugin {plugin.id}: exports state, so it must run as one instance; the "
+                    f"host's wasm_instances = {pool} would split its state",
+                    plugin_id=plugin.id)
+        except BaseException:
+            self._engine.release(digest)
+            raise
+        handle = WasmHandle(plugin, sandbox, self._engine, module, digest, layout,
+                            pool_size=pool)
         handle._max_output = self._max_frame
         await handle.start()
         return handle
