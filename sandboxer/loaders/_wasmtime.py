@@ -16,6 +16,7 @@ slice, with no thread hand-off) and move a long call to a worker thread (see was
 from __future__ import annotations
 
 import ctypes
+import itertools
 from typing import Any
 
 import wasmtime
@@ -24,7 +25,7 @@ from wasmtime import _ffi as ffi
 __all__ = [
     "lib", "call_async", "poll", "delete_future", "set_fuel", "fuel_async_yield_interval",
     "memory_data_size", "epoch_callback_type", "CONTINUE", "val_array", "trap_from",
-    "error_from",
+    "error_from", "HostTrap", "define_host_function",
 ]
 
 lib = ctypes.CDLL(ffi.dll._name)
@@ -101,3 +102,66 @@ def address(obj: Any) -> ctypes.c_void_p:
 
 def context(store: wasmtime.Store) -> ctypes.c_void_p:
     return ctypes.c_void_p(ctypes.cast(store._context(), ctypes.c_void_p).value)
+
+
+# -- host functions ----------------------------------------------------------------------------
+# wasmtime-py's own trampoline parks a host function's exception in one process-wide slot and
+# re-raises it from the next wasmtime-py call that traps, on any thread; calls made through
+# this module never collect it, so a stale exception would surface in an unrelated call.
+# Host functions defined here report failure by returning a trap instead, and never raise.
+
+class HostTrap(Exception):
+    """Raised by a host function to trap the calling wasm with this message."""
+
+
+_HOST: dict[int, tuple[Any, int]] = {}  # id -> (function(caller, *i32 args), number of results)
+_host_ids = itertools.count(1)
+_new_trap = lib.wasmtime_trap_new
+_new_trap.restype = ctypes.c_void_p
+_new_trap.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
+
+
+def _trap(message: str) -> int:
+    text = message.encode("utf-8", "replace")
+    return int(_new_trap(text, len(text)) or 0)
+
+
+@ffi.wasmtime_func_callback_t
+def _host_trampoline(data: int | None, caller_ptr: Any, params: Any, nparams: int,
+                     results: Any, nresults: int) -> int:
+    caller = wasmtime.Caller(caller_ptr)
+    try:
+        fn, _ = _HOST[data or 0]
+        value = fn(caller, *(params[i].of.i32 for i in range(nparams)))
+        if nresults:
+            results[0].kind = 0  # WASMTIME_I32
+            results[0].of.i32 = int(value)
+        return 0
+    except HostTrap as exc:
+        return _trap(str(exc))
+    except BaseException as exc:  # a bug in sandboxer's host function: fail the call, say so
+        return _trap(f"sandboxer host function failed: {type(exc).__name__}: {exc}")
+    finally:
+        caller._invalidate()
+
+
+@ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+def _host_finalize(data: int | None) -> None:
+    _HOST.pop(data or 0, None)
+
+
+def define_host_function(linker: wasmtime.Linker, module: str, name: str, params: int,
+                         results: int, fn: Any) -> None:
+    """Define ``module.name`` taking ``params`` i32s and returning ``results`` (0 or 1) i32s:
+    ``fn(caller, *args)``, which may raise HostTrap."""
+    i32 = wasmtime.ValType.i32()
+    ty = wasmtime.FuncType([i32] * params, [i32] * results)
+    key = next(_host_ids)
+    _HOST[key] = (fn, results)
+    m, n = module.encode(), name.encode()
+    error = ffi.wasmtime_linker_define_func(
+        linker.ptr(), ctypes.create_string_buffer(m), len(m), ctypes.create_string_buffer(n),
+        len(n), ty.ptr(), _host_trampoline, key, _host_finalize)
+    if error:
+        _HOST.pop(key, None)
+        raise wasmtime.WasmtimeError._from_ptr(error)

@@ -31,6 +31,7 @@ import collections
 import contextlib
 import ctypes
 import dataclasses
+import gc
 import itertools
 import logging
 import os
@@ -126,6 +127,8 @@ class WasmEngine:
         self._running = 0  # wasm runs off the event loop right now (calls, instantiation)
         self._wake = threading.Condition()
         self._ticker: threading.Thread | None = None
+        # WASI output callbacks still held by wasmtime (see close)
+        self.sinks: weakref.WeakSet[Callable[[bytes], int]] = weakref.WeakSet()
 
     def module(self, data: bytes, digest: str) -> wasmtime.Module:
         """The compiled module for ``data`` (sha256 ``digest``), compiled once and shared
@@ -187,6 +190,13 @@ class WasmEngine:
         for module, _ in self._modules.values():
             module.close()
         self._modules.clear()
+        # wasmtime releases a closed store's WASI output callbacks a moment later, on its own
+        # runtime thread, calling into Python to do so; if the interpreter is shutting down by
+        # then, that thread cannot take the GIL and the process aborts. Wait for them here.
+        gc.collect()
+        give_up = time.monotonic() + 2.0
+        while len(self.sinks) and time.monotonic() < give_up:
+            time.sleep(0.005)
 
 
 # -- one instance in its own store ------------------------------------------------------------
@@ -210,6 +220,86 @@ def _on_epoch(_ctx: Any, data: int | None, delta: Any, kind: Any) -> int:
         return 0
     except BaseException:  # a ctypes callback must not raise
         return 0
+
+
+_current = threading.local()  # .store: the _Store whose wasm this thread is running
+
+
+@contextlib.contextmanager
+def _running(store: "_Store") -> Iterator[None]:
+    """Mark ``store`` as the one this thread runs (host functions find their deadline)."""
+    previous = getattr(_current, "store", None)
+    _current.store = store
+    try:
+        yield
+    finally:
+        _current.store = previous
+
+
+_CLOCK, _FD_READ, _FD_WRITE = 0, 1, 2
+_ABSTIME = 1
+_ENOTSUP, _EINVAL = 58, 28
+_SLEEP_STEP = 0.05
+
+
+def _poll_oneoff(caller: wasmtime.Caller, in_ptr: int, out_ptr: int, count: int,
+                 nevents_ptr: int) -> int:
+    """WASI ``poll_oneoff`` that honours the call's deadline: the one WASI call that blocks.
+
+    Clock subscriptions sleep, in steps, until the earliest expires or the call's deadline
+    passes (then the call traps and is reported as its timeout). A plugin has no sockets and
+    stdin is a fixed buffer, so an fd subscription is answered at once: ready (stdin, at EOF
+    or not) or ENOTSUP."""
+    memory = caller.get("memory")
+    store = getattr(_current, "store", None)
+    if not isinstance(memory, wasmtime.Memory) or store is None:
+        return _EINVAL
+    count &= 0xFFFF_FFFF
+    in_ptr &= 0xFFFF_FFFF
+    out_ptr &= 0xFFFF_FFFF
+    nevents_ptr &= 0xFFFF_FFFF
+    size = memory.data_len(caller)
+    if (count == 0 or in_ptr + 48 * count > size or out_ptr + 32 * count > size
+            or nevents_ptr + 4 > size):
+        return _EINVAL
+    subs = bytes(memory.read(caller, in_ptr, in_ptr + 48 * count))
+    events: list[bytes] = []
+    wake: list[tuple[float, bytes]] = []
+    now_mono, now_real = time.monotonic(), time.time()
+    for i in range(count):
+        sub = subs[48 * i:48 * (i + 1)]
+        userdata, tag = sub[0:8], sub[8]
+        if tag == _CLOCK:
+            clock = int.from_bytes(sub[16:20], "little")
+            timeout_ns = int.from_bytes(sub[24:32], "little")
+            flags = int.from_bytes(sub[40:42], "little")
+            delay = timeout_ns / 1e9
+            if flags & _ABSTIME:
+                delay -= now_real if clock == 0 else now_mono
+            wake.append((now_mono + max(delay, 0.0), userdata))
+        elif tag in (_FD_READ, _FD_WRITE):
+            fd = int.from_bytes(sub[16:20], "little")
+            error = 0 if (tag == _FD_READ and fd == 0) or (tag == _FD_WRITE and fd in (1, 2)) \
+                else _ENOTSUP
+            events.append(userdata + error.to_bytes(2, "little") + bytes([tag]) + bytes(21))
+        else:
+            return _EINVAL
+    if not events and wake:
+        until = min(at for at, _ in wake)
+        while True:
+            now = time.monotonic()
+            if now >= store.deadline:
+                store.timed_out = True
+                raise _wt.HostTrap("sandboxer: the call's deadline passed (in poll_oneoff)")
+            if now >= until:
+                break
+            time.sleep(min(until - now, store.deadline - now, _SLEEP_STEP))
+        now = time.monotonic()
+        events = [userdata + bytes(2) + bytes([_CLOCK]) + bytes(21)
+                  for at, userdata in wake if at <= now]
+    memory.write(caller, b"".join(events), out_ptr)
+    memory.write(caller, len(events).to_bytes(4, "little"), nevents_ptr)
+    return 0
 
 
 class _Ptr(ctypes.c_void_p):
@@ -354,11 +444,18 @@ class _Instance(_Store):
     def finish(self, future: _Ptr) -> None:
         """Run a suspended call to its end (on a worker thread, under the epoch ticker)."""
         try:
-            with self.engine.ticking():
+            with self.engine.ticking(), _running(self):
                 while not _wt.poll(future):
                     pass
         finally:
             _wt.delete_future(future)
+
+    def run(self, bound: _Bound, timeout: float) -> None:
+        """A whole call on this (worker) thread: for modules that may block in WASI."""
+        with self.engine.ticking(), _running(self):
+            future = self.start(bound, timeout)
+            if future is not None:
+                self.finish(future)
 
     def take_failure(self) -> tuple[wasmtime.Trap | None, wasmtime.WasmtimeError | None]:
         trap = error = None
@@ -390,10 +487,12 @@ class _Layout:
             return PluginLoadError(f"plugin {pid}: {message}", plugin_id=pid)
 
         self.uses_wasi = False
+        self.blocks = False  # imports WASI's poll_oneoff, which can sleep
         for imp in module.imports:
             where = f"{imp.module}.{imp.name}"
             if imp.module == WASI_MODULE and isinstance(imp.type, wasmtime.FuncType):
                 self.uses_wasi = True
+                self.blocks = self.blocks or imp.name == "poll_oneoff"
                 continue
             if imp.module == "sandboxer" and imp.name in HOST_FUNCTIONS:
                 if not isinstance(imp.type, wasmtime.FuncType):
@@ -486,6 +585,9 @@ class WasmHandle:
         self._engine = engine
         self._module = module
         self._layout = layout
+        # Calls start on the event loop unless the module can block in WASI (poll_oneoff:
+        # a sleep), which would hold the loop: then every call runs on a worker.
+        self._inline = not layout.blocks
         self._pool_size = pool_size
         self._methods = layout.methods
         self._config: dict[str, Any] = dict(plugin.config)
@@ -515,6 +617,9 @@ class WasmHandle:
         linker = wasmtime.Linker(self._engine.engine)
         if self._layout.uses_wasi:
             linker.define_wasi()
+            linker.allow_shadowing = True
+            _wt.define_host_function(linker, WASI_MODULE, "poll_oneoff", 4, 1, _poll_oneoff)
+            linker.allow_shadowing = False
         handle = weakref.ref(self)
 
         def log(caller: wasmtime.Caller, level: int, ptr: int, length: int) -> None:
@@ -528,11 +633,8 @@ class WasmHandle:
             return -1 if me is None else me._host_config_get(caller, key_ptr, key_len,
                                                              buf_ptr, buf_cap)
 
-        i32 = wasmtime.ValType.i32()
-        linker.define_func("sandboxer", "log", wasmtime.FuncType([i32, i32, i32], []), log,
-                           access_caller=True)
-        linker.define_func("sandboxer", "config_get", wasmtime.FuncType([i32] * 4, [i32]),
-                           config_get, access_caller=True)
+        _wt.define_host_function(linker, "sandboxer", "log", 3, 0, log)
+        _wt.define_host_function(linker, "sandboxer", "config_get", 4, 1, config_get)
         return linker
 
     def _wasi(self, *, argv: list[str], stdin: bytes | None,
@@ -550,6 +652,7 @@ class WasmHandle:
             ffi.wasi_config_set_stdin_bytes(wasi.ptr(), ctypes.byref(vec))  # takes the vec
         wasi.stdout_custom = stdout
         wasi.stderr_custom = stderr
+        self._engine.sinks.update((stdout, stderr))
         for grant in self._sandbox.allowed_paths:
             wasi.preopen_dir(grant.path, grant.path, fs_mutable=grant.writable)
         return wasi
@@ -574,27 +677,29 @@ class WasmHandle:
             names.add("_initialize")
         inst = _Instance(self._engine, self._sandbox)
         step = "could not be instantiated"
+        detail = ""
         try:
-            with self._engine.ticking():
+            with self._engine.ticking(), _running(inst):
                 inst.instantiate(self._module, self._linker, wasi, sorted(names), self._timeout)
                 if self._layout.initialize:
                     step = "_initialize failed"
                     inst.arm(self._timeout)
                     inst.bound["_initialize"].func(inst.store)
-            inst.slice_calls()
+            if self._inline:
+                inst.slice_calls()
             return inst
         except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
-            inst.release()
-            if inst.timed_out:
-                detail = f"it did not finish within {self._timeout:g}s (start function " \
-                         "or _initialize)"
-            else:
-                detail = _first_line(exc)
-            raise PluginLoadError(f"plugin {self.plugin.id}: {step}: {detail}",
-                                  plugin_id=self.plugin.id) from None
+            # Only the text leaves this block: the trap's backtrace pins the module.
+            detail = _first_line(exc)
         except BaseException:
             inst.release()
             raise
+        inst.release()
+        if inst.timed_out:
+            detail = f"it did not finish within {self._timeout:g}s (start function or " \
+                     "_initialize)"
+        raise PluginLoadError(f"plugin {self.plugin.id}: {step}: {detail}",
+                              plugin_id=self.plugin.id)
 
     async def start(self) -> None:
         if self._layout.command:
@@ -721,9 +826,12 @@ class WasmHandle:
                 bound.arg[1].i32 = n
             else:
                 self._put_numbers(bound, m, method, args)
-            future = inst.start(bound, timeout)
-            if future is not None:
-                await self._off_loop(inst, future)
+            if self._inline:
+                future = inst.start(bound, timeout)
+                if future is not None:
+                    await self._off_loop(inst, inst.finish, future)
+            else:
+                await self._off_loop(inst, inst.run, bound, timeout)
             if inst._trap.value or inst._error.value:
                 raise self._call_failure(inst, method, timeout)
             if m.json:
@@ -783,9 +891,11 @@ class WasmHandle:
             f"for {name}, not {value!r}", code=INVALID_PARAMS, plugin_id=self.plugin.id,
             method=method)
 
-    async def _off_loop(self, inst: _Instance, future: _Ptr) -> None:
-        """Finish a suspended call on a worker thread; the loop waits without blocking."""
-        work = self._loop.run_in_executor(self._executor, inst.finish, future)
+    async def _off_loop(self, inst: _Instance, work_fn: Callable[..., None], *args: Any
+                        ) -> None:
+        """Run ``work_fn(*args)`` (finish a suspended call, or make a whole one) on a worker
+        thread; the loop waits without blocking."""
+        work = self._loop.run_in_executor(self._executor, work_fn, *args)
         self._offloop.add(work)
         work.add_done_callback(self._offloop.discard)
         try:
@@ -843,9 +953,12 @@ class WasmHandle:
 
     async def _run(self, inst: _Instance, name: str, timeout: float) -> _Bound:
         bound = inst.bound[name]
-        future = inst.start(bound, timeout)
-        if future is not None:
-            await self._off_loop(inst, future)
+        if self._inline:
+            future = inst.start(bound, timeout)
+            if future is not None:
+                await self._off_loop(inst, inst.finish, future)
+        else:
+            await self._off_loop(inst, inst.run, bound, timeout)
         if inst._trap.value or inst._error.value:
             raise self._call_failure(inst, name, timeout)
         return bound
@@ -982,8 +1095,10 @@ class WasmHandle:
             if wasi is not None:
                 store.store.set_wasi(wasi)
             store.arm(timeout)
+            trapped: str | None = None
+            out_of_fuel = False
             try:
-                with self._engine.ticking():
+                with self._engine.ticking(), _running(store):
                     instance = self._linker.instantiate(store.store, self._module)
                     start = instance.exports(store.store)["_start"]
                     assert isinstance(start, wasmtime.Func)
@@ -991,23 +1106,26 @@ class WasmHandle:
             except wasmtime.ExitTrap as exc:
                 status = exc.code
             except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
+                # Only facts leave this block: the trap's backtrace pins the module.
+                trapped = _first_line(exc)
+                out_of_fuel = isinstance(exc, wasmtime.Trap) and (
+                    exc.trap_code is wasmtime.TrapCode.OUT_OF_FUEL)
+            if trapped is not None:
                 err.flush()
                 if store.timed_out and self._closed:
                     raise PluginStateError(f"plugin {pid}: unloaded while {method} was in "
                                            "flight (it outlived the drain timeout)",
-                                           plugin_id=pid) from None
+                                           plugin_id=pid)
                 if store.timed_out:
                     raise CallTimeout(f"plugin {pid}: {method} did not finish within "
                                       f"{timeout:g}s", timeout=timeout, plugin_id=pid,
-                                      method=method) from None
-                if isinstance(exc, wasmtime.Trap) and (
-                        exc.trap_code is wasmtime.TrapCode.OUT_OF_FUEL):
+                                      method=method)
+                if out_of_fuel:
                     raise CpuLimitExceeded(f"plugin {pid}: {method} used up its fuel "
-                                           f"({self._sandbox.fuel} per call)",
-                                           plugin_id=pid) from None
-                raise PluginCallError(f"plugin {pid}: {method} trapped: {_first_line(exc)}",
+                                           f"({self._sandbox.fuel} per call)", plugin_id=pid)
+                raise PluginCallError(f"plugin {pid}: {method} trapped: {trapped}",
                                       code=INTERNAL_ERROR, plugin_id=pid, method=method,
-                                      data={"stderr": list(err.tail)}) from None
+                                      data={"stderr": list(err.tail)})
         finally:
             self._commands.discard(store)
             store.release()
@@ -1044,7 +1162,7 @@ class WasmHandle:
     def _host_log(self, caller: wasmtime.Caller, level: int, ptr: int, length: int) -> None:
         data = self._read(caller, ptr, min(length & 0xFFFF_FFFF, LOG_MESSAGE_MAX))
         if data is None:
-            raise wasmtime.Trap("sandboxer.log: the message lies outside the plugin's memory")
+            raise _wt.HostTrap("sandboxer.log: the message lies outside the plugin's memory")
         levels = {0: logging.DEBUG, 1: logging.INFO, 2: logging.WARNING, 3: logging.ERROR}
         self._log.log(levels.get(level, logging.INFO), "%s",
                       data.decode("utf-8", "replace"))
@@ -1055,7 +1173,7 @@ class WasmHandle:
         (and nothing written) if the buffer is too small."""
         raw = self._read(caller, key_ptr, key_len)
         if raw is None:
-            raise wasmtime.Trap("sandboxer.config_get: the key lies outside the plugin's memory")
+            raise _wt.HostTrap("sandboxer.config_get: the key lies outside the plugin's memory")
         key = raw.decode("utf-8", "replace")
         if key not in self._config:
             return -1
@@ -1069,8 +1187,8 @@ class WasmHandle:
         memory = caller.get("memory")
         assert isinstance(memory, wasmtime.Memory)
         if buf_ptr + len(value) > memory.data_len(caller):
-            raise wasmtime.Trap("sandboxer.config_get: the buffer lies outside the plugin's "
-                                "memory")
+            raise _wt.HostTrap("sandboxer.config_get: the buffer lies outside the plugin's "
+                               "memory")
         memory.write(caller, value, buf_ptr)
         return len(value)
 

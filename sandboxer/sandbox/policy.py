@@ -386,7 +386,11 @@ def effective_config(
         return value if ceiling is None else min(value, ceiling)
 
     for grant in request.allowed_paths:
-        if not any(_under(grant.path, root) for root in host.path_roots):
+        # The path as written and where its symlinks lead must both lie under a root: a
+        # link inside a root must not hand out what it points at.
+        real = os.path.realpath(grant.path)
+        if not any(_under(grant.path, root) and _under(real, os.path.realpath(root))
+                   for root in host.path_roots):
             roots = ", ".join(host.path_roots) or "none"
             raise PluginLoadError(
                 f"plugin {plugin_id}: the host policy does not allow path {grant.path} "

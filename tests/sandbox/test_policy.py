@@ -617,3 +617,17 @@ def test_host_config_reads_wasm_settings() -> None:
                                     "limits": {"max_fuel": 10_000_000}})
     assert host.wasm_instances == 4
     assert host.max_fuel == 10_000_000
+
+
+def test_an_allowed_path_that_links_out_of_its_root_is_refused(tmp_path: Path) -> None:
+    """Roots are checked on the resolved path too: a symlink inside a root that points
+    elsewhere (here /etc) does not grant what it points at."""
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "data").mkdir()
+    (root / "link").symlink_to("/etc")
+    host = HostConfig(path_roots=(str(root),))
+    assert effective_config(SandboxRequest(allowed_paths=(PathGrant(str(root / "data")),)),
+                            host).allowed_paths
+    with pytest.raises(PluginLoadError, match="does not allow path"):
+        effective_config(SandboxRequest(allowed_paths=(PathGrant(str(root / "link")),)), host)
