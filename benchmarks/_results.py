@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RESULTS", "load", "merge"]
+__all__ = ["RESULTS", "load", "merge", "scale"]
 
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
 
@@ -51,3 +51,11 @@ def merge(name: str, result: dict[str, Any], path: Path = RESULTS) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def scale() -> float:
+    """SANDBOXER_BENCH_SCALE=0.1 runs a tenth of the iterations (a smoke test, not a result)."""
+    try:
+        return max(0.001, float(os.environ.get("SANDBOXER_BENCH_SCALE", "1")))
+    except ValueError:
+        return 1.0

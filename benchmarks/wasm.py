@@ -31,12 +31,13 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import gc
-import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable
+
+from ._results import scale
 
 PAYLOAD = "hello"
 TARGETS = {"echo_ratio_vs_extism": 0.5, "add_ratio_vs_wasmtime_call": 0.25}
@@ -134,16 +135,8 @@ SPIN_WAT = r"""
 """
 
 
-def _scale() -> float:
-    """SANDBOXER_BENCH_SCALE=0.1 runs a tenth of the iterations (a smoke test, not a result)."""
-    try:
-        return max(0.001, float(os.environ.get("SANDBOXER_BENCH_SCALE", "1")))
-    except ValueError:
-        return 1.0
-
-
 def _counts() -> dict[str, int]:
-    s = _scale()
+    s = scale()
     return {
         "repetitions": 7,
         "calls_per_repetition": max(200, int(20_000 * s)),
@@ -620,7 +613,7 @@ def run() -> dict[str, Any]:
         "config": {
             **c,
             "payload": PAYLOAD,
-            "scale": _scale(),
+            "scale": scale(),
             "loop": loop,
             "method": "one process; each figure is the median over repetitions of a timed "
                       "loop (perf_counter_ns around the loop, divided by its calls); in each "
@@ -689,10 +682,3 @@ def format_table(result: dict[str, Any]) -> str:
     lines.append(f"long call ({result['long_call_ms']} ms of wasm): largest loop gap "
                  f"{result['long_call_loop_gap_ms']} ms (idle: {result['idle_loop_gap_ms']} ms)")
     return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    import json
-    out = run()
-    print(format_table(out))
-    print(json.dumps(out, indent=2))

@@ -826,12 +826,9 @@ class WasmHandle:
                 bound.arg[1].i32 = n
             else:
                 self._put_numbers(bound, m, method, args)
-            if self._inline:
-                future = inst.start(bound, timeout)
-                if future is not None:
-                    await self._off_loop(inst, inst.finish, future)
-            else:
-                await self._off_loop(inst, inst.run, bound, timeout)
+            future = inst.start(bound, timeout) if self._inline else None
+            if future is not None or not self._inline:
+                await self._complete(inst, bound, future, timeout)
             if inst._trap.value or inst._error.value:
                 raise self._call_failure(inst, method, timeout)
             if m.json:
@@ -951,14 +948,21 @@ class WasmHandle:
                                plugin_id=pid, method=method,
                                data={"trap": code.name.lower() if code else None})
 
-    async def _run(self, inst: _Instance, name: str, timeout: float) -> _Bound:
-        bound = inst.bound[name]
-        if self._inline:
-            future = inst.start(bound, timeout)
-            if future is not None:
-                await self._off_loop(inst, inst.finish, future)
+    async def _complete(self, inst: _Instance, bound: _Bound, future: _Ptr | None,
+                        timeout: float) -> None:
+        """Off the loop: finish a call that yielded, or (``future`` None) make the whole call
+        there, for a module that may block in WASI."""
+        if future is not None:
+            await self._off_loop(inst, inst.finish, future)
         else:
             await self._off_loop(inst, inst.run, bound, timeout)
+
+    async def _run(self, inst: _Instance, name: str, timeout: float) -> _Bound:
+        """A call outside the hot path (allocation, lifecycle exports)."""
+        bound = inst.bound[name]
+        future = inst.start(bound, timeout) if self._inline else None
+        if future is not None or not self._inline:
+            await self._complete(inst, bound, future, timeout)
         if inst._trap.value or inst._error.value:
             raise self._call_failure(inst, name, timeout)
         return bound

@@ -234,6 +234,15 @@ def json_module(*body: str, imports: str = "", alloc: str = BUMP_ALLOC, pages: i
             + "\n".join(body) + ")")
 
 
+# A counter on the JSON ABI: incr() -> the count so far.
+INCR = r"""
+  (global $count (mut i32) (i32.const 0))
+  (func (export "incr") (param i32 i32) (result i64)
+    (global.set $count (i32.add (global.get $count) (i32.const 1)))
+    (call $reply_int (global.get $count)))
+"""
+
+
 # A stateful JSON module: a counter, init counted and logged, state that a reload migrates.
 STATEFUL = json_module(r"""
   (global $count (mut i32) (i32.const 0))
@@ -941,12 +950,7 @@ async def test_a_trap_resets_the_state_and_init_runs_again(make, caplog):
 
 async def test_an_error_reply_keeps_the_state(make):
     """Only traps discard the instance: a method answering an error keeps it."""
-    module = json_module(r"""
-      (global $count (mut i32) (i32.const 0))
-      (func (export "incr") (param i32 i32) (result i64)
-        (global.set $count (i32.add (global.get $count) (i32.const 1)))
-        (call $reply_int (global.get $count)))
-    """, replies(fail=b'{"error":{"code":5,"message":"no"}}'))
+    module = json_module(INCR, replies(fail=b'{"error":{"code":5,"message":"no"}}'))
     async with PluginManager(HostConfig()) as mgr:
         p = await mgr.load(make(module))
         assert await p.call("incr") == 1
@@ -1265,12 +1269,7 @@ async def test_state_migrates_across_a_reload(make):
 
 async def test_without_state_exports_a_reload_starts_afresh(make):
     """A plugin without export_state/import_state starts the new generation from scratch."""
-    module = json_module(r"""
-      (global $count (mut i32) (i32.const 0))
-      (func (export "incr") (param i32 i32) (result i64)
-        (global.set $count (i32.add (global.get $count) (i32.const 1)))
-        (call $reply_int (global.get $count)))
-    """)
+    module = json_module(INCR)
     async with PluginManager(HostConfig()) as mgr:
         p = await mgr.load(make(module))
         assert [await p.call("incr") for _ in range(3)] == [1, 2, 3]
