@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import dataclasses
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -60,6 +61,15 @@ def _cpu(text: str) -> float:
     return parse_cpu(value)
 
 
+def _add_registry_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("registry options (default: registry and trusted_keys under "
+                             "[host] in the host config)")
+    g.add_argument("--registry", metavar="REG", help="registry directory or http(s) URL")
+    g.add_argument("--trusted-key", metavar="PUB", action="append", default=[],
+                   help="minisign public key a registry plugin must be signed with; repeat "
+                   "for more")
+
+
 def _add_sandbox_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sandbox options (the operator's choice: they override the "
                              "manifest and the host policy)")
@@ -91,11 +101,34 @@ def _parser() -> argparse.ArgumentParser:
     sub.required = True
 
     call = sub.add_parser("call", help="load a plugin, call one method, print the result")
-    call.add_argument("target", metavar="TARGET", help="plugin directory or file")
+    call.add_argument("target", metavar="TARGET",
+                      help="plugin directory or file, or ID@VERSION_OR_RANGE from a registry")
     call.add_argument("method", metavar="METHOD")
     call.add_argument("args", metavar="ARG", nargs="*",
                       help="arguments: JSON if it parses as JSON, else a string")
+    _add_registry_options(call)
     _add_sandbox_options(call)
+
+    registry = sub.add_parser("registry", help="manage a signed plugin registry")
+    rsub = registry.add_subparsers(dest="registry_command", metavar="ACTION")
+    rsub.required = True
+    keygen = rsub.add_parser("keygen", help="make a signing key pair: DIR/NAME.pub and "
+                             "DIR/NAME.key")
+    keygen.add_argument("directory", metavar="DIR", type=Path)
+    keygen.add_argument("--name", default="sandboxer", help="file name stem (default "
+                        "sandboxer)")
+    publish = rsub.add_parser("publish", help="sign a plugin directory into a registry")
+    publish.add_argument("plugin", metavar="PLUGIN_DIR", type=Path)
+    publish.add_argument("--registry", metavar="REG", required=True, type=Path)
+    publish.add_argument("--key", metavar="SECRET_KEY", required=True, type=Path)
+    listing = rsub.add_parser("list", help="list a registry's plugins and versions")
+    listing.add_argument("--registry", metavar="REG", required=True)
+    listing.add_argument("--json", action="store_true")
+    fetch = rsub.add_parser("fetch", help="download, verify and extract ID@VERSION; prints "
+                            "the plugin directory")
+    fetch.add_argument("target", metavar="ID@VERSION")
+    _add_registry_options(fetch)
+    fetch.add_argument("--json", action="store_true")
 
     inspect = sub.add_parser("inspect", help="show a plugin's manifest, checksum and the "
                              "sandbox it would get")
@@ -197,10 +230,40 @@ def _report_error(error: BaseException, *, as_json: bool, extra: dict[str, Any] 
 
 # -- commands --------------------------------------------------------------------------------
 
+def _split_target(text: str) -> tuple[str, str]:
+    plugin_id, _, wanted = text.partition("@")
+    if not plugin_id or not wanted:
+        raise _Usage(f"{text!r} is not ID@VERSION (e.g. acme.hello@1.2.0, acme.hello@^1.2, "
+                     "acme.hello@latest)")
+    return plugin_id, wanted
+
+
+def _registry_fetch(target: str, args: argparse.Namespace, host: HostConfig) -> Path:
+    """Fetch ``ID@VERSION`` from the registry the options (or host config) name."""
+    from . import _minisign
+    from .registry import Registry, fetch
+    location = args.registry or host.registry
+    if not location:
+        raise _Usage(f"{target} names a registry plugin: give --registry (or set registry in "
+                     "the host config)")
+    keys = []
+    for path in args.trusted_key or host.trusted_keys:
+        try:
+            keys.append(_minisign.PublicKey.from_file(path))
+        except OSError as exc:
+            raise _Usage(f"cannot read trusted key {path}: {exc.strerror}") from None
+    plugin_id, wanted = _split_target(target)
+    _, directory = fetch(Registry(location), plugin_id, wanted, trusted_keys=keys,
+                         cache_dir=host.cache_dir)
+    return directory
+
+
 async def _cmd_call(args: argparse.Namespace) -> int:
     host = HostConfig.load()
     config = _config_override(args)
     call_args = [_parse_call_arg(a) for a in args.args]
+    if "@" in args.target and not Path(args.target).exists():
+        args.target = str(await asyncio.to_thread(_registry_fetch, args.target, args, host))
     plugin = load_plugin(args.target)
     sandbox = _sandbox_for(plugin, host, args)
     extra: dict[str, Any] = {"plugin": {"id": plugin.id, "version": plugin.version,
@@ -318,8 +381,51 @@ async def _cmd_demo(args: argparse.Namespace) -> int:
     return await run_demo(args.examples, as_json=args.json)
 
 
+async def _cmd_registry(args: argparse.Namespace) -> int:
+    from . import _minisign
+    from .registry import Registry, publish
+    action = args.registry_command
+    if action == "keygen":
+        public, secret = _minisign.generate_keypair()
+        args.directory.mkdir(parents=True, exist_ok=True)
+        pub_path = args.directory / f"{args.name}.pub"
+        key_path = args.directory / f"{args.name}.key"
+        for path in (pub_path, key_path):
+            if path.exists():
+                raise _Usage(f"{path} exists; not overwriting a key")
+        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secret.to_file_text())
+        pub_path.write_text(public.to_file_text())
+        print(f"public key {pub_path} (key id {public.key_id_hex})\nsecret key {key_path}")
+        return 0
+    if action == "publish":
+        try:
+            secret = _minisign.SecretKey.from_file(args.key)
+        except OSError as exc:
+            raise _Usage(f"cannot read secret key {args.key}: {exc.strerror}") from None
+        entry = await asyncio.to_thread(publish, args.plugin, args.registry, secret)
+        print(f"published {entry.id}@{entry.version} sha256:{entry.sha256}")
+        return 0
+    if action == "list":
+        entries = await asyncio.to_thread(Registry(args.registry).entries)
+        if args.json:
+            _print_json([e.to_json() for e in entries])
+        else:
+            for e in entries:
+                print(f"{e.id}@{e.version}  {e.type}  sha256:{e.sha256[:16]}…  {e.published}")
+        return 0
+    host = HostConfig.load()
+    directory = await asyncio.to_thread(_registry_fetch, args.target, args, host)
+    if args.json:
+        _print_json({"ok": True, "path": str(directory)})
+    else:
+        print(directory)
+    return 0
+
+
 _COMMANDS = {"call": _cmd_call, "inspect": _cmd_inspect, "exec": _cmd_exec,
-             "doctor": _cmd_doctor, "demo": _cmd_demo}
+             "doctor": _cmd_doctor, "demo": _cmd_demo, "registry": _cmd_registry}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

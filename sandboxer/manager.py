@@ -17,10 +17,12 @@ import datetime as _dt
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Mapping
+from pathlib import Path
+from typing import Any, Mapping, Sequence
 
 from . import _lifecycle
 from .errors import (
+    RegistryError,
     PluginCallError,
     PluginLoadError,
     PluginNotFound,
@@ -496,6 +498,40 @@ class PluginManager:
                     raise
                 raise error from exc
             return loaded
+
+    async def load_from_registry(
+        self, plugin_id: str, version: str = "latest", *,
+        registry: str | os.PathLike[str] | None = None,
+        trusted_keys: Sequence[str | os.PathLike[str]] | None = None,
+        sandbox: SandboxConfig | None = None, config: Mapping[str, Any] | None = None,
+    ) -> LoadedPlugin:
+        """Resolve ``plugin_id`` at ``version`` (exact, ``latest`` or a semver range such as
+        ``^1.2``) in a registry, fetch it into the cache, verify its sha256 and its signature
+        against the trusted keys, extract it safely and load it.
+
+        ``registry`` and ``trusted_keys`` (paths of minisign public keys) default to the host
+        config's ``registry`` and ``trusted_keys``."""
+        from . import _minisign, registry as _registry
+        location = registry if registry is not None else self.config.registry
+        if location is None:
+            raise RegistryError("no registry given (pass registry=, or set registry under "
+                                "[host] in the host config)")
+        key_paths = list(trusted_keys if trusted_keys is not None else self.config.trusted_keys)
+
+        def fetch() -> Path:
+            keys = []
+            for path in key_paths:
+                try:
+                    keys.append(_minisign.PublicKey.from_file(path))
+                except OSError as exc:
+                    raise RegistryError(f"cannot read trusted key {path}: "
+                                        f"{exc.strerror}") from None
+            _, directory = _registry.fetch(_registry.Registry(location), plugin_id, version,
+                                           trusted_keys=keys, cache_dir=self.config.cache_dir)
+            return directory
+
+        directory = await asyncio.to_thread(fetch)
+        return await self.load(directory, sandbox=sandbox, config=config)
 
     async def _bring_up(self, loaded: LoadedPlugin, plugin: Plugin) -> None:
         await asyncio.to_thread(verify_integrity, plugin)

@@ -10,9 +10,10 @@ cd "$(dirname "$0")/.."
 # examples the tests compile; nodejs runs the external example written in JavaScript; git and
 # sqlite3 are among the ordinary programs the tests run inside the sandbox, and so is Python's
 # own test suite (libpython3.11-testsuite). clang, lld, wasi-libc and the wasm32 compiler-rt
-# build the C examples for wasm32-wasi.
+# build the C examples for wasm32-wasi. minisign is Debian's minisign tool: the tests prove that
+# the registry's signatures and keys are compatible with it, both ways.
 APT_PACKAGES=(libcap-dev libseccomp2 python3-venv python3-dev gcc make golang-go nodejs git sqlite3
-              libpython3.11-testsuite clang lld wasi-libc libclang-rt-14-dev-wasm32)
+              libpython3.11-testsuite clang lld wasi-libc libclang-rt-14-dev-wasm32 minisign)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -44,7 +45,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 .venv/bin/python -m pip install -q -r requirements.lock 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v "^WARNING: Location" || true
 # pip's exit status is lost in the filter above: check the result directly.
-.venv/bin/python -c "import sandboxer, orjson, prctl, pyseccomp, wasmtime, inotify_simple, pytest" || {
+.venv/bin/python -c "import sandboxer, orjson, prctl, pyseccomp, wasmtime, inotify_simple, cryptography, pytest" || {
     echo "bootstrap: the virtualenv is incomplete; see the pip output above" >&2; exit 1; }
 touch .venv/.installed
 echo "bootstrap: .venv ready"

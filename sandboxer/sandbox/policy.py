@@ -221,6 +221,9 @@ class HostConfig:
     health_failures: int = 3
     max_frame: int = 16 << 20
     fallbacks: tuple[str, ...] = ()
+    registry: str | None = None          # a registry directory or http(s) base URL
+    trusted_keys: tuple[str, ...] = ()   # minisign public key files registry plugins must match
+    cache_dir: str | None = None         # fetched plugins; default $XDG_CACHE_HOME/sandboxer
     profile_dirs: tuple[str, ...] = field(default_factory=tuple)
     source: str = ""
 
@@ -274,6 +277,9 @@ class HostConfig:
             "max_frame": parse_size,
             "fallbacks": _parse_fallbacks,
             "wasm_instances": _parse_instances,
+            "registry": _parse_registry,
+            "trusted_keys": _parse_path_list,
+            "cache_dir": parse_denied_path,
         }
         for key, value in host.items():
             name = f"host.{key}"
@@ -349,6 +355,12 @@ def parse_fuel(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < 1 << 63:
         raise ValueError(f"a whole amount of fuel (wasm instructions) per call, from 1 to "
                          f"2**63-1, not {value!r}")
+    return value
+
+
+def _parse_registry(value: object) -> str:
+    if not isinstance(value, str) or not (value.startswith(("/", "http://", "https://"))):
+        raise ValueError(f"an absolute directory or an http(s) URL, not {value!r}")
     return value
 
 
