@@ -109,6 +109,14 @@ def _parser() -> argparse.ArgumentParser:
     _add_registry_options(call)
     _add_sandbox_options(call)
 
+    scan = sub.add_parser("scan", help="find plugins under paths (errors included)")
+    scan.add_argument("paths", metavar="PATH", nargs="+", type=Path)
+    scan.add_argument("--json", action="store_true", help="print a JSON list")
+    watch = sub.add_parser("watch", help="print plugins added, changed and removed under "
+                           "paths as it happens (JSON lines with --json)")
+    watch.add_argument("paths", metavar="PATH", nargs="+", type=Path)
+    watch.add_argument("--json", action="store_true")
+
     registry = sub.add_parser("registry", help="manage a signed plugin registry")
     rsub = registry.add_subparsers(dest="registry_command", metavar="ACTION")
     rsub.required = True
@@ -381,6 +389,39 @@ async def _cmd_demo(args: argparse.Namespace) -> int:
     return await run_demo(args.examples, as_json=args.json)
 
 
+def _describe(found: Any) -> str:
+    """One line for a scan result or a watch event's plugin."""
+    from .discovery import ScanError
+    if isinstance(found, ScanError):
+        return f"{found.path}  ERROR  {found.message}"
+    return (f"{found.path}  {found.type.value}  {found.manifest.id}@{found.manifest.version}"
+            f"  {found.checksum}")
+
+
+async def _cmd_scan(args: argparse.Namespace) -> int:
+    from .discovery import ScanError, scan
+    results = await asyncio.to_thread(scan, args.paths)
+    if args.json:
+        _print_json([r.to_json() for r in results])
+    else:
+        for r in results:
+            print(_describe(r))
+    return 2 if any(isinstance(r, ScanError) for r in results) else 0
+
+
+async def _cmd_watch(args: argparse.Namespace) -> int:
+    from .discovery import watch
+    async with watch(args.paths) as events:
+        async for event in events:
+            if args.json:
+                _print_json(event.to_json())
+            else:
+                detail = event.plugin or event.error
+                print(f"{event.kind:<8} " + (_describe(detail) if detail else str(event.path)))
+            sys.stdout.flush()
+    return 0
+
+
 async def _cmd_registry(args: argparse.Namespace) -> int:
     from . import _minisign
     from .registry import Registry, publish
@@ -425,7 +466,8 @@ async def _cmd_registry(args: argparse.Namespace) -> int:
 
 
 _COMMANDS = {"call": _cmd_call, "inspect": _cmd_inspect, "exec": _cmd_exec,
-             "doctor": _cmd_doctor, "demo": _cmd_demo, "registry": _cmd_registry}
+             "doctor": _cmd_doctor, "demo": _cmd_demo, "registry": _cmd_registry,
+             "scan": _cmd_scan, "watch": _cmd_watch}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
