@@ -519,27 +519,28 @@ def _read_key_file(path: str | os.PathLike[str], what: str) -> bytes:
                              check="key") from e
 
 
+def _comment(line: str, prefix: str, limit: int, number: int, what: str) -> str:
+    """The text of a comment line of a signature file, checked as minisign checks it."""
+    if not line.startswith(prefix):
+        raise SignatureError(
+            f"malformed signature file: line {number} does not start with {prefix!r}",
+            check="malformed")
+    text = line[len(prefix):]
+    if len(text.encode("utf-8")) > limit:
+        raise SignatureError(f"malformed signature file: the {what} is longer than minisign "
+                             "allows", check="malformed")
+    return text
+
+
 def _parse_signature(text: str | bytes) -> tuple[bytes, bytes, bytes, str, bytes, str]:
     """(algorithm, key id, signature, trusted comment, global signature, untrusted comment)."""
     untrusted_line, sig_b64, trusted_line, global_b64 = _lines(
         text, 4, "signature", "malformed")
-    if not untrusted_line.startswith(UNTRUSTED_PREFIX):
-        raise SignatureError(
-            f"malformed signature file: line 1 does not start with {UNTRUSTED_PREFIX!r}",
-            check="malformed")
-    untrusted = untrusted_line[len(UNTRUSTED_PREFIX):]
-    if len(untrusted.encode("utf-8")) > MAX_UNTRUSTED_COMMENT:
-        raise SignatureError("malformed signature file: the untrusted comment is longer than "
-                             "minisign allows", check="malformed")
+    untrusted = _comment(untrusted_line, UNTRUSTED_PREFIX, MAX_UNTRUSTED_COMMENT, 1,
+                         "untrusted comment")
     blob = _b64(sig_b64, _SIG_STRUCT_LEN, "signature (line 2)", "malformed")
-    if not trusted_line.startswith(TRUSTED_PREFIX):
-        raise SignatureError(
-            f"malformed signature file: line 3 does not start with {TRUSTED_PREFIX!r}",
-            check="malformed")
-    trusted_comment = trusted_line[len(TRUSTED_PREFIX):]
-    if len(trusted_comment.encode("utf-8")) > MAX_TRUSTED_COMMENT:
-        raise SignatureError("malformed signature file: the trusted comment is longer than "
-                             "minisign allows", check="malformed")
+    trusted_comment = _comment(trusted_line, TRUSTED_PREFIX, MAX_TRUSTED_COMMENT, 3,
+                               "trusted comment")
     global_signature = _b64(global_b64, _SIG_LEN, "trusted-comment signature (line 4)",
                             "malformed")
     return blob[:2], blob[2:10], blob[10:], trusted_comment, global_signature, untrusted
