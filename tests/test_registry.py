@@ -355,3 +355,20 @@ def test_cli_integrity_and_signature_failures_exit_2_naming_the_check(tmp_path: 
     assert run.returncode == 2 and "sha256 check failed" in run.stderr, run.stderr
     run = _cli("call", "acme.calc@1.2.0", "version", cache=cache)
     assert run.returncode == 2 and "--registry" in run.stderr
+
+
+def test_cli_takes_registry_and_keys_from_the_host_config(tmp_path: Path, registry: Path,
+                                                          keys: Any) -> None:
+    import os
+    import subprocess
+    import sys
+    pub = tmp_path / "trusted.pub"
+    pub.write_text(keys[0].to_file_text())
+    config = tmp_path / "sandboxer.toml"
+    config.write_text(f'[host]\nregistry = "{registry}"\ntrusted_keys = ["{pub}"]\n'
+                      f'cache_dir = "{tmp_path / "cache"}"\n')
+    run = subprocess.run([sys.executable, "-m", "sandboxer.cli", "call", "acme.calc@~1.2",
+                          "version"], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "SANDBOXER_CONFIG": str(config)})
+    assert (run.returncode, run.stdout) == (0, "1.2.5\n"), run.stderr
+    assert (tmp_path / "cache" / "blobs").is_dir()
