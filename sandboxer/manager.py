@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from . import _lifecycle
+from ._digest import tree_checksum
 from .errors import (
     RegistryError,
     PluginCallError,
@@ -144,6 +145,7 @@ class LoadedPlugin:
         self.source = source
         self.state = PluginState.LOADING
         self._accepting = False  # state in ACCEPTS_CALLS, kept in step by _set_state
+        self._files_checksum: str | None = None  # hot reload: the running generation's files
         self.loaded_at = _now()
         self.error: SandboxerError | None = None
         self._explicit_sandbox = sandbox
@@ -308,8 +310,12 @@ class PluginManager:
     """
 
     def __init__(self, config: HostConfig | None = None, *,
-                 drain_timeout: float | None = None) -> None:
+                 drain_timeout: float | None = None, hot_reload: bool = False,
+                 reload_debounce: float = 0.2) -> None:
         self.config = config if config is not None else HostConfig()
+        self.hot_reload = hot_reload
+        self.reload_debounce = reload_debounce
+        self._watchers: dict[str, asyncio.Task[None]] = {}
         self.drain_timeout = self.config.drain_timeout if drain_timeout is None else drain_timeout
         self._plugins: dict[str, LoadedPlugin] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -474,6 +480,7 @@ class PluginManager:
         """
         if self._closed:
             raise PluginStateError("the plugin manager is closed")
+        checksum = await asyncio.to_thread(tree_checksum, path) if self.hot_reload else None
         plugin = await asyncio.to_thread(load_plugin, path)
         async with self._lock(plugin.id):
             if plugin.id in self._plugins:
@@ -497,6 +504,9 @@ class PluginManager:
                 if error is exc:
                     raise
                 raise error from exc
+            if self.hot_reload:
+                loaded._files_checksum = checksum
+                self._watchers[plugin.id] = asyncio.ensure_future(self._watch_files(loaded))
             return loaded
 
     async def load_from_registry(
@@ -600,6 +610,10 @@ class PluginManager:
             await loaded._stopped.wait()
             return
         loaded._unloading = True
+        watcher = self._watchers.pop(plugin_id, None)
+        if watcher is not None:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
         try:
             async with self._lock(plugin_id):
                 await self._stop(loaded)
@@ -661,7 +675,53 @@ class PluginManager:
             await reload_generation(self, loaded)
         return loaded
 
+    async def _watch_files(self, loaded: LoadedPlugin) -> None:
+        """Hot reload: reload ``loaded`` whenever its files change to something new.
+
+        Files whose checksum differs from the running generation's are reloaded (the watch's
+        first event included: it catches a change made while the watch was starting). A
+        change whose reload fails is remembered by its checksum and not retried until the
+        files change again; a manifest that does not
+        parse is reported (``reload_failed``) without touching the running generation, and
+        removed files leave the last good generation serving."""
+        from .discovery import watch
+        from .errors import ReloadError
+        failed: str | None = None
+        try:
+            async with watch([loaded.source], debounce=self.reload_debounce) as events:
+                async for event in events:
+                    if event.kind == "error" and event.error is not None:
+                        error = PluginLoadError(f"plugin {loaded.id}: its files cannot be "
+                                                f"loaded: {event.error.message}",
+                                                plugin_id=loaded.id)
+                        loaded.error = error
+                        self._emit("reload_failed", loaded, loaded.state, error=str(error))
+                        continue
+                    if event.plugin is None:
+                        if event.kind == "removed":
+                            log.warning("plugin %s: its files were removed; the running "
+                                        "generation keeps serving", loaded.id)
+                        continue
+                    checksum = event.plugin.checksum
+                    if checksum in (loaded._files_checksum, failed):
+                        continue
+                    try:
+                        await self.reload(loaded.id)
+                        failed = None
+                    except ReloadError:
+                        failed = checksum  # reload_failed was emitted; wait for a change
+                    except (PluginStateError, PluginNotFound):
+                        return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the watch itself failed (e.g. no inotify instance left)
+            log.warning("plugin %s: hot reload stopped: %s", loaded.id, exc)
+            self._emit("reload_failed", loaded, loaded.state,
+                       error=f"hot reload stopped: {exc}")
+
     async def _prepare_generation(self, loaded: LoadedPlugin) -> _Generation:
+        if self.hot_reload:  # taken before reading: a change after it is seen as a change
+            loaded._files_checksum = await asyncio.to_thread(tree_checksum, loaded.source)
         plugin = await asyncio.to_thread(load_plugin, loaded.source)
         if plugin.id != loaded.id:
             raise PluginLoadError(f"plugin {loaded.id}: the new files declare id {plugin.id}; "
