@@ -112,9 +112,11 @@ def _parser() -> argparse.ArgumentParser:
     scan = sub.add_parser("scan", help="find plugins under paths (errors included)")
     scan.add_argument("paths", metavar="PATH", nargs="+", type=Path)
     scan.add_argument("--json", action="store_true", help="print a JSON list")
-    watch = sub.add_parser("watch", help="print plugins added, changed and removed under "
-                           "paths as it happens (JSON lines with --json)")
+    watch = sub.add_parser("watch", help="load the plugins under paths, reload them when their "
+                           "files change, print what happens (JSON lines with --json)")
     watch.add_argument("paths", metavar="PATH", nargs="+", type=Path)
+    watch.add_argument("--no-load", action="store_true",
+                       help="only print plugins added, changed and removed")
     watch.add_argument("--json", action="store_true")
 
     registry = sub.add_parser("registry", help="manage a signed plugin registry")
@@ -411,14 +413,50 @@ async def _cmd_scan(args: argparse.Namespace) -> int:
 
 async def _cmd_watch(args: argparse.Namespace) -> int:
     from .discovery import watch
-    async with watch(args.paths) as events:
-        async for event in events:
-            if args.json:
-                _print_json(event.to_json())
-            else:
+
+    def show(record: dict[str, Any], line: str) -> None:
+        if args.json:
+            _print_json(record)
+        else:
+            print(line)
+        sys.stdout.flush()
+
+    if args.no_load:
+        async with watch(args.paths) as found:
+            async for event in found:
                 detail = event.plugin or event.error
-                print(f"{event.kind:<8} " + (_describe(detail) if detail else str(event.path)))
-            sys.stdout.flush()
+                show(event.to_json(),
+                     f"{event.kind:<8} " + (_describe(detail) if detail else str(event.path)))
+        return 0
+    async with PluginManager(config=HostConfig.load(), hot_reload=True) as mgr:
+        async def report() -> None:
+            async for e in mgr.events():
+                if e.type == "state" and e.state.value not in ("ready", "failed", "stopped"):
+                    continue
+                show({"event": e.type, "plugin": e.plugin_id, "state": e.state.value,
+                      "version": e.version, "generation": e.generation, "error": e.error},
+                     f"{e.type:<14} {e.plugin_id} {e.version} gen {e.generation} "
+                     f"{e.state.value}" + (f": {e.error}" if e.error else ""))
+        reporter = asyncio.ensure_future(report())
+        by_path: dict[Path, str] = {}
+        try:
+            async with watch(args.paths) as found:
+                async for event in found:
+                    if event.kind == "error" and event.error is not None:
+                        show({"event": "error", "path": str(event.path),
+                              "error": event.error.message}, _describe(event.error))
+                    elif event.kind == "added" and event.plugin is not None:
+                        try:
+                            loaded = await mgr.load(event.plugin.path)
+                            by_path[event.path] = loaded.id
+                        except SandboxerError as exc:
+                            show({"event": "load_failed", "path": str(event.path),
+                                  "error": str(exc)}, f"load_failed    {event.path}: {exc}")
+                    elif event.kind == "removed" and event.path in by_path:
+                        await mgr.unload(by_path.pop(event.path))
+                    # "changed": the manager's hot reload takes it
+        finally:
+            reporter.cancel()
     return 0
 
 

@@ -48,18 +48,31 @@ def test_scan_of_a_clean_tree_exits_0(tmp_path: Path) -> None:
     assert run.returncode == 0 and "good.one@1.0.0" in run.stdout
 
 
-def _line(proc: subprocess.Popen[str], timeout: float = 10.0) -> dict[str, object]:
+_pending: dict[int, bytes] = {}
+
+
+def _line(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> dict[str, object]:
+    """The next JSON line the process prints (read from the fd directly: a buffered reader
+    would hide lines that arrived together from select)."""
     assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], timeout)
-    assert ready, "no event printed in time"
-    return json.loads(proc.stdout.readline())
+    fd = proc.stdout.fileno()
+    deadline = time.monotonic() + timeout
+    while b"\n" not in _pending.get(fd, b""):
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        assert ready, "no event printed in time"
+        chunk = os.read(fd, 65536)
+        assert chunk, "the watcher exited"
+        _pending[fd] = _pending.get(fd, b"") + chunk
+    line, _, rest = _pending[fd].partition(b"\n")
+    _pending[fd] = rest
+    return json.loads(line)
 
 
 def test_watch_prints_events_as_they_happen(tmp_path: Path) -> None:
     plugin(tmp_path, "first")
     proc = subprocess.Popen([sys.executable, "-m", "sandboxer.cli", "watch", str(tmp_path),
-                             "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                             "--no-load", "--json"], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL)
     try:
         first = _line(proc)
         assert (first["kind"], Path(str(first["path"])).name) == ("added", "first")
@@ -76,3 +89,24 @@ def test_watch_prints_events_as_they_happen(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.communicate(timeout=10)
+
+
+def test_watch_loads_plugins_and_reloads_them_on_change(tmp_path: Path) -> None:
+    """Without --no-load, watch loads what it finds (sandboxed) and reloads it on change."""
+    d = plugin(tmp_path, "live.one")
+    proc = subprocess.Popen([sys.executable, "-m", "sandboxer.cli", "watch", str(tmp_path),
+                             "--json"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        ready = _line(proc, 30)
+        assert (ready["event"], ready["plugin"], ready["state"]) == ("state", "live.one",
+                                                                    "ready")
+        time.sleep(0.3)
+        (d / "plugin.toml").write_text(MANIFEST.format(id="live.one").replace("1.0.0", "1.1.0"))
+        while True:
+            event = _line(proc, 30)
+            if event["event"] == "reloaded":
+                break
+        assert (event["version"], event["generation"]) == ("1.1.0", 2)
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
