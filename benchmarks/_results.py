@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RESULTS", "load", "merge", "scale"]
+__all__ = ["RESULTS", "load", "merge", "scale", "describe_loop"]
 
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
 
@@ -59,3 +59,13 @@ def scale() -> float:
         return max(0.001, float(os.environ.get("SANDBOXER_BENCH_SCALE", "1")))
     except ValueError:
         return 1.0
+
+
+def describe_loop(loop: Any) -> str:
+    """An event loop named exactly, for a result's baseline description."""
+    cls = type(loop)
+    text = f"{cls.__module__}.{cls.__qualname__}"
+    selector = getattr(loop, "_selector", None)
+    if selector is not None:
+        text += f" ({type(selector).__name__})"
+    return text

@@ -54,7 +54,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ._results import scale
+from ._results import describe_loop, scale
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 DEBOUNCE_S = 0.05
@@ -510,15 +510,6 @@ def _versions() -> dict[str, str | None]:
     return out
 
 
-def _describe_loop(loop: asyncio.AbstractEventLoop) -> str:
-    cls = type(loop)
-    text = f"{cls.__module__}.{cls.__qualname__}"
-    selector = getattr(loop, "_selector", None)
-    if selector is not None:
-        text += f" ({type(selector).__name__})"
-    return text
-
-
 def run() -> dict[str, Any]:
     c = _counts()
     result: dict[str, Any] = {"debounce_s": DEBOUNCE_S}
@@ -536,7 +527,7 @@ def run() -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix=f"sandboxer-bench-reload-{name}-") as tmp:
             with asyncio.Runner() as runner:
                 result[name] = runner.run(_run_kind(name, kind, Path(tmp), c))
-                loop_name = _describe_loop(runner.get_loop())
+                loop_name = describe_loop(runner.get_loop())
         seconds[name] = round(time.monotonic() - started, 1)
         print(f"  {name}: reload p50 {result[name]['reload_p50_ms']} ms, direct "
               f"{result[name]['reload_call_p50_ms']} ms ({seconds[name]} s)", flush=True)

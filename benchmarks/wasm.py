@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
-from ._results import scale
+from ._results import describe_loop, scale
 
 PAYLOAD = "hello"
 TARGETS = {"echo_ratio_vs_extism": 0.5, "add_ratio_vs_wasmtime_call": 0.25}
@@ -390,15 +390,6 @@ def _baselines(paths: dict[str, Path]) -> dict[str, Any]:
     return {"plugin": plugin, "raw": raw, "store": store, "add": add, "unchecked": unchecked}
 
 
-def _describe_loop(loop: asyncio.AbstractEventLoop) -> str:
-    cls = type(loop)
-    text = f"{cls.__module__}.{cls.__qualname__}"
-    selector = getattr(loop, "_selector", None)
-    if selector is not None:
-        text += f" ({type(selector).__name__})"
-    return text
-
-
 # -- the long call: is the loop held? -------------------------------------------------------------
 
 async def _loop_gap(spin: Any, c: dict[str, int]) -> dict[str, Any]:
@@ -481,7 +472,7 @@ async def _default_loop_run(paths: dict[str, Path], c: dict[str, int]) -> dict[s
         }
         figures = await _measure(measurements, c, c["repetitions"], sampled=True)
         gap = await _loop_gap(spin, c)
-    return {"loop": _describe_loop(asyncio.get_running_loop()), "figures": figures,
+    return {"loop": describe_loop(asyncio.get_running_loop()), "figures": figures,
             "gap": gap}
 
 
@@ -500,7 +491,7 @@ async def _uvloop_run(paths: dict[str, Path], c: dict[str, int]) -> dict[str, An
             "wasmtime_add": _wasmtime_call(base["add"], base["store"]),
         }
         figures = await _measure(measurements, c, c["uvloop_repetitions"], sampled=False)
-    return {"loop": _describe_loop(asyncio.get_running_loop()), "figures": figures}
+    return {"loop": describe_loop(asyncio.get_running_loop()), "figures": figures}
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
