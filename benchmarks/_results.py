@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RESULTS", "load", "merge", "scale", "describe_loop"]
+__all__ = ["RESULTS", "load", "merge", "scale", "describe_loop", "versions"]
 
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
 
@@ -69,3 +69,16 @@ def describe_loop(loop: Any) -> str:
     if selector is not None:
         text += f" ({type(selector).__name__})"
     return text
+
+
+def versions(*dists: str) -> dict[str, str | None]:
+    """The installed version of each distribution (None when absent), for a result's record."""
+    from importlib import metadata
+
+    out: dict[str, str | None] = {}
+    for dist in dists:
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out

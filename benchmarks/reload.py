@@ -54,7 +54,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ._results import describe_loop, scale
+from ._results import describe_loop, scale, versions
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 DEBOUNCE_S = 0.05
@@ -498,18 +498,6 @@ def _make(example: str) -> str | None:
     return None
 
 
-def _versions() -> dict[str, str | None]:
-    from importlib import metadata
-
-    out: dict[str, str | None] = {}
-    for dist in ("wasmtime",):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = None
-    return out
-
-
 def run() -> dict[str, Any]:
     c = _counts()
     result: dict[str, Any] = {"debounce_s": DEBOUNCE_S}
@@ -568,7 +556,7 @@ def run() -> dict[str, Any]:
                   "filesystem and renamed into place; each reload waited for to the end "
                   "(the plugin's lock released) before the next change; gc enabled "
                   "(collected before each phase)",
-        "versions": _versions(),
+        "versions": versions("wasmtime"),
     }
     return result
 

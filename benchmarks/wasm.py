@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
-from ._results import describe_loop, scale
+from ._results import describe_loop, scale, versions
 
 PAYLOAD = "hello"
 TARGETS = {"echo_ratio_vs_extism": 0.5, "add_ratio_vs_wasmtime_call": 0.25}
@@ -498,18 +498,6 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3) if a and b else None
 
 
-def _versions() -> dict[str, str | None]:
-    from importlib import metadata
-
-    out: dict[str, str | None] = {}
-    for dist in ("wasmtime", "extism", "extism-sys", "orjson", "uvloop"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = None
-    return out
-
-
 def run() -> dict[str, Any]:
     c = _counts()
     started = time.monotonic()
@@ -614,7 +602,7 @@ def run() -> dict[str, Any]:
                       "disabled in every measured loop; the p99s come from one extra round "
                       "timed call by call",
             "default_loop_seconds": round(default_seconds, 1),
-            "versions": _versions(),
+            "versions": versions("wasmtime", "extism", "extism-sys", "orjson", "uvloop"),
         },
     }
     if uv is not None:

@@ -250,18 +250,16 @@ def _split_target(text: str) -> tuple[str, str]:
 
 def _registry_fetch(target: str, args: argparse.Namespace, host: HostConfig) -> Path:
     """Fetch ``ID@VERSION`` from the registry the options (or host config) name."""
-    from . import _minisign
-    from .registry import Registry, fetch
+    from .errors import RegistryError
+    from .registry import Registry, fetch, load_trusted_keys
     location = args.registry or host.registry
     if not location:
         raise _Usage(f"{target} names a registry plugin: give --registry (or set registry in "
                      "the host config)")
-    keys = []
-    for path in args.trusted_key or host.trusted_keys:
-        try:
-            keys.append(_minisign.PublicKey.from_file(path))
-        except OSError as exc:
-            raise _Usage(f"cannot read trusted key {path}: {exc.strerror}") from None
+    try:
+        keys = load_trusted_keys(args.trusted_key or host.trusted_keys)
+    except RegistryError as exc:
+        raise _Usage(str(exc)) from None
     plugin_id, wanted = _split_target(target)
     _, directory = fetch(Registry(location), plugin_id, wanted, trusted_keys=keys,
                          cache_dir=host.cache_dir)

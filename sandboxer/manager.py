@@ -329,6 +329,7 @@ class PluginManager:
                                 fallbacks=self.config.fallbacks)
             for kind in (LoaderType.PYTHON, LoaderType.NATIVE, LoaderType.EXTERNAL)}
         self._wasm_engine: WasmEngine | None = None  # made on the first wasm plugin
+        self._wasm_loader: WasmLoader | None = None
         # Tasks the manager owns (health checks, cleanup after a crash); awaited at close.
         self._background: set[asyncio.Task[None]] = set()
         self._health_task: asyncio.Task[None] | None = None
@@ -361,7 +362,7 @@ class PluginManager:
         self._subscribers.clear()
         if self._wasm_engine is not None:
             await asyncio.to_thread(self._wasm_engine.close)
-            self._wasm_engine = None
+            self._wasm_engine = self._wasm_loader = None
         if errors:
             raise errors[0]
 
@@ -417,10 +418,12 @@ class PluginManager:
             if plugin.type is LoaderType.PYTHON:
                 return self._in_process_python
         if plugin.type is LoaderType.WASM:
-            if self._wasm_engine is None:
+            if self._wasm_loader is None:
                 self._wasm_engine = WasmEngine()
-            return WasmLoader(self._wasm_engine, pool_size=self.config.wasm_instances,
-                              max_frame=self.config.max_frame)
+                self._wasm_loader = WasmLoader(self._wasm_engine,
+                                               pool_size=self.config.wasm_instances,
+                                               max_frame=self.config.max_frame)
+            return self._wasm_loader
         loader = self._process_loaders.get(plugin.type)
         if loader is None:
             raise PluginLoadError(
@@ -521,7 +524,7 @@ class PluginManager:
 
         ``registry`` and ``trusted_keys`` (paths of minisign public keys) default to the host
         config's ``registry`` and ``trusted_keys``."""
-        from . import _minisign, registry as _registry
+        from . import registry as _registry
         location = registry if registry is not None else self.config.registry
         if location is None:
             raise RegistryError("no registry given (pass registry=, or set registry under "
@@ -529,13 +532,7 @@ class PluginManager:
         key_paths = list(trusted_keys if trusted_keys is not None else self.config.trusted_keys)
 
         def fetch() -> Path:
-            keys = []
-            for path in key_paths:
-                try:
-                    keys.append(_minisign.PublicKey.from_file(path))
-                except OSError as exc:
-                    raise RegistryError(f"cannot read trusted key {path}: "
-                                        f"{exc.strerror}") from None
+            keys = _registry.load_trusted_keys(key_paths)
             _, directory = _registry.fetch(_registry.Registry(location), plugin_id, version,
                                            trusted_keys=keys, cache_dir=self.config.cache_dir)
             return directory
@@ -712,8 +709,6 @@ class PluginManager:
                         failed = checksum  # reload_failed was emitted; wait for a change
                     except (PluginStateError, PluginNotFound):
                         return
-        except asyncio.CancelledError:
-            raise
         except Exception as exc:  # the watch itself failed (e.g. no inotify instance left)
             log.warning("plugin %s: hot reload stopped: %s", loaded.id, exc)
             self._emit("reload_failed", loaded, loaded.state,

@@ -46,6 +46,7 @@ from .errors import IntegrityError, PluginNotFound, RegistryError
 from .manifest import load_plugin
 
 __all__ = ["Registry", "RegistryEntry", "publish", "fetch", "safe_extract", "default_cache_dir",
+           "load_trusted_keys",
            "MAX_ARCHIVE", "MAX_UNPACKED", "MAX_MEMBERS"]
 
 FORMAT = 1
@@ -54,6 +55,17 @@ MAX_UNPACKED = 256 << 20    # bytes of all its files, unpacked
 MAX_MEMBERS = 10_000
 MAX_INDEX = 16 << 20
 HTTP_TIMEOUT = 30.0
+
+
+def load_trusted_keys(paths: Iterable[str | os.PathLike[str]]) -> list[_minisign.PublicKey]:
+    """The minisign public keys in ``paths``; RegistryError names a key file it cannot read."""
+    keys = []
+    for path in paths:
+        try:
+            keys.append(_minisign.PublicKey.from_file(path))
+        except OSError as exc:
+            raise RegistryError(f"cannot read trusted key {path}: {exc.strerror}") from None
+    return keys
 
 
 def default_cache_dir() -> Path:
@@ -299,6 +311,7 @@ def fetch(registry: Registry, plugin_id: str, wanted: str, *,
         data = blob_path.read_bytes()
         if hashlib.sha256(data).hexdigest() != entry.sha256:
             data = None  # a damaged cache entry: download again
+    cached = data is not None
     if data is None:
         data = registry.read(entry.blob, entry.size)
         if len(data) != entry.size:
@@ -316,7 +329,8 @@ def fetch(registry: Registry, plugin_id: str, wanted: str, *,
         raise IntegrityError(f"{entry.id}@{entry.version}: signature check failed: it was "
                              f"made for {verified.trusted_comment!r}, not "
                              f"{entry.trusted_comment()!r}", plugin_id=entry.id)
-    _write_atomic(blob_path, data)
+    if not cached:
+        _write_atomic(blob_path, data)
     target = cache / "plugins" / entry.id / f"{entry.version}-{entry.sha256[:16]}"
     if not _extracted_intact(target):
         staging = Path(tempfile.mkdtemp(dir=_ensure(target.parent), prefix=".extract-"))
