@@ -24,6 +24,7 @@ from .errors import PluginLoadError, SandboxerError, exit_code
 from .loaders import run_mode
 from .manager import PluginManager
 from .manifest import Plugin, load_plugin
+from .sandbox.egress import EgressProxy
 from .sandbox.policy import (
     HostConfig,
     SandboxConfig,
@@ -343,11 +344,15 @@ async def _cmd_exec(args: argparse.Namespace) -> int:
             stream.flush()
         return write
 
-    result = await launch.run(
-        command, sandbox, backend=cgroups.detect(),
-        seccomp_bpf=compile_filter(sandbox.profile, network=sandbox.network_allowed,
-                                   extra_dirs=host.profile_dirs),
-        sinks=(sink(out), sink(err)))
+    egress = EgressProxy.from_config(host)
+    try:
+        result = await launch.run(
+            command, sandbox, backend=cgroups.detect(),
+            seccomp_bpf=compile_filter(sandbox.profile, network=sandbox.network_allowed,
+                                       extra_dirs=host.profile_dirs),
+            sinks=(sink(out), sink(err)), egress=egress)
+    finally:
+        egress.close()
     if result.oom_killed:
         peak = result.stats.memory_peak if result.stats else None
         print(f"sandboxer: killed for exceeding the memory limit of "

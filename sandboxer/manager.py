@@ -35,6 +35,7 @@ from .loaders.process import ProcessLoader
 from .loaders.python import InProcessPythonLoader
 from .loaders.wasm import WasmEngine, WasmLoader
 from .manifest import LoaderType, Plugin, PluginState, load_plugin, verify_integrity
+from .sandbox.egress import EgressProxy
 from .sandbox.policy import HostConfig, SandboxConfig, effective_config
 
 __all__ = ["PluginManager", "LoadedPlugin", "PluginEvent", "PluginStatistics", "EventStream"]
@@ -85,11 +86,12 @@ class PluginStatistics:
     generation: int
     peak_memory_bytes: int | None
     cpu_time_s: float | None
+    network: dict[str, int] | None = None  # egress counters, if it ever had network access
 
     def to_json(self) -> dict[str, Any]:
         return {"calls": self.calls, "inFlight": self.in_flight, "failures": self.failures,
                 "generation": self.generation, "peakMemoryBytes": self.peak_memory_bytes,
-                "cpuTimeSeconds": self.cpu_time_s}
+                "cpuTimeSeconds": self.cpu_time_s, "network": self.network}
 
 
 class _Generation:
@@ -216,6 +218,8 @@ class LoadedPlugin:
             generation=self.generation,
             peak_memory_bytes=max(peaks) if peaks else None,
             cpu_time_s=sum(cpus) if cpus else None,
+            network=egress.to_json() if (egress := self._manager._egress.statistics(self.id))
+            else None,
         )
 
     def __repr__(self) -> str:
@@ -322,11 +326,12 @@ class PluginManager:
         self._subscribers: set[EventStream] = set()
         self._closed = False
         self._in_process_python = InProcessPythonLoader()
+        self._egress = EgressProxy.from_config(self.config)
         self._process_loaders = {
             kind: ProcessLoader(kind, handshake_timeout=self.config.handshake_timeout,
                                 max_frame=self.config.max_frame,
                                 profile_dirs=self.config.profile_dirs,
-                                fallbacks=self.config.fallbacks)
+                                fallbacks=self.config.fallbacks, egress=self._egress)
             for kind in (LoaderType.PYTHON, LoaderType.NATIVE, LoaderType.EXTERNAL)}
         self._wasm_engine: WasmEngine | None = None  # made on the first wasm plugin
         self._wasm_loader: WasmLoader | None = None
@@ -363,6 +368,7 @@ class PluginManager:
         if self._wasm_engine is not None:
             await asyncio.to_thread(self._wasm_engine.close)
             self._wasm_engine = self._wasm_loader = None
+        self._egress.close()
         if errors:
             raise errors[0]
 
@@ -422,7 +428,8 @@ class PluginManager:
                 self._wasm_engine = WasmEngine()
                 self._wasm_loader = WasmLoader(self._wasm_engine,
                                                pool_size=self.config.wasm_instances,
-                                               max_frame=self.config.max_frame)
+                                               max_frame=self.config.max_frame,
+                                               egress=self._egress)
             return self._wasm_loader
         loader = self._process_loaders.get(plugin.type)
         if loader is None:

@@ -32,7 +32,6 @@ from ..errors import (
     PluginLoadError,
     PluginStateError,
     SandboxerError,
-    SandboxUnavailable,
 )
 from ..manifest import LoaderType, Plugin
 from ..rpc.client import HandshakeInfo, RpcConnection
@@ -40,6 +39,7 @@ from .._units import format_size
 from ..sandbox import cgroups
 from ..sandbox import process as _process
 from ..sandbox.cgroups import CgroupBackend
+from ..sandbox.egress import EgressProxy
 from ..sandbox.launch import (
     PLUGIN_MOUNT,
     Confinement,
@@ -248,8 +248,9 @@ class ProcessLoader:
 
     def __init__(self, kind: LoaderType, *, handshake_timeout: float = 10.0,
                  max_frame: int = 16 << 20, profile_dirs: tuple[str, ...] = (),
-                 fallbacks: tuple[str, ...] = ()) -> None:
+                 fallbacks: tuple[str, ...] = (), egress: EgressProxy | None = None) -> None:
         self.kind = kind
+        self.egress = egress if egress is not None else EgressProxy()
         self.handshake_timeout = handshake_timeout
         self.max_frame = max_frame
         self.profile_dirs = profile_dirs
@@ -270,7 +271,8 @@ class ProcessLoader:
                         ) -> tuple[_process.PluginProcess, Confinement]:
             return await launch_confined(dataclasses.replace(spec, env=env), backend=backend,
                                          rpc_fd=rpc_fd, logger=logger,
-                                         fallbacks=self.fallbacks)
+                                         fallbacks=self.fallbacks, egress=self.egress,
+                                         plugin_id=plugin.id)
 
         return await self.start_process(plugin, sandbox, spec.argv, spawner=spawn)
 
@@ -282,11 +284,6 @@ class ProcessLoader:
     def _launch_spec(self, plugin: Plugin, sandbox: SandboxConfig) -> LaunchSpec:
         """Mounts, masks, argv and seccomp filter for ``plugin``, all checked before any
         process exists."""
-        if sandbox.network_allowed:
-            raise SandboxUnavailable(
-                f"plugin {plugin.id}: asks for network access, and this build cannot enforce "
-                "a network policy yet (no egress proxy), so it refuses rather than open the "
-                "host's network", missing="network policy", plugin_id=plugin.id)
         root = plugin.root
         if root.is_dir():
             plugin_mount = Mount(str(root), PLUGIN_MOUNT)

@@ -59,6 +59,7 @@ from ..errors import (
     SandboxUnavailable,
 )
 from ..manifest import LoaderType, Plugin
+from ..sandbox.egress import EgressProxy
 from ..sandbox.policy import SandboxConfig
 from ..sandbox.process import LineLog
 from . import Health, ResourceUsage
@@ -1285,9 +1286,10 @@ class WasmLoader:
 
     kind = LoaderType.WASM
 
-    def __init__(self, engine: WasmEngine, *, pool_size: int = 1, max_frame: int = 16 << 20
-                 ) -> None:
+    def __init__(self, engine: WasmEngine, *, pool_size: int = 1, max_frame: int = 16 << 20,
+                 egress: EgressProxy | None = None) -> None:
         self._engine = engine
+        self._egress = egress if egress is not None else EgressProxy()
         self._pool_size = pool_size
         self._max_frame = max_frame
 

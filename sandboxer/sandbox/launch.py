@@ -17,6 +17,7 @@ import errno as _errno
 import json
 import logging
 import os
+import socket
 import sys
 from dataclasses import dataclass, field
 from typing import Callable
@@ -26,6 +27,8 @@ from ..errors import PluginLoadError, SandboxUnavailable
 from . import process as _process
 from .cgroups import Cgroup, CgroupBackend, CgroupLimits, CgroupStats
 from .cgroups import new_name as new_cgroup_name
+from .egress import (EGRESS_SOCKET, PROXY_HOST, PROXY_PORT, EgressEndpoint, EgressProxy,
+                     network_mode, proxy_environment)
 from .policy import PathGrant, SandboxConfig
 
 __all__ = ["Mount", "LaunchSpec", "launch", "launch_confined", "Confinement",
@@ -239,28 +242,51 @@ def build_spec(spec: LaunchSpec) -> dict[str, object]:
                     **({"nproc": sandbox.pids_limit} if os.geteuid() == 0 else {})},
         "seccomp_bpf": (None if spec.seccomp_bpf is None else
                         base64.b64encode(spec.seccomp_bpf).decode()),
+        "network": {"mode": network_mode(sandbox), "host": PROXY_HOST, "port": PROXY_PORT},
     }
 
 
-async def _read_status(fd: int) -> bytes:
-    """One chunk from the status pipe (b"" at EOF), without blocking the loop."""
+async def _read_status(sock: socket.socket) -> tuple[bytes, list[int]]:
+    """One chunk from the status socket (b"" at EOF) and any fds passed with it, without
+    blocking the loop."""
     loop = asyncio.get_running_loop()
-    future: asyncio.Future[bytes] = loop.create_future()
+    future: asyncio.Future[tuple[bytes, list[int]]] = loop.create_future()
 
     def readable() -> None:
         try:
-            data = os.read(fd, 4096)
+            data, fds, _, _ = socket.recv_fds(sock, 4096, 1)
         except BlockingIOError:
             return
-        loop.remove_reader(fd)
+        loop.remove_reader(sock)
         if not future.done():
-            future.set_result(data)
+            future.set_result((data, fds))
+        else:
+            for fd in fds:
+                os.close(fd)
 
-    loop.add_reader(fd, readable)
+    loop.add_reader(sock, readable)
     try:
         return await future
     finally:
-        loop.remove_reader(fd)
+        loop.remove_reader(sock)
+
+
+def _proxy_listener(fds: list[int], mode: str) -> socket.socket | None:
+    """The listener the launcher made in the plugin's net namespace ("proxy" mode), checked
+    to be what it must be: a listening TCP socket. Anything else passed is closed."""
+    socks = [socket.socket(fileno=fd) for fd in fds]
+    if mode != "proxy":
+        for sock in socks:
+            sock.close()
+        return None
+    if len(socks) == 1 and socks[0].type == socket.SOCK_STREAM \
+            and socks[0].family == socket.AF_INET \
+            and socks[0].getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        return socks[0]
+    for sock in socks:
+        sock.close()
+    raise SandboxSetupError("the sandbox launcher did not hand over the egress proxy's "
+                            "listening socket", missing="egress proxy port")
 
 
 def _setup_error(report: bytes) -> SandboxSetupError:
@@ -298,41 +324,56 @@ def _write_id_maps(pid: int, host_uid: int, host_gid: int) -> None:
 async def launch(spec: LaunchSpec, *, rpc_fd: int, logger: logging.Logger,
                  setup_timeout: float = 10.0,
                  on_spawn: Callable[[int], None] | None = None,
+                 egress: EgressEndpoint | None = None,
                  sinks: tuple[Callable[[bytes], None], Callable[[bytes], None]] | None = None
                  ) -> tuple[_process.PluginProcess, int]:
     """Start ``spec`` sandboxed; returns the process (the launcher, whose exit status is the
     plugin's) and the host uid it maps to (release it with ``release_uid`` when it is gone).
     ``on_spawn(pid)`` runs before the launcher may go on: the place to put it in a cgroup.
+    In "proxy" network mode ``egress`` gets the listener made in the plugin's namespace.
     """
-    payload = json.dumps(build_spec(spec)).encode() + b"\n"
+    built = build_spec(spec)
+    mode = built["network"]["mode"]  # type: ignore[index]
+    if mode == "proxy" and egress is None:
+        raise SandboxUnavailable("allowed_hosts needs the egress proxy, and none was given",
+                                 missing="egress proxy")
+    payload = json.dumps(built).encode() + b"\n"
     rootful = os.geteuid() == 0
     host_uid = _ids.acquire() if rootful else os.geteuid()
     host_gid = host_uid if rootful else os.getegid()
     control_r, control_w = os.pipe2(os.O_CLOEXEC)
-    status_r, status_w = os.pipe2(os.O_CLOEXEC)
+    # A socket rather than a pipe: the proxy port's listener comes back over it.
+    status, status_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         proc = _process.spawn([sys.executable, "-I", LAUNCHER], {"PATH": "/usr/bin:/bin"},
                               rpc_fd=rpc_fd, logger=logger,
-                              extra_fds={4: control_r, 5: status_w}, sinks=sinks)
+                              extra_fds={4: control_r, 5: status_w.fileno()}, sinks=sinks)
     except BaseException:
-        for fd in (control_r, control_w, status_r, status_w):
+        for fd in (control_r, control_w):
             os.close(fd)
+        status.close()
+        status_w.close()
         if rootful:
             _ids.release(host_uid)
         raise
     os.close(control_r)
-    os.close(status_w)
-    os.set_blocking(status_r, False)
+    status_w.close()
+    status.setblocking(False)
     try:
         async with asyncio.timeout(setup_timeout):
             if on_spawn is not None:
                 on_spawn(proc.pid)  # the launcher waits for the spec: it has done nothing yet
             os.write(control_w, payload)
-            first = await _read_status(status_r)
+            first, fds = await _read_status(status)
+            listener = _proxy_listener(fds, mode)
             if first != b"U\n":
+                if listener is not None:
+                    listener.close()
                 raise _setup_error(first) if first else SandboxSetupError(
                     f"the sandbox launcher exited during setup ({proc.describe_exit()})",
                     missing="sandbox launcher")
+            if egress is not None and mode == "proxy":
+                await egress.start(listener)
             try:
                 _write_id_maps(proc.pid, host_uid, host_gid)
             except OSError as exc:
@@ -341,7 +382,11 @@ async def launch(spec: LaunchSpec, *, rpc_fd: int, logger: logging.Logger,
                     f"({exc.filename})", missing="user namespace id maps") from exc
             os.write(control_w, b"G")
             report = b""
-            while chunk := await _read_status(status_r):
+            while True:
+                chunk, fds = await _read_status(status)
+                _proxy_listener(fds, "none")  # nothing more may come: closed if it does
+                if not chunk:
+                    break
                 report += chunk
             if report:
                 raise _setup_error(report)
@@ -355,7 +400,7 @@ async def launch(spec: LaunchSpec, *, rpc_fd: int, logger: logging.Logger,
         raise
     finally:
         os.close(control_w)
-        os.close(status_r)
+        status.close()
     return proc, host_uid
 
 
@@ -365,12 +410,14 @@ def release_uid(uid: int) -> None:
 
 
 class Confinement:
-    """What a sandboxed process holds besides itself: its cgroup and its host uid.
-    ``release()`` (idempotent) kills anything left in the cgroup, removes it, frees the uid."""
+    """What a sandboxed process holds besides itself: its cgroup, its host uid and its egress
+    proxy endpoint. ``release()`` (idempotent) kills anything left in the cgroup, removes it,
+    closes the endpoint, frees the uid."""
 
     def __init__(self, cgroup: Cgroup | None, host_uid: int, memory_limit: int,
-                 fallbacks: tuple[str, ...] = ()) -> None:
+                 fallbacks: tuple[str, ...] = (), egress: EgressEndpoint | None = None) -> None:
         self.cgroup = cgroup
+        self.egress = egress
         self.fallbacks = fallbacks
         self.host_uid = host_uid
         self.memory_limit = memory_limit
@@ -395,6 +442,8 @@ class Confinement:
         self.stats()
         self._released = True
         try:
+            if self.egress is not None:
+                self.egress.close()
             if self.cgroup is not None:
                 self.cgroup.remove()
         finally:
@@ -404,12 +453,39 @@ class Confinement:
 async def launch_confined(
         spec: LaunchSpec, *, backend: CgroupBackend, rpc_fd: int, logger: logging.Logger,
         sinks: tuple[Callable[[bytes], None], Callable[[bytes], None]] | None = None,
-        fallbacks: tuple[str, ...] = (),
+        fallbacks: tuple[str, ...] = (), egress: EgressProxy | None = None,
+        plugin_id: str = "-",
 ) -> tuple[_process.PluginProcess, Confinement]:
-    """``launch`` inside a fresh cgroup limited as ``spec.sandbox`` says.
+    """``launch`` inside a fresh cgroup limited as ``spec.sandbox`` says, and, when it lists
+    allowed hosts, with an endpoint of ``egress`` (the proxy's socket bound in, the proxy
+    variables in its environment) made for ``plugin_id``.
 
     With ``fallbacks`` naming "rlimit" and no cgroup to be had, the process is limited by
     RLIMIT_AS instead, and the returned Confinement says so."""
+    sandbox = spec.sandbox
+    endpoint = None
+    if network_mode(sandbox) == "proxy":
+        if egress is None:
+            raise SandboxUnavailable("allowed_hosts needs the egress proxy, and none was given",
+                                     missing="egress proxy")
+        endpoint = egress.endpoint(plugin_id, sandbox.allowed_hosts)
+        spec = dataclasses.replace(
+            spec, env={**spec.env, **proxy_environment()},
+            mounts=spec.mounts + (Mount(endpoint.socket_path, EGRESS_SOCKET, exec=False),))
+    try:
+        return await _launch_in_cgroup(spec, backend=backend, rpc_fd=rpc_fd, logger=logger,
+                                       sinks=sinks, fallbacks=fallbacks, egress=endpoint)
+    except BaseException:
+        if endpoint is not None:
+            endpoint.close()
+        raise
+
+
+async def _launch_in_cgroup(
+        spec: LaunchSpec, *, backend: CgroupBackend, rpc_fd: int, logger: logging.Logger,
+        sinks: tuple[Callable[[bytes], None], Callable[[bytes], None]] | None,
+        fallbacks: tuple[str, ...], egress: EgressEndpoint | None,
+) -> tuple[_process.PluginProcess, Confinement]:
     sandbox = spec.sandbox
     try:
         group = backend.create(new_cgroup_name(), CgroupLimits(
@@ -420,16 +496,16 @@ async def launch_confined(
         logger.warning("no cgroup (%s): falling back to RLIMIT_AS as the host policy allows; "
                        "CPU and process limits are not enforced", exc)
         spec = dataclasses.replace(spec, address_space_limit=sandbox.memory_limit)
-        proc, uid = await launch(spec, rpc_fd=rpc_fd, logger=logger, sinks=sinks)
-        return proc, Confinement(None, uid, sandbox.memory_limit, fallbacks=("rlimit",))
+        proc, uid = await launch(spec, rpc_fd=rpc_fd, logger=logger, sinks=sinks, egress=egress)
+        return proc, Confinement(None, uid, sandbox.memory_limit, fallbacks=("rlimit",),
+                                 egress=egress)
     try:
         proc, uid = await launch(spec, rpc_fd=rpc_fd, logger=logger, on_spawn=group.add,
-                                 sinks=sinks)
+                                 sinks=sinks, egress=egress)
     except BaseException:
         group.remove()
         raise
-    return proc, Confinement(group, uid, sandbox.memory_limit)
-
+    return proc, Confinement(group, uid, sandbox.memory_limit, egress=egress)
 
 
 @dataclass(frozen=True, slots=True)
@@ -455,12 +531,10 @@ def _which(name: str) -> str:
 async def run(argv: list[str], sandbox: SandboxConfig, *, backend: CgroupBackend,
               seccomp_bpf: bytes | None, cwd: str = "/tmp",
               sinks: tuple[Callable[[bytes], None], Callable[[bytes], None]] | None = None,
-              logger: logging.Logger | None = None) -> RunResult:
-    """Run any program in the sandbox (``sandboxer exec``) and wait for it."""
-    if sandbox.network_allowed:
-        raise SandboxUnavailable("network access cannot be enforced yet (no egress proxy); "
-                                 "refusing rather than opening the host's network",
-                                 missing="network policy")
+              logger: logging.Logger | None = None, egress: EgressProxy | None = None
+              ) -> RunResult:
+    """Run any program in the sandbox (``sandboxer exec``) and wait for it; with allowed
+    hosts, its egress goes through ``egress`` (logged as plugin "exec")."""
     spec = LaunchSpec(argv=[_which(argv[0]), *argv[1:]],
                       env={"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp",
                            "LANG": "C.UTF-8", "TERM": os.environ.get("TERM", "dumb")},
@@ -474,7 +548,8 @@ async def run(argv: list[str], sandbox: SandboxConfig, *, backend: CgroupBackend
     try:
         proc, confinement = await launch_confined(
             spec, backend=backend, rpc_fd=null, sinks=sinks,
-            logger=logger or logging.getLogger("sandboxer.exec"))
+            logger=logger or logging.getLogger("sandboxer.exec"), egress=egress,
+            plugin_id="exec")
     finally:
         os.close(null)
     try:

@@ -5,12 +5,18 @@ nothing but the standard library and ``_syscalls``) with:
 
     fd 0  /dev/null          fd 3  the plugin's end of the RPC socket
     fd 1  stdout pipe        fd 4  control pipe from the supervisor (spec, then "go")
-    fd 2  stderr pipe        fd 5  status pipe to the supervisor
+    fd 2  stderr pipe        fd 5  status socket to the supervisor
 
 It reads the spec (one JSON line) from fd 4, then follows DESIGN section 6 in order, one
 function per step, each failure reported to the supervisor over fd 5 as
 ``{"step", "error", "errno", "path"}`` before exiting 127. A successful exec closes fd 5 with
 nothing written, which is how the supervisor knows the plugin is running.
+
+Network: with ``network.mode`` "none" the new net namespace stays empty (not even loopback
+up); "proxy" brings loopback up in it and makes a TCP listener on 127.0.0.1:PORT there, which
+goes to the supervisor over the status socket with the "U" message (SCM_RIGHTS) and is closed
+here: the supervisor's egress proxy accepts on it, so nothing of the proxy runs in here;
+"host" keeps the supervisor's net namespace (full network, only when the host policy allows).
 
 Process layout inside: the launcher stays outside the new pid namespace as a proxy that
 relays the exit status; its child is PID 1 of the namespace (reaps, forwards SIGTERM, dies
@@ -23,9 +29,12 @@ capability, an fd or an environment variable the spec did not grant.
 from __future__ import annotations
 
 import enum
+import fcntl
 import json
 import os
 import signal
+import socket
+import struct
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -52,6 +61,7 @@ class Step(enum.Enum):
     SPEC = "read the spec"
     PRIVILEGES = "drop supplementary groups"
     NAMESPACES = "unshare namespaces"
+    NETWORK = "set up the proxy port in the net namespace"
     ID_MAPS = "wait for the id maps"
     PID1 = "fork PID 1"
     ROOT = "build the new root"
@@ -133,16 +143,50 @@ def drop_supplementary_groups() -> None:
             os.setgroups([])
 
 
-def unshare_namespaces() -> None:
+def unshare_namespaces(spec: dict) -> None:  # type: ignore[type-arg]
+    flags = NAMESPACES
+    if spec["network"]["mode"] == "host":  # full network: the host policy allowed it
+        flags &= ~sc.CLONE_NEWNET
     with step(Step.NAMESPACES):
         _libc_prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # die with the supervisor
-        sc.unshare(NAMESPACES)
+        sc.unshare(flags)
 
 
-def wait_for_id_maps() -> None:
-    """Tell the supervisor the user namespace exists; it writes the maps and says go."""
+SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
+
+
+def open_proxy_port(spec: dict) -> int | None:  # type: ignore[type-arg]
+    """In "proxy" mode: loopback up in the new net namespace, and a listening TCP socket on
+    it for the supervisor's egress proxy. Done with the namespace's capabilities, before the
+    id maps: nothing here creates a file."""
+    network = spec["network"]
+    if network["mode"] != "proxy":
+        return None
+    with step(Step.NETWORK, "lo"):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            request = struct.pack("16sh22x", b"lo", 0)
+            flags = struct.unpack("16sh22x", fcntl.ioctl(s, SIOCGIFFLAGS, request))[1]
+            fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sh22x", b"lo", flags | IFF_UP))
+    with step(Step.NETWORK, f"{network['host']}:{network['port']}"):
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.bind((network["host"], network["port"]))
+        listener.listen(128)
+        return listener.detach()
+
+
+def wait_for_id_maps(proxy_port: int | None) -> None:
+    """Tell the supervisor the user namespace exists (handing over the proxy port's socket,
+    if any); it writes the maps and says go."""
     with step(Step.ID_MAPS):
-        os.write(STATUS_FD, b"U\n")
+        if proxy_port is None:
+            os.write(STATUS_FD, b"U\n")
+        else:
+            status = socket.socket(fileno=STATUS_FD)
+            try:
+                socket.send_fds(status, [b"U\n"], [proxy_port])
+            finally:
+                status.detach()
+                os.close(proxy_port)  # the supervisor holds it now; nothing in here does
         if os.read(CONTROL_FD, 1) != b"G":
             raise SetupFailed(Step.ID_MAPS, "the supervisor did not confirm the id maps")
 
@@ -538,8 +582,8 @@ def main() -> None:
             sc.close_range(STATUS_FD + 1)
         spec = read_spec()
         drop_supplementary_groups()
-        unshare_namespaces()
-        wait_for_id_maps()
+        unshare_namespaces(spec)
+        wait_for_id_maps(open_proxy_port(spec))
         sources = open_sources(spec)
         trees = open_copies(spec)
         become_sandbox_ids(spec)

@@ -224,6 +224,14 @@ class HostConfig:
     registry: str | None = None          # a registry directory or http(s) base URL
     trusted_keys: tuple[str, ...] = ()   # minisign public key files registry plugins must match
     cache_dir: str | None = None         # fetched plugins; default $XDG_CACHE_HOME/sandboxer
+    # The egress proxy (network_allowed with allowed_hosts): names it resolves from this
+    # hosts file before DNS; connections one plugin may hold at once; how long a client has
+    # to send its request; when an idle tunnel is closed; extra CAs wasm's http_request trusts.
+    egress_hosts_file: str | None = None
+    egress_max_connections: int = 32
+    egress_header_timeout: float = 10.0
+    egress_idle_timeout: float = 300.0
+    egress_ca_file: str | None = None
     profile_dirs: tuple[str, ...] = field(default_factory=tuple)
     source: str = ""
 
@@ -280,6 +288,11 @@ class HostConfig:
             "registry": _parse_registry,
             "trusted_keys": _parse_path_list,
             "cache_dir": parse_denied_path,
+            "egress_hosts_file": parse_denied_path,
+            "egress_max_connections": _parse_connections,
+            "egress_header_timeout": parse_duration,
+            "egress_idle_timeout": parse_duration,
+            "egress_ca_file": parse_denied_path,
         }
         for key, value in host.items():
             name = f"host.{key}"
@@ -335,6 +348,12 @@ def _parse_fallbacks(value: object) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(v in FALLBACKS for v in value):
         raise ValueError(f"a list of fallback names from {sorted(FALLBACKS)}, not {value!r}")
     return tuple(value)
+
+
+def _parse_connections(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 4096:
+        raise ValueError(f"a number of connections between 1 and 4096, not {value!r}")
+    return value
 
 
 def _parse_health_failures(value: object) -> int:
