@@ -165,6 +165,13 @@ def _plain(address: IPAddress) -> IPAddress:
     return address
 
 
+def _display(address: IPAddress) -> str:
+    """An address as people write it (IPv4-mapped IPv6 with its dotted quad)."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return f"::ffff:{address.ipv4_mapped}"
+    return str(address)
+
+
 def refused_range(address: IPAddress) -> str | None:
     """Why ``address`` is off limits unless listed (None: a global unicast address)."""
     address = _plain(address)
@@ -412,7 +419,7 @@ class EgressProxy:
             if reason is None or allow.lists_address(_plain(address), port):
                 usable.append(address)
             else:
-                refused.append(f"{address} ({reason})")
+                refused.append(f"{_display(address)} ({reason})")
         if not usable:
             raise EgressRefused(
                 f"{name} resolves to {', '.join(refused)}, which is refused unless "
@@ -459,8 +466,9 @@ class EgressProxy:
                 last = exc
         kind = "timeout" if isinstance(last, TimeoutError) else \
             "connection refused" if isinstance(last, ConnectionRefusedError) else "unreachable"
-        raise _Failed(kind, f"connecting to {_show(str(addresses[0]), port)} failed: "
-                            f"{getattr(last, 'strerror', None) or last}")
+        why = os.strerror(last.errno) if last is not None and last.errno else str(last)
+        raise _Failed(kind, f"connecting to {_show(_display(addresses[-1]), port)} failed: "
+                            f"{why}")
 
     async def open(self, plugin_id: str, allow: AllowList, via: str, host: str, port: int
                    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -700,7 +708,7 @@ class EgressEndpoint:
             return _Request("http-connect", host, port)
         url = urlsplit(target)
         try:
-            port = url.port or 80
+            port = 80 if url.port is None else url.port
         except ValueError:
             port = 0
         if url.scheme != "http" or not url.hostname or not port:
