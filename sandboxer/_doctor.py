@@ -8,9 +8,10 @@ removes nothing on the host except those children.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable
 
 from .errors import SandboxUnavailable
+from .sandbox.policy import HostConfig
 
 __all__ = ["diagnose"]
 
@@ -20,16 +21,14 @@ _NAMESPACES = {
 }
 
 
-def _can_unshare(flag: int) -> str:
-    """"yes", or the reason it failed, by unsharing in a forked child."""
-    from .sandbox import _syscalls as sc
-
+def _in_child(action: Callable[[], None]) -> str:
+    """"yes", or the reason it failed, by running ``action`` in a forked child."""
     read_end, write_end = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the child: one syscall, report, exit; never returns to Python callers
+    if pid == 0:  # the child: a few syscalls, report, exit; never returns to Python callers
         os.close(read_end)
         try:
-            sc.unshare(flag if flag == _NAMESPACES["user"] else flag | _NAMESPACES["user"])
+            action()
             os.write(write_end, b"yes")
         except OSError as exc:
             os.write(write_end, f"no ({exc.strerror})".encode())
@@ -39,6 +38,46 @@ def _can_unshare(flag: int) -> str:
     os.close(read_end)
     os.waitpid(pid, 0)
     return answer
+
+
+def _can_unshare(flag: int) -> str:
+    from .sandbox import _syscalls as sc
+    return _in_child(lambda: sc.unshare(
+        flag if flag == _NAMESPACES["user"] else flag | _NAMESPACES["user"]))
+
+
+def _proxy_port() -> None:
+    """What the launcher does for a proxied plugin: loopback up in a new net namespace, and
+    the proxy's port bound on it."""
+    import fcntl
+    import socket
+    import struct
+
+    from .sandbox import _syscalls as sc
+    from .sandbox.egress import PROXY_HOST, PROXY_PORT
+    sc.unshare(_NAMESPACES["user"] | _NAMESPACES["net"])
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        fcntl.ioctl(s, 0x8914, struct.pack("16sh22x", b"lo", 1))  # SIOCSIFFLAGS: IFF_UP
+    with socket.create_server((PROXY_HOST, PROXY_PORT)):
+        pass
+
+
+def _network(config: HostConfig) -> dict[str, Any]:
+    from .sandbox.egress import EGRESS_SOCKET, PROXY_HOST, PROXY_PORT
+    proxy = _in_child(_proxy_port)
+    return {
+        "ok": proxy == "yes",
+        "default": "an empty net namespace (no interface up, inet sockets denied by seccomp)",
+        "allowed_hosts": (f"through the egress proxy (HTTP CONNECT, HTTP, SOCKS5) at "
+                          f"{PROXY_HOST}:{PROXY_PORT} in the plugin's namespace and "
+                          f"{EGRESS_SOCKET}; wasm through sandboxer.http_request"
+                          if proxy == "yes" else f"unavailable: the proxy port: {proxy}"),
+        "full_network": ("allowed by the host policy (allow_full_network = true)"
+                         if config.allow_full_network else
+                         "refused by the host policy (allow_full_network = false)"),
+        "hosts_file": config.egress_hosts_file,
+        "max_connections_per_plugin": config.egress_max_connections,
+    }
 
 
 def _seccomp() -> str:
@@ -92,13 +131,15 @@ def _wasm() -> dict[str, Any]:
             "wasi": "preopened allowed paths only; no sockets, no environment"}
 
 
-def diagnose() -> dict[str, Any]:
+def diagnose(config: HostConfig | None = None) -> dict[str, Any]:
+    """The report; ``config`` (default: HostConfig()) for the network policy's settings."""
     namespaces = {name: _can_unshare(flag) for name, flag in _NAMESPACES.items()}
     cgroup = _cgroups()
     seccomp = _seccomp()
     wasm = _wasm()
+    network = _network(config if config is not None else HostConfig())
     ok = (all(v == "yes" for v in namespaces.values()) and cgroup["ok"] and seccomp == "yes"
-          and wasm["ok"])
+          and wasm["ok"] and network["ok"])
     return {
         "ok": ok,
         "mode": "rootful" if os.geteuid() == 0 else "rootless",
@@ -107,5 +148,5 @@ def diagnose() -> dict[str, Any]:
         "seccomp": seccomp,
         "cgroups": cgroup,
         "wasm": wasm,
-        "network_policy": "no network only (allow-listed egress is not built yet)",
+        "network": network,
     }

@@ -363,9 +363,9 @@ async def _cmd_exec(args: argparse.Namespace) -> int:
 
 async def _cmd_doctor(args: argparse.Namespace) -> int:
     from ._doctor import diagnose
-    report = diagnose()
+    host = HostConfig.load()
+    report = diagnose(host)
     if args.target:
-        host = HostConfig.load()
         plugin = load_plugin(args.target)
         sandbox = _sandbox_from(plugin.sandbox, plugin.id, host, _no_overrides())
         report["plugin"] = {"id": plugin.id, "kind": plugin.type.value,

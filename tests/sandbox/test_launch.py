@@ -608,6 +608,20 @@ def test_doctor_reports_what_this_host_enforces():
     assert {c: os.path.normpath(p) for c, p in report["cgroups"]["parents"].items()} == {
         c: os.path.normpath(p) for c, p in cgroups.CgroupV1().bases.items()}
     assert "plugin" not in report
+    network = report["network"]
+    assert network["ok"] is True
+    assert "127.0.0.1:3128" in network["allowed_hosts"]
+    assert network["full_network"] == "refused by the host policy (allow_full_network = false)"
+
+
+def test_doctor_says_when_the_host_policy_allows_the_full_network(tmp_path):
+    config = tmp_path / "host.toml"
+    config.write_text('[host]\nallow_full_network = true\negress_max_connections = 5\n')
+    ran = sandboxer("doctor", "--json", env={**os.environ, "SANDBOXER_CONFIG": str(config)})
+    assert ran.returncode == 0, ran.stderr
+    network = json.loads(ran.stdout)["network"]
+    assert network["full_network"] == "allowed by the host policy (allow_full_network = true)"
+    assert network["max_connections_per_plugin"] == 5
 
 
 def test_doctor_with_a_plugin_shows_its_effective_sandbox(tmp_path):
@@ -628,7 +642,7 @@ def test_doctor_with_a_plugin_shows_its_effective_sandbox(tmp_path):
 def test_doctor_human_output_names_each_check():
     ran = sandboxer("doctor")
     assert ran.returncode == 0, ran.stderr
-    for word in ("namespaces:", "seccomp", "cgroups:", "version"):
+    for word in ("namespaces:", "seccomp", "cgroups:", "version", "network:", "full_network"):
         assert word in ran.stdout
 
 

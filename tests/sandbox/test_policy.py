@@ -235,6 +235,14 @@ def test_from_mapping_reads_every_field() -> None:
         pytest.param({"host": {"wasm_instances": 0}}, "host.wasm_instances", id="pool-zero"),
         pytest.param({"host": {"wasm_instances": 65}}, "host.wasm_instances", id="pool-65"),
         pytest.param({"host": {"wasm_instances": True}}, "host.wasm_instances", id="pool-bool"),
+        pytest.param({"host": {"egress_max_connections": 0}}, "host.egress_max_connections",
+                     id="egress-connections-zero"),
+        pytest.param({"host": {"egress_max_connections": "many"}},
+                     "host.egress_max_connections", id="egress-connections-word"),
+        pytest.param({"host": {"egress_header_timeout": "soon"}}, "host.egress_header_timeout",
+                     id="egress-header-timeout-word"),
+        pytest.param({"host": {"egress_hosts_file": "relative/hosts"}},
+                     "host.egress_hosts_file", id="egress-hosts-relative"),
         pytest.param({"limits": {"max_pids": True}}, "limits.max_pids", id="max-pids-bool"),
         pytest.param({"limits": {"max_pids": 1.5}}, "limits.max_pids", id="max-pids-float"),
         pytest.param({"limits": {"max_pids": (1 << 22) + 1}}, "limits.max_pids",
@@ -617,6 +625,16 @@ def test_host_config_reads_wasm_settings() -> None:
                                     "limits": {"max_fuel": 10_000_000}})
     assert host.wasm_instances == 4
     assert host.max_fuel == 10_000_000
+
+
+def test_host_config_reads_egress_settings() -> None:
+    host = HostConfig.from_mapping({"host": {
+        "egress_hosts_file": "/etc/sandboxer/hosts", "egress_max_connections": 8,
+        "egress_header_timeout": "2s", "egress_idle_timeout": "1m",
+        "egress_ca_file": "/etc/sandboxer/ca.pem", "allow_full_network": True}})
+    assert (host.egress_hosts_file, host.egress_max_connections, host.egress_header_timeout,
+            host.egress_idle_timeout, host.egress_ca_file, host.allow_full_network) == (
+        "/etc/sandboxer/hosts", 8, 2.0, 60.0, "/etc/sandboxer/ca.pem", True)
 
 
 def test_an_allowed_path_that_links_out_of_its_root_is_refused(tmp_path: Path) -> None:
