@@ -716,11 +716,12 @@ class EgressEndpoint:
                         "(https goes through CONNECT)")
             return None
         # Forwarded as origin-form, one request per connection: a client reusing the
-        # connection for another host must not reach it through this one's check.
+        # connection for another host must not reach it through this one's check. The Host
+        # header is the checked URL's, so a shared server (a CDN) is asked for the checked
+        # site, not whatever the client wrote there.
         kept = [h for h in lines[1:] if h
-                and h.split(":", 1)[0].strip().lower() not in _HOP_BY_HOP]
-        if not any(h.split(":", 1)[0].strip().lower() == "host" for h in kept):
-            kept.insert(0, f"Host: {url.netloc.rpartition('@')[2]}")
+                and h.split(":", 1)[0].strip().lower() not in _HOP_BY_HOP | {"host"}]
+        kept.insert(0, f"Host: {url.netloc.rpartition('@')[2]}")
         path = (url.path or "/") + (f"?{url.query}" if url.query else "")
         forward = "\r\n".join([f"{method} {path} {version}", *kept, "Connection: close", "", ""])
         return _Request("http", url.hostname, port, forward.encode("latin-1"))

@@ -236,15 +236,16 @@ async def test_connect_tunnel(endpoint, servers):
     assert counts["bytesSent"] > 0
 
 
-async def test_plain_http_is_forwarded_without_proxy_headers(endpoint, servers):
+async def test_plain_http_is_forwarded_to_the_checked_host_without_proxy_headers(endpoint, servers):
     answer = await endpoint.exchange(
         f"GET http://allowed.test:{servers.http.port}/headers HTTP/1.1\r\n"
-        f"Host: allowed.test:{servers.http.port}\r\nProxy-Authorization: Basic c2VjcmV0\r\n"
+        "Host: elsewhere.example\r\nProxy-Authorization: Basic c2VjcmV0\r\n"
         "Proxy-Connection: keep-alive\r\nX-Kept: yes\r\n\r\n".encode())
     status, _, body = answer.partition(b"\r\n\r\n")
     assert status.startswith(b"HTTP/1.1 200")
     headers = {k.lower(): v for k, v in json.loads(body).items()}
     assert headers["x-kept"] == "yes" and headers["connection"] == "close"
+    assert headers["host"] == f"allowed.test:{servers.http.port}"  # the checked one
     assert "proxy-authorization" not in headers and "proxy-connection" not in headers
 
 
