@@ -100,10 +100,18 @@ def test_call_runs_sandboxed_by_default():
     assert doc["stats"]["peakMemoryBytes"] > 0 and doc["stats"]["cpuTimeSeconds"] > 0
 
 
-def test_a_sandbox_this_host_cannot_enforce_exits_4():
-    run = sandboxer("call", "--allow-host", "example.com:443", HELLO, "greet", "x")
+def test_a_sandbox_this_host_cannot_enforce_exits_4(tmp_path):
+    """A CPU quota for in-process wasm cannot be enforced: the load fails closed, exit 4."""
+    import wasmtime
+    (tmp_path / "add.wasm").write_bytes(wasmtime.wat2wasm(
+        '(module (func (export "add") (param i32 i32) (result i32) '
+        'local.get 0 local.get 1 i32.add))'))
+    (tmp_path / "plugin.toml").write_text(
+        '[plugin]\nid = "cpu.quota"\nversion = "1.0.0"\ntype = "wasm"\n'
+        'entrypoint = "add.wasm"\n[sandbox]\ncpu_limit = 0.5\n')
+    run = sandboxer("call", str(tmp_path), "add", "1", "2")
     assert run.returncode == 4
-    assert "SandboxUnavailable" in run.stderr and "network" in run.stderr
+    assert "SandboxUnavailable" in run.stderr and "cpu_limit = 0.5" in run.stderr
 
 
 def test_exec_returns_the_programs_exit_status():

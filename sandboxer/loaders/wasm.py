@@ -15,7 +15,13 @@ call never pays for a thread hop. Timeouts are epoch deadlines: while wasm runs 
 every millisecond, and at each deadline the store's callback traps the call once its time is
 up. The ticker sleeps while nothing runs off the loop: calls on the loop, bounded by their
 slice, need no timer, and they do not compete with it for the GIL. Fuel, when metered, is
-refilled per call.
+refilled per call. A module that can block in a host call (WASI's ``poll_oneoff``, or
+``sandboxer.http_request``) runs every call on a worker instead; those host calls wait in
+short steps and trap as the call's timeout once its deadline passes.
+
+Network. A plugin has no sockets. ``sandboxer.http_request`` hands one HTTP(S) request to the
+egress proxy's rules (sandbox/_egress_fetch.py: the plugin's allow-list, the proxy's resolver,
+its log and counters) and keeps the response JSON for ``sandboxer.http_response`` to copy.
 
 Failure semantics. A trap (including a timeout, fuel exhaustion, a stack overflow or a WASI
 ``proc_exit`` outside a command) ends the call with an error, and the instance that trapped is
@@ -59,7 +65,7 @@ from ..errors import (
     SandboxUnavailable,
 )
 from ..manifest import LoaderType, Plugin
-from ..sandbox.egress import EgressProxy
+from ..sandbox.egress import AllowList, EgressProxy, network_mode
 from ..sandbox.policy import SandboxConfig
 from ..sandbox.process import LineLog
 from . import Health, ResourceUsage
@@ -88,7 +94,12 @@ _RANGES = {_I32: (-(1 << 31), 1 << 32), _I64: (-(1 << 63), 1 << 64)}
 HOST_FUNCTIONS = {
     "log": (("i32", "i32", "i32"), ()),
     "config_get": (("i32", "i32", "i32", "i32"), ("i32",)),
+    "http_request": (("i32", "i32"), ("i32",)),
+    "http_response": (("i32", "i32"), ("i32",)),
 }
+# The request JSON http_request reads: the body (max_frame bytes, base64 inflating it by a
+# third) plus room for the URL and headers.
+HTTP_REQUEST_OVERHEAD = 64 << 10
 WASI_MODULE = "wasi_snapshot_preview1"
 
 
@@ -344,6 +355,7 @@ class _Store:
         self.key = next(_keys)
         self.deadline = 0.0
         self.timed_out = False
+        self.http_reply = b""  # the last http_request's response JSON, for http_response
         _LIVE[self.key] = self
         _wt.set_epoch_callback(self.store, _on_epoch, self.key)
         self.store.set_epoch_deadline(1)
@@ -488,7 +500,9 @@ class _Layout:
             return PluginLoadError(f"plugin {pid}: {message}", plugin_id=pid)
 
         self.uses_wasi = False
-        self.blocks = False  # imports WASI's poll_oneoff, which can sleep
+        # imports WASI's poll_oneoff, which can sleep, or http_request, which waits on the
+        # network: either would hold the event loop
+        self.blocks = False
         for imp in module.imports:
             where = f"{imp.module}.{imp.name}"
             if imp.module == WASI_MODULE and isinstance(imp.type, wasmtime.FuncType):
@@ -496,6 +510,7 @@ class _Layout:
                 self.blocks = self.blocks or imp.name == "poll_oneoff"
                 continue
             if imp.module == "sandboxer" and imp.name in HOST_FUNCTIONS:
+                self.blocks = self.blocks or imp.name == "http_request"
                 if not isinstance(imp.type, wasmtime.FuncType):
                     raise refuse(f"imports {where} as something other than a function")
                 want = HOST_FUNCTIONS[imp.name]
@@ -578,17 +593,24 @@ class WasmHandle:
     """One generation of a wasm plugin: its instance pool (or, for a WASI command, a runner)."""
 
     def __init__(self, plugin: Plugin, sandbox: SandboxConfig, engine: WasmEngine,
-                 module: wasmtime.Module, digest: str, layout: _Layout, *, pool_size: int
-                 ) -> None:
+                 module: wasmtime.Module, digest: str, layout: _Layout, *, pool_size: int,
+                 egress: EgressProxy | None = None) -> None:
         self.plugin = plugin
         self._digest = digest
         self._sandbox = sandbox
         self._engine = engine
         self._module = module
         self._layout = layout
-        # Calls start on the event loop unless the module can block in WASI (poll_oneoff:
-        # a sleep), which would hold the loop: then every call runs on a worker.
+        # Calls start on the event loop unless the module can block (WASI's poll_oneoff: a
+        # sleep; sandboxer.http_request: the network), which would hold the loop: then every
+        # call runs on a worker.
         self._inline = not layout.blocks
+        # http_request: the egress proxy's rules for this plugin (None: no network at all).
+        self._egress = egress if egress is not None else EgressProxy()
+        mode = network_mode(sandbox)
+        self._allow: AllowList | None = (
+            None if mode == "none" else AllowList(sandbox.allowed_hosts) if mode == "proxy"
+            else AllowList.everything())
         self._pool_size = pool_size
         self._methods = layout.methods
         self._config: dict[str, Any] = dict(plugin.config)
@@ -634,8 +656,20 @@ class WasmHandle:
             return -1 if me is None else me._host_config_get(caller, key_ptr, key_len,
                                                              buf_ptr, buf_cap)
 
+        def http_request(caller: wasmtime.Caller, ptr: int, length: int) -> int:
+            me = handle()
+            if me is None:
+                raise _wt.HostTrap("sandboxer.http_request: the plugin is unloaded")
+            return me._host_http_request(caller, ptr, length)
+
+        def http_response(caller: wasmtime.Caller, ptr: int, cap: int) -> int:
+            me = handle()
+            return 0 if me is None else me._host_http_response(caller, ptr, cap)
+
         _wt.define_host_function(linker, "sandboxer", "log", 3, 0, log)
         _wt.define_host_function(linker, "sandboxer", "config_get", 4, 1, config_get)
+        _wt.define_host_function(linker, "sandboxer", "http_request", 2, 1, http_request)
+        _wt.define_host_function(linker, "sandboxer", "http_response", 2, 1, http_response)
         return linker
 
     def _wasi(self, *, argv: list[str], stdin: bytes | None,
@@ -1197,6 +1231,55 @@ class WasmHandle:
         memory.write(caller, value, buf_ptr)
         return len(value)
 
+    def _host_http_request(self, caller: wasmtime.Caller, ptr: int, length: int) -> int:
+        """Perform the request whose JSON lies at (ptr, length) through the egress proxy's
+        rules; keep the response JSON for http_response and return its length. Blocking:
+        modules importing it never run on the event loop (``_Layout.blocks``)."""
+        store = getattr(_current, "store", None)
+        if store is None:  # every call of a blocking module runs under _running
+            raise _wt.HostTrap("sandboxer.http_request: called outside a sandboxer call")
+        memory = caller.get("memory")
+        ptr &= 0xFFFF_FFFF
+        length &= 0xFFFF_FFFF
+        if not isinstance(memory, wasmtime.Memory) or ptr + length > memory.data_len(caller):
+            raise _wt.HostTrap("sandboxer.http_request: the request lies outside the plugin's "
+                               "memory")
+        limit = self._egress.max_response * 4 // 3 + HTTP_REQUEST_OVERHEAD
+        reply: dict[str, Any]
+        if length > limit:
+            reply = {"error": {"kind": "invalid", "message": f"the request is {length} bytes "
+                               f"of JSON, more than the {limit}-byte limit"}}
+        else:
+            try:
+                request = orjson.loads(bytes(memory.read(caller, ptr, ptr + length)))
+            except orjson.JSONDecodeError as exc:
+                reply = {"error": {"kind": "invalid",
+                                   "message": f"the request is not UTF-8 JSON: {exc}"}}
+            else:
+                reply = self._egress.fetch(self.plugin.id, self._allow, request,
+                                           deadline=lambda: store.deadline)
+        if time.monotonic() >= store.deadline:
+            # Timed out, cancelled or unloaded while waiting: end the call as poll_oneoff does.
+            store.timed_out = True
+            raise _wt.HostTrap("sandboxer: the call's deadline passed (in http_request)")
+        store.http_reply = orjson.dumps(reply)
+        return len(store.http_reply)
+
+    def _host_http_response(self, caller: wasmtime.Caller, ptr: int, cap: int) -> int:
+        """Copy as much of the last http_request's response JSON as fits in (ptr, cap);
+        return how many bytes were copied (0 before any request)."""
+        store = getattr(_current, "store", None)
+        data = store.http_reply if store is not None else b""
+        ptr &= 0xFFFF_FFFF
+        n = min(len(data), cap & 0xFFFF_FFFF)
+        memory = caller.get("memory")
+        if not isinstance(memory, wasmtime.Memory) or ptr + n > memory.data_len(caller):
+            raise _wt.HostTrap("sandboxer.http_response: the buffer lies outside the plugin's "
+                               "memory")
+        if n:
+            memory.write(caller, data[:n], ptr)
+        return n
+
     # -- lifecycle -------------------------------------------------------------------------------
     async def _lifecycle(self, name: str, args: list[Any], *, every: bool = False) -> Any:
         if name not in self._layout.lifecycle:
@@ -1295,11 +1378,8 @@ class WasmLoader:
 
     def _check_sandbox(self, plugin: Plugin, sandbox: SandboxConfig) -> None:
         pid = plugin.id
-        if sandbox.network_allowed:
-            raise SandboxUnavailable(
-                f"plugin {pid}: asks for network access, and this build cannot enforce a "
-                "network policy for wasm yet (no http_request host function), so it refuses",
-                missing="network policy", plugin_id=pid)
+        # network_allowed needs nothing here: wasm has no sockets, and its http_request goes
+        # through the egress proxy's rules (network_mode), enforced by the host itself.
         requested = plugin.sandbox.cpu_limit
         if requested is not None and requested < 1.0:
             raise SandboxUnavailable(
@@ -1358,7 +1438,7 @@ class WasmLoader:
             self._engine.release(digest)
             raise
         handle = WasmHandle(plugin, sandbox, self._engine, module, digest, layout,
-                            pool_size=pool)
+                            pool_size=pool, egress=self._egress)
         handle._max_output = self._max_frame
         await handle.start()
         return handle

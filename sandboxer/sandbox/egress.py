@@ -26,6 +26,8 @@ plugin's budget.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import ipaddress
 import logging
 import os
@@ -34,8 +36,9 @@ import shutil
 import socket
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Union
+from typing import Any, Callable, Iterable, Iterator, Union
 from urllib.parse import urlsplit
 
 from .policy import SandboxConfig, parse_host_pattern
@@ -139,7 +142,7 @@ class AllowList:
         if self.everything_allowed:
             return True
         return any(rule.kind == "network" and rule.covers_port(port)
-                   and address in rule.value  # type: ignore[operator]
+                   and address in rule.value
                    for rule in self._rules)
 
     def __repr__(self) -> str:
@@ -172,9 +175,18 @@ def _display(address: IPAddress) -> str:
     return str(address)
 
 
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+
+
 def refused_range(address: IPAddress) -> str | None:
-    """Why ``address`` is off limits unless listed (None: a global unicast address)."""
+    """Why ``address`` is off limits unless listed (None: a global unicast address). IPv6
+    forms that carry an IPv4 address (mapped, 6to4, NAT64) are judged by that address too."""
     address = _plain(address)
+    if isinstance(address, ipaddress.IPv6Address):
+        inner = address.sixtofour or (ipaddress.IPv4Address(int(address) & 0xFFFF_FFFF)
+                                      if address in _NAT64 else None)
+        if inner is not None and (why := refused_range(inner)) is not None:
+            return f"{why}, inside {'6to4' if address.sixtofour else 'NAT64'}"
     for test, name in ((address.is_loopback, "loopback"), (address.is_link_local, "link-local"),
                        (address.is_multicast, "multicast"),
                        (address.is_unspecified, "unspecified"),
@@ -331,6 +343,7 @@ class EgressProxy:
         self._endpoints: set[EgressEndpoint] = set()
         self._dir: str | None = None
         self._serial = 0
+        self._lookups: concurrent.futures.ThreadPoolExecutor | None = None  # wasm's DNS
 
     @classmethod
     def from_config(cls, config: Any) -> EgressProxy:
@@ -343,8 +356,8 @@ class EgressProxy:
 
     def counters(self, plugin_id: str) -> EgressCounters:
         counters = self._counters.get(plugin_id)
-        if counters is None:
-            counters = self._counters[plugin_id] = EgressCounters()
+        if counters is None:  # setdefault: wasm worker threads may race here
+            counters = self._counters.setdefault(plugin_id, EgressCounters())
         return counters
 
     def statistics(self, plugin_id: str) -> EgressCounters | None:
@@ -384,6 +397,9 @@ class EgressProxy:
         """Close every endpoint (idempotent)."""
         for point in list(self._endpoints):
             point.close()
+        if self._lookups is not None:
+            self._lookups.shutdown(wait=False, cancel_futures=True)
+            self._lookups = None
 
     # -- the decision ----------------------------------------------------------------------------
     def _verdict(self, plugin_id: str, via: str, target: str, verdict: str, detail: str = ""
@@ -440,16 +456,32 @@ class EgressProxy:
                 raise _Failed("unreachable", str(exc)) from None
         return self._check_addresses(allow, name, port, addresses)
 
-    def decide_blocking(self, allow: AllowList, host: str, port: int) -> list[IPAddress]:
-        """``_decide`` for a worker thread (wasm's http_request)."""
+    def decide_blocking(self, allow: AllowList, host: str, port: int, *,
+                        deadline: Callable[[], float] | None = None) -> list[IPAddress]:
+        """``_decide`` for a worker thread (wasm's http_request). A DNS lookup waits at most
+        until ``deadline()`` (time.monotonic(), re-read as it waits): getaddrinfo cannot be
+        interrupted, so it runs on the resolver's own thread and is left to finish there."""
         name, literal = self._check_name(allow, host, port)
         if literal is not None:
             return [literal]
         assert name is not None
-        try:
-            addresses = self.resolver.resolve(name, port)
-        except OSError as exc:
-            raise _Failed("unreachable", str(exc)) from None
+        addresses = self.resolver.static(name)
+        if addresses is None:
+            if self._lookups is None:
+                self._lookups = concurrent.futures.ThreadPoolExecutor(
+                    4, thread_name_prefix="sandboxer-resolve")
+            lookup = self._lookups.submit(self.resolver.resolve, name, port)
+            while True:
+                left = None if deadline is None else deadline() - time.monotonic()
+                if left is not None and left <= 0:
+                    raise _Failed("deadline", f"resolving {name}: the call's deadline passed")
+                try:
+                    addresses = lookup.result(None if left is None else min(left, 0.05))
+                    break
+                except concurrent.futures.TimeoutError:
+                    continue
+                except OSError as exc:
+                    raise _Failed("unreachable", str(exc)) from None
         return self._check_addresses(allow, name, port, addresses)
 
     async def _dial(self, addresses: list[IPAddress], port: int
@@ -470,33 +502,42 @@ class EgressProxy:
         raise _Failed(kind, f"connecting to {_show(_display(addresses[-1]), port)} failed: "
                             f"{why}")
 
-    async def open(self, plugin_id: str, allow: AllowList, via: str, host: str, port: int
-                   ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        """Check, resolve, dial; log and count the verdict. EgressRefused or _Failed."""
-        target = _show(host, port)
+    @contextlib.contextmanager
+    def attempt(self, plugin_id: str, via: str, target: str) -> Iterator[None]:
+        """Log and count a refusal or failure raised inside (then re-raise it); the caller
+        reports "allowed" itself, once it is connected."""
         try:
-            addresses = await self._decide(allow, host, port)
-            upstream = await self._dial(addresses, port)
+            yield
         except EgressRefused as exc:
             self._verdict(plugin_id, via, target, "refused", str(exc))
             raise
         except _Failed as exc:
             self._verdict(plugin_id, via, target, "failed", str(exc))
             raise
+
+    async def open(self, plugin_id: str, allow: AllowList, via: str, host: str, port: int
+                   ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Check, resolve, dial; log and count the verdict. EgressRefused or _Failed."""
+        target = _show(host, port)
+        with self.attempt(plugin_id, via, target):
+            addresses = await self._decide(allow, host, port)
+            upstream = await self._dial(addresses, port)
         peer = upstream[1].get_extra_info("peername")
         self._verdict(plugin_id, via, target, "allowed", f"connected to {peer[0]}")
         return upstream
 
     # -- wasm: one HTTP request on the plugin's behalf -------------------------------------------
-    def fetch(self, plugin_id: str, allow: AllowList, request: dict[str, Any], *,
-              deadline: float) -> dict[str, Any]:
+    def fetch(self, plugin_id: str, allow: AllowList | None, request: Any, *,
+              deadline: float | Callable[[], float]) -> dict[str, Any]:
         """Perform one HTTP(S) request for a wasm plugin (blocking; a worker thread calls it).
 
         ``request``: ``{"method", "url", "headers": {name: value}, "body"}`` (``body`` text, or
         ``body_base64``). Returns ``{"status", "headers", "body"}`` (``body_base64`` when the
         body is not UTF-8) or ``{"error": {"kind", "message"}}`` with kind ``refused``,
-        ``failed``, ``invalid`` or ``timeout``. The call's ``deadline`` (time.monotonic())
-        bounds the whole exchange."""
+        ``failed``, ``invalid`` or ``timeout``. ``allow`` None: the plugin has no network, so
+        every request is refused (and logged and counted). The call's ``deadline``
+        (time.monotonic(), or a function returning it, re-read at every wait so that an
+        unload moving it ends the request) bounds the whole exchange."""
         from ._egress_fetch import fetch
         return fetch(self, plugin_id, allow, request, deadline=deadline)
 
@@ -783,6 +824,8 @@ class EgressEndpoint:
                     await dst.drain()
                 if dst.can_write_eof() and not dst.is_closing():
                     dst.write_eof()
+            except TimeoutError:  # an OSError too: not the except below; _splice logs it
+                raise
             except (ConnectionError, OSError):
                 dst.transport.abort()
 

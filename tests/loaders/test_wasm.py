@@ -1171,9 +1171,8 @@ async def test_an_unload_ended_call_is_not_reported_as_its_timeout(make):
 
 # -- policy --------------------------------------------------------------------------------------
 
+# (network_allowed with allowed_hosts is enforced through http_request: test_wasm_http.py)
 POLICY = {
-    "network_to_listed_hosts": ({"network_allowed": True, "allowed_hosts": ["example.com"]},
-                                SandboxUnavailable, "cannot enforce a network policy for wasm"),
     "cpu_limit_below_one": ({"cpu_limit": 0.5}, SandboxUnavailable,
                             "asks for cpu_limit = 0.5, which cannot be enforced"),
     "full_network": ({"network_allowed": True}, PluginLoadError, "asks for the full network"),

@@ -85,6 +85,8 @@ def test_a_bad_pattern_is_refused_at_the_edge():
     ("fc00::1", "private"), ("0.0.0.0", "unspecified"), ("224.0.0.1", "multicast"),
     ("100.64.0.1", "not globally routable"), ("::ffff:127.0.0.1", "loopback"),
     ("::ffff:10.0.0.1", "private"), ("93.184.216.34", None), ("2606:4700::1111", None),
+    ("2002:7f00:1::", "loopback, inside 6to4"), ("64:ff9b::a00:1", "private, inside NAT64"),
+    ("64:ff9b::5db8:d822", "reserved"),  # NAT64 of a global address: still not dialled
 ])
 def test_refused_ranges(address, reason):
     assert refused_range(ipaddress.ip_address(address)) == reason
