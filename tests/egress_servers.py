@@ -159,3 +159,8 @@ class LoopbackServers:
     def stop(self) -> None:
         self.http.stop()
         self.tls.stop()
+
+    @staticmethod
+    def busy() -> bool:
+        """Whether a request handler thread still runs (holding its accepted socket)."""
+        return any("process_request_thread" in t.name for t in threading.enumerate())

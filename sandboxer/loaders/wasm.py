@@ -611,6 +611,8 @@ class WasmHandle:
         self._allow: AllowList | None = (
             None if mode == "none" else AllowList(sandbox.allowed_hosts) if mode == "proxy"
             else AllowList.everything())
+        if self._allow is not None:
+            self._egress.counters(plugin.id)  # zeros from the start, like a proxied process
         self._pool_size = pool_size
         self._methods = layout.methods
         self._config: dict[str, Any] = dict(plugin.config)

@@ -42,6 +42,7 @@ from .egress import (
     IPAddress,
     _Failed,
     _plain,
+    _printable,
     _show,
     log,
 )
@@ -117,7 +118,7 @@ def fetch(proxy: EgressProxy, plugin_id: str, allow: AllowList | None, request: 
     finally:
         counters.add(active=-1)
     log.warning("egress plugin=%s via=wasm target=%s: the exchange failed (%s)", plugin_id,
-                target, detail)
+                _printable(target), _printable(detail))
     return _error(kind, f"{method} {target}: {detail}")
 
 

@@ -340,6 +340,7 @@ class EgressProxy:
         self.ca_file = ca_file
         self.max_response = max_response
         self._counters: dict[str, EgressCounters] = {}
+        self._budget: dict[str, asyncio.Semaphore] = {}
         self._endpoints: set[EgressEndpoint] = set()
         self._dir: str | None = None
         self._serial = 0
@@ -351,7 +352,8 @@ class EgressProxy:
         return cls(hosts_file=config.egress_hosts_file,
                    max_connections=config.egress_max_connections,
                    header_timeout=config.egress_header_timeout,
-                   idle_timeout=config.egress_idle_timeout, ca_file=config.egress_ca_file,
+                   idle_timeout=config.egress_idle_timeout,
+                   connect_timeout=config.egress_connect_timeout, ca_file=config.egress_ca_file,
                    max_response=config.max_frame)
 
     def counters(self, plugin_id: str) -> EgressCounters:
@@ -359,6 +361,13 @@ class EgressProxy:
         if counters is None:  # setdefault: wasm worker threads may race here
             counters = self._counters.setdefault(plugin_id, EgressCounters())
         return counters
+
+    def _slots(self, plugin_id: str) -> asyncio.Semaphore:
+        """The plugin's connection budget, shared by its generations' endpoints."""
+        slots = self._budget.get(plugin_id)
+        if slots is None:
+            slots = self._budget[plugin_id] = asyncio.Semaphore(self.max_connections)
+        return slots
 
     def statistics(self, plugin_id: str) -> EgressCounters | None:
         """The plugin's counters, or None if it never had network access."""
@@ -385,6 +394,7 @@ class EgressProxy:
             raise
         point = EgressEndpoint(self, plugin_id, AllowList(allowed_hosts), sock, path)
         self._endpoints.add(point)
+        self.counters(plugin_id)  # zeros from the start: it has network, it tried nothing
         return point
 
     def _forget(self, point: EgressEndpoint) -> None:
@@ -406,8 +416,10 @@ class EgressProxy:
                  ) -> None:
         self.counters(plugin_id).add(**{verdict: 1})
         level = logging.INFO if verdict == "allowed" else logging.WARNING
+        # target and detail carry what the plugin sent: escaped, so that no plugin can write
+        # a line of its own (a forged verdict) into the host's log.
         log.log(level, "egress plugin=%s via=%s target=%s verdict=%s%s", plugin_id, via,
-                target, verdict, f" ({detail})" if detail else "")
+                _printable(target), verdict, f" ({_printable(detail)})" if detail else "")
 
     def _check_name(self, allow: AllowList, host: str, port: int) -> tuple[str | None,
                                                                            IPAddress | None]:
@@ -542,6 +554,26 @@ class EgressProxy:
         return fetch(self, plugin_id, allow, request, deadline=deadline)
 
 
+async def _readable(sock: socket.socket) -> None:
+    """Until ``sock`` (a listener) has a connection waiting."""
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+    loop.add_reader(sock, lambda: ready.done() or ready.set_result(None))
+    try:
+        await ready
+    finally:
+        if sock.fileno() != -1:  # a closed listener's reader went before it closed
+            loop.remove_reader(sock)
+
+
+def _printable(text: str) -> str:
+    """``text`` with every unprintable character escaped (a newline shows as \\n)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
+
+
 def _show(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -601,70 +633,86 @@ class EgressEndpoint:
         self.plugin_id = plugin_id
         self.allow = allow
         self.socket_path = path
-        self._unix_sock: socket.socket | None = unix_sock
-        self._listeners: list[socket.socket] = []
-        self._servers: list[asyncio.Server] = []
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._sockets: list[socket.socket] = [unix_sock]
+        self._acceptors: list[asyncio.Task[None]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._saturated = False  # the limit was reached (logged once until it is not)
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
 
     async def start(self, listener: socket.socket | None) -> None:
         """Serve the Unix socket and ``listener`` (the TCP socket made in the plugin's
         namespace; this endpoint owns it from now on)."""
         if listener is not None:
-            self._listeners.append(listener)
+            self._sockets.append(listener)
         if self._closed:
             self.close()
             return
-        unix, self._unix_sock = self._unix_sock, None
-        assert unix is not None
-        self._listeners.append(unix)
-        self._servers.append(await asyncio.start_unix_server(self._serve, sock=unix,
-                                                             limit=HEAD_LIMIT))
-        if listener is not None:
-            listener.setblocking(False)
-            self._servers.append(await asyncio.start_server(self._serve, sock=listener,
-                                                            limit=HEAD_LIMIT))
+        self._loop = asyncio.get_running_loop()
+        for sock in self._sockets:
+            sock.setblocking(False)
+            self._acceptors.append(asyncio.ensure_future(self._accept(sock)))
 
     def close(self) -> None:
-        if self._closed and not self._listeners and self._unix_sock is None:
+        if self._closed and not self._sockets:
             return
         self._closed = True
-        for server in self._servers:
-            server.close()
-        self._servers.clear()
-        for sock in self._listeners + ([self._unix_sock] if self._unix_sock else []):
-            sock.close()
-        self._listeners.clear()
-        self._unix_sock = None
-        for task in list(self._tasks):
+        for task in self._acceptors + list(self._tasks):
             task.cancel()
+        self._acceptors.clear()
+        for sock in self._sockets:
+            if self._loop is not None:  # before close: the fd number may be reused at once
+                self._loop.remove_reader(sock)
+            sock.close()
+        self._sockets.clear()
         try:
             os.unlink(self.socket_path)
         except FileNotFoundError:
             pass
         self.proxy._forget(self)
 
+    async def _accept(self, listener: socket.socket) -> None:
+        """Accept only while the plugin holds fewer than ``max_connections``: at the limit,
+        further connections wait in the kernel's queue (the plugin's own), costing the
+        supervisor nothing however hard the plugin knocks. A slot is taken only once a
+        connection is waiting, so an idle listener holds none."""
+        slots = self.proxy._slots(self.plugin_id)
+        while True:
+            await _readable(listener)
+            if slots.locked() and not self._saturated:
+                self._saturated = True
+                log.warning("egress plugin=%s: %d connections to the proxy at once, the "
+                            "limit; more wait until one closes", self.plugin_id,
+                            self.proxy.max_connections)
+            await slots.acquire()
+            try:
+                conn, _ = listener.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                slots.release()
+                continue
+            except BaseException:
+                slots.release()
+                raise
+            if not slots.locked():
+                self._saturated = False
+            task = asyncio.ensure_future(self._serve(conn, slots))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
     # -- one client connection -------------------------------------------------------------------
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
+    async def _serve(self, conn: socket.socket, slots: asyncio.Semaphore) -> None:
         counters = self.proxy.counters(self.plugin_id)
-        if self._closed or counters.active >= self.proxy.max_connections:
-            self.proxy._verdict(self.plugin_id, "proxy", "-", "refused",
-                                f"more than {self.proxy.max_connections} connections to the "
-                                "proxy at once")
-            writer.transport.abort()
-            return
-        self._tasks.add(task)
         counters.add(active=1)
+        writer: asyncio.StreamWriter | None = None
         upstream: asyncio.StreamWriter | None = None
         try:
+            reader, writer = await asyncio.open_connection(sock=conn, limit=HEAD_LIMIT)
             try:
                 async with asyncio.timeout(self.proxy.header_timeout):
                     request = await self._read_request(reader, writer)
             except TimeoutError:
-                log.warning("egress plugin=%s: closed a connection that sent no complete "
-                            "request within %gs", self.plugin_id, self.proxy.header_timeout)
+                self._refuse("proxy", f"no complete request within "
+                                      f"{self.proxy.header_timeout:g}s")
                 return
             if request is None:
                 return
@@ -677,10 +725,17 @@ class EgressEndpoint:
             pass
         finally:
             counters.add(active=-1)
-            self._tasks.discard(task)
-            writer.close()
+            slots.release()
+            if writer is not None:
+                writer.close()
+            else:
+                conn.close()
             if upstream is not None:
                 upstream.close()
+
+    def _refuse(self, via: str, reason: str) -> None:
+        """A request refused before it named a target (malformed, unsupported, too slow)."""
+        self.proxy._verdict(self.plugin_id, via, "-", "refused", reason)
 
     async def _read_request(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
                             ) -> _Request | None:
@@ -690,8 +745,7 @@ class EgressEndpoint:
             return await self._socks5(reader, writer)
         if first == b"\x04":
             writer.write(b"\x00\x5b" + bytes(6))  # SOCKS4: request rejected
-            self.proxy._verdict(self.plugin_id, "socks4", "-", "refused",
-                                "SOCKS4 is not supported; use SOCKS5 (socks5h://) or HTTP")
+            self._refuse("socks4", "SOCKS4 is not supported; use SOCKS5 (socks5h://) or HTTP")
             return None
         return await self._http(first, reader, writer)
 
@@ -722,6 +776,7 @@ class EgressEndpoint:
             writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
         else:
             opened[1].write(request.forward)
+            self.proxy.counters(self.plugin_id).add(bytes_sent=len(request.forward))
         return opened
 
     # HTTP: CONNECT host:port, or an absolute-form request to forward.
@@ -730,22 +785,20 @@ class EgressEndpoint:
         try:
             head = first + await reader.readuntil(b"\r\n\r\n")
         except asyncio.LimitOverrunError:
-            _http_reply(writer, 431, "Request Header Fields Too Large",
-                        f"the request head is larger than {HEAD_LIMIT} bytes")
-            return None
+            return self._bad_http(writer, 431, "Request Header Fields Too Large",
+                                  f"the request head is larger than {HEAD_LIMIT} bytes")
         lines = head.decode("latin-1").split("\r\n")
         parts = lines[0].split(" ")
         if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-            _http_reply(writer, 400, "Bad Request", "the egress proxy speaks HTTP/1.x (CONNECT "
-                        "or absolute-form requests) and SOCKS5")
-            return None
+            return self._bad_http(writer, 400, "Bad Request", "the egress proxy speaks HTTP/1.x "
+                                  "(CONNECT or absolute-form requests) and SOCKS5")
         method, target, version = parts
         if method == "CONNECT":
             try:
                 host, port = _split_target(target, None)
             except ValueError:
-                _http_reply(writer, 400, "Bad Request", f"CONNECT needs host:port, not {target!r}")
-                return None
+                return self._bad_http(writer, 400, "Bad Request",
+                                      f"CONNECT needs host:port, not {target!r}")
             return _Request("http-connect", host, port)
         url = urlsplit(target)
         try:
@@ -753,9 +806,8 @@ class EgressEndpoint:
         except ValueError:
             port = 0
         if url.scheme != "http" or not url.hostname or not port:
-            _http_reply(writer, 400, "Bad Request", f"{target!r} is not an absolute http:// URL "
-                        "(https goes through CONNECT)")
-            return None
+            return self._bad_http(writer, 400, "Bad Request", f"{target!r} is not an absolute "
+                                  "http:// URL (https goes through CONNECT)")
         # Forwarded as origin-form, one request per connection: a client reusing the
         # connection for another host must not reach it through this one's check. The Host
         # header is the checked URL's, so a shared server (a CDN) is asked for the checked
@@ -767,14 +819,19 @@ class EgressEndpoint:
         forward = "\r\n".join([f"{method} {path} {version}", *kept, "Connection: close", "", ""])
         return _Request("http", url.hostname, port, forward.encode("latin-1"))
 
+    def _bad_http(self, writer: asyncio.StreamWriter, status: int, reason: str, detail: str
+                  ) -> None:
+        _http_reply(writer, status, reason, detail)
+        self._refuse("http", detail)
+
     # SOCKS5 (RFC 1928): no authentication, CONNECT only.
     async def _socks5(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
                       ) -> _Request | None:
         methods = await reader.readexactly((await reader.readexactly(1))[0])
         if 0 not in methods:
             writer.write(b"\x05\xff")
-            self.proxy._verdict(self.plugin_id, "socks5", "-", "refused",
-                                "the client offered no SOCKS5 method without authentication")
+            self._refuse("socks5", "the client offered no SOCKS5 method without "
+                                   "authentication")
             return None
         writer.write(b"\x05\x00")
         version, command, _, kind = await reader.readexactly(4)
@@ -787,6 +844,7 @@ class EgressEndpoint:
                 "utf-8", "replace")
         else:
             _socks_reply(writer, "address type")
+            self._refuse("socks5", f"SOCKS5 address type {kind} is not one of 1, 3, 4")
             return None
         port = int.from_bytes(await reader.readexactly(2), "big")
         if version != 5 or command != 1:

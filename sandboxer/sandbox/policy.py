@@ -226,11 +226,13 @@ class HostConfig:
     cache_dir: str | None = None         # fetched plugins; default $XDG_CACHE_HOME/sandboxer
     # The egress proxy (network_allowed with allowed_hosts): names it resolves from this
     # hosts file before DNS; connections one plugin may hold at once; how long a client has
-    # to send its request; when an idle tunnel is closed; extra CAs wasm's http_request trusts.
+    # to send its request; when an idle tunnel is closed; how long a dial may take; extra CAs
+    # wasm's http_request trusts.
     egress_hosts_file: str | None = None
     egress_max_connections: int = 32
     egress_header_timeout: float = 10.0
     egress_idle_timeout: float = 300.0
+    egress_connect_timeout: float = 10.0
     egress_ca_file: str | None = None
     profile_dirs: tuple[str, ...] = field(default_factory=tuple)
     source: str = ""
@@ -292,6 +294,7 @@ class HostConfig:
             "egress_max_connections": _parse_connections,
             "egress_header_timeout": parse_duration,
             "egress_idle_timeout": parse_duration,
+            "egress_connect_timeout": parse_duration,
             "egress_ca_file": parse_denied_path,
         }
         for key, value in host.items():

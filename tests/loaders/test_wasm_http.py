@@ -119,6 +119,10 @@ def refused(reply: dict[str, Any]) -> str:
     return str(reply["error"]["message"])
 
 
+ZERO = {"allowed": 0, "refused": 0, "failed": 0, "active": 0, "bytesSent": 0,
+        "bytesReceived": 0}
+
+
 # -- allowed ----------------------------------------------------------------------------------
 
 async def test_a_listed_name_is_fetched_and_the_attempt_logged_and_counted(servers, host,
@@ -128,7 +132,7 @@ async def test_a_listed_name_is_fetched_and_the_attempt_logged_and_counted(serve
     the target and the verdict; the counters add up to the bytes on the wire."""
     async with PluginManager(host()) as mgr:
         p = await mgr.load(plugin(["allowed.test", HTTP_ADDRESS]))
-        assert await network(mgr) is None  # no attempt yet
+        assert await network(mgr) == ZERO  # no attempt yet
         with caplog.at_level(logging.INFO, logger="sandboxer.egress"):
             reply = await get(p, url(servers, "allowed.test"))
         assert reply["status"] == 200
@@ -334,7 +338,7 @@ async def test_a_malformed_request_is_invalid_and_nothing_is_attempted(servers, 
         assert reply["error"]["kind"] == "invalid", reply
         assert fragment in reply["error"]["message"], reply
         assert servers.http.hits == 0
-        assert await network(mgr) is None  # not an attempt: nothing counted
+        assert await network(mgr) == ZERO  # not an attempt: nothing counted
 
 
 # -- limits, timeouts, bad pointers -----------------------------------------------------------

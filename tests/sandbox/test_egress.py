@@ -215,6 +215,10 @@ async def endpoint(servers: LoopbackServers) -> AsyncIterator[Endpoint]:
     yield point
     proxy.close()
     assert not os.path.exists(runtime), "the proxy's runtime directory outlived it"
+    for _ in range(250):  # the servers' handler threads close their sockets on their own
+        if not servers.busy():
+            break
+        await asyncio.sleep(0.02)
 
 
 async def _read_all(reader: asyncio.StreamReader) -> bytes:
@@ -406,7 +410,11 @@ async def test_slowloris_is_cut_off_and_others_are_served(endpoint, servers):
     assert cut_after < 3.0, f"the slow client kept its connection for {cut_after:.1f}s"
 
 
-async def test_connections_per_plugin_are_bounded(endpoint, servers):
+async def test_connections_per_plugin_are_bounded_and_the_rest_wait(endpoint, servers,
+                                                                     caplog):
+    """At the limit the proxy stops accepting: more connections wait in the kernel's queue
+    (costing the supervisor nothing) and are served, in turn, once slots free up."""
+    caplog.set_level(logging.WARNING, logger="sandboxer.egress")
     held = []
     for _ in range(4):  # max_connections = 4: each holds an open tunnel
         reader, writer = await endpoint.open()
@@ -414,19 +422,27 @@ async def test_connections_per_plugin_are_bounded(endpoint, servers):
         await reader.readuntil(b"\r\n\r\n")
         held.append(writer)
     assert endpoint.counters()["active"] == 4
-    extra = [await endpoint.open() for _ in range(20)]
-    for reader, _ in extra:
-        assert await _read_all(reader) == b""  # closed at once, nothing said
-    assert endpoint.counters()["refused"] == 20
-    for _, writer in extra:
-        writer.close()
+    fds = len(os.listdir("/proc/self/fd"))
+    waiting = []
+    for _ in range(20):
+        reader, writer = await endpoint.open()
+        writer.write(f"GET http://allowed.test:{servers.http.port}/hello HTTP/1.1\r\n\r\n"
+                     .encode())
+        waiting.append((reader, writer))
+    await asyncio.sleep(0.3)
+    assert endpoint.counters()["active"] == 4 and endpoint.counters()["allowed"] == 4
+    assert all(not reader.at_eof() and not reader._buffer for reader, _ in waiting)
+    # the test's own 20 client sockets are the only new fds: the proxy took none of them
+    assert len(os.listdir("/proc/self/fd")) - fds < 20 + 4
+    limit_lines = [r for r in caplog.records if "the limit" in r.getMessage()]
+    assert len(limit_lines) == 1, "the limit is logged once, not per connection"
     for writer in held:
         writer.close()
-    await asyncio.sleep(0.1)
-    assert endpoint.counters()["active"] == 0
-    answer = await endpoint.exchange(f"GET http://allowed.test:{servers.http.port}/hello "
-                                     f"HTTP/1.1\r\n\r\n".encode())
-    assert answer.endswith(b"hello from http")
+    for reader, writer in waiting:
+        assert (await _read_all(reader)).endswith(b"hello from http")
+        writer.close()
+    await asyncio.sleep(0.05)
+    assert endpoint.counters()["active"] == 0 and endpoint.counters()["allowed"] == 24
 
 
 async def test_an_idle_tunnel_is_closed(endpoint, servers):
