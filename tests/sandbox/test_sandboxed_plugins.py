@@ -19,7 +19,6 @@ from sandboxer import (
     PluginState,
     PluginStateError,
     SandboxConfig,
-    SandboxUnavailable,
     load_plugin,
 )
 
