@@ -461,12 +461,24 @@ class EgressProxy:
         assert name is not None
         addresses = self.resolver.static(name)
         if addresses is None:
-            loop = asyncio.get_running_loop()
+            lookup = asyncio.wrap_future(self._lookup(name, port))
             try:
-                addresses = await loop.run_in_executor(None, self.resolver.resolve, name, port)
+                async with asyncio.timeout(self.connect_timeout):
+                    addresses = await lookup
+            except TimeoutError:
+                raise _Failed("timeout", f"resolving {name} took longer than "
+                                         f"{self.connect_timeout:g}s") from None
             except OSError as exc:
                 raise _Failed("unreachable", str(exc)) from None
         return self._check_addresses(allow, name, port, addresses)
+
+    def _lookup(self, name: str, port: int) -> concurrent.futures.Future[list[IPAddress]]:
+        """A DNS lookup on the proxy's own threads: getaddrinfo cannot be interrupted, and a
+        stalled resolver must not hold the event loop's default executor."""
+        if self._lookups is None:
+            self._lookups = concurrent.futures.ThreadPoolExecutor(
+                4, thread_name_prefix="sandboxer-resolve")
+        return self._lookups.submit(self.resolver.resolve, name, port)
 
     def decide_blocking(self, allow: AllowList, host: str, port: int, *,
                         deadline: Callable[[], float] | None = None) -> list[IPAddress]:
@@ -479,10 +491,7 @@ class EgressProxy:
         assert name is not None
         addresses = self.resolver.static(name)
         if addresses is None:
-            if self._lookups is None:
-                self._lookups = concurrent.futures.ThreadPoolExecutor(
-                    4, thread_name_prefix="sandboxer-resolve")
-            lookup = self._lookups.submit(self.resolver.resolve, name, port)
+            lookup = self._lookup(name, port)
             while True:
                 left = None if deadline is None else deadline() - time.monotonic()
                 if left is not None and left <= 0:
@@ -499,15 +508,16 @@ class EgressProxy:
     async def _dial(self, addresses: list[IPAddress], port: int
                     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         last: OSError | None = None
-        for address in addresses:
-            try:
-                async with asyncio.timeout(self.connect_timeout):
-                    return await asyncio.open_connection(str(address), port, limit=1 << 16)
-            except TimeoutError:
-                last = TimeoutError(f"no answer from {_show(str(address), port)} within "
-                                    f"{self.connect_timeout:g}s")
-            except OSError as exc:
-                last = exc
+        try:
+            async with asyncio.timeout(self.connect_timeout):  # for all addresses together
+                for address in addresses:
+                    try:
+                        return await asyncio.open_connection(str(address), port,
+                                                             limit=1 << 16)
+                    except OSError as exc:
+                        last = exc
+        except TimeoutError:
+            last = TimeoutError(f"no answer within {self.connect_timeout:g}s")
         kind = "timeout" if isinstance(last, TimeoutError) else \
             "connection refused" if isinstance(last, ConnectionRefusedError) else "unreachable"
         why = os.strerror(last.errno) if last is not None and last.errno else str(last)
