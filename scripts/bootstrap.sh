@@ -11,9 +11,10 @@ cd "$(dirname "$0")/.."
 # sqlite3 are among the ordinary programs the tests run inside the sandbox, and so is Python's
 # own test suite (libpython3.11-testsuite). clang, lld, wasi-libc and the wasm32 compiler-rt
 # build the C examples for wasm32-wasi. minisign is Debian's minisign tool: the tests prove that
-# the registry's signatures and keys are compatible with it, both ways.
+# the registry's signatures and keys are compatible with it, both ways. curl goes through the
+# egress proxy in the network-policy tests (HTTP, HTTPS, SOCKS5 over TCP and the Unix socket).
 APT_PACKAGES=(libcap-dev libseccomp2 python3-venv python3-dev gcc make golang-go nodejs git sqlite3
-              libpython3.11-testsuite clang lld wasi-libc libclang-rt-14-dev-wasm32 minisign)
+              libpython3.11-testsuite clang lld wasi-libc libclang-rt-14-dev-wasm32 minisign curl)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
