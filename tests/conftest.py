@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import sys
 import textwrap
+import time
 from pathlib import Path
-from typing import Callable
+from typing import AsyncIterator, Callable
 
 import pytest
 
@@ -99,3 +102,30 @@ def make_plugin(tmp_path: Path) -> Callable[..., Path]:
         return root
 
     return build
+
+
+class LoopGap:
+    """The longest the event loop went without running a 5 ms ticker (``worst``, seconds)."""
+
+    worst = 0.0
+
+
+@contextlib.asynccontextmanager
+async def loop_gap() -> AsyncIterator[LoopGap]:
+    """Watch the running loop while the block runs: how long was it held at worst?"""
+    gap, stop = LoopGap(), asyncio.Event()
+
+    async def watch() -> None:
+        last = time.perf_counter()
+        while not stop.is_set():
+            await asyncio.sleep(0.005)
+            now = time.perf_counter()
+            gap.worst, last = max(gap.worst, now - last), now
+
+    watcher = asyncio.create_task(watch())
+    await asyncio.sleep(0.02)
+    try:
+        yield gap
+    finally:
+        stop.set()
+        await watcher

@@ -421,21 +421,22 @@ class EgressProxy:
         log.log(level, "egress plugin=%s via=%s target=%s verdict=%s%s", plugin_id, via,
                 _printable(target), verdict, f" ({_printable(detail)})" if detail else "")
 
-    def _check_name(self, allow: AllowList, host: str, port: int) -> tuple[str | None,
-                                                                           IPAddress | None]:
-        """(name, None) for a listed name still to resolve, (None, address) for a listed
-        literal; EgressRefused otherwise. Nothing is resolved here."""
+    def _prepare(self, allow: AllowList, host: str, port: int
+                 ) -> tuple[str, list[IPAddress] | None]:
+        """The target checked against the list, nothing resolved: (name, addresses), where
+        addresses are an IP literal's own, the hosts file's for a name, or None when DNS must
+        answer. EgressRefused for a target the list does not name."""
         literal = _literal(host)
         if literal is not None:
             if not allow.lists_address(_plain(literal), port) \
                     and not allow.lists_address(literal, port):
                 raise EgressRefused(f"{_show(host, port)} is not in allowed_hosts (an IP "
                                     "address is reachable only when allowed_hosts lists it)")
-            return None, literal
+            return host, [literal]
         name = _host_name(host)
         if not allow.permits_name(name, port):
             raise EgressRefused(f"{_show(name, port)} is not in allowed_hosts")
-        return name, None
+        return name, self.resolver.static(name)
 
     @staticmethod
     def _check_addresses(allow: AllowList, name: str, port: int,
@@ -455,11 +456,7 @@ class EgressProxy:
         return usable
 
     async def _decide(self, allow: AllowList, host: str, port: int) -> list[IPAddress]:
-        name, literal = self._check_name(allow, host, port)
-        if literal is not None:
-            return [literal]
-        assert name is not None
-        addresses = self.resolver.static(name)
+        name, addresses = self._prepare(allow, host, port)
         if addresses is None:
             lookup = asyncio.wrap_future(self._lookup(name, port))
             try:
@@ -485,11 +482,7 @@ class EgressProxy:
         """``_decide`` for a worker thread (wasm's http_request). A DNS lookup waits at most
         until ``deadline()`` (time.monotonic(), re-read as it waits): getaddrinfo cannot be
         interrupted, so it runs on the resolver's own thread and is left to finish there."""
-        name, literal = self._check_name(allow, host, port)
-        if literal is not None:
-            return [literal]
-        assert name is not None
-        addresses = self.resolver.static(name)
+        name, addresses = self._prepare(allow, host, port)
         if addresses is None:
             lookup = self._lookup(name, port)
             while True:

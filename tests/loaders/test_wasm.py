@@ -31,7 +31,7 @@ from typing import Any, Callable
 import pytest
 import wasmtime
 
-from conftest import REPO
+from conftest import REPO, loop_gap
 from sandboxer import (
     CallTimeout,
     CpuLimitExceeded,
@@ -1036,23 +1036,11 @@ async def test_a_long_call_does_not_hold_the_event_loop(make):
     async with PluginManager(HostConfig()) as mgr:
         p = await mgr.load(make(WORKER))
         n = await iterations_for(p, 0.5)
-        stop = asyncio.Event()
-
-        async def watch() -> float:
-            worst, last = 0.0, time.perf_counter()
-            while not stop.is_set():
-                await asyncio.sleep(0.005)
-                now = time.perf_counter()
-                worst, last = max(worst, now - last), now
-            return worst
-
-        watcher = asyncio.create_task(watch())
-        await asyncio.sleep(0.02)
-        started = time.perf_counter()
-        result = await p.call("spin", n)
-        took = time.perf_counter() - started
-        stop.set()
-        worst = await watcher
+        async with loop_gap() as gap:
+            started = time.perf_counter()
+            result = await p.call("spin", n)
+            took = time.perf_counter() - started
+        worst = gap.worst
         assert result == spin_sum(n)
         assert took > 0.2, f"the spin took only {took:.3f}s: calibration went wrong"
         assert worst < 0.15, f"the event loop was held for {worst:.3f}s"
