@@ -128,7 +128,8 @@ def _wasm() -> dict[str, Any]:
         return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
     return {"ok": True, "wasmtime": version("wasmtime"),
             "limits": ["memory", "tables", "instances", "epoch deadline", "fuel"],
-            "wasi": "preopened allowed paths only; no sockets, no environment"}
+            "wasi": "preopened allowed paths only; no sockets, no environment",
+            "network": "sandboxer.http_request, through the egress proxy's allow-list"}
 
 
 def diagnose(config: HostConfig | None = None) -> dict[str, Any]:
