@@ -216,7 +216,7 @@ class ProcessHandle:
         await self._proc.close()
         await self._watcher
         if self._confinement is not None:
-            self._confinement.release()
+            await self._confinement.aclose()
 
     # -- failure -----------------------------------------------------------------------------
     def _crash_error(self) -> SandboxerError:
@@ -353,7 +353,7 @@ class ProcessLoader:
             ours.close()
             await proc.close()
             if confinement is not None:
-                confinement.release()
+                await confinement.aclose()
             raise
         watcher = asyncio.ensure_future(self._watch_startup(proc, conn))
         try:
@@ -396,7 +396,7 @@ class ProcessLoader:
         conn.close()
         await proc.close()
         if confinement is not None:
-            confinement.release()
+            await confinement.aclose()
         try:
             await watcher
         except (asyncio.CancelledError, SandboxerError):

@@ -20,8 +20,9 @@ import os
 import socket
 import sys
 from dataclasses import dataclass, field
-from typing import Callable
+import threading
 from pathlib import Path
+from typing import Any, Awaitable, Callable, TypeVar
 
 from ..errors import PluginLoadError, SandboxUnavailable
 from . import process as _process
@@ -34,6 +35,7 @@ from .policy import PathGrant, SandboxConfig
 __all__ = ["Mount", "LaunchSpec", "launch", "launch_confined", "Confinement",
            "SandboxSetupError", "SANDBOX_UID", "IdAllocator"]
 
+T = TypeVar("T")
 LAUNCHER = str(Path(__file__).with_name("launcher.py"))
 SANDBOX_UID = SANDBOX_GID = 1000
 _DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
@@ -323,7 +325,7 @@ def _write_id_maps(pid: int, host_uid: int, host_gid: int) -> None:
 
 async def launch(spec: LaunchSpec, *, rpc_fd: int, logger: logging.Logger,
                  setup_timeout: float = 10.0,
-                 on_spawn: Callable[[int], None] | None = None,
+                 on_spawn: Callable[[int], Awaitable[None]] | None = None,
                  egress: EgressEndpoint | None = None,
                  sinks: tuple[Callable[[bytes], None], Callable[[bytes], None]] | None = None
                  ) -> tuple[_process.PluginProcess, int]:
@@ -362,7 +364,7 @@ async def launch(spec: LaunchSpec, *, rpc_fd: int, logger: logging.Logger,
     try:
         async with asyncio.timeout(setup_timeout):
             if on_spawn is not None:
-                on_spawn(proc.pid)  # the launcher waits for the spec: it has done nothing yet
+                await on_spawn(proc.pid)  # the launcher waits for the spec: it did nothing yet
             os.write(control_w, payload)
             first, fds = await _read_status(status)
             listener = _proxy_listener(fds, mode)
@@ -436,6 +438,18 @@ class Confinement:
         stats = self.stats()
         return stats is not None and stats.oom_kills > 0
 
+    async def aclose(self) -> None:
+        """``release()`` with the cgroup's removal (kill, wait, rmdir) on a worker thread."""
+        if self._released:
+            return
+        self.stats()
+        if self.egress is not None:
+            self.egress.close()
+        group, self.cgroup = self.cgroup, None  # stats() keeps its last reading meanwhile
+        if group is not None:
+            await _off_loop(group.remove)
+        self.release()
+
     def release(self) -> None:
         if self._released:
             return
@@ -487,9 +501,10 @@ async def _launch_in_cgroup(
         fallbacks: tuple[str, ...], egress: EgressEndpoint | None,
 ) -> tuple[_process.PluginProcess, Confinement]:
     sandbox = spec.sandbox
+    limits = CgroupLimits(memory=sandbox.memory_limit, cpu=sandbox.cpu_limit,
+                          pids=sandbox.pids_limit)
     try:
-        group = backend.create(new_cgroup_name(), CgroupLimits(
-            memory=sandbox.memory_limit, cpu=sandbox.cpu_limit, pids=sandbox.pids_limit))
+        group = await _off_loop(_create_cgroup, backend, limits)
     except SandboxUnavailable as exc:
         if "rlimit" not in fallbacks or not exc.missing.startswith("cgroup"):
             raise
@@ -500,12 +515,30 @@ async def _launch_in_cgroup(
         return proc, Confinement(None, uid, sandbox.memory_limit, fallbacks=("rlimit",),
                                  egress=egress)
     try:
-        proc, uid = await launch(spec, rpc_fd=rpc_fd, logger=logger, on_spawn=group.add,
+        proc, uid = await launch(spec, rpc_fd=rpc_fd, logger=logger,
+                                 on_spawn=lambda pid: _off_loop(group.add, pid),
                                  sinks=sinks, egress=egress)
     except BaseException:
-        group.remove()
+        await _off_loop(group.remove)
         raise
     return proc, Confinement(group, uid, sandbox.memory_limit, egress=egress)
+
+
+# cgroup writes can take milliseconds (a v1 migration waits for RCU in every hierarchy):
+# they run on a worker thread, so that other plugins' calls are not held up meanwhile.
+# Creation is serialised: a backend may set itself up (v2: the supervisor's leaf) on first use.
+_create_lock = threading.Lock()
+
+
+def _create_cgroup(backend: CgroupBackend, limits: CgroupLimits) -> Cgroup:
+    with _create_lock:
+        return backend.create(new_cgroup_name(), limits)
+
+
+async def _off_loop(function: Callable[..., T], *args: Any) -> T:
+    """``function(*args)`` on a worker thread; it finishes even if the caller is cancelled
+    (a cgroup half made or half removed is worse than a late one)."""
+    return await asyncio.shield(asyncio.to_thread(function, *args))
 
 
 @dataclass(frozen=True, slots=True)
@@ -559,4 +592,4 @@ async def run(argv: list[str], sandbox: SandboxConfig, *, backend: CgroupBackend
         return RunResult(code, confinement.stats(), confinement.oom_killed())
     finally:
         await proc.close()
-        confinement.release()
+        await confinement.aclose()
