@@ -204,7 +204,8 @@ class CgroupV1:
     def _mount_of(root: str, controller: str) -> str | None:
         for candidate in Path(root).iterdir():
             if candidate.is_dir() and controller in candidate.name.split(","):
-                return str(candidate)
+                # systemd links cpu and cpuacct to cpu,cpuacct: one hierarchy, one path
+                return os.path.realpath(candidate)
         return None
 
     def create(self, name: str, limits: CgroupLimits) -> _V1Group:

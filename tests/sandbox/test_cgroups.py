@@ -396,6 +396,23 @@ def test_v1_finds_co_mounted_cpu_and_cpuacct(tmp_path):
     assert not (Path(group.dirs["memory"]) / "memory.memsw.limit_in_bytes").exists()
 
 
+def test_v1_sees_systemds_cpu_and_cpuacct_links_as_one_hierarchy(tmp_path):
+    """A stock systemd v1 layout: cpu and cpuacct are symlinks to cpu,cpuacct. Both must
+    resolve to one directory, or the second mkdir of the plugin's cgroup fails."""
+    root = tmp_path / "cgroup"
+    for hierarchy in ("memory", "cpu,cpuacct", "pids"):
+        (root / hierarchy).mkdir(parents=True)
+    (root / "cpu").symlink_to("cpu,cpuacct")
+    (root / "cpuacct").symlink_to("cpu,cpuacct")
+    proc = tmp_path / "proc-self-cgroup"
+    proc.write_text("5:pids:/a\n4:memory:/b\n3:cpu,cpuacct:/c\n")
+    backend = CgroupV1(root=str(root), proc_cgroup=str(proc))
+    assert backend.bases["cpu"] == backend.bases["cpuacct"] == f"{root}/cpu,cpuacct/c"
+    group = backend.create("g", LIMITS)  # failed with EEXIST when the links were two paths
+    assert group.dirs["cpu"] == group.dirs["cpuacct"]
+    assert _read(Path(group.dirs["cpuacct"]) / "cpu.cfs_quota_us") == "25000"
+
+
 @pytest.mark.parametrize("hierarchies, missing", [
     (("cpu", "cpuacct", "pids"), "memory"),
     (("memory", "cpuacct", "pids"), "cpu"),
