@@ -159,6 +159,7 @@ class LoadedPlugin:
         self._usage_of_retired = ResourceUsage()
         self._unloading = False
         self._health_failures = 0
+        self._retiring: asyncio.Task[None] | None = None  # a failed generation being closed
         self._stopped = asyncio.Event()
 
     # -- identity and views ------------------------------------------------------------------
@@ -472,12 +473,13 @@ class PluginManager:
         log.warning("plugin %s failed: %s", loaded.id, error)
         loaded._current = None
         loaded._set_state(PluginState.FAILED, error=error)
-        self._spawn(self._retire(loaded, gen, graceful=False))
+        loaded._retiring = self._spawn(self._retire(loaded, gen, graceful=False))
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any) -> asyncio.Task[None]:
         task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     # -- load --------------------------------------------------------------------------------
     async def load(self, path: str | os.PathLike[str], *, sandbox: SandboxConfig | None = None,
@@ -598,7 +600,7 @@ class PluginManager:
         if loaded._health_failures >= self.config.health_failures:
             loaded._current = None
             loaded._set_state(PluginState.FAILED, error=error)
-            self._spawn(self._retire(loaded, gen, graceful=False))
+            loaded._retiring = self._spawn(self._retire(loaded, gen, graceful=False))
         elif loaded.state is PluginState.READY:
             loaded._set_state(PluginState.DEGRADED, error=error)
         return False
@@ -627,6 +629,10 @@ class PluginManager:
 
     async def _stop(self, loaded: LoadedPlugin) -> None:
         gen = loaded._current
+        if loaded._retiring is not None:
+            # A failed generation is still being closed: unload returns once it is (its
+            # process reaped, its cgroup removed), not before.
+            await asyncio.gather(asyncio.shield(loaded._retiring), return_exceptions=True)
         if loaded.state is PluginState.FAILED:
             loaded._set_state(PluginState.STOPPING)
         else:

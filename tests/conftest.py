@@ -54,11 +54,16 @@ def _plugin_cgroups() -> set[str]:
     with open("/proc/self/cgroup") as f:
         entries = [line.strip().split(":", 2) for line in f]
     for _, controllers, path in entries:
-        names = controllers.split(",") if controllers else ["unified"]
-        for name in names:
-            base = Path("/sys/fs/cgroup") / name / path.lstrip("/")
-            if base.is_dir():
-                found.update(str(d) for d in base.glob(f"sandboxer-{os.getpid()}-*"))
+        # v2 lives at /sys/fs/cgroup/unified on a hybrid host, at /sys/fs/cgroup itself on a
+        # pure v2 one; there the supervisor may have moved itself into a "supervisor" leaf,
+        # so its plugins' cgroups are siblings of its own: look beside it too.
+        mounts = [Path("/sys/fs/cgroup") / n for n in controllers.split(",")] if controllers \
+            else [Path("/sys/fs/cgroup/unified"), Path("/sys/fs/cgroup")]
+        for mount in mounts:
+            base = mount / path.lstrip("/")
+            for where in (base, base.parent):
+                if where.is_dir() and where.is_relative_to(mount):
+                    found.update(str(d) for d in where.glob(f"sandboxer-{os.getpid()}-*"))
     return found
 
 

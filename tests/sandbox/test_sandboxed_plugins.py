@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import EXAMPLES
+from conftest import EXAMPLES, _plugin_cgroups
 from sandboxer import (
     CallTimeout,
     HostConfig,
@@ -76,6 +77,11 @@ async def test_native_crash_fails_the_plugin_and_spares_its_neighbour(native_c, 
         with pytest.raises(PluginStateError):
             await crasher.call("add", 1, 1)
         assert await neighbour.call("greet", "still here") == "Hello, still here!"
+        await mgr.unload(crasher.id)
+        # unload waits for the failed generation's close (it may still be running): only
+        # the neighbour's cgroup is left the moment unload returns
+        left = {os.path.basename(g) for g in _plugin_cgroups()}
+        assert len(left) == 1, f"the crashed plugin's cgroup outlived unload: {left}"
 
 
 async def test_memory_limit_is_reported_with_limit_and_peak(tmp_path):
