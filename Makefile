@@ -3,15 +3,24 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench clean vm-setup vm-test
 
 setup: $(STAMP)
 
 $(STAMP): scripts/bootstrap.sh requirements.lock pyproject.toml
 	scripts/bootstrap.sh
 
-test: setup
+test: setup vm-setup
 	$(PY) -m pytest
+
+# The VM stage's packages (qemu, debootstrap, ...): installed when missing, as root.
+vm-setup:
+	scripts/vm/setup.sh
+
+# The VM suite through Vagrant itself: a private libvirtd, the local box, vagrant up
+# (provisioning runs the in-guest suite), vagrant destroy.
+vm-test: setup
+	scripts/vm/vagrant-test.sh
 
 demo: setup
 	$(VENV)/bin/sandboxer demo

@@ -16,21 +16,8 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(libcap-dev libseccomp2 python3-venv python3-dev gcc make golang-go nodejs git sqlite3
               libpython3.11-testsuite clang lld wasi-libc libclang-rt-14-dev-wasm32 minisign curl)
 
-missing=()
-for pkg in "${APT_PACKAGES[@]}"; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
-done
-if ((${#missing[@]})); then
-    if [[ $(id -u) -ne 0 ]]; then
-        echo "bootstrap: missing Debian packages: ${missing[*]}" >&2
-        echo "bootstrap: run as root, or: sudo apt-get install ${missing[*]}" >&2
-        exit 1
-    fi
-    echo "bootstrap: installing ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+source scripts/apt-missing.sh
+install_missing bootstrap "${APT_PACKAGES[@]}" || exit 1
 
 # The system interpreter (under /usr) rather than one in a home directory: the sandbox binds
 # /usr read-only into plugin hosts, so the runtime they need is already inside.

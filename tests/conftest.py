@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
+import signal
+import subprocess
 import sys
 import textwrap
 import time
@@ -134,3 +137,38 @@ async def loop_gap() -> AsyncIterator[LoopGap]:
     finally:
         stop.set()
         await watcher
+
+
+# -- the VM stage's image, built while the host suite runs ------------------------------------
+
+_image_build: subprocess.Popen[bytes] | None = None
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """When the VM stage (tests/vm/test_stage.py, collected last) is going to run, start
+    building its guest image now, in the background: the build is mostly downloading and
+    unpacking, and it overlaps the host suite instead of adding its minutes to the stage.
+    The stage's own call of the build waits for this one (they share a lock) and then finds
+    the image cached."""
+    global _image_build
+    if not any(item.nodeid.startswith("tests/vm/test_stage.py") for item in session.items):
+        return
+    if os.geteuid() != 0 or shutil.which("debootstrap") is None:
+        return  # the stage itself says what is missing
+    log = REPO / "build" / "vm-stage" / "image-build.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "wb") as out:
+        _image_build = subprocess.Popen([str(REPO / "scripts" / "vm" / "build-image.sh")],
+                                        stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                        start_new_session=True)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """A build the run no longer needs (the stage was deselected or failed early) stops."""
+    if _image_build is not None and _image_build.poll() is None:
+        os.killpg(_image_build.pid, signal.SIGTERM)  # the build and what it started
+        try:
+            _image_build.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(_image_build.pid, signal.SIGKILL)
+            _image_build.wait()
