@@ -19,6 +19,20 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
 IN_CI = os.environ.get("CI") == "true"
+# A python plugin's fork bomb: ``bomb()`` forks sleeping children until fork fails, and
+# returns how many it made and the errno that stopped it (EAGAIN from pids.max or NPROC).
+FORK_BOMB = ("import os, time\n"
+             "def bomb():\n"
+             "    made = 0\n"
+             "    for _ in range(1000):\n"
+             "        try:\n"
+             "            pid = os.fork()\n"
+             "        except OSError as exc:\n"
+             "            return {'made': made, 'errno': exc.errno}\n"
+             "        if pid == 0:\n"
+             "            time.sleep(600); os._exit(0)\n"
+             "        made += 1\n"
+             "    return {'made': made, 'errno': None}\n")
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import EXAMPLES, _plugin_cgroups
+from conftest import EXAMPLES, FORK_BOMB, _plugin_cgroups
 from sandboxer import (
     CallTimeout,
     HostConfig,
@@ -132,18 +132,7 @@ async def test_a_call_that_ignores_its_timeout_gets_the_plugin_killed(tmp_path):
 
 
 async def test_fork_bomb_is_stopped_by_the_pids_limit(tmp_path):
-    code = ("import os\n"
-            "def bomb():\n"
-            "    made = 0\n"
-            "    for _ in range(1000):\n"
-            "        try:\n"
-            "            pid = os.fork()\n"
-            "        except OSError as exc:\n"
-            "            return {'made': made, 'errno': exc.errno}\n"
-            "        if pid == 0:\n"
-            "            import time; time.sleep(60); os._exit(0)\n"
-            "        made += 1\n"
-            "    return {'made': made, 'errno': None}\n")
+    code = FORK_BOMB
     async with PluginManager() as mgr:
         root = python_plugin(tmp_path / "p", code, extra='\n[sandbox]\nprofile = "default"\n')
         p = await mgr.load(root)

@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import pytest
 
+from conftest import FORK_BOMB
 from sandboxer import HostConfig, MemoryLimitExceeded, PluginManager, load_plugin
 from sandboxer.sandbox.launch import launch
 
@@ -102,18 +103,7 @@ async def test_cfs_quota_holds_a_spinning_plugin_to_a_quarter_cpu(
 
 
 async def test_pids_max_stops_a_fork_bomb(tmp_path: Path, record_property: Record) -> None:
-    code = ("import os\n"
-            "def bomb():\n"
-            "    made = 0\n"
-            "    for _ in range(1000):\n"
-            "        try:\n"
-            "            pid = os.fork()\n"
-            "        except OSError as exc:\n"
-            "            return {'made': made, 'errno': exc.errno}\n"
-            "        if pid == 0:\n"
-            "            os.execv('/bin/sleep', ['sleep', '600'])\n"
-            "        made += 1\n"
-            "    return {'made': made, 'errno': None}\n")
+    code = FORK_BOMB
     async with PluginManager() as mgr:
         p = await mgr.load(python_plugin(tmp_path / "p", code))
         group = hierarchy_of(p.handle.pid, "pids")  # type: ignore[union-attr]

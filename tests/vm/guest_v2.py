@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import pytest
 
+from conftest import FORK_BOMB
 from sandboxer import (
     HostConfig,
     MemoryLimitExceeded,
@@ -202,18 +203,7 @@ async def test_cpu_max_holds_a_spinning_plugin_to_a_quarter_cpu(
 
 async def test_pids_max_stops_a_fork_bomb(no_leaks: None, tmp_path: Path,
                                           record_property: Record) -> None:
-    code = ("import os, time\n"
-            "def bomb():\n"
-            "    made = 0\n"
-            "    for _ in range(1000):\n"
-            "        try:\n"
-            "            pid = os.fork()\n"
-            "        except OSError as exc:\n"
-            "            return {'made': made, 'errno': exc.errno}\n"
-            "        if pid == 0:\n"
-            "            time.sleep(600); os._exit(0)\n"
-            "        made += 1\n"
-            "    return {'made': made, 'errno': None}\n")
+    code = FORK_BOMB
     async with PluginManager() as mgr:
         p = await mgr.load(python_plugin(tmp_path / "p", code))
         group = cgroup_of(p.handle.pid)  # type: ignore[union-attr]
