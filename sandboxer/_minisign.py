@@ -105,7 +105,9 @@ class SignatureError(IntegrityError):
 
 def _key_id_hex(key_id: bytes) -> str:
     """minisign's display form of a key id: the 8 stored bytes as a little-endian uint64."""
-    return key_id[::-1].hex().upper()
+    # minisign prints the little-endian id with "%" PRIX64: no leading zeros (a key id whose
+    # top nibble is 0 shows as 15 digits, 1 key in 16).
+    return f"{int.from_bytes(key_id, 'little'):X}"
 
 
 @dataclass(frozen=True, repr=False)

@@ -632,3 +632,11 @@ def test_we_decrypt_a_minisign_encrypted_secret_key(minisign_bin: str, tmp_path:
     assert sec.public_key == PublicKey.from_file(tmp_path / "m.pub")
     with pytest.raises(SignatureError, match="unencrypted key"):
         SecretKey.from_file(tmp_path / "m.key")
+
+
+def test_a_key_id_prints_as_minisign_prints_it_without_leading_zeros():
+    """minisign shows the little-endian key id with "%" PRIX64: a top nibble of 0 is not
+    printed (found by a random key: 1 in 16 made our public key file differ from `-R`)."""
+    from sandboxer._minisign import _key_id_hex
+    assert _key_id_hex(bytes.fromhex("4a2c71b8be506109")) == "96150BEB8712C4A"
+    assert _key_id_hex(bytes.fromhex("4a2c71b8be5061f9")) == "F96150BEB8712C4A"
