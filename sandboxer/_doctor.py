@@ -49,15 +49,12 @@ def _can_unshare(flag: int) -> str:
 def _proxy_port() -> None:
     """What the launcher does for a proxied plugin: loopback up in a new net namespace, and
     the proxy's port bound on it."""
-    import fcntl
     import socket
-    import struct
 
     from .sandbox import _syscalls as sc
     from .sandbox.egress import PROXY_HOST, PROXY_PORT
     sc.unshare(_NAMESPACES["user"] | _NAMESPACES["net"])
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        fcntl.ioctl(s, 0x8914, struct.pack("16sh22x", b"lo", 1))  # SIOCSIFFLAGS: IFF_UP
+    sc.loopback_up()
     with socket.create_server((PROXY_HOST, PROXY_PORT)):
         pass
 

@@ -594,7 +594,7 @@ class WasmHandle:
 
     def __init__(self, plugin: Plugin, sandbox: SandboxConfig, engine: WasmEngine,
                  module: wasmtime.Module, digest: str, layout: _Layout, *, pool_size: int,
-                 egress: EgressProxy | None = None) -> None:
+                 egress: EgressProxy) -> None:
         self.plugin = plugin
         self._digest = digest
         self._sandbox = sandbox
@@ -606,7 +606,7 @@ class WasmHandle:
         # call runs on a worker.
         self._inline = not layout.blocks
         # http_request: the egress proxy's rules for this plugin (None: no network at all).
-        self._egress = egress if egress is not None else EgressProxy()
+        self._egress = egress
         mode = network_mode(sandbox)
         self._allow: AllowList | None = (
             None if mode == "none" else AllowList(sandbox.allowed_hosts) if mode == "proxy"

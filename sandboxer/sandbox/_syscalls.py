@@ -19,7 +19,7 @@ __all__ = [
     "MS_REC", "MS_PRIVATE", "MS_SLAVE", "MNT_DETACH",
     "MOUNT_ATTR_RDONLY", "MOUNT_ATTR_NOSUID", "MOUNT_ATTR_NODEV", "MOUNT_ATTR_NOEXEC",
     "unshare", "mount", "umount2", "pivot_root", "mount_setattr", "close_range",
-    "sethostname", "capset_empty", "capget",
+    "sethostname", "capset_empty", "capget", "loopback_up",
 ]
 
 if platform.machine() != "x86_64":  # syscall numbers below are x86-64's
@@ -146,3 +146,18 @@ def sethostname(name: str) -> None:
     """sethostname(2)."""
     raw = name.encode()
     _check(_libc.sethostname(raw, ctypes.c_size_t(len(raw))), "sethostname")
+
+
+SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
+
+
+def loopback_up() -> None:
+    """ioctl(SIOCSIFFLAGS, IFF_UP) on ``lo`` in this net namespace (netdevice(7)): a new net
+    namespace's loopback starts down and has no 127.0.0.1 until it is up."""
+    import fcntl
+    import socket
+    import struct
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        request = struct.pack("16sh22x", b"lo", 0)
+        flags = struct.unpack("16sh22x", fcntl.ioctl(s, SIOCGIFFLAGS, request))[1]
+        fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sh22x", b"lo", flags | IFF_UP))

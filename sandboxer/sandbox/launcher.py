@@ -29,12 +29,10 @@ capability, an fd or an environment variable the spec did not grant.
 from __future__ import annotations
 
 import enum
-import fcntl
 import json
 import os
 import signal
 import socket
-import struct
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -152,9 +150,6 @@ def unshare_namespaces(spec: dict) -> None:  # type: ignore[type-arg]
         sc.unshare(flags)
 
 
-SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
-
-
 def open_proxy_port(spec: dict) -> int | None:  # type: ignore[type-arg]
     """In "proxy" mode: loopback up in the new net namespace, and a listening TCP socket on
     it for the supervisor's egress proxy. Done with the namespace's capabilities, before the
@@ -163,10 +158,7 @@ def open_proxy_port(spec: dict) -> int | None:  # type: ignore[type-arg]
     if network["mode"] != "proxy":
         return None
     with step(Step.NETWORK, "lo"):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            request = struct.pack("16sh22x", b"lo", 0)
-            flags = struct.unpack("16sh22x", fcntl.ioctl(s, SIOCGIFFLAGS, request))[1]
-            fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sh22x", b"lo", flags | IFF_UP))
+        sc.loopback_up()
     with step(Step.NETWORK, f"{network['host']}:{network['port']}"):
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listener.bind((network["host"], network["port"]))
