@@ -330,6 +330,7 @@ class PluginManager:
         self._egress = EgressProxy.from_config(self.config)
         self._process_loaders = {
             kind: ProcessLoader(kind, handshake_timeout=self.config.handshake_timeout,
+                                setup_timeout=self.config.setup_timeout,
                                 max_frame=self.config.max_frame,
                                 profile_dirs=self.config.profile_dirs,
                                 fallbacks=self.config.fallbacks, egress=self._egress)

@@ -247,11 +247,13 @@ class ProcessLoader:
     """Starts out-of-process plugins of one kind (external, or python/native via the host)."""
 
     def __init__(self, kind: LoaderType, *, handshake_timeout: float = 10.0,
+                 setup_timeout: float = 10.0,
                  max_frame: int = 16 << 20, profile_dirs: tuple[str, ...] = (),
                  fallbacks: tuple[str, ...] = (), egress: EgressProxy | None = None) -> None:
         self.kind = kind
         self.egress = egress if egress is not None else EgressProxy()
         self.handshake_timeout = handshake_timeout
+        self.setup_timeout = setup_timeout
         self.max_frame = max_frame
         self.profile_dirs = profile_dirs
         self.fallbacks = fallbacks
@@ -272,7 +274,7 @@ class ProcessLoader:
             return await launch_confined(dataclasses.replace(spec, env=env), backend=backend,
                                          rpc_fd=rpc_fd, logger=logger,
                                          fallbacks=self.fallbacks, egress=self.egress,
-                                         plugin_id=plugin.id)
+                                         plugin_id=plugin.id, setup_timeout=self.setup_timeout)
 
         return await self.start_process(plugin, sandbox, spec.argv, spawner=spawn)
 

@@ -468,7 +468,7 @@ async def launch_confined(
         spec: LaunchSpec, *, backend: CgroupBackend, rpc_fd: int, logger: logging.Logger,
         sinks: tuple[Callable[[bytes], None], Callable[[bytes], None]] | None = None,
         fallbacks: tuple[str, ...] = (), egress: EgressProxy | None = None,
-        plugin_id: str = "-",
+        plugin_id: str = "-", setup_timeout: float = 10.0,
 ) -> tuple[_process.PluginProcess, Confinement]:
     """``launch`` inside a fresh cgroup limited as ``spec.sandbox`` says, and, when it lists
     allowed hosts, with an endpoint of ``egress`` (the proxy's socket bound in, the proxy
@@ -485,7 +485,8 @@ async def launch_confined(
             mounts=spec.mounts + (Mount(endpoint.socket_path, EGRESS_SOCKET, exec=False),))
     try:
         return await _launch_in_cgroup(spec, backend=backend, rpc_fd=rpc_fd, logger=logger,
-                                       sinks=sinks, fallbacks=fallbacks, egress=endpoint)
+                                       sinks=sinks, fallbacks=fallbacks, egress=endpoint,
+                                       setup_timeout=setup_timeout)
     except BaseException:
         if endpoint is not None:
             endpoint.close()
@@ -495,7 +496,7 @@ async def launch_confined(
 async def _launch_in_cgroup(
         spec: LaunchSpec, *, backend: CgroupBackend, rpc_fd: int, logger: logging.Logger,
         sinks: tuple[Callable[[bytes], None], Callable[[bytes], None]] | None,
-        fallbacks: tuple[str, ...], egress: EgressEndpoint | None,
+        fallbacks: tuple[str, ...], egress: EgressEndpoint | None, setup_timeout: float,
 ) -> tuple[_process.PluginProcess, Confinement]:
     sandbox = spec.sandbox
     limits = CgroupLimits(memory=sandbox.memory_limit, cpu=sandbox.cpu_limit,
@@ -508,13 +509,14 @@ async def _launch_in_cgroup(
         logger.warning("no cgroup (%s): falling back to RLIMIT_AS as the host policy allows; "
                        "CPU and process limits are not enforced", exc)
         spec = dataclasses.replace(spec, address_space_limit=sandbox.memory_limit)
-        proc, uid = await launch(spec, rpc_fd=rpc_fd, logger=logger, sinks=sinks, egress=egress)
+        proc, uid = await launch(spec, rpc_fd=rpc_fd, logger=logger, sinks=sinks, egress=egress,
+                                 setup_timeout=setup_timeout)
         return proc, Confinement(None, uid, sandbox.memory_limit, fallbacks=("rlimit",),
                                  egress=egress)
     try:
         proc, uid = await launch(spec, rpc_fd=rpc_fd, logger=logger,
                                  on_spawn=lambda pid: _off_loop(group.add, pid),
-                                 sinks=sinks, egress=egress)
+                                 sinks=sinks, egress=egress, setup_timeout=setup_timeout)
     except BaseException:
         await _off_loop(group.remove)
         raise
@@ -561,8 +563,8 @@ def _which(name: str) -> str:
 async def run(argv: list[str], sandbox: SandboxConfig, *, backend: CgroupBackend,
               seccomp_bpf: bytes | None, cwd: str = "/tmp",
               sinks: tuple[Callable[[bytes], None], Callable[[bytes], None]] | None = None,
-              logger: logging.Logger | None = None, egress: EgressProxy | None = None
-              ) -> RunResult:
+              logger: logging.Logger | None = None, egress: EgressProxy | None = None,
+              setup_timeout: float = 10.0) -> RunResult:
     """Run any program in the sandbox (``sandboxer exec``) and wait for it; with allowed
     hosts, its egress goes through ``egress`` (logged as plugin "exec")."""
     spec = LaunchSpec(argv=[_which(argv[0]), *argv[1:]],
@@ -579,7 +581,7 @@ async def run(argv: list[str], sandbox: SandboxConfig, *, backend: CgroupBackend
         proc, confinement = await launch_confined(
             spec, backend=backend, rpc_fd=null, sinks=sinks,
             logger=logger or logging.getLogger("sandboxer.exec"), egress=egress,
-            plugin_id="exec")
+            plugin_id="exec", setup_timeout=setup_timeout)
     finally:
         os.close(null)
     try:

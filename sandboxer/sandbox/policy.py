@@ -217,6 +217,7 @@ class HostConfig:
     wasm_instances: int = 1
     drain_timeout: float = 10.0
     handshake_timeout: float = 10.0
+    setup_timeout: float = 10.0  # the sandbox launcher's steps, from spawn to exec
     health_interval: float = 30.0
     health_failures: int = 3
     max_frame: int = 16 << 20
@@ -282,6 +283,7 @@ class HostConfig:
             "profile_dirs": _parse_path_list,
             "drain_timeout": parse_duration,
             "handshake_timeout": parse_duration,
+            "setup_timeout": parse_duration,
             "health_interval": parse_duration,
             "health_failures": _parse_health_failures,
             "max_frame": parse_size,

@@ -627,6 +627,13 @@ def test_host_config_reads_wasm_settings() -> None:
     assert host.max_fuel == 10_000_000
 
 
+def test_host_config_reads_the_setup_timeout() -> None:
+    assert HostConfig().setup_timeout == 10.0
+    assert HostConfig.from_mapping({"host": {"setup_timeout": "1m"}}).setup_timeout == 60.0
+    with pytest.raises(ConfigError):
+        HostConfig.from_mapping({"host": {"setup_timeout": "soon"}})
+
+
 def test_host_config_reads_egress_settings() -> None:
     host = HostConfig.from_mapping({"host": {
         "egress_hosts_file": "/etc/sandboxer/hosts", "egress_max_connections": 8,

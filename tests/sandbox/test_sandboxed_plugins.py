@@ -20,6 +20,7 @@ from sandboxer import (
     PluginState,
     PluginStateError,
     SandboxConfig,
+    SandboxUnavailable,
     load_plugin,
 )
 
@@ -176,3 +177,10 @@ async def test_a_trusted_native_plugin_runs_in_its_own_process(native_c):
         assert await p.call("greet", "trusted") == "Hello, trusted!"
         with pytest.raises(PluginCrashed):
             await p.call("crash")
+
+
+async def test_the_host_configs_setup_timeout_bounds_the_sandbox_setup(tmp_path):
+    root = python_plugin(tmp_path / "p", "def f():\n    return 1\n")
+    async with PluginManager(HostConfig(setup_timeout=0.001)) as mgr:
+        with pytest.raises(SandboxUnavailable, match="did not finish within 0.001s"):
+            await mgr.load(root)

@@ -15,9 +15,8 @@ import pytest
 
 from conftest import FORK_BOMB
 from sandboxer import HostConfig, MemoryLimitExceeded, PluginManager, load_plugin
-from sandboxer.sandbox.launch import launch
 
-from .guest_v2 import keyed, python_plugin
+from .guest_v2 import keyed, python_plugin, quarter_cpu_spinner
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -76,17 +75,8 @@ async def test_memory_limit_oom_is_reported_with_its_peak(tmp_path: Path,
 
 
 async def test_cfs_quota_holds_a_spinning_plugin_to_a_quarter_cpu(
-        tmp_path: Path, record_property: Record, monkeypatch: pytest.MonkeyPatch) -> None:
-    code = ("import time\n"
-            "def spin(seconds):\n"
-            "    end = time.monotonic() + seconds\n"
-            "    while time.monotonic() < end:\n"
-            "        pass\n")
-    # start-up runs throttled too: see guest_v2.py's cpu test
-    monkeypatch.setitem(launch.__kwdefaults__, "setup_timeout", 120.0)
-    async with PluginManager(HostConfig(handshake_timeout=120.0)) as mgr:
-        p = await mgr.load(python_plugin(tmp_path / "p", code,
-                                         extra="\n[sandbox]\ncpu_limit = 0.25\n"))
+        tmp_path: Path, record_property: Record) -> None:
+    async with quarter_cpu_spinner(tmp_path) as p:
         cpu = hierarchy_of(p.handle.pid, "cpu")  # type: ignore[union-attr]
         acct = hierarchy_of(p.handle.pid, "cpuacct")  # type: ignore[union-attr]
         assert int((cpu / "cpu.cfs_quota_us").read_text()) == 25000

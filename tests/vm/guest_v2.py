@@ -10,6 +10,7 @@ lean: one plugin per check, the 50-cycle test being the only long one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -19,20 +20,20 @@ import tempfile
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, AsyncIterator, Callable
 
 import pytest
 
 from conftest import FORK_BOMB
 from sandboxer import (
     HostConfig,
+    LoadedPlugin,
     MemoryLimitExceeded,
     PluginManager,
     load_plugin,
 )
 from sandboxer.sandbox import cgroups
 from sandboxer.sandbox.cgroups import CgroupLimits
-from sandboxer.sandbox.launch import launch
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -170,20 +171,24 @@ async def test_memory_max_oom_is_reported_with_its_peak(no_leaks: None, tmp_path
     record_property("error", str(info.value))
 
 
-async def test_cpu_max_holds_a_spinning_plugin_to_a_quarter_cpu(
-        no_leaks: None, tmp_path: Path, record_property: Record,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+@contextlib.asynccontextmanager
+async def quarter_cpu_spinner(tmp_path: Path) -> AsyncIterator[LoadedPlugin]:
+    """A python plugin at cpu_limit 0.25 whose ``spin(seconds)`` burns CPU. The launcher and
+    the plugin host start inside the plugin's cgroup, so at a quarter of a TCG guest's CPU
+    their Python start-up takes tens of seconds: longer start-up timeouts here."""
     code = ("import time\n"
             "def spin(seconds):\n"
             "    end = time.monotonic() + seconds\n"
             "    while time.monotonic() < end:\n"
             "        pass\n")
-    # The launcher and the plugin host start inside the plugin's cgroup, so at a quarter of
-    # a TCG guest's CPU their Python start-up takes tens of seconds: longer timeouts here.
-    monkeypatch.setitem(launch.__kwdefaults__, "setup_timeout", 120.0)
-    async with PluginManager(HostConfig(handshake_timeout=120.0)) as mgr:
-        p = await mgr.load(python_plugin(tmp_path / "p", code,
-                                         extra="\n[sandbox]\ncpu_limit = 0.25\n"))
+    async with PluginManager(HostConfig(handshake_timeout=120.0, setup_timeout=120.0)) as mgr:
+        yield await mgr.load(python_plugin(tmp_path / "p", code,
+                                           extra="\n[sandbox]\ncpu_limit = 0.25\n"))
+
+
+async def test_cpu_max_holds_a_spinning_plugin_to_a_quarter_cpu(
+        no_leaks: None, tmp_path: Path, record_property: Record) -> None:
+    async with quarter_cpu_spinner(tmp_path) as p:
         group = cgroup_of(p.handle.pid)  # type: ignore[union-attr]
         assert (group / "cpu.max").read_text().split() == ["25000", "100000"]
         before, start = keyed(group / "cpu.stat"), time.monotonic()
