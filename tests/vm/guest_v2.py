@@ -77,7 +77,7 @@ def session_of(pid: int | str) -> int:
 def comm_of(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/comm").read_text().strip()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
         return ""
 
 
@@ -96,7 +96,7 @@ def alive(pids: list[int]) -> list[int]:
         try:
             if stat_fields(pid)[0] != "Z":
                 out.append(pid)
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):  # gone, or reaped while we read
             pass
     return out
 
