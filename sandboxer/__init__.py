@@ -7,7 +7,10 @@
 Public names are re-exported here; everything else is private.
 """
 
-from ._digest import tree_checksum as checksum
+import importlib as _importlib
+from typing import TYPE_CHECKING as _TYPE_CHECKING
+from typing import Any as _Any
+
 from .errors import (
     CallTimeout,
     ConfigError,
@@ -29,10 +32,43 @@ from .errors import (
     SandboxerError,
     SandboxUnavailable,
 )
-from .loaders import Health, PluginHandle, ResourceUsage
-from .manager import EventStream, LoadedPlugin, PluginEvent, PluginManager, PluginStatistics
-from .manifest import LoaderType, Plugin, PluginState, load_plugin, parse_manifest
-from .sandbox.policy import HostConfig, PathGrant, SandboxConfig, SandboxRequest
+
+if _TYPE_CHECKING:
+    from ._digest import tree_checksum as checksum
+    from .loaders import Health, PluginHandle, ResourceUsage
+    from .manager import EventStream, LoadedPlugin, PluginEvent, PluginManager, PluginStatistics
+    from .manifest import LoaderType, Plugin, PluginState, load_plugin, parse_manifest
+    from .sandbox.policy import HostConfig, PathGrant, SandboxConfig, SandboxRequest
+
+# The supervisor's names are imported when first used, not with the package: the plugin host
+# (sandboxer.host) runs inside every sandbox and imports only the errors, the wire protocol
+# and the module loader. Importing the manager here would pull asyncio, wasmtime and
+# libseccomp into each plugin's start-up (~0.3 s here, seconds under an emulated CPU).
+_LAZY = {
+    "checksum": ("._digest", "tree_checksum"),
+    **{name: (".loaders", name) for name in ("Health", "PluginHandle", "ResourceUsage")},
+    **{name: (".manager", name) for name in ("EventStream", "LoadedPlugin", "PluginEvent",
+                                             "PluginManager", "PluginStatistics")},
+    **{name: (".manifest", name) for name in ("LoaderType", "Plugin", "PluginState",
+                                              "load_plugin", "parse_manifest")},
+    **{name: (".sandbox.policy", name) for name in ("HostConfig", "PathGrant", "SandboxConfig",
+                                                    "SandboxRequest")},
+}
+
+
+def __getattr__(name: str) -> _Any:
+    try:
+        module, attribute = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    value = getattr(_importlib.import_module(module, __name__), attribute)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __version__ = "0.1.0"
 

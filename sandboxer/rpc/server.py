@@ -16,7 +16,6 @@ Async handlers run on one asyncio loop in a thread of its own and can be cancell
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import os
 import queue
@@ -25,7 +24,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from .. import _json
 from ..errors import PluginCallError
@@ -45,6 +44,9 @@ from .framing import (
     encode_result,
     parse_message,
 )
+
+if TYPE_CHECKING:
+    import asyncio
 
 __all__ = ["Handlers", "Server", "PROTOCOL_VERSION", "RESERVED"]
 
@@ -288,6 +290,8 @@ class Server:
     def _ensure_loop(self) -> asyncio.AbstractEventLoop:
         with self._loop_lock:
             if self._loop is None:
+                import asyncio  # only plugins with async handlers pay for it at start-up
+
                 loop = asyncio.new_event_loop()
                 threading.Thread(target=loop.run_forever, name="sandboxer-async",
                                  daemon=True).start()

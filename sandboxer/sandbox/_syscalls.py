@@ -8,9 +8,7 @@ failure, never returns an error code. x86-64 numbers are used where glibc has no
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
-import platform
 
 __all__ = [
     "CLONE_NEWNS", "CLONE_NEWCGROUP", "CLONE_NEWUTS", "CLONE_NEWIPC", "CLONE_NEWUSER",
@@ -22,8 +20,8 @@ __all__ = [
     "sethostname", "capset_empty", "capget", "loopback_up",
 ]
 
-if platform.machine() != "x86_64":  # syscall numbers below are x86-64's
-    raise ImportError(f"sandboxer's sandbox supports x86_64 only, not {platform.machine()}")
+if os.uname().machine != "x86_64":  # syscall numbers below are x86-64's
+    raise ImportError(f"sandboxer's sandbox supports x86_64 only, not {os.uname().machine}")
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000
@@ -56,7 +54,9 @@ SYS_pivot_root = 155
 SYS_close_range = 436
 SYS_mount_setattr = 442
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# The C library the interpreter itself is linked with (dlopen(NULL)): no ctypes.util.find_library,
+# which runs ldconfig in a subprocess at every launcher start.
+_libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 
 
@@ -74,6 +74,17 @@ def _check(result: int, what: str, path: str | None = None) -> int:
 
 def _b(path: str | None) -> bytes | None:
     return None if path is None else os.fsencode(path)
+
+
+class _Statfs(ctypes.Structure):
+    _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_byte * 112)]
+
+
+def statfs_type(path: str) -> int:
+    """statfs(2)'s f_type: which filesystem ``path`` is on."""
+    buf = _Statfs()
+    _check(_libc.statfs(os.fsencode(path), ctypes.byref(buf)), "statfs", path)
+    return int(buf.f_type)
 
 
 def unshare(flags: int) -> None:

@@ -358,17 +358,12 @@ def _detect(root: str) -> CgroupBackend:
 
 
 def _is_cgroup2(path: str) -> bool:
-    import ctypes
-    import ctypes.util
+    from . import _syscalls
 
-    class Statfs(ctypes.Structure):
-        _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_byte * 112)]
-
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    buf = Statfs()
-    if libc.statfs(os.fsencode(path), ctypes.byref(buf)) != 0:
+    try:
+        return _syscalls.statfs_type(path) == CGROUP2_SUPER_MAGIC
+    except OSError:
         return False
-    return buf.f_type == CGROUP2_SUPER_MAGIC
 
 
 def new_name() -> str:

@@ -347,7 +347,7 @@ async def launch(spec: LaunchSpec, *, rpc_fd: int, logger: logging.Logger,
     # A socket rather than a pipe: the proxy port's listener comes back over it.
     status, status_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        proc = _process.spawn([sys.executable, "-I", LAUNCHER], {"PATH": "/usr/bin:/bin"},
+        proc = _process.spawn([sys.executable, "-I", "-S", LAUNCHER], {"PATH": "/usr/bin:/bin"},
                               rpc_fd=rpc_fd, logger=logger,
                               extra_fds={4: control_r, 5: status_w.fileno()}, sinks=sinks)
     except BaseException:

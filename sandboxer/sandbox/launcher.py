@@ -1,7 +1,8 @@
 """The sandbox launcher: a fresh, single-threaded process that builds the sandbox and execs.
 
-Run by the supervisor as ``python -I launcher.py`` (by path, so that importing it pulls in
-nothing but the standard library and ``_syscalls``) with:
+Run by the supervisor as ``python -I -S launcher.py`` (by path, so that importing it pulls in
+nothing but the standard library and ``_syscalls``; -S: no site-packages, so no .pth file runs
+code in this privileged process) with:
 
     fd 0  /dev/null          fd 3  the plugin's end of the RPC socket
     fd 1  stdout pipe        fd 4  control pipe from the supervisor (spec, then "go")
