@@ -27,7 +27,6 @@ from conftest import REPO
 from .conftest import REPORTS
 
 QEMU_RUN = REPO / "scripts" / "vm" / "qemu-run"
-GUEST_PYTHON = "/opt/sandboxer-venv/bin/python"
 STAGE_TIMEOUT = 1500  # seconds; the stage's budget is 12 minutes, this only stops a hang
 
 pytestmark = pytest.mark.timeout(STAGE_TIMEOUT + 120)
@@ -84,9 +83,7 @@ def run_stage(name: str, out: Path, *extra: str, guest_tests: str) -> Stage:
     if missing:
         pytest.skip(f"the VM stage needs {', '.join(missing)}: run scripts/vm/setup.sh")
     os.chmod(out, 0o777)  # the guest's root writes the report through 9p
-    command = (f"CI=true PYTHONPATH=tests {GUEST_PYTHON} -m pytest -p no:cacheprovider "
-               "-p vm.guest_timeouts -q -rfE "
-               f"-o junit_family=xunit1 --junitxml=/out/junit.xml {guest_tests}")
+    command = f"scripts/vm/guest-suite -o junit_family=xunit1 --junitxml=/out/junit.xml {guest_tests}"
     start = time.monotonic()
     try:
         result = subprocess.run([str(QEMU_RUN), *extra, "--share", f"{out}:/out", "--", command],
