@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import os
 import re
-import secrets
 import sys
 import traceback
 from pathlib import Path
@@ -28,7 +28,8 @@ INTERNAL_ERROR = -32603
 
 def _module_name(plugin_id: str, generation: int) -> str:
     safe = re.sub(r"[^A-Za-z0-9_]", "_", plugin_id)
-    return f"_sandboxer_plugin_{safe}_g{generation}_{secrets.token_hex(4)}"
+    # os.urandom, not the secrets module: that one loads hmac and libcrypto at every start-up
+    return f"_sandboxer_plugin_{safe}_g{generation}_{os.urandom(4).hex()}"
 
 
 def _forget_module(name: str) -> None:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make vm-test`: the VM suite through Vagrant itself, offline, on this machine.
 #
-#   scripts/vm/vagrant-test.sh [MACHINE...]     (default: v2)
+#   scripts/vm/vagrant-test.sh [MACHINE...]     (default: v2 v1)
 #
 # Starts a private libvirtd (its own sockets in a temporary directory; no libvirt network is
 # ever defined), builds and adds the local box (scripts/vm/build-box.sh), then for each
@@ -12,7 +12,7 @@ set -euo pipefail
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 log() { echo "vm-test: $*" >&2; }
 machines=("$@")
-((${#machines[@]})) || machines=(v2)
+((${#machines[@]})) || machines=(v2 v1)
 
 "$repo/scripts/vm/setup.sh" --vagrant
 

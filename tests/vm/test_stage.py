@@ -1,13 +1,15 @@
-"""The VM stage of ``make test``: sandboxer on a real pure cgroup v2 systemd host.
+"""The VM stage of ``make test``: sandboxer on real systemd hosts with pure cgroup v2 and with
+systemd's legacy cgroup v1 layout.
 
 This machine is a v1/v2 hybrid, so here the v2 backend is only unit-tested. This module boots
 a Debian 12 guest (scripts/vm/qemu-run: qemu in TCG mode, loopback-only networking, the image
 cached by scripts/vm/build-image.sh), runs tests/vm/guest_v2.py and the escape probes
-(tests/escapes) in it as root with CI=true, and reads their JUnit report back. Each test below
-is one promise of the VM stage, passed only if the guest's test for it passed; the figures the
-guest measured (cpu use under cpu.max, the OOM peak, ...) and the time of each phase are
-printed at the end of the run. With CI=true nothing here may skip (tests/conftest.py).
-"""
+(tests/escapes) in it as root with CI=true, and reads their JUnit report back; then boots the
+same image with systemd.unified_cgroup_hierarchy=0 and runs the limits of tests/vm/guest_v1.py
+there. Each test below is one promise of the VM stage, passed only if the guest's test for it
+passed; the figures the guests measured (cpu use under cpu.max, the OOM peak, ...) and the time
+of each phase are printed at the end of the run. With CI=true nothing here may skip
+(tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -184,3 +186,42 @@ def test_the_escape_probes_hold_in_the_guest(v2: Stage) -> None:
 def test_the_guest_suite_exited_cleanly(v2: Stage) -> None:
     failed = [n for n, c in v2.cases.items() if c.outcome in ("failed", "skipped")]
     assert failed == [] and v2.returncode == 0, (failed, v2.output[-4000:])
+
+
+# -- the same image booted with systemd's legacy cgroup v1 layout --------------------------------
+
+@pytest.fixture(scope="module")
+def v1(tmp_path_factory: pytest.TempPathFactory) -> Stage:
+    return run_stage("cgroup v1 guest (Debian 12, systemd's legacy layout)",
+                     tmp_path_factory.mktemp("vm-v1"), "--v1", guest_tests="tests/vm/guest_v1.py")
+
+
+V1 = "tests.vm.guest_v1::"
+
+
+def test_the_v1_guest_has_systemds_v1_layout_and_doctor_says_v1(v1: Stage) -> None:
+    case = v1.passed(V1 + "test_the_guest_has_the_systemd_v1_layout")
+    assert '"version": 1' in case.figures["doctor_cgroups"]
+
+
+def test_v1_memory_limit_oom_is_memory_limit_exceeded_with_the_peak(v1: Stage) -> None:
+    case = v1.passed(V1 + "test_memory_limit_oom_is_reported_with_its_peak")
+    assert int(case.figures["memory_peak_bytes"]) <= int(case.figures["memory_limit_bytes"])
+
+
+def test_v1_a_quarter_cpu_is_at_most_0_3_cpu_seconds_per_second(v1: Stage) -> None:
+    case = v1.passed(V1 + "test_cfs_quota_holds_a_spinning_plugin_to_a_quarter_cpu")
+    assert float(case.figures["cpu_s_per_s"]) <= 0.3
+
+
+def test_v1_pids_max_stops_a_fork_bomb(v1: Stage) -> None:
+    v1.passed(V1 + "test_pids_max_stops_a_fork_bomb")
+
+
+def test_v1_load_unload_cycles_leave_no_cgroup(v1: Stage) -> None:
+    v1.passed(V1 + "test_load_unload_cycles_leave_no_cgroup")
+
+
+def test_the_v1_guest_suite_exited_cleanly(v1: Stage) -> None:
+    failed = [n for n, c in v1.cases.items() if c.outcome in ("failed", "skipped")]
+    assert failed == [] and v1.returncode == 0, (failed, v1.output[-4000:])
