@@ -271,7 +271,10 @@ def test_public_key_file_round_trip(keypair: tuple[PublicKey, SecretKey], tmp_pa
     pub, sec = keypair
     text = pub.to_file_text()
     assert text.splitlines()[0] == f"untrusted comment: minisign public key {pub.key_id_hex}"
-    assert pub.key_id_hex == pub.key_id[::-1].hex().upper()
+    # the 8 stored bytes as one little-endian number, upper-case hex without leading zeros
+    assert int(pub.key_id_hex, 16) == int.from_bytes(pub.key_id, "little")
+    assert pub.key_id_hex == pub.key_id_hex.upper()
+    assert pub.key_id_hex == "0" or not pub.key_id_hex.startswith("0")
     raw = b64_line(text, 1)
     assert raw == b"Ed" + pub.key_id + pub.raw and len(raw) == 42
     (tmp_path / "k.pub").write_text(text)
