@@ -50,7 +50,7 @@ from ..sandbox.launch import (
     launch_confined,
     mask_plan,
 )
-from ..sandbox.policy import SandboxConfig
+from ..sandbox.policy import SETUP_TIMEOUT, SandboxConfig
 from ..sandbox.seccomp import compile_filter
 from . import Health, ResourceUsage
 
@@ -247,7 +247,7 @@ class ProcessLoader:
     """Starts out-of-process plugins of one kind (external, or python/native via the host)."""
 
     def __init__(self, kind: LoaderType, *, handshake_timeout: float = 10.0,
-                 setup_timeout: float = 10.0,
+                 setup_timeout: float = SETUP_TIMEOUT,
                  max_frame: int = 16 << 20, profile_dirs: tuple[str, ...] = (),
                  fallbacks: tuple[str, ...] = (), egress: EgressProxy | None = None) -> None:
         self.kind = kind

@@ -30,7 +30,7 @@ from .cgroups import Cgroup, CgroupBackend, CgroupLimits, CgroupStats
 from .cgroups import new_name as new_cgroup_name
 from .egress import (EGRESS_SOCKET, PROXY_HOST, PROXY_PORT, EgressEndpoint, EgressProxy,
                      network_mode, proxy_environment)
-from .policy import PathGrant, SandboxConfig
+from .policy import SETUP_TIMEOUT, PathGrant, SandboxConfig
 
 __all__ = ["Mount", "LaunchSpec", "launch", "launch_confined", "Confinement",
            "SandboxSetupError", "SANDBOX_UID", "IdAllocator"]
@@ -324,7 +324,7 @@ def _write_id_maps(pid: int, host_uid: int, host_gid: int) -> None:
 
 
 async def launch(spec: LaunchSpec, *, rpc_fd: int, logger: logging.Logger,
-                 setup_timeout: float = 10.0,
+                 setup_timeout: float = SETUP_TIMEOUT,
                  on_spawn: Callable[[int], Awaitable[None]] | None = None,
                  egress: EgressEndpoint | None = None,
                  sinks: tuple[Callable[[bytes], None], Callable[[bytes], None]] | None = None
@@ -468,7 +468,7 @@ async def launch_confined(
         spec: LaunchSpec, *, backend: CgroupBackend, rpc_fd: int, logger: logging.Logger,
         sinks: tuple[Callable[[bytes], None], Callable[[bytes], None]] | None = None,
         fallbacks: tuple[str, ...] = (), egress: EgressProxy | None = None,
-        plugin_id: str = "-", setup_timeout: float = 10.0,
+        plugin_id: str = "-", setup_timeout: float = SETUP_TIMEOUT,
 ) -> tuple[_process.PluginProcess, Confinement]:
     """``launch`` inside a fresh cgroup limited as ``spec.sandbox`` says, and, when it lists
     allowed hosts, with an endpoint of ``egress`` (the proxy's socket bound in, the proxy
@@ -564,7 +564,7 @@ async def run(argv: list[str], sandbox: SandboxConfig, *, backend: CgroupBackend
               seccomp_bpf: bytes | None, cwd: str = "/tmp",
               sinks: tuple[Callable[[bytes], None], Callable[[bytes], None]] | None = None,
               logger: logging.Logger | None = None, egress: EgressProxy | None = None,
-              setup_timeout: float = 10.0) -> RunResult:
+              setup_timeout: float = SETUP_TIMEOUT) -> RunResult:
     """Run any program in the sandbox (``sandboxer exec``) and wait for it; with allowed
     hosts, its egress goes through ``egress`` (logged as plugin "exec")."""
     spec = LaunchSpec(argv=[_which(argv[0]), *argv[1:]],

@@ -34,6 +34,7 @@ __all__ = [
     "parse_path_grant",
     "parse_host_pattern",
     "DEFAULT_CONFIG_PATH",
+    "SETUP_TIMEOUT",
 ]
 
 DEFAULT_CONFIG_PATH = "/etc/sandboxer/sandboxer.toml"
@@ -196,6 +197,10 @@ class SandboxConfig:
         }
 
 
+# The sandbox launcher's steps, from spawn to exec: HostConfig's default and launch's.
+SETUP_TIMEOUT = 10.0
+
+
 @dataclass(frozen=True, slots=True)
 class HostConfig:
     """The host's policy: ceilings, path roots, trust, and supervisor timings.
@@ -217,7 +222,7 @@ class HostConfig:
     wasm_instances: int = 1
     drain_timeout: float = 10.0
     handshake_timeout: float = 10.0
-    setup_timeout: float = 10.0  # the sandbox launcher's steps, from spawn to exec
+    setup_timeout: float = SETUP_TIMEOUT
     health_interval: float = 30.0
     health_failures: int = 3
     max_frame: int = 16 << 20
