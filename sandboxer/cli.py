@@ -190,20 +190,26 @@ def _sandbox_for(plugin: Plugin, host: HostConfig, args: argparse.Namespace) -> 
 
 def _sandbox_from(request: SandboxRequest, plugin_id: str | None, host: HostConfig,
                   args: argparse.Namespace) -> SandboxConfig:
-    if args.profile:
-        request = dataclasses.replace(request, profile=args.profile)
     if args.network or args.allow_host:
         if not args.allow_host and not host.allow_full_network:
             raise PluginLoadError(
                 "--network without --allow-host asks for the host's full network, which the "
                 "host policy does not allow (allow_full_network = false); name the hosts with "
                 "--allow-host", plugin_id=plugin_id)
-    config = effective_config(request, host, plugin_id=plugin_id)
-    changes: dict[str, Any] = {}
-    for option, field in (("memory_limit", "memory_limit"), ("cpu_limit", "cpu_limit"),
-                          ("timeout", "timeout")):
-        if getattr(args, option) is not None:
-            changes[field] = getattr(args, option)
+    # The operator's choices widen the policy the manifest is checked against: a profile
+    # and hosts named on the command line are the operator's to give.
+    if args.profile:
+        request = dataclasses.replace(request, profile=args.profile)
+        host = dataclasses.replace(
+            host, allowed_profiles=(*(host.allowed_profiles or ()), args.profile))
+    if args.allow_host:
+        host = dataclasses.replace(host, allowed_hosts=host.allowed_hosts + tuple(args.allow_host))
+    limits = {name: getattr(args, name) for name in ("memory_limit", "cpu_limit", "timeout")
+              if getattr(args, name) is not None}
+    # A limit the operator sets replaces the manifest's, which is then not checked.
+    config = effective_config(dataclasses.replace(request, **dict.fromkeys(limits)), host,
+                              plugin_id=plugin_id)
+    changes: dict[str, Any] = dict(limits)
     if args.allow_path:
         changes["allowed_paths"] = config.allowed_paths + tuple(args.allow_path)
     if args.deny_path:

@@ -16,7 +16,9 @@ __all__ = [
     "MS_RDONLY", "MS_NOSUID", "MS_NODEV", "MS_NOEXEC", "MS_REMOUNT", "MS_BIND", "MS_MOVE",
     "MS_REC", "MS_PRIVATE", "MS_SLAVE", "MNT_DETACH",
     "MOUNT_ATTR_RDONLY", "MOUNT_ATTR_NOSUID", "MOUNT_ATTR_NODEV", "MOUNT_ATTR_NOEXEC",
+    "RESOLVE_NO_XDEV", "RESOLVE_NO_MAGICLINKS", "RESOLVE_NO_SYMLINKS", "RESOLVE_BENEATH",
     "unshare", "mount", "umount2", "pivot_root", "mount_setattr", "close_range",
+    "openat2", "open_tree", "move_mount", "mount_setattr_fd",
     "sethostname", "capset_empty", "capget", "loopback_up",
 ]
 
@@ -49,9 +51,24 @@ MOUNT_ATTR_NODEV = 0x00000004
 MOUNT_ATTR_NOEXEC = 0x00000008
 AT_RECURSIVE = 0x8000
 AT_FDCWD = -100
+AT_EMPTY_PATH = 0x1000
+
+# openat2(2)'s resolve flags.
+RESOLVE_NO_XDEV = 0x01
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+
+OPEN_TREE_CLONE = 1
+OPEN_TREE_CLOEXEC = os.O_CLOEXEC
+MOVE_MOUNT_F_EMPTY_PATH = 0x04
+MOVE_MOUNT_T_EMPTY_PATH = 0x40
 
 SYS_pivot_root = 155
+SYS_open_tree = 428
+SYS_move_mount = 429
 SYS_close_range = 436
+SYS_openat2 = 437
 SYS_mount_setattr = 442
 
 # The C library the interpreter itself is linked with (dlopen(NULL)): no ctypes.util.find_library,
@@ -117,6 +134,46 @@ def mount_setattr(path: str, attr_set: int, *, recursive: bool = True) -> None:
     _check(_libc.syscall(ctypes.c_long(SYS_mount_setattr), ctypes.c_int(AT_FDCWD), _b(path),
                          ctypes.c_uint(flags), ctypes.byref(attr),
                          ctypes.c_size_t(ctypes.sizeof(attr))), "mount_setattr", path)
+
+
+def mount_setattr_fd(fd: int, attr_set: int) -> None:
+    """mount_setattr(2) on the mount ``fd`` refers to (a detached tree from ``open_tree``, say)
+    and every mount below it."""
+    attr = _MountAttr(attr_set, 0, 0, 0)
+    _check(_libc.syscall(ctypes.c_long(SYS_mount_setattr), ctypes.c_int(fd), b"",
+                         ctypes.c_uint(AT_EMPTY_PATH | AT_RECURSIVE), ctypes.byref(attr),
+                         ctypes.c_size_t(ctypes.sizeof(attr))), "mount_setattr")
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
+                ("resolve", ctypes.c_uint64)]
+
+
+def openat2(dirfd: int, path: str, flags: int, resolve: int) -> int:
+    """openat2(2): open ``path`` relative to ``dirfd`` under the ``resolve`` restrictions.
+    ``flags`` always gets O_CLOEXEC."""
+    how = _OpenHow(flags | os.O_CLOEXEC, 0, resolve)
+    return _check(_libc.syscall(ctypes.c_long(SYS_openat2), ctypes.c_int(dirfd),
+                                os.fsencode(path), ctypes.byref(how),
+                                ctypes.c_size_t(ctypes.sizeof(how))), "openat2", path)
+
+
+def open_tree(fd: int) -> int:
+    """open_tree(2) with OPEN_TREE_CLONE | AT_RECURSIVE on what ``fd`` refers to: a detached
+    copy of that mount tree, to be attached elsewhere with ``move_mount``. The source must be
+    in the caller's mount namespace."""
+    return _check(_libc.syscall(ctypes.c_long(SYS_open_tree), ctypes.c_int(fd), b"",
+                                ctypes.c_uint(OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC
+                                              | AT_EMPTY_PATH | AT_RECURSIVE)), "open_tree")
+
+
+def move_mount(tree: int, target: int) -> None:
+    """move_mount(2): attach the detached tree ``tree`` on the object ``target`` refers to."""
+    _check(_libc.syscall(ctypes.c_long(SYS_move_mount), ctypes.c_int(tree), b"",
+                         ctypes.c_int(target), b"",
+                         ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH)),
+           "move_mount")
 
 
 def close_range(first: int, last: int = 0xFFFFFFFF) -> None:

@@ -145,6 +145,29 @@ class AllowList:
                    and address in rule.value
                    for rule in self._rules)
 
+    def covers(self, pattern: str) -> bool:
+        """Whether every target the ``allowed_hosts`` entry ``pattern`` permits is permitted
+        by this list too: the host's list deciding what a manifest may ask for. An entry
+        without a port is covered only by entries without one; a name only by that name or a
+        wildcard above it; a wildcard by an equal or shorter one; an address or range only by
+        a range (or address) that contains it."""
+        if self.everything_allowed:
+            return True
+        wanted = AllowList([pattern])._rules[0]
+        for rule in self._rules:
+            if rule.port is not None and rule.port != wanted.port:
+                continue
+            if wanted.kind == "network":
+                if rule.kind == "network" and rule.value.version == wanted.value.version \
+                        and wanted.value.subnet_of(rule.value):  # type: ignore[union-attr,arg-type]
+                    return True
+            elif rule.kind == "wildcard" and str(wanted.value).endswith(str(rule.value)) \
+                    and (wanted.kind == "wildcard" or len(str(wanted.value)) > len(str(rule.value))):
+                return True
+            elif rule.kind == wanted.kind == "name" and rule.value == wanted.value:
+                return True
+        return False
+
     def __repr__(self) -> str:
         return "AllowList(everything)" if self.everything_allowed else \
             f"AllowList({list(self.patterns)})"

@@ -44,10 +44,16 @@ _HOSTNAME_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 
 @dataclass(frozen=True, slots=True)
 class PathGrant:
-    """A host path made visible to the plugin: read-only unless ``writable``."""
+    """A host path made visible to the plugin: read-only unless ``writable``.
+
+    ``root`` is the host policy's path root the grant was checked against: the path is then
+    opened beneath that root and through no symbolic link (``sandbox/paths.py``). A grant
+    without one is the operator's (an explicit ``SandboxConfig``, the CLI's ``--allow-path``)
+    and is opened as named."""
 
     path: str
     writable: bool = False
+    root: str | None = None
 
     def __str__(self) -> str:
         return f"{self.path}:rw" if self.writable else self.path
@@ -212,7 +218,12 @@ class HostConfig:
 
     allow_unsandboxed: bool = True
     allow_full_network: bool = False
+    # The hosts a plugin's manifest may ask for (its allowed_hosts must fall inside): none by
+    # default, so that only the operator decides what a plugin can reach.
+    allowed_hosts: tuple[str, ...] = ()
     default_profile: str = "default"
+    # The profiles a manifest may pick; None: the default profile and those no wider than it.
+    allowed_profiles: tuple[str, ...] | None = None
     path_roots: tuple[str, ...] = ()
     max_memory_limit: int | None = None
     max_cpu_limit: float | None = None
@@ -283,7 +294,9 @@ class HostConfig:
         host_parsers: dict[str, Callable[[Any], Any]] = {
             "allow_unsandboxed": _parse_bool,
             "allow_full_network": _parse_bool,
+            "allowed_hosts": _parse_host_list,
             "default_profile": _parse_profile_name,
+            "allowed_profiles": _parse_profile_list,
             "path_roots": _parse_path_list,
             "profile_dirs": _parse_path_list,
             "drain_timeout": parse_duration,
@@ -340,6 +353,18 @@ def _parse_profile_name(value: object) -> str:
     if not isinstance(value, str) or not _profiles.NAME_RE.fullmatch(value):
         raise ValueError(f'a profile name such as "default", not {value!r}')
     return value
+
+
+def _parse_profile_list(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ValueError('a list of profile names such as ["default", "strict"]')
+    return tuple(_parse_profile_name(v) for v in value)
+
+
+def _parse_host_list(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ValueError('a list of hosts such as ["example.com:443", "*.example.org"]')
+    return tuple(parse_host_pattern(v) for v in value)
 
 
 def _parse_path_list(value: object) -> tuple[str, ...]:
@@ -410,62 +435,132 @@ def _under(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
+def _refuse(plugin_id: str | None, message: str) -> PluginLoadError:
+    return PluginLoadError(f"plugin {plugin_id}: {message}", plugin_id=plugin_id)
+
+
+def _check_profile(name: str, host: HostConfig, plugin_id: str | None) -> None:
+    """A manifest may pick the host's default profile, or one the host allows: those listed
+    in ``allowed_profiles``, else those whose filter and limits are no wider than the
+    default's (the shipped ``strict`` under ``default``, never ``default`` under ``strict``)."""
+    if name == host.default_profile:
+        return
+    if host.allowed_profiles is not None:
+        if name in host.allowed_profiles:
+            return
+        allowed = ", ".join(dict.fromkeys((host.default_profile, *host.allowed_profiles)))
+        raise _refuse(plugin_id, f"asks for sandbox profile {name!r}, which the host policy "
+                                 f"does not allow (allowed: {allowed}); add it to "
+                                 "allowed_profiles under [host] in the host config")
+    from .seccomp import filter_within
+    mine = _profiles.load_profile(name, host.profile_dirs)
+    ceiling = _profiles.load_profile(host.default_profile, host.profile_dirs)
+    if not (mine.limits.within(ceiling.limits)
+            and filter_within(name, host.default_profile, host.profile_dirs)):
+        raise _refuse(plugin_id, f"asks for sandbox profile {name!r}, which allows more than "
+                                 f"the host's default profile {host.default_profile!r}; a "
+                                 "plugin may only pick a profile no wider than the default "
+                                 "unless the host lists it in allowed_profiles under [host]")
+
+
+def _check_network(request: SandboxRequest, host: HostConfig, plugin_id: str | None) -> None:
+    """The host decides what a plugin may reach: full network only with allow_full_network,
+    and each of the manifest's allowed_hosts only inside the host's own list. So a manifest
+    cannot name loopback, a private range or 0.0.0.0/0 unless the operator listed it."""
+    if not request.network_allowed:
+        return
+    if not request.allowed_hosts:
+        if not host.allow_full_network:
+            raise _refuse(plugin_id, "asks for the full network (network_allowed without "
+                                     "allowed_hosts) and the host policy does not allow it; "
+                                     "list allowed_hosts, or set allow_full_network = true "
+                                     "under [host] in the host config")
+        return
+    if host.allow_full_network:
+        return  # a list is narrower than the full network this host already grants
+    from .egress import AllowList
+    ceiling = AllowList(host.allowed_hosts)
+    outside = [h for h in request.allowed_hosts if not ceiling.covers(h)]
+    if outside:
+        listed = ", ".join(host.allowed_hosts) or "none"
+        raise _refuse(plugin_id, f"asks to reach {', '.join(outside)}, which the host policy "
+                                 f"does not allow (the host's allowed_hosts: {listed}); list "
+                                 "them under [host] allowed_hosts in the host config, or pass "
+                                 "--allow-host")
+
+
+def _root_of(path: str, roots: tuple[str, ...]) -> str | None:
+    """The deepest path root ``path`` lies under, by its spelling (links are not followed
+    here: the grant is opened beneath this root later, and may not pass through one)."""
+    under = [r.rstrip("/") or "/" for r in roots if _under(path, r)]
+    return max(under, key=len) if under else None
+
+
 def effective_config(
     request: SandboxRequest, host: HostConfig, *, plugin_id: str | None = None
 ) -> SandboxConfig:
-    """The sandbox to enforce: the profile's defaults, the request, clamped by the host.
+    """The sandbox to enforce: the profile's defaults and the request, inside the host policy.
 
-    Raises PluginLoadError when the request asks for something the policy refuses outright
-    (a path outside every root, full network without the host's consent, an unknown profile);
-    numeric requests above a ceiling are clamped, not refused.
+    A plugin's request can narrow what the host allows, never widen it. Raises
+    PluginLoadError for anything beyond the policy: a path outside every root, a profile the
+    host does not allow, network the host does not grant, a limit above its ceiling. The
+    ceilings are the host's ``max_*`` settings, else the limits of the plugin's profile (one
+    the host allows); a profile's own defaults are lowered to a ceiling below them.
     """
     profile_name = request.profile or host.default_profile
-    profile = _profiles.load_profile(profile_name, host.profile_dirs)
-    limits = profile.limits
+    limits = _profiles.load_profile(profile_name, host.profile_dirs).limits
+    _check_profile(profile_name, host, plugin_id)
 
-    def clamp(value: Any, ceiling: Any) -> Any:
-        return value if ceiling is None else min(value, ceiling)
+    def limit(what: str, requested: Any, default: Any, top: Any, host_max: Any,
+              shown: Callable[[Any], str]) -> Any:
+        top = host_max if host_max is not None else top
+        if requested is None:
+            return min(default, top)
+        if requested > top:
+            source = (f"[limits] max_{what}" if host_max is not None else
+                      f"the limit of the profile {profile_name!r}; the host may raise it with "
+                      f"[limits] max_{what}")
+            raise _refuse(plugin_id, f"asks for {what} = {shown(requested)}, above the host's "
+                                     f"ceiling of {shown(top)} ({source})")
+        return requested
 
+    grants = []
     for grant in request.allowed_paths:
-        # The path as written and where its symlinks lead must both lie under a root: a
-        # link inside a root must not hand out what it points at.
-        real = os.path.realpath(grant.path)
-        if not any(_under(grant.path, root) and _under(real, os.path.realpath(root))
-                   for root in host.path_roots):
+        root = _root_of(grant.path, host.path_roots)
+        if root is None:
             roots = ", ".join(host.path_roots) or "none"
-            raise PluginLoadError(
-                f"plugin {plugin_id}: the host policy does not allow path {grant.path} "
-                f"(path roots: {roots}); add a root to path_roots in the host config "
-                f"or pass the path explicitly",
-                plugin_id=plugin_id,
-            )
-    if request.network_allowed and not request.allowed_hosts and not host.allow_full_network:
-        raise PluginLoadError(
-            f"plugin {plugin_id}: asks for the full network (network_allowed without "
-            f"allowed_hosts) and the host policy does not allow it; list allowed_hosts, or set "
-            f"allow_full_network = true under [host] in the host config",
-            plugin_id=plugin_id,
-        )
+            raise _refuse(plugin_id, f"the host policy does not allow path {grant.path} "
+                                     f"(path roots: {roots}); add a root to path_roots in the "
+                                     "host config or pass the path explicitly")
+        grants.append(dataclasses.replace(grant, root=root))
+    _check_network(request, host, plugin_id)
     return SandboxConfig(
         enabled=True,
         profile=profile_name,
-        allowed_paths=request.allowed_paths,
+        allowed_paths=tuple(grants),
         denied_paths=request.denied_paths,
         network_allowed=request.network_allowed,
         allowed_hosts=request.allowed_hosts,
-        memory_limit=clamp(request.memory_limit or limits.memory, host.max_memory_limit),
-        cpu_limit=clamp(request.cpu_limit or limits.cpu, host.max_cpu_limit),
-        timeout=clamp(request.timeout or limits.timeout, host.max_timeout),
-        pids_limit=clamp(limits.pids, host.max_pids),
+        memory_limit=limit("memory_limit", request.memory_limit, limits.memory,
+                           limits.memory, host.max_memory_limit, format_size),
+        cpu_limit=limit("cpu_limit", request.cpu_limit, limits.cpu, limits.cpu,
+                        host.max_cpu_limit, lambda v: f"{v:g} CPUs"),
+        timeout=limit("timeout", request.timeout, limits.timeout, limits.timeout,
+                      host.max_timeout, format_duration),
+        pids_limit=limits.pids if host.max_pids is None else min(limits.pids, host.max_pids),
         tmp_size=limits.tmp_size,
         nofile=limits.nofile,
-        fuel=_fuel(request.fuel, host.max_fuel),
+        fuel=_fuel(request.fuel, host.max_fuel, plugin_id),
     )
 
 
-def _fuel(requested: int | None, ceiling: int | None) -> int | None:
-    """Fuel is metered when the plugin or the host asks for it; the host's figure caps it."""
-    if requested is None:
-        return ceiling
-    return requested if ceiling is None else min(requested, ceiling)
+def _fuel(requested: int | None, ceiling: int | None, plugin_id: str | None) -> int | None:
+    """Fuel is metered when the plugin or the host asks for it; the host's figure is the
+    most a plugin may ask for."""
+    if requested is None or ceiling is None:
+        return requested if ceiling is None else ceiling
+    if requested > ceiling:
+        raise _refuse(plugin_id, f"asks for fuel = {requested} per call, above the host's "
+                                 f"ceiling of {ceiling} ([limits] max_fuel)")
+    return requested
 

@@ -33,6 +33,10 @@ class ProfileLimits:
     nofile: int
     timeout: float
 
+    def within(self, other: ProfileLimits) -> bool:
+        """Whether every limit here is at most ``other``'s."""
+        return all(getattr(self, f) <= getattr(other, f) for f in self.__slots__)
+
 
 @dataclass(frozen=True, slots=True)
 class Profile:

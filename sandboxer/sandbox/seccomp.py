@@ -30,7 +30,7 @@ import pyseccomp
 from ..errors import PluginLoadError, SandboxUnavailable
 from .profiles import _builtin_dir, load_profile
 
-__all__ = ["compile_filter", "GROUPS_FILE"]
+__all__ = ["compile_filter", "filter_within", "has_network", "GROUPS_FILE"]
 
 GROUPS_FILE = "seccomp.toml"
 DEFAULT_ERRNO = _errno.EPERM
@@ -469,3 +469,39 @@ def compile_filter(profile: str, *, network: bool, extra_dirs: tuple[str, ...] =
     groups_path = _groups_path(path)
     return _compile(path, _mtime_ns(path, "sandbox profile"), groups_path,
                     _mtime_ns(groups_path, "seccomp groups"), bool(network))
+
+
+def _allowed(profile_path: str, network: bool) -> frozenset[_Rule]:
+    groups_path = _groups_path(profile_path)
+    groups = _parse_groups(groups_path, _mtime_ns(groups_path, "seccomp groups"))
+    return frozenset(r for r in _plan(_profile_rules(profile_path, groups, network))
+                     if r.action == "allow")
+
+
+def has_network(profile: str, extra_dirs: tuple[str, ...] = ()) -> bool:
+    """Whether the profile named ``profile`` ever allows inet sockets (has network_groups)."""
+    path = load_profile(profile, extra_dirs).path
+    groups_path = _groups_path(path)
+    groups = _parse_groups(groups_path, _mtime_ns(groups_path, "seccomp groups"))
+    table = _read_toml(path, "sandbox profile").get("seccomp")
+    try:
+        return bool(_group_list(table if isinstance(table, dict) else {}, "network_groups",
+                                groups, required=False))
+    except _Invalid as exc:
+        raise PluginLoadError(f"sandbox profile {path}: {exc.field}: {exc.expected}") from None
+
+
+def filter_within(profile: str, ceiling: str, extra_dirs: tuple[str, ...] = ()) -> bool:
+    """Whether every call the filter of ``profile`` allows is allowed by ``ceiling``'s too,
+    with and without network: each allow rule of one must be an allow rule of the other.
+
+    Literal comparison of the flattened rules: a rule allowing a subset of another's
+    arguments written differently counts as wider. That errs towards refusing, never towards
+    letting a plugin pick a profile that allows more than the host's."""
+    narrow = load_profile(profile, extra_dirs).path
+    wide = load_profile(ceiling, extra_dirs).path
+    if not _allowed(narrow, False) <= _allowed(wide, False):
+        return False
+    if not has_network(profile, extra_dirs):
+        return True
+    return has_network(ceiling, extra_dirs) and _allowed(narrow, True) <= _allowed(wide, True)

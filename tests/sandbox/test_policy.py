@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -422,13 +423,71 @@ def test_strict_profile_has_smaller_limits() -> None:
     assert cfg.pids_limit < default.pids_limit
 
 
-def test_host_default_profile_applies_and_request_overrides_it() -> None:
+def test_host_default_profile_applies() -> None:
     host = HostConfig(default_profile="strict")
     assert effective_config(SandboxRequest(), host).profile == "strict"
     assert effective_config(SandboxRequest(), host).memory_limit == 64 * MiB
-    overridden = effective_config(SandboxRequest(profile="default"), host)
-    assert overridden.profile == "default"
-    assert overridden.memory_limit == 256 * MiB
+
+
+def test_a_manifest_cannot_pick_a_wider_profile_than_the_hosts_default() -> None:
+    """Under a host whose default is strict, a manifest saying profile = "default" escaped to
+    the wider profile: it is refused, with the way to allow it."""
+    host = HostConfig(default_profile="strict")
+    with pytest.raises(PluginLoadError, match="allowed_profiles") as info:
+        effective_config(SandboxRequest(profile="default"), host, plugin_id="acme.wide")
+    assert "'default'" in str(info.value) and "'strict'" in str(info.value)
+    assert info.value.plugin_id == "acme.wide"
+    allowed = HostConfig(default_profile="strict", allowed_profiles=("default",))
+    overridden = effective_config(SandboxRequest(profile="default"), allowed)
+    assert (overridden.profile, overridden.memory_limit) == ("default", 256 * MiB)
+
+
+def test_a_manifest_may_pick_a_narrower_profile() -> None:
+    assert effective_config(SandboxRequest(profile="strict"), HostConfig()).profile == "strict"
+
+
+def test_allowed_profiles_is_the_whole_list() -> None:
+    host = HostConfig(allowed_profiles=())
+    with pytest.raises(PluginLoadError, match="allowed: default"):
+        effective_config(SandboxRequest(profile="strict"), host)
+    assert effective_config(SandboxRequest(profile="default"), host).profile == "default"
+
+
+WIDE_PROFILE = textwrap.dedent("""\
+    [profile]
+    description = "the default's filter with a bigger limit"
+    [limits]
+    memory = "{memory}"
+    cpu = 1.0
+    pids = 128
+    tmp_size = "64MiB"
+    nofile = 1024
+    timeout = "30s"
+    [seccomp]
+    groups = {groups}
+    network_groups = ["inet"]
+    """)
+DEFAULT_GROUPS = ('["io", "files", "memory", "runtime", "signals", "time", "events", "process",'
+                  ' "identity", "exec", "exec-fd", "processes", "threads", "ipc", "aio", '
+                  '"sockets", "ioctl", "personality"]')
+
+
+@pytest.mark.parametrize(("memory", "groups", "allowed"), [
+    pytest.param("256MiB", DEFAULT_GROUPS, True, id="same-as-default"),
+    pytest.param("128MiB", DEFAULT_GROUPS, True, id="smaller-limit"),
+    pytest.param("1GiB", DEFAULT_GROUPS, False, id="larger-limit"),
+    pytest.param("256MiB", DEFAULT_GROUPS[:-1] + ', "inet"]', False, id="inet-always"),
+])
+def test_a_profile_is_no_wider_only_when_its_limits_and_filter_are(
+        tmp_path: Path, memory: str, groups: str, allowed: bool) -> None:
+    (tmp_path / "mine.toml").write_text(WIDE_PROFILE.format(memory=memory, groups=groups))
+    host = HostConfig(profile_dirs=(str(tmp_path),))
+    request = SandboxRequest(profile="mine")
+    if allowed:
+        assert effective_config(request, host).profile == "mine"
+    else:
+        with pytest.raises(PluginLoadError, match="allows more than"):
+            effective_config(request, host)
 
 
 def test_request_values_are_used() -> None:
@@ -439,13 +498,53 @@ def test_request_values_are_used() -> None:
     assert (cfg.pids_limit, cfg.tmp_size, cfg.nofile) == (128, 64 * MiB, 1024)
 
 
-def test_request_above_ceilings_is_clamped() -> None:
+@pytest.mark.parametrize(("request_", "ceiling"), [
+    pytest.param(SandboxRequest(memory_limit=1 << 30), "memory_limit = 1GiB, above the host's "
+                 "ceiling of 128MiB ([limits] max_memory_limit)", id="memory"),
+    pytest.param(SandboxRequest(cpu_limit=4.0), "cpu_limit = 4 CPUs, above the host's ceiling "
+                 "of 0.5 CPUs ([limits] max_cpu_limit)", id="cpu"),
+    pytest.param(SandboxRequest(timeout=600.0), "timeout = 600s, above the host's ceiling of "
+                 "10s ([limits] max_timeout)", id="timeout"),
+    pytest.param(SandboxRequest(fuel=5000), "fuel = 5000 per call, above the host's ceiling "
+                 "of 1000 ([limits] max_fuel)", id="fuel"),
+])
+def test_a_request_above_a_ceiling_is_refused_naming_it(request_: SandboxRequest,
+                                                         ceiling: str) -> None:
     host = HostConfig(max_memory_limit=128 * MiB, max_cpu_limit=0.5, max_timeout=10.0,
-                      max_pids=32)
-    request = SandboxRequest(memory_limit=1 << 30, cpu_limit=4.0, timeout=600.0)
-    cfg = effective_config(request, host)
-    assert (cfg.memory_limit, cfg.cpu_limit, cfg.timeout, cfg.pids_limit) == (
-        128 * MiB, 0.5, 10.0, 32)
+                      max_pids=32, max_fuel=1000)
+    with pytest.raises(PluginLoadError) as info:
+        effective_config(request_, host, plugin_id="acme.big")
+    assert str(info.value) == f"plugin acme.big: asks for {ceiling}"
+
+
+@pytest.mark.parametrize(("request_", "ceiling"), [
+    pytest.param(SandboxRequest(memory_limit=64 << 30), "64GiB, above the host's ceiling of "
+                 "256MiB", id="memory"),
+    pytest.param(SandboxRequest(cpu_limit=1024), "1024 CPUs, above the host's ceiling of "
+                 "1 CPUs", id="cpu"),
+    pytest.param(SandboxRequest(timeout=168 * 3600), "604800s, above the host's ceiling of 30s",
+                 id="timeout"),
+])
+def test_without_host_ceilings_the_default_profiles_limits_are_the_ceilings(
+        request_: SandboxRequest, ceiling: str) -> None:
+    """With no host config a manifest got 64 GiB, 1,024 CPUs and a week's timeout."""
+    with pytest.raises(PluginLoadError, match="max_") as info:
+        effective_config(request_, HostConfig(), plugin_id="acme.big")
+    assert ceiling in str(info.value)
+    assert "the limit of the profile 'default'" in str(info.value)
+
+
+def test_a_profiles_limits_are_its_plugins_ceilings() -> None:
+    with pytest.raises(PluginLoadError, match="timeout = 20s, above the host's ceiling of 5s "
+                                              r"\(the limit of the profile 'strict'"):
+        effective_config(SandboxRequest(profile="strict", timeout=20.0), HostConfig())
+
+
+def test_host_ceilings_may_raise_the_profiles_limits() -> None:
+    host = HostConfig(max_memory_limit=4 << 30, max_cpu_limit=2.0, max_timeout=3600.0)
+    cfg = effective_config(SandboxRequest(memory_limit=2 << 30, cpu_limit=2.0, timeout=600.0),
+                           host)
+    assert (cfg.memory_limit, cfg.cpu_limit, cfg.timeout) == (2 << 30, 2.0, 600.0)
 
 
 def test_request_below_ceilings_is_kept() -> None:
@@ -487,19 +586,21 @@ def test_sibling_with_common_prefix_is_not_under_root() -> None:
 
 
 @pytest.mark.parametrize(
-    ("roots", "path"),
+    ("roots", "path", "expected_root"),
     [
-        pytest.param(("/data",), "/data", id="the-root-itself"),
-        pytest.param(("/data",), "/data/plugins/x", id="below-root"),
-        pytest.param(("/srv", "/data/"), "/data/x", id="second-root-trailing-slash"),
-        pytest.param(("/",), "/etc", id="slash-root-allows-all"),
+        pytest.param(("/data",), "/data", "/data", id="the-root-itself"),
+        pytest.param(("/data",), "/data/plugins/x", "/data", id="below-root"),
+        pytest.param(("/srv", "/data/"), "/data/x", "/data", id="second-root-trailing-slash"),
+        pytest.param(("/",), "/etc", "/", id="slash-root-allows-all"),
+        pytest.param(("/", "/data", "/data/x"), "/data/x/y", "/data/x", id="deepest-root"),
     ],
 )
-def test_path_under_root_is_allowed(roots: tuple[str, ...], path: str) -> None:
+def test_path_under_root_is_allowed(roots: tuple[str, ...], path: str,
+                                    expected_root: str) -> None:
     grants = (PathGrant(path, True),)
     request = SandboxRequest(allowed_paths=grants, denied_paths=("/data/secret",))
     cfg = effective_config(request, HostConfig(path_roots=roots))
-    assert cfg.allowed_paths == grants
+    assert cfg.allowed_paths == (PathGrant(path, True, root=expected_root),)
     assert cfg.denied_paths == ("/data/secret",)
 
 
@@ -513,11 +614,74 @@ def test_full_network_refused_unless_host_allows() -> None:
     assert cfg.allowed_hosts == ()
 
 
-def test_network_with_allowed_hosts_needs_no_host_consent() -> None:
-    request = SandboxRequest(network_allowed=True, allowed_hosts=("example.com:443",))
-    cfg = effective_config(request, HostConfig())
-    assert cfg.network_allowed is True
-    assert cfg.allowed_hosts == ("example.com:443",)
+def test_a_manifests_hosts_need_the_hosts_allow_list() -> None:
+    """With no host config, a manifest listing 127.0.0.1 and 0.0.0.0/0 reached the host's
+    loopback and any address: the host's allowed_hosts (empty by default) decides."""
+    request = SandboxRequest(network_allowed=True,
+                             allowed_hosts=("example.com:443", "127.0.0.1", "0.0.0.0/0"))
+    with pytest.raises(PluginLoadError) as info:
+        effective_config(request, HostConfig(), plugin_id="acme.net")
+    assert str(info.value) == (
+        "plugin acme.net: asks to reach example.com:443, 127.0.0.1, 0.0.0.0/0, which the host "
+        "policy does not allow (the host's allowed_hosts: none); list them under [host] "
+        "allowed_hosts in the host config, or pass --allow-host")
+    host = HostConfig(allowed_hosts=("example.com",))
+    with pytest.raises(PluginLoadError, match="reach 127.0.0.1, 0.0.0.0/0, which"):
+        effective_config(request, host)
+    cfg = effective_config(dataclasses.replace(request, allowed_hosts=("example.com:443",)),
+                           host)
+    assert (cfg.network_allowed, cfg.allowed_hosts) == (True, ("example.com:443",))
+
+
+@pytest.mark.parametrize(("host_list", "wanted", "covered"), [
+    pytest.param(["example.com"], "example.com", True, id="same-name"),
+    pytest.param(["example.com"], "example.com:443", True, id="any-port-covers-one"),
+    pytest.param(["example.com:443"], "example.com", False, id="one-port-not-any"),
+    pytest.param(["example.com:443"], "example.com:80", False, id="other-port"),
+    pytest.param(["example.com"], "www.example.com", False, id="name-not-subdomain"),
+    pytest.param(["*.example.com"], "www.example.com", True, id="wildcard-covers-name"),
+    pytest.param(["*.example.com"], "example.com", False, id="wildcard-not-suffix"),
+    pytest.param(["*.example.com"], "*.a.example.com", True, id="wildcard-covers-deeper"),
+    pytest.param(["*.a.example.com"], "*.example.com", False, id="wildcard-not-wider"),
+    pytest.param(["*.example.com"], "badexample.com", False, id="wildcard-label-boundary"),
+    pytest.param(["*.example.com"], "*.badexample.com", False, id="wildcard-label-boundary-2"),
+    pytest.param(["10.0.0.0/8"], "10.1.2.3", True, id="range-covers-address"),
+    pytest.param(["10.0.0.0/8"], "10.1.0.0/16", True, id="range-covers-subrange"),
+    pytest.param(["10.1.0.0/16"], "10.0.0.0/8", False, id="range-not-wider"),
+    pytest.param(["10.0.0.0/8"], "example.com", False, id="range-not-name"),
+    pytest.param(["*.example.com"], "93.184.216.34", False, id="name-not-address"),
+    pytest.param(["0.0.0.0/0"], "127.0.0.1", True, id="operator-listed-everything"),
+    pytest.param(["0.0.0.0/0"], "[::1]", False, id="v4-not-v6"),
+    pytest.param(["[2001:db8::]/32".strip("[]").replace("]", "")], "2001:db8::1", True,
+                 id="v6-range"),
+])
+def test_host_allow_list_coverage(host_list: list[str], wanted: str, covered: bool) -> None:
+    host = HostConfig(allowed_hosts=tuple(host_list))
+    request = SandboxRequest(network_allowed=True, allowed_hosts=(wanted,))
+    if covered:
+        assert effective_config(request, host).allowed_hosts == (wanted,)
+    else:
+        with pytest.raises(PluginLoadError, match="does not allow"):
+            effective_config(request, host)
+
+
+def test_full_network_host_lets_a_manifest_list_hosts() -> None:
+    request = SandboxRequest(network_allowed=True, allowed_hosts=("example.com",))
+    assert effective_config(request, HostConfig(allow_full_network=True)).allowed_hosts == (
+        "example.com",)
+
+
+def test_host_config_reads_allowed_hosts_and_profiles() -> None:
+    host = HostConfig.from_mapping({"host": {"allowed_hosts": ["Example.com:443", "10.0.0.0/8"],
+                                             "allowed_profiles": ["strict"]}})
+    assert host.allowed_hosts == ("example.com:443", "10.0.0.0/8")
+    assert host.allowed_profiles == ("strict",)
+    assert HostConfig().allowed_hosts == () and HostConfig().allowed_profiles is None
+    for bad in ({"allowed_hosts": "example.com"}, {"allowed_hosts": ["http://x"]},
+                {"allowed_profiles": "strict"}, {"allowed_profiles": ["No Such"]}):
+        with pytest.raises(ConfigError) as info:
+            HostConfig.from_mapping({"host": bad})
+        assert info.value.field == f"host.{next(iter(bad))}"
 
 
 def test_unknown_profile_lists_known_profiles() -> None:
@@ -550,7 +714,7 @@ PROFILE = textwrap.dedent("""\
 def test_host_profile_dir_adds_profiles_and_is_searched_first(tmp_path: Path) -> None:
     (tmp_path / "tiny.toml").write_text(PROFILE.format(memory="16MiB"))
     (tmp_path / "default.toml").write_text(PROFILE.format(memory="32MiB"))
-    host = HostConfig(profile_dirs=(str(tmp_path),))
+    host = HostConfig(profile_dirs=(str(tmp_path),), allowed_profiles=("tiny",))
     tiny = effective_config(SandboxRequest(profile="tiny"), host)
     assert (tiny.memory_limit, tiny.cpu_limit, tiny.pids_limit, tiny.tmp_size, tiny.nofile,
             tiny.timeout) == (16 * MiB, 0.2, 4, MiB, 32, 1.0)
@@ -576,7 +740,7 @@ def test_sandbox_config_to_json_uses_spec_keys() -> None:
         allowed_paths=(PathGrant("/data", True), PathGrant("/srv")),
         denied_paths=("/data/secret",),
     )
-    cfg = effective_config(request, HostConfig(path_roots=("/",)))
+    cfg = effective_config(request, HostConfig(path_roots=("/",), allowed_hosts=("example.com",)))
     assert cfg.to_json() == {
         "enabled": True,
         "profile": "default",
@@ -607,7 +771,6 @@ def test_host_config_fallbacks_are_named_and_checked():
     [
         pytest.param(None, None, None, id="unmetered"),
         pytest.param(5000, None, 5000, id="plugin-asks"),
-        pytest.param(5000, 1000, 1000, id="host-caps"),
         pytest.param(500, 1000, 500, id="under-the-cap"),
         pytest.param(None, 1000, 1000, id="host-imposes"),
     ],
@@ -642,17 +805,3 @@ def test_host_config_reads_egress_settings() -> None:
     assert (host.egress_hosts_file, host.egress_max_connections, host.egress_header_timeout,
             host.egress_idle_timeout, host.egress_ca_file, host.allow_full_network) == (
         "/etc/sandboxer/hosts", 8, 2.0, 60.0, "/etc/sandboxer/ca.pem", True)
-
-
-def test_an_allowed_path_that_links_out_of_its_root_is_refused(tmp_path: Path) -> None:
-    """Roots are checked on the resolved path too: a symlink inside a root that points
-    elsewhere (here /etc) does not grant what it points at."""
-    root = tmp_path / "root"
-    root.mkdir()
-    (root / "data").mkdir()
-    (root / "link").symlink_to("/etc")
-    host = HostConfig(path_roots=(str(root),))
-    assert effective_config(SandboxRequest(allowed_paths=(PathGrant(str(root / "data")),)),
-                            host).allowed_paths
-    with pytest.raises(PluginLoadError, match="does not allow path"):
-        effective_config(SandboxRequest(allowed_paths=(PathGrant(str(root / "link")),)), host)
