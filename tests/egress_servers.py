@@ -26,6 +26,11 @@ from cryptography.x509.oid import NameOID
 HTTP_ADDRESS = "127.0.0.2"
 TLS_ADDRESS = "127.0.0.3"
 TLS_NAME = "tls.test"
+# The host's allowed_hosts for these tests: what the test plugins' manifests may ask for
+# (the proxy still refuses a listed name that resolves to loopback unless the plugin lists
+# the address itself).
+HOST_ALLOWED_HOSTS = ("allowed.test", "tls.test", "*.wild.test", "rebind.test", "mapped.test",
+                      "private.test", "metadata.test", "127.0.0.0/8", "example.com")
 # name -> address, as the egress proxy's hosts file says.
 HOSTS = {
     "allowed.test": HTTP_ADDRESS,

@@ -290,8 +290,8 @@ class ProcessLoader:
         if root.is_dir():
             plugin_mount = Mount(str(root), PLUGIN_MOUNT)
             entry = f"{PLUGIN_MOUNT}/{plugin.entrypoint.relative_to(root).as_posix()}"
-        else:  # a bare file is its own root
-            plugin_mount = Mount(str(root), f"{PLUGIN_MOUNT}/{root.name}")
+        else:  # a bare file is its own root, copied into /plugin under its own name
+            plugin_mount = Mount(str(root), PLUGIN_MOUNT)
             entry = f"{PLUGIN_MOUNT}/{root.name}"
         grants = grant_mounts(sandbox.allowed_paths)
         mounts = base_mounts() + grants

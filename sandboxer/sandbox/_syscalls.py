@@ -138,8 +138,9 @@ def mount_setattr(path: str, attr_set: int, *, recursive: bool = True) -> None:
 
 def mount_setattr_fd(fd: int, attr_set: int) -> None:
     """mount_setattr(2) on the mount ``fd`` refers to (a detached tree from ``open_tree``, say)
-    and every mount below it."""
-    attr = _MountAttr(attr_set, 0, 0, 0)
+    and every mount below it: ``attr_set``, and private propagation (a clone of a shared mount
+    would otherwise stay in its peer group and see the host's mount events)."""
+    attr = _MountAttr(attr_set, 0, MS_PRIVATE, 0)
     _check(_libc.syscall(ctypes.c_long(SYS_mount_setattr), ctypes.c_int(fd), b"",
                          ctypes.c_uint(AT_EMPTY_PATH | AT_RECURSIVE), ctypes.byref(attr),
                          ctypes.c_size_t(ctypes.sizeof(attr))), "mount_setattr")

@@ -18,22 +18,26 @@ import json
 import logging
 import os
 import socket
+import stat
 import sys
-from dataclasses import dataclass, field
 import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable, TypeVar
 
 from ..errors import PluginLoadError, SandboxUnavailable
+from . import _syscalls
 from . import process as _process
 from .cgroups import Cgroup, CgroupBackend, CgroupLimits, CgroupStats
 from .cgroups import new_name as new_cgroup_name
 from .egress import (EGRESS_SOCKET, PROXY_HOST, PROXY_PORT, EgressEndpoint, EgressProxy,
                      network_mode, proxy_environment)
+from .ids import HostIds
+from .paths import open_grant
 from .policy import SETUP_TIMEOUT, PathGrant, SandboxConfig
 
 __all__ = ["Mount", "LaunchSpec", "launch", "launch_confined", "Confinement",
-           "SandboxSetupError", "SANDBOX_UID", "IdAllocator"]
+           "SandboxSetupError", "SANDBOX_UID", "Sources"]
 
 T = TypeVar("T")
 LAUNCHER = str(Path(__file__).with_name("launcher.py"))
@@ -65,10 +69,15 @@ class SandboxSetupError(SandboxUnavailable):
 
 @dataclass(frozen=True, slots=True)
 class Mount:
+    """A host path bound into the sandbox. ``root``: the path root the source must be opened
+    beneath, through no link (a grant the policy checked); None: opened as named (the
+    system's paths, the operator's grants)."""
+
     source: str
     target: str
     writable: bool = False
     exec: bool = True
+    root: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,35 +97,8 @@ class LaunchSpec:
     files: dict[str, str] = field(default_factory=dict)
 
 
-class IdAllocator:
-    """Host uids/gids for rootful plugins: one unprivileged id per running plugin, from a
-    configured range, so that plugins are strangers to each other and to the host."""
-
-    def __init__(self, first: int = 1_800_000, count: int = 65_536) -> None:
-        self.first, self.count = first, count
-        self._used: set[int] = set()
-
-    def acquire(self) -> int:
-        for candidate in range(self.first, self.first + self.count):
-            if candidate not in self._used:
-                self._used.add(candidate)
-                return candidate
-        raise SandboxUnavailable(f"all {self.count} sandbox uids from {self.first} are in use",
-                                 missing="free sandbox uid")
-
-    def release(self, uid: int) -> None:
-        self._used.discard(uid)
-
-
-_ids = IdAllocator()
-
-
-def _resolve(path: str, what: str) -> str:
-    """The real path of an existing host path, or PluginLoadError."""
-    try:
-        return os.path.realpath(path, strict=True)
-    except (OSError, RuntimeError) as exc:
-        raise PluginLoadError(f"{what} {path} cannot be used: {exc}") from None
+# Host uids for rootful plugins: one per running sandbox, unique host-wide (sandbox/ids.py).
+_ids = HostIds()
 
 
 def base_mounts() -> list[Mount]:
@@ -134,13 +116,11 @@ def base_mounts() -> list[Mount]:
 
 def grant_mounts(grants: tuple[PathGrant, ...]) -> list[Mount]:
     """Allowed paths at their own path inside; writable ones are data: never executable.
-    Symlinks are resolved here, by the supervisor: a grant names what it resolves to, and
-    a link inside a granted directory resolves against the sandbox's root, not the host's."""
-    out = []
-    for grant in grants:
-        real = _resolve(grant.path, "allowed path")
-        out.append(Mount(real, grant.path, writable=grant.writable, exec=not grant.writable))
-    return out
+    Each is opened once by ``launch`` (beneath its root, through no link: sandbox/paths.py)
+    and mounted from that fd; a link inside a granted directory resolves against the
+    sandbox's root, not the host's."""
+    return [Mount(g.path, g.path, writable=g.writable, exec=not g.writable, root=g.root)
+            for g in grants]
 
 
 def mask_plan(denied: tuple[str, ...], mounts: list[Mount],
@@ -212,7 +192,71 @@ def _files(hostname: str) -> dict[str, str]:
     }
 
 
-def build_spec(spec: LaunchSpec) -> dict[str, object]:
+class Sources:
+    """Every host path a launch needs, opened once, here, by the supervisor: the binds
+    (grants beneath their root through no link; the system's paths as named), the devices,
+    the copied plugin directory. The launcher receives these fds and never opens a host
+    path by name: a name swapped for a link after this point changes nothing.
+
+    Rootful, each bind goes as a detached copy of its mount tree (``open_tree``), which the
+    launcher attaches in its own mount namespace. A rootless supervisor cannot clone mounts,
+    so it sends the ``O_PATH`` fds; the launcher re-opens each by the path the kernel reports
+    for it, through no link, and uses it only if it is the same inode (else the load fails).
+    """
+
+    def __init__(self, spec: LaunchSpec, *, plugin_id: str | None = None) -> None:
+        self.fds: list[int] = []
+        self.binds: list[dict[str, object]] = []
+        self.copies: list[dict[str, object]] = []
+        self.cloned = clone = os.geteuid() == 0
+        try:
+            for mount, device in [(m, False) for m in spec.mounts] + [
+                    (Mount(d, d, writable=True, exec=False), True) for d in _DEVICES]:
+                opened = open_grant(PathGrant(mount.source, mount.writable, root=mount.root),
+                                    plugin_id=plugin_id)
+                with opened:
+                    self.binds.append({"target": mount.target, "writable": mount.writable,
+                                       "exec": mount.exec, "device": device,
+                                       "host_path": opened.host_path, "dir": opened.is_dir,
+                                       "fd": len(self.fds)})
+                    self._keep(_syscalls.open_tree(opened.fd) if clone
+                               else os.dup(opened.fd))
+            for copy in spec.copies:
+                self.copies.append({"target": copy.target, "fd": len(self.fds),
+                                    "name": os.path.basename(copy.source),
+                                    "size": _tree_size(copy.source),
+                                    "max_entries": MAX_COPY_ENTRIES})
+                self._keep(_open_copy_source(copy.source, plugin_id))
+        except BaseException:
+            self.close()
+            raise
+
+    def _keep(self, fd: int) -> None:
+        self.fds.append(fd)
+
+    def close(self) -> None:
+        fds, self.fds = self.fds, []
+        for fd in fds:
+            os.close(fd)
+
+
+def _open_copy_source(path: str, plugin_id: str | None) -> int:
+    """The plugin directory (or bare file) to copy, opened for reading as the host program
+    named it; the launcher walks it from this fd, through no link."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise PluginLoadError(f"plugin {plugin_id}: {path} cannot be opened: "
+                              f"{exc.strerror}", plugin_id=plugin_id) from None
+    mode = os.fstat(fd).st_mode
+    if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+        os.close(fd)
+        raise PluginLoadError(f"plugin {plugin_id}: {path} is neither a directory nor a "
+                              "regular file", plugin_id=plugin_id)
+    return fd
+
+
+def build_spec(spec: LaunchSpec, sources: Sources) -> dict[str, object]:
     sandbox = spec.sandbox
     mounts = list(spec.mounts)
     targets = [m.target for m in mounts]
@@ -220,6 +264,7 @@ def build_spec(spec: LaunchSpec) -> dict[str, object]:
         raise PluginLoadError(f"two mounts share a target: {sorted(targets)}")
     symlinks = {f"/{d}": f"usr/{d}" for d in _MERGED_USR
                 if os.path.islink(f"/{d}") and os.readlink(f"/{d}") == f"usr/{d}"}
+    writable = [m.target for m in mounts if m.writable]
     return {
         "argv": spec.argv,
         "env": spec.env,
@@ -227,14 +272,15 @@ def build_spec(spec: LaunchSpec) -> dict[str, object]:
         "uid": SANDBOX_UID,
         "gid": SANDBOX_GID,
         "hostname": "sandbox",
-        "binds": [{"source": m.source, "target": m.target, "writable": m.writable,
-                   "exec": m.exec} for m in mounts],
-        "devices": list(_DEVICES),
-        "copies": [{"source": m.source, "target": m.target, "size": _tree_size(m.source)}
-                   for m in spec.copies],
+        "fd_count": len(sources.fds),
+        "trees": sources.cloned,
+        "binds": sources.binds,
+        "copies": sources.copies,
         "symlinks": symlinks,
         "files": {**_files("sandbox"), **spec.files},
-        "masks": list(spec.masks),
+        # A mask inside a writable grant must be made: missing, the plugin could create it.
+        "masks": [{"path": m, "required": any(Path(m).is_relative_to(w) for w in writable)}
+                  for m in spec.masks],
         "pins": list(spec.pins),
         "proc_masked": list(PROC_MASKED),
         "proc_readonly": list(PROC_READONLY),
@@ -323,28 +369,49 @@ def _write_id_maps(pid: int, host_uid: int, host_gid: int) -> None:
         f.write(f"{SANDBOX_UID} {host_uid} 1\n")
 
 
+def _send_fds(sock: socket.socket, fds: list[int]) -> None:
+    """The sources, in order, over the status socket (SCM_RIGHTS: at most 253 a message)."""
+    for start in range(0, len(fds), 200):
+        socket.send_fds(sock, [b"F"], fds[start:start + 200])
+
+
 async def launch(spec: LaunchSpec, *, rpc_fd: int, logger: logging.Logger,
                  setup_timeout: float = SETUP_TIMEOUT,
                  on_spawn: Callable[[int], Awaitable[None]] | None = None,
                  egress: EgressEndpoint | None = None,
-                 sinks: tuple[Callable[[bytes], None], Callable[[bytes], None]] | None = None
+                 sinks: tuple[Callable[[bytes], None], Callable[[bytes], None]] | None = None,
+                 plugin_id: str | None = None, sources: Sources | None = None
                  ) -> tuple[_process.PluginProcess, int]:
     """Start ``spec`` sandboxed; returns the process (the launcher, whose exit status is the
     plugin's) and the host uid it maps to (release it with ``release_uid`` when it is gone).
     ``on_spawn(pid)`` runs before the launcher may go on: the place to put it in a cgroup.
     In "proxy" network mode ``egress`` gets the listener made in the plugin's namespace.
+    ``sources``: the spec's paths already opened (``Sources(spec)``); closed here either way.
     """
-    built = build_spec(spec)
-    mode = built["network"]["mode"]  # type: ignore[index]
-    if mode == "proxy" and egress is None:
+    if network_mode(spec.sandbox) == "proxy" and egress is None:
+        if sources is not None:
+            sources.close()
         raise SandboxUnavailable("allowed_hosts needs the egress proxy, and none was given",
                                  missing="egress proxy")
+    if sources is None:
+        sources = Sources(spec, plugin_id=plugin_id)
+    try:
+        built = build_spec(spec, sources)
+    except BaseException:
+        sources.close()
+        raise
+    mode = built["network"]["mode"]  # type: ignore[index]
     payload = json.dumps(built).encode() + b"\n"
     rootful = os.geteuid() == 0
-    host_uid = _ids.acquire() if rootful else os.geteuid()
+    try:
+        host_uid = _ids.acquire() if rootful else os.geteuid()
+    except BaseException:
+        sources.close()
+        raise
     host_gid = host_uid if rootful else os.getegid()
     control_r, control_w = os.pipe2(os.O_CLOEXEC)
-    # A socket rather than a pipe: the proxy port's listener comes back over it.
+    # A socket rather than a pipe: the sources go down it, the proxy port's listener comes
+    # back over it.
     status, status_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         proc = _process.spawn([sys.executable, "-I", "-S", LAUNCHER], {"PATH": "/usr/bin:/bin"},
@@ -355,17 +422,20 @@ async def launch(spec: LaunchSpec, *, rpc_fd: int, logger: logging.Logger,
             os.close(fd)
         status.close()
         status_w.close()
+        sources.close()
         if rootful:
             _ids.release(host_uid)
         raise
     os.close(control_r)
     status_w.close()
-    status.setblocking(False)
     try:
         async with asyncio.timeout(setup_timeout):
             if on_spawn is not None:
                 await on_spawn(proc.pid)  # the launcher waits for the spec: it did nothing yet
             os.write(control_w, payload)
+            _send_fds(status, sources.fds)
+            sources.close()
+            status.setblocking(False)
             first, fds = await _read_status(status)
             listener = _proxy_listener(fds, mode)
             if first != b"U\n":
@@ -393,6 +463,7 @@ async def launch(spec: LaunchSpec, *, rpc_fd: int, logger: logging.Logger,
             if report:
                 raise _setup_error(report)
     except BaseException as exc:
+        sources.close()
         await proc.close()
         if rootful:
             _ids.release(host_uid)
@@ -486,7 +557,7 @@ async def launch_confined(
     try:
         return await _launch_in_cgroup(spec, backend=backend, rpc_fd=rpc_fd, logger=logger,
                                        sinks=sinks, fallbacks=fallbacks, egress=endpoint,
-                                       setup_timeout=setup_timeout)
+                                       setup_timeout=setup_timeout, plugin_id=plugin_id)
     except BaseException:
         if endpoint is not None:
             endpoint.close()
@@ -497,26 +568,33 @@ async def _launch_in_cgroup(
         spec: LaunchSpec, *, backend: CgroupBackend, rpc_fd: int, logger: logging.Logger,
         sinks: tuple[Callable[[bytes], None], Callable[[bytes], None]] | None,
         fallbacks: tuple[str, ...], egress: EgressEndpoint | None, setup_timeout: float,
+        plugin_id: str,
 ) -> tuple[_process.PluginProcess, Confinement]:
     sandbox = spec.sandbox
     limits = CgroupLimits(memory=sandbox.memory_limit, cpu=sandbox.cpu_limit,
                           pids=sandbox.pids_limit)
+    sources = Sources(spec, plugin_id=plugin_id)  # a path that cannot be opened: no cgroup
     try:
         group = await _off_loop(_create_cgroup, backend, limits)
     except SandboxUnavailable as exc:
         if "rlimit" not in fallbacks or not exc.missing.startswith("cgroup"):
+            sources.close()
             raise
         logger.warning("no cgroup (%s): falling back to RLIMIT_AS as the host policy allows; "
                        "CPU and process limits are not enforced", exc)
         spec = dataclasses.replace(spec, address_space_limit=sandbox.memory_limit)
         proc, uid = await launch(spec, rpc_fd=rpc_fd, logger=logger, sinks=sinks, egress=egress,
-                                 setup_timeout=setup_timeout)
+                                 setup_timeout=setup_timeout, sources=sources)
         return proc, Confinement(None, uid, sandbox.memory_limit, fallbacks=("rlimit",),
                                  egress=egress)
+    except BaseException:
+        sources.close()
+        raise
     try:
         proc, uid = await launch(spec, rpc_fd=rpc_fd, logger=logger,
                                  on_spawn=lambda pid: _off_loop(group.add, pid),
-                                 sinks=sinks, egress=egress, setup_timeout=setup_timeout)
+                                 sinks=sinks, egress=egress, setup_timeout=setup_timeout,
+                                 sources=sources)
     except BaseException:
         await _off_loop(group.remove)
         raise

@@ -6,12 +6,18 @@ code in this privileged process) with:
 
     fd 0  /dev/null          fd 3  the plugin's end of the RPC socket
     fd 1  stdout pipe        fd 4  control pipe from the supervisor (spec, then "go")
-    fd 2  stderr pipe        fd 5  status socket to the supervisor
+    fd 2  stderr pipe        fd 5  status socket to and from the supervisor
 
-It reads the spec (one JSON line) from fd 4, then follows DESIGN section 6 in order, one
-function per step, each failure reported to the supervisor over fd 5 as
-``{"step", "error", "errno", "path"}`` before exiting 127. A successful exec closes fd 5 with
-nothing written, which is how the supervisor knows the plugin is running.
+It reads the spec (one JSON line) from fd 4 and the sources from fd 5 (SCM_RIGHTS): every
+host path it mounts or copies, opened once by the supervisor (sandbox/launch.py, Sources):
+detached mount trees when the supervisor is root, else O_PATH fds that are re-opened here by
+the kernel's own name for them, through no link, and used only if they are still the same
+inode. No host path is ever opened here by a name that someone else could have changed, and
+every mount target inside the new root is reached one component at a time through no link.
+Then it follows DESIGN section 6 in order, one function per step, each failure reported to
+the supervisor over fd 5 as ``{"step", "error", "errno", "path"}`` before exiting 127. A
+successful exec closes fd 5 with nothing written, which is how the supervisor knows the
+plugin is running.
 
 Network: with ``network.mode`` "none" the new net namespace stays empty (not even loopback
 up); "proxy" brings loopback up in it and makes a TCP listener on 127.0.0.1:PORT there, which
@@ -20,8 +26,11 @@ here: the supervisor's egress proxy accepts on it, so nothing of the proxy runs 
 "host" keeps the supervisor's net namespace (full network, only when the host policy allows).
 
 Process layout inside: the launcher stays outside the new pid namespace as a proxy that
-relays the exit status; its child is PID 1 of the namespace (reaps, forwards SIGTERM, dies
-with the launcher), and PID 1's child execs the plugin. Killing the launcher kills them all.
+relays the exit status; its child is PID 1 of the namespace, and PID 1's child execs the
+plugin. Once the plugin is forked, PID 1 drops every capability and waits for signals
+synchronously: it reaps, forwards a SIGTERM that comes from outside the namespace, ignores
+every signal the plugin sends it, and never prints anything. Killing the launcher kills
+them all.
 
 This file must never run plugin code before every step has succeeded, and never exec with a
 capability, an fd or an environment variable the spec did not grant.
@@ -30,10 +39,12 @@ capability, an fd or an environment variable the spec did not grant.
 from __future__ import annotations
 
 import enum
+import errno
 import json
 import os
 import signal
 import socket
+import stat
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -61,6 +72,7 @@ class Step(enum.Enum):
     PRIVILEGES = "drop supplementary groups"
     NAMESPACES = "unshare namespaces"
     NETWORK = "set up the proxy port in the net namespace"
+    SOURCES = "receive the sources"
     ID_MAPS = "wait for the id maps"
     PID1 = "fork PID 1"
     ROOT = "build the new root"
@@ -132,6 +144,23 @@ def read_spec() -> dict:  # type: ignore[type-arg]
                 raise SetupFailed(Step.SPEC, "the supervisor closed the control pipe")
             data += chunk
     return json.loads(data)
+
+
+def receive_sources(spec: dict) -> list[int]:  # type: ignore[type-arg]
+    """The sources, in the spec's order, as the supervisor opened them (fd 5, SCM_RIGHTS)."""
+    fds: list[int] = []
+    status = socket.socket(fileno=STATUS_FD)
+    try:
+        with step(Step.SOURCES):
+            while len(fds) < spec["fd_count"]:
+                data, got, _, _ = socket.recv_fds(status, 1, 253, socket.MSG_CMSG_CLOEXEC)
+                if not data:
+                    raise SetupFailed(Step.SOURCES, f"the supervisor sent {len(fds)} of "
+                                                    f"{spec['fd_count']} sources")
+                fds += got
+    finally:
+        status.detach()
+    return fds
 
 
 def drop_supplementary_groups() -> None:
@@ -215,57 +244,140 @@ def _mkdirs(path: str) -> None:
     os.makedirs(path, mode=0o755, exist_ok=True)
 
 
-def _mount_point(target: str, is_dir: bool) -> None:
-    if is_dir:
-        _mkdirs(target)
-    else:
-        _mkdirs(os.path.dirname(target))
-        if not os.path.exists(target):
-            os.close(os.open(target, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o644))
+_PATH_NOFOLLOW = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def open_sources(spec: dict) -> dict[str, int]:  # type: ignore[type-arg]
-    """Open every bind source (O_PATH) while still the supervisor's host identity, which can
-    reach paths the plugin's unprivileged host uid could not even look up."""
-    sources: dict[str, int] = {}
-    for bind in spec["binds"] + [{"source": d, "target": d} for d in spec["devices"]]:
-        with step(Step.BIND, bind["source"]):
-            if bind["source"] not in sources:
-                sources[bind["source"]] = os.open(bind["source"], os.O_PATH | os.O_CLOEXEC)
-    return sources
+def open_inside(path: str, *, create: bool | None = None) -> int | None:
+    """An O_PATH fd for ``path`` in the new root, reached one component at a time from the
+    root's fd, through no symbolic link: a link on the way (a host directory bound in may
+    hold one, put there by whoever can write it) fails the step instead of leading out.
+    ``create`` True/False makes a missing last component as a directory/file (and missing
+    parents as directories); None returns None for a missing path."""
+    parts = [p for p in path.split("/") if p]
+    current = os.open(NEW_ROOT, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            try:
+                following = os.open(part, _PATH_NOFOLLOW, dir_fd=current)
+            except FileNotFoundError:
+                if create is None:
+                    os.close(current)
+                    return None
+                if last and create is False:
+                    os.close(os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                                     | os.O_CLOEXEC, 0o644, dir_fd=current))
+                else:
+                    os.mkdir(part, 0o755, dir_fd=current)
+                following = os.open(part, _PATH_NOFOLLOW, dir_fd=current)
+            os.close(current)
+            current = following
+            mode = os.fstat(current).st_mode
+            if stat.S_ISLNK(mode):
+                raise OSError(errno.ELOOP, "a symbolic link is in the way",
+                              "/" + "/".join(parts[:i + 1]))
+            if not last and not stat.S_ISDIR(mode):
+                raise OSError(errno.ENOTDIR, "not a directory", "/" + "/".join(parts[:i + 1]))
+        return current
+    except BaseException:
+        os.close(current)
+        raise
 
 
-def open_copies(spec: dict) -> list[tuple[str, list[tuple[str, str, int, object]]]]:  # type: ignore[type-arg]
-    """For each copied tree (the plugin directory): every entry, its files opened for reading
-    while still the supervisor's host identity. Copied rather than bound, the plugin's
-    directory shows no host path anywhere, not even as a mount's root in mountinfo."""
+def attach(tree: int, target: int, attrs: int) -> None:
+    """Set ``attrs`` (and private propagation) on a detached mount tree, then mount it on
+    the object ``target`` refers to."""
+    sc.mount_setattr_fd(tree, attrs)
+    sc.move_mount(tree, target)
+
+
+def clone_onto(source: int, target: int, attrs: int) -> None:
+    """Mount a copy of the mount tree at ``source`` on ``target``, with ``attrs``."""
+    tree = sc.open_tree(source)
+    try:
+        attach(tree, target, attrs)
+    finally:
+        os.close(tree)
+
+
+def mount_trees(spec: dict, fds: list[int]) -> list[int]:  # type: ignore[type-arg]
+    """A detached mount tree per bind, in this mount namespace: the supervisor's clones as
+    they are; else each O_PATH source re-opened by the path the kernel reported for it, through
+    no link, refused unless it is the very inode the supervisor opened, then cloned here."""
+    if spec["trees"]:
+        return [fds[bind["fd"]] for bind in spec["binds"]]
+    trees = []
+    for bind in spec["binds"]:
+        source = fds[bind["fd"]]
+        with step(Step.BIND, bind["host_path"]):
+            here = sc.openat2(sc.AT_FDCWD, bind["host_path"], os.O_PATH,
+                              sc.RESOLVE_NO_SYMLINKS | sc.RESOLVE_NO_MAGICLINKS)
+            try:
+                mine, theirs = os.fstat(here), os.fstat(source)
+                if (mine.st_dev, mine.st_ino) != (theirs.st_dev, theirs.st_ino):
+                    raise SetupFailed(Step.BIND, "the path was replaced after the supervisor "
+                                                 "opened it", bind["host_path"])
+                trees.append(sc.open_tree(here))
+            finally:
+                os.close(here)
+    return trees
+
+
+def _same_inode(fd: int, expected: os.stat_result, rel: str) -> None:
+    st = os.fstat(fd)
+    if (st.st_dev, st.st_ino) != (expected.st_dev, expected.st_ino):
+        os.close(fd)
+        raise SetupFailed(Step.COPY, "it changed while the plugin directory was being copied",
+                          rel)
+
+
+def _walk_copy(dir_fd: int, prefix: str, entries: list, limit: int) -> None:  # type: ignore[type-arg]
+    """Every entry below ``dir_fd``: directories opened from their parent's fd with
+    O_NOFOLLOW | O_DIRECTORY, files with O_NOFOLLOW, each checked to be the inode its lstat
+    named; links copied as links, never followed; anything else left out."""
+    for name in sorted(os.listdir(dir_fd)):
+        if len(entries) >= limit:
+            raise SetupFailed(Step.COPY, f"the plugin directory has more than {limit} entries")
+        rel = prefix + name
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        mode = st.st_mode & 0o7777
+        if stat.S_ISLNK(st.st_mode):
+            entries.append((rel, "l", 0, os.readlink(name, dir_fd=dir_fd)))
+        elif stat.S_ISDIR(st.st_mode):
+            sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                          dir_fd=dir_fd)
+            _same_inode(sub, st, rel)
+            try:
+                entries.append((rel, "d", mode, None))
+                _walk_copy(sub, rel + "/", entries, limit)
+            finally:
+                os.close(sub)
+        elif stat.S_ISREG(st.st_mode):
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                         dir_fd=dir_fd)
+            _same_inode(fd, st, rel)
+            entries.append((rel, "f", mode, fd))
+
+
+def open_copies(spec: dict, fds: list[int]) -> list[tuple[str, list[tuple[str, str, int, object]]]]:  # type: ignore[type-arg]
+    """For each copied tree (the plugin directory, or a bare file): every entry, its files
+    opened for reading while still the supervisor's host identity, walked from the fd the
+    supervisor opened and through no link. Copied rather than bound, the plugin's directory
+    shows no host path anywhere, not even as a mount's root in mountinfo."""
     import resource
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     trees = []
     for copy in spec["copies"]:
-        source = copy["source"]
+        source = fds[copy["fd"]]
         entries: list[tuple[str, str, int, object]] = []
-        with step(Step.COPY, source):
-            if not os.path.isdir(source):
-                st = os.lstat(source)
-                entries.append((os.path.basename(source), "f", st.st_mode & 0o7777,
-                                os.open(source, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)))
-            for dirpath, dirnames, filenames in os.walk(source) if os.path.isdir(source) else ():
-                rel_dir = os.path.relpath(dirpath, source)
-                for name in sorted(dirnames + filenames):
-                    full = os.path.join(dirpath, name)
-                    rel = os.path.normpath(os.path.join(rel_dir, name))
-                    st = os.lstat(full)
-                    mode = st.st_mode & 0o7777
-                    if os.path.islink(full):
-                        entries.append((rel, "l", 0, os.readlink(full)))
-                    elif os.path.isdir(full):
-                        entries.append((rel, "d", mode, None))
-                    elif os.path.isfile(full):
-                        entries.append((rel, "f", mode, os.open(
-                            full, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)))
+        with step(Step.COPY, copy["target"]):
+            st = os.fstat(source)
+            if stat.S_ISDIR(st.st_mode):
+                _walk_copy(source, "", entries, copy["max_entries"])
+            else:  # a bare file: the supervisor checked it is a regular file
+                entries.append((copy["name"], "f", st.st_mode & 0o7777, os.dup(source)))
         trees.append((copy["target"], entries))
     return trees
 
@@ -312,20 +424,22 @@ def build_root() -> None:
         sc.mount("tmpfs", NEW_ROOT, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "mode=0755,size=16m")
 
 
-def bind_paths(spec: dict, sources: dict[str, int]) -> None:  # type: ignore[type-arg]
-    for bind in spec["binds"]:
-        target = NEW_ROOT + bind["target"]
-        fd = sources[bind["source"]]
+def bind_paths(spec: dict, trees: list[int]) -> None:  # type: ignore[type-arg]
+    for bind, tree in zip(spec["binds"], trees):
+        if bind["device"]:
+            continue  # build_dev
         with step(Step.BIND, bind["target"]):
-            is_dir = os.path.isdir(f"/proc/self/fd/{fd}")
-            _mount_point(target, is_dir)
-            sc.mount(f"/proc/self/fd/{fd}", target, None, sc.MS_BIND | sc.MS_REC)
+            target = open_inside(bind["target"], create=bind["dir"])
+            assert target is not None
             attrs = sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NODEV
-            if not bind.get("writable"):
+            if not bind["writable"]:
                 attrs |= sc.MOUNT_ATTR_RDONLY
-            if not bind.get("exec", True):
+            if not bind["exec"]:
                 attrs |= sc.MOUNT_ATTR_NOEXEC
-            sc.mount_setattr(target, attrs)
+            try:
+                attach(tree, target, attrs)
+            finally:
+                os.close(target)
 
 
 def mount_tmp(spec: dict) -> None:  # type: ignore[type-arg]
@@ -365,17 +479,20 @@ def mount_proc(spec: dict) -> None:  # type: ignore[type-arg]
                              | sc.MOUNT_ATTR_NODEV | sc.MOUNT_ATTR_NOEXEC)
 
 
-def build_dev(spec: dict, sources: dict[str, int]) -> None:  # type: ignore[type-arg]
+def build_dev(spec: dict, trees: list[int]) -> None:  # type: ignore[type-arg]
     dev = NEW_ROOT + "/dev"
     with step(Step.DEV, "/dev"):
         _mkdirs(dev)
         sc.mount("tmpfs", dev, "tmpfs", sc.MS_NOSUID | sc.MS_NOEXEC, "mode=0755,size=64k")
-        for device in spec["devices"]:
-            target = NEW_ROOT + device
-            _mount_point(target, False)
-            sc.mount(f"/proc/self/fd/{sources[device]}", target, None, sc.MS_BIND)
-            sc.mount_setattr(target, sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NOEXEC,
-                             recursive=False)
+        for bind, tree in zip(spec["binds"], trees):
+            if not bind["device"]:
+                continue
+            target = open_inside(bind["target"], create=False)
+            assert target is not None
+            try:
+                attach(tree, target, sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NOEXEC)
+            finally:
+                os.close(target)
         for name, link in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
                            ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
             os.symlink(link, f"{dev}/{name}")
@@ -384,28 +501,45 @@ def build_dev(spec: dict, sources: dict[str, int]) -> None:  # type: ignore[type
                  "mode=1777,size=16m")
 
 
+_MASK_ATTRS = (sc.MOUNT_ATTR_RDONLY | sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NODEV
+               | sc.MOUNT_ATTR_NOEXEC)
+
+
 def mask_denied(spec: dict) -> None:  # type: ignore[type-arg]
     # Directories between a writable grant and a denied path in it become mount points, which
     # cannot be renamed or removed: the mask cannot be carried away by moving its parent.
     for path in spec["pins"]:
-        full = NEW_ROOT + path
         with step(Step.MASK, path):
-            sc.mount(full, full, None, sc.MS_BIND | sc.MS_REC)
-            sc.mount_setattr(full, sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NODEV
-                             | sc.MOUNT_ATTR_NOEXEC)
-    for path in spec["masks"]:
-        full = NEW_ROOT + path
-        if not os.path.lexists(full):
-            continue
+            target = open_inside(path)
+            if target is None:
+                raise SetupFailed(Step.MASK, "the directory holding a denied path is gone",
+                                  path)
+            try:
+                clone_onto(target, target, sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NODEV
+                           | sc.MOUNT_ATTR_NOEXEC)
+            finally:
+                os.close(target)
+    for mask in spec["masks"]:
+        path = mask["path"]
         with step(Step.MASK, path):
-            if os.path.isdir(full) and not os.path.islink(full):
-                sc.mount("tmpfs", full, "tmpfs", sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV
-                         | sc.MS_NOEXEC, "size=0,mode=0000")
-            else:
-                sc.mount("/dev/null", full, None, sc.MS_BIND)
-                sc.mount_setattr(full, sc.MOUNT_ATTR_RDONLY | sc.MOUNT_ATTR_NOSUID
-                                 | sc.MOUNT_ATTR_NODEV | sc.MOUNT_ATTR_NOEXEC,
-                                 recursive=False)
+            target = open_inside(path)
+            if target is None:
+                if mask["required"]:
+                    raise SetupFailed(Step.MASK, "a denied path inside a writable grant is "
+                                                 "gone: the plugin could create it", path)
+                continue
+            try:
+                if stat.S_ISDIR(os.fstat(target).st_mode):
+                    sc.mount("tmpfs", f"/proc/self/fd/{target}", "tmpfs", sc.MS_RDONLY
+                             | sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC, "size=0,mode=0000")
+                else:
+                    null = os.open("/dev/null", os.O_PATH | os.O_CLOEXEC)
+                    try:
+                        clone_onto(null, target, _MASK_ATTRS)
+                    finally:
+                        os.close(null)
+            finally:
+                os.close(target)
 
 
 def write_files(spec: dict) -> None:  # type: ignore[type-arg]
@@ -529,24 +663,69 @@ def plugin_process(spec: dict) -> None:  # type: ignore[type-arg]
     exec_plugin(spec)
 
 
-def pid1(spec: dict, exit_pipe: int, sources: dict[str, int], trees: list) -> None:  # type: ignore[type-arg]
+# PID 1 takes these synchronously (sigwaitinfo), so it knows who sent each; they stay
+# blocked from before the plugin is forked, and the plugin unblocks them before its exec.
+PID1_SIGNALS = {signal.SIGTERM, signal.SIGCHLD}
+
+
+def drop_pid1_privileges() -> None:
+    """PID 1 only reaps and forwards: it keeps no capability and can gain none."""
+    drop_capabilities()
+    with step(Step.NO_NEW_PRIVS):
+        _libc_prctl(PR_SET_NO_NEW_PRIVS, 1)
+
+
+def serve_as_pid1(plugin: int, exit_pipe: int) -> None:
+    """Reap every process of the namespace; forward a SIGTERM sent from outside the
+    namespace (by the launcher: si_pid is 0 for a sender the namespace cannot see) to the
+    plugin; ignore what the plugin sends (the kernel already drops signals a namespace's
+    init leaves at their default action; blocked ones arrive here and are dropped too).
+    Leave, reporting the plugin's wait status, when the plugin itself is gone."""
+    while True:
+        info = signal.sigwaitinfo(PID1_SIGNALS)
+        if info.si_signo == signal.SIGTERM:
+            if info.si_pid == 0:
+                try:
+                    os.kill(plugin, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass  # already gone: its SIGCHLD is on the way
+            continue
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                break
+            if pid == plugin:
+                os.write(exit_pipe, str(status).encode())
+                return
+
+
+def pid1(spec: dict, exit_pipe: int, sources: list[int], mounts: list[int],  # type: ignore[type-arg]
+         copies: list) -> None:  # type: ignore[type-arg]
     _libc_prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # die with the launcher
+    # Python's SIGINT handler would turn the plugin's `kill -INT 1` into a KeyboardInterrupt:
+    # at its default action the kernel never delivers it to a namespace's init from inside.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     build_root()
     # /tmp first: binds of host paths that live under /tmp (a checkout, a venv, a plugin
     # directory) must land on top of the private /tmp, not be hidden by it.
     mount_tmp(spec)
-    copy_trees(spec, trees)
-    bind_paths(spec, sources)
+    copy_trees(spec, copies)
+    bind_paths(spec, mounts)
     mount_proc(spec)
-    build_dev(spec, sources)
+    build_dev(spec, mounts)
     mask_denied(spec)
     write_files(spec)
-    for fd in sources.values():
+    for fd in set(sources + mounts):
         os.close(fd)
     pivot()
+    signal.pthread_sigmask(signal.SIG_BLOCK, PID1_SIGNALS)
     plugin = os.fork()
     if plugin == 0:
         os.close(exit_pipe)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, PID1_SIGNALS)
         try:
             plugin_process(spec)
         except SetupFailed as failure:
@@ -555,17 +734,8 @@ def pid1(spec: dict, exit_pipe: int, sources: dict[str, int], trees: list) -> No
     os.close(STATUS_FD)
     os.close(CONTROL_FD)
     os.close(RPC_FD)
-    signal.signal(signal.SIGTERM, lambda *_: os.kill(plugin, signal.SIGTERM))
-    while True:  # reap everything; leave when the plugin itself is gone
-        try:
-            pid, status = os.waitpid(-1, 0)
-        except InterruptedError:
-            continue
-        except ChildProcessError:
-            os._exit(0)
-        if pid == plugin:
-            os.write(exit_pipe, str(status).encode())
-            os._exit(0)
+    drop_pid1_privileges()
+    serve_as_pid1(plugin, exit_pipe)
 
 
 def main() -> None:
@@ -574,11 +744,12 @@ def main() -> None:
         with step(Step.FDS):
             sc.close_range(STATUS_FD + 1)
         spec = read_spec()
+        sources = receive_sources(spec)
         drop_supplementary_groups()
         unshare_namespaces(spec)
         wait_for_id_maps(open_proxy_port(spec))
-        sources = open_sources(spec)
-        trees = open_copies(spec)
+        mounts = mount_trees(spec, sources)
+        copies = open_copies(spec, sources)
         become_sandbox_ids(spec)
         with step(Step.PID1):
             exit_read, exit_write = os.pipe()
@@ -589,14 +760,14 @@ def main() -> None:
     if child == 0:
         os.close(exit_read)
         try:
-            pid1(spec, exit_write, sources, trees)
+            pid1(spec, exit_write, sources, mounts, copies)
         except SetupFailed as failure:
             report(failure)
         os._exit(127)
     os.close(exit_write)
-    for fd in sources.values():
+    for fd in set(sources + mounts):
         os.close(fd)
-    for _, entries in trees:
+    for _, entries in copies:
         for _, kind, _, payload in entries:
             if kind == "f":
                 os.close(int(payload))  # type: ignore[arg-type]

@@ -24,7 +24,8 @@ from typing import Any, Callable
 import pytest
 
 from conftest import EXAMPLES, loop_gap
-from egress_servers import HTTP_ADDRESS, TLS_ADDRESS, TLS_NAME, LoopbackServers
+from egress_servers import (HOST_ALLOWED_HOSTS, HTTP_ADDRESS, TLS_ADDRESS, TLS_NAME,
+                            LoopbackServers)
 from sandboxer import CallTimeout, HostConfig, PluginCallError, PluginManager, PluginStateError
 from loaders.test_wasm import BUMP_ALLOC, JSON_RUNTIME, WORKER, write_plugin
 
@@ -78,7 +79,8 @@ def servers(tmp_path: Path):
 def host(servers: LoopbackServers) -> Callable[..., HostConfig]:
     def config(**overrides: Any) -> HostConfig:
         return HostConfig(egress_hosts_file=str(servers.hosts_file),
-                          egress_ca_file=str(servers.ca_file), **overrides)
+                          egress_ca_file=str(servers.ca_file),
+                          allowed_hosts=HOST_ALLOWED_HOSTS, **overrides)
     return config
 
 
@@ -172,7 +174,8 @@ async def test_https_is_verified_against_the_hosts_ca(servers, host, plugin):
         assert (reply["status"], reply["body"]) == (200, "hello from tls")
         reply = await get(p, url(servers, TLS_ADDRESS, tls=True))
         assert (reply["status"], reply["body"]) == (200, "hello from tls")
-    async with PluginManager(HostConfig(egress_hosts_file=str(servers.hosts_file))) as mgr:
+    async with PluginManager(HostConfig(egress_hosts_file=str(servers.hosts_file),
+                                        allowed_hosts=HOST_ALLOWED_HOSTS)) as mgr:
         p = await mgr.load(plugin([TLS_NAME, TLS_ADDRESS]))
         reply = await get(p, url(servers, TLS_NAME, tls=True))
         assert reply["error"]["kind"] == "failed", reply

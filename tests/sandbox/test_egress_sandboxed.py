@@ -39,7 +39,7 @@ import pytest
 import pytest_asyncio
 
 from conftest import EXAMPLES, REPO
-from egress_servers import HTTP_ADDRESS, TLS_ADDRESS, LoopbackServers
+from egress_servers import HOST_ALLOWED_HOSTS, HTTP_ADDRESS, TLS_ADDRESS, LoopbackServers
 from sandboxer import (
     HostConfig,
     LoadedPlugin,
@@ -422,6 +422,7 @@ def plugin_dirs(tmp_path_factory: pytest.TempPathFactory,
 
 def host_config(servers: LoopbackServers, **changes: Any) -> HostConfig:
     return HostConfig(**{"egress_hosts_file": str(servers.hosts_file),
+                         "allowed_hosts": HOST_ALLOWED_HOSTS,
                          "egress_max_connections": MAX_CONNECTIONS,
                          "egress_header_timeout": HEADER_TIMEOUT,
                          "egress_idle_timeout": IDLE_TIMEOUT, **changes})

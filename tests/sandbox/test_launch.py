@@ -326,7 +326,7 @@ async def test_missing_allowed_path_fails_before_any_process(no_leaks, spawned):
     with pytest.raises(PluginLoadError) as info:
         await launch.run(["/bin/true"], sandbox, backend=backend, seccomp_bpf=None)
     assert not isinstance(info.value, SandboxUnavailable)  # the config is wrong, not the host
-    assert "allowed path /nonexistent-allowed cannot be used" in str(info.value)
+    assert "allowed path /nonexistent-allowed cannot be opened: it does not exist" in str(info.value)
     assert spawned == [] and backend.created == []
 
 
@@ -358,28 +358,34 @@ async def _launch(spec: LaunchSpec) -> None:
     raise AssertionError(f"{spec.argv} started although its setup should have failed")
 
 
+async def test_a_missing_bind_source_fails_before_any_process(no_leaks, spawned):
+    with pytest.raises(PluginLoadError, match="/nonexistent-src cannot be opened: it does not "
+                                              "exist") as info:
+        await _launch(_spec(["/bin/true"], extra=(Mount("/nonexistent-src", "/x"),)))
+    assert not isinstance(info.value, SandboxUnavailable)
+    assert spawned == [] and not launch._ids.held()
+
+
 @pytest.mark.parametrize("spec, step, path, missing", [
-    pytest.param(_spec(["/bin/true"], extra=(Mount("/nonexistent-src", "/x"),)),
-                 "bind-mount a path", "/nonexistent-src", "bind", id="bind-source-missing"),
     pytest.param(_spec(["/no/such/program"]), "exec the plugin", "/no/such/program", "exec",
                  id="program-missing"),
     pytest.param(_spec(["/bin/true"], cwd="/nonexistent-cwd"), "exec the plugin",
                  "/nonexistent-cwd", "exec", id="cwd-missing"),
 ])
 async def test_setup_failure_names_the_step_and_path(no_leaks, spec, step, path, missing):
-    used_before = set(launch._ids._used)
+    used_before = launch._ids.held()
     with pytest.raises(SandboxSetupError) as info:
         await _launch(spec)
     message = str(info.value)
     assert f"sandbox setup failed at step {step} ({path})" in message, message
     assert "No such file or directory" in message
     assert info.value.missing == missing
-    assert launch._ids._used == used_before  # the host uid was given back
+    assert launch._ids.held() == used_before  # the host uid was given back
 
 
 async def test_setup_failure_in_a_cgroup_leaves_no_cgroup_or_process(no_leaks):
     backend = RecordingBackend()
-    spec = _spec(["/bin/true"], extra=(Mount("/nonexistent-src", "/x"),))
+    spec = _spec(["/bin/true"], cwd="/nonexistent-cwd")
     null = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
     try:
         with pytest.raises(SandboxSetupError) as info:
@@ -387,10 +393,10 @@ async def test_setup_failure_in_a_cgroup_leaves_no_cgroup_or_process(no_leaks):
                                          logger=logging.getLogger("test"))
     finally:
         os.close(null)
-    assert "bind-mount a path (/nonexistent-src)" in str(info.value)
+    assert "exec the plugin (/nonexistent-cwd)" in str(info.value)
     assert len(backend.created) == 1
     assert _cgroups_named(backend.created[0]) == []
-    assert not launch._ids._used
+    assert not launch._ids.held()
 
 
 # -- rootless ---------------------------------------------------------------------------------
@@ -656,15 +662,15 @@ async def test_200_load_unload_cycles_leave_nothing_behind(tmp_path, no_leaks):
     async with PluginManager(HostConfig()) as mgr:
         for cycle in range(200):
             p = await mgr.load(root)
-            assert len(launch._ids._used) == 1  # one host uid while it runs
+            assert len(launch._ids.held()) == 1  # one host uid while it runs
             assert await p.call("f") == 1
             await mgr.unload(p.id)
-            assert not launch._ids._used, f"cycle {cycle}: uid not released"
+            assert not launch._ids.held(), f"cycle {cycle}: uid not released"
             if cycle == 0:
                 fds_after_first = len(os.listdir("/proc/self/fd"))
         assert len(os.listdir("/proc/self/fd")) == fds_after_first
     elapsed = time.monotonic() - start
-    assert not launch._ids._used
+    assert not launch._ids.held()
     assert _cgroups_named(f"sandboxer-{os.getpid()}-") == []
     print(f"\n200 load/unload cycles: {elapsed:.1f}s ({elapsed / 200 * 1000:.0f} ms/cycle)")
 
