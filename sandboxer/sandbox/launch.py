@@ -33,7 +33,7 @@ from .cgroups import new_name as new_cgroup_name
 from .egress import (EGRESS_SOCKET, PROXY_HOST, PROXY_PORT, EgressEndpoint, EgressProxy,
                      network_mode, proxy_environment)
 from .ids import HostIds
-from .paths import open_grant
+from .paths import open_grant, open_path
 from .policy import SETUP_TIMEOUT, PathGrant, SandboxConfig
 
 __all__ = ["Mount", "LaunchSpec", "launch", "launch_confined", "Confinement",
@@ -69,9 +69,9 @@ class SandboxSetupError(SandboxUnavailable):
 
 @dataclass(frozen=True, slots=True)
 class Mount:
-    """A host path bound into the sandbox. ``root``: the path root the source must be opened
-    beneath, through no link (a grant the policy checked); None: opened as named (the
-    system's paths, the operator's grants)."""
+    """A host path bound into the sandbox. ``root``: the root a grant is opened beneath,
+    through no link (its path root, or "/" for the operator's); None: one of the system's
+    paths, opened as named."""
 
     source: str
     target: str
@@ -119,7 +119,7 @@ def grant_mounts(grants: tuple[PathGrant, ...]) -> list[Mount]:
     Each is opened once by ``launch`` (beneath its root, through no link: sandbox/paths.py)
     and mounted from that fd; a link inside a granted directory resolves against the
     sandbox's root, not the host's."""
-    return [Mount(g.path, g.path, writable=g.writable, exec=not g.writable, root=g.root)
+    return [Mount(g.path, g.path, writable=g.writable, exec=not g.writable, root=g.root or "/")
             for g in grants]
 
 
@@ -212,8 +212,9 @@ class Sources:
         try:
             for mount, device in [(m, False) for m in spec.mounts] + [
                     (Mount(d, d, writable=True, exec=False), True) for d in _DEVICES]:
-                opened = open_grant(PathGrant(mount.source, mount.writable, root=mount.root),
-                                    plugin_id=plugin_id)
+                opened = (open_path(mount.source) if mount.root is None else
+                          open_grant(PathGrant(mount.source, mount.writable, root=mount.root),
+                                     plugin_id=plugin_id))
                 with opened:
                     self.binds.append({"target": mount.target, "writable": mount.writable,
                                        "exec": mount.exec, "device": device,

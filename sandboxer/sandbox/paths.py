@@ -8,12 +8,16 @@ the check and the use. So each path is resolved exactly once, here, to an ``O_PA
 descriptor, and from then on only that fd is used: the launcher mounts what it refers to,
 WASI preopens it, and what is reported is what the fd is, read back from the kernel.
 
-A grant checked against a path root (``PathGrant.root``) is opened from the root's fd with
+A grant is opened from its root's fd with
 ``openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)``, or, where the
 kernel has no openat2, by a walk of ``O_NOFOLLOW`` opens one component at a time: a link
-anywhere below the root fails the open instead of being followed. The root itself is the
-host's configuration, opened as written. An operator's grant (no root) is opened as the
-operator wrote it, links followed once, at this one open.
+anywhere below the root fails the open instead of being followed. A grant a manifest asked
+for has the host policy's path root it lies under (``PathGrant.root``), opened as the host's
+configuration writes it; an operator's grant (an explicit ``SandboxConfig``, the CLI's
+``--allow-path``) has "/" as its root, so no link is followed anywhere on its way: whoever
+owns a directory on the way could otherwise point the operator's grant elsewhere. The error
+names the path it resolves to now, which the operator can grant instead. Only the system's
+own paths (/usr, the runtime: ``open_path``) are opened with links followed.
 
 This module never opens a path by name a second time, and never hands out a path string
 where an fd can do.
@@ -118,8 +122,8 @@ def _host_path(fd: int) -> str:
 
 
 def open_path(path: str) -> OpenedPath:
-    """An operator's (or the system's) path, opened as named: /usr, the Python runtime, a
-    path from the command line. OSError if it cannot be opened."""
+    """One of the system's paths, opened as named, links followed: /usr, /etc/localtime, the
+    Python runtime. Never a grant. OSError if it cannot be opened."""
     fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
     return OpenedPath(fd, path, _host_path(fd), stat.S_ISDIR(os.fstat(fd).st_mode))
 
@@ -134,21 +138,28 @@ _WHY = {
 }
 
 
-def open_grant(grant: PathGrant, *, plugin_id: str | None = None) -> OpenedPath:
-    """Open an allowed path once: beneath its root without links when the policy checked it
-    against one, else as the operator named it. PluginLoadError naming the path, the root
-    and why when it cannot be."""
+def _leads_to(path: str) -> str:
+    """Where ``path`` resolves now, for the error message only (it may change under us)."""
     try:
-        if grant.root is None:
-            opened = open_path(grant.path)
-        else:
-            fd = open_beneath(grant.root, grant.path)
-            opened = OpenedPath(fd, grant.path, _host_path(fd),
-                                stat.S_ISDIR(os.fstat(fd).st_mode))
+        return f"; it resolves to {os.path.realpath(path)} now"
+    except OSError:  # a link swapped while realpath read it
+        return ""
+
+
+def open_grant(grant: PathGrant, *, plugin_id: str | None = None) -> OpenedPath:
+    """Open an allowed path once, through no link: beneath its path root when the policy
+    checked it against one, else beneath "/" (an operator's grant). PluginLoadError naming
+    the path, the root and why when it cannot be."""
+    root = grant.root or "/"
+    try:
+        fd = open_beneath(root, grant.path)
     except OSError as exc:
         why = _WHY.get(exc.errno or 0, exc.strerror or str(exc))
+        if exc.errno == errno.ELOOP:
+            why += _leads_to(grant.path)
         where = f" beneath its path root {grant.root}" if grant.root is not None else ""
         raise PluginLoadError(f"plugin {plugin_id}: allowed path {grant.path} cannot be "
                               f"opened{where}: {why}", plugin_id=plugin_id) from None
+    opened = OpenedPath(fd, grant.path, _host_path(fd), stat.S_ISDIR(os.fstat(fd).st_mode))
     opened.writable = grant.writable
     return opened

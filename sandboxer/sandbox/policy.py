@@ -46,10 +46,10 @@ _HOSTNAME_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 class PathGrant:
     """A host path made visible to the plugin: read-only unless ``writable``.
 
-    ``root`` is the host policy's path root the grant was checked against: the path is then
-    opened beneath that root and through no symbolic link (``sandbox/paths.py``). A grant
-    without one is the operator's (an explicit ``SandboxConfig``, the CLI's ``--allow-path``)
-    and is opened as named."""
+    ``root`` is the host policy's path root the grant was checked against: the path is
+    opened beneath that root through no symbolic link (``sandbox/paths.py``). A grant without
+    one is the operator's (an explicit ``SandboxConfig``, the CLI's ``--allow-path``), opened
+    from "/" through no link."""
 
     path: str
     writable: bool = False

@@ -76,14 +76,26 @@ def test_grant_errors_name_the_path_the_root_and_why(root: Path) -> None:
         assert info.value.plugin_id == "acme.paths"
 
 
-def test_an_operators_grant_is_opened_as_named(root: Path) -> None:
-    """No root: the operator's word, links followed at this one open."""
-    with open_grant(PathGrant(str(root / "out-link"))) as opened:
-        assert opened.host_path == "/etc" and opened.is_dir
-    with open_path("/dev/null") as opened:
-        assert not opened.is_dir
+def test_an_operators_grant_follows_no_link_either(root: Path) -> None:
+    """No path root: opened from "/", through no link, since whoever owns a directory on the
+    way could retarget it; the error says where the path leads now."""
+    with open_grant(PathGrant(str(root / "data"))) as opened:
+        assert opened.host_path == str(root / "data") and opened.is_dir
+    with pytest.raises(PluginLoadError) as info:
+        open_grant(PathGrant(str(root / "out-link")), plugin_id="exec")
+    assert str(info.value) == (f"plugin exec: allowed path {root / 'out-link'} cannot be "
+                               "opened: a symbolic link is on its way (grants are opened "
+                               "through no link below their root: grant the directory the "
+                               "link points to); it resolves to /etc now")
     with pytest.raises(PluginLoadError, match="does not exist"):
         open_grant(PathGrant(str(root / "missing")))
+
+
+def test_the_systems_paths_follow_links() -> None:
+    with open_path("/dev/null") as opened:
+        assert not opened.is_dir
+    with open_path("/etc/localtime") as opened:
+        assert opened.host_path.startswith("/usr/share/zoneinfo")
 
 
 def test_close_is_idempotent(root: Path) -> None:
