@@ -16,7 +16,7 @@ import pytest
 from sandboxer import HostConfig, PluginManager
 from sandboxer import _minisign
 from sandboxer.errors import IntegrityError, PluginNotFound, RegistryError
-from sandboxer.registry import Registry, fetch, publish, safe_extract
+from sandboxer.registry import Registry, fetch, publish, safe_extract, sign_index
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
 
@@ -52,7 +52,8 @@ def registry(tmp_path: Path, keys: Any) -> Path:
     return reg
 
 
-def test_publish_writes_index_blobs_and_signatures(registry: Path, keys: Any) -> None:
+def test_publish_writes_index_blobs_and_signatures(tmp_path: Path, registry: Path,
+                                                   keys: Any) -> None:
     index = json.loads((registry / "index.json").read_text())
     entry = index["plugins"]["acme.calc"]["versions"]["1.2.0"]
     blob = (registry / entry["blob"]).read_bytes()
@@ -60,8 +61,13 @@ def test_publish_writes_index_blobs_and_signatures(registry: Path, keys: Any) ->
     assert entry["blob"] == f"blobs/sha256/{entry['sha256']}"
     verified = _minisign.verify(blob, (registry / entry["signature"]).read_text(), [keys[0]])
     assert verified.trusted_comment == f"sandboxer acme.calc@1.2.0 sha256:{entry['sha256']}"
-    assert sorted(e.version for e in Registry(registry).entries()) == [
+    index = Registry(registry).index([keys[0]], cache_dir=tmp_path / "cache")
+    assert sorted(e.version for e in index.entries()) == [
         "1.0.0", "1.2.0", "1.2.5", "2.0.0", "2.1.0-rc.1"]
+    # The index is signed too: five publishes, sequence 5.
+    verified = _minisign.verify((registry / "index.json").read_bytes(),
+                                (registry / "index.json.minisig").read_text(), [keys[0]])
+    assert verified.trusted_comment == "sandboxer index seq=5" and index.sequence == 5
 
 
 def test_archives_are_deterministic(tmp_path: Path, keys: Any) -> None:
@@ -128,12 +134,13 @@ def test_an_unknown_key_fails_the_signature_check(tmp_path: Path, registry: Path
 def test_a_signature_of_another_version_is_refused(tmp_path: Path, registry: Path,
                                                    keys: Any) -> None:
     """An index that points 1.2.0 at 1.0.0's (validly signed) archive is caught by the
-    signature's trusted comment."""
+    archive signature's trusted comment, even when a trusted key signed that index."""
     index_path = registry / "index.json"
     index = json.loads(index_path.read_text())
     versions = index["plugins"]["acme.calc"]["versions"]
     versions["1.2.0"] = dict(versions["1.0.0"])
     index_path.write_text(json.dumps(index))
+    sign_index(registry, keys[1])
     with pytest.raises(IntegrityError, match="signature check failed"):
         fetch(Registry(registry), "acme.calc", "1.2.0", trusted_keys=[keys[0]],
               cache_dir=tmp_path / "cache")
@@ -270,8 +277,8 @@ def test_http_404_is_a_registry_error(tmp_path: Path, registry: Path, http_regis
     with pytest.raises(RegistryError, match="HTTP 404"):
         fetch(Registry(url), "acme.calc", "1.2.0", trusted_keys=[keys[0]],
               cache_dir=tmp_path / "cache")
-    with pytest.raises(RegistryError, match="HTTP 404"):
-        Registry(url + "nowhere/").index()
+    with pytest.raises(RegistryError, match="index.json: HTTP 404"):
+        Registry(url + "nowhere/").index([keys[0]], cache_dir=tmp_path / "cache")
 
 
 def test_a_truncated_download_is_an_integrity_error(tmp_path: Path, registry: Path,
@@ -329,7 +336,15 @@ def test_cli_keygen_publish_list_fetch_and_call(tmp_path: Path) -> None:
                    cache=cache)
         assert run.returncode == 0 and f"acme.calc@{version}" in run.stdout, run.stderr
     run = _cli("registry", "list", "--registry", str(reg), "--json", cache=cache)
+    assert run.returncode == 2 and "no trusted keys" in run.stdout  # the index is verified
+    run = _cli("registry", "list", "--registry", str(reg), "--trusted-key", str(pub), "--json",
+               cache=cache)
     assert [e["version"] for e in json.loads(run.stdout)] == ["1.0.0", "1.4.0"]
+    run = _cli("registry", "list", "--registry", str(reg), "--trusted-key", str(pub),
+               cache=cache)
+    assert run.stdout.splitlines()[0].endswith(
+        f"index sequence 2, signed by key {_minisign.PublicKey.from_file(pub).key_id_hex} "
+        f"({pub})"), run.stdout
     run = _cli("registry", "fetch", "acme.calc@~1.0", "--registry", str(reg),
                "--trusted-key", str(pub), cache=cache)
     assert run.returncode == 0, run.stderr
@@ -340,18 +355,21 @@ def test_cli_keygen_publish_list_fetch_and_call(tmp_path: Path) -> None:
 
 
 def test_cli_integrity_and_signature_failures_exit_2_naming_the_check(tmp_path: Path,
-                                                                      registry: Path) -> None:
+                                                                      registry: Path,
+                                                                      keys: Any) -> None:
     cache = tmp_path / "cache"
     stranger, _ = _minisign.generate_keypair()
     other_pub = tmp_path / "other.pub"
     other_pub.write_text(stranger.to_file_text())
     run = _cli("call", "acme.calc@1.2.0", "version", "--registry", str(registry),
                "--trusted-key", str(other_pub), cache=cache)
-    assert run.returncode == 2 and "key" in run.stderr.lower(), run.stderr
+    assert run.returncode == 2 and "unknown key id" in run.stderr, run.stderr
+    trusted = tmp_path / "trusted.pub"
+    trusted.write_text(keys[0].to_file_text())
     blob = registry / _entry(registry, "1.2.0")["blob"]
     blob.write_bytes(blob.read_bytes()[:-3] + b"xyz")
     run = _cli("registry", "fetch", "acme.calc@1.2.0", "--registry", str(registry),
-               "--trusted-key", str(other_pub), cache=cache)
+               "--trusted-key", str(trusted), cache=cache)
     assert run.returncode == 2 and "sha256 check failed" in run.stderr, run.stderr
     run = _cli("call", "acme.calc@1.2.0", "version", cache=cache)
     assert run.returncode == 2 and "--registry" in run.stderr
@@ -372,3 +390,4 @@ def test_cli_takes_registry_and_keys_from_the_host_config(tmp_path: Path, regist
                          env={**os.environ, "SANDBOXER_CONFIG": str(config)})
     assert (run.returncode, run.stdout) == (0, "1.2.5\n"), run.stderr
     assert (tmp_path / "cache" / "blobs").is_dir()
+
