@@ -739,3 +739,22 @@ def test_the_trusted_key_option_parser_never_crashes(text: str) -> None:
         stem = pattern.removesuffix(".*")
         assert not covers((pattern,), stem + "evil.x")
         assert covers((pattern,), stem + ".x" if pattern.endswith(".*") else stem)
+
+
+def test_cli_sign_index_and_a_scoped_key(tmp_path: Path, registry: Path, keys: Any) -> None:
+    """`registry sign-index` continues the sequence; a --trusted-key scoped to other ids
+    cannot fetch this registry's acme.calc, one scoped to acme.* can."""
+    cache = tmp_path / "cache"
+    secret, pub = tmp_path / "publisher.key", tmp_path / "publisher.pub"
+    secret.write_text(keys[1].to_file_text())
+    pub.write_text(keys[0].to_file_text())
+    run = _cli("registry", "sign-index", "--registry", str(registry), "--key", str(secret),
+               cache=cache)
+    assert run.returncode == 0 and "sequence 6" in run.stdout, run.stderr
+    assert _sequence(registry) == "sandboxer index seq=6"
+    run = _cli("registry", "fetch", "acme.calc@1.2.0", "--registry", str(registry),
+               "--trusted-key", f"{pub}=beta.*", cache=cache)
+    assert run.returncode == 2 and "not for acme.calc" in run.stderr, run.stderr
+    run = _cli("registry", "fetch", "acme.calc@1.2.0", "--registry", str(registry),
+               "--trusted-key", f"{pub}=acme.*", cache=cache)
+    assert run.returncode == 0, run.stderr
