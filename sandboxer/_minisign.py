@@ -40,6 +40,7 @@ __all__ = [
     "VerifiedSignature",
     "generate_keypair",
     "sign",
+    "unverified_trusted_comment",
     "verify",
 ]
 
@@ -389,6 +390,16 @@ def verify(
             f"{key.key_id_hex} signed (it was altered)", check="trusted-comment")
     return VerifiedSignature(key=key, trusted_comment=trusted_comment,
                              untrusted_comment=untrusted, prehashed=prehashed)
+
+
+def unverified_trusted_comment(signature_text: str | bytes) -> str:
+    """The trusted comment of a .minisig file, *without verifying anything*.
+
+    For a publisher reading the state of its own registry (the last index's sequence number)
+    when it may not hold the key that signed it; never for a trust decision: use
+    :func:`verify`. Raises :class:`SignatureError` (``malformed``) as :func:`verify` would.
+    """
+    return _parse_signature(signature_text)[3]
 
 
 # --- internals ---------------------------------------------------------------------------------

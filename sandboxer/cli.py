@@ -15,10 +15,11 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from . import _json
 from ._digest import tree_checksum
+from ._trusted_keys import parse_trusted_key_option
 from ._units import parse_duration, parse_size
 from .errors import PluginLoadError, SandboxerError, exit_code
 from .loaders import run_mode
@@ -35,6 +36,9 @@ from .sandbox.policy import (
     parse_host_pattern,
     parse_path_grant,
 )
+
+if TYPE_CHECKING:
+    from .registry import Registry, TrustedPublicKey
 
 __all__ = ["main"]
 
@@ -66,9 +70,13 @@ def _add_registry_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("registry options (default: registry and trusted_keys under "
                              "[host] in the host config)")
     g.add_argument("--registry", metavar="REG", help="registry directory or http(s) URL")
-    g.add_argument("--trusted-key", metavar="PUB", action="append", default=[],
-                   help="minisign public key a registry plugin must be signed with; repeat "
-                   "for more")
+    g.add_argument("--trusted-key", metavar="PUB[=IDS]", action="append", default=[],
+                   type=_arg_type(parse_trusted_key_option, "PUB[=IDS]"),
+                   help="minisign public key the registry's index and plugins must be signed "
+                   "with; repeat for more. PUB alone is trusted for every plugin id; "
+                   "PUB=acme.*,acme only for the ids listed, each an exact id or PREFIX.* "
+                   "(acme.* covers acme.tool and acme.x.y, not acme nor acmeevil.x). Replaces "
+                   "the host config's trusted_keys")
 
 
 def _add_sandbox_options(p: argparse.ArgumentParser) -> None:
@@ -132,8 +140,15 @@ def _parser() -> argparse.ArgumentParser:
     publish.add_argument("plugin", metavar="PLUGIN_DIR", type=Path)
     publish.add_argument("--registry", metavar="REG", required=True, type=Path)
     publish.add_argument("--key", metavar="SECRET_KEY", required=True, type=Path)
-    listing = rsub.add_parser("list", help="list a registry's plugins and versions")
-    listing.add_argument("--registry", metavar="REG", required=True)
+    sign_index = rsub.add_parser("sign-index", help="sign a registry's index.json as it "
+                                 "stands with the next sequence number (publish does this "
+                                 "too): for a registry published before indexes were signed, "
+                                 "or to re-sign it with another key")
+    sign_index.add_argument("--registry", metavar="REG", required=True, type=Path)
+    sign_index.add_argument("--key", metavar="SECRET_KEY", required=True, type=Path)
+    listing = rsub.add_parser("list", help="list a registry's plugins and versions (its "
+                              "index verified first)")
+    _add_registry_options(listing)
     listing.add_argument("--json", action="store_true")
     fetch = rsub.add_parser("fetch", help="download, verify and extract ID@VERSION; prints "
                             "the plugin directory")
@@ -255,20 +270,27 @@ def _split_target(text: str) -> tuple[str, str]:
     return plugin_id, wanted
 
 
-def _registry_fetch(target: str, args: argparse.Namespace, host: HostConfig) -> Path:
-    """Fetch ``ID@VERSION`` from the registry the options (or host config) name."""
+def _registry_and_keys(what: str, args: argparse.Namespace,
+                       host: HostConfig) -> tuple[Registry, list[TrustedPublicKey]]:
+    """The registry and the loaded trusted keys the options (or the host config) name."""
     from .errors import RegistryError
-    from .registry import Registry, fetch, load_trusted_keys
+    from .registry import Registry, load_trusted_keys
     location = args.registry or host.registry
     if not location:
-        raise _Usage(f"{target} names a registry plugin: give --registry (or set registry in "
-                     "the host config)")
+        raise _Usage(f"{what}: give --registry (or set registry in the host config)")
     try:
         keys = load_trusted_keys(args.trusted_key or host.trusted_keys)
     except RegistryError as exc:
         raise _Usage(str(exc)) from None
+    return Registry(location), keys
+
+
+def _registry_fetch(target: str, args: argparse.Namespace, host: HostConfig) -> Path:
+    """Fetch ``ID@VERSION`` from the registry the options (or host config) name."""
+    from .registry import fetch
+    registry, keys = _registry_and_keys(f"{target} names a registry plugin", args, host)
     plugin_id, wanted = _split_target(target)
-    _, directory = fetch(Registry(location), plugin_id, wanted, trusted_keys=keys,
+    _, directory = fetch(registry, plugin_id, wanted, trusted_keys=keys,
                          cache_dir=host.cache_dir)
     return directory
 
@@ -471,7 +493,7 @@ async def _cmd_watch(args: argparse.Namespace) -> int:
 
 async def _cmd_registry(args: argparse.Namespace) -> int:
     from . import _minisign
-    from .registry import Registry, publish
+    from .registry import publish, sign_index
     action = args.registry_command
     if action == "keygen":
         public, secret = _minisign.generate_keypair()
@@ -487,23 +509,32 @@ async def _cmd_registry(args: argparse.Namespace) -> int:
         pub_path.write_text(public.to_file_text())
         print(f"public key {pub_path} (key id {public.key_id_hex})\nsecret key {key_path}")
         return 0
-    if action == "publish":
+    if action in ("publish", "sign-index"):
         try:
             secret = _minisign.SecretKey.from_file(args.key)
         except OSError as exc:
             raise _Usage(f"cannot read secret key {args.key}: {exc.strerror}") from None
+        if action == "sign-index":
+            sequence = await asyncio.to_thread(sign_index, args.registry, secret)
+            print(f"signed {args.registry}/index.json: sequence {sequence}, key "
+                  f"{secret.key_id_hex}")
+            return 0
         entry = await asyncio.to_thread(publish, args.plugin, args.registry, secret)
         print(f"published {entry.id}@{entry.version} sha256:{entry.sha256}")
         return 0
+    host = HostConfig.load()
     if action == "list":
-        entries = await asyncio.to_thread(Registry(args.registry).entries)
+        registry, keys = _registry_and_keys("registry list", args, host)
+        index = await asyncio.to_thread(registry.index, keys, cache_dir=host.cache_dir)
+        entries = index.entries()
         if args.json:
             _print_json([e.to_json() for e in entries])
         else:
+            print(f"# {registry.location}: index sequence {index.sequence}, signed by "
+                  f"{index.signer.describe()}")
             for e in entries:
                 print(f"{e.id}@{e.version}  {e.type}  sha256:{e.sha256[:16]}…  {e.published}")
         return 0
-    host = HostConfig.load()
     directory = await asyncio.to_thread(_registry_fetch, args.target, args, host)
     if args.json:
         _print_json({"ok": True, "path": str(directory)})

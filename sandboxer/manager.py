@@ -22,6 +22,7 @@ from typing import Any, Mapping, Sequence
 
 from . import _lifecycle
 from ._digest import tree_checksum
+from ._trusted_keys import TrustedKey
 from .errors import (
     RegistryError,
     PluginCallError,
@@ -525,15 +526,17 @@ class PluginManager:
     async def load_from_registry(
         self, plugin_id: str, version: str = "latest", *,
         registry: str | os.PathLike[str] | None = None,
-        trusted_keys: Sequence[str | os.PathLike[str]] | None = None,
+        trusted_keys: Sequence[TrustedKey | str | os.PathLike[str]] | None = None,
         sandbox: SandboxConfig | None = None, config: Mapping[str, Any] | None = None,
     ) -> LoadedPlugin:
         """Resolve ``plugin_id`` at ``version`` (exact, ``latest`` or a semver range such as
-        ``^1.2``) in a registry, fetch it into the cache, verify its sha256 and its signature
-        against the trusted keys, extract it safely and load it.
+        ``^1.2``) in a registry whose signed index is not older than one seen before, fetch
+        it into the cache, verify its sha256 and its signature against the trusted keys (and
+        their id scopes), extract it safely and load it.
 
-        ``registry`` and ``trusted_keys`` (paths of minisign public keys) default to the host
-        config's ``registry`` and ``trusted_keys``."""
+        ``registry`` and ``trusted_keys`` (paths of minisign public keys, trusted for any id,
+        or ``registry.TrustedKey(path, ids=("acme.*",))``) default to the host config's
+        ``registry`` and ``trusted_keys``."""
         from . import registry as _registry
         location = registry if registry is not None else self.config.registry
         if location is None:

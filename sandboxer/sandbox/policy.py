@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from .._trusted_keys import TrustedKey, parse_trusted_keys
 from .._units import format_duration, format_size, parse_duration, parse_size
 from ..errors import ConfigError, PluginLoadError
 from . import profiles as _profiles
@@ -239,7 +240,9 @@ class HostConfig:
     max_frame: int = 16 << 20
     fallbacks: tuple[str, ...] = ()
     registry: str | None = None          # a registry directory or http(s) base URL
-    trusted_keys: tuple[str, ...] = ()   # minisign public key files registry plugins must match
+    # minisign public keys a registry's index and plugins must be signed with, each trusted for
+    # every plugin id or for the ids its patterns cover; a plain str is a key file for any id
+    trusted_keys: tuple[TrustedKey | str, ...] = ()
     cache_dir: str | None = None         # fetched plugins; default $XDG_CACHE_HOME/sandboxer
     # The egress proxy (network_allowed with allowed_hosts): names it resolves from this
     # hosts file before DNS; connections one plugin may hold at once; how long a client has
@@ -308,7 +311,7 @@ class HostConfig:
             "fallbacks": _parse_fallbacks,
             "wasm_instances": _parse_instances,
             "registry": _parse_registry,
-            "trusted_keys": _parse_path_list,
+            "trusted_keys": _parse_trusted_keys,
             "cache_dir": parse_denied_path,
             "egress_hosts_file": parse_denied_path,
             "egress_max_connections": _parse_connections,
@@ -371,6 +374,11 @@ def _parse_path_list(value: object) -> tuple[str, ...]:
     if not isinstance(value, list):
         raise ValueError("a list of absolute paths")
     return tuple(parse_denied_path(v) for v in value)
+
+
+def _parse_trusted_keys(value: object) -> tuple[TrustedKey, ...]:
+    """``["/k.pub", {key = "/acme.pub", ids = ["acme.*", "acme"]}]`` (see _trusted_keys)."""
+    return parse_trusted_keys(value, parse_path=parse_denied_path)
 
 
 # Named fallbacks a host may opt in to when it cannot enforce something (DESIGN section 6).
