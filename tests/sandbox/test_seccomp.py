@@ -568,6 +568,16 @@ def test_clone_threads_everywhere_processes_only_outside_strict() -> None:
         assert run_bpf(program, "clone3") == RET_ENOSYS
 
 
+def test_memfd_create_and_execveat_are_denied_only_under_strict() -> None:
+    """Strict runs no file a program wrote: a memfd is one no mount's noexec covers, and
+    execveat would exec it (or any open file) by fd. The default allows both."""
+    for name in ("memfd_create", "execveat"):
+        assert run_bpf(default_filter(), name) == RET_ALLOW
+        assert run_bpf(default_filter(network=True), name) == RET_ALLOW
+        assert run_bpf(strict_filter(), name) == RET_EPERM
+    assert run_bpf(strict_filter(), "execve") == RET_ALLOW  # the launcher's exec of the plugin
+
+
 @pytest.mark.parametrize("request_", [0x5412, 0x541C, (1 << 32) | 0x5412, (0xFFFFFFFF << 32) | 0x541C,
                                       (1 << 63) | 0x5412])
 def test_tiocsti_and_tioclinux_are_denied_whatever_the_upper_bits(request_: int) -> None:
