@@ -21,6 +21,7 @@ from typing import Awaitable, Callable
 import pytest
 
 from conftest import REPO
+from sandboxer import PluginManager
 from sandboxer.errors import PluginLoadError
 from sandboxer.sandbox import cgroups, launch
 from sandboxer.sandbox.egress import EgressProxy
@@ -68,6 +69,41 @@ def test_a_profile_without_a_clear_tmp_exec_is_refused(tmp_path: Path, mounts: s
         load_profile("mine", (str(tmp_path),))
     assert message in str(info.value)
     assert str(path) in str(info.value)
+
+
+TMP_OPTIONS = """
+    def tmp():
+        for line in open("/proc/self/mountinfo"):
+            if line.split()[4] == "/tmp":
+                return line.split()[5]
+    """
+
+
+async def test_a_host_profile_decides_tmp_exec_for_exec_and_for_plugins(
+        tmp_path: Path, make_plugin: Callable[..., Path]) -> None:
+    """``tmp_exec`` is read from the profile where the host's ``profile_dirs`` find it, on
+    both paths into the sandbox. The host's ``default`` (noexec /tmp) shadows the shipped
+    one: a path that forgot the directories would get an executable /tmp."""
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    shipped = (_builtin_dir() / "default.toml").read_text()
+    assert "tmp_exec = true\n" in shipped
+    (profiles / "default.toml").write_text(shipped.replace("tmp_exec = true\n",
+                                                           "tmp_exec = false\n"))
+    host = HostConfig(profile_dirs=(str(profiles),))
+    out: list[bytes] = []
+    await launch.run(["/usr/bin/python3", "-c", textwrap.dedent(TMP_OPTIONS) + "print(tmp())"],
+                     effective_config(SandboxRequest(), host), backend=cgroups.detect(),
+                     seccomp_bpf=compile_filter("default", network=False,
+                                                extra_dirs=host.profile_dirs),
+                     sinks=(out.append, out.append), profile_dirs=host.profile_dirs)
+    assert "noexec" in b"".join(out).decode().split(","), out
+    manager = PluginManager(config=host)
+    try:
+        plugin = await manager.load(make_plugin(TMP_OPTIONS))
+        assert "noexec" in (await plugin.call("tmp")).split(",")
+    finally:
+        await manager.aclose()
 
 
 # -- the promises, from the doc ------------------------------------------------------------------
