@@ -378,7 +378,8 @@ async def _cmd_exec(args: argparse.Namespace) -> int:
             command, sandbox, backend=cgroups.detect(),
             seccomp_bpf=compile_filter(sandbox.profile, network=sandbox.network_allowed,
                                        extra_dirs=host.profile_dirs),
-            sinks=(sink(out), sink(err)), egress=egress, setup_timeout=host.setup_timeout)
+            sinks=(sink(out), sink(err)), egress=egress, setup_timeout=host.setup_timeout,
+            profile_dirs=host.profile_dirs)
     finally:
         egress.close()
     if result.oom_killed:

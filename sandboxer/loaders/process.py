@@ -302,7 +302,8 @@ class ProcessLoader:
             env={}, sandbox=sandbox, mounts=tuple(mounts), cwd=PLUGIN_MOUNT,
             masks=masks, pins=pins, copies=(plugin_mount,),
             seccomp_bpf=compile_filter(sandbox.profile, network=sandbox.network_allowed,
-                                       extra_dirs=self.profile_dirs))
+                                       extra_dirs=self.profile_dirs),
+            profile_dirs=self.profile_dirs)
 
     async def start_process(self, plugin: Plugin, sandbox: SandboxConfig, argv: list[str], *,
                             spawner: Spawner | None = None) -> ProcessHandle:

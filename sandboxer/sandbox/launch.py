@@ -35,6 +35,7 @@ from .egress import (EGRESS_SOCKET, PROXY_HOST, PROXY_PORT, EgressEndpoint, Egre
 from .ids import HostIds
 from .paths import open_grant, open_path
 from .policy import SETUP_TIMEOUT, PathGrant, SandboxConfig
+from .profiles import load_profile
 
 __all__ = ["Mount", "LaunchSpec", "launch", "launch_confined", "Confinement",
            "SandboxSetupError", "SANDBOX_UID", "Sources"]
@@ -95,6 +96,7 @@ class LaunchSpec:
     seccomp_bpf: bytes | None = None
     address_space_limit: int | None = None  # RLIMIT_AS, only under the "rlimit" fallback
     files: dict[str, str] = field(default_factory=dict)
+    profile_dirs: tuple[str, ...] = ()  # where sandbox.profile is found (HostConfig's)
 
 
 # Host uids for rootful plugins: one per running sandbox, unique host-wide (sandbox/ids.py).
@@ -286,6 +288,9 @@ def build_spec(spec: LaunchSpec, sources: Sources) -> dict[str, object]:
         "proc_masked": list(PROC_MASKED),
         "proc_readonly": list(PROC_READONLY),
         "tmp_size": sandbox.tmp_size,
+        # From the profile itself, like the seccomp filter, not from the SandboxConfig: a
+        # config built by hand with profile="strict" still gets strict's noexec /tmp.
+        "tmp_exec": load_profile(sandbox.profile, spec.profile_dirs).tmp_exec,
         "rlimits": {"core": 0, "nofile": sandbox.nofile, "fsize": MAX_FILE_SIZE,
                     **({"as": spec.address_space_limit} if spec.address_space_limit else {}),
                     **({"nproc": sandbox.pids_limit} if os.geteuid() == 0 else {})},
@@ -643,7 +648,8 @@ async def run(argv: list[str], sandbox: SandboxConfig, *, backend: CgroupBackend
               seccomp_bpf: bytes | None, cwd: str = "/tmp",
               sinks: tuple[Callable[[bytes], None], Callable[[bytes], None]] | None = None,
               logger: logging.Logger | None = None, egress: EgressProxy | None = None,
-              setup_timeout: float = SETUP_TIMEOUT) -> RunResult:
+              setup_timeout: float = SETUP_TIMEOUT,
+              profile_dirs: tuple[str, ...] = ()) -> RunResult:
     """Run any program in the sandbox (``sandboxer exec``) and wait for it; with allowed
     hosts, its egress goes through ``egress`` (logged as plugin "exec")."""
     spec = LaunchSpec(argv=[_which(argv[0]), *argv[1:]],
@@ -651,7 +657,7 @@ async def run(argv: list[str], sandbox: SandboxConfig, *, backend: CgroupBackend
                            "LANG": "C.UTF-8", "TERM": os.environ.get("TERM", "dumb")},
                       sandbox=sandbox, mounts=tuple(base_mounts() +
                                                     grant_mounts(sandbox.allowed_paths)),
-                      cwd=cwd, seccomp_bpf=seccomp_bpf)
+                      cwd=cwd, seccomp_bpf=seccomp_bpf, profile_dirs=profile_dirs)
     grants = grant_mounts(sandbox.allowed_paths)
     masks, pins = mask_plan(sandbox.denied_paths, grants)
     spec = dataclasses.replace(spec, masks=masks, pins=pins)

@@ -444,9 +444,12 @@ def bind_paths(spec: dict, trees: list[int]) -> None:  # type: ignore[type-arg]
 
 def mount_tmp(spec: dict) -> None:  # type: ignore[type-arg]
     target = NEW_ROOT + "/tmp"
+    # Executable only if the profile says so (default: compilers and test suites run what
+    # they build there); strict's /tmp is noexec like every other writable mount.
+    noexec = 0 if spec["tmp_exec"] else sc.MS_NOEXEC
     with step(Step.ROOT, "/tmp"):
         _mkdirs(target)
-        sc.mount("tmpfs", target, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV,
+        sc.mount("tmpfs", target, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV | noexec,
                  f"mode=1777,size={int(spec['tmp_size'])}")
 
 

@@ -1,5 +1,5 @@
-"""Sandbox profiles: named bundles of default limits (and, with the launcher, the seccomp
-policy and extra mounts), read from ``profiles/*.toml``.
+"""Sandbox profiles: named bundles of default limits, mount flags (and, with the launcher,
+the seccomp policy), read from ``profiles/*.toml``.
 
 Profiles ship with the package (``sandboxer.profiles``); a host may add directories of its
 own (``HostConfig.profile_dirs``), searched first. A profile is parsed strictly and cached per
@@ -14,7 +14,7 @@ import tomllib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .._units import parse_duration, parse_size
 from ..errors import PluginLoadError
@@ -44,6 +44,9 @@ class Profile:
     description: str
     limits: ProfileLimits
     path: str
+    # [mounts] tmp_exec: whether the private /tmp lets programs run (exec, mmap PROT_EXEC)
+    # what is written there. Every other writable mount is noexec under every profile.
+    tmp_exec: bool
 
 
 def _builtin_dir() -> Path:
@@ -119,4 +122,25 @@ def _parse_profile(path: str, _mtime_ns: int) -> Profile:
         description=str(meta.get("description", "")),
         limits=ProfileLimits(**values),
         path=path,
+        tmp_exec=_tmp_exec(data.get("mounts"), fail),
     )
+
+
+_MOUNT_KEYS = {"tmp_exec"}
+
+
+def _tmp_exec(mounts: Any, fail: Callable[[str, str], PluginLoadError]) -> bool:
+    """``[mounts] tmp_exec``: required, so that every profile says whether programs may run
+    what they write to /tmp; an unknown key is refused, since a misspelt one would leave a
+    profile's promise unsaid."""
+    if not isinstance(mounts, dict):
+        raise fail("mounts", "a [mounts] table (with tmp_exec = true or false)")
+    unknown = sorted(set(mounts) - _MOUNT_KEYS)
+    if unknown:
+        known = ", ".join(sorted(_MOUNT_KEYS))
+        raise fail(f"mounts.{unknown[0]}", f"not a known key (known: {known})")
+    value = mounts.get("tmp_exec")
+    if not isinstance(value, bool):
+        raise fail("mounts.tmp_exec", "true or false (may programs run files written to "
+                                      "/tmp?), required")
+    return value

@@ -8,9 +8,10 @@ is answered EPERM, and a call through the i386 (``int 0x80``) or x32 ABI kills t
 Compiled programs are cached per profile file, groups file (both by mtime) and network flag.
 
 This module must never fail open: a profile or groups file that cannot be read, names an
-unknown group, syscall, errno or constant, lacks a comment, or asks for something libseccomp
-cannot express exactly is a PluginLoadError naming the file and the field, never a filter
-with less in it. It never loads a filter into the calling process: it only produces bytes.
+unknown group, syscall, errno or constant, lacks a comment, asks for something libseccomp
+cannot express exactly, or allows inet sockets other than TCP and UDP is a PluginLoadError
+naming the file and the field, never a filter with less (or more) in it. It never loads a
+filter into the calling process: it only produces bytes.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import errno as _errno
 import functools
 import os
 import platform
+import socket
 import tempfile
 import tomllib
 from dataclasses import dataclass, field
@@ -48,6 +50,17 @@ BPF_MAXINSNS = 4096  # the kernel refuses longer classic-BPF programs (EINVAL)
 # these could never start anything.
 LAUNCHER_NEEDS = ("chdir", "execve", "write", "exit_group")
 _U64 = (1 << 64) - 1
+_LOW_32 = 0xFFFFFFFF  # an int argument: the kernel reads only the register's low half
+# Inet sockets a filter may allow: TCP and UDP, each as (type, protocols). socket(2)'s type
+# keeps SOCK_NONBLOCK and SOCK_CLOEXEC above its low 4 bits; its protocol 0 is the type's own.
+# Every other protocol of these families (SCTP, MPTCP, UDP-Lite, ICMP ping sockets, raw IP)
+# is kernel code a TCP/UDP program never asks for. Checked on every compiled filter, whatever
+# group or profile allows the socket (``_check_inet_sockets``).
+_INET_FAMILIES = (int(socket.AF_INET), int(socket.AF_INET6))
+_INET_KINDS = {int(socket.SOCK_STREAM): (0, int(socket.IPPROTO_TCP)),
+               int(socket.SOCK_DGRAM): (0, int(socket.IPPROTO_UDP))}
+_SOCKET_TYPE_BITS = 0xF  # SOCK_TYPE_MASK in the kernel's net.h
+_SOCKET_CALLS = ("socket", "socketpair")  # both create sockets (socketpair fails only after)
 
 _OPS = {
     "eq": pyseccomp.EQ, "ne": pyseccomp.NE, "lt": pyseccomp.LT, "le": pyseccomp.LE,
@@ -385,6 +398,58 @@ def _carve(name: str, allowed: _Rule, exceptions: list[_Rule], default: str) -> 
     return patterns + [r for r in exceptions if r.action != default]
 
 
+# -- inet sockets: TCP and UDP only ---------------------------------------------------------------
+
+def _may_match(check: _ArgCheck | None, low: int) -> bool:
+    """Whether ``check`` lets through some register whose low 32 bits are ``low`` (an int
+    argument's value as the kernel sees it); no check lets everything through."""
+    if check is None or check.op == "ne":  # ne: of low and 2**32 + low, one passes
+        return True
+    if check.op == "eq":
+        return check.value & _LOW_32 == low
+    if check.op == "masked_eq":
+        return check.value & _LOW_32 == low & check.mask & _LOW_32
+    if check.op in ("lt", "le"):  # the smallest such register is low itself
+        return low < check.value if check.op == "lt" else low <= check.value
+    highest = (_LOW_32 << 32) | low  # gt, ge: the largest such register
+    return highest > check.value if check.op == "gt" else highest >= check.value
+
+
+def _pinned(check: _ArgCheck | None, bits: int) -> int | None:
+    """The value of ``bits`` in every register ``check`` lets through, or None if it lets
+    through more than one."""
+    if check is not None and (check.op == "eq" or
+                              (check.op == "masked_eq" and check.mask & bits == bits)):
+        return check.value & bits
+    return None
+
+
+def _check_inet_sockets(rules: list[_Rule]) -> None:
+    """Refuse a filter that could allow an inet socket other than TCP or UDP.
+
+    Every rule that allows socket() or socketpair() for a family that may be AF_INET or
+    AF_INET6 must pin the type (its low 4 bits) to SOCK_STREAM or SOCK_DGRAM and the protocol
+    (its low 32 bits) to 0 or that type's own. Checked on what libseccomp is given, so it holds
+    for every group, profile and host groups file: whoever allows inet sockets (a network
+    profile today, loopback in an empty namespace tomorrow) gets only TCP and UDP.
+    """
+    for rule in rules:
+        if rule.syscall not in _SOCKET_CALLS or rule.action != "allow":
+            continue
+        args = {check.index: check for check in rule.args}
+        if not any(_may_match(args.get(0), family) for family in _INET_FAMILIES):
+            continue
+        kind = _pinned(args.get(1), _SOCKET_TYPE_BITS)
+        protocol = _pinned(args.get(2), _LOW_32)
+        if kind not in _INET_KINDS or protocol not in _INET_KINDS[kind]:
+            raise PluginLoadError(
+                f"seccomp: {rule.syscall}: {rule.origin}: allows inet sockets (AF_INET or "
+                f"AF_INET6) other than TCP and UDP; such a rule must compare arg 1 (the type, "
+                f"masked_eq with SOCK_TYPE_MASK) with SOCK_STREAM or SOCK_DGRAM and arg 2 (the "
+                f"protocol, masked_eq with LOW_32_BITS) with 0 or IPPROTO_TCP for a stream, "
+                f"0 or IPPROTO_UDP for a datagram")
+
+
 # -- compiling ----------------------------------------------------------------------------------
 
 def _libseccomp_action(action: str) -> int:
@@ -427,6 +492,7 @@ def _compile(profile_path: str, _profile_mtime_ns: int, groups_path: str,
              groups_mtime_ns: int, network: bool) -> bytes:
     groups = _parse_groups(groups_path, groups_mtime_ns)
     rules = _plan(_profile_rules(profile_path, groups, network))
+    _check_inet_sockets(rules)
     allowed = {r.syscall for r in rules if r.action == "allow" and not r.args}
     missing = [name for name in LAUNCHER_NEEDS if name not in allowed]
     if missing:

@@ -47,7 +47,8 @@ SECRET_TEXT = "host secret: a plugin must never read this\n"
 # may ever appear on the host.
 HOST_UNTOUCHED = ("/escape-probe", "/usr/escape-probe", "/tmp/probe-fifo", "/tmp/mem",
                   "/tmp/kmsg", "/tmp/vda", "/tmp/fill", "/dev/shm/fill", "/tmp/plugin.py",
-                  "/dev/shm/probe-copy")
+                  "/dev/shm/probe-copy", "/tmp/probe-exec", "/dev/shm/probe-exec",
+                  "/tmp/probe-copy")
 
 
 @pytest.fixture(scope="session")

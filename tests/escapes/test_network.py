@@ -1,5 +1,6 @@
 """Escape probes on the network: the host's loopback services, its abstract and path unix
-sockets, the cloud metadata address, and every socket family a plugin should never get.
+sockets, the cloud metadata address, every socket family a plugin should never get, and,
+with network on, every inet protocol but TCP and UDP.
 
 The criterion for reaching something over the network is "no connection": the plugin's net
 namespace is empty, so ENETUNREACH or ECONNREFUSED are as good as the filter's EPERM, and the
@@ -13,11 +14,15 @@ import asyncio
 import os
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, AsyncIterator
 
 import pytest
+import pytest_asyncio
 
-from .conftest import Fleet
+from sandboxer import PluginManager, load_plugin
+from sandboxer.sandbox.policy import effective_config
+
+from .conftest import Canaries, Fleet, start_fleet
 
 pytestmark = [pytest.mark.usefixtures("no_leaks"), pytest.mark.asyncio(loop_scope="module")]
 
@@ -190,3 +195,80 @@ async def test_unix_sockets_still_work(fleet: Fleet) -> None:
         {"ok": "created"}
     assert await fleet.probe("open_socketpair", socket.AF_UNIX, socket.SOCK_DGRAM, 0) == \
         {"ok": "created"}
+
+
+# -- with network on: TCP and UDP, nothing else of the inet families -------------------------------
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def network_fleet(canaries: Canaries, hostile_dir: Path) -> AsyncIterator[Fleet]:
+    """The hostile plugin with network on (one allowed host, so through the egress proxy:
+    its own net namespace still), as the manager loads it: the filter's network variant."""
+    manager = PluginManager()
+    request = load_plugin(hostile_dir).sandbox
+    sandbox = effective_config(request, manager.config).replace(
+        network_allowed=True, allowed_hosts=("allowed.test",))
+    manager, fleet = await start_fleet(canaries, hostile_dir, sandbox=sandbox, manager=manager)
+    try:
+        yield fleet
+    finally:
+        await manager.aclose()
+    canaries.check()
+
+
+AF_INET, AF_INET6 = int(socket.AF_INET), int(socket.AF_INET6)
+STREAM, DGRAM, RAW = int(socket.SOCK_STREAM), int(socket.SOCK_DGRAM), int(socket.SOCK_RAW)
+NONBLOCK_CLOEXEC = int(socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMPV6 = 1, 6, 17, 58
+IPPROTO_SCTP, IPPROTO_UDPLITE, IPPROTO_MPTCP = 132, 136, 262
+
+
+def _inet(family: int, kind: int, protocol: int, id: str):  # type: ignore[no-untyped-def]
+    return pytest.param(f"{family},{kind:#x},{protocol:#x}", id=id)
+
+
+# Each is kernel code a TCP/UDP program never needs. Without the protocol check, MPTCP and
+# UDP-Lite sockets are made, ping sockets answer EACCES (the namespace's ping_group_range,
+# not the filter) and SCTP EPROTONOSUPPORT (not built here): all reached the kernel.
+OTHER_PROTOCOLS = [
+    _inet(AF_INET, STREAM, IPPROTO_SCTP, "sctp-one-to-one"),
+    _inet(AF_INET, STREAM, IPPROTO_SCTP | 1 << 32, "sctp-with-the-upper-32-bits-set"),
+    _inet(AF_INET6, STREAM, IPPROTO_SCTP, "sctp-ipv6"),
+    _inet(AF_INET, STREAM, IPPROTO_MPTCP, "mptcp"),
+    _inet(AF_INET6, STREAM | NONBLOCK_CLOEXEC, IPPROTO_MPTCP, "mptcp-ipv6-nonblocking"),
+    _inet(AF_INET, DGRAM, IPPROTO_ICMP, "icmp-ping-socket"),
+    _inet(AF_INET6, DGRAM, IPPROTO_ICMPV6, "icmpv6-ping-socket"),
+    _inet(AF_INET, DGRAM, IPPROTO_UDPLITE, "udp-lite"),
+    _inet(AF_INET, STREAM, IPPROTO_UDP, "stream-socket-asking-for-udp"),
+    _inet(AF_INET, DGRAM, IPPROTO_TCP, "datagram-socket-asking-for-tcp"),
+    _inet(AF_INET, RAW, IPPROTO_TCP, "raw-ipv4-tcp"),
+    _inet(AF_INET6, RAW, IPPROTO_UDP, "raw-ipv6-udp"),
+]
+
+
+@pytest.mark.parametrize("spec", OTHER_PROTOCOLS)
+async def test_with_network_only_tcp_and_udp_sockets_are_made(network_fleet: Fleet,
+                                                                spec: str) -> None:
+    """The filter's own answer (EPERM, with the process still running): not the kernel's."""
+    assert await network_fleet.run("socket", spec) == {"rc": 0, "out": "errno=EPERM",
+                                                       "err": ""}
+
+
+TCP_AND_UDP = [
+    _inet(AF_INET, STREAM, 0, "tcp"),
+    _inet(AF_INET, STREAM, IPPROTO_TCP, "tcp-by-number"),
+    _inet(AF_INET, STREAM | NONBLOCK_CLOEXEC, IPPROTO_TCP, "tcp-nonblocking-cloexec"),
+    _inet(AF_INET, STREAM, IPPROTO_TCP | 1 << 32, "tcp-with-the-upper-32-bits-set"),
+    _inet(AF_INET, DGRAM, 0, "udp"),
+    _inet(AF_INET, DGRAM | NONBLOCK_CLOEXEC, IPPROTO_UDP, "udp-by-number-nonblocking"),
+    _inet(AF_INET6, STREAM, 0, "tcp-ipv6"),
+    _inet(AF_INET6, STREAM | NONBLOCK_CLOEXEC, IPPROTO_TCP, "tcp-ipv6-by-number"),
+    _inet(AF_INET6, DGRAM, IPPROTO_UDP, "udp-ipv6-by-number"),
+]
+
+
+@pytest.mark.parametrize("spec", TCP_AND_UDP)
+async def test_with_network_tcp_and_udp_sockets_are_made(network_fleet: Fleet,
+                                                         spec: str) -> None:
+    """The control: what programs use, with or without SOCK_NONBLOCK|SOCK_CLOEXEC in the
+    type, and with the protocol by number or as 0."""
+    assert await network_fleet.run("socket", spec) == {"rc": 0, "out": "ok 0", "err": ""}

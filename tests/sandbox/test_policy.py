@@ -708,6 +708,9 @@ PROFILE = textwrap.dedent("""\
     tmp_size = "1MiB"
     nofile = 32
     timeout = "1s"
+
+    [mounts]
+    tmp_exec = true
     """)
 
 

@@ -568,6 +568,16 @@ def test_clone_threads_everywhere_processes_only_outside_strict() -> None:
         assert run_bpf(program, "clone3") == RET_ENOSYS
 
 
+def test_memfd_create_and_execveat_are_denied_only_under_strict() -> None:
+    """Strict runs no file a program wrote: a memfd is one no mount's noexec covers, and
+    execveat would exec it (or any open file) by fd. The default allows both."""
+    for name in ("memfd_create", "execveat"):
+        assert run_bpf(default_filter(), name) == RET_ALLOW
+        assert run_bpf(default_filter(network=True), name) == RET_ALLOW
+        assert run_bpf(strict_filter(), name) == RET_EPERM
+    assert run_bpf(strict_filter(), "execve") == RET_ALLOW  # the launcher's exec of the plugin
+
+
 @pytest.mark.parametrize("request_", [0x5412, 0x541C, (1 << 32) | 0x5412, (0xFFFFFFFF << 32) | 0x541C,
                                       (1 << 63) | 0x5412])
 def test_tiocsti_and_tioclinux_are_denied_whatever_the_upper_bits(request_: int) -> None:
@@ -587,6 +597,50 @@ def test_other_ioctls_are_allowed(request_: int) -> None:
 ])
 def test_personality(value: int, answer: int) -> None:
     assert run_bpf(default_filter(), "personality", value) == answer
+
+
+AF_UNIX, AF_INET, AF_INET6, AF_NETLINK = 1, 2, 10, 16
+SOCK_STREAM, SOCK_DGRAM, SOCK_RAW, SOCK_SEQPACKET = 1, 2, 3, 5
+NONBLOCK_CLOEXEC = 0x800 | 0x80000  # SOCK_NONBLOCK | SOCK_CLOEXEC, carried in the type
+TCP, UDP, ICMP, ICMPV6, SCTP, UDPLITE, MPTCP = 6, 17, 1, 58, 132, 136, 262
+
+
+@pytest.mark.parametrize(("family", "kind", "protocol", "answer"), [
+    pytest.param(AF_INET, SOCK_STREAM, 0, RET_ALLOW, id="tcp"),
+    pytest.param(AF_INET, SOCK_STREAM, TCP, RET_ALLOW, id="tcp-by-number"),
+    pytest.param(AF_INET, SOCK_STREAM | NONBLOCK_CLOEXEC, TCP, RET_ALLOW, id="tcp-with-flags"),
+    pytest.param(AF_INET, SOCK_STREAM, (1 << 32) | TCP, RET_ALLOW, id="tcp-upper-bits"),
+    pytest.param(AF_INET, SOCK_DGRAM, 0, RET_ALLOW, id="udp"),
+    pytest.param(AF_INET, SOCK_DGRAM | NONBLOCK_CLOEXEC, UDP, RET_ALLOW, id="udp-with-flags"),
+    pytest.param(AF_INET6, SOCK_STREAM | NONBLOCK_CLOEXEC, 0, RET_ALLOW, id="tcp6"),
+    pytest.param(AF_INET6, SOCK_DGRAM, UDP, RET_ALLOW, id="udp6-by-number"),
+    pytest.param((1 << 32) | AF_INET6, SOCK_DGRAM, 0, RET_ALLOW, id="udp6-family-upper-bits"),
+    pytest.param(AF_INET, SOCK_STREAM, SCTP, RET_EPERM, id="sctp"),
+    pytest.param(AF_INET, SOCK_SEQPACKET, SCTP, RET_EPERM, id="sctp-seqpacket"),
+    pytest.param(AF_INET, SOCK_STREAM, (1 << 32) | SCTP, RET_EPERM, id="sctp-upper-bits"),
+    pytest.param(AF_INET6, SOCK_STREAM, MPTCP, RET_EPERM, id="mptcp6"),
+    pytest.param(AF_INET, SOCK_STREAM, MPTCP, RET_EPERM, id="mptcp"),  # 0x106: TCP in its low byte
+    pytest.param(AF_INET, SOCK_DGRAM, ICMP, RET_EPERM, id="icmp-ping"),
+    pytest.param(AF_INET6, SOCK_DGRAM, ICMPV6, RET_EPERM, id="icmpv6-ping"),
+    pytest.param(AF_INET, SOCK_DGRAM, UDPLITE, RET_EPERM, id="udp-lite"),
+    pytest.param(AF_INET, SOCK_STREAM, UDP, RET_EPERM, id="stream-asking-for-udp"),
+    pytest.param(AF_INET, SOCK_DGRAM, TCP, RET_EPERM, id="datagram-asking-for-tcp"),
+    pytest.param(AF_INET, SOCK_RAW, TCP, RET_EPERM, id="raw-tcp"),
+    pytest.param(AF_INET, SOCK_RAW, 0, RET_EPERM, id="raw-0"),
+    pytest.param(AF_NETLINK, SOCK_DGRAM, 0, RET_EPERM, id="netlink"),
+    pytest.param(AF_UNIX, SOCK_SEQPACKET, 0, RET_ALLOW, id="unix"),
+])
+def test_with_network_inet_sockets_are_tcp_and_udp_only(family: int, kind: int, protocol: int,
+                                                        answer: int) -> None:
+    assert run_bpf(default_filter(network=True), "socket", family, kind, protocol) == answer
+
+
+def test_without_network_no_inet_socket_at_all() -> None:
+    for program in (default_filter(), strict_filter()):
+        for family in (AF_INET, AF_INET6):
+            for kind, protocol in ((SOCK_STREAM, 0), (SOCK_DGRAM, UDP), (SOCK_STREAM, TCP)):
+                assert run_bpf(program, "socket", family, kind, protocol) == RET_EPERM
+        assert run_bpf(program, "socket", AF_UNIX, SOCK_STREAM, 0) == RET_ALLOW
 
 
 # -- compiling once ------------------------------------------------------------------------------
@@ -645,6 +699,8 @@ syscalls = ["read", "chdir", "execve", "write", "exit_group"]
 comment = "test"
 syscalls = ["read"]
 """
+
+INET_REFUSED = "allows inet sockets (AF_INET or AF_INET6) other than TCP and UDP"
 
 BAD_PROFILES = [
     pytest.param("", "seccomp: a [seccomp] table", id="no-seccomp-table"),
@@ -716,6 +772,32 @@ BAD_PROFILES = [
                  'action = "errno:EPERM"\ncomment = "c"\nargs = [{index = 0, op = "gt", value = 2}]\n',
                  "an exception to an allowed syscall must compare one argument",
                  id="exception-libseccomp-cannot-express"),
+    *[pytest.param('[seccomp]\ngroups = ["base"]\n[[seccomp.rules]]\nsyscalls = '
+                   f'["{call}"]\naction = "allow"\ncomment = "c"\nargs = [{args}]\n',
+                   INET_REFUSED, id=id) for call, args, id in [
+        ("socket", "", "socket-for-every-family"),
+        ("socketpair", "", "socketpair-for-every-family"),
+        ("socket", '{index = 0, op = "eq", value = 2}', "inet-socket-of-any-type"),
+        ("socket", '{index = 0, op = "eq", value = 2}, '
+                   '{index = 1, op = "masked_eq", mask = 15, value = 1}',
+         "inet-stream-of-any-protocol"),
+        ("socket", '{index = 0, op = "eq", value = 10}, {index = 1, op = "eq", value = 1}, '
+                   '{index = 2, op = "eq", value = 132}', "inet6-sctp"),
+        ("socket", '{index = 0, op = "eq", value = 2}, {index = 1, op = "eq", value = 3}, '
+                   '{index = 2, op = "eq", value = 6}', "raw-socket-asking-for-tcp"),
+        ("socket", '{index = 0, op = "eq", value = 2}, {index = 1, op = "eq", value = 2}, '
+                   '{index = 2, op = "eq", value = 6}', "datagram-socket-asking-for-tcp"),
+        ("socket", '{index = 0, op = "eq", value = 2}, {index = 1, op = "eq", value = 1}, '
+                   '{index = 2, op = "masked_eq", mask = 255, value = 6}',
+         "tcp-by-a-one-byte-mask-lets-mptcp-through"),
+        ("socket", '{index = 0, op = "eq", value = 2}, '
+                   '{index = 1, op = "masked_eq", mask = 7, value = 1}, '
+                   '{index = 2, op = "eq", value = 0}', "stream-by-a-three-bit-mask"),
+        ("socket", '{index = 0, op = "lt", value = 11}', "families-below-11"),
+        ("socket", '{index = 0, op = "ne", value = 1}', "every-family-but-unix"),
+        ("socket", '{index = 0, op = "masked_eq", mask = 1, value = 0}', "even-families"),
+        ("socket", '{index = 0, op = "eq", value = 0x100000002}', "af-inet-in-the-low-half"),
+    ]],
     pytest.param('[seccomp]\ngroups = ["reading"]\n', "seccomp.groups: groups that allow chdir, "
                  "execve, write, exit_group", id="a-profile-that-could-never-exec-its-plugin"),
 ]
@@ -729,6 +811,23 @@ def test_an_invalid_profile_is_refused(tmp_path: Path, table: str, message: str)
         compile_filter("bad", network=False, extra_dirs=(str(tmp_path),))
     assert message in str(info.value)
     assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("args", [
+    pytest.param('{index = 0, op = "eq", value = 16}', id="netlink-is-not-inet"),
+    pytest.param('{index = 0, op = "eq", value = 2}, {index = 1, op = "eq", value = 0x80001}, '
+                 '{index = 2, op = "eq", value = 6}', id="tcp-cloexec-by-eq"),
+    pytest.param('{index = 0, op = "masked_eq", mask = 0xffffffff, value = 10}, '
+                 '{index = 1, op = "masked_eq", mask = 0xffff, value = 2}, '
+                 '{index = 2, op = "masked_eq", mask = 0xffffffffffffffff, value = 0}',
+                 id="udp6-by-wider-masks"),
+])
+def test_an_inet_rule_pinned_to_tcp_or_udp_is_accepted(tmp_path: Path, args: str) -> None:
+    """The other side of the refusals above: the check asks for TCP or UDP, not a spelling."""
+    (tmp_path / "seccomp.toml").write_text(GROUPS_OK)
+    _copy_profile(tmp_path, "fine", '[seccomp]\ngroups = ["base"]\n[[seccomp.rules]]\n'
+                  f'syscalls = ["socket"]\naction = "allow"\ncomment = "c"\nargs = [{args}]\n')
+    assert compile_filter("fine", network=False, extra_dirs=(str(tmp_path),))
 
 
 BAD_GROUPS = [

@@ -126,6 +126,18 @@ def execute(path, name="euid"):
         return {"errno": errno.errorcode.get(exc.errno, str(exc.errno))}
 
 
+def exec_in_place(path, *args):
+    """Replace this process with ``path``: how a plugin that may not fork (the strict profile)
+    would run a program it wrote. Answers only if the exec fails; if it works, the plugin is
+    gone and the call never returns."""
+    return _outcome(os.execv, path, [path, *args])
+
+
+def memfd():
+    """An anonymous in-memory file (memfd_create), closed again."""
+    return _outcome(lambda: os.close(os.memfd_create("probe")) or "created")
+
+
 def fill(path, chunk_mib=1):
     """Write to ``path`` until the filesystem says no; how far it got, and the errno."""
     chunk = b"\xa5" * (chunk_mib << 20)

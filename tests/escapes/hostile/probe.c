@@ -4,7 +4,9 @@
  *     ok RET          the call succeeded (returned RET)
  *     errno=NAME      it failed with errno NAME (EPERM, ENOSYS, EINVAL, ...)
  *
- * or the process is killed by SIGSYS (the filter's answer to the i386 and x32 ABIs).
+ * or the process is killed by SIGSYS (the filter's answer to the i386 and x32 ABIs). The exec
+ * probes copy /bin/echo somewhere and run the copy with the argument "exec-worked": if the
+ * exec succeeds, that is what the probe prints instead.
  *
  * Every argument is chosen so that a call that got past the filter would either succeed or
  * fail with an errno that only the kernel's own code gives (EINVAL, EBADF, ENOTTY, EFAULT
@@ -131,6 +133,49 @@ static long int80(long nr, long a, long b, long c) {
     long ret;
     __asm__ volatile("int $0x80" : "=a"(ret) : "a"(nr), "b"(a), "c"(b), "d"(c) : "memory");
     return ret;
+}
+
+/* Copy /bin/echo into fd (a file in a writable mount, a memfd): the program the exec probes
+ * try to run from there. Returns fd, or -1 with errno set. */
+static int copy_echo(int fd) {
+    char chunk[65536];
+    ssize_t n;
+    int src = open("/bin/echo", O_RDONLY | O_CLOEXEC);
+    if (src < 0 || fd < 0)
+        return -1;
+    while ((n = read(src, chunk, sizeof chunk)) > 0)
+        if (write(fd, chunk, (size_t)n) != n)
+            return -1;
+    close(src);
+    return n < 0 ? -1 : fd;
+}
+
+/* The copy of /bin/echo at path, executable, closed (an open writer would make exec ETXTBSY). */
+static int copy_echo_to(const char *path) {
+    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0755);
+    if (copy_echo(fd) < 0)
+        return -1;
+    return close(fd);
+}
+
+static char *const WORKED[] = {"echo", "exec-worked", NULL};
+
+/* exec through /proc/self/fd/N: what fexecve(3) falls back to without execveat */
+static long exec_fd_path(int fd) {
+    char path[64];
+    snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
+    return syscall(SYS_execve, path, WORKED, environ);
+}
+
+static long socket_(const char *spec) {  /* "family,type,protocol", numbers as strtoul reads them */
+    char *end;
+    unsigned long family = strtoul(spec, &end, 0);
+    unsigned long type = strtoul(end + (*end == ','), &end, 0);
+    unsigned long protocol = strtoul(end + (*end == ','), &end, 0);
+    long fd = syscall(SYS_socket, family, type, protocol);
+    if (fd >= 0)
+        close((int)fd);
+    return fd < 0 ? fd : 0;
 }
 
 static long unshare_(unsigned long flags) { return syscall(SYS_unshare, flags); }
@@ -373,6 +418,52 @@ static int probe(const char *name, const char *arg) {
         return report(syscall(SYS_ioctl, devnull, TIOCLINUX_, buf));
     if (IS("tiocgwinsz"))  /* the control: an ordinary ioctl reaches the kernel (ENOTTY) */
         return report(syscall(SYS_ioctl, devnull, 0x5413UL, buf));
+    /* -- running files the program wrote ------------------------------------------------- */
+    if (IS("exec-copy")) {  /* arg: where to put the copy; execve it */
+        if (copy_echo_to(arg) < 0)
+            return report(-1);
+        return report(syscall(SYS_execve, arg, WORKED, environ));
+    }
+    if (IS("exec-copy-via-ldso")) {  /* the dynamic loader maps the copy itself, no execve of it */
+        char *const argv[] = {"ld.so", (char *)arg, "exec-worked", NULL};
+        if (copy_echo_to(arg) < 0)
+            return report(-1);
+        return report(syscall(SYS_execve, "/lib64/ld-linux-x86-64.so.2", argv, environ));
+    }
+    if (IS("exec-copy-by-fd")) {  /* arg: where to put the copy; exec it through its fd */
+        int fd;
+        if (copy_echo_to(arg) < 0 || (fd = open(arg, O_RDONLY)) < 0)
+            return report(-1);
+        return report(exec_fd_path(fd));
+    }
+    if (IS("exec-tmpfile")) {  /* arg: a directory; an unnamed file in it (O_TMPFILE), exec'd by fd */
+        char path[64];
+        int fd, ro;
+        if ((fd = open(arg, O_TMPFILE | O_RDWR, 0755)) < 0 || copy_echo(fd) < 0)
+            return report(-1);
+        snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
+        if ((ro = open(path, O_RDONLY)) < 0)
+            return report(-1);
+        close(fd);  /* no writer left, or exec says ETXTBSY */
+        return report(exec_fd_path(ro));
+    }
+    if (IS("memfd-create"))
+        return report(syscall(SYS_memfd_create, "probe", 0U));
+    if (IS("exec-memfd")) {  /* a file no mount holds, so no noexec covers it */
+        long fd = syscall(SYS_memfd_create, "probe", 0U);
+        if (fd < 0 || copy_echo((int)fd) < 0)
+            return report(-1);
+        return report(exec_fd_path((int)fd));
+    }
+    if (IS("execveat-fd")) {  /* fexecve(3): exec an open file, here /bin/echo itself */
+        int fd = open("/bin/echo", O_RDONLY);
+        return report(syscall(SYS_execveat, fd, "", WORKED, environ, 0x1000 /* AT_EMPTY_PATH */));
+    }
+    if (IS("execveat-path"))
+        return report(syscall(SYS_execveat, AT_FDCWD, "/bin/echo", WORKED, environ, 0));
+    /* -- sockets ------------------------------------------------------------------------ */
+    if (IS("socket"))  /* arg: "family,type,protocol" */
+        return report(socket_(arg));
     /* -- identity ---------------------------------------------------------------------- */
     if (IS("setuid-0")) return report(syscall(SYS_setuid, 0));
     if (IS("setresuid-0")) return report(syscall(SYS_setresuid, 0, 0, 0));
