@@ -19,6 +19,14 @@ refilled per call. A module that can block in a host call (WASI's ``poll_oneoff`
 ``sandboxer.http_request``) runs every call on a worker instead; those host calls wait in
 short steps and trap as the call's timeout once its deadline passes.
 
+Files. Each allowed path is opened once, at load, beneath its path root and through no link
+(``sandbox/paths.open_grant``), and that descriptor is kept for the generation's life. Every
+WASI context preopens the directory *from the descriptor* (its ``/proc/self/fd`` link), never
+by name again: a plugin (or a co-tenant) that renames a granted directory away and puts a link
+in its place changes nothing a later instance or command run sees. Inside a preopen, wasmtime
+resolves every guest path beneath that directory (openat2 ``RESOLVE_BENEATH``): a link that
+leads out of it is refused, for reads and writes alike.
+
 Network. A plugin has no sockets. ``sandboxer.http_request`` hands one HTTP(S) request to the
 egress proxy's rules (sandbox/_egress_fetch.py: the plugin's allow-list, the proxy's resolver,
 its log and counters) and keeps the response JSON for ``sandboxer.http_response`` to copy.
@@ -40,7 +48,6 @@ import dataclasses
 import gc
 import itertools
 import logging
-import os
 import threading
 import time
 import weakref
@@ -66,6 +73,7 @@ from ..errors import (
 )
 from ..manifest import LoaderType, Plugin
 from ..sandbox.egress import AllowList, EgressProxy, network_mode
+from ..sandbox.paths import OpenedPath, open_grant
 from ..sandbox.policy import SandboxConfig
 from ..sandbox.process import LineLog
 from . import Health, ResourceUsage
@@ -594,8 +602,14 @@ class WasmHandle:
 
     def __init__(self, plugin: Plugin, sandbox: SandboxConfig, engine: WasmEngine,
                  module: wasmtime.Module, digest: str, layout: _Layout, *, pool_size: int,
-                 egress: EgressProxy) -> None:
+                 egress: EgressProxy, grants: tuple[OpenedPath, ...] = ()) -> None:
         self.plugin = plugin
+        # The allowed paths, each opened once at load (WasmLoader.start): owned by this handle
+        # from here on, preopened from their descriptors, closed once when it closes. The
+        # lock keeps close() from freeing a descriptor number while a WASI context is being
+        # built from its /proc/self/fd link on a worker thread.
+        self._grants = grants
+        self._grants_lock = threading.Lock()
         self._digest = digest
         self._sandbox = sandbox
         self._engine = engine
@@ -690,9 +704,33 @@ class WasmHandle:
         wasi.stdout_custom = stdout
         wasi.stderr_custom = stderr
         self._engine.sinks.update((stdout, stderr))
-        for grant in self._sandbox.allowed_paths:
-            wasi.preopen_dir(grant.path, grant.path, fs_mutable=grant.writable)
+        self._preopen(wasi)
         return wasi
+
+    def _preopen(self, wasi: wasmtime.WasiConfig) -> None:
+        """Give ``wasi`` each allowed path, from the descriptor opened at load.
+
+        wasmtime opens the host path it is given at once, here (one ``openat`` of
+        ``/proc/self/fd/N``, which the kernel resolves to the directory the descriptor holds,
+        whatever has become of its name), and resolves every guest path beneath what it
+        opened. The guest sees the grant at the path as written."""
+        pid = self.plugin.id
+        with self._grants_lock:
+            for grant in self._grants:
+                if grant.fd < 0:
+                    raise self._closed_error()
+                try:
+                    wasi.preopen_dir(grant.proc_path, grant.path, fs_mutable=grant.writable)
+                except wasmtime.WasmtimeError:
+                    raise PluginLoadError(
+                        f"plugin {pid}: allowed path {grant.path} could not be preopened from "
+                        f"its descriptor ({grant.proc_path}, {grant.host_path}); is /proc "
+                        "mounted in the supervisor?", plugin_id=pid) from None
+
+    def _close_grants(self) -> None:
+        with self._grants_lock:
+            for grant in self._grants:
+                grant.close()
 
     def _line_sink(self, name: str) -> Callable[[bytes], int]:
         lines = LineLog(name=name, logger=self._log,
@@ -1335,6 +1373,9 @@ class WasmHandle:
         if self._closed:
             return
         self._closed = True
+        # First, so that nothing below can skip it: no WASI context is built from here on
+        # (_preopen raises), and calls still running keep the directories wasmtime opened.
+        self._close_grants()
         error = self._closed_error()
         while self._waiters:
             waiter = self._waiters.popleft()
@@ -1390,10 +1431,6 @@ class WasmLoader:
                 "its timeout and, if set, fuel); remove cpu_limit or set fuel",
                 missing="cpu quota for in-process wasm", plugin_id=pid)
         for grant in sandbox.allowed_paths:
-            if not os.path.isdir(grant.path):
-                raise PluginLoadError(
-                    f"plugin {pid}: allowed path {grant.path} is not an existing directory; "
-                    "WASI can only be given directories", plugin_id=pid)
             for denied in sandbox.denied_paths:
                 if denied == grant.path or denied.startswith(grant.path.rstrip("/") + "/"):
                     raise PluginLoadError(
@@ -1401,6 +1438,29 @@ class WasmLoader:
                         f"{grant.path}; WASI cannot mask part of a preopened directory, so "
                         "wasm plugins may not have it (allow narrower directories instead)",
                         plugin_id=pid)
+
+    @staticmethod
+    def _open_grants(plugin: Plugin, sandbox: SandboxConfig) -> tuple[OpenedPath, ...]:
+        """Open every allowed path once, for this generation's life: beneath its path root
+        through no link (or, an operator's grant, as named), and check that what was opened
+        is a directory. The check and every later use are of the same descriptor, so what
+        happens to the names afterwards does not matter. Nothing stays open on failure."""
+        pid = plugin.id
+        opened: list[OpenedPath] = []
+        try:
+            for grant in sandbox.allowed_paths:
+                path = open_grant(grant, plugin_id=pid)
+                opened.append(path)
+                if not path.is_dir:
+                    raise PluginLoadError(
+                        f"plugin {pid}: allowed path {grant.path} is not a directory (it is "
+                        f"{path.host_path}); WASI can only be given directories",
+                        plugin_id=pid)
+        except BaseException:
+            for path in opened:
+                path.close()
+            raise
+        return tuple(opened)
 
     def _compile(self, plugin: Plugin) -> tuple[wasmtime.Module, str]:
         pid = plugin.id
@@ -1425,6 +1485,18 @@ class WasmLoader:
     async def start(self, plugin: Plugin, sandbox: SandboxConfig, *,
                     generation: int) -> WasmHandle:
         self._check_sandbox(plugin, sandbox)
+        grants = self._open_grants(plugin, sandbox)
+        try:
+            handle = await self._make_handle(plugin, sandbox, grants)
+        except BaseException:
+            for grant in grants:
+                grant.close()
+            raise
+        await handle.start()  # closes the handle, and with it the grants, if it fails
+        return handle
+
+    async def _make_handle(self, plugin: Plugin, sandbox: SandboxConfig,
+                           grants: tuple[OpenedPath, ...]) -> WasmHandle:
         loop = asyncio.get_running_loop()
         module, digest = await loop.run_in_executor(self._engine.executor, self._compile,
                                                     plugin)
@@ -1436,11 +1508,10 @@ class WasmLoader:
                     f"plugin {plugin.id}: exports state, so it must run as one instance; the "
                     f"host's wasm_instances = {pool} would split its state",
                     plugin_id=plugin.id)
+            handle = WasmHandle(plugin, sandbox, self._engine, module, digest, layout,
+                                pool_size=pool, egress=self._egress, grants=grants)
         except BaseException:
             self._engine.release(digest)
             raise
-        handle = WasmHandle(plugin, sandbox, self._engine, module, digest, layout,
-                            pool_size=pool, egress=self._egress)
         handle._max_output = self._max_frame
-        await handle.start()
         return handle

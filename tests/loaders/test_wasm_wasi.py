@@ -39,6 +39,7 @@ from sandboxer import (
     PluginCallError,
     PluginLoadError,
     PluginManager,
+    PluginStateError,
 )
 from sandboxer.sandbox.policy import HostConfig
 
@@ -687,14 +688,15 @@ async def test_a_denied_path_inside_an_allowed_path_is_a_load_error(tmp_path, wa
 
 
 async def test_an_allowed_path_must_be_an_existing_directory(tmp_path, wasm_build, tree):
-    for grant in (tree.ro / "data.txt", tree.data / "missing"):
+    cases = {tree.ro / "data.txt": "is not a directory", tree.data / "missing": "does not exist"}
+    for grant, why in cases.items():
         plugin = write_plugin(tmp_path / f"p-{grant.name}", wasm_build.cmd,
                               plugin_id="test.notdir",
                               sandbox={"allowed_paths": [str(grant)]})
         async with PluginManager(host(tmp_path)) as mgr:
             with pytest.raises(PluginLoadError) as info:
                 await mgr.load(plugin)
-            assert str(grant) in str(info.value) and "directory" in str(info.value)
+            assert str(grant) in str(info.value) and why in str(info.value)
 
 
 async def test_an_allowed_path_outside_the_path_roots_is_refused(tmp_path, wasm_build, tree):
@@ -706,17 +708,53 @@ async def test_an_allowed_path_outside_the_path_roots_is_refused(tmp_path, wasm_
         assert "/etc" in str(info.value) and "path_roots" in str(info.value)
 
 
+@pytest.mark.parametrize("failure", ["a_later_grant_is_refused", "not_a_module",
+                                     "initialize_traps"])
+async def test_a_failed_load_keeps_no_grant_open(tmp_path, wasm_build, tree, failure):
+    """The grants are opened before the module is compiled and instantiated: whichever step
+    fails, every grant opened so far is closed again."""
+    wasm = wasm_build.badinit if failure == "initialize_traps" else wasm_build.cmd
+    grants = [str(tree.ro), f"{tree.rw}:rw"]
+    if failure == "a_later_grant_is_refused":
+        grants.append(str(tree.ro / "data.txt"))
+    plugin = write_plugin(tmp_path / "p", wasm, plugin_id="test.failed",
+                          sandbox={"allowed_paths": grants})
+    if failure == "not_a_module":
+        (plugin / "plugin.wasm").write_bytes(b"\0asm but not really")
+    async with PluginManager(host(tmp_path)) as mgr:
+        with pytest.raises(PluginLoadError) as info:
+            await mgr.load(plugin)
+        assert info.value.plugin_id == "test.failed"
+        assert open_fds_under(tree.data) == []
+
+
+async def test_the_grants_live_as_long_as_the_generation(tmp_path, fs_plugin, tree):
+    """One descriptor per grant from load to unload; after close no WASI context can be made
+    from them (their numbers may already belong to something else)."""
+    async with PluginManager(host(tmp_path)) as mgr:
+        p = await mgr.load(fs_plugin)
+        assert sorted(open_fds_under(tree.data)) == [str(tree.ro), str(tree.rw)]
+        handle = p.handle
+        await mgr.unload(p.id)
+        assert open_fds_under(tree.data) == []
+        with pytest.raises(PluginStateError):
+            handle._wasi(argv=["x"], stdin=None, stdout=len, stderr=len)
+
+
 async def test_a_failed_command_call_releases_its_preopens_without_gc(tmp_path, fs_plugin, tree):
     """A command run's store (its WASI context: preopened directories, output callbacks) goes
     when the run ends, not whenever the cycle collector next runs, although the error's
-    traceback keeps the run's frame in a reference cycle."""
+    traceback keeps the run's frame in a reference cycle. What stays open is the one
+    descriptor per grant the plugin holds from load to unload."""
     gc.collect()
     gc.disable()
     try:
         async with PluginManager(host(tmp_path)) as mgr:
             p = await mgr.load(fs_plugin)
+            grants = open_fds_under(tree.data)
+            assert sorted(grants) == [str(tree.ro), str(tree.rw)]
             assert (await p.call("read", str(tree.ro / "data.txt")))["ok"] is True
-            assert open_fds_under(tree.data) == []  # a successful run closes its preopens
+            assert open_fds_under(tree.data) == grants  # a successful run closes its preopens
             for method in ("exit3", "crash", "notjson"):
                 try:
                     await p.call(method)
@@ -725,7 +763,8 @@ async def test_a_failed_command_call_releases_its_preopens_without_gc(tmp_path, 
                 else:
                     pytest.fail(f"{method} did not fail")
             held = open_fds_under(tree.data)
-            assert held == [], f"preopens still open after the failed calls ended: {held}"
+            assert held == grants, f"preopens still open after the failed calls ended: {held}"
+        assert open_fds_under(tree.data) == [], "the grants outlived the plugin"
     finally:
         gc.enable()
 
