@@ -463,7 +463,7 @@ def _check_profile(name: str, host: HostConfig, plugin_id: str | None) -> None:
     from .seccomp import filter_within
     mine = _profiles.load_profile(name, host.profile_dirs)
     ceiling = _profiles.load_profile(host.default_profile, host.profile_dirs)
-    if not (mine.limits.within(ceiling.limits)
+    if not (mine.limits.within(ceiling.limits) and (ceiling.tmp_exec or not mine.tmp_exec)
             and filter_within(name, host.default_profile, host.profile_dirs)):
         raise _refuse(plugin_id, f"asks for sandbox profile {name!r}, which allows more than "
                                  f"the host's default profile {host.default_profile!r}; a "

@@ -463,6 +463,8 @@ WIDE_PROFILE = textwrap.dedent("""\
     tmp_size = "64MiB"
     nofile = 1024
     timeout = "30s"
+    [mounts]
+    tmp_exec = {tmp_exec}
     [seccomp]
     groups = {groups}
     network_groups = ["inet"]
@@ -472,16 +474,18 @@ DEFAULT_GROUPS = ('["io", "files", "memory", "runtime", "signals", "time", "even
                   '"sockets", "ioctl", "personality"]')
 
 
-@pytest.mark.parametrize(("memory", "groups", "allowed"), [
-    pytest.param("256MiB", DEFAULT_GROUPS, True, id="same-as-default"),
-    pytest.param("128MiB", DEFAULT_GROUPS, True, id="smaller-limit"),
-    pytest.param("1GiB", DEFAULT_GROUPS, False, id="larger-limit"),
-    pytest.param("256MiB", DEFAULT_GROUPS[:-1] + ', "inet"]', False, id="inet-always"),
+@pytest.mark.parametrize(("memory", "groups", "default", "allowed"), [
+    pytest.param("256MiB", DEFAULT_GROUPS, "default", True, id="same-as-default"),
+    pytest.param("128MiB", DEFAULT_GROUPS, "default", True, id="smaller-limit"),
+    pytest.param("1GiB", DEFAULT_GROUPS, "default", False, id="larger-limit"),
+    pytest.param("256MiB", DEFAULT_GROUPS[:-1] + ', "inet"]', "default", False,
+                 id="inet-always"),
 ])
 def test_a_profile_is_no_wider_only_when_its_limits_and_filter_are(
-        tmp_path: Path, memory: str, groups: str, allowed: bool) -> None:
-    (tmp_path / "mine.toml").write_text(WIDE_PROFILE.format(memory=memory, groups=groups))
-    host = HostConfig(profile_dirs=(str(tmp_path),))
+        tmp_path: Path, memory: str, groups: str, default: str, allowed: bool) -> None:
+    (tmp_path / "mine.toml").write_text(WIDE_PROFILE.format(memory=memory, groups=groups,
+                                                            tmp_exec="true"))
+    host = HostConfig(profile_dirs=(str(tmp_path),), default_profile=default)
     request = SandboxRequest(profile="mine")
     if allowed:
         assert effective_config(request, host).profile == "mine"
@@ -669,6 +673,21 @@ def test_full_network_host_lets_a_manifest_list_hosts() -> None:
     request = SandboxRequest(network_allowed=True, allowed_hosts=("example.com",))
     assert effective_config(request, HostConfig(allow_full_network=True)).allowed_hosts == (
         "example.com",)
+
+
+@pytest.mark.parametrize("tmp_exec", [True, False])
+def test_a_profile_that_runs_files_from_tmp_is_wider_than_strict(tmp_path: Path,
+                                                                 tmp_exec: bool) -> None:
+    strict = (Path(policy.__file__).parent.parent / "profiles" / "strict.toml").read_text()
+    assert "tmp_exec = false" in strict
+    (tmp_path / "mine.toml").write_text(strict.replace("tmp_exec = false",
+                                                       f"tmp_exec = {str(tmp_exec).lower()}"))
+    host = HostConfig(profile_dirs=(str(tmp_path),), default_profile="strict")
+    if tmp_exec:
+        with pytest.raises(PluginLoadError, match="allows more than"):
+            effective_config(SandboxRequest(profile="mine"), host)
+    else:
+        assert effective_config(SandboxRequest(profile="mine"), host).profile == "mine"
 
 
 def test_host_config_reads_allowed_hosts_and_profiles() -> None:
