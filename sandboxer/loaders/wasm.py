@@ -1431,6 +1431,14 @@ class WasmLoader:
                 "its timeout and, if set, fuel); remove cpu_limit or set fuel",
                 missing="cpu quota for in-process wasm", plugin_id=pid)
         for grant in sandbox.allowed_paths:
+            for outer in sandbox.allowed_paths:
+                if outer.writable and not grant.writable and grant.path != outer.path \
+                        and grant.path.startswith(outer.path.rstrip("/") + "/"):
+                    raise PluginLoadError(
+                        f"plugin {pid}: allowed path {grant.path} is read-only but lies inside "
+                        f"the writable allowed path {outer.path}; WASI would let the plugin "
+                        f"write it through {outer.path}, so wasm plugins may not have it "
+                        "(grant it writable, or grant narrower directories)", plugin_id=pid)
             for denied in sandbox.denied_paths:
                 if denied == grant.path or denied.startswith(grant.path.rstrip("/") + "/"):
                     raise PluginLoadError(
