@@ -33,7 +33,7 @@ from .cgroups import new_name as new_cgroup_name
 from .egress import (EGRESS_SOCKET, PROXY_HOST, PROXY_PORT, EgressEndpoint, EgressProxy,
                      network_mode, proxy_environment)
 from .ids import HostIds
-from .paths import open_grant, open_path
+from .paths import OpenedPath, open_grant, open_path
 from .policy import SETUP_TIMEOUT, PathGrant, SandboxConfig
 from .profiles import load_profile
 
@@ -214,9 +214,9 @@ class Sources:
         try:
             for mount, device in [(m, False) for m in spec.mounts] + [
                     (Mount(d, d, writable=True, exec=False), True) for d in _DEVICES]:
-                opened = (open_path(mount.source) if mount.root is None else
-                          open_grant(PathGrant(mount.source, mount.writable, root=mount.root),
-                                     plugin_id=plugin_id))
+                opened = (_open_system_path(mount.source, plugin_id) if mount.root is None
+                          else open_grant(PathGrant(mount.source, mount.writable,
+                                                    root=mount.root), plugin_id=plugin_id))
                 with opened:
                     self.binds.append({"target": mount.target, "writable": mount.writable,
                                        "exec": mount.exec, "device": device,
@@ -241,6 +241,14 @@ class Sources:
         fds, self.fds = self.fds, []
         for fd in fds:
             os.close(fd)
+
+
+def _open_system_path(path: str, plugin_id: str | None) -> OpenedPath:
+    try:
+        return open_path(path)
+    except OSError as exc:
+        raise PluginLoadError(f"plugin {plugin_id}: {path} cannot be opened to mount it in the "
+                              f"sandbox: {exc.strerror}", plugin_id=plugin_id) from None
 
 
 def _open_copy_source(path: str, plugin_id: str | None) -> int:

@@ -157,7 +157,7 @@ def open_grant(grant: PathGrant, *, plugin_id: str | None = None) -> OpenedPath:
         why = _WHY.get(exc.errno or 0, exc.strerror or str(exc))
         if exc.errno == errno.ELOOP:
             why += _leads_to(grant.path)
-        where = f" beneath its path root {grant.root}" if grant.root is not None else ""
+        where = f" beneath its path root {root}" if root != "/" else ""
         raise PluginLoadError(f"plugin {plugin_id}: allowed path {grant.path} cannot be "
                               f"opened{where}: {why}", plugin_id=plugin_id) from None
     opened = OpenedPath(fd, grant.path, _host_path(fd), stat.S_ISDIR(os.fstat(fd).st_mode))

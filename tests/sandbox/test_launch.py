@@ -359,8 +359,8 @@ async def _launch(spec: LaunchSpec) -> None:
 
 
 async def test_a_missing_bind_source_fails_before_any_process(no_leaks, spawned):
-    with pytest.raises(PluginLoadError, match="/nonexistent-src cannot be opened: it does not "
-                                              "exist") as info:
+    with pytest.raises(PluginLoadError, match="/nonexistent-src cannot be opened to mount it "
+                                              "in the sandbox: No such file") as info:
         await _launch(_spec(["/bin/true"], extra=(Mount("/nonexistent-src", "/x"),)))
     assert not isinstance(info.value, SandboxUnavailable)
     assert spawned == [] and not launch._ids.held()
