@@ -60,7 +60,7 @@ def loopback_server() -> Iterator[tuple[int, type[_Counting]]]:
 def _plugin(root: Path, sandbox: str, code: str = "def ping():\n    return 'pong'\n") -> Path:
     root.mkdir(parents=True)
     (root / "plugin.py").write_text(code)
-    (root / "plugin.toml").write_text(textwrap.dedent(f"""\
+    (root / "plugin.toml").write_text(textwrap.dedent("""\
         [plugin]
         id = "outsider.widen"
         version = "1.0.0"

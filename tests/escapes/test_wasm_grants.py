@@ -34,7 +34,6 @@ import json
 import os
 import secrets
 import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator
@@ -43,6 +42,7 @@ import pytest
 import pytest_asyncio
 
 from sandboxer import HostConfig, PluginCallError, PluginLoadError, PluginManager, ReloadError
+from wasi_build import compile_wasi
 
 pytestmark = [pytest.mark.usefixtures("no_leaks"), pytest.mark.asyncio(loop_scope="module")]
 
@@ -50,7 +50,6 @@ SECRET_TEXT = "host secret behind 0700/0600: a wasm plugin must never read this\
 OUTSIDE_TEXT = "beside the path root: no write may reach this\n"
 OWN_TEXT = "the granted sub directory's own file\n"
 RO_TEXT = "a read-only grant's file\n"
-CFLAGS = ["--target=wasm32-wasi", "-O2", "-Wall", "-Wextra", "-Werror", "-Wl,--strip-all"]
 WASI_EINVAL, WASI_ENOENT, WASI_EPERM, WASI_ENOTCAPABLE = 28, 44, 63, 76
 
 # -- the hostile programs ------------------------------------------------------------------------
@@ -309,28 +308,13 @@ EXPORT("crash") void crash(void) { __builtin_trap(); }
 """
 
 
-def _compile(out_dir: Path, name: str, source: str, *, reactor: bool = False) -> Path:
-    for tool in ("clang", "wasm-ld"):
-        if shutil.which(tool) is None:
-            pytest.fail(f"{tool} is not installed; these probes compile C for wasm32-wasi "
-                        "(scripts/bootstrap.sh installs clang, lld and wasi-libc)",
-                        pytrace=False)
-    src, out = out_dir / f"{name}.c", out_dir / f"{name}.wasm"
-    src.write_text(source)
-    flags = CFLAGS + (["-mexec-model=reactor"] if reactor else [])
-    run = subprocess.run(["clang", *flags, "-o", str(out), str(src)], capture_output=True,
-                         text=True, timeout=120)
-    if run.returncode != 0:
-        pytest.fail(f"clang could not build {name} for wasm32-wasi:\n{run.stdout}{run.stderr}",
-                    pytrace=False)
-    return out
 
 
 @pytest.fixture(scope="module")
 def programs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("wasm-grants-build")
-    return {"hostile": _compile(out, "hostile", HOSTILE_C),
-            "reactor": _compile(out, "reactor", REACTOR_C, reactor=True)}
+    return {"hostile": compile_wasi(out, "hostile", HOSTILE_C),
+            "reactor": compile_wasi(out, "reactor", REACTOR_C, reactor=True)}
 
 
 # -- the host side -------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from typing import Any
 import pytest
 
 from conftest import EXAMPLES
+from wasi_build import compile_wasi, need_toolchain
 from sandboxer import (
     CallTimeout,
     MethodNotFound,
@@ -45,9 +46,6 @@ from sandboxer.sandbox.policy import HostConfig
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
 
-INSTALL_HINT = ("install clang lld wasi-libc libclang-rt-14-dev-wasm32 "
-                "(scripts/bootstrap.sh installs them)")
-CFLAGS = ["--target=wasm32-wasi", "-O2", "-Wall", "-Wextra", "-Werror", "-Wl,--strip-all"]
 WASI_EPERM = 63          # wasi-libc's errno values (WASI numbering)
 WASI_ENOTCAPABLE = 76
 WASI_ENOTSOCK = 57
@@ -290,41 +288,26 @@ __attribute__((export_name("ping"))) int ping(void) { return 1; }
 
 # -- building ------------------------------------------------------------------------------------
 
-def _need_toolchain(*extra: str) -> None:
-    for tool in ("clang", "wasm-ld", *extra):
-        if shutil.which(tool) is None:
-            pytest.fail(f"{tool} is not installed; the WASI tests compile C for wasm32-wasi: "
-                        f"{INSTALL_HINT}", pytrace=False)
 
 
-def _compile(out_dir: Path, name: str, source: str, *, reactor: bool = False) -> Path:
-    src, out = out_dir / f"{name}.c", out_dir / f"{name}.wasm"
-    src.write_text(source)
-    flags = CFLAGS + (["-mexec-model=reactor"] if reactor else [])
-    run = subprocess.run(["clang", *flags, "-o", str(out), str(src)], capture_output=True,
-                         text=True, timeout=120)
-    if run.returncode != 0:
-        pytest.fail(f"clang could not build {name} for wasm32-wasi ({INSTALL_HINT}):\n"
-                    f"{run.stdout}{run.stderr}", pytrace=False)
-    return out
 
 
 @pytest.fixture(scope="session")
 def wasm_build(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     """Every C program of this file, compiled once per session."""
-    _need_toolchain()
+    need_toolchain()
     out = tmp_path_factory.mktemp("wasi-build")
     return SimpleNamespace(
-        cmd=_compile(out, "cmd", CMD_C),
-        reactor=_compile(out, "reactor", REACTOR_C, reactor=True),
-        badinit=_compile(out, "badinit", BADINIT_C, reactor=True),
+        cmd=compile_wasi(out, "cmd", CMD_C),
+        reactor=compile_wasi(out, "reactor", REACTOR_C, reactor=True),
+        badinit=compile_wasi(out, "badinit", BADINIT_C, reactor=True),
     )
 
 
 @pytest.fixture(scope="session")
 def wasm_c() -> Path:
     """examples/wasm-c, built by its Makefile."""
-    _need_toolchain("make")
+    need_toolchain("make")
     run = subprocess.run(["make", "-C", str(EXAMPLES / "wasm-c")], capture_output=True,
                          text=True, timeout=300)
     assert run.returncode == 0, f"make -C examples/wasm-c failed:\n{run.stdout}{run.stderr}"
