@@ -52,7 +52,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -372,6 +372,29 @@ def grant_scene(request: pytest.FixtureRequest, tmp_path: Path) -> GrantScene:
 
 
 @pytest.mark.timeout(120)
+async def _load_and_survey(manager: PluginManager, plugin: Path, inside: str, loads: int,
+                           tally: Tally, judge: Callable[[Any], Any]) -> None:
+    """Load ``plugin`` up to ``loads`` times, each time surveying ``inside`` and unloading;
+    a load error is a clean failure, anything else an unexpected error, a survey judged."""
+    for number in tally.numbers(loads):
+        try:
+            loaded = await manager.load(plugin)
+        except PluginLoadError as exc:
+            tally.failure(exc)
+            continue
+        except SandboxerError as exc:  # not a load error: nothing a race should give
+            tally.error(number, exc)
+            continue
+        try:
+            survey = await loaded.call("survey", inside, timeout=30)
+        except SandboxerError as exc:
+            tally.error(number, exc)
+        else:
+            tally.judged(number, *judge(survey))
+        finally:
+            await manager.unload(loaded.id)
+
+
 async def test_a_granted_directory_swapped_for_a_link_is_never_mounted(
         grant_scene: GrantScene, swapper_program: Path, canaries: Canaries) -> None:
     """Point 3 through the manager: the manifest asks for ROOT/attacker/data, the host's
@@ -381,23 +404,8 @@ async def test_a_granted_directory_swapped_for_a_link_is_never_mounted(
     async with PluginManager(config=HostConfig(path_roots=(str(scene.root),))) as manager:
         neighbour = await manager.load(EXAMPLES / "hello")
         with swapping(swapper_program, scene.attacker, "data", "data-link") as swapper:
-            for number in tally.numbers(GRANT_LOADS):
-                try:
-                    loaded = await manager.load(scene.plugin)
-                except PluginLoadError as exc:
-                    tally.failure(exc)
-                    continue
-                except SandboxerError as exc:  # not a load error: nothing a race should give
-                    tally.error(number, exc)
-                    continue
-                try:
-                    survey = await loaded.call("survey", str(scene.grant), timeout=30)
-                except SandboxerError as exc:
-                    tally.error(number, exc)
-                else:
-                    tally.judged(number, *scene.judge(survey))
-                finally:
-                    await manager.unload(loaded.id)
+            await _load_and_survey(manager, scene.plugin, str(scene.grant), GRANT_LOADS,
+                                   tally, scene.judge)
         assert neighbour.state is PluginState.READY, neighbour.error
         assert await neighbour.call("greet", "neighbour", timeout=10) == "Hello, neighbour!"
     canaries.check()
@@ -518,23 +526,8 @@ async def test_the_plugin_directory_copy_never_follows_a_swapped_link(
     async with PluginManager() as manager:
         neighbour = await manager.load(EXAMPLES / "hello")
         with swapping(swapper_program, scene.plugin, "sub", "sub-link") as swapper:
-            for number in tally.numbers(COPY_LOADS):
-                try:
-                    loaded = await manager.load(scene.plugin)
-                except PluginLoadError as exc:
-                    tally.failure(exc)
-                    continue
-                except SandboxerError as exc:  # not a load error: nothing a race should give
-                    tally.error(number, exc)
-                    continue
-                try:
-                    survey = await loaded.call("survey", "/plugin", timeout=30)
-                except SandboxerError as exc:
-                    tally.error(number, exc)
-                else:
-                    tally.judged(number, *scene.judge(survey))
-                finally:
-                    await manager.unload(loaded.id)
+            await _load_and_survey(manager, scene.plugin, "/plugin", COPY_LOADS, tally,
+                                   scene.judge)
         assert neighbour.state is PluginState.READY, neighbour.error
         assert await neighbour.call("greet", "neighbour", timeout=10) == "Hello, neighbour!"
     canaries.check()
