@@ -64,7 +64,8 @@ def _network(config: HostConfig) -> dict[str, Any]:
     proxy = _in_child(_proxy_port)
     return {
         "ok": proxy == "yes",
-        "default": "an empty net namespace (no interface up, inet sockets denied by seccomp)",
+        "default": ("a net namespace of its own with only its loopback, up: TCP and UDP reach "
+                    "the plugin itself, nothing else (the strict profile: no inet socket)"),
         "allowed_hosts": (f"through the egress proxy (HTTP CONNECT, HTTP, SOCKS5) at "
                           f"{PROXY_HOST}:{PROXY_PORT} in the plugin's namespace and "
                           f"{EGRESS_SOCKET}; wasm through sandboxer.http_request"

@@ -63,7 +63,8 @@ log = logging.getLogger("sandboxer.egress")
 
 
 def network_mode(sandbox: SandboxConfig) -> str:
-    """``"none"`` (an empty net namespace), ``"proxy"`` (allow-listed hosts through the egress
+    """``"none"`` (a net namespace with only its loopback), ``"proxy"`` (allow-listed hosts
+    through the egress
     proxy) or ``"host"`` (the host's network: only when the host policy allowed it)."""
     if not sandbox.network_allowed:
         return "none"

@@ -19,11 +19,12 @@ the supervisor over fd 5 as ``{"step", "error", "errno", "path"}`` before exitin
 successful exec closes fd 5 with nothing written, which is how the supervisor knows the
 plugin is running.
 
-Network: with ``network.mode`` "none" the new net namespace stays empty (not even loopback
-up); "proxy" brings loopback up in it and makes a TCP listener on 127.0.0.1:PORT there, which
-goes to the supervisor over the status socket with the "U" message (SCM_RIGHTS) and is closed
-here: the supervisor's egress proxy accepts on it, so nothing of the proxy runs in here;
-"host" keeps the supervisor's net namespace (full network, only when the host policy allows).
+Network: with ``network.mode`` "none" the new net namespace has nothing but its loopback,
+brought up (programs talk to themselves over 127.0.0.1; nothing leaves); "proxy" also makes a
+TCP listener on 127.0.0.1:PORT there, which goes to the supervisor over the status socket
+with the "U" message (SCM_RIGHTS) and is closed here: the supervisor's egress proxy accepts on
+it, so nothing of the proxy runs in here; "host" keeps the supervisor's net namespace (full
+network, only when the host policy allows).
 
 Process layout inside: the launcher stays outside the new pid namespace as a proxy that
 relays the exit status; its child is PID 1 of the namespace, and PID 1's child execs the
@@ -71,7 +72,7 @@ class Step(enum.Enum):
     SPEC = "read the spec"
     PRIVILEGES = "drop supplementary groups"
     NAMESPACES = "unshare namespaces"
-    NETWORK = "set up the proxy port in the net namespace"
+    NETWORK = "set up the net namespace (loopback, the proxy port)"
     SOURCES = "receive the sources"
     ID_MAPS = "wait for the id maps"
     PID1 = "fork PID 1"
@@ -180,15 +181,19 @@ def unshare_namespaces(spec: dict) -> None:  # type: ignore[type-arg]
         sc.unshare(flags)
 
 
-def open_proxy_port(spec: dict) -> int | None:  # type: ignore[type-arg]
-    """In "proxy" mode: loopback up in the new net namespace, and a listening TCP socket on
-    it for the supervisor's egress proxy. Done with the namespace's capabilities, before the
-    id maps: nothing here creates a file."""
+def set_up_network(spec: dict) -> int | None:  # type: ignore[type-arg]
+    """Loopback up in the new net namespace (modes "none" and "proxy"): programs talk to
+    themselves over 127.0.0.1 as they do outside, and nothing else is there to reach. In
+    "proxy" mode also a listening TCP socket on it for the supervisor's egress proxy, which
+    is returned. Done with the namespace's capabilities, before the id maps: nothing here
+    creates a file."""
     network = spec["network"]
-    if network["mode"] != "proxy":
+    if network["mode"] == "host":
         return None
     with step(Step.NETWORK, "lo"):
         sc.loopback_up()
+    if network["mode"] != "proxy":
+        return None
     with step(Step.NETWORK, f"{network['host']}:{network['port']}"):
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listener.bind((network["host"], network["port"]))
@@ -750,7 +755,7 @@ def main() -> None:
         sources = receive_sources(spec)
         drop_supplementary_groups()
         unshare_namespaces(spec)
-        wait_for_id_maps(open_proxy_port(spec))
+        wait_for_id_maps(set_up_network(spec))
         mounts = mount_trees(spec, sources)
         copies = open_copies(spec, sources)
         become_sandbox_ids(spec)

@@ -749,10 +749,14 @@ async def test_direct_connections_bypassing_the_proxy_fail(loaded: Loaded) -> No
         {"stage": "connect", "ok": "connected"}
 
 
-async def test_without_network_inet_sockets_are_denied_by_the_filter(loaded: Loaded) -> None:
-    for family in (socket.AF_INET, socket.AF_INET6):
-        got = await loaded.offline.call("connect", "127.0.0.1", 3128, family)
-        assert got["stage"] == "socket" and got["errno"] in ("EPERM", "EACCES"), got
+async def test_without_network_there_is_no_proxy_and_only_loopback(loaded: Loaded) -> None:
+    """The socket is made (the namespace holds only the plugin's own loopback), and nothing
+    listens on the proxy's port there; other addresses are unreachable."""
+    for family, address in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+        got = await loaded.offline.call("connect", address, 3128, family)
+        assert got["stage"] == "connect" and got["errno"] == "ECONNREFUSED", got
+    got = await loaded.offline.call("connect", "1.1.1.1", 443, socket.AF_INET)
+    assert got["stage"] == "connect" and got["errno"] == "ENETUNREACH", got
 
 
 async def test_network_without_hosts_is_refused_unless_the_host_allows_it(
@@ -1043,16 +1047,16 @@ async def test_exec_curl_and_node_go_through_the_proxy(servers: LoopbackServers,
            "verdict=refused" in ran.stderr, ran.stderr
 
 
-async def test_exec_without_network_has_no_inet_sockets(exec_dir: Path,
-                                                  servers: LoopbackServers) -> None:
-    """Without --allow-host: curl cannot connect, and the reason is the filter (a socket
-    cannot even be made), not a proxy's refusal; the server saw nothing."""
+async def test_exec_without_network_reaches_only_its_own_loopback(exec_dir: Path,
+                                                                  servers: LoopbackServers) -> None:
+    """Without --allow-host: curl cannot connect (127.0.0.2 is the sandbox's own loopback,
+    where nothing listens), no proxy is named in the environment; the server saw nothing."""
     hits = servers.http.hits
-    probe = "import socket\ntry:\n socket.socket()\nexcept OSError as e:\n print(e)"
+    probe = "import os, socket\nsocket.socket().close()\nprint(os.environ.get('HTTP_PROXY'))"
     ran = await sandboxer_exec(exec_dir, f"curl -sS --connect-timeout 5 "
                                    f"http://{HTTP_ADDRESS}:{servers.http.port}/hello; "
                                    f"echo rc=$?; python3 -c {shlex.quote(probe)}")
     assert ran.returncode == 0, ran.stderr
-    assert ran.stdout == "rc=7\n[Errno 1] Operation not permitted\n", ran.stdout
+    assert ran.stdout == "rc=7\nNone\n", ran.stdout
     assert "Failed to connect to 127.0.0.2" in ran.stderr, ran.stderr
     assert servers.http.hits == hits

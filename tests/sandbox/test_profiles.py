@@ -13,6 +13,7 @@ policy gives the profile, its compiled filter, its mounts.
 from __future__ import annotations
 
 import re
+import socket
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -329,10 +330,38 @@ async def check_default_processes(workdir: Workdir) -> None:
     assert out == ["spawned", "forked 7", "thread"]
 
 
-@promise("default/no-inet-without-network")
-async def check_default_no_inet_without_network(workdir: Workdir) -> None:
+LOOPBACK_ONLY = """
+    import socket, sys
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    client = socket.create_connection(server.getsockname(), timeout=5)
+    peer, _ = server.accept()
+    client.sendall(b"ping")
+    print("loopback", peer.recv(4).decode())
+    for host, port in (("127.0.0.1", int(sys.argv[1])), ("1.1.1.1", 80),
+                       ("169.254.169.254", 80)):
+        try:
+            socket.create_connection((host, port), timeout=5)
+            print(host, "connected")
+        except OSError as exc:
+            print(host, type(exc).__name__)
+    """
+
+
+@promise("default/loopback-only-without-network")
+async def check_default_loopback_only_without_network(workdir: Workdir) -> None:
     out = await python("default", SOCKETS)
-    assert out == [f"{name} EPERM" for name in TCP_UDP + NOT_TCP_UDP]
+    assert out == [f"{name} ok" for name in TCP_UDP] + [f"{name} EPERM" for name in NOT_TCP_UDP]
+    with socket.socket() as host_server:  # on the host's own loopback: never reached
+        host_server.bind(("127.0.0.1", 0))
+        host_server.listen()
+        host_server.setblocking(False)
+        out = await python("default", LOOPBACK_ONLY, str(host_server.getsockname()[1]))
+        with pytest.raises(BlockingIOError):
+            host_server.accept()
+    assert out == ["loopback ping", "127.0.0.1 ConnectionRefusedError",
+                   "1.1.1.1 OSError", "169.254.169.254 OSError"]
 
 
 @promise("default/tcp-udp-only-with-network")

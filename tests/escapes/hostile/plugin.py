@@ -256,6 +256,25 @@ def open_socketpair(family, kind, proto=0):
     return _outcome(_socketpair, family, kind, proto)
 
 
+def _loopback_echo():
+    for family, address in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+        with socket.socket(family) as server:
+            server.bind((address, 0))
+            server.listen()
+            with socket.create_connection(server.getsockname()[:2], timeout=5) as client:
+                peer, _ = server.accept()
+                with peer:
+                    client.sendall(b"ping")
+                    if peer.recv(4) != b"ping":
+                        return "garbled"
+    return "echoed over 127.0.0.1 and ::1"
+
+
+def loopback_echo():
+    """A server and a client of its own on the namespace's loopback, IPv4 and IPv6."""
+    return _outcome(_loopback_echo)
+
+
 # -- processes and signals ----------------------------------------------------------------------
 
 def kill_everyone(signum):
