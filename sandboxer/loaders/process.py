@@ -51,6 +51,7 @@ from ..sandbox.launch import (
     mask_plan,
 )
 from ..sandbox.policy import SETUP_TIMEOUT, SandboxConfig
+from ..sandbox.runtime import Runtime, runtime
 from ..sandbox.seccomp import compile_filter
 from . import Health, ResourceUsage
 
@@ -64,17 +65,19 @@ _RESERVED_PREFIX = "sandboxer."
 
 
 def plugin_command(plugin: Plugin, *, entrypoint: str | None = None,
-                   root: str | None = None) -> list[str]:
+                   root: str | None = None, runtime: Runtime | None = None) -> list[str]:
     """The argv that runs ``plugin``: its executable, or the plugin host for python/native.
-    ``entrypoint`` and ``root`` are the paths as the process sees them (inside the sandbox)."""
+    ``entrypoint`` and ``root`` are the paths as the process sees them (inside the sandbox),
+    ``runtime`` what it runs on there (none: this process's own interpreter, unsandboxed)."""
     entrypoint = entrypoint or str(plugin.entrypoint)
     root = root or str(plugin.root)
     if plugin.type is LoaderType.EXTERNAL:
         return [entrypoint]
     if plugin.type in (LoaderType.PYTHON, LoaderType.NATIVE):
-        argv = [sys.executable, "-I", "-m", "sandboxer.host", "--kind", plugin.type.value,
-                "--entrypoint", entrypoint, "--root", root,
+        args = ["--kind", plugin.type.value, "--entrypoint", entrypoint, "--root", root,
                 "--id", plugin.id, "--version", plugin.version]
+        argv = (runtime.host_argv(*args) if runtime is not None else
+                [sys.executable, "-I", "-m", "sandboxer.host", *args])
         if plugin.methods is not None:
             argv += ["--methods", ",".join(plugin.methods)]
         return argv
@@ -83,10 +86,10 @@ def plugin_command(plugin: Plugin, *, entrypoint: str | None = None,
 
 
 def plugin_environment(cookie: str, max_frame: int) -> dict[str, str]:
-    """The clean environment a plugin process starts with: nothing of the supervisor's."""
+    """The clean environment a plugin process starts with: nothing of the supervisor's. (A
+    sandboxed one's PATH and the runtime's entries come from its LaunchSpec.)"""
     return {
-        # The plugin host's interpreter (with sandboxer, for SDK plugins) comes first; it is
-        # mounted read-only inside the sandbox.
+        # The plugin host's interpreter (with sandboxer, for SDK plugins) comes first.
         "PATH": f"{os.path.dirname(sys.executable)}:/usr/local/bin:/usr/bin:/bin",
         "HOME": "/tmp",
         "LANG": "C.UTF-8",
@@ -271,7 +274,8 @@ class ProcessLoader:
 
         async def spawn(env: dict[str, str], rpc_fd: int, logger: logging.Logger
                         ) -> tuple[_process.PluginProcess, Confinement]:
-            return await launch_confined(dataclasses.replace(spec, env=env), backend=backend,
+            return await launch_confined(dataclasses.replace(spec, env={**env, **spec.env}),
+                                         backend=backend,
                                          rpc_fd=rpc_fd, logger=logger,
                                          fallbacks=self.fallbacks, egress=self.egress,
                                          plugin_id=plugin.id, setup_timeout=self.setup_timeout)
@@ -294,12 +298,16 @@ class ProcessLoader:
             plugin_mount = Mount(str(root), PLUGIN_MOUNT)
             entry = f"{PLUGIN_MOUNT}/{root.name}"
         grants = grant_mounts(sandbox.allowed_paths)
-        mounts = base_mounts() + grants
+        plugin_runtime = runtime()
+        mounts = base_mounts() + list(plugin_runtime.mounts) + grants
         masks, pins = mask_plan(sandbox.denied_paths, grants,
                                 {str(root): PLUGIN_MOUNT} if root.is_dir() else None)
+        env = {**plugin_runtime.env,
+               "PATH": f"{plugin_runtime.bin_dir}:/usr/local/bin:/usr/bin:/bin"}
         return LaunchSpec(
-            argv=plugin_command(plugin, entrypoint=entry, root=PLUGIN_MOUNT),
-            env={}, sandbox=sandbox, mounts=tuple(mounts), cwd=PLUGIN_MOUNT,
+            argv=plugin_command(plugin, entrypoint=entry, root=PLUGIN_MOUNT,
+                                runtime=plugin_runtime),
+            env=env, sandbox=sandbox, mounts=tuple(mounts), cwd=PLUGIN_MOUNT,
             masks=masks, pins=pins, copies=(plugin_mount,),
             seccomp_bpf=compile_filter(sandbox.profile, network=sandbox.network_allowed,
                                        extra_dirs=self.profile_dirs),

@@ -42,6 +42,12 @@ __all__ = ["Mount", "LaunchSpec", "launch", "launch_confined", "Confinement",
 
 T = TypeVar("T")
 LAUNCHER = str(Path(__file__).with_name("launcher.py"))
+# The launcher's command line, as the plugin can read it in /proc/1/cmdline: no host path in
+# it. The script's location goes in the environment, which a plugin cannot read (the
+# launcher's processes are not dumpable once they change ids).
+_LAUNCHER_ARGV = ["sandboxer-launcher", "-I", "-S", "-c",
+                  "import os, sys; sys.path.insert(0, os.environ['SANDBOXER_LAUNCHER_DIR']); "
+                  "import launcher; launcher.main()"]
 SANDBOX_UID = SANDBOX_GID = 1000
 _DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
 # Read-only /etc pieces ordinary programs need (dynamic loader, alternatives for cc/node,
@@ -104,16 +110,9 @@ _ids = HostIds()
 
 
 def base_mounts() -> list[Mount]:
-    """/usr, the /etc pieces, and the Python runtime and sandboxer install (plugin host)."""
-    mounts = [Mount("/usr", "/usr")]
-    mounts += [Mount(p, p) for p in _ETC if os.path.exists(p)]
-    prefix = os.path.realpath(sys.prefix)
-    if not prefix.startswith("/usr"):
-        mounts.append(Mount(prefix, sys.prefix))  # the venv, at the path its scripts expect
-    package = str(Path(__file__).resolve().parent.parent)
-    if not package.startswith(prefix + "/") and not package.startswith("/usr/"):
-        mounts.append(Mount(package, package))  # an editable install lives outside the venv
-    return mounts
+    """/usr and the /etc pieces ordinary programs need. (What a plugin host runs on, the
+    interpreter and the sandboxer package, comes from sandbox/runtime.py, at neutral paths.)"""
+    return [Mount("/usr", "/usr")] + [Mount(p, p) for p in _ETC if os.path.exists(p)]
 
 
 def grant_mounts(grants: tuple[PathGrant, ...]) -> list[Mount]:
@@ -428,8 +427,9 @@ async def launch(spec: LaunchSpec, *, rpc_fd: int, logger: logging.Logger,
     # back over it.
     status, status_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        proc = _process.spawn([sys.executable, "-I", "-S", LAUNCHER], {"PATH": "/usr/bin:/bin"},
-                              rpc_fd=rpc_fd, logger=logger,
+        proc = _process.spawn(_LAUNCHER_ARGV, {"PATH": "/usr/bin:/bin",
+                                               "SANDBOXER_LAUNCHER_DIR": os.path.dirname(LAUNCHER)},
+                              rpc_fd=rpc_fd, logger=logger, executable=sys.executable,
                               extra_fds={4: control_r, 5: status_w.fileno()}, sinks=sinks)
     except BaseException:
         for fd in (control_r, control_w):

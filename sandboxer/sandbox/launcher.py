@@ -1,8 +1,10 @@
 """The sandbox launcher: a fresh, single-threaded process that builds the sandbox and execs.
 
-Run by the supervisor as ``python -I -S launcher.py`` (by path, so that importing it pulls in
-nothing but the standard library and ``_syscalls``; -S: no site-packages, so no .pth file runs
-code in this privileged process) with:
+Run by the supervisor as ``sandboxer-launcher -I -S -c "...import launcher; launcher.main()"``
+(argv[0] and the code name no host path, since a plugin can read PID 1's command line; the
+script's directory comes in ``SANDBOXER_LAUNCHER_DIR``, so that importing it pulls in nothing
+but the standard library and ``_syscalls``; -S: no site-packages, so no .pth file runs code in
+this privileged process) with:
 
     fd 0  /dev/null          fd 3  the plugin's end of the RPC socket
     fd 1  stdout pipe        fd 4  control pipe from the supervisor (spec, then "go")
@@ -39,10 +41,15 @@ capability, an fd or an environment variable the spec did not grant.
 
 from __future__ import annotations
 
+# Every module the launcher uses is imported here, before pivot_root: afterwards the
+# interpreter's standard library may not be inside (an interpreter outside /usr).
+import base64
+import ctypes
 import enum
 import errno
 import json
 import os
+import resource
 import signal
 import socket
 import stat
@@ -69,6 +76,7 @@ NEW_ROOT = "/tmp"  # the new root is a tmpfs mounted over /tmp in the private mo
 
 
 class Step(enum.Enum):
+    LAUNCHER = "run the sandbox launcher"
     SPEC = "read the spec"
     PRIVILEGES = "drop supplementary groups"
     NAMESPACES = "unshare namespaces"
@@ -119,14 +127,23 @@ def step(which: Step, path: str | None = None):  # type: ignore[no-untyped-def]
             return None
 
         def __exit__(self, kind, exc, tb) -> bool:  # type: ignore[no-untyped-def]
-            if isinstance(exc, OSError):
-                raise SetupFailed(which, exc, path) from exc
+            if isinstance(exc, Exception) and not isinstance(exc, SetupFailed):
+                raise SetupFailed(which, exc if isinstance(exc, OSError)
+                                  else f"{type(exc).__name__}: {exc}", path) from exc
             return False
     return _Guard()
 
 
+def fail(error: BaseException) -> None:
+    """Report ``error`` and exit 127, never printing a traceback (it would name host paths
+    in the plugin's log)."""
+    if not isinstance(error, SetupFailed):
+        error = SetupFailed(Step.LAUNCHER, f"{type(error).__name__}: {error}")
+    report(error)
+    os._exit(127)
+
+
 def _libc_prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> None:
-    import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg2), ctypes.c_ulong(arg3),
                   ctypes.c_ulong(arg4), ctypes.c_ulong(arg5)) != 0:
@@ -369,7 +386,6 @@ def open_copies(spec: dict, fds: list[int]) -> list[tuple[str, list[tuple[str, s
     opened for reading while still the supervisor's host identity, walked from the fd the
     supervisor opened and through no link. Copied rather than bound, the plugin's directory
     shows no host path anywhere, not even as a mount's root in mountinfo."""
-    import resource
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -582,7 +598,6 @@ def set_hostname(spec: dict) -> None:  # type: ignore[type-arg]
 
 
 def set_rlimits(spec: dict) -> None:  # type: ignore[type-arg]
-    import resource
     names = {"core": resource.RLIMIT_CORE, "nofile": resource.RLIMIT_NOFILE,
              "fsize": resource.RLIMIT_FSIZE, "nproc": resource.RLIMIT_NPROC,
              "as": resource.RLIMIT_AS}
@@ -635,8 +650,6 @@ def load_seccomp(spec: dict) -> None:  # type: ignore[type-arg]
     bpf = spec.get("seccomp_bpf")
     if not bpf:  # fail closed: a sandbox without its filter is not the sandbox asked for
         raise SetupFailed(Step.SECCOMP, "the spec carries no seccomp filter")
-    import base64
-    import ctypes
     program = base64.b64decode(bpf)
 
     class SockFprog(ctypes.Structure):
@@ -736,14 +749,15 @@ def pid1(spec: dict, exit_pipe: int, sources: list[int], mounts: list[int],  # t
         signal.pthread_sigmask(signal.SIG_UNBLOCK, PID1_SIGNALS)
         try:
             plugin_process(spec)
-        except SetupFailed as failure:
-            report(failure)
+        except BaseException as error:  # noqa: B036 (nothing may escape as a traceback)
+            fail(error)
         os._exit(127)
     os.close(STATUS_FD)
     os.close(CONTROL_FD)
     os.close(RPC_FD)
     drop_pid1_privileges()
     serve_as_pid1(plugin, exit_pipe)
+    os._exit(0)  # the plugin's own status went up the exit pipe
 
 
 def main() -> None:
@@ -762,15 +776,14 @@ def main() -> None:
         with step(Step.PID1):
             exit_read, exit_write = os.pipe()
             child = os.fork()
-    except SetupFailed as failure:
-        report(failure)
-        os._exit(127)
+    except BaseException as error:  # noqa: B036
+        fail(error)
     if child == 0:
         os.close(exit_read)
         try:
             pid1(spec, exit_write, sources, mounts, copies)
-        except SetupFailed as failure:
-            report(failure)
+        except BaseException as error:  # noqa: B036
+            fail(error)
         os._exit(127)
     os.close(exit_write)
     for fd in set(sources + mounts):

@@ -256,10 +256,11 @@ def _high_cloexec(fd: int) -> int:
 
 def spawn(argv: list[str], env: dict[str, str], *, rpc_fd: int, logger: logging.Logger,
           extra_fds: dict[int, int] | None = None,
-          sinks: tuple[Callable[[bytes], None], Callable[[bytes], None]] | None = None
-          ) -> PluginProcess:
-    """Start ``argv`` (argv[0] an absolute path) with ``rpc_fd`` as its fd 3 and each
-    ``extra_fds`` source at its target number (4 and up).
+          sinks: tuple[Callable[[bytes], None], Callable[[bytes], None]] | None = None,
+          executable: str | None = None) -> PluginProcess:
+    """Start ``argv`` (argv[0] an absolute path, unless ``executable`` names the program)
+    with ``rpc_fd`` as its fd 3 and each ``extra_fds`` source at its target number (4 and
+    up).
 
     ``rpc_fd`` stays owned by the caller (close it after this returns). The child gets a new
     session, so terminal signals meant for the supervisor do not reach it.
@@ -281,7 +282,8 @@ def spawn(argv: list[str], env: dict[str, str], *, rpc_fd: int, logger: logging.
         # plugin: close every such fd in the child (targets 0-5 are set above).
         actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in _inheritable_fds()
                     if fd > max([RPC_FD, *extra])]
-        pid = os.posix_spawn(argv[0], argv, env, file_actions=actions, setsid=True)
+        pid = os.posix_spawn(executable or argv[0], argv, env, file_actions=actions,
+                             setsid=True)
     except BaseException:
         for fd in (out_r, err_r):
             os.close(fd)

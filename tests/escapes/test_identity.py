@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from conftest import REPO
 from sandboxer import PluginManager
+from sandboxer.sandbox.runtime import SITE, runtime
 
 from .conftest import Canaries, Fleet, start_fleet
 
@@ -22,7 +24,7 @@ pytestmark = [pytest.mark.usefixtures("no_leaks"), pytest.mark.asyncio(loop_scop
 
 NO_CAPABILITIES = "0000000000000000"
 ENVIRONMENT = {"PATH", "HOME", "LANG", "SANDBOXER_RPC_FD", "SANDBOXER_MAGIC_COOKIE",
-               "SANDBOXER_MAX_FRAME"}
+               "SANDBOXER_MAX_FRAME", *runtime().env}
 NAMESPACES = ("user", "mnt", "pid", "net", "ipc", "uts", "cgroup")
 
 
@@ -81,8 +83,9 @@ async def test_the_environment_is_clean(canaries: Canaries, hostile_dir: Path,
         await manager.aclose()
     assert set(env) == ENVIRONMENT, sorted(env)
     # the system directories, and the plugin host's interpreter (mounted read-only inside)
-    assert set(env["PATH"].split(":")) <= {os.path.dirname(sys.executable), "/usr/local/bin",
+    assert set(env["PATH"].split(":")) <= {runtime().bin_dir, "/usr/local/bin",
                                            "/usr/bin", "/bin"}, env["PATH"]
+    assert env["PYTHONPATH"] == SITE  # the SDK, for a plugin's own python3
     assert env["HOME"] == "/tmp" and env["LANG"] == "C.UTF-8"
     assert env["SANDBOXER_RPC_FD"] == "3" and env["SANDBOXER_MAX_FRAME"].isdigit()
     assert re.fullmatch(r"[0-9a-f]{32}", env["SANDBOXER_MAGIC_COOKIE"])
@@ -110,7 +113,10 @@ async def test_no_host_process_is_visible(fleet: Fleet) -> None:
     own = " ".join(sys.argv)
     for process in seen["processes"]:
         assert "pytest" not in process["cmdline"] and own not in process["cmdline"], process
-        assert process["cmdline"].startswith(sys.executable), process
+        # PID 1 is the launcher (no host path in its command line), then the plugin host
+        assert process["cmdline"].startswith(("sandboxer-launcher -I -S -c ",
+                                              runtime().python + " -I ")), process
+        assert str(REPO) not in process["cmdline"], process
     # nothing of the host: neither this process nor the neighbour's launcher
     assert os.getpid() not in pids and fleet.neighbour.handle.pid not in pids  # type: ignore[union-attr]
 
@@ -129,12 +135,11 @@ async def test_mountinfo_shows_only_the_sandboxs_mounts(fleet: Fleet) -> None:
     mounts = _mounts((await fleet.probe("read", "/proc/self/mountinfo"))["ok"])
     assert 10 < len(mounts) < 60
     points = [point for _, point, _ in mounts]
-    package = str(Path(__file__).resolve().parents[2] / "sandboxer")
-    exact = {"/", "/usr", "/plugin", "/tmp", "/proc", "/dev", sys.prefix,
-             os.path.realpath(sys.prefix), package}
+    exact = {"/", "/usr", "/plugin", "/tmp", "/proc", "/dev",
+             *(m.target for m in runtime().mounts)}
     for point in points:
         assert point in exact or point.startswith(("/etc/", "/proc/", "/dev/")), point
-    assert not any(p.startswith(("/sys", "/home", "/root", "/var", "/mnt", "/run"))
+    assert not any(p.startswith(("/sys", "/home", "/root", "/var", "/mnt", "/work", "/opt"))
                    for p in points)
     assert ("/", "/", "tmpfs") in mounts and ("/", "/tmp", "tmpfs") in mounts
     assert ("/", "/proc", "proc") in mounts
@@ -143,13 +148,17 @@ async def test_mountinfo_shows_only_the_sandboxs_mounts(fleet: Fleet) -> None:
 
 async def test_mountinfo_names_no_host_path(fleet: Fleet, hostile_dir: Path) -> None:
     text = (await fleet.probe("read", "/proc/self/mountinfo"))["ok"]
+    copies = {str(m.source) for m in runtime().mounts if m.target == SITE}
     for root, point, _ in _mounts(text):
         # a bind's root is where its source lives on the host: it must be what the plugin
-        # sees at that mount point, or something it can see anyway (a file under /usr)
+        # sees at that mount point, something it can see anyway (a file under /usr), or the
+        # private runtime copy (sandbox/runtime.py), never the checkout or the venv
         assert root in ("/", point) or root.startswith(("/usr/", "/null", "/zero", "/full",
                                                         "/random", "/urandom")) \
-            or point.startswith("/proc/"), f"{point} shows the host path {root}"
-    assert str(hostile_dir.parent.parent) not in text
+            or point.startswith("/proc/") or root in copies, f"{point} shows the host path {root}"
+    for host_path in {str(hostile_dir.parent.parent), str(REPO), os.path.realpath(sys.prefix)}:
+        if not host_path.startswith("/usr"):
+            assert host_path not in text, host_path
 
 
 async def test_host_ipc_objects_are_invisible(fleet: Fleet) -> None:
