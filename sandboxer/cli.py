@@ -379,7 +379,8 @@ async def _cmd_exec(args: argparse.Namespace) -> int:
             seccomp_bpf=compile_filter(sandbox.profile, network=sandbox.network_allowed,
                                        extra_dirs=host.profile_dirs),
             sinks=(sink(out), sink(err)), egress=egress, setup_timeout=host.setup_timeout,
-            profile_dirs=host.profile_dirs)
+            profile_dirs=host.profile_dirs, fallbacks=host.fallbacks,
+            grant_owner=host.grant_owner)
     finally:
         egress.close()
     if result.oom_killed:

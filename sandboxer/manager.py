@@ -334,7 +334,8 @@ class PluginManager:
                                 setup_timeout=self.config.setup_timeout,
                                 max_frame=self.config.max_frame,
                                 profile_dirs=self.config.profile_dirs,
-                                fallbacks=self.config.fallbacks, egress=self._egress)
+                                fallbacks=self.config.fallbacks, egress=self._egress,
+                                grant_owner=self.config.grant_owner)
             for kind in (LoaderType.PYTHON, LoaderType.NATIVE, LoaderType.EXTERNAL)}
         self._wasm_engine: WasmEngine | None = None  # made on the first wasm plugin
         self._wasm_loader: WasmLoader | None = None

@@ -252,7 +252,8 @@ class ProcessLoader:
     def __init__(self, kind: LoaderType, *, handshake_timeout: float = 10.0,
                  setup_timeout: float = SETUP_TIMEOUT,
                  max_frame: int = 16 << 20, profile_dirs: tuple[str, ...] = (),
-                 fallbacks: tuple[str, ...] = (), egress: EgressProxy | None = None) -> None:
+                 fallbacks: tuple[str, ...] = (), egress: EgressProxy | None = None,
+                 grant_owner: tuple[int, int] | None = None) -> None:
         self.kind = kind
         self.egress = egress if egress is not None else EgressProxy()
         self.handshake_timeout = handshake_timeout
@@ -260,6 +261,7 @@ class ProcessLoader:
         self.max_frame = max_frame
         self.profile_dirs = profile_dirs
         self.fallbacks = fallbacks
+        self.grant_owner = grant_owner
         self._cgroup_backend: CgroupBackend | None = None
 
     async def start(self, plugin: Plugin, sandbox: SandboxConfig, *,
@@ -311,7 +313,7 @@ class ProcessLoader:
             masks=masks, pins=pins, copies=(plugin_mount,),
             seccomp_bpf=compile_filter(sandbox.profile, network=sandbox.network_allowed,
                                        extra_dirs=self.profile_dirs),
-            profile_dirs=self.profile_dirs)
+            profile_dirs=self.profile_dirs, grant_owner=self.grant_owner)
 
     async def start_process(self, plugin: Plugin, sandbox: SandboxConfig, argv: list[str], *,
                             spawner: Spawner | None = None) -> ProcessHandle:

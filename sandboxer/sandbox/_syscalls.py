@@ -18,7 +18,7 @@ __all__ = [
     "MOUNT_ATTR_RDONLY", "MOUNT_ATTR_NOSUID", "MOUNT_ATTR_NODEV", "MOUNT_ATTR_NOEXEC",
     "RESOLVE_NO_XDEV", "RESOLVE_NO_MAGICLINKS", "RESOLVE_NO_SYMLINKS", "RESOLVE_BENEATH",
     "unshare", "mount", "umount2", "pivot_root", "mount_setattr", "close_range",
-    "openat2", "open_tree", "move_mount", "mount_setattr_fd",
+    "openat2", "open_tree", "move_mount", "mount_setattr_fd", "mount_setattr_idmap",
     "sethostname", "capset_empty", "capget", "loopback_up",
 ]
 
@@ -141,6 +141,18 @@ def mount_setattr_fd(fd: int, attr_set: int) -> None:
     and every mount below it: ``attr_set``, and private propagation (a clone of a shared mount
     would otherwise stay in its peer group and see the host's mount events)."""
     attr = _MountAttr(attr_set, 0, MS_PRIVATE, 0)
+    _check(_libc.syscall(ctypes.c_long(SYS_mount_setattr), ctypes.c_int(fd), b"",
+                         ctypes.c_uint(AT_EMPTY_PATH | AT_RECURSIVE), ctypes.byref(attr),
+                         ctypes.c_size_t(ctypes.sizeof(attr))), "mount_setattr")
+
+
+MOUNT_ATTR_IDMAP = 0x00100000
+
+
+def mount_setattr_idmap(fd: int, userns_fd: int) -> None:
+    """mount_setattr(2) with MOUNT_ATTR_IDMAP on the detached tree ``fd`` (and every mount
+    below it): its ids are read through the user namespace ``userns_fd``'s maps."""
+    attr = _MountAttr(MOUNT_ATTR_IDMAP, 0, 0, userns_fd)
     _check(_libc.syscall(ctypes.c_long(SYS_mount_setattr), ctypes.c_int(fd), b"",
                          ctypes.c_uint(AT_EMPTY_PATH | AT_RECURSIVE), ctypes.byref(attr),
                          ctypes.c_size_t(ctypes.sizeof(attr))), "mount_setattr")

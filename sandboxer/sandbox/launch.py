@@ -32,6 +32,8 @@ from .cgroups import Cgroup, CgroupBackend, CgroupLimits, CgroupStats
 from .cgroups import new_name as new_cgroup_name
 from .egress import (EGRESS_SOCKET, PROXY_HOST, PROXY_PORT, EgressEndpoint, EgressProxy,
                      network_mode, proxy_environment)
+from .idmap import FALLBACK as IDMAP_FALLBACK
+from .idmap import idmap_tree
 from .ids import HostIds
 from .paths import OpenedPath, open_grant, open_path
 from .policy import SETUP_TIMEOUT, PathGrant, SandboxConfig
@@ -101,6 +103,8 @@ class LaunchSpec:
     copies: tuple[Mount, ...] = ()  # trees copied into a private tmpfs (the plugin dir)
     seccomp_bpf: bytes | None = None
     address_space_limit: int | None = None  # RLIMIT_AS, only under the "rlimit" fallback
+    # Who a writable grant's files belong to on the host (uid, gid); None: each grant's owner.
+    grant_owner: tuple[int, int] | None = None
     files: dict[str, str] = field(default_factory=dict)
     profile_dirs: tuple[str, ...] = ()  # where sandbox.profile is found (HostConfig's)
 
@@ -200,16 +204,25 @@ class Sources:
     path by name: a name swapped for a link after this point changes nothing.
 
     Rootful, each bind goes as a detached copy of its mount tree (``open_tree``), which the
-    launcher attaches in its own mount namespace. A rootless supervisor cannot clone mounts,
-    so it sends the ``O_PATH`` fds; the launcher re-opens each by the path the kernel reports
-    for it, through no link, and uses it only if it is the same inode (else the load fails).
+    launcher attaches in its own mount namespace; a writable grant's copy is idmapped so that
+    the plugin writes as the grant's owner (sandbox/idmap.py). A rootless supervisor cannot
+    clone mounts, so it sends the ``O_PATH`` fds; the launcher re-opens each by the path the
+    kernel reports for it, through no link, and uses it only if it is the same inode (else the
+    load fails); there the plugin is the caller's own uid, which needs no idmapping.
+
+    The host uid the plugin will run as is taken here too (the idmapping names it): give it
+    back with ``release_uid(sources.host_uid)`` if the launch does not happen.
     """
 
-    def __init__(self, spec: LaunchSpec, *, plugin_id: str | None = None) -> None:
+    def __init__(self, spec: LaunchSpec, *, plugin_id: str | None = None,
+                 fallbacks: tuple[str, ...] = ()) -> None:
         self.fds: list[int] = []
         self.binds: list[dict[str, object]] = []
         self.copies: list[dict[str, object]] = []
         self.cloned = clone = os.geteuid() == 0
+        self.fallbacks: set[str] = set()
+        self.host_uid = _ids.acquire() if clone else os.geteuid()
+        self.host_gid = self.host_uid if clone else os.getegid()
         try:
             for mount, device in [(m, False) for m in spec.mounts] + [
                     (Mount(d, d, writable=True, exec=False), True) for d in _DEVICES]:
@@ -221,8 +234,12 @@ class Sources:
                                        "exec": mount.exec, "device": device,
                                        "host_path": opened.host_path, "dir": opened.is_dir,
                                        "fd": len(self.fds)})
-                    self._keep(_syscalls.open_tree(opened.fd) if clone
-                               else os.dup(opened.fd))
+                    if not clone:
+                        self._keep(os.dup(opened.fd))
+                        continue
+                    self._keep(_syscalls.open_tree(opened.fd))
+                    if mount.writable and mount.root is not None:  # a writable grant
+                        self._idmap(self.fds[-1], opened, plugin_id, fallbacks, spec)
             for copy in spec.copies:
                 self.copies.append({"target": copy.target, "fd": len(self.fds),
                                     "name": os.path.basename(copy.source),
@@ -231,15 +248,34 @@ class Sources:
                 self._keep(_open_copy_source(copy.source, plugin_id))
         except BaseException:
             self.close()
+            release_uid(self.host_uid)
             raise
+
+    def _idmap(self, tree: int, opened: OpenedPath, plugin_id: str | None,
+               fallbacks: tuple[str, ...], spec: LaunchSpec) -> None:
+        st = os.fstat(opened.fd)
+        owner = spec.grant_owner or (st.st_uid, st.st_gid)
+        try:
+            idmap_tree(tree, owner=owner, outside=(self.host_uid, self.host_gid),
+                       path=opened.path, plugin_id=plugin_id)
+        except SandboxUnavailable:
+            if IDMAP_FALLBACK not in fallbacks:
+                raise
+            self.fallbacks.add(IDMAP_FALLBACK)  # writes as its own host uid, as the policy allows
 
     def _keep(self, fd: int) -> None:
         self.fds.append(fd)
 
     def close(self) -> None:
+        """Close the fds (sent, or no longer needed); the uid lives on with the sandbox."""
         fds, self.fds = self.fds, []
         for fd in fds:
             os.close(fd)
+
+    def discard(self) -> None:
+        """The launch will not happen: close the fds and give the uid back."""
+        self.close()
+        release_uid(self.host_uid)
 
 
 def _open_system_path(path: str, plugin_id: str | None) -> OpenedPath:
@@ -403,25 +439,19 @@ async def launch(spec: LaunchSpec, *, rpc_fd: int, logger: logging.Logger,
     """
     if network_mode(spec.sandbox) == "proxy" and egress is None:
         if sources is not None:
-            sources.close()
+            sources.discard()
         raise SandboxUnavailable("allowed_hosts needs the egress proxy, and none was given",
                                  missing="egress proxy")
     if sources is None:
         sources = Sources(spec, plugin_id=plugin_id)
+    host_uid, host_gid = sources.host_uid, sources.host_gid
     try:
         built = build_spec(spec, sources)
     except BaseException:
-        sources.close()
+        sources.discard()
         raise
     mode = built["network"]["mode"]  # type: ignore[index]
     payload = json.dumps(built).encode() + b"\n"
-    rootful = os.geteuid() == 0
-    try:
-        host_uid = _ids.acquire() if rootful else os.geteuid()
-    except BaseException:
-        sources.close()
-        raise
-    host_gid = host_uid if rootful else os.getegid()
     control_r, control_w = os.pipe2(os.O_CLOEXEC)
     # A socket rather than a pipe: the sources go down it, the proxy port's listener comes
     # back over it.
@@ -436,9 +466,7 @@ async def launch(spec: LaunchSpec, *, rpc_fd: int, logger: logging.Logger,
             os.close(fd)
         status.close()
         status_w.close()
-        sources.close()
-        if rootful:
-            _ids.release(host_uid)
+        sources.discard()
         raise
     os.close(control_r)
     status_w.close()
@@ -477,10 +505,8 @@ async def launch(spec: LaunchSpec, *, rpc_fd: int, logger: logging.Logger,
             if report:
                 raise _setup_error(report)
     except BaseException as exc:
-        sources.close()
         await proc.close()
-        if rootful:
-            _ids.release(host_uid)
+        sources.discard()
         if isinstance(exc, TimeoutError):
             raise SandboxSetupError(f"the sandbox setup did not finish within "
                                     f"{setup_timeout:g}s", missing="sandbox launcher") from None
@@ -587,22 +613,23 @@ async def _launch_in_cgroup(
     sandbox = spec.sandbox
     limits = CgroupLimits(memory=sandbox.memory_limit, cpu=sandbox.cpu_limit,
                           pids=sandbox.pids_limit)
-    sources = Sources(spec, plugin_id=plugin_id)  # a path that cannot be opened: no cgroup
+    # A path that cannot be opened: no cgroup
+    sources = Sources(spec, plugin_id=plugin_id, fallbacks=fallbacks)
     try:
         group = await _off_loop(_create_cgroup, backend, limits)
     except SandboxUnavailable as exc:
         if "rlimit" not in fallbacks or not exc.missing.startswith("cgroup"):
-            sources.close()
+            sources.discard()
             raise
         logger.warning("no cgroup (%s): falling back to RLIMIT_AS as the host policy allows; "
                        "CPU and process limits are not enforced", exc)
         spec = dataclasses.replace(spec, address_space_limit=sandbox.memory_limit)
         proc, uid = await launch(spec, rpc_fd=rpc_fd, logger=logger, sinks=sinks, egress=egress,
                                  setup_timeout=setup_timeout, sources=sources)
-        return proc, Confinement(None, uid, sandbox.memory_limit, fallbacks=("rlimit",),
-                                 egress=egress)
+        return proc, Confinement(None, uid, sandbox.memory_limit,
+                                 fallbacks=("rlimit", *sorted(sources.fallbacks)), egress=egress)
     except BaseException:
-        sources.close()
+        sources.discard()
         raise
     try:
         proc, uid = await launch(spec, rpc_fd=rpc_fd, logger=logger,
@@ -612,7 +639,8 @@ async def _launch_in_cgroup(
     except BaseException:
         await _off_loop(group.remove)
         raise
-    return proc, Confinement(group, uid, sandbox.memory_limit, egress=egress)
+    return proc, Confinement(group, uid, sandbox.memory_limit, egress=egress,
+                             fallbacks=tuple(sorted(sources.fallbacks)))
 
 
 # cgroup writes can take milliseconds (a v1 migration waits for RCU in every hierarchy):
@@ -657,7 +685,8 @@ async def run(argv: list[str], sandbox: SandboxConfig, *, backend: CgroupBackend
               sinks: tuple[Callable[[bytes], None], Callable[[bytes], None]] | None = None,
               logger: logging.Logger | None = None, egress: EgressProxy | None = None,
               setup_timeout: float = SETUP_TIMEOUT,
-              profile_dirs: tuple[str, ...] = ()) -> RunResult:
+              profile_dirs: tuple[str, ...] = (), fallbacks: tuple[str, ...] = (),
+              grant_owner: tuple[int, int] | None = None) -> RunResult:
     """Run any program in the sandbox (``sandboxer exec``) and wait for it; with allowed
     hosts, its egress goes through ``egress`` (logged as plugin "exec")."""
     spec = LaunchSpec(argv=[_which(argv[0]), *argv[1:]],
@@ -665,7 +694,8 @@ async def run(argv: list[str], sandbox: SandboxConfig, *, backend: CgroupBackend
                            "LANG": "C.UTF-8", "TERM": os.environ.get("TERM", "dumb")},
                       sandbox=sandbox, mounts=tuple(base_mounts() +
                                                     grant_mounts(sandbox.allowed_paths)),
-                      cwd=cwd, seccomp_bpf=seccomp_bpf, profile_dirs=profile_dirs)
+                      cwd=cwd, seccomp_bpf=seccomp_bpf, profile_dirs=profile_dirs,
+                      grant_owner=grant_owner)
     grants = grant_mounts(sandbox.allowed_paths)
     masks, pins = mask_plan(sandbox.denied_paths, grants)
     spec = dataclasses.replace(spec, masks=masks, pins=pins)
@@ -674,7 +704,7 @@ async def run(argv: list[str], sandbox: SandboxConfig, *, backend: CgroupBackend
         proc, confinement = await launch_confined(
             spec, backend=backend, rpc_fd=null, sinks=sinks,
             logger=logger or logging.getLogger("sandboxer.exec"), egress=egress,
-            plugin_id="exec", setup_timeout=setup_timeout)
+            plugin_id="exec", setup_timeout=setup_timeout, fallbacks=fallbacks)
     finally:
         os.close(null)
     try:

@@ -239,6 +239,9 @@ class HostConfig:
     health_failures: int = 3
     max_frame: int = 16 << 20
     fallbacks: tuple[str, ...] = ()
+    # Who files a plugin writes into a writable grant belong to on the host (uid, gid): None,
+    # each grant's own owner (an idmapped mount; sandbox/idmap.py).
+    grant_owner: tuple[int, int] | None = None
     registry: str | None = None          # a registry directory or http(s) base URL
     # minisign public keys a registry's index and plugins must be signed with, each trusted for
     # every plugin id or for the ids its patterns cover; a plain str is a key file for any id
@@ -309,6 +312,7 @@ class HostConfig:
             "health_failures": _parse_health_failures,
             "max_frame": parse_size,
             "fallbacks": _parse_fallbacks,
+            "grant_owner": _parse_owner,
             "wasm_instances": _parse_instances,
             "registry": _parse_registry,
             "trusted_keys": _parse_trusted_keys,
@@ -384,7 +388,16 @@ def _parse_trusted_keys(value: object) -> tuple[TrustedKey, ...]:
 # Named fallbacks a host may opt in to when it cannot enforce something (DESIGN section 6).
 # "rlimit": no cgroup can be made (rootless without delegation): memory is limited by
 # RLIMIT_AS instead; CPU quota, pids limit and OOM accounting are then not enforced.
-FALLBACKS = frozenset({"rlimit"})
+# "rw-without-idmap": a writable grant on a filesystem that cannot be idmapped is mounted as
+# it is: the plugin writes as its own host uid (the grant must be writable by it).
+FALLBACKS = frozenset({"rlimit", "rw-without-idmap"})
+
+
+def _parse_owner(value: object) -> tuple[int, int]:
+    parts = value.split(":") if isinstance(value, str) else []
+    if len(parts) != 2 or not all(p.isdigit() and int(p) < 1 << 32 - 1 for p in parts):
+        raise ValueError(f'"UID:GID" (numbers), such as "1000:1000", not {value!r}')
+    return int(parts[0]), int(parts[1])
 
 
 def _parse_fallbacks(value: object) -> tuple[str, ...]:

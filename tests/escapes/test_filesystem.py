@@ -16,7 +16,6 @@ mounts ...) and the host's files unchanged.
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
@@ -26,6 +25,7 @@ import pytest_asyncio
 
 from conftest import EXAMPLES, REPO
 from sandboxer import PluginLoadError, PathGrant, PluginManager, load_plugin
+from sandboxer.sandbox.runtime import SITE, runtime
 
 from .conftest import Canaries, Fleet, start_fleet
 
@@ -36,7 +36,6 @@ DENIED_TEXT = "denied inside a writable grant: the plugin must never see this\n"
 DENIED_DIR_TEXT = "in a denied directory inside a writable grant\n"
 BESIDE_TEXT = "beside the grants, outside every one of them\n"
 OTHER_TEXT = "the other plugin's own secret\n"
-SANDBOXER_PACKAGE = Path(__file__).resolve().parents[2] / "sandboxer"
 
 
 @dataclass
@@ -139,8 +138,8 @@ async def run(fs: tuple[Fleet, Grants], method: str, args: tuple[Any, ...],
     fleet, grants = fs
     values = {**grants.paths, "secret": str(fleet.canaries.secret),
               "canary": str(fleet.canaries.canary), "repo": str(REPO),
-              "examples": str(EXAMPLES), "package": str(SANDBOXER_PACKAGE),
-              "python": sys.executable}
+              "examples": str(EXAMPLES), "package": f"{SITE}/sandboxer",
+              "python": runtime().python}
     real = [a.format(**values) if isinstance(a, str) else a for a in args]
     outcome: dict[str, Any] = await fleet.probe(method, *real)
     assert expect(outcome), f"{method}{tuple(real)} -> {str(outcome)[:500]}"
@@ -197,8 +196,8 @@ WRITES_OUTSIDE = [
           expect=errno_is("EROFS")),
     probe("create-a-file-in-own-plugin-dir", "write", "/plugin/escape-probe",
           expect=errno_is("EROFS")),
-    # The supervisor's own code: host root's files, so the plugin's host uid meets EACCES
-    # before the read-only mount's EROFS; either stops it.
+    # The plugin host's code (sandbox/runtime.py's copy) and interpreter: host root's files,
+    # so the plugin's host uid meets EACCES before the read-only mount's EROFS; either stops it.
     probe("open-the-supervisors-package-for-writing", "open_for_writing",
           "{package}/__init__.py", expect=errno_is("EROFS", "EACCES")),
     probe("open-the-venv-python-for-writing", "open_for_writing", "{python}",
@@ -309,11 +308,15 @@ async def test_the_mask_over_a_denied_path_cannot_be_unmounted(fs) -> None:  # t
     assert result == {"rc": 0, "out": "errno=EPERM", "err": ""}
 
 
-async def test_a_writable_grant_is_written_as_an_unprivileged_host_uid(fs) -> None:  # type: ignore[no-untyped-def]
+async def test_a_writable_grant_is_written_as_its_owner(fs) -> None:  # type: ignore[no-untyped-def]
+    """What the plugin writes belongs on the host to the grant's owner (an idmapped mount,
+    rootful; rootless the caller's own uid), never to a sandbox uid of 1,800,000-odd."""
     fleet, grants = fs
     await run(fs, "write", ("{rw}/written-by-the-plugin",), ok_is(lambda n: n > 0))
-    owner = os.stat(grants.rw / "written-by-the-plugin").st_uid
-    assert owner != 0 and (os.geteuid() != 0 or owner >= 1_800_000)
+    made = os.stat(grants.rw / "written-by-the-plugin")
+    grant = os.stat(grants.rw)
+    assert (made.st_uid, made.st_gid) == (grant.st_uid, grant.st_gid)
+    assert not made.st_mode & 0o6000
     os.unlink(grants.rw / "written-by-the-plugin")
 
 
