@@ -8,6 +8,8 @@ named error that every pending call receives: a crash or exit is PluginCrashed (
 signal, stderr tail), a broken frame is ProtocolError; either way the process is killed and
 reaped, and the manager is told through ``on_failure``.
 
+Every reserved method is optional (DESIGN section 7): a -32601 answer is "not implemented".
+
 The sandbox around the process is the launcher's business (sandbox/); this module never
 weakens it and never runs plugin code in the supervisor.
 """
@@ -28,6 +30,7 @@ from ..errors import (
     HandshakeError,
     MemoryLimitExceeded,
     MethodNotFound,
+    PluginCallError,
     PluginCrashed,
     PluginLoadError,
     PluginStateError,
@@ -52,9 +55,11 @@ from ..sandbox.launch import (
 )
 from ..sandbox.policy import SETUP_TIMEOUT, SandboxConfig
 from ..sandbox.seccomp import compile_filter
-from . import Health, ResourceUsage
+from . import NO_STATE, Health, NoState, ResourceUsage, not_implemented
 
 __all__ = ["ProcessLoader", "ProcessHandle", "plugin_command"]
+
+log = logging.getLogger("sandboxer")
 
 Spawner = Callable[[dict[str, str], int, logging.Logger],
                    Awaitable[tuple[_process.PluginProcess, Confinement]]]
@@ -169,22 +174,26 @@ class ProcessHandle:
         return self._conn.call(method, list(args),
                                timeout=self._sandbox.timeout if timeout is None else timeout)
 
-    async def _lifecycle(self, method: str, *params: Any) -> Any:
-        return await self._conn.call(method, list(params), timeout=self._sandbox.timeout)
+    async def _lifecycle(self, method: str, *params: Any) -> tuple[bool, Any]:
+        """Call a reserved method: ``(True, answer)``, or ``(False, None)`` when the plugin
+        answers -32601 (it does not implement it: DESIGN section 7)."""
+        try:
+            return True, await self._conn.call(method, list(params),
+                                               timeout=self._sandbox.timeout)
+        except PluginCallError as exc:
+            if not_implemented(exc):
+                return False, None
+            raise
 
     async def init(self, config: dict[str, Any]) -> None:
         await self._lifecycle("sandboxer.init", config)
 
     async def health(self) -> Health:
         try:
-            answer = await self._lifecycle("sandboxer.health")
+            _, answer = await self._lifecycle("sandboxer.health")
         except SandboxerError as exc:
-            return Health(False, str(exc))
-        if answer is True or (isinstance(answer, dict) and answer.get("ok") is True):
-            return Health(True)
-        message = answer.get("message", "") if isinstance(answer, dict) else ""
-        return Health(False, f"plugin {self.plugin.id}: health check says not ok"
-                             + (f": {message}" if message else ""))
+            return Health.from_error(exc)
+        return Health.from_answer(self.plugin.id, answer)
 
     async def shutdown(self) -> None:
         self._closing = True
@@ -194,11 +203,15 @@ class ProcessHandle:
             pass  # it exited while answering: that is what we asked for
         await self._proc.wait(_SHUTDOWN_GRACE)
 
-    async def export_state(self) -> Any:
-        return await self._lifecycle("sandboxer.export_state")
+    async def export_state(self) -> Any | NoState:
+        implemented, state = await self._lifecycle("sandboxer.export_state")
+        return state if implemented else NO_STATE
 
     async def import_state(self, state: Any, from_version: str) -> None:
-        await self._lifecycle("sandboxer.import_state", state, from_version)
+        implemented, _ = await self._lifecycle("sandboxer.import_state", state, from_version)
+        if not implemented:
+            log.info("plugin %s does not implement sandboxer.import_state; this generation "
+                     "starts fresh", self.plugin.id)
 
     def resource_usage(self) -> ResourceUsage:
         stats = self._confinement.stats() if self._confinement is not None else None
