@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import REPO
 from sandboxer import PluginLoadError, PluginManager, PluginState
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
@@ -270,6 +271,20 @@ async def test_a_c_plugin_with_only_the_handshake_and_its_methods_loads(tmp_path
 def test_sandboxer_call_runs_a_minimal_plugin(tmp_path, build, reserved):
     run = sandboxer_cli("call", str(build(tmp_path / "p", reserved=reserved)), "add", "2", "40")
     assert (run.returncode, run.stdout) == (0, "42\n"), run.stderr
+
+
+def test_the_readme_sh_plugin_works_as_it_says(tmp_path):
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("#!/bin/sh\n# add(a, b)")
+    root = tmp_path / "adder"
+    root.mkdir()
+    (root / "adder.sh").write_text(readme[start:readme.index("```", start)])
+    (root / "adder.sh").chmod(0o755)
+    _manifest(root, "acme.adder", "adder.sh")
+    run = sandboxer_cli("call", str(root), "add", "2", "40")
+    assert (run.returncode, run.stdout) == (0, "42\n"), run.stderr
+    run = sandboxer_cli("call", "--config", '{"greeting": "hi"}', str(root), "nope")
+    assert run.returncode == 1 and "no method 'nope'" in run.stderr
 
 
 async def test_state_methods_answered_not_implemented_mean_no_state(tmp_path):
