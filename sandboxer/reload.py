@@ -3,7 +3,8 @@
 The order (DESIGN section 8):
 1. prepare the new generation (verify, start, init, health check) while the old one serves;
 2. if the plugin carries state: close the old generation's gate (new calls wait), let its
-   in-flight calls finish, export its state and import it into the new generation;
+   in-flight calls finish, export its state and import it into the new generation (a plugin
+   that answers export_state with "not implemented" has none: the new one starts fresh);
 3. switch routing to the new generation and reopen the gate (waiting calls go to the new one);
 4. drain the old generation (bounded by the drain timeout), shut it down, close it.
 
@@ -20,6 +21,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from .errors import PluginLoadError, PluginStateError, ReloadError, SandboxerError
+from .loaders import NO_STATE
 from .manifest import PluginState
 
 if TYPE_CHECKING:
@@ -32,13 +34,17 @@ log = logging.getLogger("sandboxer")
 
 async def _migrate_state(manager: PluginManager, loaded: LoadedPlugin, old: _Generation,
                          new: _Generation) -> None:
-    """Steps 2: with the old gate closed, move the state across (raises on any failure)."""
+    """Step 2: with the old gate closed, move the state across (raises on any failure)."""
     if not await old.wait_idle(manager.drain_timeout):
         raise PluginStateError(
             f"plugin {loaded.id}: {old.in_flight} call(s) of generation {old.number} did not "
             f"finish within the {manager.drain_timeout:g}s drain timeout, so its state could "
             "not be exported consistently", plugin_id=loaded.id)
     state = await old.handle.export_state()
+    if state is NO_STATE:  # it answered -32601 after all: the new generation starts fresh
+        log.info("plugin %s: generation %d has no state to hand over (export_state is not "
+                 "implemented); generation %d starts fresh", loaded.id, old.number, new.number)
+        return
     await new.handle.import_state(state, old.plugin.version)
 
 

@@ -324,6 +324,43 @@ async def test_health_checks_move_between_ready_and_degraded(make_plugin):
         assert await mgr.check_health(p.id) is True and p.state is S.READY
 
 
+# The same rule as on the wire (DESIGN section 7): only false, {"ok": false, …} or an error
+# is unhealthy.
+HEALTH_RESULTS = {
+    "true": ("return True", True),
+    "none": ("return None", True),
+    "empty dict": ("return {}", True),
+    "ok true": ("return {'ok': True}", True),
+    "false": ("return False", False),
+    "ok false": ("return {'ok': False, 'message': 'disk on fire'}", False),
+    "raises": ("raise RuntimeError('disk on fire')", False),
+}
+
+
+@pytest.mark.parametrize("body,healthy", HEALTH_RESULTS.values(), ids=HEALTH_RESULTS.keys())
+async def test_what_a_health_check_answer_means(make_plugin, body, healthy):
+    root = make_plugin(f"def health_check():\n    {body}\n\ndef f():\n    return 1\n")
+    async with PluginManager() as mgr:
+        if healthy:
+            p = await mgr.load(root, sandbox=TRUSTED)
+            assert await mgr.check_health(p.id) is True
+        else:
+            with pytest.raises(PluginLoadError, match="health check failed") as info:
+                await mgr.load(root, sandbox=TRUSTED)
+            if "disk on fire" in body:
+                assert "disk on fire" in str(info.value)
+
+
+async def test_a_plugin_without_state_functions_reloads_fresh(make_plugin):
+    root = make_plugin("calls = [0]\n\ndef count():\n    calls[0] += 1\n    return calls[0]\n")
+    async with PluginManager() as mgr:
+        p = await mgr.load(root, sandbox=TRUSTED)
+        assert p.handle is not None and p.handle.has_state is False
+        assert [await p.call("count") for _ in range(2)] == [1, 2]
+        await mgr.reload(p.id)
+        assert p.generation == 2 and await p.call("count") == 1
+
+
 async def test_trust_needs_host_policy_and_only_python_or_native_may_be_trusted(
         make_plugin, tmp_path):
     root = make_plugin("def f():\n    return 1\n")

@@ -3,18 +3,42 @@
 The seams are two Protocols. A ``Loader`` starts a plugin and returns a ``PluginHandle``; the
 handle is the only thing the manager talks to afterwards, whatever the kind. Loaders never
 import the manager (the layer above them).
+
+The lifecycle is optional for every kind (DESIGN sections 3 and 7), and one rule says what a
+plugin's answers mean, here, for all of them: a lifecycle function the plugin lacks, or a
+-32601 answer to its reserved method, is "not implemented" (no init or shutdown work,
+healthy, no state); a health check is unhealthy only when it answers ``false``,
+``{"ok": false, …}`` or fails some other way.
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Callable, Final, Literal, Protocol, runtime_checkable
 
-from ..errors import SandboxerError
+from ..errors import MethodNotFound, PluginCallError, SandboxerError
 from ..manifest import LoaderType, Plugin
 from ..sandbox.policy import SandboxConfig
 
-__all__ = ["Loader", "PluginHandle", "ResourceUsage", "Health", "run_mode"]
+__all__ = ["Loader", "PluginHandle", "ResourceUsage", "Health", "NO_STATE", "NoState",
+           "not_implemented", "run_mode"]
+
+
+class _NoState(enum.Enum):
+    NO_STATE = "no state"
+
+
+NO_STATE: Final = _NoState.NO_STATE
+"""What ``export_state`` returns when the plugin turns out to carry no state (it answered
+-32601): a reload then starts the new generation fresh. Distinct from ``None``, which is a
+state (JSON ``null``)."""
+NoState = Literal[_NoState.NO_STATE]
+
+
+def not_implemented(error: BaseException) -> bool:
+    """True when ``error`` is a plugin's -32601 answer: it does not implement that method."""
+    return isinstance(error, PluginCallError) and error.code == MethodNotFound.CODE
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +55,23 @@ class Health:
     ok: bool
     message: str = ""
 
+    @classmethod
+    def from_answer(cls, plugin_id: str, answer: Any) -> Health:
+        """What a health check's answer means: ``false`` and ``{"ok": false, …}`` are
+        unhealthy; anything else (``true``, ``null``, ``{}``, ``{"ok": true}``) is healthy."""
+        if answer is False:
+            return cls(False, f"plugin {plugin_id}: health check answered false")
+        if isinstance(answer, dict) and answer.get("ok") is False:
+            message = answer.get("message")
+            return cls(False, f"plugin {plugin_id}: health check says not ok"
+                       + (f": {message}" if message else ""))
+        return cls(True)
+
+    @classmethod
+    def from_error(cls, error: SandboxerError) -> Health:
+        """A health check that failed is unhealthy, unless it is not implemented (-32601)."""
+        return cls(True) if not_implemented(error) else cls(False, str(error))
+
 
 @runtime_checkable
 class PluginHandle(Protocol):
@@ -38,8 +79,9 @@ class PluginHandle(Protocol):
 
     ``call`` takes and returns JSON values. The lifecycle methods map to the plugin's optional
     ``init``/``health_check``/``shutdown``/``export_state``/``import_state`` and do nothing
-    (or report healthy / no state) when the plugin lacks them. ``close`` releases everything
-    the handle holds, fails calls still in flight, and is idempotent.
+    (or report healthy, or return ``NO_STATE``) when the plugin lacks them or answers -32601.
+    ``close`` releases everything the handle holds, fails calls still in flight, and is
+    idempotent.
     """
 
     plugin: Plugin
@@ -60,9 +102,14 @@ class PluginHandle(Protocol):
 
     async def shutdown(self) -> None: ...
 
-    async def export_state(self) -> Any: ...
+    async def export_state(self) -> Any | NoState:
+        """The plugin's state, or ``NO_STATE`` when it turns out to carry none."""
+        ...
 
-    async def import_state(self, state: Any, from_version: str) -> None: ...
+    async def import_state(self, state: Any, from_version: str) -> None:
+        """Hand the previous generation's state over; a plugin that does not implement it
+        starts fresh (not an error)."""
+        ...
 
     def resource_usage(self) -> ResourceUsage: ...
 

@@ -8,6 +8,10 @@ named error that every pending call receives: a crash or exit is PluginCrashed (
 signal, stderr tail), a broken frame is ProtocolError; either way the process is killed and
 reaped, and the manager is told through ``on_failure``.
 
+Every reserved method is optional (DESIGN section 7): a -32601 answer is "not implemented".
+Shutdown asks, then hangs up at once, so a plugin that exits at the end of its input is gone
+in milliseconds; one still running after ``SHUTDOWN_GRACE`` is killed.
+
 The sandbox around the process is the launcher's business (sandbox/); this module never
 weakens it and never runs plugin code in the supervisor.
 """
@@ -28,6 +32,7 @@ from ..errors import (
     HandshakeError,
     MemoryLimitExceeded,
     MethodNotFound,
+    PluginCallError,
     PluginCrashed,
     PluginLoadError,
     PluginStateError,
@@ -53,14 +58,18 @@ from ..sandbox.launch import (
 from ..sandbox.policy import SETUP_TIMEOUT, SandboxConfig
 from ..sandbox.runtime import Runtime, runtime
 from ..sandbox.seccomp import compile_filter
-from . import Health, ResourceUsage
+from . import NO_STATE, Health, NoState, ResourceUsage, not_implemented
 
-__all__ = ["ProcessLoader", "ProcessHandle", "plugin_command"]
+__all__ = ["ProcessLoader", "ProcessHandle", "plugin_command", "SHUTDOWN_GRACE"]
+
+log = logging.getLogger("sandboxer")
 
 Spawner = Callable[[dict[str, str], int, logging.Logger],
                    Awaitable[tuple[_process.PluginProcess, Confinement]]]
 
-_SHUTDOWN_GRACE = 2.0
+# How long a plugin has to exit once the host has hung up (after shutdown) or sent SIGTERM
+# (at close) before it is killed.
+SHUTDOWN_GRACE = 2.0
 _RESERVED_PREFIX = "sandboxer."
 
 
@@ -172,36 +181,58 @@ class ProcessHandle:
         return self._conn.call(method, list(args),
                                timeout=self._sandbox.timeout if timeout is None else timeout)
 
-    async def _lifecycle(self, method: str, *params: Any) -> Any:
-        return await self._conn.call(method, list(params), timeout=self._sandbox.timeout)
+    async def _lifecycle(self, method: str, *params: Any) -> tuple[bool, Any]:
+        """Call a reserved method: ``(True, answer)``, or ``(False, None)`` when the plugin
+        answers -32601 (it does not implement it: DESIGN section 7)."""
+        try:
+            return True, await self._conn.call(method, list(params),
+                                               timeout=self._sandbox.timeout)
+        except PluginCallError as exc:
+            if not_implemented(exc):
+                return False, None
+            raise
 
     async def init(self, config: dict[str, Any]) -> None:
         await self._lifecycle("sandboxer.init", config)
 
     async def health(self) -> Health:
         try:
-            answer = await self._lifecycle("sandboxer.health")
+            _, answer = await self._lifecycle("sandboxer.health")
         except SandboxerError as exc:
-            return Health(False, str(exc))
-        if answer is True or (isinstance(answer, dict) and answer.get("ok") is True):
-            return Health(True)
-        message = answer.get("message", "") if isinstance(answer, dict) else ""
-        return Health(False, f"plugin {self.plugin.id}: health check says not ok"
-                             + (f": {message}" if message else ""))
+            return Health.from_error(exc)
+        return Health.from_answer(self.plugin.id, answer)
 
     async def shutdown(self) -> None:
+        """Ask the plugin to shut down, then hang up at once: a plugin that exits at the end
+        of its input is gone within milliseconds; one still running ``SHUTDOWN_GRACE``
+        seconds later is killed. A failed shutdown call still ends the process, then raises."""
         self._closing = True
+        error: SandboxerError | None = None
         try:
             await self._lifecycle("sandboxer.shutdown")
         except PluginCrashed:
             pass  # it exited while answering: that is what we asked for
-        await self._proc.wait(_SHUTDOWN_GRACE)
+        except SandboxerError as exc:
+            error = exc
+        finally:
+            self._hang_up("shut down")
+        if await self._proc.wait(SHUTDOWN_GRACE) is None:
+            log.warning("plugin %s: still running %gs after shutdown; killed", self.plugin.id,
+                        SHUTDOWN_GRACE)
+            self._proc.send_signal(signal.SIGKILL)
+            await self._proc.wait()
+        if error is not None:
+            raise error
 
-    async def export_state(self) -> Any:
-        return await self._lifecycle("sandboxer.export_state")
+    async def export_state(self) -> Any | NoState:
+        implemented, state = await self._lifecycle("sandboxer.export_state")
+        return state if implemented else NO_STATE
 
     async def import_state(self, state: Any, from_version: str) -> None:
-        await self._lifecycle("sandboxer.import_state", state, from_version)
+        implemented, _ = await self._lifecycle("sandboxer.import_state", state, from_version)
+        if not implemented:
+            log.info("plugin %s does not implement sandboxer.import_state; this generation "
+                     "starts fresh", self.plugin.id)
 
     def resource_usage(self) -> ResourceUsage:
         stats = self._confinement.stats() if self._confinement is not None else None
@@ -209,13 +240,18 @@ class ProcessHandle:
             return ResourceUsage()
         return ResourceUsage(peak_memory_bytes=stats.memory_peak, cpu_time_s=stats.cpu_time_s)
 
-    async def close(self) -> None:
+    def _hang_up(self, why: str) -> None:
+        """Close the host's end of the socket: the plugin reads the end of its input. Calls
+        still in flight fail with PluginStateError; this is no failure of the plugin's."""
         self._closing = True
         if self._conn.error is None:
             self._conn.fail(PluginStateError(
-                f"plugin {self.plugin.id}: closed while calls were in flight",
+                f"plugin {self.plugin.id}: {why} while calls were in flight",
                 plugin_id=self.plugin.id), notify=False)
-        await self._proc.terminate(_SHUTDOWN_GRACE)
+
+    async def close(self) -> None:
+        self._hang_up("closed")
+        await self._proc.terminate(SHUTDOWN_GRACE)
         await self._proc.close()
         await self._watcher
         if self._confinement is not None:

@@ -33,7 +33,7 @@ from ..errors import (
 )
 from ..manifest import LoaderType, Plugin
 from ..sandbox.policy import SandboxConfig
-from . import Health, ResourceUsage
+from . import NO_STATE, Health, NoState, ResourceUsage
 
 __all__ = ["InProcessPythonLoader", "InProcessPythonHandle"]
 
@@ -126,20 +126,18 @@ class InProcessPythonHandle:
 
     async def health(self) -> Health:
         try:
-            present, result = await self._lifecycle_call("health_check")
+            _, result = await self._lifecycle_call("health_check")
         except (PluginCallError, CallTimeout) as exc:
-            return Health(False, str(exc))
-        if present and result is False:
-            return Health(False, f"plugin {self.plugin.id}: health_check returned False")
-        if present and isinstance(result, dict) and result.get("ok") is False:
-            return Health(False, str(result.get("message", "health_check reported not ok")))
-        return Health(True)
+            return Health.from_error(exc)
+        return Health.from_answer(self.plugin.id, result)
 
     async def shutdown(self) -> None:
         await self._lifecycle_call("shutdown")
 
-    async def export_state(self) -> Any:
-        _, state = await self._lifecycle_call("export_state")
+    async def export_state(self) -> Any | NoState:
+        present, state = await self._lifecycle_call("export_state")
+        if not present:
+            return NO_STATE
         try:
             return _json.normalize(state)
         except TypeError as exc:

@@ -76,7 +76,7 @@ from ..sandbox.egress import AllowList, EgressProxy, network_mode
 from ..sandbox.paths import OpenedPath, open_grant
 from ..sandbox.policy import SandboxConfig
 from ..sandbox.process import LineLog
-from . import Health, ResourceUsage
+from . import NO_STATE, Health, NoState, ResourceUsage, not_implemented
 from . import _wasmtime as _wt
 
 __all__ = ["WasmEngine", "WasmLoader", "WasmHandle", "WASM_MAGIC"]
@@ -836,6 +836,8 @@ class WasmHandle:
             try:
                 await self._json_call(new, "init", [self._config])
             except BaseException as exc:
+                if not_implemented(exc):
+                    return new  # it has no init to run, as at load
                 new.broken = True
                 if new.busy:
                     self._release(new)
@@ -1321,18 +1323,25 @@ class WasmHandle:
         return n
 
     # -- lifecycle -------------------------------------------------------------------------------
-    async def _lifecycle(self, name: str, args: list[Any], *, every: bool = False) -> Any:
+    async def _lifecycle(self, name: str, args: list[Any], *,
+                         every: bool = False) -> tuple[bool, Any]:
+        """Call a lifecycle export: ``(True, result)``, or ``(False, None)`` when the module
+        lacks it or answers -32601 (not implemented, as on the wire)."""
         if name not in self._layout.lifecycle:
-            return None
+            return False, None
         result = None
         for _ in range(len(self._instances) if every else 1):
             inst = await self._acquire()
             try:
                 result = await self._json_call(inst, name, args)
+            except PluginCallError as exc:
+                if not_implemented(exc):
+                    return False, None
+                raise
             finally:
                 if inst.busy:
                     self._release(inst)
-        return result
+        return True, result
 
     async def init(self, config: dict[str, Any]) -> None:
         self._config = _json.normalize(config)
@@ -1343,20 +1352,17 @@ class WasmHandle:
         if self._failed is not None:
             return Health(False, str(self._failed))
         try:
-            result = await self._lifecycle("health_check", [])
+            _, result = await self._lifecycle("health_check", [])
         except (PluginCallError, CallTimeout, CpuLimitExceeded, MemoryLimitExceeded) as exc:
-            return Health(False, str(exc))
-        if result is False:
-            return Health(False, f"plugin {self.plugin.id}: health_check returned false")
-        if isinstance(result, dict) and result.get("ok") is False:
-            return Health(False, str(result.get("message", "health_check reported not ok")))
-        return Health(True)
+            return Health.from_error(exc)
+        return Health.from_answer(self.plugin.id, result)
 
     async def shutdown(self) -> None:
         await self._lifecycle("shutdown", [], every=True)
 
-    async def export_state(self) -> Any:
-        return await self._lifecycle("export_state", [])
+    async def export_state(self) -> Any | NoState:
+        implemented, state = await self._lifecycle("export_state", [])
+        return state if implemented else NO_STATE
 
     async def import_state(self, state: Any, from_version: str) -> None:
         await self._lifecycle("import_state", [_json.normalize(state), from_version])

@@ -235,14 +235,14 @@ class Server:
                                     "params must be an array of positional arguments"))
             return
         if fn is None:
-            if is_lifecycle:
-                self._reply(request.id, self._lifecycle_default(method))
-                if method == "sandboxer.shutdown":
-                    self._begin_stop()
-                return
+            # A lifecycle function the plugin lacks is "not implemented" on the wire too
+            # (-32601): the host then does no init, counts it healthy, takes no state.
             self._send(encode_error(request.id, METHOD_NOT_FOUND,
-                                    f"no method {method!r}",
+                                    f"no method {method!r}" + (" (not implemented)"
+                                                               if is_lifecycle else ""),
                                     {"available": sorted(self._handlers.methods)}))
+            if method == "sandboxer.shutdown":
+                self._begin_stop()
             return
         if self._handlers.check_args is not None:
             try:
@@ -270,10 +270,6 @@ class Server:
         self._reply(request.id, result)
         if method == "sandboxer.shutdown":
             self._begin_stop()
-
-    @staticmethod
-    def _lifecycle_default(method: str) -> Any:
-        return {"ok": True} if method == "sandboxer.health" else None
 
     @staticmethod
     def _health_result(result: Any) -> dict[str, Any]:

@@ -1266,6 +1266,21 @@ async def test_without_state_exports_a_reload_starts_afresh(make):
         assert await p.call("incr") == 1
 
 
+async def test_lifecycle_exports_answering_not_implemented_are_not_failures(make):
+    """As on the wire: -32601 means not implemented: no init, healthy, no state (a reload
+    starts afresh), no shutdown work."""
+    missing = b'{"error":{"code":-32601,"message":"not implemented"}}'
+    module = json_module(replies(init=missing, health_check=missing, shutdown=missing,
+                                 export_state=missing, import_state=missing), INCR)
+    async with PluginManager(HostConfig()) as mgr:
+        p = await mgr.load(make(module, plugin_id="t.not-implemented"))
+        assert p.handle is not None and p.handle.has_state
+        assert await mgr.check_health(p.id) is True
+        assert [await p.call("incr") for _ in range(2)] == [1, 2]
+        await mgr.reload(p.id)
+        assert p.generation == 2 and p.error is None and await p.call("incr") == 1
+
+
 # -- leaks ---------------------------------------------------------------------------------------
 
 async def test_an_unloaded_plugin_is_freed(make):
