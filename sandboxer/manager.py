@@ -433,7 +433,9 @@ class PluginManager:
                 self._wasm_loader = WasmLoader(self._wasm_engine,
                                                pool_size=self.config.wasm_instances,
                                                max_frame=self.config.max_frame,
-                                               egress=self._egress)
+                                               egress=self._egress,
+                                               fallbacks=self.config.fallbacks,
+                                               grant_owner=self.config.grant_owner)
             return self._wasm_loader
         loader = self._process_loaders.get(plugin.type)
         if loader is None:

@@ -47,6 +47,7 @@ import ctypes
 import dataclasses
 import gc
 import itertools
+import os
 import logging
 import threading
 import time
@@ -73,6 +74,7 @@ from ..errors import (
 )
 from ..manifest import LoaderType, Plugin
 from ..sandbox.egress import AllowList, EgressProxy, network_mode
+from ..sandbox.idmap import owned_tree
 from ..sandbox.paths import OpenedPath, open_grant
 from ..sandbox.policy import SandboxConfig
 from ..sandbox.process import LineLog
@@ -1419,11 +1421,14 @@ class WasmLoader:
     kind = LoaderType.WASM
 
     def __init__(self, engine: WasmEngine, *, pool_size: int = 1, max_frame: int = 16 << 20,
-                 egress: EgressProxy | None = None) -> None:
+                 egress: EgressProxy | None = None, fallbacks: tuple[str, ...] = (),
+                 grant_owner: tuple[int, int] | None = None) -> None:
         self._engine = engine
         self._egress = egress if egress is not None else EgressProxy()
         self._pool_size = pool_size
         self._max_frame = max_frame
+        self._fallbacks = fallbacks
+        self._grant_owner = grant_owner
 
     def _check_sandbox(self, plugin: Plugin, sandbox: SandboxConfig) -> None:
         pid = plugin.id
@@ -1453,12 +1458,13 @@ class WasmLoader:
                         "wasm plugins may not have it (allow narrower directories instead)",
                         plugin_id=pid)
 
-    @staticmethod
-    def _open_grants(plugin: Plugin, sandbox: SandboxConfig) -> tuple[OpenedPath, ...]:
+    def _open_grants(self, plugin: Plugin, sandbox: SandboxConfig) -> tuple[OpenedPath, ...]:
         """Open every allowed path once, for this generation's life: beneath its path root
-        through no link (or, an operator's grant, as named), and check that what was opened
+        through no link (or, an operator's grant, from /), and check that what was opened
         is a directory. The check and every later use are of the same descriptor, so what
-        happens to the names afterwards does not matter. Nothing stays open on failure."""
+        happens to the names afterwards does not matter. A writable grant is then an
+        idmapped copy of its mount (as root): what WASI creates in it belongs to the grant's
+        owner, not to the supervisor's root. Nothing stays open on failure."""
         pid = plugin.id
         opened: list[OpenedPath] = []
         try:
@@ -1470,6 +1476,12 @@ class WasmLoader:
                         f"plugin {pid}: allowed path {grant.path} is not a directory (it is "
                         f"{path.host_path}); WASI can only be given directories",
                         plugin_id=pid)
+                if grant.writable and os.geteuid() == 0:
+                    tree, _ = owned_tree(path.fd, path=grant.path, outside=(0, 0),
+                                         owner=self._grant_owner, fallbacks=self._fallbacks,
+                                         plugin_id=pid)
+                    path.close()
+                    path.fd = tree
         except BaseException:
             for path in opened:
                 path.close()

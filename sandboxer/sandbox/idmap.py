@@ -5,9 +5,10 @@ A rootful plugin runs as an unprivileged host uid of its own (sandbox/ids.py). W
 ``:rw`` grant of a directory root owns would not be writable by it, and what it wrote
 elsewhere would belong to uid 1,800,000-something on the host. An idmapped mount fixes both:
 the grant is mounted with an idmapping in which the on-disk owner O (and group G) of the
-granted directory stand for the plugin's host uid (and gid). Through that mount, files of O
-look like the plugin's own, so owner permissions apply to it, and whatever it creates is
-written to disk as O:G. Files of anyone else stay strangers to it. (A wasm plugin runs in the
+granted directory stand for the plugin's host uid (and gid), and every other id for itself.
+Through that mount, files of O look like the plugin's own, so owner permissions apply to it,
+and whatever it creates is written to disk as O:G. Files of anyone else stay theirs: the
+plugin meets them as any other user would. (A wasm plugin runs in the
 supervisor's process: for it O stands for the supervisor's uid, so what WASI creates belongs
 to O, not to root.)
 
@@ -35,7 +36,7 @@ import sys
 from ..errors import SandboxUnavailable
 from . import _syscalls as sc
 
-__all__ = ["userns_mapping", "idmap_tree", "FALLBACK"]
+__all__ = ["userns_mapping", "idmap_tree", "owned_tree", "FALLBACK"]
 
 FALLBACK = "rw-without-idmap"
 # The helper: a new user namespace, "ok" on stdout, then wait for stdin to close.
@@ -46,9 +47,33 @@ _HELPER = ("import ctypes, os\n"
 _HELPER_TIMEOUT = 10.0
 
 
+_ID_END = 4294967295  # (uid_t)-1 is no id
+
+
+def shifted_identity(inside: int, outside: int) -> str:
+    """A uid_map/gid_map text in which ``inside`` maps to ``outside`` and every other id to
+    itself, but for ``outside`` (taken: it stays unmapped).
+
+    Through a mount idmapped with it, only the owner changes: files of ``inside`` are the
+    plugin's, files of anyone else stay theirs (so "other" permission bits apply as on any
+    mount). A single-id map would leave everyone else's files unmapped, and the kernel
+    refuses every write to a directory or file whose owner or group is unmapped (EACCES),
+    however open its mode."""
+    if inside == outside:
+        return f"0 0 {_ID_END}\n"
+    lines = [f"{inside} {outside} 1"]
+    start = 0
+    for skip in sorted({inside, outside}):
+        if skip > start:
+            lines.append(f"{start} {start} {skip - start}")
+        start = skip + 1
+    lines.append(f"{start} {start} {_ID_END - start}")
+    return "\n".join(lines) + "\n"
+
+
 def userns_mapping(uid: tuple[int, int], gid: tuple[int, int]) -> int:
-    """The fd of a new user namespace whose maps are ``inside outside 1`` for ``uid`` and for
-    ``gid``: through a mount idmapped with it, on-disk id ``inside`` is host id ``outside``."""
+    """The fd of a new user namespace whose maps shift ``uid`` = (inside, outside) and ``gid``
+    likewise, every other id mapped to itself (``shifted_identity``)."""
     stdin_r, stdin_w = os.pipe2(os.O_CLOEXEC)
     stdout_r, stdout_w = os.pipe2(os.O_CLOEXEC)
     python = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
@@ -71,9 +96,9 @@ def userns_mapping(uid: tuple[int, int], gid: tuple[int, int]) -> int:
                                      f"(the helper said {said!r})", missing="idmapped mounts")
         try:
             with open(f"/proc/{pid}/uid_map", "w") as f:
-                f.write(f"{uid[0]} {uid[1]} 1\n")
+                f.write(shifted_identity(*uid))
             with open(f"/proc/{pid}/gid_map", "w") as f:
-                f.write(f"{gid[0]} {gid[1]} 1\n")
+                f.write(shifted_identity(*gid))
             return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
             raise SandboxUnavailable(f"cannot write the idmapping {uid}/{gid}: "
@@ -103,3 +128,25 @@ def idmap_tree(tree: int, *, owner: tuple[int, int], outside: tuple[int, int],
             missing="idmapped mounts") from None
     finally:
         os.close(userns)
+
+
+def owned_tree(source: int, *, path: str, outside: tuple[int, int],
+               owner: tuple[int, int] | None, fallbacks: tuple[str, ...],
+               plugin_id: str | None) -> tuple[int, bool]:
+    """A detached copy of the writable grant ``source`` (an fd of it) through which
+    ``outside`` writes as ``owner`` (default: the grant's own owner), and whether the policy's
+    fallback was taken instead (the copy then plain: ``outside`` writes as itself)."""
+    st = os.fstat(source)
+    tree = sc.open_tree(source)
+    try:
+        idmap_tree(tree, owner=owner or (st.st_uid, st.st_gid), outside=outside, path=path,
+                   plugin_id=plugin_id)
+    except SandboxUnavailable:
+        if FALLBACK not in fallbacks:
+            os.close(tree)
+            raise
+        return tree, True
+    except BaseException:
+        os.close(tree)
+        raise
+    return tree, False

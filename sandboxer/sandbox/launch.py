@@ -33,7 +33,7 @@ from .cgroups import new_name as new_cgroup_name
 from .egress import (EGRESS_SOCKET, PROXY_HOST, PROXY_PORT, EgressEndpoint, EgressProxy,
                      network_mode, proxy_environment)
 from .idmap import FALLBACK as IDMAP_FALLBACK
-from .idmap import idmap_tree
+from .idmap import owned_tree
 from .ids import HostIds
 from .paths import OpenedPath, open_grant, open_path
 from .policy import SETUP_TIMEOUT, PathGrant, SandboxConfig
@@ -236,10 +236,15 @@ class Sources:
                                        "fd": len(self.fds)})
                     if not clone:
                         self._keep(os.dup(opened.fd))
-                        continue
-                    self._keep(_syscalls.open_tree(opened.fd))
-                    if mount.writable and mount.root is not None:  # a writable grant
-                        self._idmap(self.fds[-1], opened, plugin_id, fallbacks, spec)
+                    elif mount.writable and mount.root is not None:  # a writable grant
+                        tree, fell_back = owned_tree(
+                            opened.fd, path=opened.path, outside=(self.host_uid, self.host_gid),
+                            owner=spec.grant_owner, fallbacks=fallbacks, plugin_id=plugin_id)
+                        self._keep(tree)
+                        if fell_back:
+                            self.fallbacks.add(IDMAP_FALLBACK)
+                    else:
+                        self._keep(_syscalls.open_tree(opened.fd))
             for copy in spec.copies:
                 self.copies.append({"target": copy.target, "fd": len(self.fds),
                                     "name": os.path.basename(copy.source),
@@ -250,18 +255,6 @@ class Sources:
             self.close()
             release_uid(self.host_uid)
             raise
-
-    def _idmap(self, tree: int, opened: OpenedPath, plugin_id: str | None,
-               fallbacks: tuple[str, ...], spec: LaunchSpec) -> None:
-        st = os.fstat(opened.fd)
-        owner = spec.grant_owner or (st.st_uid, st.st_gid)
-        try:
-            idmap_tree(tree, owner=owner, outside=(self.host_uid, self.host_gid),
-                       path=opened.path, plugin_id=plugin_id)
-        except SandboxUnavailable:
-            if IDMAP_FALLBACK not in fallbacks:
-                raise
-            self.fallbacks.add(IDMAP_FALLBACK)  # writes as its own host uid, as the policy allows
 
     def _keep(self, fd: int) -> None:
         self.fds.append(fd)

@@ -373,14 +373,22 @@ def plugin_records(caplog: pytest.LogCaptureFixture, plugin_id: str) -> list[tup
 
 
 def open_fds_under(path: Path) -> list[str]:
+    """This process's fds of ``path`` and what lies below it, as the paths they name. A
+    writable grant is held as an idmapped detached mount, whose fd names no path: it is found
+    by its inode."""
+    inodes = {(st.st_dev, st.st_ino): str(p) for p in (path, *path.rglob("*"))
+              if p.is_dir() and not p.is_symlink() for st in (p.stat(),)}
     found = []
     for fd in os.listdir("/proc/self/fd"):
         try:
             target = os.readlink(f"/proc/self/fd/{fd}")
+            st = os.stat(f"/proc/self/fd/{fd}")
         except OSError:
             continue
         if target == str(path) or target.startswith(f"{path}/"):
             found.append(target)
+        elif target == "/" and (st.st_dev, st.st_ino) in inodes:
+            found.append(inodes[(st.st_dev, st.st_ino)])
     return found
 
 
