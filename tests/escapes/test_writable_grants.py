@@ -26,7 +26,7 @@ from typing import AsyncIterator, Iterator
 import pytest
 import pytest_asyncio
 
-from sandboxer import HostConfig, PathGrant, PluginManager, SandboxConfig, SandboxUnavailable
+from sandboxer import HostConfig, PluginManager, SandboxUnavailable
 from wasi_build import compile_wasi
 
 pytestmark = [pytest.mark.usefixtures("no_leaks"),
