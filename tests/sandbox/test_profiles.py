@@ -371,6 +371,40 @@ async def check_default_tcp_udp_only_with_network(workdir: Workdir) -> None:
         [f"{name} EPERM" for name in NOT_TCP_UDP]
 
 
+SET_ID_MODES = """
+    import os
+    os.chdir("/tmp")
+    open("plain", "w").close()
+    for name, action in (
+            ("chmod-u+s", lambda: os.chmod("plain", 0o4755)),
+            ("chmod-g+s", lambda: os.chmod("plain", 0o2755)),
+            ("create-04755", lambda: os.open("c1", os.O_CREAT | os.O_WRONLY, 0o4755)),
+            ("openat-02755", lambda: os.open("c2", os.O_CREAT | os.O_WRONLY, 0o2755,
+                                             dir_fd=os.open(".", os.O_RDONLY))),
+            ("chmod-plain", lambda: os.chmod("plain", 0o755)),
+            ("mknod-char", lambda: os.mknod("null", 0o666 | 0o020000, os.makedev(1, 3))),
+            ("mkfifo", lambda: os.mkfifo("fifo"))):
+        try:
+            action()
+            print(name, "done")
+        except OSError as exc:
+            print(name, exc.strerror)
+    """
+SET_ID_OUTCOME = ["chmod-u+s Operation not permitted", "chmod-g+s Operation not permitted",
+                  "create-04755 Operation not permitted", "openat-02755 Operation not permitted",
+                  "chmod-plain done", "mknod-char Operation not permitted", "mkfifo done"]
+
+
+@promise("default/no-set-id-modes")
+async def check_default_no_set_id_modes(workdir: Workdir) -> None:
+    assert await python("default", SET_ID_MODES) == SET_ID_OUTCOME
+
+
+@promise("strict/no-set-id-modes")
+async def check_strict_no_set_id_modes(workdir: Workdir) -> None:
+    assert await python("strict", SET_ID_MODES) == SET_ID_OUTCOME
+
+
 # -- strict --------------------------------------------------------------------------------------
 
 @promise("strict/writable-mounts-noexec")
