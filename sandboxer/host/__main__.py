@@ -29,10 +29,7 @@ def _native_handlers(args: argparse.Namespace) -> Handlers:
     from .native import NativeLibrary
 
     lib = NativeLibrary(args.entrypoint)
-    names = tuple(args.methods.split(",")) if args.methods else lib.methods
-    if not names:
-        raise SandboxerError(f"plugin {args.id}: a native plugin must name its methods, with "
-                             "a sandboxer_methods export or the manifest's methods list")
+    names = tuple(args.methods.split(",")) if args.methods else (lib.methods or ())
 
     def method(name: str) -> Callable[..., Any]:
         return lambda *call_args: lib.call(name, list(call_args))
@@ -48,8 +45,12 @@ def _native_handlers(args: argparse.Namespace) -> Handlers:
         lifecycle["import_state"] = lambda state, version: lib.call("import_state",
                                                                     [state, version])
     reserved = {"export_state", "import_state"}
+    # Without a list (no sandboxer_methods export, no manifest): every name goes to
+    # sandboxer_call, and the library answers the names it does not know with its error.
     return Handlers(methods={n: method(n) for n in names if n not in reserved},
-                    lifecycle=lifecycle, error=_native_error(args.id))
+                    lifecycle=lifecycle, error=_native_error(args.id),
+                    any_method=None if names else lambda name, *call_args: lib.call(
+                        name, list(call_args)))
 
 
 def _native_error(plugin_id: str) -> Callable[[BaseException, str], PluginCallError]:

@@ -16,6 +16,7 @@ Async handlers run on one asyncio loop in a thread of its own and can be cancell
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import queue
@@ -71,12 +72,16 @@ class Handlers:
 
     ``check_args(method, fn, args)`` may raise PluginCallError for arguments that do not fit;
     ``error(exc, method)`` turns a handler's exception into the PluginCallError sent back.
+    ``any_method(name, *args)``, when given, answers every other (not reserved) method: a
+    plugin that cannot list its methods, such as a C library without ``sandboxer_methods``,
+    decides itself which names it knows.
     """
 
     methods: Mapping[str, Callable[..., Any]]
     lifecycle: Mapping[str, Callable[..., Any]] = field(default_factory=dict)
     check_args: Callable[[str, Callable[..., Any], tuple[Any, ...]], None] | None = None
     error: Callable[[BaseException, str], PluginCallError] | None = None
+    any_method: Callable[..., Any] | None = None
 
     def declared(self) -> list[str]:
         """Method names for the handshake: the methods, plus the state methods if present."""
@@ -228,6 +233,9 @@ class Server:
     def _execute(self, request: Request) -> None:
         method = request.method
         fn, is_async, is_lifecycle = self._table.get(method, (None, False, False))
+        if fn is None and self._handlers.any_method is not None \
+                and not method.startswith("sandboxer."):
+            fn = functools.partial(self._handlers.any_method, method)
         params = request.params
         args = tuple(params) if isinstance(params, list) else (() if params is None else None)
         if args is None:

@@ -95,7 +95,8 @@ def export_state():
 def import_state(state, from_version):
     global _count
     @IN_IMPORT@
-    if state["version"] != from_version:
+    # from_version is the manifest's version: a bare file has none (0.0.0)
+    if state["version"] != from_version and from_version != "0.0.0":
         raise ValueError(f"state exported by {state['version']} arrived as from {from_version}")
     with _lock:
         _count = state["count"]
@@ -392,18 +393,25 @@ class Kind:
     entrypoint: str
     files: Callable[[str, str | None], tuple[bytes, int]]  # (version, breakage) -> data, mode
     build: Callable[[Path], None] = lambda _: None
+    bare: bool = False  # a bare file, no manifest: loaded by the file's own path
 
     @property
     def plugin_id(self) -> str:
-        return f"load.counter-{self.name}"
+        return Path(self.entrypoint).stem if self.bare else f"load.counter-{self.name}"
+
+    def target(self, plugin_dir: Path) -> Path:
+        return plugin_dir / self.entrypoint if self.bare else plugin_dir
 
     def install(self, plugin_dir: Path, staging: Path, version: str,
                 breakage: str | None) -> None:
         """Write the files aside, then rename them over the plugin's: entrypoint, manifest."""
         data, mode = self.files(version, breakage)
-        manifest = _manifest(self.plugin_id, version, self.name, self.entrypoint).encode()
-        for name, content, file_mode in ((self.entrypoint, data, mode),
-                                         ("plugin.toml", manifest, 0o644)):
+        kind = self.name.removesuffix("-bare")
+        manifest = _manifest(self.plugin_id, version, kind, self.entrypoint).encode()
+        files = [(self.entrypoint, data, mode)]
+        if not self.bare:
+            files.append(("plugin.toml", manifest, 0o644))
+        for name, content, file_mode in files:
             aside = staging / name
             aside.write_bytes(content)
             os.chmod(aside, file_mode)
@@ -459,9 +467,15 @@ def _wasm_kind() -> Kind:
     return Kind("wasm", "counter.wasm", files, build)
 
 
+def _python_bare_kind() -> Kind:
+    """The python counter as a bare file: what a stranger writes first."""
+    return Kind("python-bare", "counter.py",
+                lambda v, b: (_python_source(v, b, external=False).encode(), 0o644), bare=True)
+
+
 KINDS: dict[str, Callable[[], Kind]] = {
     "python": _python_kind, "native": _native_kind, "wasm": _wasm_kind,
-    "external": _external_kind,
+    "external": _external_kind, "python-bare": _python_bare_kind,
 }
 
 
@@ -494,11 +508,13 @@ class Outcome:
     event: PluginEvent
     seconds: float
     error: str | None  # LoadedPlugin.error once the event was seen
+    manifest_version: str = ""  # what the event names: the version, or a bare file's 0.0.0
 
     @property
     def as_expected(self) -> bool:
         if self.breakage is None:
-            return (self.event.type == "reloaded" and self.event.version == self.version
+            return (self.event.type == "reloaded"
+                    and self.event.version == (self.manifest_version or self.version)
                     and self.error is None)
         return self.event.type == "reload_failed" and self.error == self.event.error
 
@@ -536,7 +552,7 @@ async def test_hot_reload_under_load_loses_no_call_and_no_update(
     outcomes: list[Outcome] = []
     async with PluginManager(HostConfig(), hot_reload=True, reload_debounce=0.05) as mgr:
         events = mgr.events()
-        p = await mgr.load(plugin_dir)
+        p = await mgr.load(kind.target(plugin_dir))
         assert p.sandbox is not None and p.sandbox.enabled  # wasm: wasmtime's limits
         stop = asyncio.Event()
 
@@ -569,7 +585,8 @@ async def test_hot_reload_under_load_loses_no_call_and_no_update(
                         f"{EVENT_TIMEOUT:g}s; so far:\n"
                         + "\n".join(o.describe() for o in outcomes)) from None
                 outcomes.append(Outcome(number, version, breakage, event, time.monotonic() - t0,
-                                        str(p.error) if p.error is not None else None))
+                                        str(p.error) if p.error is not None else None,
+                                        "0.0.0" if kind.bare else version))
         finally:
             stop.set()
             await asyncio.gather(*tasks)
@@ -613,7 +630,9 @@ async def test_hot_reload_under_load_loses_no_call_and_no_update(
     seen = {v for c in callers for v in c.versions}
     assert seen <= set(good), f"broken versions served: {sorted(seen - set(good))}"
     assert seen == set(good), f"good versions that never served: {sorted(set(good) - seen)}"
-    # The last good version serves at the end, with every generation counted.
-    assert serving == final_version == manifest_version == good[-1]
+    # The last good version serves at the end, with every generation counted (a bare file's
+    # manifest version is always 0.0.0).
+    assert serving == final_version == good[-1]
+    assert manifest_version == ("0.0.0" if kind.bare else good[-1])
     assert generation == [o.event.generation for o in outcomes if o.breakage is None][-1]
     assert stats.failures == 0 and stats.calls == calls + 2
