@@ -72,11 +72,11 @@ ls "$work"/wheels/python_prctl-*.whl >/dev/null  # the one that needs a compiler
 
 # gcc and libc6-dev build the escape probes (tests/escapes compiles probe.c); clang, lld,
 # wasi-libc and the wasm32 compiler-rt build the WASI probes (tests/escapes/test_wasm_grants.py);
-# rsync serves
+# git commits into an idmapped writable grant (tests/escapes/test_writable_grants.py); rsync serves
 # Vagrant's synced folder on the box; dbus-user-session
 # and libpam-systemd give the unprivileged user a systemd user manager with a bus, which is
 # what delegates a cgroup subtree to a rootless supervisor.
-packages=initramfs-tools,systemd,systemd-sysv,udev,kmod,dbus,dbus-user-session,libpam-systemd,openssh-server,sudo,python3,python3-venv,qemu-guest-agent,libseccomp2,libcap2,ca-certificates,gcc,libc6-dev,clang,lld,wasi-libc,libclang-rt-14-dev-wasm32,procps,iproute2,rsync
+packages=initramfs-tools,systemd,systemd-sysv,udev,kmod,dbus,dbus-user-session,libpam-systemd,openssh-server,sudo,python3,python3-venv,qemu-guest-agent,libseccomp2,libcap2,ca-certificates,gcc,libc6-dev,clang,lld,wasi-libc,libclang-rt-14-dev-wasm32,git,procps,iproute2,rsync
 log "debootstrap bookworm ${mirror:-(default mirror)}"
 debootstrap --variant=minbase --include="$packages" bookworm "$root" ${mirror:+"$mirror"} >"$work/debootstrap.log" 2>&1 || {
     tail -30 "$work/debootstrap.log" >&2; exit 1; }
