@@ -24,7 +24,7 @@ from ._units import parse_duration, parse_size
 from .errors import PluginLoadError, SandboxerError, exit_code
 from .loaders import run_mode
 from .manager import PluginManager
-from .manifest import Plugin, load_plugin
+from .manifest import Plugin, load_plugin, verify_integrity
 from .sandbox.egress import EgressProxy
 from .sandbox.policy import (
     HostConfig,
@@ -333,9 +333,14 @@ async def _cmd_inspect(args: argparse.Namespace) -> int:
     host = HostConfig.load()
     plugin = load_plugin(args.target)
     sandbox = _sandbox_for(plugin, host, args)
+    # As a load would: a manifest whose sha256 no longer matches is an IntegrityError (exit
+    # 2, naming both digests), not a manifest to show.
+    await asyncio.to_thread(verify_integrity, plugin)
     checksum = await asyncio.to_thread(tree_checksum, plugin.root)
+    integrity = "no sha256 in the manifest" if plugin.sha256 is None else \
+        "the entrypoint matches the manifest's sha256"
     report = {"plugin": plugin.to_json(), "kind": plugin.type.value, "checksum": checksum,
-              "sandbox": sandbox.to_json(),
+              "integrity": integrity, "sandbox": sandbox.to_json(),
               "mode": run_mode(plugin.type, sandbox)}
     if args.json:
         _print_json(report)
@@ -344,7 +349,7 @@ async def _cmd_inspect(args: argparse.Namespace) -> int:
             ("name", plugin.name or ""), ("entrypoint", str(plugin.entrypoint)),
             ("manifest", str(plugin.manifest_path or "(bare file, no manifest)")),
             ("methods", ", ".join(plugin.methods) if plugin.methods else "(all public)"),
-            ("checksum", checksum), ("mode", report["mode"])]
+            ("checksum", checksum), ("integrity", integrity), ("mode", report["mode"])]
     rows += [(f"sandbox.{k}", _json.dumps(v).decode() if not isinstance(v, str) else v)
              for k, v in sandbox.to_json().items()]
     width = max(len(k) for k, _ in rows)

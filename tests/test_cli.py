@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -119,6 +120,42 @@ def test_exec_returns_the_programs_exit_status():
     assert (run.returncode, run.stdout, run.stderr) == (7, "out\n", "err\n")
     run = sandboxer("exec", "--", "sh", "-c", "id -u; kill -9 $$")
     assert (run.returncode, run.stdout) == (137, "1000\n")
+
+
+# -- inspect verifies the manifest's sha256 (issue 17.7) -------------------------------------
+
+def _plugin_with_digest(root: Path, digest: str | None) -> Path:
+    root.mkdir()
+    (root / "plugin.py").write_text("def hi():\n    return 'hi'\n")
+    (root / "plugin.toml").write_text(
+        '[plugin]\nid = "digest.test"\nversion = "1.0.0"\ntype = "python"\n'
+        'entrypoint = "plugin.py"\n' + (f'sha256 = "{digest}"\n' if digest else ""))
+    return root
+
+
+def test_inspect_refuses_a_sha256_mismatch_naming_both_digests(tmp_path):
+    """Fails before: it printed the manifest and exited 0."""
+    wrong = "0" * 64
+    plugin = _plugin_with_digest(tmp_path / "p", wrong)
+    actual = hashlib.sha256((plugin / "plugin.py").read_bytes()).hexdigest()
+    for json_flag in ([], ["--json"]):
+        run = sandboxer("inspect", *json_flag, str(plugin))
+        assert run.returncode == 2, run.stdout
+        said = run.stdout if json_flag else run.stderr
+        assert "IntegrityError" in said and wrong in said and actual in said
+
+
+def test_inspect_says_a_matching_sha256_was_verified(tmp_path):
+    plugin = tmp_path / "p"
+    actual = hashlib.sha256(b"def hi():\n    return 'hi'\n").hexdigest()
+    _plugin_with_digest(plugin, actual)
+    run = sandboxer("inspect", "--json", str(plugin))
+    assert run.returncode == 0, run.stderr
+    doc = json.loads(run.stdout)
+    assert doc["plugin"]["sha256"] == actual
+    assert doc["integrity"] == "the entrypoint matches the manifest's sha256"
+    run = sandboxer("inspect", str(_plugin_with_digest(tmp_path / "bare", None)))
+    assert run.returncode == 0 and "no sha256 in the manifest" in run.stdout
 
 
 def test_inspect_shows_manifest_checksum_and_effective_sandbox():
