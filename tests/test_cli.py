@@ -24,8 +24,10 @@ HELLO = str(EXAMPLES / "hello")
 
 def sandboxer(*args: str, env: dict[str, str] | None = None, input: str | None = None,
               cwd: str | None = None) -> subprocess.CompletedProcess[str]:
+    # Without input, /dev/null: exec forwards stdin, and pytest's own may be a terminal.
     return subprocess.run([sys.executable, "-m", "sandboxer.cli", *args], capture_output=True,
-                          text=True, timeout=60, env=env, input=input, cwd=cwd)
+                          text=True, timeout=60, env=env, input=input, cwd=cwd,
+                          stdin=subprocess.DEVNULL if input is None else None)
 
 
 def test_call_prints_the_result():

@@ -71,8 +71,10 @@ class Ran:
 def sandboxer(*args: str, timeout: float = 60, env: dict[str, str] | None = None) -> Ran:
     """Run ``python -m sandboxer.cli ARGS``; checks it left no cgroup behind."""
     start = time.monotonic()
+    # stdin: exec forwards it, and pytest's own may be a terminal.
     proc = subprocess.Popen([sys.executable, "-m", "sandboxer.cli", *args], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
