@@ -703,15 +703,17 @@ def _shows_inside(path: str, mounts: list[Mount], denied: tuple[str, ...]) -> bo
 
 def find_program(name: str, mounts: list[Mount], denied: tuple[str, ...] = ()) -> str:
     """The absolute path ``name`` runs as inside a sandbox with ``mounts`` and ``denied``
-    masks. A bare name is looked up on the sandbox's PATH, then on the caller's (a directory
-    granted to the sandbox can hold it); a relative path is relative to the caller's working
-    directory, as a shell reads it (inside, the working directory is the empty /tmp). A path
+    masks. A bare name is looked up on the sandbox's PATH and in the sbin directories, then
+    on the caller's PATH (a directory granted to the sandbox can hold it); a relative path is
+    relative to the caller's working directory, as a shell reads it (inside, the working
+    directory is the empty /tmp). A path
     that cannot show inside, or whose link leads where nothing shows, is refused here with
     "not found inside the sandbox"; what only the launch can tell, its exec step reports the
     same way (``run``)."""
     if "/" not in name:
         first_on_host = None
-        for directory in (*EXEC_PATH, *os.environ.get("PATH", "").split(":")):
+        for directory in (*EXEC_PATH, "/usr/sbin", "/sbin",
+                          *os.environ.get("PATH", "").split(":")):
             candidate = os.path.join(directory, name)
             if (not directory.startswith("/") or os.path.isdir(candidate)
                     or not os.access(candidate, os.X_OK)):
