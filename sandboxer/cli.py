@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -20,12 +21,14 @@ from typing import TYPE_CHECKING, Any, Sequence
 from . import _json
 from ._digest import tree_checksum
 from ._trusted_keys import parse_trusted_key_option
-from ._units import parse_duration, parse_size
-from .errors import PluginLoadError, SandboxerError, exit_code
+from ._units import format_duration, format_size, parse_duration, parse_size
+from .errors import (CallTimeout, MemoryLimitExceeded, PluginLoadError, SandboxerError,
+                     exit_code)
 from .loaders import run_mode
 from .manager import PluginManager
-from .manifest import Plugin, load_plugin
+from .manifest import Plugin, load_plugin, verify_integrity
 from .sandbox.egress import EgressProxy
+from .sandbox.launch import KILL_GRACE
 from .sandbox.policy import (
     HostConfig,
     SandboxConfig,
@@ -79,14 +82,18 @@ def _add_registry_options(p: argparse.ArgumentParser) -> None:
                    "the host config's trusted_keys")
 
 
-def _add_sandbox_options(p: argparse.ArgumentParser) -> None:
+def _add_sandbox_options(p: argparse.ArgumentParser, *, program: bool = False) -> None:
+    """The sandbox options; for ``exec`` (``program``) without those a program cannot
+    honour (``--no-sandbox``, ``--config``), which argparse then refuses (exit 2)."""
     g = p.add_argument_group("sandbox options (the operator's choice: they override the "
                              "manifest and the host policy)")
     g.add_argument("--profile", metavar="NAME", help="sandbox profile (profiles/NAME.toml)")
     g.add_argument("--memory-limit", metavar="SIZE", type=_arg_type(parse_size, "SIZE"))
     g.add_argument("--cpu-limit", metavar="CPUS", type=_arg_type(_cpu, "CPUS"))
     g.add_argument("--timeout", metavar="DUR", type=_arg_type(parse_duration, "DUR"),
-                   help="per-call timeout, e.g. 5s or 250ms")
+                   help=("deadline for the whole run, e.g. 30s: then SIGTERM, SIGKILL "
+                         f"{KILL_GRACE:g}s later, exit 3 (default: none)") if program
+                   else "per-call timeout, e.g. 5s or 250ms")
     g.add_argument("--allow-path", metavar="PATH[:rw]", action="append", default=[],
                    type=_arg_type(parse_path_grant, "PATH"))
     g.add_argument("--deny-path", metavar="PATH", action="append", default=[],
@@ -95,6 +102,12 @@ def _add_sandbox_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--allow-host", metavar="HOST", action="append", default=[],
                    type=_arg_type(parse_host_pattern, "HOST"),
                    help="reachable host (implies --network); repeat for more")
+    if program:
+        p.set_defaults(no_sandbox=False, config=None)
+        p.add_argument("--json", action="store_true",
+                       help="print one JSON object: the program's output, exit status, "
+                       "signal and stats (its output is captured, not passed through)")
+        return
     g.add_argument("--no-sandbox", action="store_true",
                    help="run a trusted python/native plugin in-process, unsandboxed")
     p.add_argument("--config", metavar="JSON", help="JSON object overriding the plugin's "
@@ -161,8 +174,9 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("target", metavar="TARGET")
     _add_sandbox_options(inspect)
 
-    run = sub.add_parser("exec", help="run any program in the sandbox; exits with its status")
-    _add_sandbox_options(run)
+    run = sub.add_parser("exec", help="run any program in the sandbox, stdin forwarded; "
+                         "exits with its status")
+    _add_sandbox_options(run, program=True)
     run.add_argument("program", metavar="-- CMD ARG", nargs=argparse.REMAINDER)
 
     doctor = sub.add_parser("doctor", help="what this host can enforce (and, given a plugin, "
@@ -333,9 +347,14 @@ async def _cmd_inspect(args: argparse.Namespace) -> int:
     host = HostConfig.load()
     plugin = load_plugin(args.target)
     sandbox = _sandbox_for(plugin, host, args)
+    # As a load would: a manifest whose sha256 no longer matches is an IntegrityError (exit
+    # 2, naming both digests), not a manifest to show.
+    await asyncio.to_thread(verify_integrity, plugin)
     checksum = await asyncio.to_thread(tree_checksum, plugin.root)
+    integrity = "no sha256 in the manifest" if plugin.sha256 is None else \
+        "the entrypoint matches the manifest's sha256"
     report = {"plugin": plugin.to_json(), "kind": plugin.type.value, "checksum": checksum,
-              "sandbox": sandbox.to_json(),
+              "integrity": integrity, "sandbox": sandbox.to_json(),
               "mode": run_mode(plugin.type, sandbox)}
     if args.json:
         _print_json(report)
@@ -344,7 +363,7 @@ async def _cmd_inspect(args: argparse.Namespace) -> int:
             ("name", plugin.name or ""), ("entrypoint", str(plugin.entrypoint)),
             ("manifest", str(plugin.manifest_path or "(bare file, no manifest)")),
             ("methods", ", ".join(plugin.methods) if plugin.methods else "(all public)"),
-            ("checksum", checksum), ("mode", report["mode"])]
+            ("checksum", checksum), ("integrity", integrity), ("mode", report["mode"])]
     rows += [(f"sandbox.{k}", _json.dumps(v).decode() if not isinstance(v, str) else v)
              for k, v in sandbox.to_json().items()]
     width = max(len(k) for k, _ in rows)
@@ -353,41 +372,124 @@ async def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Captured:
+    """One of the program's streams for ``exec --json``: the first ``limit`` bytes kept, the
+    rest counted."""
+
+    def __init__(self, limit: int) -> None:
+        self.data = bytearray()
+        self.total = 0
+        self.limit = limit
+
+    def write(self, chunk: bytes) -> None:
+        self.total += len(chunk)
+        room = self.limit - len(self.data)
+        if room > 0:
+            self.data += chunk[:room]
+
+    def text(self) -> str:
+        return self.data.decode("utf-8", "replace")
+
+
+def _passed_through(stream: Any) -> Any:
+    def write(data: bytes) -> None:
+        stream.write(data)
+        stream.flush()
+    return write
+
+
+def _exec_stdin() -> int | None:
+    """The stdin we were started with, for the program (``launch.run`` refuses a directory
+    or O_PATH fd), or None (/dev/null) when we were started without one. Not "whatever fd 0
+    is now": started with it closed, fd 0 is the first file we opened (the event loop's
+    epoll fd, say), which must not reach the sandbox."""
+    original = sys.__stdin__
+    if original is None or original.closed:
+        return None
+    return original.fileno()
+
+
+def _describe_signal(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
 async def _cmd_exec(args: argparse.Namespace) -> int:
+    """``exec``: the program's own exit status passes through (128+N when a signal N killed
+    it); sandboxer's own outcomes use its codes: 2 the program cannot run inside (usage,
+    not found), 3 sandboxer stopped it (the --timeout deadline, the memory limit), 4 this
+    host cannot enforce the sandbox. Those collide with a program's own 2-4, so each of
+    sandboxer's is said on stderr ("sandboxer: ...") and, with --json, as ``error``."""
     from .sandbox import cgroups, launch
     from .sandbox.seccomp import compile_filter
 
     command = args.program[1:] if args.program[:1] == ["--"] else args.program
     if not command:
         raise _Usage("exec: name the program to run after --")
-    if args.no_sandbox:
-        raise _Usage("exec runs programs sandboxed; --no-sandbox makes no sense here")
     host = HostConfig.load()
     sandbox = _sandbox_from(SandboxRequest(), None, host, args)
-    out, err = sys.stdout.buffer, sys.stderr.buffer
-
-    def sink(stream: Any) -> Any:
-        def write(data: bytes) -> None:
-            stream.write(data)
-            stream.flush()
-        return write
-
+    shown = {**sandbox.to_json(),
+             "timeout": None if args.timeout is None else format_duration(args.timeout)}
+    extra: dict[str, Any] = {"result": None, "plugin": None, "program": {"argv": command},
+                             "sandbox": shown}
+    if args.json:
+        out, err = _Captured(host.max_frame), _Captured(host.max_frame)
+        sinks = (out.write, err.write)
+    else:
+        sinks = (_passed_through(sys.stdout.buffer), _passed_through(sys.stderr.buffer))
     egress = EgressProxy.from_config(host)
+    start = time.perf_counter()
     try:
         result = await launch.run(
             command, sandbox, backend=cgroups.detect(),
             seccomp_bpf=compile_filter(sandbox.profile, network=sandbox.network_allowed,
                                        extra_dirs=host.profile_dirs),
-            sinks=(sink(out), sink(err)), egress=egress, setup_timeout=host.setup_timeout,
+            sinks=sinks, egress=egress, setup_timeout=host.setup_timeout,
             profile_dirs=host.profile_dirs, fallbacks=host.fallbacks,
-            grant_owner=host.grant_owner)
+            grant_owner=host.grant_owner, stdin=_exec_stdin(), timeout=args.timeout)
+    except SandboxerError as exc:
+        return _report_error(exc, as_json=args.json,
+                             extra={**extra, "exitStatus": None, "signal": None})
     finally:
         egress.close()
-    if result.oom_killed:
-        peak = result.stats.memory_peak if result.stats else None
-        print(f"sandboxer: killed for exceeding the memory limit of "
-              f"{sandbox.to_json()['memoryLimit']} (peak {peak} bytes)", file=sys.stderr)
     code = result.returncode
+    status, signum = (None, -code) if code < 0 else (code, None)
+    stats = result.stats
+    extra.update(stats={"durationMs": round((time.perf_counter() - start) * 1000, 3),
+                        "peakMemoryBytes": stats.memory_peak if stats else None,
+                        "cpuTimeSeconds": stats.cpu_time_s if stats else None},
+                 exitStatus=status, signal=signum)
+    if args.json:
+        extra["result"] = {"stdout": out.text(), "stderr": err.text(),
+                           "truncated": [name for name, stream in (("stdout", out),
+                                                                   ("stderr", err))
+                                         if stream.total > len(stream.data)]}
+    how = f"exited with status {status}" if signum is None else \
+        f"was killed by {_describe_signal(signum)}"
+    stopped: SandboxerError | None = None
+    if result.timed_out:
+        stopped = CallTimeout(
+            f"the program did not finish within its timeout (--timeout "
+            f"{format_duration(args.timeout)}) and was stopped: SIGTERM, then SIGKILL after "
+            f"{launch.KILL_GRACE:g}s if still running; it {how}", timeout=args.timeout)
+    elif result.oom_killed:
+        limit = sandbox.memory_limit
+        stopped = MemoryLimitExceeded(
+            f"the program was killed for exceeding the memory limit of "
+            f"{format_size(limit)} (peak {stats.memory_peak if stats else None} bytes); "
+            "raise --memory-limit if it needs more", limit=limit,
+            peak=stats.memory_peak if stats else None)
+    if stopped is not None:
+        return _report_error(stopped, as_json=args.json, extra=extra)
+    if args.json:
+        ok = code == 0
+        _print_json({"ok": ok, "result": extra.pop("result"),
+                     "error": None if ok else {"type": "ProgramFailed",
+                                               "message": f"the program {how}",
+                                               "exitStatus": status, "signal": signum},
+                     **extra})
     return 128 - code if code < 0 else code
 
 

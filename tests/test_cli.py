@@ -1,10 +1,18 @@
-"""The sandboxer command: results, exit codes 0/1/2/4 and the --json shape."""
+"""The sandboxer command: results, exit codes 0/1/2/3/4 and the --json shape."""
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
+import os
+import pty
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -14,9 +22,12 @@ from conftest import EXAMPLES
 HELLO = str(EXAMPLES / "hello")
 
 
-def sandboxer(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def sandboxer(*args: str, env: dict[str, str] | None = None, input: str | None = None,
+              cwd: str | None = None) -> subprocess.CompletedProcess[str]:
+    # Without input, /dev/null: exec forwards stdin, and pytest's own may be a terminal.
     return subprocess.run([sys.executable, "-m", "sandboxer.cli", *args], capture_output=True,
-                          text=True, timeout=60, env=env)
+                          text=True, timeout=60, env=env, input=input, cwd=cwd,
+                          stdin=subprocess.DEVNULL if input is None else None)
 
 
 def test_call_prints_the_result():
@@ -119,6 +130,237 @@ def test_exec_returns_the_programs_exit_status():
     assert (run.returncode, run.stdout, run.stderr) == (7, "out\n", "err\n")
     run = sandboxer("exec", "--", "sh", "-c", "id -u; kill -9 $$")
     assert (run.returncode, run.stdout) == (137, "1000\n")
+
+
+# -- exec: the deadline, stdin, programs not found inside, --json (issue 17.5) ----------------
+
+@pytest.fixture(params=["/var/tmp", "/root"])
+def hidden_dir(request):
+    """A fresh host directory the sandbox does not see unless granted (not under /tmp:
+    the sandbox has its own), holding an executable script ``prog``."""
+    path = Path(tempfile.mkdtemp(prefix="sandboxer-exec-", dir=request.param))
+    path.chmod(0o755)
+    (path / "prog").write_text("#!/bin/sh\necho \"prog ran: $*\"\n")
+    (path / "prog").chmod(0o755)
+    yield path
+    shutil.rmtree(path)
+
+
+def _still_running(marker: str) -> list[str]:
+    """Processes whose command line holds ``marker`` (the test's own, never a broad name)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if marker in cmdline and "pytest" not in cmdline:
+            found.append(f"{pid}: {cmdline}")
+    return found
+
+
+def test_exec_stops_the_program_at_its_timeout_and_exits_3():
+    """Fails on 17.5's report: it ran 10 s and exited 0."""
+    start = time.monotonic()
+    run = sandboxer("exec", "--timeout", "1s", "--", "sleep", "10")
+    took = time.monotonic() - start
+    assert run.returncode == 3, run.stderr
+    assert took < 1 + 2 + 3, took  # the deadline, the grace, start-up on a busy machine
+    assert run.stderr.startswith("sandboxer: CallTimeout: the program did not finish within "
+                                 "its timeout (--timeout 1s) and was stopped"), run.stderr
+    assert "it was killed by SIGTERM" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_exec_kills_a_program_that_ignores_sigterm_after_the_grace():
+    """SIGTERM is ignored: SIGKILL follows after the grace, and every process of the
+    sandbox (the ignored one's child too) is gone when sandboxer exits."""
+    marker = f"{os.getpid()}.{time.monotonic_ns() % 10**6}"
+    start = time.monotonic()
+    run = sandboxer("exec", "--timeout", "500ms", "--", "sh", "-c",
+                    f"trap '' TERM; sleep {marker} & sleep {marker}")
+    took = time.monotonic() - start
+    assert run.returncode == 3, run.stderr
+    assert 0.5 + 2 <= took < 0.5 + 2 + 4, took
+    assert "it was killed by SIGKILL" in run.stderr and "Traceback" not in run.stderr
+    assert _still_running(marker) == []
+
+
+def test_exec_forwards_stdin():
+    """Fails before: the program read /dev/null."""
+    run = sandboxer("exec", "--", "cat", input="x\n")
+    assert (run.returncode, run.stdout, run.stderr) == (0, "x\n", "")
+
+
+def test_exec_stdin_feeds_sqlite3_as_a_stranger_would():
+    run = sandboxer("exec", "--", "sqlite3", input="create table t(n); insert into t "
+                    "values (6), (7); select n from t; select 6 * 7;\n")
+    assert (run.returncode, run.stdout) == (0, "6\n7\n42\n"), run.stderr
+
+
+def test_exec_with_stdin_closed_reads_nothing():
+    run = subprocess.run(["sh", "-c", f"exec <&- {sys.executable} -m sandboxer.cli exec -- "
+                          "sh -c 'cat; echo done'"], capture_output=True, text=True, timeout=60)
+    assert (run.returncode, run.stdout, run.stderr) == (0, "done\n", "")
+
+
+def test_exec_a_terminal_on_stdin_gives_no_tiocsti():
+    """A terminal passed in is read as a terminal, but the program cannot push input into
+    it (TIOCSTI, denied by the seccomp filter): EPERM, not ENOTTY as /dev/null would say."""
+    code = ("import fcntl, sys, termios\n"
+            "try:\n"
+            "    fcntl.ioctl(0, termios.TIOCSTI, b'x')\n"
+            "    print('TIOCSTI allowed')\n"
+            "except OSError as exc:\n"
+            "    print('TIOCSTI errno', exc.errno)\n"
+            "print(sys.stdin.isatty(), sys.stdin.readline().strip())\n")
+    controller, terminal = pty.openpty()
+    try:
+        os.write(controller, b"typed\n")
+        run = subprocess.run([sys.executable, "-m", "sandboxer.cli", "exec", "--", "python3",
+                              "-c", code], stdin=terminal, capture_output=True, text=True,
+                             timeout=60)
+    finally:
+        os.close(controller)
+        os.close(terminal)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == f"TIOCSTI errno {errno.EPERM}\nTrue typed\n"
+
+
+def test_exec_a_missing_program_exits_2_saying_so():
+    """Fails before on the message ("no such program in /usr/local/bin ...")."""
+    run = sandboxer("exec", "--", "no-such-program-anywhere")
+    assert run.returncode == 2
+    assert run.stderr == ("sandboxer: PluginLoadError: not found inside the sandbox: "
+                          "no-such-program-anywhere (grant its directory with --allow-path)\n")
+
+
+def test_exec_a_program_the_sandbox_does_not_see_exits_2_until_granted(hidden_dir):
+    """Fails before with exit 4 ("sandbox setup failed at step exec the plugin")."""
+    prog = str(hidden_dir / "prog")
+    want = (f"sandboxer: PluginLoadError: not found inside the sandbox: {prog} (grant its "
+            "directory with --allow-path)\n")
+    run = sandboxer("exec", "--", prog, "a")
+    assert (run.returncode, run.stderr) == (2, want)
+    run = sandboxer("exec", "--", "./prog", "a", cwd=str(hidden_dir))  # as a shell reads it
+    assert (run.returncode, run.stderr) == (2, want)
+    run = sandboxer("exec", "--allow-path", str(hidden_dir), "--", "./prog", "b",
+                    cwd=str(hidden_dir))
+    assert (run.returncode, run.stdout) == (0, "prog ran: b\n"), run.stderr
+    # By name, on the caller's PATH: found there once its directory is granted.
+    env = {**os.environ, "PATH": f"{hidden_dir}:{os.environ['PATH']}"}
+    run = sandboxer("exec", "--", "prog", env=env)
+    assert (run.returncode, run.stderr) == (2, want)
+    run = sandboxer("exec", "--allow-path", str(hidden_dir), "--", "prog", "c", env=env)
+    assert (run.returncode, run.stdout) == (0, "prog ran: c\n"), run.stderr
+
+
+def test_exec_a_script_whose_interpreter_is_missing_inside_names_it(hidden_dir):
+    (hidden_dir / "prog").write_text("#!/opt/no-such-runtime/bin/python\nprint(1)\n")
+    run = sandboxer("exec", "--allow-path", str(hidden_dir), "--", str(hidden_dir / "prog"))
+    assert run.returncode == 2
+    assert ("not found inside the sandbox: /opt/no-such-runtime/bin/python (the interpreter "
+            f"{hidden_dir}/prog names; grant its directory with --allow-path)") in run.stderr
+
+
+def test_exec_json_carries_output_status_and_stats():
+    """Fails before: --json was accepted and ignored (the program's output, no JSON)."""
+    run = sandboxer("exec", "--json", "--", "python3", "-c",
+                    "import sys; print('out'); print('err', file=sys.stderr); sys.exit(5)")
+    assert run.returncode == 5, run.stderr
+    doc = json.loads(run.stdout)
+    assert doc["ok"] is False and (doc["exitStatus"], doc["signal"]) == (5, None)
+    assert doc["result"] == {"stdout": "out\n", "stderr": "err\n", "truncated": []}
+    assert doc["error"] == {"type": "ProgramFailed", "message": "the program exited with "
+                            "status 5", "exitStatus": 5, "signal": None}
+    assert doc["plugin"] is None and doc["program"]["argv"][0] == "python3"
+    assert doc["sandbox"]["enabled"] is True and doc["sandbox"]["timeout"] is None
+    assert doc["stats"]["peakMemoryBytes"] > 0 and doc["stats"]["cpuTimeSeconds"] > 0
+    assert doc["stats"]["durationMs"] > 0 and run.stderr == ""
+
+
+def test_exec_json_of_a_third_party_program_that_succeeds():
+    run = sandboxer("exec", "--json", "--", "git", "--version")
+    assert run.returncode == 0, run.stderr
+    doc = json.loads(run.stdout)
+    assert (doc["ok"], doc["error"], doc["exitStatus"], doc["signal"]) == (True, None, 0, None)
+    assert doc["result"]["stdout"].startswith("git version ")
+
+
+def test_exec_json_of_a_program_killed_by_a_signal():
+    run = sandboxer("exec", "--json", "--", "sh", "-c", "kill -SEGV $$")
+    assert run.returncode == 128 + signal.SIGSEGV
+    doc = json.loads(run.stdout)
+    assert (doc["ok"], doc["exitStatus"], doc["signal"]) == (False, None, signal.SIGSEGV)
+    assert doc["error"]["message"] == "the program was killed by SIGSEGV"
+
+
+def test_exec_json_of_a_timeout_and_of_a_program_not_found():
+    run = sandboxer("exec", "--json", "--timeout", "500ms", "--", "sh", "-c",
+                    "echo started; exec sleep 10")
+    assert run.returncode == 3
+    doc = json.loads(run.stdout)
+    assert doc["ok"] is False and doc["error"]["type"] == "CallTimeout"
+    assert doc["error"]["timeout"] == 0.5 and doc["sandbox"]["timeout"] == "500ms"
+    assert (doc["exitStatus"], doc["signal"]) == (None, signal.SIGTERM)
+    assert doc["result"]["stdout"] == "started\n"
+    run = sandboxer("exec", "--json", "--", "/root/no-such-program")
+    assert run.returncode == 2
+    doc = json.loads(run.stdout)
+    assert (doc["ok"], doc["result"], doc["exitStatus"], doc["signal"]) == (False, None, None,
+                                                                           None)
+    assert doc["error"]["message"].startswith("not found inside the sandbox: /root/no-such")
+
+
+@pytest.mark.parametrize("option", [["--config", "{}"], ["--no-sandbox"]],
+                         ids=["config-is-for-a-plugins-init", "no-sandbox"])
+def test_exec_refuses_options_it_cannot_honour(option):
+    """Fails before for --config: accepted and ignored."""
+    run = sandboxer("exec", *option, "--", "true")
+    assert run.returncode == 2
+    assert f"unrecognized arguments: {option[0]}" in run.stderr
+
+
+def test_exec_help_says_what_timeout_means_there():
+    run = sandboxer("exec", "--help")
+    assert "deadline for the whole run" in " ".join(run.stdout.split())
+    assert "--config" not in run.stdout and "--no-sandbox" not in run.stdout
+
+
+# -- inspect verifies the manifest's sha256 (issue 17.7) -------------------------------------
+
+def _plugin_with_digest(root: Path, digest: str | None) -> Path:
+    root.mkdir()
+    (root / "plugin.py").write_text("def hi():\n    return 'hi'\n")
+    (root / "plugin.toml").write_text(
+        '[plugin]\nid = "digest.test"\nversion = "1.0.0"\ntype = "python"\n'
+        'entrypoint = "plugin.py"\n' + (f'sha256 = "{digest}"\n' if digest else ""))
+    return root
+
+
+def test_inspect_refuses_a_sha256_mismatch_naming_both_digests(tmp_path):
+    """Fails before: it printed the manifest and exited 0."""
+    wrong = "0" * 64
+    plugin = _plugin_with_digest(tmp_path / "p", wrong)
+    actual = hashlib.sha256((plugin / "plugin.py").read_bytes()).hexdigest()
+    for json_flag in ([], ["--json"]):
+        run = sandboxer("inspect", *json_flag, str(plugin))
+        assert run.returncode == 2, run.stdout
+        said = run.stdout if json_flag else run.stderr
+        assert "IntegrityError" in said and wrong in said and actual in said
+
+
+def test_inspect_says_a_matching_sha256_was_verified(tmp_path):
+    plugin = tmp_path / "p"
+    actual = hashlib.sha256(b"def hi():\n    return 'hi'\n").hexdigest()
+    _plugin_with_digest(plugin, actual)
+    run = sandboxer("inspect", "--json", str(plugin))
+    assert run.returncode == 0, run.stderr
+    doc = json.loads(run.stdout)
+    assert doc["plugin"]["sha256"] == actual
+    assert doc["integrity"] == "the entrypoint matches the manifest's sha256"
+    run = sandboxer("inspect", str(_plugin_with_digest(tmp_path / "bare", None)))
+    assert run.returncode == 0 and "no sha256 in the manifest" in run.stdout
 
 
 def test_inspect_shows_manifest_checksum_and_effective_sandbox():

@@ -422,13 +422,14 @@ async def launch(spec: LaunchSpec, *, rpc_fd: int, logger: logging.Logger,
                  on_spawn: Callable[[int], Awaitable[None]] | None = None,
                  egress: EgressEndpoint | None = None,
                  sinks: tuple[Callable[[bytes], None], Callable[[bytes], None]] | None = None,
-                 plugin_id: str | None = None, sources: Sources | None = None
-                 ) -> tuple[_process.PluginProcess, int]:
+                 plugin_id: str | None = None, sources: Sources | None = None,
+                 stdin: int | None = None) -> tuple[_process.PluginProcess, int]:
     """Start ``spec`` sandboxed; returns the process (the launcher, whose exit status is the
     plugin's) and the host uid it maps to (release it with ``release_uid`` when it is gone).
     ``on_spawn(pid)`` runs before the launcher may go on: the place to put it in a cgroup.
     In "proxy" network mode ``egress`` gets the listener made in the plugin's namespace.
     ``sources``: the spec's paths already opened (``Sources(spec)``); closed here either way.
+    ``stdin``: the program's fd 0 (``process.check_stdin``), else /dev/null.
     """
     if network_mode(spec.sandbox) == "proxy" and egress is None:
         if sources is not None:
@@ -453,7 +454,8 @@ async def launch(spec: LaunchSpec, *, rpc_fd: int, logger: logging.Logger,
         proc = _process.spawn(_LAUNCHER_ARGV, {"PATH": "/usr/bin:/bin",
                                                "SANDBOXER_LAUNCHER_DIR": os.path.dirname(LAUNCHER)},
                               rpc_fd=rpc_fd, logger=logger, executable=sys.executable,
-                              extra_fds={4: control_r, 5: status_w.fileno()}, sinks=sinks)
+                              extra_fds={4: control_r, 5: status_w.fileno()}, sinks=sinks,
+                              stdin=stdin)
     except BaseException:
         for fd in (control_r, control_w):
             os.close(fd)
@@ -572,7 +574,7 @@ async def launch_confined(
         spec: LaunchSpec, *, backend: CgroupBackend, rpc_fd: int, logger: logging.Logger,
         sinks: tuple[Callable[[bytes], None], Callable[[bytes], None]] | None = None,
         fallbacks: tuple[str, ...] = (), egress: EgressProxy | None = None,
-        plugin_id: str = "-", setup_timeout: float = SETUP_TIMEOUT,
+        plugin_id: str = "-", setup_timeout: float = SETUP_TIMEOUT, stdin: int | None = None,
 ) -> tuple[_process.PluginProcess, Confinement]:
     """``launch`` inside a fresh cgroup limited as ``spec.sandbox`` says, and, when it lists
     allowed hosts, with an endpoint of ``egress`` (the proxy's socket bound in, the proxy
@@ -590,7 +592,8 @@ async def launch_confined(
     try:
         return await _launch_in_cgroup(spec, backend=backend, rpc_fd=rpc_fd, logger=logger,
                                        sinks=sinks, fallbacks=fallbacks, egress=endpoint,
-                                       setup_timeout=setup_timeout, plugin_id=plugin_id)
+                                       setup_timeout=setup_timeout, plugin_id=plugin_id,
+                                       stdin=stdin)
     except BaseException:
         if endpoint is not None:
             endpoint.close()
@@ -601,7 +604,7 @@ async def _launch_in_cgroup(
         spec: LaunchSpec, *, backend: CgroupBackend, rpc_fd: int, logger: logging.Logger,
         sinks: tuple[Callable[[bytes], None], Callable[[bytes], None]] | None,
         fallbacks: tuple[str, ...], egress: EgressEndpoint | None, setup_timeout: float,
-        plugin_id: str,
+        plugin_id: str, stdin: int | None,
 ) -> tuple[_process.PluginProcess, Confinement]:
     sandbox = spec.sandbox
     limits = CgroupLimits(memory=sandbox.memory_limit, cpu=sandbox.cpu_limit,
@@ -618,7 +621,7 @@ async def _launch_in_cgroup(
                        "CPU and process limits are not enforced", exc)
         spec = dataclasses.replace(spec, address_space_limit=sandbox.memory_limit)
         proc, uid = await launch(spec, rpc_fd=rpc_fd, logger=logger, sinks=sinks, egress=egress,
-                                 setup_timeout=setup_timeout, sources=sources)
+                                 setup_timeout=setup_timeout, sources=sources, stdin=stdin)
         return proc, Confinement(None, uid, sandbox.memory_limit,
                                  fallbacks=("rlimit", *sorted(sources.fallbacks)), egress=egress)
     except BaseException:
@@ -628,7 +631,7 @@ async def _launch_in_cgroup(
         proc, uid = await launch(spec, rpc_fd=rpc_fd, logger=logger,
                                  on_spawn=lambda pid: _off_loop(group.add, pid),
                                  sinks=sinks, egress=egress, setup_timeout=setup_timeout,
-                                 sources=sources)
+                                 sources=sources, stdin=stdin)
     except BaseException:
         await _off_loop(group.remove)
         raise
@@ -655,22 +658,111 @@ async def _off_loop(function: Callable[..., T], *args: Any) -> T:
 
 @dataclass(frozen=True, slots=True)
 class RunResult:
-    """How a ``run()`` ended: the return code (negative: killed by that signal) and what the
-    cgroup measured."""
+    """How a ``run()`` ended: the return code (negative: killed by that signal), what the
+    cgroup measured, and whether its deadline stopped it."""
 
     returncode: int
     stats: CgroupStats | None
     oom_killed: bool
+    timed_out: bool = False
 
 
-def _which(name: str) -> str:
-    if "/" in name:
-        return name
-    for directory in ("/usr/local/bin", "/usr/bin", "/bin", "/usr/sbin", "/sbin"):
-        candidate = os.path.join(directory, name)
-        if os.access(candidate, os.X_OK) and not os.path.isdir(candidate):
-            return candidate
-    raise PluginLoadError(f"{name}: no such program in /usr/local/bin, /usr/bin or /bin")
+# The PATH a program finds inside the sandbox; and how long one past its deadline has between
+# SIGTERM and SIGKILL (a short grace: enough to flush and exit, not to go on working).
+EXEC_PATH = ("/usr/local/bin", "/usr/bin", "/bin")
+KILL_GRACE = 2.0
+
+
+def _not_found(path: str, why: str = "") -> PluginLoadError:
+    return PluginLoadError(f"not found inside the sandbox: {path} ({why}grant its directory "
+                           "with --allow-path)")
+
+
+def _shows_inside(path: str, mounts: list[Mount], denied: tuple[str, ...]) -> bool | None:
+    """Whether the host's absolute ``path`` shows at the same path inside a sandbox with
+    ``mounts``: lexically, as the launcher builds the root. None for /proc and /dev, which
+    are the sandbox's own: only the launch can tell."""
+    where = Path(os.path.normpath(path))
+    if where.parts[1:2] and where.parts[1] in _MERGED_USR and (
+            os.path.islink(f"/{where.parts[1]}")
+            and os.readlink(f"/{where.parts[1]}") == f"usr/{where.parts[1]}"):
+        where = Path("/usr", *where.parts[1:])  # the sandbox has the same merged-usr links
+    if where.is_relative_to("/proc") or where.is_relative_to("/dev"):
+        return None
+    if any(where.is_relative_to(d) for d in denied):
+        return False
+    return any(where.is_relative_to(m.target) for m in mounts)
+
+
+def find_program(name: str, mounts: list[Mount], denied: tuple[str, ...] = ()) -> str:
+    """The absolute path ``name`` runs as inside a sandbox with ``mounts`` and ``denied``
+    masks. A bare name is looked up on the sandbox's PATH and in the sbin directories, then
+    on the caller's PATH (a directory granted to the sandbox can hold it); a relative path is
+    relative to the caller's working directory, as a shell reads it (inside, the working
+    directory is the empty /tmp). A path
+    that cannot show inside, or whose link leads where nothing shows, is refused here with
+    "not found inside the sandbox"; what only the launch can tell, its exec step reports the
+    same way (``run``)."""
+    if "/" not in name:
+        first_on_host = None
+        for directory in (*EXEC_PATH, "/usr/sbin", "/sbin",
+                          *os.environ.get("PATH", "").split(":")):
+            candidate = os.path.join(directory, name)
+            if (not directory.startswith("/") or os.path.isdir(candidate)
+                    or not os.access(candidate, os.X_OK)):
+                continue
+            first_on_host = first_on_host or candidate
+            if _shows_inside(os.path.realpath(candidate), mounts, denied) is not False:
+                return candidate
+        raise _not_found(first_on_host or name)
+    path = os.path.abspath(name)
+    shows = _shows_inside(path, mounts, denied)
+    if shows is None:
+        return path
+    if not shows or not os.path.exists(path):
+        raise _not_found(path)
+    real = os.path.realpath(path)
+    if _shows_inside(real, mounts, denied) is False:
+        raise _not_found(path, f"a link to {real}; ")
+    return path
+
+
+def _interpreter(path: str) -> str | None:
+    """The interpreter a script's ``#!`` line names, if ``path`` is a script."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        head = os.read(fd, 256)
+    finally:
+        os.close(fd)
+    if not head.startswith(b"#!"):
+        return None
+    words = head[2:].split(b"\n", 1)[0].split()
+    return words[0].decode(errors="replace") if words else None
+
+
+def _exec_error(error: SandboxSetupError, program: str,
+                shows: bool | None) -> PluginLoadError | None:
+    """The launch's exec step failing on the program itself is the program's fault, not the
+    host's (exit 2, not 4): missing inside, or not runnable there. ``shows``: whether the
+    program's own path shows inside (``_shows_inside``)."""
+    if error.step != "EXEC" or error.path != program:
+        return None
+    if error.errno in (_errno.ENOENT, _errno.ENOTDIR, _errno.ELOOP):
+        interpreter = _interpreter(program) if shows else None
+        if interpreter is not None:  # the script is there: its #! line names what is not
+            return _not_found(interpreter, f"the interpreter {program} names; ")
+        return _not_found(program)
+    if error.errno in (_errno.EACCES, _errno.ENOEXEC, _errno.EISDIR):
+        return PluginLoadError(
+            f"cannot run {program} inside the sandbox: {os.strerror(error.errno)} (it runs "
+            "as an unprivileged user; writable grants, and /tmp under the strict profile, "
+            "are noexec)")
+    return None
 
 
 async def run(argv: list[str], sandbox: SandboxConfig, *, backend: CgroupBackend,
@@ -679,32 +771,51 @@ async def run(argv: list[str], sandbox: SandboxConfig, *, backend: CgroupBackend
               logger: logging.Logger | None = None, egress: EgressProxy | None = None,
               setup_timeout: float = SETUP_TIMEOUT,
               profile_dirs: tuple[str, ...] = (), fallbacks: tuple[str, ...] = (),
-              grant_owner: tuple[int, int] | None = None) -> RunResult:
+              grant_owner: tuple[int, int] | None = None, stdin: int | None = None,
+              timeout: float | None = None, kill_grace: float = KILL_GRACE) -> RunResult:
     """Run any program in the sandbox (``sandboxer exec``) and wait for it; with allowed
-    hosts, its egress goes through ``egress`` (logged as plugin "exec")."""
-    spec = LaunchSpec(argv=[_which(argv[0]), *argv[1:]],
-                      env={"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp",
-                           "LANG": "C.UTF-8", "TERM": os.environ.get("TERM", "dumb")},
-                      sandbox=sandbox, mounts=tuple(base_mounts() +
-                                                    grant_mounts(sandbox.allowed_paths)),
-                      cwd=cwd, seccomp_bpf=seccomp_bpf, profile_dirs=profile_dirs,
-                      grant_owner=grant_owner)
+    hosts, its egress goes through ``egress`` (logged as plugin "exec").
+
+    ``stdin`` becomes the program's fd 0 (``process.check_stdin``); by default it reads
+    /dev/null: a host application's own stdin is not the program's to take. ``timeout``
+    bounds the program's run from its exec (the setup has ``setup_timeout``): past it, SIGTERM,
+    then SIGKILL ``kill_grace`` seconds later, and ``RunResult.timed_out``. Whatever is left
+    in its cgroup dies with it either way. A program missing inside, or not runnable there,
+    is a ``PluginLoadError`` ("not found inside the sandbox: PATH ...")."""
+    if stdin is not None:
+        _process.check_stdin(stdin)  # before any cgroup or process exists
     grants = grant_mounts(sandbox.allowed_paths)
+    mounts = base_mounts() + grants
+    program = find_program(argv[0], mounts, sandbox.denied_paths)
     masks, pins = mask_plan(sandbox.denied_paths, grants)
-    spec = dataclasses.replace(spec, masks=masks, pins=pins)
+    spec = LaunchSpec(argv=[program, *argv[1:]],
+                      env={"PATH": ":".join(EXEC_PATH), "HOME": "/tmp",
+                           "LANG": "C.UTF-8", "TERM": os.environ.get("TERM", "dumb")},
+                      sandbox=sandbox, mounts=tuple(mounts), cwd=cwd, masks=masks, pins=pins,
+                      seccomp_bpf=seccomp_bpf, profile_dirs=profile_dirs,
+                      grant_owner=grant_owner)
     null = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
     try:
         proc, confinement = await launch_confined(
             spec, backend=backend, rpc_fd=null, sinks=sinks,
             logger=logger or logging.getLogger("sandboxer.exec"), egress=egress,
-            plugin_id="exec", setup_timeout=setup_timeout, fallbacks=fallbacks)
+            plugin_id="exec", setup_timeout=setup_timeout, fallbacks=fallbacks, stdin=stdin)
+    except SandboxSetupError as exc:
+        mapped = _exec_error(exc, program, _shows_inside(program, mounts, sandbox.denied_paths))
+        if mapped is None:
+            raise
+        raise mapped from exc
     finally:
         os.close(null)
     try:
-        code = await proc.wait()
+        code = await proc.wait(timeout)
+        if code is None:
+            await proc.terminate(kill_grace)
         await proc.output_closed(1.0)
-        assert code is not None
-        return RunResult(code, confinement.stats(), confinement.oom_killed())
+        if proc.returncode is None:
+            raise RuntimeError(f"{program}: reaped without a return code")
+        return RunResult(proc.returncode, confinement.stats(), confinement.oom_killed(),
+                         timed_out=code is None)
     finally:
         await proc.close()
         await confinement.aclose()

@@ -240,7 +240,17 @@ def proxy(child: int, exit_pipe: int) -> None:
     os.close(STATUS_FD)
     os.close(CONTROL_FD)
     os.close(RPC_FD)
-    signal.signal(signal.SIGTERM, lambda *_: os.kill(child, signal.SIGTERM))
+    # Through a pidfd: once PID 1 is reaped its number may belong to another process, and a
+    # SIGTERM arriving then must reach nobody, not raise (a traceback in the plugin's log).
+    pidfd = os.pidfd_open(child)
+
+    def forward(*_: object) -> None:
+        try:
+            signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+        except ProcessLookupError:
+            pass  # PID 1 is gone: its status is on the way
+
+    signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     while True:
         try:

@@ -1,9 +1,10 @@
 """A plugin process as the supervisor sees it: spawned, watched, captured, reaped.
 
 ``spawn()`` starts a program with the plugin's end of the RPC socketpair as fd 3, stdin on
-/dev/null and stdout/stderr on pipes the supervisor reads line by line into its logging. The
-process is watched through a pidfd on the event loop (no SIGCHLD handler, no watcher thread),
-so its exit is noticed at once and it is always reaped.
+/dev/null (or a stream the caller hands over: ``sandboxer exec`` forwards its own) and
+stdout/stderr on pipes the supervisor reads line by line into its logging. The process is
+watched through a pidfd on the event loop (no SIGCHLD handler, no watcher thread), so its
+exit is noticed at once and it is always reaped.
 
 posix_spawn, not fork: the supervisor is a threaded asyncio program, and a forked copy of it
 must never run Python. Only the fds named in the file actions reach the child; everything
@@ -20,10 +21,13 @@ import fcntl
 import logging
 import os
 import signal
+import stat
 import time
 from typing import Callable
 
-__all__ = ["PluginProcess", "OutputCapture", "LineLog", "spawn", "RPC_FD"]
+from ..errors import PluginLoadError
+
+__all__ = ["PluginProcess", "OutputCapture", "LineLog", "spawn", "check_stdin", "RPC_FD"]
 
 RPC_FD = 3
 _MIN_FD = 10  # spawn-side fds are moved up here so no dup2 target (0-3) is ever a source
@@ -257,23 +261,27 @@ def _high_cloexec(fd: int) -> int:
 def spawn(argv: list[str], env: dict[str, str], *, rpc_fd: int, logger: logging.Logger,
           extra_fds: dict[int, int] | None = None,
           sinks: tuple[Callable[[bytes], None], Callable[[bytes], None]] | None = None,
-          executable: str | None = None) -> PluginProcess:
+          executable: str | None = None, stdin: int | None = None) -> PluginProcess:
     """Start ``argv`` (argv[0] an absolute path, unless ``executable`` names the program)
     with ``rpc_fd`` as its fd 3 and each ``extra_fds`` source at its target number (4 and
-    up).
+    up); ``stdin`` (checked by ``check_stdin``) as its fd 0, else /dev/null.
 
-    ``rpc_fd`` stays owned by the caller (close it after this returns). The child gets a new
-    session, so terminal signals meant for the supervisor do not reach it.
+    ``rpc_fd`` and ``stdin`` stay owned by the caller (close them after this returns). The
+    child gets a new session, so terminal signals meant for the supervisor do not reach it.
     """
+    if stdin is not None:
+        check_stdin(stdin)
     out_r, out_w = os.pipe2(os.O_CLOEXEC)
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     out_w, err_w = _high_cloexec(out_w), _high_cloexec(err_w)
     rpc_copy = fcntl.fcntl(rpc_fd, fcntl.F_DUPFD_CLOEXEC, _MIN_FD)
     extra = {target: fcntl.fcntl(source, fcntl.F_DUPFD_CLOEXEC, _MIN_FD)
              for target, source in (extra_fds or {}).items()}
+    if stdin is not None:
+        extra[0] = fcntl.fcntl(stdin, fcntl.F_DUPFD_CLOEXEC, _MIN_FD)
     try:
         actions = [
-            (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),  # replaced by a stdin
             (os.POSIX_SPAWN_DUP2, out_w, 1),
             (os.POSIX_SPAWN_DUP2, err_w, 2),
             (os.POSIX_SPAWN_DUP2, rpc_copy, RPC_FD),
@@ -292,3 +300,25 @@ def spawn(argv: list[str], env: dict[str, str], *, rpc_fd: int, logger: logging.
         for fd in (out_w, err_w, rpc_copy, *extra.values()):
             os.close(fd)
     return PluginProcess(pid, out_r, err_r, logger=logger, sinks=sinks)
+
+
+def check_stdin(fd: int) -> None:
+    """Refuse an fd that would give a sandboxed program more than a stream to read: a
+    directory (or any ``O_PATH`` fd) is a handle on the host's file tree, from which
+    ``openat(fd, "..")`` walks anywhere, whatever the sandbox's root. A pipe, a socket, a
+    regular file or a character device (a terminal, /dev/null) is data the caller chose to
+    give; a terminal's TIOCSTI and TIOCLINUX are denied by the seccomp filter."""
+    try:
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        mode = os.fstat(fd).st_mode
+    except OSError as exc:
+        raise PluginLoadError(f"standard input (fd {fd}) cannot be passed to the sandbox: "
+                              f"{exc.strerror}") from None
+    if flags & os.O_PATH or not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
+                                 or stat.S_ISREG(mode) or stat.S_ISCHR(mode)):
+        kind = "a directory" if stat.S_ISDIR(mode) else (
+            "an O_PATH fd" if flags & os.O_PATH else "neither a pipe, a socket, a file nor "
+            "a terminal")
+        raise PluginLoadError(
+            f"standard input is {kind}: passing it into the sandbox would hand the program "
+            "a way out of it; give a file's contents (< FILE) or a pipe instead")

@@ -71,8 +71,10 @@ class Ran:
 def sandboxer(*args: str, timeout: float = 60, env: dict[str, str] | None = None) -> Ran:
     """Run ``python -m sandboxer.cli ARGS``; checks it left no cgroup behind."""
     start = time.monotonic()
+    # stdin: exec forwards it, and pytest's own may be a terminal.
     proc = subprocess.Popen([sys.executable, "-m", "sandboxer.cli", *args], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -142,12 +144,13 @@ def test_exec_passes_stdout_and_stderr_through_unchanged():
 
 
 def test_exec_memory_limit_kills_a_hog_and_says_why():
+    """The kill is sandboxer's doing, not the program's own end: exit 3, a limit was hit."""
     ran = sbx_exec("python3", "-c", "block = b'x' * (200 << 20); print('survived')",
                    options=("--memory-limit", "32M"))
-    assert ran.returncode == 128 + signal.SIGKILL
+    assert ran.returncode == 3
     assert "survived" not in ran.stdout
-    assert re.search(r"killed for exceeding the memory limit of 32MiB \(peak \d+ bytes\)",
-                     ran.stderr), ran.stderr
+    assert re.search(r"^sandboxer: MemoryLimitExceeded: the program was killed for exceeding "
+                     r"the memory limit of 32MiB \(peak \d+ bytes\)", ran.stderr), ran.stderr
 
 
 # -- filesystem: allowed, denied, /tmp --------------------------------------------------------
@@ -397,6 +400,121 @@ async def test_setup_failure_in_a_cgroup_leaves_no_cgroup_or_process(no_leaks):
     assert len(backend.created) == 1
     assert _cgroups_named(backend.created[0]) == []
     assert not launch._ids.held()
+
+
+# -- launch.run: stdin, the deadline, programs not found inside (issue 17.5) ------------------
+
+async def _run(argv: list[str], sandbox: SandboxConfig | None = None,
+               **options: object) -> tuple[launch.RunResult, str, str]:
+    out: list[bytes] = []
+    err: list[bytes] = []
+    result = await launch.run(argv, sandbox or SandboxConfig(), backend=cgroups.detect(),
+                              seccomp_bpf=compile_filter("default", network=False),
+                              sinks=(out.append, err.append), **options)  # type: ignore[arg-type]
+    return result, b"".join(out).decode(), b"".join(err).decode()
+
+
+async def test_run_reads_the_stdin_it_is_given_and_dev_null_otherwise(no_leaks):
+    read, write = os.pipe()
+    os.write(write, b"from the pipe\n")
+    os.close(write)
+    try:
+        result, out, _ = await _run(["cat"], stdin=read)
+    finally:
+        os.close(read)
+    assert (result.returncode, out) == (0, "from the pipe\n")
+    # A library's own stdin is not the program's: without ``stdin`` it reads /dev/null.
+    result, out, _ = await _run(["/bin/sh", "-c", "cat; echo end"])
+    assert (result.returncode, out) == (0, "end\n")
+
+
+@pytest.mark.parametrize("path, flags, kind", [
+    ("/etc", os.O_RDONLY | os.O_DIRECTORY, "a directory"),
+    ("/etc", os.O_PATH | os.O_DIRECTORY, "a directory"),
+    ("/etc/hostname", os.O_PATH, "an O_PATH fd"),
+], ids=["directory", "o-path-directory", "o-path-file"])
+async def test_run_refuses_a_stdin_that_is_a_handle_on_the_host_tree(no_leaks, spawned, path,
+                                                                      flags, kind):
+    """openat(0, "..") from a directory fd walks the host's tree whatever the sandbox's root:
+    such a stdin is refused before any process or cgroup exists."""
+    fd = os.open(path, flags | os.O_CLOEXEC)
+    try:
+        with pytest.raises(PluginLoadError, match=f"standard input is {kind}: passing it "):
+            await _run(["cat"], stdin=fd)
+    finally:
+        os.close(fd)
+    assert spawned == []
+
+
+async def test_run_stops_a_program_at_its_deadline(no_leaks):
+    start = time.monotonic()
+    result, _, err = await _run(["/bin/sleep", "30"], timeout=0.5, kill_grace=1.0)
+    assert result.timed_out and result.returncode == -signal.SIGTERM
+    assert time.monotonic() - start < 0.5 + 1 + 3
+    assert "Traceback" not in err
+    result, _, _ = await _run(["/bin/true"], timeout=30)
+    assert (result.timed_out, result.returncode) == (False, 0)
+
+
+async def test_run_a_program_only_the_launch_finds_missing_is_not_found_inside(no_leaks):
+    """/dev is the sandbox's own: only the launcher's exec step can tell; its ENOENT is the
+    program's fault (PluginLoadError, exit 2), not the host's (SandboxUnavailable, exit 4)."""
+    with pytest.raises(PluginLoadError) as info:
+        await _run(["/dev/no-such-program"])
+    assert not isinstance(info.value, SandboxUnavailable)
+    assert str(info.value) == ("not found inside the sandbox: /dev/no-such-program (grant its "
+                               "directory with --allow-path)")
+
+
+def test_find_program_where_it_can_be_known_before_the_launch(host_dir, world_dir):
+    (host_dir / "tool").write_text("#!/bin/sh\n")
+    (host_dir / "tool").chmod(0o755)
+    (host_dir / "out").symlink_to("/etc/shadow")
+    (world_dir / "tool").write_text("#!/bin/sh\n")
+    mounts = launch.base_mounts()
+    granted = mounts + launch.grant_mounts((PathGrant(str(host_dir)),))
+    find = launch.find_program
+    assert find("sh", mounts) == "/usr/bin/sh"
+    assert find("/bin/sh", mounts) == "/bin/sh"  # the merged-usr link exists inside too
+    assert find(str(host_dir / "tool"), granted) == str(host_dir / "tool")
+    refused = [
+        ("/etc/shadow", mounts, ()),  # on the host, but no mount shows it
+        (str(host_dir / "tool"), mounts, ()),  # not granted
+        (str(world_dir / "tool"), mounts, ()),  # the sandbox's /tmp is its own
+        ("/usr/../etc/shadow", mounts, ()),
+        ("/usr/bin/sh", mounts, ("/usr/bin/sh",)),  # denied
+        ("sh", mounts, ("/usr/bin", "/usr/local/bin")),
+    ]
+    for name, where, denied in refused:
+        with pytest.raises(PluginLoadError, match="^not found inside the sandbox: "):
+            find(name, where, denied)
+    with pytest.raises(PluginLoadError, match=f"^not found inside the sandbox: {host_dir}/out "
+                                              r"\(a link to /etc/shadow; grant"):
+        find(str(host_dir / "out"), granted)
+
+
+async def test_an_unload_that_reaches_terminate_leaves_no_traceback_in_the_plugins_log(
+        tmp_path, no_leaks, caplog):
+    """17.7: a plugin still running after shutdown is terminated: the SIGTERM goes launcher ->
+    PID 1 -> plugin, and no forwarder leaves a traceback (ProcessLookupError) in its log."""
+    caplog.set_level(logging.INFO, logger="sandboxer.plugin.stubborn")
+    code = ("import os, signal, sys, time\n"
+            "def _terminated(*_):\n"
+            "    print('got SIGTERM', file=sys.stderr, flush=True)\n"
+            "    os._exit(0)\n"
+            "signal.signal(signal.SIGTERM, _terminated)\n"
+            "def ping():\n"
+            "    return 'pong'\n"
+            "def shutdown():\n"
+            "    time.sleep(60)\n")
+    root = python_plugin(tmp_path / "p", code, plugin_id="stubborn")
+    async with PluginManager(config=HostConfig(drain_timeout=0.5)) as mgr:
+        plugin = await mgr.load(root)
+        assert await plugin.call("ping") == "pong"
+        await mgr.unload(plugin.id)
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("sandboxer.plugin.")]
+    assert "[stderr] got SIGTERM" in lines, lines
+    assert not [line for line in lines if "Traceback" in line or "Error" in line], lines
 
 
 # -- rootless ---------------------------------------------------------------------------------
