@@ -74,6 +74,7 @@ from ..errors import (
 )
 from ..manifest import LoaderType, Plugin
 from ..sandbox.egress import AllowList, EgressProxy, network_mode
+from ..sandbox.idmap import FALLBACK as IDMAP_FALLBACK
 from ..sandbox.idmap import owned_tree
 from ..sandbox.paths import OpenedPath, open_grant
 from ..sandbox.policy import SandboxConfig
@@ -612,6 +613,9 @@ class WasmHandle:
         # built from its /proc/self/fd link on a worker thread.
         self._grants = grants
         self._grants_lock = threading.Lock()
+        # The host policy's fallbacks this generation runs under ("rw-without-idmap": a
+        # writable grant WASI writes as the supervisor's own uid).
+        self.fallbacks: tuple[str, ...] = ()
         self._digest = digest
         self._sandbox = sandbox
         self._engine = engine
@@ -1458,7 +1462,8 @@ class WasmLoader:
                         "wasm plugins may not have it (allow narrower directories instead)",
                         plugin_id=pid)
 
-    def _open_grants(self, plugin: Plugin, sandbox: SandboxConfig) -> tuple[OpenedPath, ...]:
+    def _open_grants(self, plugin: Plugin, sandbox: SandboxConfig
+                     ) -> tuple[tuple[OpenedPath, ...], tuple[str, ...]]:
         """Open every allowed path once, for this generation's life: beneath its path root
         through no link (or, an operator's grant, from /), and check that what was opened
         is a directory. The check and every later use are of the same descriptor, so what
@@ -1467,6 +1472,7 @@ class WasmLoader:
         owner, not to the supervisor's root. Nothing stays open on failure."""
         pid = plugin.id
         opened: list[OpenedPath] = []
+        fell_back = False
         try:
             for grant in sandbox.allowed_paths:
                 path = open_grant(grant, plugin_id=pid)
@@ -1477,16 +1483,17 @@ class WasmLoader:
                         f"{path.host_path}); WASI can only be given directories",
                         plugin_id=pid)
                 if grant.writable and os.geteuid() == 0:
-                    tree, _ = owned_tree(path.fd, path=grant.path, outside=(0, 0),
-                                         owner=self._grant_owner, fallbacks=self._fallbacks,
-                                         plugin_id=pid)
+                    tree, plain = owned_tree(path.fd, path=grant.path, outside=(0, 0),
+                                             owner=self._grant_owner, fallbacks=self._fallbacks,
+                                             plugin_id=pid)
+                    fell_back |= plain
                     path.close()
                     path.fd = tree
         except BaseException:
             for path in opened:
                 path.close()
             raise
-        return tuple(opened)
+        return tuple(opened), (IDMAP_FALLBACK,) if fell_back else ()
 
     def _compile(self, plugin: Plugin) -> tuple[wasmtime.Module, str]:
         pid = plugin.id
@@ -1511,9 +1518,10 @@ class WasmLoader:
     async def start(self, plugin: Plugin, sandbox: SandboxConfig, *,
                     generation: int) -> WasmHandle:
         self._check_sandbox(plugin, sandbox)
-        grants = self._open_grants(plugin, sandbox)
+        grants, fallbacks = self._open_grants(plugin, sandbox)
         try:
             handle = await self._make_handle(plugin, sandbox, grants)
+            handle.fallbacks = fallbacks
         except BaseException:
             for grant in grants:
                 grant.close()

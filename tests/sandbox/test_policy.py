@@ -468,24 +468,28 @@ WIDE_PROFILE = textwrap.dedent("""\
     [seccomp]
     groups = {groups}
     network_groups = ["inet"]
+    {rules}
     """)
 DEFAULT_GROUPS = ('["io", "files", "memory", "runtime", "signals", "time", "events", "process",'
                   ' "identity", "exec", "exec-fd", "processes", "threads", "ipc", "aio", '
                   '"sockets", "ioctl", "personality"]')
 
 
-@pytest.mark.parametrize(("memory", "groups", "default", "allowed"), [
-    pytest.param("256MiB", DEFAULT_GROUPS, "default", True, id="same-as-default"),
-    pytest.param("128MiB", DEFAULT_GROUPS, "default", True, id="smaller-limit"),
-    pytest.param("1GiB", DEFAULT_GROUPS, "default", False, id="larger-limit"),
-    pytest.param("256MiB", DEFAULT_GROUPS[:-1] + ', "inet"]', "default", False,
-                 id="inet-always"),
+OWN_ALLOW_RULE = ('[[seccomp.rules]]\nsyscalls = ["ptrace"]\naction = "allow"\n'
+                  'comment = "a syscall no group of the default allows"')
+
+
+@pytest.mark.parametrize(("memory", "rules", "allowed"), [
+    pytest.param("256MiB", "", True, id="default-groups"),
+    pytest.param("128MiB", "", True, id="smaller-limit"),
+    pytest.param("1GiB", "", False, id="larger-limit"),
+    pytest.param("256MiB", OWN_ALLOW_RULE, False, id="an-allow-rule-of-its-own"),
 ])
 def test_a_profile_is_no_wider_only_when_its_limits_and_filter_are(
-        tmp_path: Path, memory: str, groups: str, default: str, allowed: bool) -> None:
-    (tmp_path / "mine.toml").write_text(WIDE_PROFILE.format(memory=memory, groups=groups,
-                                                            tmp_exec="true"))
-    host = HostConfig(profile_dirs=(str(tmp_path),), default_profile=default)
+        tmp_path: Path, memory: str, rules: str, allowed: bool) -> None:
+    (tmp_path / "mine.toml").write_text(WIDE_PROFILE.format(
+        memory=memory, groups=DEFAULT_GROUPS, tmp_exec="true", rules=rules))
+    host = HostConfig(profile_dirs=(str(tmp_path),))
     request = SandboxRequest(profile="mine")
     if allowed:
         assert effective_config(request, host).profile == "mine"
