@@ -54,6 +54,23 @@ WASI_EINVAL, WASI_ENOENT, WASI_EPERM, WASI_ENOTCAPABLE = 28, 44, 63, 76
 
 # -- the hostile programs ------------------------------------------------------------------------
 
+PREOPEN_C = r"""/* The descriptor of the preopen named exactly NAME: the raw WASI view, without wasi-libc's
+   choice of the longest matching preopen for a path. */
+static int preopen(const char *name) {
+    for (int fd = 3; fd < 64; fd++) {
+        __wasi_prestat_t ps;
+        char buf[1024];
+        if (__wasi_fd_prestat_get((__wasi_fd_t)fd, &ps) != 0) continue;
+        if (ps.u.dir.pr_name_len >= sizeof buf) continue;
+        if (__wasi_fd_prestat_dir_name((__wasi_fd_t)fd, (uint8_t *)buf,
+                                       ps.u.dir.pr_name_len) != 0) continue;
+        buf[ps.u.dir.pr_name_len] = 0;
+        if (!strcmp(buf, name)) return fd;
+    }
+    return -1;
+}
+"""
+
 HOSTILE_C = r"""
 #include <dirent.h>
 #include <errno.h>
@@ -105,22 +122,7 @@ static void fail(const char *op, int e) {
 }
 static void ok(void) { printf("{\"ok\":true}"); }
 
-/* The descriptor of the preopen named exactly NAME: the raw WASI view, without wasi-libc's
-   choice of the longest matching preopen for a path. */
-static int preopen(const char *name) {
-    for (int fd = 3; fd < 64; fd++) {
-        __wasi_prestat_t ps;
-        char buf[1024];
-        if (__wasi_fd_prestat_get((__wasi_fd_t)fd, &ps) != 0) continue;
-        if (ps.u.dir.pr_name_len >= sizeof buf) continue;
-        if (__wasi_fd_prestat_dir_name((__wasi_fd_t)fd, (uint8_t *)buf,
-                                       ps.u.dir.pr_name_len) != 0) continue;
-        buf[ps.u.dir.pr_name_len] = 0;
-        if (!strcmp(buf, name)) return fd;
-    }
-    return -1;
-}
-
+@PREOPEN_C@
 static void read_fd(int fd) {
     char buf[4096];
     ssize_t n = read(fd, buf, sizeof buf);
@@ -268,20 +270,7 @@ static const char *config(const char *key) {
     return out + 1;
 }
 
-static int preopen(const char *name) {
-    for (int fd = 3; fd < 64; fd++) {
-        __wasi_prestat_t ps;
-        char buf[512];
-        if (__wasi_fd_prestat_get((__wasi_fd_t)fd, &ps) != 0) continue;
-        if (ps.u.dir.pr_name_len >= sizeof buf) continue;
-        if (__wasi_fd_prestat_dir_name((__wasi_fd_t)fd, (uint8_t *)buf,
-                                       ps.u.dir.pr_name_len) != 0) continue;
-        buf[ps.u.dir.pr_name_len] = 0;
-        if (!strcmp(buf, name)) return fd;
-    }
-    return -1;
-}
-
+@PREOPEN_C@
 EXPORT("plant") int plant(void) {
     int fd = preopen(config("dir"));
     if (fd < 0) return -ENOENT;
@@ -313,8 +302,9 @@ EXPORT("crash") void crash(void) { __builtin_trap(); }
 @pytest.fixture(scope="module")
 def programs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("wasm-grants-build")
-    return {"hostile": compile_wasi(out, "hostile", HOSTILE_C),
-            "reactor": compile_wasi(out, "reactor", REACTOR_C, reactor=True)}
+    return {"hostile": compile_wasi(out, "hostile", HOSTILE_C.replace("@PREOPEN_C@", PREOPEN_C)),
+            "reactor": compile_wasi(out, "reactor", REACTOR_C.replace("@PREOPEN_C@", PREOPEN_C),
+                                    reactor=True)}
 
 
 # -- the host side -------------------------------------------------------------------------------
