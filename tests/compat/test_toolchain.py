@@ -64,3 +64,17 @@ def test_node_runs_the_same(programs: Path) -> None:
     outside, _ = same(["node", f"{programs}/compat.js"], allow=[str(programs)])
     assert (outside.status, outside.stderr) == (3, "to stderr\n"), outside
     assert "http: you asked for /compat" in outside.stdout, outside
+
+
+def test_node_cannot_list_network_interfaces_which_the_profile_denies() -> None:
+    """docs/profiles.md, default, **unix-and-inet-sockets-only**: os.networkInterfaces()
+    asks the kernel over a netlink socket (getifaddrs(3)), which is EPERM; node throws.
+    Outside it lists at least the loopback."""
+    script = ("const os = require('node:os'); "
+              "try { console.log('lo' in os.networkInterfaces()); } "
+              "catch (e) { console.log(e.code, e.info.syscall, e.info.errno); }")
+    outside = run_outside(["node", "-e", script])
+    inside = run_inside(["node", "-e", script])
+    assert (outside.status, outside.stdout, outside.stderr) == (0, "true\n", "")
+    assert (inside.status, inside.stdout, inside.stderr) == (
+        0, "ERR_SYSTEM_ERROR uv_interface_addresses 1\n", "")
