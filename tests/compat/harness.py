@@ -13,15 +13,16 @@ the sandbox only where the comparison would otherwise be unfair to either side:
   program checks for root;
 - it gets the environment ``sandboxer exec`` gives (PATH, HOME=/tmp, LANG=C.UTF-8,
   TERM=dumb), every signal at its default action (``env --default-signal``: what a login
-  shell gives its commands), stdin from /dev/null, no controlling terminal (a session of its
-  own), and fds 0-2 only;
+  shell gives its commands), stdin from /dev/null unless a test pipes something in, pipes
+  of its own for stdin, stdout and stderr (so it may reopen them, as /dev/stderr), no
+  controlling terminal (a session of its own), and fds 0-2 only;
 - it runs in a private mount namespace with an empty tmpfs of its own on /tmp, its cwd: the
   same paths the sandbox has, so output naming files in /tmp compares as it is. Nothing else
   of the host is hidden: /usr, /etc, /dev, /proc and the network are the host's.
 
 The sandboxer side is ``python -m sandboxer.cli exec`` as a user types it (with
 ``--timeout`` as long as the run may take: the harness, not the profile's 30 s call timeout,
-bounds a run), also with every signal at its default action and stdin from /dev/null. After
+bounds a run), also with every signal at its default action and the same stdin. After
 it exits, nothing of the sandbox may be left: no cgroup of that sandboxer process, and (see
 ``nothing_left``) no process.
 """
@@ -117,9 +118,10 @@ def _status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
-def _communicate(proc: subprocess.Popen[bytes], timeout: float) -> tuple[bytes, bytes]:
+def _communicate(proc: subprocess.Popen[bytes], timeout: float,
+                 stdin: bytes | None) -> tuple[bytes, bytes]:
     try:
-        return proc.communicate(timeout=timeout)
+        return proc.communicate(stdin, timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)  # its own session: the program and its children
         out, err = proc.communicate()
@@ -129,35 +131,58 @@ def _communicate(proc: subprocess.Popen[bytes], timeout: float) -> tuple[bytes, 
 
 
 def run_outside(argv: Sequence[str], *, timeout: float = 60, uid: int | None = None,
-                gid: int | None = None) -> Ran:
-    """``argv`` as the ordinary user (or ``uid``/``gid``) runs it on this host."""
+                gid: int | None = None, stdin: bytes | None = None) -> Ran:
+    """``argv`` as the ordinary user (or ``uid``/``gid``) runs it on this host; ``stdin``
+    is piped in (else stdin is /dev/null)."""
     user = baseline_user()
     uid = user.pw_uid if uid is None else uid
     gid = user.pw_gid if gid is None else gid
     env = " ".join(f"{k}={v}" for k, v in ENV.items())
     script = _OUTSIDE.format(uid=uid, gid=gid, env=env)
+    # The user's own pipes, as a shell of theirs makes them: a pipe belongs to whoever made
+    # it (mode 0600), and a program reopening it by name (/dev/stdout, /dev/stderr,
+    # /dev/stdin: `echo oops > /dev/stderr`) needs to be its owner.
+    pipes = [os.pipe() for _ in range(3)]
+    for read_end, _ in pipes:
+        os.fchown(read_end, uid, gid)  # one inode for both ends
+    (in_r, in_w), (out_r, out_w), (err_r, err_w) = pipes
     started = time.monotonic()
-    proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "--",
-                             "sh", "-c", script, "sh", *argv],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, start_new_session=True,
-                            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
-    out, err = _communicate(proc, timeout)
+    try:
+        proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "--",
+                                 "sh", "-c", script, "sh", *argv],
+                                stdin=subprocess.DEVNULL if stdin is None else in_r,
+                                stdout=out_w, stderr=err_w, start_new_session=True,
+                                env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+    except BaseException:
+        for fd in (in_w, out_r, err_r):
+            os.close(fd)
+        raise
+    finally:
+        for fd in (in_r, out_w, err_w):
+            os.close(fd)
+    # Our ends, where communicate() looks for them (as if Popen had made the pipes).
+    proc.stdin = open(in_w, "wb") if stdin is not None else None
+    if stdin is None:
+        os.close(in_w)
+    proc.stdout, proc.stderr = open(out_r, "rb"), open(err_r, "rb")
+    out, err = _communicate(proc, timeout, stdin)
     return Ran("outside", tuple(argv), _status(proc.returncode), out.decode(errors="replace"),
                err.decode(errors="replace"), time.monotonic() - started)
 
 
-def run_inside(argv: Sequence[str], *, timeout: float = 60,
-               allow: Sequence[str] = ()) -> Ran:
-    """``sandboxer exec [--allow-path P]... -- argv`` with the default profile."""
+def run_inside(argv: Sequence[str], *, timeout: float = 60, allow: Sequence[str] = (),
+               stdin: bytes | None = None) -> Ran:
+    """``sandboxer exec [--allow-path P]... -- argv`` with the default profile; ``stdin``
+    is piped into sandboxer exec (else its stdin is /dev/null)."""
     options = [f"--allow-path={path}" for path in allow]
     command = ["env", "--default-signal", sys.executable, "-m", "sandboxer.cli", "exec",
                f"--timeout={int(timeout) + 30}s", *options, "--", *argv]
     started = time.monotonic()
-    proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, start_new_session=True,
-                            env={**os.environ, "TERM": ENV["TERM"]})
-    out, err = _communicate(proc, timeout + 30)
+    proc = subprocess.Popen(command,
+                            stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True, env={**os.environ, "TERM": ENV["TERM"]})
+    out, err = _communicate(proc, timeout + 30, stdin)
     left = sandbox_cgroups(proc.pid)
     assert not left, f"sandboxer exec (pid {proc.pid}) left its cgroups behind: {left}"
     return Ran("inside", tuple(argv), _status(proc.returncode), out.decode(errors="replace"),
@@ -180,10 +205,10 @@ def differences(outside: Ran, inside: Ran, tolerated: Sequence[Tolerated] = ()) 
 
 
 def same(argv: Sequence[str], *, tolerated: Sequence[Tolerated] = (), timeout: float = 60,
-         allow: Sequence[str] = ()) -> tuple[Ran, Ran]:
+         allow: Sequence[str] = (), stdin: bytes | None = None) -> tuple[Ran, Ran]:
     """Run ``argv`` outside and inside; fail with a diff unless they match."""
-    outside = run_outside(argv, timeout=timeout)
-    inside = run_inside(argv, timeout=timeout, allow=allow)
+    outside = run_outside(argv, timeout=timeout, stdin=stdin)
+    inside = run_inside(argv, timeout=timeout, allow=allow, stdin=stdin)
     diff = differences(outside, inside, tolerated)
     named = ", ".join(t.name for t in tolerated) or "none"
     assert not diff, f"{list(argv)!r} differs under sandboxer exec (tolerated: {named}):\n{diff}"

@@ -67,12 +67,28 @@ def test_bash_features_match() -> None:
     pytest.param("kill -TERM $$", 128 + 15, id="killed-by-sigterm"),
     pytest.param("kill -KILL $$", 128 + 9, id="killed-by-sigkill"),
     pytest.param("kill -SEGV $$", 128 + 11, id="killed-by-sigsegv"),
-    pytest.param("timeout 0.2 sleep 5", 124, id="timeout-1"),
+    pytest.param("timeout 0.2 sleep 5", 124, id="timeout-exits-124"),
     pytest.param("sh -c 'kill -INT $$'; echo inner $?", 0, id="child-killed-by-sigint"),
 ])
 def test_exit_statuses_match(script: str, status: int) -> None:
     outside, _ = same(sh(script))
     assert outside.status == status
+
+
+def test_what_is_piped_in_reaches_the_program() -> None:
+    """``producer | sandboxer exec -- filter``: the program reads the pipe as its stdin."""
+    outside, _ = same(sh("tr a-z A-Z; wc -l < /dev/stdin; echo done"),
+                      stdin=b"piped in\nsecond line\n")
+    assert outside.stdout == "PIPED IN\nSECOND LINE\n0\ndone\n"
+
+
+def test_dev_stdout_and_dev_stderr_open() -> None:
+    """``echo oops > /dev/stderr``, ``tee /dev/stderr``, ``open("/dev/stdout")``: a program
+    reopens its own output by name (through /proc/self/fd)."""
+    outside, _ = same(sh("echo out > /dev/stdout; echo err > /dev/stderr; "
+                         "echo both | tee /dev/stderr; "
+                         "python3 -c 'open(\"/dev/stdout\", \"w\").write(\"python\\n\")'"))
+    assert (outside.stdout, outside.stderr) == ("out\nboth\npython\n", "err\nboth\n")
 
 
 def test_identity_matches_but_for_the_named_differences() -> None:
