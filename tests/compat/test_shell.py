@@ -147,13 +147,17 @@ def test_chown_to_another_user_fails_as_outside() -> None:
     same(sh("touch f; chown 0 f; chown nobody f; chgrp 0 f; chown 1000:1000 f && echo kept"))
 
 
-def test_system_identity_files_read_as_outside() -> None:
-    """The files ordinary programs read to learn which system they run on: os-release
-    (Python's platform.freedesktop_os_release, distro detection in build tools),
-    debian_version, shells (getusershell(3))."""
-    same(sh("cat /etc/os-release /etc/debian_version >/dev/null && echo readable; "
-            "grep -c '^/' /etc/shells >/dev/null && echo shells; "
-            "python3 -c 'import platform; print(platform.freedesktop_os_release()[\"ID\"])'"))
+def test_public_system_files_read_as_outside() -> None:
+    """World-readable files of /etc that ordinary programs read: os-release and
+    debian_version (distribution detection in build tools and installers), timezone, shells
+    (getusershell(3)), manpath.config (man(1) refuses to run without it)."""
+    same(sh("cat /etc/os-release /etc/debian_version /etc/timezone >/dev/null && "
+            "echo readable; grep -c '^/' /etc/shells >/dev/null && echo shells; man -w ls"))
+
+
+def test_sysfs_reads_as_outside() -> None:
+    """/sys: which CPUs are online (glibc's get_nprocs reads it first), lscpu."""
+    same(sh("cat /sys/devices/system/cpu/online; lscpu >/dev/null && echo lscpu"))
 
 
 SET_ID = ("touch f; chmod u+s f && echo 'chmod u+s: done'; mkdir -m 2775 d && echo "
