@@ -44,10 +44,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
-SANDBOX_UID = 1000  # who programs run as under ``sandboxer exec``, and the baseline's uid
-SANDBOX_NAME = "sandbox"  # that uid's name and the sandbox's hostname
-# sandboxer/sandbox/ids.py: rootful sandboxes run as host uids from here up.
-SANDBOX_HOST_UIDS = 1_800_000
+from sandboxer.sandbox.ids import FIRST_UID as SANDBOX_HOST_UIDS  # rootful sandboxes' uids
+from sandboxer.sandbox.launch import SANDBOX_UID  # who programs run as inside: the baseline too
+
+SANDBOX_NAME = "sandbox"  # the sandbox uid's name in its /etc/passwd, and its hostname
 ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8",
        "TERM": "dumb"}
 # The baseline's private /tmp; then the ordinary user, the sandbox's environment, default
@@ -73,20 +73,18 @@ class Ran:
 
 @dataclass(frozen=True)
 class Tolerated:
-    """A difference a test accepts, named, with its reason. ``outside`` rewrites of the
-    baseline's output turn the host's value into the one the sandbox must show (so the
-    sandbox's value is still checked exactly); ``both`` rewrites apply to both runs, for
-    values that differ from run to run anyway (pids)."""
+    """A difference a test accepts, named, with its reason: rewrites of the baseline's
+    output that turn the host's value into the one the sandbox must show, so the sandbox's
+    value is still checked exactly."""
 
     name: str
     reason: str
-    outside: tuple[tuple[str, str], ...] = ()
-    both: tuple[tuple[str, str], ...] = ()
-    flags: int = re.M
+    outside: tuple[tuple[str, str], ...]  # (regex, replacement), multiline
 
     def apply(self, text: str, where: str) -> str:
-        for pattern, replacement in (self.outside if where == "outside" else ()) + self.both:
-            text = re.sub(pattern, replacement, text, flags=self.flags)
+        if where == "outside":
+            for pattern, replacement in self.outside:
+                text = re.sub(pattern, replacement, text, flags=re.M)
         return text
 
 
