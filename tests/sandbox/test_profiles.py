@@ -398,8 +398,8 @@ async def check_default_unix_and_inet_sockets_only(workdir: Workdir) -> None:
                    "packet EPERM", "vsock EPERM", "alg EPERM", "netlink-pair EPERM"]
 
 
-@promise("default/fd-and-file-size-limits")
-async def check_default_fd_and_file_size_limits(workdir: Workdir) -> None:
+@promise("default/file-limits")
+async def check_default_file_limits(workdir: Workdir) -> None:
     out = await python("default", """
         import errno, os, resource
         print("nofile", resource.getrlimit(resource.RLIMIT_NOFILE))
@@ -421,10 +421,41 @@ async def check_default_fd_and_file_size_limits(workdir: Workdir) -> None:
                 print(name, "past 4 GiB: done")
             except OSError as exc:
                 print(name, "past 4 GiB:", errno.errorcode[exc.errno])
+        os.close(fd)
+        os.unlink("/tmp/sparse")
+        written = 0
+        with open("/tmp/fill", "wb", buffering=0) as f:
+            try:
+                while written < 128 << 20:
+                    written += f.write(b"x" * (1 << 20))
+            except OSError as exc:
+                print("fill /tmp", errno.errorcode[exc.errno], "after", written >> 20, "MiB")
         """)
     assert out == ["nofile (1024, 1024)", f"fsize ({4 << 30}, {4 << 30})",
                    "open EMFILE at fd 1024", "truncate past 4 GiB: EFBIG",
-                   "write past 4 GiB: EFBIG"]
+                   "write past 4 GiB: EFBIG", "fill /tmp ENOSPC after 64 MiB"]
+
+
+@promise("default/read-only-system")
+async def check_default_read_only_system(workdir: Workdir) -> None:
+    out = await python("default", """
+        import errno, os
+        for name, action in (
+                ("create /usr/x", lambda: open("/usr/x", "w")),
+                ("unlink /usr/missing", lambda: os.unlink("/usr/lib/missing")),
+                ("mkdir /usr/lib/d", lambda: os.mkdir("/usr/lib/d")),
+                ("chmod /usr/bin/env", lambda: os.chmod("/usr/bin/env", 0o700)),
+                ("write /etc/passwd", lambda: open("/etc/passwd", "a")),
+                ("create /etc/x", lambda: open("/etc/x", "w"))):
+            try:
+                action()
+                print(name, "done")
+            except OSError as exc:
+                print(name, errno.errorcode[exc.errno])
+        """)
+    assert out == ["create /usr/x EROFS", "unlink /usr/missing EROFS",
+                   "mkdir /usr/lib/d EROFS", "chmod /usr/bin/env EROFS",
+                   "write /etc/passwd EROFS", "create /etc/x EROFS"]
 
 
 @promise("default/no-ptrace")
