@@ -209,14 +209,17 @@ def _run(where: str, module: str) -> Ran:
 
 
 @pytest.fixture(scope="module")
-def suite_runs() -> dict[str, tuple[Ran, Ran]]:
-    """Every module, outside and inside, WORKERS runs at a time (in MODULES' order: the
-    longest first)."""
+def suite_runs(request: pytest.FixtureRequest) -> dict[str, tuple[Ran, Ran]]:
+    """Every selected module (``-k test_pty`` runs one), outside and inside, WORKERS runs
+    at a time, in MODULES' order: the longest first."""
+    selected = {item.callspec.params["module"] for item in request.session.items
+                if item.path == request.path and hasattr(item, "callspec")}
+    names = [name for name in MODULES if name in selected]
     with nothing_left(), concurrent.futures.ThreadPoolExecutor(WORKERS) as pool:
         futures = {(name, where): pool.submit(_run, where, name)
-                   for name in MODULES for where in ("outside", "inside")}
+                   for name in names for where in ("outside", "inside")}
         return {name: (futures[name, "outside"].result(), futures[name, "inside"].result())
-                for name in MODULES}
+                for name in names}
 
 
 @pytest.mark.parametrize("module", list(MODULES))
