@@ -91,6 +91,13 @@ def test_dev_stdout_and_dev_stderr_open() -> None:
     assert (outside.stdout, outside.stderr) == ("out\nboth\npython\n", "err\nboth\n")
 
 
+def test_the_program_gets_the_argv0_it_was_given() -> None:
+    """``sandboxer exec -- cat x``: cat's argv[0] is "cat", as a shell gives it; programs
+    name themselves by it in messages, and multi-call programs dispatch on it."""
+    same(["cat", "/nonexistent"])
+    same(["sh", "-c", "ps -o args= -p $$"])
+
+
 def test_identity_matches_but_for_the_named_differences() -> None:
     """uid and gid are the same number (1000) on both sides; the names differ."""
     same(sh("id; id -un; whoami; hostname; uname -n; echo ~"),
