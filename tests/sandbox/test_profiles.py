@@ -371,6 +371,121 @@ async def check_default_tcp_udp_only_with_network(workdir: Workdir) -> None:
         [f"{name} EPERM" for name in NOT_TCP_UDP]
 
 
+@promise("default/unix-and-inet-sockets-only")
+async def check_default_unix_and_inet_sockets_only(workdir: Workdir) -> None:
+    out = await python("default", """
+        import errno, socket
+        AF_ALG, AF_VSOCK = 38, 40
+        cases = {
+            "unix": lambda: socket.socket(socket.AF_UNIX).close(),
+            "unix-pair": lambda: [s.close() for s in socket.socketpair()],
+            "netlink-route": lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW,
+                                                   socket.NETLINK_ROUTE).close(),
+            "if_nameindex": socket.if_nameindex,
+            "packet": lambda: socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, 0).close(),
+            "vsock": lambda: socket.socket(AF_VSOCK, socket.SOCK_STREAM).close(),
+            "alg": lambda: socket.socket(AF_ALG, socket.SOCK_SEQPACKET).close(),
+            "netlink-pair": lambda: socket.socketpair(socket.AF_NETLINK, socket.SOCK_RAW),
+        }
+        for name, make in cases.items():
+            try:
+                make()
+                print(name, "ok")
+            except OSError as exc:
+                print(name, errno.errorcode[exc.errno])
+        """)
+    assert out == ["unix ok", "unix-pair ok", "netlink-route EPERM", "if_nameindex EPERM",
+                   "packet EPERM", "vsock EPERM", "alg EPERM", "netlink-pair EPERM"]
+
+
+@promise("default/file-limits")
+async def check_default_file_limits(workdir: Workdir) -> None:
+    out = await python("default", """
+        import errno, os, resource
+        print("nofile", resource.getrlimit(resource.RLIMIT_NOFILE))
+        print("fsize", resource.getrlimit(resource.RLIMIT_FSIZE))
+        opened = []
+        try:
+            while True:
+                opened.append(os.open("/dev/null", os.O_RDONLY))
+        except OSError as exc:
+            print("open", errno.errorcode[exc.errno], "at fd", max(opened) + 1)
+        for fd in opened:
+            os.close(fd)
+        fd = os.open("/tmp/sparse", os.O_RDWR | os.O_CREAT)
+        os.ftruncate(fd, 4 << 30)  # up to the limit: fine (sparse: /tmp's size is no matter)
+        for name, past in (("truncate", lambda: os.ftruncate(fd, (4 << 30) + 1)),
+                           ("write", lambda: os.pwrite(fd, b"x", 4 << 30))):
+            try:
+                past()
+                print(name, "past 4 GiB: done")
+            except OSError as exc:
+                print(name, "past 4 GiB:", errno.errorcode[exc.errno])
+        os.close(fd)
+        os.unlink("/tmp/sparse")
+        written = 0
+        with open("/tmp/fill", "wb", buffering=0) as f:
+            try:
+                while written < 128 << 20:
+                    written += f.write(b"x" * (1 << 20))
+            except OSError as exc:
+                print("fill /tmp", errno.errorcode[exc.errno], "after", written >> 20, "MiB")
+        """)
+    assert out == ["nofile (1024, 1024)", f"fsize ({4 << 30}, {4 << 30})",
+                   "open EMFILE at fd 1024", "truncate past 4 GiB: EFBIG",
+                   "write past 4 GiB: EFBIG", "fill /tmp ENOSPC after 64 MiB"]
+
+
+@promise("default/read-only-system")
+async def check_default_read_only_system(workdir: Workdir) -> None:
+    out = await python("default", """
+        import errno, os
+        for name, action in (
+                ("create /usr/x", lambda: open("/usr/x", "w")),
+                ("unlink /usr/missing", lambda: os.unlink("/usr/lib/missing")),
+                ("mkdir /usr/lib/d", lambda: os.mkdir("/usr/lib/d")),
+                ("chmod /usr/bin/env", lambda: os.chmod("/usr/bin/env", 0o700)),
+                ("write /etc/passwd", lambda: open("/etc/passwd", "a")),
+                ("create /etc/x", lambda: open("/etc/x", "w"))):
+            try:
+                action()
+                print(name, "done")
+            except OSError as exc:
+                print(name, errno.errorcode[exc.errno])
+        """)
+    assert out == ["create /usr/x EROFS", "unlink /usr/missing EROFS",
+                   "mkdir /usr/lib/d EROFS", "chmod /usr/bin/env EROFS",
+                   "write /etc/passwd EROFS", "create /etc/x EROFS"]
+
+
+@promise("default/no-ptrace")
+async def check_default_no_ptrace(workdir: Workdir) -> None:
+    out = await python("default", """
+        import ctypes, errno, os, signal
+        libc = ctypes.CDLL(None, use_errno=True)
+        SYS_ptrace, SYS_process_vm_readv, SYS_process_vm_writev = 101, 310, 311
+        PTRACE_TRACEME, PTRACE_ATTACH, PTRACE_SEIZE = 0, 16, 0x4206
+
+        def call(name, *args):
+            ok = libc.syscall(*(ctypes.c_long(a) for a in args)) >= 0
+            print(name, "done" if ok else errno.errorcode[ctypes.get_errno()])
+
+        child = os.fork()
+        if child == 0:
+            signal.pause()
+            os._exit(0)
+        call("traceme", SYS_ptrace, PTRACE_TRACEME, 0, 0, 0)
+        call("attach-to-child", SYS_ptrace, PTRACE_ATTACH, child, 0, 0)
+        call("seize-child", SYS_ptrace, PTRACE_SEIZE, child, 0, 0)
+        call("process_vm_readv", SYS_process_vm_readv, child, 0, 0, 0, 0, 0)
+        call("process_vm_writev", SYS_process_vm_writev, child, 0, 0, 0, 0, 0)
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+        """)
+    assert out == ["traceme EPERM", "attach-to-child EPERM", "seize-child EPERM",
+                   "process_vm_readv EPERM", "process_vm_writev EPERM"]
+
+
 SET_ID_MODES = """
     import os
     os.chdir("/tmp")
