@@ -51,12 +51,22 @@ _LAUNCHER_ARGV = ["sandboxer-launcher", "-I", "-S", "-c",
                   "import os, sys; sys.path.insert(0, os.environ['SANDBOXER_LAUNCHER_DIR']); "
                   "import launcher; launcher.main()"]
 SANDBOX_UID = SANDBOX_GID = 1000
-_DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
+# /dev/tty: opening it reaches the caller's controlling terminal, which a sandboxed process
+# (a session of its own) does not have: ENXIO, as for any daemon.
+_DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom", "/dev/tty")
 # Read-only /etc pieces ordinary programs need (dynamic loader, alternatives for cc/node,
 # certificates, time zone, name service switch); missing ones are skipped.
 _ETC = ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/alternatives",
         "/etc/ssl", "/etc/ca-certificates", "/etc/localtime", "/etc/nsswitch.conf",
-        "/etc/protocols", "/etc/services", "/etc/mime.types")
+        "/etc/protocols", "/etc/services", "/etc/mime.types",
+        # what distribution detection, getusershell(3) and man(1) read; nothing host-unique
+        # (no machine-id, no hostname: the sandbox has its own)
+        "/etc/os-release", "/etc/debian_version", "/etc/lsb-release", "/etc/timezone",
+        "/etc/shells", "/etc/manpath.config")
+# Read-only pieces of /sys ordinary programs read: which CPUs there are (glibc's
+# get_nprocs, lscpu, thread pools sizing themselves). The rest of sysfs describes the host's
+# hardware and kernel, and is not mounted.
+_SYS = ("/sys/devices/system/cpu", "/sys/devices/system/node")
 _MERGED_USR = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
 # As Docker masks them (moby's oci defaults): kernel state that leaks or acts on the host.
 PROC_MASKED = ("/acpi", "/asound", "/kcore", "/keys", "/latency_stats", "/timer_list",
@@ -105,6 +115,8 @@ class LaunchSpec:
     address_space_limit: int | None = None  # RLIMIT_AS, only under the "rlimit" fallback
     # Who a writable grant's files belong to on the host (uid, gid); None: each grant's owner.
     grant_owner: tuple[int, int] | None = None
+    rpc: bool = True  # fd 3 is the RPC socket; without it (exec) no fd 3 reaches the program
+    program: str | None = None  # the file to exec, when argv[0] is only its name
     files: dict[str, str] = field(default_factory=dict)
     profile_dirs: tuple[str, ...] = ()  # where sandbox.profile is found (HostConfig's)
 
@@ -116,7 +128,7 @@ _ids = HostIds()
 def base_mounts() -> list[Mount]:
     """/usr and the /etc pieces ordinary programs need. (What a plugin host runs on, the
     interpreter and the sandboxer package, comes from sandbox/runtime.py, at neutral paths.)"""
-    return [Mount("/usr", "/usr")] + [Mount(p, p) for p in _ETC if os.path.exists(p)]
+    return [Mount("/usr", "/usr")] + [Mount(p, p) for p in _ETC + _SYS if os.path.exists(p)]
 
 
 def grant_mounts(grants: tuple[PathGrant, ...]) -> list[Mount]:
@@ -306,6 +318,8 @@ def build_spec(spec: LaunchSpec, sources: Sources) -> dict[str, object]:
     writable = [m.target for m in mounts if m.writable]
     return {
         "argv": spec.argv,
+        "program": spec.program or spec.argv[0],
+        "rpc": spec.rpc,
         "env": spec.env,
         "cwd": spec.cwd,
         "uid": SANDBOX_UID,
@@ -455,7 +469,7 @@ async def launch(spec: LaunchSpec, *, rpc_fd: int, logger: logging.Logger,
                                                "SANDBOXER_LAUNCHER_DIR": os.path.dirname(LAUNCHER)},
                               rpc_fd=rpc_fd, logger=logger, executable=sys.executable,
                               extra_fds={4: control_r, 5: status_w.fileno()}, sinks=sinks,
-                              stdin=stdin)
+                              stdin=stdin, owner=(host_uid, host_gid))
     except BaseException:
         for fd in (control_r, control_w):
             os.close(fd)
@@ -788,7 +802,7 @@ async def run(argv: list[str], sandbox: SandboxConfig, *, backend: CgroupBackend
     mounts = base_mounts() + grants
     program = find_program(argv[0], mounts, sandbox.denied_paths)
     masks, pins = mask_plan(sandbox.denied_paths, grants)
-    spec = LaunchSpec(argv=[program, *argv[1:]],
+    spec = LaunchSpec(argv=list(argv), program=program, rpc=False,
                       env={"PATH": ":".join(EXEC_PATH), "HOME": "/tmp",
                            "LANG": "C.UTF-8", "TERM": os.environ.get("TERM", "dumb")},
                       sandbox=sandbox, mounts=tuple(mounts), cwd=cwd, masks=masks, pins=pins,

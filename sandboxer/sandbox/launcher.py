@@ -533,6 +533,17 @@ def build_dev(spec: dict, trees: list[int]) -> None:  # type: ignore[type-arg]
         _mkdirs(dev + "/shm")
         sc.mount("tmpfs", dev + "/shm", "tmpfs", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC,
                  "mode=1777,size=16m")
+    with step(Step.DEV, "/dev/pts"):
+        # A devpts of the sandbox's own (newinstance): programs may make pseudo-terminals
+        # (openpty, script, expect, terminal test suites) and see none of the host's.
+        _mkdirs(dev + "/pts")
+        sc.mount("devpts", dev + "/pts", "devpts", sc.MS_NOSUID | sc.MS_NOEXEC,
+                 "newinstance,ptmxmode=0666,mode=0620")
+        os.symlink("pts/ptmx", dev + "/ptmx")
+    with step(Step.DEV, "/dev"):
+        # Not the program's to write in, as on the host (EACCES); its owner is the sandbox
+        # user, but the tmpfs is its own: nothing it could do there reaches the host.
+        os.chmod(dev, 0o555)
 
 
 _MASK_ATTRS = (sc.MOUNT_ATTR_RDONLY | sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NODEV
@@ -619,13 +630,32 @@ def set_rlimits(spec: dict) -> None:  # type: ignore[type-arg]
             resource.setrlimit(names[name], (new, new))
 
 
-def close_fds() -> None:
+def close_fds(spec: dict) -> None:  # type: ignore[type-arg]
     with step(Step.FDS):
-        # 0-2 and the RPC socket (3) stay. The status fd stays open until exec closes it
-        # (close-on-exec), so a failure in a later step can still be reported.
+        # 0-2 and the RPC socket (3) stay; a program without RPC (exec) keeps only 0-2. The
+        # status fd stays open until exec closes it (close-on-exec), so a failure in a later
+        # step can still be reported.
         os.close(CONTROL_FD)
         sc.close_range(STATUS_FD + 1)
         os.set_inheritable(STATUS_FD, False)
+        if not spec["rpc"]:
+            os.close(RPC_FD)
+
+
+def reset_signals() -> None:
+    """What the plugin starts with is the kernel's default, not what this Python process
+    chose: the interpreter ignores SIGPIPE and SIGXFSZ, and an exec keeps ignored signals
+    ignored (a shell pipeline's writer would see EPIPE instead of dying of SIGPIPE). PID 1's
+    blocked signals are unblocked likewise."""
+    with step(Step.EXEC, "signal dispositions"):
+        for number in range(1, signal.NSIG):
+            if number in (signal.SIGKILL, signal.SIGSTOP):
+                continue
+            try:
+                signal.signal(number, signal.SIG_DFL)
+            except (OSError, ValueError):
+                pass  # numbers the C library keeps for itself (32, 33)
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
 
 
 def switch_ids(spec: dict) -> None:  # type: ignore[type-arg]
@@ -677,8 +707,9 @@ def load_seccomp(spec: dict) -> None:  # type: ignore[type-arg]
 def exec_plugin(spec: dict) -> None:  # type: ignore[type-arg]
     with step(Step.EXEC, spec["cwd"]):
         os.chdir(spec["cwd"])
-    with step(Step.EXEC, spec["argv"][0]):
-        os.execve(spec["argv"][0], spec["argv"], spec["env"])
+    reset_signals()
+    with step(Step.EXEC, spec["program"]):
+        os.execve(spec["program"], spec["argv"], spec["env"])
 
 
 # -- the three processes ----------------------------------------------------------------------
@@ -686,7 +717,7 @@ def exec_plugin(spec: dict) -> None:  # type: ignore[type-arg]
 def plugin_process(spec: dict) -> None:  # type: ignore[type-arg]
     set_hostname(spec)
     set_rlimits(spec)
-    close_fds()
+    close_fds(spec)
     switch_ids(spec)
     drop_capabilities()
     set_no_new_privs()
@@ -756,7 +787,6 @@ def pid1(spec: dict, exit_pipe: int, sources: list[int], mounts: list[int],  # t
     plugin = os.fork()
     if plugin == 0:
         os.close(exit_pipe)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, PID1_SIGNALS)
         try:
             plugin_process(spec)
         except BaseException as error:  # noqa: B036 (nothing may escape as a traceback)

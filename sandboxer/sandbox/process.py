@@ -261,10 +261,16 @@ def _high_cloexec(fd: int) -> int:
 def spawn(argv: list[str], env: dict[str, str], *, rpc_fd: int, logger: logging.Logger,
           extra_fds: dict[int, int] | None = None,
           sinks: tuple[Callable[[bytes], None], Callable[[bytes], None]] | None = None,
-          executable: str | None = None, stdin: int | None = None) -> PluginProcess:
+          executable: str | None = None, stdin: int | None = None,
+          owner: tuple[int, int] | None = None) -> PluginProcess:
     """Start ``argv`` (argv[0] an absolute path, unless ``executable`` names the program)
     with ``rpc_fd`` as its fd 3 and each ``extra_fds`` source at its target number (4 and
     up); ``stdin`` (checked by ``check_stdin``) as its fd 0, else /dev/null.
+
+    ``owner`` (host uid, gid): who the program runs as, made owner of its stdout and stderr
+    pipes (and of a pipe given as stdin), so that it can reopen them by name as any program
+    can its own (``/dev/stdout``, ``/proc/self/fd/1``): a pipe the supervisor made is root's,
+    mode 0600.
 
     ``rpc_fd`` and ``stdin`` stay owned by the caller (close them after this returns). The
     child gets a new session, so terminal signals meant for the supervisor do not reach it.
@@ -274,6 +280,9 @@ def spawn(argv: list[str], env: dict[str, str], *, rpc_fd: int, logger: logging.
     out_r, out_w = os.pipe2(os.O_CLOEXEC)
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     out_w, err_w = _high_cloexec(out_w), _high_cloexec(err_w)
+    if owner is not None:
+        for fd in (out_w, err_w, *((stdin,) if stdin is not None and _is_pipe(stdin) else ())):
+            os.fchown(fd, *owner)
     rpc_copy = fcntl.fcntl(rpc_fd, fcntl.F_DUPFD_CLOEXEC, _MIN_FD)
     extra = {target: fcntl.fcntl(source, fcntl.F_DUPFD_CLOEXEC, _MIN_FD)
              for target, source in (extra_fds or {}).items()}
@@ -300,6 +309,17 @@ def spawn(argv: list[str], env: dict[str, str], *, rpc_fd: int, logger: logging.
         for fd in (out_w, err_w, rpc_copy, *extra.values()):
             os.close(fd)
     return PluginProcess(pid, out_r, err_r, logger=logger, sinks=sinks)
+
+
+_PIPEFS_MAGIC = 0x50495045
+
+
+def _is_pipe(fd: int) -> bool:
+    """An anonymous pipe (pipefs): a named FIFO or a file is never given away."""
+    import ctypes
+    buf = (ctypes.c_long * 16)()
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.fstatfs(ctypes.c_int(fd), buf) == 0 and buf[0] == _PIPEFS_MAGIC
 
 
 def check_stdin(fd: int) -> None:

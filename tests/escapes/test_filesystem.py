@@ -204,7 +204,11 @@ WRITES_OUTSIDE = [
           expect=errno_is("EROFS", "EACCES")),
     probe("write-the-host-canary-by-its-host-path", "write", "{canary}",
           expect=errno_is("ENOENT")),
-    probe("create-sys", "mkdir", "/sys", expect=errno_is("EROFS")),
+    probe("create-sys", "mkdir", "/sys", expect=errno_is("EROFS", "EEXIST")),
+    probe("write-sys-cpu-online", "write", "/sys/devices/system/cpu/online", "0-1",
+          expect=errno_is("EROFS", "EACCES")),
+    probe("create-in-sys-cpu", "write", "/sys/devices/system/cpu/made-up", "x",
+          expect=errno_is("EROFS", "EACCES")),
     probe("write-sys-uevent-helper", "write", "/sys/kernel/uevent_helper", "/tmp/x",
           expect=errno_is("ENOENT")),
     probe("write-sys-fs-cgroup-procs", "write", "/sys/fs/cgroup/cgroup.procs", "1",
@@ -397,7 +401,12 @@ PROC_AND_DEV = [
     probe("read-the-host-disk", "read", "/dev/vda", expect=errno_is("ENOENT")),
     probe("list-the-sandbox-dev", "listdir", "/dev", expect=ok_is(lambda names: set(names) <= {
         "fd", "full", "null", "random", "shm", "stderr", "stdin", "stdout", "urandom",
-        "zero"})),
+        "zero", "tty", "ptmx", "pts"})),
+    # the sandbox's own devpts instance: none of the host's pseudo-terminals
+    probe("list-the-sandbox-pts", "listdir", "/dev/pts",
+          expect=ok_is(lambda names: set(names) <= {"ptmx"})),
+    probe("list-sysfs-beyond-the-cpus", "listdir", "/sys",
+          expect=ok_is(lambda names: set(names) <= {"devices"})),
 ]
 
 

@@ -138,12 +138,19 @@ async def test_mountinfo_shows_only_the_sandboxs_mounts(fleet: Fleet) -> None:
     exact = {"/", "/usr", "/plugin", "/tmp", "/proc", "/dev",
              *(m.target for m in runtime().mounts)}
     for point in points:
-        assert point in exact or point.startswith(("/etc/", "/proc/", "/dev/")), point
-    assert not any(p.startswith(("/sys", "/home", "/root", "/var", "/mnt", "/work", "/opt"))
+        assert point in exact or point.startswith(("/etc/", "/proc/", "/dev/",
+                                                   "/sys/devices/system/")), point
+    assert not any(p.startswith(("/home", "/root", "/var", "/mnt", "/work", "/opt"))
+                   or p.startswith("/sys") and not p.startswith("/sys/devices/system/")
                    for p in points)
     assert ("/", "/", "tmpfs") in mounts and ("/", "/tmp", "tmpfs") in mounts
     assert ("/", "/proc", "proc") in mounts
-    assert not any(fstype in ("cgroup", "cgroup2", "sysfs", "devpts") for *_, fstype in mounts)
+    # no cgroup filesystem; sysfs only as the read-only CPU pieces; devpts only its own
+    assert not any(fstype in ("cgroup", "cgroup2") for *_, fstype in mounts)
+    assert all(point.startswith("/sys/devices/system/") for _, point, fstype in mounts
+               if fstype == "sysfs")
+    assert [(root, point) for root, point, fstype in mounts if fstype == "devpts"] == [
+        ("/", "/dev/pts")]
 
 
 async def test_mountinfo_names_no_host_path(fleet: Fleet, hostile_dir: Path) -> None:
@@ -154,8 +161,10 @@ async def test_mountinfo_names_no_host_path(fleet: Fleet, hostile_dir: Path) -> 
         # sees at that mount point, something it can see anyway (a file under /usr), or the
         # private runtime copy (sandbox/runtime.py), never the checkout or the venv
         assert root in ("/", point) or root.startswith(("/usr/", "/null", "/zero", "/full",
-                                                        "/random", "/urandom")) \
-            or point.startswith("/proc/") or root in copies, f"{point} shows the host path {root}"
+                                                        "/random", "/urandom", "/tty")) \
+            or point.startswith("/proc/") or root in copies \
+            or (point.startswith("/sys/devices/system/") and root == point[len("/sys"):]), \
+            f"{point} shows the host path {root}"
     for host_path in {str(hostile_dir.parent.parent), str(REPO), os.path.realpath(sys.prefix)}:
         if not host_path.startswith("/usr"):
             assert host_path not in text, host_path
@@ -189,8 +198,11 @@ async def test_a_new_session_gets_no_terminal(fleet: Fleet) -> None:
     assert outcome["rc"] == 0, outcome
     seen = ast.literal_eval(outcome["out"])
     assert seen["sid_is_pid"] is True  # setsid itself works: it grants nothing
-    for device in ("/dev/tty", "/dev/console", "/dev/ptmx", "/dev/pts/ptmx"):
+    for device in ("/dev/tty", "/dev/console"):
         assert seen[device] in ("ENOENT", "ENXIO", "EACCES"), (device, seen[device])
+    # a pseudo-terminal of its own may be made (its own devpts instance), never the host's
+    for device in ("/dev/ptmx", "/dev/pts/ptmx"):
+        assert seen[device] in ("opened", "ENOENT"), (device, seen[device])
 
 
 async def test_the_hostname_is_the_sandboxs(fleet: Fleet) -> None:
