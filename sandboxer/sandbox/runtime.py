@@ -92,18 +92,37 @@ def _digest(dirs: list[Path]) -> str:
     return h.hexdigest()[:32]
 
 
+def _allows_exec(path: Path) -> bool:
+    """Whether the filesystem that holds (or would hold) ``path`` is mounted without noexec:
+    orjson is a shared library, and a bind keeps its source's noexec (systemd mounts /run
+    noexec)."""
+    while not path.exists():
+        path = path.parent
+    return not os.statvfs(path).f_flag & os.ST_NOEXEC
+
+
 @functools.cache
 def _base_dir() -> Path:
-    """Where runtime copies live: /run/sandboxer/runtime as root; else under the user's own
-    $XDG_RUNTIME_DIR (systemd's /run/user/UID, 0700) when there is one, or a private
-    directory of this process (removed at exit), never a shared path others could prepare."""
+    """Where runtime copies live: as root /run/sandboxer/runtime, or /var/cache/sandboxer/
+    runtime where /run is noexec; else under the user's own $XDG_RUNTIME_DIR (systemd's
+    /run/user/UID, 0700) when there is one and it allows exec, or a private directory of
+    this process (removed at exit): never a shared path others could prepare."""
     if os.geteuid() == 0:
-        return Path("/run/sandboxer/runtime")
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    if xdg and os.path.isabs(xdg) and os.path.isdir(xdg):
-        st = os.stat(xdg)
-        if st.st_uid == os.geteuid() and not st.st_mode & 0o077:
-            return Path(xdg) / "sandboxer" / "runtime"
+        candidates = [Path("/run/sandboxer/runtime"), Path("/var/cache/sandboxer/runtime")]
+    else:
+        candidates = []
+        xdg = os.environ.get("XDG_RUNTIME_DIR")
+        if xdg and os.path.isabs(xdg) and os.path.isdir(xdg):
+            st = os.stat(xdg)
+            if st.st_uid == os.geteuid() and not st.st_mode & 0o077:
+                candidates.append(Path(xdg) / "sandboxer" / "runtime")
+    for candidate in candidates:
+        if _allows_exec(candidate):
+            return candidate
+    if os.geteuid() == 0:
+        raise SandboxUnavailable("no place for the plugin runtime allows exec: "
+                                 f"{', '.join(map(str, candidates))} are on noexec mounts",
+                                 missing="plugin runtime directory")
     private = Path(tempfile.mkdtemp(prefix="sandboxer-runtime-"))
     atexit.register(shutil.rmtree, private, ignore_errors=True)
     return private

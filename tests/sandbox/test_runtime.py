@@ -150,3 +150,18 @@ def test_a_runtime_directory_others_can_write_is_refused(tmp_path: Path,
     made.chmod(0o775)  # changed behind the supervisor's back: not reused
     with pytest.raises(SandboxUnavailable, match="not the supervisor's own"):
         runtime_module._site_copy()
+
+
+def test_a_noexec_place_is_passed_over(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """systemd mounts /run noexec: a runtime copy there would bind noexec, and orjson, a
+    shared library, could not be mapped inside (found in the VM stage's guest)."""
+    noexec = tmp_path / "noexec"
+    noexec.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "noexec,size=1m", "tmpfs", str(noexec)],
+                   check=True)
+    try:
+        assert not runtime_module._allows_exec(noexec / "sandboxer" / "runtime")
+        assert runtime_module._allows_exec(tmp_path / "elsewhere" / "runtime")
+    finally:
+        subprocess.run(["umount", str(noexec)], check=True)
+    assert runtime_module._allows_exec(runtime_module._base_dir())

@@ -10,6 +10,13 @@ from multiprocessing import shared_memory
 from multiprocessing.managers import SharedMemoryManager
 
 
+def say(*parts):
+    """One line straight to fd 1, unbuffered: Pool forks its workers from a thread of its
+    own, and a fork taken while a line sat in this process's stdout buffer would print it
+    twice (the child flushes its copy when it exits), outside and inside alike."""
+    os.write(1, (" ".join(str(p) for p in parts) + "\n").encode())
+
+
 def square(x):
     return x * x
 
@@ -46,24 +53,24 @@ def exits(code):
 def by_method(method):
     ctx = mp.get_context(method)
     with ctx.Pool(2, maxtasksperchild=2) as pool:
-        print(method, "pool map", pool.map(square, range(8)))
-        print(method, "pool imap", sorted(pool.imap_unordered(square, range(5))))
+        say(method, "pool map", pool.map(square, range(8)))
+        say(method, "pool imap", sorted(pool.imap_unordered(square, range(5))))
         try:
             pool.apply_async(fail, (3,)).get(timeout=30)
         except ValueError as exc:
-            print(method, "pool error", exc)
+            say(method, "pool error", exc)
     with concurrent.futures.ProcessPoolExecutor(2, mp_context=ctx) as executor:
-        print(method, "executor", list(executor.map(square, range(4))))
-        print(method, "executor error", type(executor.submit(fail, 1).exception(30)).__name__)
+        say(method, "executor", list(executor.map(square, range(4))))
+        say(method, "executor error", type(executor.submit(fail, 1).exception(30)).__name__)
     array = ctx.Array("i", 3)
     child = ctx.Process(target=fill, args=(array, 7))
     child.start()
     child.join(30)
-    print(method, "array", list(array), child.exitcode)
+    say(method, "array", list(array), child.exitcode)
     parent_end, child_end = ctx.Pipe()
     child = ctx.Process(target=ping, args=(child_end,))
     child.start()
-    print(method, "pipe", parent_end.recv())
+    say(method, "pipe", parent_end.recv())
     child.join(30)
     barrier, event, queue = ctx.Barrier(3), ctx.Event(), ctx.Queue()
     children = [ctx.Process(target=wait_at, args=(barrier, event, queue)) for _ in range(2)]
@@ -71,22 +78,22 @@ def by_method(method):
         c.start()
     barrier.wait(timeout=30)
     event.set()
-    print(method, "barrier", [queue.get(timeout=30) for _ in children])
+    say(method, "barrier", [queue.get(timeout=30) for _ in children])
     for c in children:
         c.join(30)
     child = ctx.Process(target=sleeper)
     child.start()
     child.terminate()
     child.join(30)
-    print(method, "terminated", child.exitcode == -signal.SIGTERM)
+    say(method, "terminated", child.exitcode == -signal.SIGTERM)
     child = ctx.Process(target=exits, args=(5,))
     child.start()
     child.join(30)
-    print(method, "exit code", child.exitcode)
+    say(method, "exit code", child.exitcode)
 
 
 def main():
-    print("start methods", mp.get_all_start_methods())
+    say("start methods", mp.get_all_start_methods())
     for method in ("fork", "spawn", "forkserver"):
         by_method(method)
     with mp.Manager() as manager:
@@ -96,22 +103,22 @@ def main():
             shared["b"] = 2
             items.append(3)
             namespace.x = "set"
-        print("manager", sorted(shared.items()), list(items), namespace.x)
+        say("manager", sorted(shared.items()), list(items), namespace.x)
     block = shared_memory.SharedMemory(create=True, size=16)
     block.buf[:5] = b"hello"
     other = shared_memory.SharedMemory(block.name)
-    print("shared memory", bytes(other.buf[:5]))
+    say("shared memory", bytes(other.buf[:5]))
     other.close()
     block.close()
     block.unlink()
     with SharedMemoryManager() as smm:
         values = smm.ShareableList([1, "two", 3.0])
-        print("shareable list", list(values))
+        say("shareable list", list(values))
     semaphore = mp.Semaphore(2)
     semaphore.acquire()
-    print("semaphore", semaphore.get_value())
+    say("semaphore", semaphore.get_value())
     value = mp.Value("d", 1.5)
-    print("value", value.value)
+    say("value", value.value)
 
 
 if __name__ == "__main__":
