@@ -79,7 +79,7 @@ async def reload_generation(manager: PluginManager, loaded: LoadedPlugin) -> Non
             # to roll back to.
             loaded._current = None
             loaded._set_state(PluginState.FAILED, error=error)
-            manager._spawn(manager._retire(loaded, old, graceful=False))
+            loaded._retiring = manager._spawn(manager._retire(loaded, old, graceful=False))
         else:
             loaded._set_state(resume_state)
         manager._emit("reload_failed", loaded, PluginState.RELOADING, error=str(error))
