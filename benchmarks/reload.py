@@ -224,7 +224,7 @@ class _Files:
 async def _watched(mgr: Any, events: _Events, plugin: Any, files: _Files, i: int
                    ) -> dict[str, Any]:
     """Rename replacement i into place; wait for its reload to finish (switch and retire)."""
-    from sandboxer.manifest import PluginState
+    from sandboxer import PluginState
 
     files.stage(i)
     pid, generation = plugin.id, plugin.generation

@@ -35,9 +35,10 @@ from .errors import (
 
 if _TYPE_CHECKING:
     from ._digest import tree_checksum as checksum
+    from ._lifecycle import PluginState
     from .loaders import Health, PluginHandle, ResourceUsage
     from .manager import EventStream, LoadedPlugin, PluginEvent, PluginManager, PluginStatistics
-    from .manifest import LoaderType, Plugin, PluginState, load_plugin, parse_manifest
+    from .manifest import LoaderType, Plugin, load_plugin, parse_manifest
     from .sandbox.policy import HostConfig, PathGrant, SandboxConfig, SandboxRequest
 
 # The supervisor's names are imported when first used, not with the package: the plugin host
@@ -49,8 +50,9 @@ _LAZY = {
     **{name: (".loaders", name) for name in ("Health", "PluginHandle", "ResourceUsage")},
     **{name: (".manager", name) for name in ("EventStream", "LoadedPlugin", "PluginEvent",
                                              "PluginManager", "PluginStatistics")},
-    **{name: (".manifest", name) for name in ("LoaderType", "Plugin", "PluginState",
-                                              "load_plugin", "parse_manifest")},
+    "PluginState": ("._lifecycle", "PluginState"),
+    **{name: (".manifest", name) for name in ("LoaderType", "Plugin", "load_plugin",
+                                              "parse_manifest")},
     **{name: (".sandbox.policy", name) for name in ("HostConfig", "PathGrant", "SandboxConfig",
                                                     "SandboxRequest")},
 }

@@ -10,10 +10,28 @@ happens silently.
 
 from __future__ import annotations
 
-from .errors import PluginStateError
-from .manifest import PluginState as S
+import enum
 
-__all__ = ["TRANSITIONS", "check_transition", "ACCEPTS_CALLS"]
+from .errors import PluginStateError
+
+__all__ = ["PluginState", "TRANSITIONS", "check_transition", "ACCEPTS_CALLS"]
+
+
+class PluginState(enum.Enum):
+    """Lifecycle states (DESIGN section 8); the allowed transitions are ``TRANSITIONS``."""
+
+    LOADING = "loading"
+    INITIALIZING = "initializing"
+    READY = "ready"
+    DEGRADED = "degraded"
+    RELOADING = "reloading"
+    DRAINING = "draining"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+S = PluginState
 
 TRANSITIONS: dict[S, frozenset[S]] = {
     S.LOADING: frozenset({S.INITIALIZING, S.FAILED}),

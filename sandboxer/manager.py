@@ -22,6 +22,7 @@ from typing import Any, Mapping, Sequence
 
 from . import _lifecycle
 from ._digest import tree_checksum
+from ._lifecycle import PluginState
 from ._trusted_keys import TrustedKey
 from .errors import (
     RegistryError,
@@ -35,7 +36,7 @@ from .loaders import Loader, PluginHandle, ResourceUsage
 from .loaders.process import ProcessLoader
 from .loaders.python import InProcessPythonLoader
 from .loaders.wasm import WasmEngine, WasmLoader
-from .manifest import LoaderType, Plugin, PluginState, load_plugin, verify_integrity
+from .manifest import LoaderType, Plugin, load_plugin, verify_integrity
 from .sandbox.egress import EgressProxy
 from .sandbox.policy import HostConfig, SandboxConfig, effective_config
 

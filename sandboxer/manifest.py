@@ -34,7 +34,6 @@ from .sandbox.policy import (
 
 __all__ = [
     "LoaderType",
-    "PluginState",
     "Plugin",
     "load_plugin",
     "parse_manifest",
@@ -65,20 +64,6 @@ class LoaderType(enum.Enum):
     NATIVE = "native"
     WASM = "wasm"
     EXTERNAL = "external"
-
-
-class PluginState(enum.Enum):
-    """Lifecycle states (DESIGN section 8); the transitions live in ``sandboxer._lifecycle``."""
-
-    LOADING = "loading"
-    INITIALIZING = "initializing"
-    READY = "ready"
-    DEGRADED = "degraded"
-    RELOADING = "reloading"
-    DRAINING = "draining"
-    STOPPING = "stopping"
-    STOPPED = "stopped"
-    FAILED = "failed"
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,9 +20,9 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from ._lifecycle import PluginState
 from .errors import PluginLoadError, PluginStateError, ReloadError, SandboxerError
 from .loaders import NO_STATE
-from .manifest import PluginState
 
 if TYPE_CHECKING:
     from .manager import LoadedPlugin, PluginManager, _Generation
