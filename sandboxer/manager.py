@@ -1,9 +1,12 @@
 """PluginManager: load, call, reload, unload and observe plugins of every kind.
 
 The manager owns every plugin it loaded and every generation of each. It picks a loader by
-the plugin's kind and effective sandbox, drives the lifecycle (one transition table, in
-``_lifecycle``), routes calls to the current generation, and emits an event for every state
-change. It never runs plugin code itself; loaders and their handles do.
+the plugin's kind and effective sandbox, starts, health-checks and retires generations, and
+emits an event for every state change. Each plugin's state lives in its ``Lifecycle``
+(``_lifecycle``: the states, their one transition table, the generations) and changes only
+through its methods; a reload's order is ``reload``'s. ``LoadedPlugin`` is the caller's view
+of a plugin and routes its calls to the current generation. The manager never runs plugin
+code itself; loaders and their handles do.
 
 Concurrency: operations on one plugin id (load, reload, unload) are serialised by a per-id
 lock; calls are not serialised and may be many at once. Loading an id that is loaded is
@@ -14,29 +17,31 @@ from __future__ import annotations
 
 import asyncio
 import datetime as _dt
+import functools
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Coroutine, Mapping, Sequence
 
-from . import _lifecycle
 from ._digest import tree_checksum
-from ._lifecycle import PluginState
+from ._lifecycle import SERVING, Generation, Lifecycle, PluginState
 from ._trusted_keys import TrustedKey
 from .errors import (
-    RegistryError,
     PluginCallError,
     PluginLoadError,
     PluginNotFound,
     PluginStateError,
+    RegistryError,
+    ReloadError,
     SandboxerError,
 )
-from .loaders import Loader, PluginHandle, ResourceUsage
+from .loaders import Loader, PluginHandle
 from .loaders.process import ProcessLoader
 from .loaders.python import InProcessPythonLoader
 from .loaders.wasm import WasmEngine, WasmLoader
 from .manifest import LoaderType, Plugin, load_plugin, verify_integrity
+from .reload import ReloadHost, reload_generation
 from .sandbox.egress import EgressProxy
 from .sandbox.policy import HostConfig, SandboxConfig, effective_config
 
@@ -96,44 +101,6 @@ class PluginStatistics:
                 "cpuTimeSeconds": self.cpu_time_s, "network": self.network}
 
 
-class _Generation:
-    """One running instance of a plugin: its handle, and a gate counting calls through it.
-
-    The gate can be paused (calls wait instead of entering) while the state is moved to a
-    successor generation; ``idle`` is set whenever no call is inside.
-    """
-
-    def __init__(self, number: int, plugin: Plugin, handle: PluginHandle,
-                 sandbox: SandboxConfig) -> None:
-        self.number = number
-        self.plugin = plugin
-        self.handle = handle
-        self.sandbox = sandbox
-        self.in_flight = 0
-        self.idle = asyncio.Event()
-        self.idle.set()
-        self.open = asyncio.Event()
-        self.open.set()
-        self.failure: SandboxerError | None = None  # set when it died on its own
-
-    def enter(self) -> None:
-        self.in_flight += 1
-        self.idle.clear()
-
-    def leave(self) -> None:
-        self.in_flight -= 1
-        if self.in_flight == 0:
-            self.idle.set()
-
-    async def wait_idle(self, timeout: float) -> bool:
-        try:
-            async with asyncio.timeout(timeout):
-                await self.idle.wait()
-            return True
-        except TimeoutError:
-            return False
-
-
 class LoadedPlugin:
     """A plugin under the manager's care; its identity is stable across reloads.
 
@@ -142,60 +109,62 @@ class LoadedPlugin:
     ``error`` the last error (a failed reload included).
     """
 
-    def __init__(self, manager: PluginManager, plugin: Plugin, source: str,
-                 sandbox: SandboxConfig | None, config: Mapping[str, Any] | None) -> None:
-        self._manager = manager
-        self.plugin = plugin
+    def __init__(self, life: Lifecycle, source: str, egress: EgressProxy) -> None:
+        self._life = life
+        self._egress = egress
         self.source = source
-        self.state = PluginState.LOADING
-        self._accepting = False  # state in ACCEPTS_CALLS, kept in step by _set_state
-        self._files_checksum: str | None = None  # hot reload: the running generation's files
         self.loaded_at = _now()
-        self.error: SandboxerError | None = None
-        self._explicit_sandbox = sandbox
-        self._config_override = dict(config or {})
-        self._current: _Generation | None = None
-        self._generations = 0
         self._calls = 0
         self._failures = 0
-        self._usage_of_retired = ResourceUsage()
-        self._unloading = False
-        self._health_failures = 0
-        self._retiring: asyncio.Task[None] | None = None  # a failed generation being closed
-        self._stopped = asyncio.Event()
 
     # -- identity and views ------------------------------------------------------------------
     @property
     def id(self) -> str:
-        return self.plugin.id
+        return self._life.id
+
+    @property
+    def plugin(self) -> Plugin:
+        return self._life.plugin
 
     @property
     def version(self) -> str:
-        return self.plugin.version
+        return self._life.plugin.version
+
+    @property
+    def state(self) -> PluginState:
+        return self._life.state
+
+    @property
+    def error(self) -> SandboxerError | None:
+        return self._life.error
 
     @property
     def generation(self) -> int:
-        return self._current.number if self._current else self._generations
+        return self._life.generation
 
     @property
     def handle(self) -> PluginHandle | None:
-        return self._current.handle if self._current else None
+        gen = self._life.current
+        return gen.handle if gen else None
 
     instance = handle
 
     @property
     def sandbox(self) -> SandboxConfig | None:
-        return self._current.sandbox if self._current else None
+        gen = self._life.current
+        return gen.sandbox if gen else None
 
     @property
     def methods(self) -> tuple[str, ...]:
-        return self._current.handle.methods if self._current else ()
+        gen = self._life.current
+        return gen.handle.methods if gen else ()
 
     @property
     def fallbacks(self) -> tuple[str, ...]:
         """Host-policy fallbacks in force for the current generation (e.g. "rlimit": memory
         limited by RLIMIT_AS because no cgroup could be made); empty when fully enforced."""
-        return tuple(getattr(self._current.handle, "fallbacks", ())) if self._current else ()
+        gen = self._life.current
+        return tuple(getattr(gen.handle, "fallbacks", ())) if gen else ()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -210,19 +179,16 @@ class LoadedPlugin:
         }
 
     def statistics(self) -> PluginStatistics:
-        usage = self._current.handle.resource_usage() if self._current else ResourceUsage()
-        peaks = [u for u in (usage.peak_memory_bytes, self._usage_of_retired.peak_memory_bytes)
-                 if u is not None]
-        cpus = [u for u in (usage.cpu_time_s, self._usage_of_retired.cpu_time_s) if u is not None]
+        usage = self._life.resource_usage()
+        gen = self._life.current
         return PluginStatistics(
             calls=self._calls,
-            in_flight=self._current.in_flight if self._current else 0,
+            in_flight=gen.in_flight if gen else 0,
             failures=self._failures,
             generation=self.generation,
-            peak_memory_bytes=max(peaks) if peaks else None,
-            cpu_time_s=sum(cpus) if cpus else None,
-            network=egress.to_json() if (egress := self._manager._egress.statistics(self.id))
-            else None,
+            peak_memory_bytes=usage.peak_memory_bytes,
+            cpu_time_s=usage.cpu_time_s,
+            network=egress.to_json() if (egress := self._egress.statistics(self.id)) else None,
         )
 
     def __repr__(self) -> str:
@@ -235,9 +201,9 @@ class LoadedPlugin:
 
         ``timeout`` (seconds) defaults to the effective sandbox's per-call timeout.
         """
-        gen = self._current
-        if gen is None or not self._accepting or not gen.open.is_set():
-            gen = await self._gate()
+        gen = self._life.admit_now()
+        if gen is None:
+            gen = await self._life.admit()
         gen.enter()
         self._calls += 1
         try:
@@ -248,29 +214,39 @@ class LoadedPlugin:
         finally:
             gen.leave()
 
-    async def _gate(self) -> _Generation:
-        """The generation to call once calls are admitted; raises if none will be."""
-        while True:
-            gen = self._current
-            if gen is None or self.state not in _lifecycle.ACCEPTS_CALLS:
-                raise PluginStateError(
-                    f"plugin {self.id} is {self.state.value} and takes no calls"
-                    + (f" ({self.error})" if self.error else ""), plugin_id=self.id)
-            if gen.open.is_set():
-                return gen
-            # A reload is moving state to the next generation: wait, then route to whichever
-            # generation is current once the gate reopens (the new one, or the old on rollback).
-            await gen.open.wait()
 
-    # -- lifecycle helpers used by the manager -----------------------------------------------
-    def _set_state(self, target: PluginState, *, error: SandboxerError | None = None) -> None:
-        _lifecycle.check_transition(self.id, self.state, target)
-        previous, self.state = self.state, target
-        self._accepting = target in _lifecycle.ACCEPTS_CALLS
-        if error is not None:
-            self.error = error
-        self._manager._emit("state", self, previous,
-                            error=str(error) if error is not None else None)
+@dataclass(slots=True)
+class _Entry:
+    """The manager's record of one plugin it loaded."""
+
+    loaded: LoadedPlugin
+    life: Lifecycle
+    sandbox: SandboxConfig | None  # the operator's explicit sandbox, for every generation
+    config: dict[str, Any]  # overrides of the manifest's [config] handed to init()
+    files_checksum: str | None = None  # hot reload: the running generation's files
+    unloading: bool = False
+    unloaded: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class _Subscription:
+    """One event stream's queue, in the manager's set of subscribers until it is closed or
+    falls too far behind."""
+
+    def __init__(self, subscribers: set[_Subscription]) -> None:
+        self.queue: asyncio.Queue[PluginEvent | None] = asyncio.Queue(_EVENT_BUFFER)
+        self.overflowed = False
+        self._subscribers = subscribers
+        subscribers.add(self)
+
+    def offer(self, event: PluginEvent | None) -> None:
+        try:
+            self.queue.put_nowait(event)
+        except asyncio.QueueFull:
+            self.overflowed = True
+            self.unsubscribe()
+
+    def unsubscribe(self) -> None:
+        self._subscribers.discard(self)
 
 
 class EventStream:
@@ -280,33 +256,28 @@ class EventStream:
     is dropped and gets a SandboxerError saying so, rather than the manager buffering forever.
     """
 
-    def __init__(self, manager: PluginManager) -> None:
-        self._manager = manager
-        self._queue: asyncio.Queue[PluginEvent | None] = asyncio.Queue(_EVENT_BUFFER)
-        self.overflowed = False
-        manager._subscribers.add(self)
+    def __init__(self, subscription: _Subscription) -> None:
+        self._subscription = subscription
 
-    def _offer(self, event: PluginEvent | None) -> None:
-        try:
-            self._queue.put_nowait(event)
-        except asyncio.QueueFull:
-            self.overflowed = True
-            self._manager._subscribers.discard(self)
+    @property
+    def overflowed(self) -> bool:
+        return self._subscription.overflowed
 
     def __aiter__(self) -> EventStream:
         return self
 
     async def __anext__(self) -> PluginEvent:
-        if self._queue.empty() and self.overflowed:
+        queue = self._subscription.queue
+        if queue.empty() and self.overflowed:
             raise SandboxerError(f"event stream fell more than {_EVENT_BUFFER} events behind "
                                  "and was dropped; subscribe again with events()")
-        event = await self._queue.get()
+        event = await queue.get()
         if event is None:
             raise StopAsyncIteration
         return event
 
     async def aclose(self) -> None:
-        self._manager._subscribers.discard(self)
+        self._subscription.unsubscribe()
 
 
 class PluginManager:
@@ -324,9 +295,9 @@ class PluginManager:
         self.reload_debounce = reload_debounce
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self.drain_timeout = self.config.drain_timeout if drain_timeout is None else drain_timeout
-        self._plugins: dict[str, LoadedPlugin] = {}
+        self._plugins: dict[str, _Entry] = {}
         self._locks: dict[str, asyncio.Lock] = {}
-        self._subscribers: set[EventStream] = set()
+        self._subscribers: set[_Subscription] = set()
         self._closed = False
         self._in_process_python = InProcessPythonLoader()
         self._egress = EgressProxy.from_config(self.config)
@@ -367,8 +338,8 @@ class PluginManager:
             self._health_task.cancel()
         while self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
-        for stream in list(self._subscribers):
-            stream._offer(None)
+        for subscription in list(self._subscribers):
+            subscription.offer(None)
         self._subscribers.clear()
         if self._wasm_engine is not None:
             await asyncio.to_thread(self._wasm_engine.close)
@@ -380,22 +351,26 @@ class PluginManager:
     # -- events ------------------------------------------------------------------------------
     def events(self) -> EventStream:
         """Subscribe to events (every state change, reloads, failures) from now on."""
-        return EventStream(self)
+        return EventStream(_Subscription(self._subscribers))
 
-    def _emit(self, type_: str, plugin: LoadedPlugin, previous: PluginState | None, *,
+    def _emit(self, life: Lifecycle, type_: str, previous: PluginState | None,
               error: str | None = None) -> None:
-        event = PluginEvent(type=type_, plugin_id=plugin.id, state=plugin.state,
-                            previous=previous, generation=plugin.generation,
-                            version=plugin.version, at=_now(), error=error)
-        log.debug("plugin %s: %s %s", plugin.id, type_, plugin.state.value)
-        for stream in list(self._subscribers):
-            stream._offer(event)
+        """Every plugin's events come through here (its Lifecycle's ``on_event``)."""
+        event = PluginEvent(type=type_, plugin_id=life.id, state=life.state,
+                            previous=previous, generation=life.generation,
+                            version=life.plugin.version, at=_now(), error=error)
+        log.debug("plugin %s: %s %s", life.id, type_, life.state.value)
+        for subscription in list(self._subscribers):
+            subscription.offer(event)
 
     # -- queries -----------------------------------------------------------------------------
     async def list(self) -> list[LoadedPlugin]:
-        return list(self._plugins.values())
+        return [entry.loaded for entry in self._plugins.values()]
 
     def get(self, plugin_id: str) -> LoadedPlugin:
+        return self._entry(plugin_id).loaded
+
+    def _entry(self, plugin_id: str) -> _Entry:
         try:
             return self._plugins[plugin_id]
         except KeyError:
@@ -445,15 +420,14 @@ class PluginManager:
                 f"plugins yet", plugin_id=plugin.id)
         return loader
 
-    async def _start_generation(self, loaded: LoadedPlugin, plugin: Plugin,
-                                sandbox: SandboxConfig, number: int) -> _Generation:
+    async def _start_generation(self, entry: _Entry, plugin: Plugin, sandbox: SandboxConfig,
+                                number: int) -> Generation:
         """Start, init and health-check one generation; on any failure nothing is left."""
         loader = self._loader_for(plugin, sandbox)
         handle = await loader.start(plugin, sandbox, generation=number)
-        config = loaded._config_override
         try:
             try:
-                await handle.init({**plugin.config, **config})
+                await handle.init({**plugin.config, **entry.config})
             except PluginCallError as exc:
                 raise PluginLoadError(f"plugin {plugin.id}: init failed: {exc}",
                                       plugin_id=plugin.id) from exc
@@ -464,24 +438,15 @@ class PluginManager:
         except BaseException:
             await handle.close()
             raise
-        gen = _Generation(number, plugin, handle, sandbox)
-        handle.on_failure(lambda error: self._generation_failed(loaded, gen, error))
+        gen = Generation(number, plugin, handle, sandbox)
+        handle.on_failure(functools.partial(entry.life.generation_died, gen))
         return gen
 
-    def _generation_failed(self, loaded: LoadedPlugin, gen: _Generation,
-                           error: SandboxerError) -> None:
-        """A generation died on its own (crash, protocol error)."""
-        gen.failure = error
-        if loaded._current is not gen or loaded.state not in (
-                PluginState.READY, PluginState.DEGRADED):
-            # Not serving, or a reload is in charge: the reload sees ``gen.failure``.
-            return
-        log.warning("plugin %s failed: %s", loaded.id, error)
-        loaded._current = None
-        loaded._set_state(PluginState.FAILED, error=error)
-        loaded._retiring = self._spawn(self._retire(loaded, gen, graceful=False))
+    def _close_failed(self, life: Lifecycle, gen: Generation) -> asyncio.Task[None]:
+        """A failed generation is closed in the background (its Lifecycle's ``close_failed``)."""
+        return self._spawn(self._retire(life, gen, graceful=False))
 
-    def _spawn(self, coro: Any) -> asyncio.Task[None]:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -504,28 +469,29 @@ class PluginManager:
             if plugin.id in self._plugins:
                 raise PluginLoadError(
                     f"plugin {plugin.id} is already loaded (generation "
-                    f"{self._plugins[plugin.id].generation}); reload or unload it first",
+                    f"{self._plugins[plugin.id].life.generation}); reload or unload it first",
                     plugin_id=plugin.id)
-            loaded = LoadedPlugin(self, plugin, os.fspath(path), sandbox, config)
-            self._plugins[plugin.id] = loaded
-            self._emit("state", loaded, None)
+            life = Lifecycle(plugin, on_event=self._emit, close_failed=self._close_failed)
+            entry = _Entry(LoadedPlugin(life, os.fspath(path), self._egress), life, sandbox,
+                           dict(config or {}))
+            self._plugins[plugin.id] = entry
+            self._emit(life, "state", None)
             try:
-                await self._bring_up(loaded, plugin)
+                await self._bring_up(entry, plugin)
             except BaseException as exc:
                 error = exc if isinstance(exc, SandboxerError) else PluginLoadError(
                     f"plugin {plugin.id}: load failed: {type(exc).__name__}: {exc}",
                     plugin_id=plugin.id)
-                if loaded.state is not PluginState.FAILED:
-                    loaded._set_state(PluginState.FAILED, error=error)
+                life.fail(error)
                 del self._plugins[plugin.id]
-                loaded._stopped.set()
+                entry.unloaded.set()
                 if error is exc:
                     raise
                 raise error from exc
             if self.hot_reload:
-                loaded._files_checksum = checksum
-                self._watchers[plugin.id] = asyncio.ensure_future(self._watch_files(loaded))
-            return loaded
+                entry.files_checksum = checksum
+                self._watchers[plugin.id] = asyncio.ensure_future(self._watch_files(entry))
+            return entry.loaded
 
     async def load_from_registry(
         self, plugin_id: str, version: str = "latest", *,
@@ -557,14 +523,13 @@ class PluginManager:
         directory = await asyncio.to_thread(fetch)
         return await self.load(directory, sandbox=sandbox, config=config)
 
-    async def _bring_up(self, loaded: LoadedPlugin, plugin: Plugin) -> None:
+    async def _bring_up(self, entry: _Entry, plugin: Plugin) -> None:
+        life = entry.life
         await asyncio.to_thread(verify_integrity, plugin)
-        sandbox = self.resolve_sandbox(plugin, loaded._explicit_sandbox)
-        loaded._set_state(PluginState.INITIALIZING)
-        loaded._generations += 1
-        loaded._current = await self._start_generation(loaded, plugin, sandbox,
-                                                       loaded._generations)
-        loaded._set_state(PluginState.READY)
+        sandbox = self.resolve_sandbox(plugin, entry.sandbox)
+        life.transition(PluginState.INITIALIZING)
+        number = life.next_number()
+        life.serve(await self._start_generation(entry, plugin, sandbox, number))
         self._ensure_health_checks()
 
     # -- health ------------------------------------------------------------------------------
@@ -579,38 +544,33 @@ class PluginManager:
         ``health_failures`` failures in a row fail it (its generation is closed)."""
         while True:
             await asyncio.sleep(self.config.health_interval)
-            for loaded in list(self._plugins.values()):
-                if loaded.state in (PluginState.READY, PluginState.DEGRADED):
+            for entry in list(self._plugins.values()):
+                if entry.life.state in SERVING:
                     try:
-                        await self.check_health(loaded.id)
+                        await self.check_health(entry.life.id)
                     except SandboxerError as exc:
-                        log.warning("plugin %s: health check errored: %s", loaded.id, exc)
+                        log.warning("plugin %s: health check errored: %s", entry.life.id, exc)
 
     async def check_health(self, plugin_id: str) -> bool:
         """Run the plugin's health check now; ready ⇄ degraded follows the answer."""
-        loaded = self.get(plugin_id)
-        gen = loaded._current
-        if gen is None or loaded.state not in (PluginState.READY, PluginState.DEGRADED):
+        life = self._entry(plugin_id).life
+        gen = life.current
+        if gen is None or life.state not in SERVING:
             return False
         health = await gen.handle.health()
-        if loaded._current is not gen or loaded.state not in (PluginState.READY,
-                                                              PluginState.DEGRADED):
+        if life.current is not gen or life.state not in SERVING:
             return health.ok
         if health.ok:
-            loaded._health_failures = 0
-            if loaded.state is PluginState.DEGRADED:
-                loaded._set_state(PluginState.READY)
+            life.health_passed()
             return True
-        loaded._health_failures += 1
+        failures = life.health_failed()
         error = PluginStateError(
-            f"plugin {plugin_id}: health check failed ({loaded._health_failures} in a row): "
+            f"plugin {plugin_id}: health check failed ({failures} in a row): "
             f"{health.message}", plugin_id=plugin_id)
-        if loaded._health_failures >= self.config.health_failures:
-            loaded._current = None
-            loaded._set_state(PluginState.FAILED, error=error)
-            loaded._retiring = self._spawn(self._retire(loaded, gen, graceful=False))
-        elif loaded.state is PluginState.READY:
-            loaded._set_state(PluginState.DEGRADED, error=error)
+        if failures >= self.config.health_failures:
+            life.fail_current(error)
+        elif life.state is PluginState.READY:
+            life.transition(PluginState.DEGRADED, error=error)
         return False
 
     # -- unload ------------------------------------------------------------------------------
@@ -619,61 +579,51 @@ class PluginManager:
 
         Unloading a plugin that another task is already unloading waits for that to finish.
         """
-        loaded = self.get(plugin_id)
-        if loaded._unloading:
-            await loaded._stopped.wait()
+        entry = self._entry(plugin_id)
+        if entry.unloading:
+            await entry.unloaded.wait()
             return
-        loaded._unloading = True
+        entry.unloading = True
         watcher = self._watchers.pop(plugin_id, None)
         if watcher is not None:
             watcher.cancel()
             await asyncio.gather(watcher, return_exceptions=True)
         try:
             async with self._lock(plugin_id):
-                await self._stop(loaded)
+                await self._stop(entry.life)
         finally:
             self._plugins.pop(plugin_id, None)
-            loaded._stopped.set()
+            entry.unloaded.set()
 
-    async def _stop(self, loaded: LoadedPlugin) -> None:
-        gen = loaded._current
-        if loaded._retiring is not None:
-            # A failed generation is still being closed: unload returns once it is (its
-            # process reaped, its cgroup removed), not before.
-            await asyncio.gather(asyncio.shield(loaded._retiring), return_exceptions=True)
-        if loaded.state is PluginState.FAILED:
-            loaded._set_state(PluginState.STOPPING)
+    async def _stop(self, life: Lifecycle) -> None:
+        gen = life.current
+        # A failed generation may still be being closed: unload returns once it is (its
+        # process reaped, its cgroup removed), not before.
+        await life.wait_retired()
+        if life.state is PluginState.FAILED:
+            life.transition(PluginState.STOPPING)
         else:
-            loaded._set_state(PluginState.DRAINING)
+            life.transition(PluginState.DRAINING)
             if gen is not None and not await gen.wait_idle(self.drain_timeout):
                 log.warning("plugin %s: %d call(s) still in flight after the %gs drain "
-                            "timeout; they are cancelled", loaded.id, gen.in_flight,
+                            "timeout; they are cancelled", life.id, gen.in_flight,
                             self.drain_timeout)
-            loaded._set_state(PluginState.STOPPING)
+            life.transition(PluginState.STOPPING)
         if gen is not None:
-            await self._retire(loaded, gen, graceful=True)
-        loaded._current = None
-        loaded._set_state(PluginState.STOPPED)
+            await self._retire(life, gen, graceful=True)
+        life.finish()
 
-    async def _retire(self, loaded: LoadedPlugin, gen: _Generation, *, graceful: bool) -> None:
+    async def _retire(self, life: Lifecycle, gen: Generation, *, graceful: bool) -> None:
         """Shut a generation down (its shutdown() bounded by the drain timeout) and close it."""
         try:
             if graceful:
                 async with asyncio.timeout(self.drain_timeout):
                     await gen.handle.shutdown()
         except (SandboxerError, TimeoutError) as exc:
-            log.warning("plugin %s: shutdown of generation %d failed: %s", loaded.id,
+            log.warning("plugin %s: shutdown of generation %d failed: %s", life.id,
                         gen.number, exc)
         finally:
-            usage = gen.handle.resource_usage()
-            old = loaded._usage_of_retired
-            loaded._usage_of_retired = ResourceUsage(
-                peak_memory_bytes=max((u for u in (usage.peak_memory_bytes,
-                                                   old.peak_memory_bytes) if u is not None),
-                                      default=None),
-                cpu_time_s=(None if usage.cpu_time_s is None and old.cpu_time_s is None
-                            else (usage.cpu_time_s or 0.0) + (old.cpu_time_s or 0.0)),
-            )
+            life.retired(gen)
             await gen.handle.close()
 
     # -- reload ------------------------------------------------------------------------------
@@ -683,18 +633,19 @@ class PluginManager:
         The old generation serves until the switch; any failure before the switch rolls back
         (ReloadError, the old generation keeps serving with its state). See ``reload.py``.
         """
-        from .reload import reload_generation
-
-        loaded = self.get(plugin_id)
+        entry = self._entry(plugin_id)
         async with self._lock(plugin_id):
-            if loaded._unloading or plugin_id not in self._plugins:
+            if entry.unloading or plugin_id not in self._plugins:
                 raise PluginStateError(f"plugin {plugin_id} is being unloaded",
                                        plugin_id=plugin_id)
-            await reload_generation(self, loaded)
-        return loaded
+            await reload_generation(entry.life, ReloadHost(
+                drain_timeout=self.drain_timeout,
+                prepare=functools.partial(self._prepare_generation, entry),
+                retire=functools.partial(self._retire, entry.life, graceful=True)))
+        return entry.loaded
 
-    async def _watch_files(self, loaded: LoadedPlugin) -> None:
-        """Hot reload: reload ``loaded`` whenever its files change to something new.
+    async def _watch_files(self, entry: _Entry) -> None:
+        """Hot reload: reload the plugin whenever its files change to something new.
 
         Files whose checksum differs from the running generation's are reloaded (the watch's
         first event included: it catches a change made while the watch was starting). A
@@ -703,48 +654,44 @@ class PluginManager:
         parse is reported (``reload_failed``) without touching the running generation, and
         removed files leave the last good generation serving."""
         from .discovery import watch
-        from .errors import ReloadError
+        life = entry.life
         failed: str | None = None
         try:
-            async with watch([loaded.source], debounce=self.reload_debounce) as events:
+            async with watch([entry.loaded.source], debounce=self.reload_debounce) as events:
                 async for event in events:
                     if event.kind == "error" and event.error is not None:
-                        error = PluginLoadError(f"plugin {loaded.id}: its files cannot be "
-                                                f"loaded: {event.error.message}",
-                                                plugin_id=loaded.id)
-                        loaded.error = error
-                        self._emit("reload_failed", loaded, loaded.state, error=str(error))
+                        life.reload_refused(PluginLoadError(
+                            f"plugin {life.id}: its files cannot be loaded: "
+                            f"{event.error.message}", plugin_id=life.id))
                         continue
                     if event.plugin is None:
                         if event.kind == "removed":
                             log.warning("plugin %s: its files were removed; the running "
-                                        "generation keeps serving", loaded.id)
+                                        "generation keeps serving", life.id)
                         continue
                     checksum = event.plugin.checksum
-                    if checksum in (loaded._files_checksum, failed):
+                    if checksum in (entry.files_checksum, failed):
                         continue
                     try:
-                        await self.reload(loaded.id)
+                        await self.reload(life.id)
                         failed = None
                     except ReloadError:
                         failed = checksum  # reload_failed was emitted; wait for a change
                     except (PluginStateError, PluginNotFound):
                         return
         except Exception as exc:  # the watch itself failed (e.g. no inotify instance left)
-            log.warning("plugin %s: hot reload stopped: %s", loaded.id, exc)
-            self._emit("reload_failed", loaded, loaded.state,
-                       error=f"hot reload stopped: {exc}")
+            log.warning("plugin %s: hot reload stopped: %s", life.id, exc)
+            self._emit(life, "reload_failed", life.state, f"hot reload stopped: {exc}")
 
-    async def _prepare_generation(self, loaded: LoadedPlugin) -> _Generation:
+    async def _prepare_generation(self, entry: _Entry) -> Generation:
+        life = entry.life
+        source = entry.loaded.source
         if self.hot_reload:  # taken before reading: a change after it is seen as a change
-            loaded._files_checksum = await asyncio.to_thread(tree_checksum, loaded.source)
-        plugin = await asyncio.to_thread(load_plugin, loaded.source)
-        if plugin.id != loaded.id:
-            raise PluginLoadError(f"plugin {loaded.id}: the new files declare id {plugin.id}; "
-                                  "a reload cannot change a plugin's id", plugin_id=loaded.id)
+            entry.files_checksum = await asyncio.to_thread(tree_checksum, source)
+        plugin = await asyncio.to_thread(load_plugin, source)
+        if plugin.id != life.id:
+            raise PluginLoadError(f"plugin {life.id}: the new files declare id {plugin.id}; "
+                                  "a reload cannot change a plugin's id", plugin_id=life.id)
         await asyncio.to_thread(verify_integrity, plugin)
-        sandbox = self.resolve_sandbox(plugin, loaded._explicit_sandbox)
-        number = loaded._generations + 1
-        loaded._generations = number
-        return await self._start_generation(loaded, plugin, sandbox, number)
-
+        sandbox = self.resolve_sandbox(plugin, entry.sandbox)
+        return await self._start_generation(entry, plugin, sandbox, life.next_number())
