@@ -458,8 +458,8 @@ async def _default_loop_run(paths: dict[str, Path], c: dict[str, int]) -> dict[s
         spin = await mgr.load(paths["spin"])
         assert await echo.call("echo", PAYLOAD) == [PAYLOAD]
         assert await add.call("add", 1, 2) == 3
-        echo_handle = echo._current.handle  # type: ignore[union-attr]
-        add_handle = add._current.handle  # type: ignore[union-attr]
+        echo_handle, add_handle = echo.handle, add.handle
+        assert echo_handle is not None and add_handle is not None
         measurements: dict[str, Measurement] = {
             "echo": _Async(echo.call, ("echo", PAYLOAD)),
             "extism_echo": _extism_json(base["plugin"]),
@@ -561,7 +561,7 @@ def run() -> dict[str, Any]:
             "extism_echo_raw_us": "the same Extism plugin and call with the pre-encoded "
                                   "bytes b'[\"hello\"]', bytes out (its default parse), no JSON",
             "echo_direct_us": "ours without the manager: `await handle.call('echo', 'hello')` "
-                              "on the generation's WasmHandle (p._current.handle)",
+                              "on the generation's WasmHandle (p.handle)",
             "add_us": f"ours: `await p.call('add', 1, 2)` through PluginManager on a WAT module "
                       f"exporting add(i32, i32) -> i32, bare .wasm, default profile; on {loop}",
             "wasmtime_add_us": "wasmtime-py `add(store, 1, 2)` (Func.__call__, which checks "
@@ -576,7 +576,7 @@ def run() -> dict[str, Any]:
                                          "arguments are written, error and trap checked and "
                                          "the result read: the floor for any Python caller",
             "add_direct_us": "ours without the manager: `await handle.call('add', 1, 2)` on "
-                             "the generation's WasmHandle (p._current.handle)",
+                             "the generation's WasmHandle (p.handle)",
             "echo_us_uvloop": "echo_us with the host application on uvloop (a fresh "
                               "PluginManager in a uvloop Runner, after the default-loop run)",
             "add_us_uvloop": "add_us on uvloop, likewise",
