@@ -1,9 +1,10 @@
 """The egress rules: which targets a plugin may reach, decided from its ``allowed_hosts`` alone.
 
-A compiled allow-list (exact names, ``*.suffix`` wildcards, IP literals and CIDR ranges, each
-with an optional port), the address ranges refused unless listed (loopback, private,
-link-local, ... : the DNS rebinding defence), what a valid target name is, and the network mode
-a sandbox config asks for. Everything here is a pure function of its arguments: no I/O, no
+What an ``allowed_hosts`` entry may say (``parse_host_pattern``: the manifest and the host
+config are parsed with it), the compiled allow-list (exact names, ``*.suffix`` wildcards, IP
+literals and CIDR ranges, each with an optional port; ``covers`` for the host policy), the
+address ranges refused unless listed (loopback, private, link-local, ... : the DNS rebinding
+defence), what a valid target name is, and the network mode a sandbox config asks for. Everything here is a pure function of its arguments: no I/O, no
 resolver, no log. The proxy, its wire protocols and the wasm fetch all decide through here.
 
 It must never import the rest of the egress package (which depends on it) nor the sandbox
@@ -17,15 +18,15 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Protocol, Union
 
-from ..policy import parse_host_pattern
-
 __all__ = ["AllowList", "EgressRefused", "IPAddress", "IPNetwork", "NetworkRequest",
-           "network_mode", "refused_range", "check_target", "usable_addresses",
-           "plain_address", "show_address", "show_target"]
+           "parse_host_pattern", "network_mode", "refused_range", "check_target",
+           "usable_addresses", "plain_address", "show_address", "show_target"]
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
+# A label of an allowed_hosts entry; a target's labels may hold underscores too.
+_PATTERN_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 _LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 
@@ -54,6 +55,62 @@ def network_mode(sandbox: NetworkRequest) -> str:
 
 
 # -- the allow-list ------------------------------------------------------------------------------
+
+def parse_host_pattern(text: object) -> str:
+    """Validate one ``allowed_hosts`` entry and return it normalised (lower case).
+
+    Accepted: ``example.com``, ``*.example.com``, ``example.com:443``, IPv4 and IPv6 literals
+    (``[::1]:443`` with a port), and CIDR ranges such as ``10.0.0.0/8`` for naming a private
+    range on purpose.
+    """
+    expected = 'a host such as "example.com", "*.example.com:443", "10.0.0.1" or "[::1]:8080"'
+    if not isinstance(text, str) or not text or len(text) > 300:
+        raise ValueError(f"{expected}, not {text!r}")
+    host, port = text.lower(), None
+    if host.startswith("["):
+        end = host.find("]")
+        if end < 0:
+            raise ValueError(f"{expected}, not {text!r}")
+        rest = host[end + 1:]
+        host = host[1:end]
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(f"{expected}, not {text!r}")
+            port = rest[1:]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{expected}, not {text!r}") from None
+    elif host.count(":") == 1:
+        host, port = host.split(":")
+    if port is not None:
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"a port between 1 and 65535 in {text!r}")
+    if "/" in host:
+        try:
+            ipaddress.ip_network(host, strict=True)
+        except ValueError:
+            raise ValueError(f"a CIDR range such as 10.0.0.0/8, not {text!r}") from None
+        if port is not None:
+            raise ValueError(f"a CIDR range without a port, not {text!r}")
+        return host
+    try:
+        ipaddress.ip_address(host)
+        return text.lower()
+    except ValueError:
+        pass
+    labels = host.split(".")
+    if labels[0] == "*":
+        labels = labels[1:]
+        if len(labels) < 2:
+            raise ValueError(f"a wildcard with at least two labels after '*.', not {text!r}")
+    if not labels or len(host) > 253 or not all(_PATTERN_LABEL.fullmatch(lb) for lb in labels):
+        raise ValueError(f"{expected}, not {text!r}")
+    if all(lb.isdigit() for lb in labels):
+        raise ValueError(f"{expected}, not {text!r}")
+    return text.lower()
+
+
 
 @dataclass(frozen=True, slots=True)
 class _Rule:
