@@ -29,7 +29,6 @@ import tempfile
 from typing import Any, Callable, Iterable, Protocol
 
 from .decisions import Checkpoint, EgressFailed, Rejected, log
-from .fetch import fetch
 from .http import HEAD_LIMIT, read_http
 from .rules import AllowList, EgressRefused, IPAddress, show_address, show_target, \
     usable_addresses
@@ -206,6 +205,10 @@ class EgressProxy(Checkpoint):
         every request is refused (and logged and counted). The call's ``deadline``
         (time.monotonic(), or a function returning it, re-read at every wait so that an
         unload moving it ends the request) bounds the whole exchange."""
+        # On first use: http.client (and the email parser under it) would add some 5 ms to
+        # every supervisor's start, wasm plugin or not. No cycle: fetch knows only the
+        # Checkpoint.
+        from .fetch import fetch
         return fetch(self, plugin_id, allow, request, deadline=deadline,
                      max_response=self.max_response, ca_file=self.ca_file)
 
