@@ -30,8 +30,8 @@ from typing import Any, Callable, Iterable, Protocol
 
 from .decisions import Checkpoint, EgressFailed, Rejected, log
 from .http import HEAD_LIMIT, read_http
-from .rules import AllowList, EgressRefused, IPAddress, show_address, show_target, \
-    usable_addresses
+from .rules import (AllowList, EgressRefused, IPAddress, show_address, show_target,
+                    usable_addresses)
 from .socks import read_socks5, reject_socks4
 
 __all__ = ["EgressProxy", "EgressEndpoint", "proxy_environment", "PROXY_HOST", "PROXY_PORT",

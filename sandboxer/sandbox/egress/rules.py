@@ -47,8 +47,8 @@ class NetworkRequest(Protocol):
 
 def network_mode(sandbox: NetworkRequest) -> str:
     """``"none"`` (a net namespace with only its loopback), ``"proxy"`` (allow-listed hosts
-    through the egress
-    proxy) or ``"host"`` (the host's network: only when the host policy allowed it)."""
+    through the egress proxy) or ``"host"`` (the host's network: only when the host policy
+    allowed it)."""
     if not sandbox.network_allowed:
         return "none"
     return "proxy" if sandbox.allowed_hosts else "host"
