@@ -13,9 +13,7 @@ the manager, so the sandbox stays usable on its own.
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import os
-import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +23,7 @@ from .._trusted_keys import TrustedKey, parse_trusted_keys
 from .._units import format_duration, format_size, parse_duration, parse_size
 from ..errors import ConfigError, PluginLoadError
 from . import profiles as _profiles
+from .egress.rules import AllowList, parse_host_pattern
 
 __all__ = [
     "PathGrant",
@@ -39,8 +38,6 @@ __all__ = [
 ]
 
 DEFAULT_CONFIG_PATH = "/etc/sandboxer/sandboxer.toml"
-
-_HOSTNAME_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,61 +85,6 @@ def parse_denied_path(text: object) -> str:
     if not isinstance(text, str):
         raise ValueError(f"an absolute path string, not {type(text).__name__}")
     return _check_abs_path(text)
-
-
-def parse_host_pattern(text: object) -> str:
-    """Validate one ``allowed_hosts`` entry and return it normalised (lower case).
-
-    Accepted: ``example.com``, ``*.example.com``, ``example.com:443``, IPv4 and IPv6 literals
-    (``[::1]:443`` with a port), and CIDR ranges such as ``10.0.0.0/8`` for naming a private
-    range on purpose.
-    """
-    expected = 'a host such as "example.com", "*.example.com:443", "10.0.0.1" or "[::1]:8080"'
-    if not isinstance(text, str) or not text or len(text) > 300:
-        raise ValueError(f"{expected}, not {text!r}")
-    host, port = text.lower(), None
-    if host.startswith("["):
-        end = host.find("]")
-        if end < 0:
-            raise ValueError(f"{expected}, not {text!r}")
-        rest = host[end + 1:]
-        host = host[1:end]
-        if rest:
-            if not rest.startswith(":"):
-                raise ValueError(f"{expected}, not {text!r}")
-            port = rest[1:]
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ValueError(f"{expected}, not {text!r}") from None
-    elif host.count(":") == 1:
-        host, port = host.split(":")
-    if port is not None:
-        if not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"a port between 1 and 65535 in {text!r}")
-    if "/" in host:
-        try:
-            ipaddress.ip_network(host, strict=True)
-        except ValueError:
-            raise ValueError(f"a CIDR range such as 10.0.0.0/8, not {text!r}") from None
-        if port is not None:
-            raise ValueError(f"a CIDR range without a port, not {text!r}")
-        return host
-    try:
-        ipaddress.ip_address(host)
-        return text.lower()
-    except ValueError:
-        pass
-    labels = host.split(".")
-    if labels[0] == "*":
-        labels = labels[1:]
-        if len(labels) < 2:
-            raise ValueError(f"a wildcard with at least two labels after '*.', not {text!r}")
-    if not labels or len(host) > 253 or not all(_HOSTNAME_LABEL.fullmatch(lb) for lb in labels):
-        raise ValueError(f"{expected}, not {text!r}")
-    if all(lb.isdigit() for lb in labels):
-        raise ValueError(f"{expected}, not {text!r}")
-    return text.lower()
 
 
 @dataclass(frozen=True, slots=True)
@@ -499,7 +441,6 @@ def _check_network(request: SandboxRequest, host: HostConfig, plugin_id: str | N
         return
     if host.allow_full_network:
         return  # a list is narrower than the full network this host already grants
-    from .egress import AllowList
     ceiling = AllowList(host.allowed_hosts)
     outside = [h for h in request.allowed_hosts if not ceiling.covers(h)]
     if outside:

@@ -1,17 +1,17 @@
 """One HTTP(S) request on a wasm plugin's behalf: ``sandboxer.http_request`` behind the scenes.
 
 WebAssembly plugins have no sockets. A request they hand to the host goes through the egress
-proxy's rules exactly as a sandboxed process's connection does: the same allow-list check,
-the same resolver and rebinding protection, the same log line and counters (``via=wasm``).
-This module then dials the one address the check returned, speaks HTTP/1.1 over it (TLS
-verified against the URL's host name, or its IP SANs for an IP literal) and reads at most
-``proxy.max_response`` bytes of body.
+proxy's rules exactly as a sandboxed process's connection does: the same ``Checkpoint``, so
+the same allow-list check, resolver and rebinding protection, log line and counters
+(``via=wasm``). This module then dials the one address the check returned, speaks HTTP/1.1
+over it (TLS verified against the URL's host name, or its IP SANs for an IP literal) and
+reads at most ``max_response`` bytes of body.
 
 It runs on a wasm worker thread, inside a host function, and blocks; every wait is bounded
 by the call's deadline, re-read at each step, so a call that times out, is cancelled or is
 unloaded stops waiting within ``STEP`` seconds.
 
-It must never dial an address the proxy has not checked (no second lookup, no redirects
+It must never dial an address the checkpoint has not checked (no second lookup, no redirects
 followed), never send a request it has not validated, and never return more than the cap.
 """
 
@@ -34,18 +34,8 @@ import time
 from typing import Any, Callable, Union
 from urllib.parse import urlsplit
 
-from .egress import (
-    AllowList,
-    EgressCounters,
-    EgressProxy,
-    EgressRefused,
-    IPAddress,
-    _Failed,
-    _plain,
-    _printable,
-    _show,
-    log,
-)
+from .decisions import Checkpoint, EgressCounters, EgressFailed, log, printable
+from .rules import AllowList, EgressRefused, IPAddress, plain_address, show_target
 
 __all__ = ["fetch", "STEP"]
 
@@ -75,50 +65,52 @@ def _error(kind: str, message: str) -> dict[str, Any]:
     return {"error": {"kind": kind, "message": message}}
 
 
-def fetch(proxy: EgressProxy, plugin_id: str, allow: AllowList | None, request: Any, *,
-          deadline: Deadline) -> dict[str, Any]:
+def fetch(checkpoint: Checkpoint, plugin_id: str, allow: AllowList | None, request: Any, *,
+          deadline: Deadline, max_response: int, ca_file: str | None) -> dict[str, Any]:
     """Perform ``request`` for ``plugin_id`` under ``allow`` (None: the plugin has no network
-    at all, so every request is refused; still logged and counted). Blocking.
+    at all, so every request is refused; still logged and counted) through ``checkpoint``'s
+    rules, resolver, log and counters. Blocking. TLS is verified against the system's CAs
+    plus ``ca_file``.
 
     ``deadline`` is a time.monotonic() value, or a function returning the current one (the
     wasm loader passes the store's, which an unload or a cancelled call moves to 0).
     Returns ``{"status", "headers", "body" | "body_base64"}`` or ``{"error": {"kind",
     "message"}}``; kinds: ``invalid`` (the request is malformed; nothing attempted, nothing
     counted), ``refused`` (the policy), ``failed`` (unreachable, TLS, protocol, or a body
-    larger than ``proxy.max_response``) and ``timeout`` (the deadline passed)."""
+    larger than ``max_response``) and ``timeout`` (the deadline passed)."""
     due = deadline if callable(deadline) else (lambda: deadline)
     try:
-        method, scheme, host, port, path, headers, body = _parse(request, proxy.max_response)
+        method, scheme, host, port, path, headers, body = _parse(request, max_response)
     except _Invalid as exc:
         return _error("invalid", str(exc))
-    target = _show(host, port)
-    counters = proxy.counters(plugin_id)
+    target = show_target(host, port)
+    counters = checkpoint.counters(plugin_id)
     try:
-        with proxy.attempt(plugin_id, "wasm", target):
+        with checkpoint.attempt(plugin_id, "wasm", target):
             if allow is None:
                 raise EgressRefused("network_allowed is false for this plugin, so "
                                     "sandboxer.http_request refuses every request")
-            addresses = proxy.decide_blocking(allow, host, port, deadline=due)
-            sock, peer = _dial(addresses, port, due, proxy.connect_timeout)
+            addresses = checkpoint.decide_blocking(allow, host, port, deadline=due)
+            sock, peer = _dial(addresses, port, due, checkpoint.connect_timeout)
     except EgressRefused as exc:
         return _error("refused", f"egress refused: {exc}")
-    except _Failed as exc:
+    except EgressFailed as exc:
         return _error("timeout" if exc.kind == "deadline" else "failed", str(exc))
-    proxy._verdict(plugin_id, "wasm", target, "allowed", f"connected to {peer}")
+    checkpoint.record(plugin_id, "wasm", target, "allowed", f"connected to {peer}")
     counters.add(active=1)
     try:
-        return _exchange(proxy, sock, scheme, host, port, method, path, headers, body, due,
-                         counters)
+        return _exchange(sock, scheme, host, port, method, path, headers, body, due, counters,
+                         max_response=max_response, ca_file=ca_file)
     except _TimedOut:
         detail, kind = "the call's deadline passed", "timeout"
     except ssl.SSLCertVerificationError as exc:
         detail, kind = f"TLS certificate verification failed: {exc.verify_message}", "failed"
-    except (ssl.SSLError, http.client.HTTPException, OSError, _Failed) as exc:
+    except (ssl.SSLError, http.client.HTTPException, OSError, EgressFailed) as exc:
         detail, kind = _describe(exc), "failed"
     finally:
         counters.add(active=-1)
     log.warning("egress plugin=%s via=wasm target=%s: the exchange failed (%s)", plugin_id,
-                _printable(target), _printable(detail))
+                printable(target), printable(detail))
     return _error(kind, f"{method} {target}: {detail}")
 
 
@@ -217,10 +209,10 @@ def _left(due: Callable[[], float], cap: float | None = None) -> float:
 def _dial(addresses: list[IPAddress], port: int, due: Callable[[], float],
           connect_timeout: float) -> tuple[socket.socket, str]:
     """A connected socket to the first of ``addresses`` that answers (exactly these: no
-    lookup here). _Failed otherwise; kind "deadline" when the call's deadline passed."""
+    lookup here). EgressFailed otherwise; kind "deadline" when the call's deadline passed."""
     last: BaseException | None = None
     for address in addresses:
-        address = _plain(address)
+        address = plain_address(address)
         family = socket.AF_INET6 if isinstance(address, ipaddress.IPv6Address) \
             else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -230,16 +222,16 @@ def _dial(addresses: list[IPAddress], port: int, due: Callable[[], float],
             return sock, str(address)
         except _TimedOut:
             sock.close()
-            raise _Failed("deadline", f"connecting to {_show(str(address), port)}: the call's "
-                          "deadline passed") from None
+            raise EgressFailed("deadline", f"connecting to {show_target(str(address), port)}: "
+                               "the call's deadline passed") from None
         except OSError as exc:
             sock.close()
             last = exc
-    where = _show(str(addresses[0]), port)
+    where = show_target(str(addresses[0]), port)
     if isinstance(last, TimeoutError):
-        raise _Failed("timeout", f"connecting to {where}: no answer within "
-                      f"{connect_timeout:g}s")
-    raise _Failed("failed", f"connecting to {where} failed: {_describe(last)}")
+        raise EgressFailed("timeout", f"connecting to {where}: no answer within "
+                                      f"{connect_timeout:g}s")
+    raise EgressFailed("failed", f"connecting to {where} failed: {_describe(last)}")
 
 
 def _connect(sock: socket.socket, address: tuple[str, int], due: Callable[[], float],
@@ -272,18 +264,18 @@ def _tls_context(ca_file: str | None, stamp: tuple[int, int] | None) -> ssl.SSLC
 _context_lock = threading.Lock()
 
 
-def _handshake(proxy: EgressProxy, sock: socket.socket, host: str,
-               due: Callable[[], float]) -> ssl.SSLSocket:
+def _handshake(sock: socket.socket, host: str, due: Callable[[], float],
+               ca_file: str | None) -> ssl.SSLSocket:
     with _context_lock:
         try:
             stamp = None
-            if proxy.ca_file is not None:
-                st = os.stat(proxy.ca_file)
+            if ca_file is not None:
+                st = os.stat(ca_file)
                 stamp = (st.st_mtime_ns, st.st_size)
-            context = _tls_context(proxy.ca_file, stamp)
+            context = _tls_context(ca_file, stamp)
         except (OSError, ssl.SSLError) as exc:
-            raise _Failed("failed", f"cannot load the egress CA file {proxy.ca_file}: "
-                          f"{_describe(exc)}") from None
+            raise EgressFailed("failed", f"cannot load the egress CA file {ca_file}: "
+                                         f"{_describe(exc)}") from None
     tls = context.wrap_socket(sock, server_hostname=host, do_handshake_on_connect=False)
     try:
         # A timed-out wait leaves OpenSSL's state intact (Python raises before retrying), so
@@ -349,22 +341,23 @@ class _Reader(io.RawIOBase):
         return self.conn.recv_into(buffer)
 
 
-def _exchange(proxy: EgressProxy, sock: socket.socket, scheme: str, host: str, port: int,
-              method: str, path: str, headers: dict[str, str], body: bytes | None,
-              due: Callable[[], float], counters: EgressCounters) -> dict[str, Any]:
+def _exchange(sock: socket.socket, scheme: str, host: str, port: int, method: str, path: str,
+              headers: dict[str, str], body: bytes | None, due: Callable[[], float],
+              counters: EgressCounters, *, max_response: int, ca_file: str | None
+              ) -> dict[str, Any]:
     """Send the request and read the response over ``sock``, which this closes."""
     try:
         if scheme == "https":
-            sock = _handshake(proxy, sock, host, due)  # owns the fd from here on
-        return _http(proxy, sock, scheme, host, port, method, path, headers, body, due,
-                     counters)
+            sock = _handshake(sock, host, due, ca_file)  # owns the fd from here on
+        return _http(sock, scheme, host, port, method, path, headers, body, due, counters,
+                     max_response)
     finally:
         sock.close()
 
 
-def _http(proxy: EgressProxy, sock: socket.socket, scheme: str, host: str, port: int,
-          method: str, path: str, headers: dict[str, str], body: bytes | None,
-          due: Callable[[], float], counters: EgressCounters) -> dict[str, Any]:
+def _http(sock: socket.socket, scheme: str, host: str, port: int, method: str, path: str,
+          headers: dict[str, str], body: bytes | None, due: Callable[[], float],
+          counters: EgressCounters, limit: int) -> dict[str, Any]:
     conn = http.client.HTTPConnection(host, port)
     conn.sock = _Timed(sock, due, counters)
     try:
@@ -374,14 +367,14 @@ def _http(proxy: EgressProxy, sock: socket.socket, scheme: str, host: str, port:
         headers.setdefault("Connection", "close")
         conn.request(method, path, body=body, headers=headers)
         response = conn.getresponse()
-        limit = proxy.max_response
         declared = response.getheader("content-length")
         if declared is not None and declared.strip().isdigit() and int(declared) > limit:
-            raise _Failed("failed", f"the response body is {int(declared)} bytes, more than "
-                          f"the {limit}-byte limit")
+            raise EgressFailed("failed", f"the response body is {int(declared)} bytes, "
+                                         f"more than the {limit}-byte limit")
         data = response.read(limit + 1)
         if len(data) > limit:
-            raise _Failed("failed", f"the response body is larger than the {limit}-byte limit")
+            raise EgressFailed("failed",
+                               f"the response body is larger than the {limit}-byte limit")
         merged: dict[str, str] = {}
         for name, value in response.getheaders():
             key = name.lower()
