@@ -19,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from ._plugin_id import ID_RE
+
 __all__ = ["TrustedKey", "parse_trusted_keys", "parse_trusted_key_option", "covers",
            "describe_scope"]
 
@@ -27,9 +29,6 @@ _TABLE_FIELDS = ("key", "ids")
 
 
 def _check_pattern(pattern: object) -> str:
-    # manifest imports the sandbox policy, which imports this module: ID_RE is looked up
-    # when a pattern is checked, not when the module loads.
-    from .manifest import ID_RE
     if not isinstance(pattern, str):
         raise ValueError(f"an id pattern is a string, not {type(pattern).__name__}")
     wildcard = pattern.endswith(WILDCARD)

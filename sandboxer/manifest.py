@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import _digest
+from ._plugin_id import ID_RE
 from ._units import parse_duration, parse_size
 from .errors import IntegrityError, ManifestError
 from .sandbox import profiles as _profiles
@@ -44,7 +45,6 @@ __all__ = [
 MANIFEST_NAME = "plugin.toml"
 MAX_MANIFEST_BYTES = 1 << 20
 
-ID_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,127}")
 # semver.org's recommended expression (2.0.0), anchored by fullmatch.
 SEMVER_RE = re.compile(
     r"(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"

@@ -49,12 +49,12 @@ class Profile:
     tmp_exec: bool
 
 
-def _builtin_dir() -> Path:
+def builtin_dir() -> Path:
     return Path(str(resources.files("sandboxer.profiles")))
 
 
 def _search_dirs(extra: tuple[str, ...]) -> list[Path]:
-    return [Path(d) for d in extra] + [_builtin_dir()]
+    return [Path(d) for d in extra] + [builtin_dir()]
 
 
 # profiles/seccomp.toml holds the named syscall groups that profiles refer to; not a profile.

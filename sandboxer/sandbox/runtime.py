@@ -73,8 +73,7 @@ class Runtime:
 def _package_dirs() -> list[Path]:
     import orjson
 
-    import sandboxer
-    return [Path(sandboxer.__file__).resolve().parent, Path(orjson.__file__).resolve().parent]
+    return [Path(__file__).resolve().parent.parent, Path(orjson.__file__).resolve().parent]
 
 
 def _files(directory: Path) -> list[Path]:

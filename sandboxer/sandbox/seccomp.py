@@ -30,7 +30,7 @@ from typing import Any
 import pyseccomp
 
 from ..errors import PluginLoadError, SandboxUnavailable
-from .profiles import _builtin_dir, load_profile
+from .profiles import builtin_dir, load_profile
 
 __all__ = ["compile_filter", "filter_within", "has_network", "GROUPS_FILE"]
 
@@ -507,7 +507,7 @@ def _groups_path(profile_path: str) -> str:
     """The seccomp.toml beside the profile (a host's profile dir may bring its own groups),
     else the one shipped with the package."""
     beside = Path(profile_path).with_name(GROUPS_FILE)
-    return str(beside if beside.is_file() else _builtin_dir() / GROUPS_FILE)
+    return str(beside if beside.is_file() else builtin_dir() / GROUPS_FILE)
 
 
 def _mtime_ns(path: str, what: str) -> int:

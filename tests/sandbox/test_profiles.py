@@ -27,7 +27,7 @@ from sandboxer.errors import PluginLoadError
 from sandboxer.sandbox import cgroups, launch
 from sandboxer.sandbox.egress import EgressProxy
 from sandboxer.sandbox.policy import HostConfig, PathGrant, SandboxRequest, effective_config
-from sandboxer.sandbox.profiles import _builtin_dir, load_profile, profile_names
+from sandboxer.sandbox.profiles import builtin_dir, load_profile, profile_names
 from sandboxer.sandbox.seccomp import compile_filter
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
@@ -44,7 +44,7 @@ def test_the_shipped_profiles_say_whether_tmp_is_executable() -> None:
 
 
 def _profile_text(mounts: str) -> str:
-    default = (_builtin_dir() / "default.toml").read_text()
+    default = (builtin_dir() / "default.toml").read_text()
     return default[:default.index("[mounts]")] + mounts
 
 
@@ -87,7 +87,7 @@ async def test_a_host_profile_decides_tmp_exec_for_exec_and_for_plugins(
     one: a path that forgot the directories would get an executable /tmp."""
     profiles = tmp_path / "profiles"
     profiles.mkdir()
-    shipped = (_builtin_dir() / "default.toml").read_text()
+    shipped = (builtin_dir() / "default.toml").read_text()
     assert "tmp_exec = true\n" in shipped
     (profiles / "default.toml").write_text(shipped.replace("tmp_exec = true\n",
                                                            "tmp_exec = false\n"))

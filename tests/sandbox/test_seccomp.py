@@ -32,7 +32,7 @@ from sandboxer.errors import PluginLoadError
 from sandboxer.sandbox import seccomp
 from sandboxer.sandbox.launch import LaunchSpec, Mount, base_mounts, launch, release_uid
 from sandboxer.sandbox.policy import SandboxConfig
-from sandboxer.sandbox.profiles import _builtin_dir
+from sandboxer.sandbox.profiles import builtin_dir
 from sandboxer.sandbox.seccomp import compile_filter
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
@@ -41,7 +41,7 @@ ENV = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8"}
 LOG = logging.getLogger("test.seccomp")
 SIGSYS = "SIGSYS"
 BLOCKED = {"errno=EPERM", "errno=ENOSYS", "errno=EACCES", SIGSYS}
-PROFILES = _builtin_dir()
+PROFILES = builtin_dir()
 
 # -- the probe ---------------------------------------------------------------------------------
 
