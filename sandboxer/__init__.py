@@ -39,7 +39,8 @@ if _TYPE_CHECKING:
     from .loaders import Health, PluginHandle, ResourceUsage
     from .manager import EventStream, LoadedPlugin, PluginEvent, PluginManager, PluginStatistics
     from .manifest import LoaderType, Plugin, load_plugin, parse_manifest
-    from .sandbox.policy import HostConfig, PathGrant, SandboxConfig, SandboxRequest
+    from .config import HostConfig
+    from .sandbox.policy import PathGrant, SandboxConfig, SandboxRequest
 
 # The supervisor's names are imported when first used, not with the package: the plugin host
 # (sandboxer.host) runs inside every sandbox and imports only the errors, the wire protocol
@@ -53,7 +54,8 @@ _LAZY = {
     "PluginState": ("._lifecycle", "PluginState"),
     **{name: (".manifest", name) for name in ("LoaderType", "Plugin", "load_plugin",
                                               "parse_manifest")},
-    **{name: (".sandbox.policy", name) for name in ("HostConfig", "PathGrant", "SandboxConfig",
+    "HostConfig": (".config", "HostConfig"),
+    **{name: (".sandbox.policy", name) for name in ("PathGrant", "SandboxConfig",
                                                     "SandboxRequest")},
 }
 

@@ -17,7 +17,8 @@ from . import _json
 from .errors import PluginLoadError, SandboxerError
 from .loaders import run_mode
 from .manager import LoadedPlugin, PluginManager
-from .sandbox.policy import HostConfig, SandboxConfig
+from .config import HostConfig
+from .sandbox.policy import SandboxConfig
 
 __all__ = ["run_demo"]
 

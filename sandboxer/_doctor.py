@@ -11,7 +11,7 @@ import os
 from typing import Any, Callable
 
 from .errors import SandboxUnavailable
-from .sandbox.policy import HostConfig
+from .config import HostConfig
 
 __all__ = ["diagnose"]
 

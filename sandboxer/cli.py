@@ -29,8 +29,8 @@ from .manager import PluginManager
 from .manifest import Plugin, load_plugin, verify_integrity
 from .sandbox.egress import EgressProxy
 from .sandbox.launch import KILL_GRACE
+from .config import HostConfig
 from .sandbox.policy import (
-    HostConfig,
     SandboxConfig,
     SandboxRequest,
     effective_config,

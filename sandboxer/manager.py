@@ -43,7 +43,8 @@ from .loaders.wasm import WasmEngine, WasmLoader
 from .manifest import LoaderType, Plugin, load_plugin, verify_integrity
 from .reload import ReloadHost, reload_generation
 from .sandbox.egress import EgressProxy
-from .sandbox.policy import HostConfig, SandboxConfig, effective_config
+from .config import HostConfig
+from .sandbox.policy import SandboxConfig, effective_config
 
 __all__ = ["PluginManager", "LoadedPlugin", "PluginEvent", "PluginStatistics", "EventStream"]
 

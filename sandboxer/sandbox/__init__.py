@@ -3,6 +3,6 @@
 Usable on its own: nothing here imports loaders/ or the manager.
 """
 
-from .policy import HostConfig, PathGrant, SandboxConfig, SandboxRequest, effective_config
+from .policy import PathGrant, SandboxConfig, SandboxPolicy, SandboxRequest, effective_config
 
-__all__ = ["HostConfig", "PathGrant", "SandboxConfig", "SandboxRequest", "effective_config"]
+__all__ = ["PathGrant", "SandboxConfig", "SandboxPolicy", "SandboxRequest", "effective_config"]

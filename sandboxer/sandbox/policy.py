@@ -1,10 +1,11 @@
 """Sandbox policy: what a plugin asks for, what the host allows, and what is enforced.
 
-A plugin's ``[sandbox]`` table is a ``SandboxRequest``. The host's ``HostConfig`` sets the
-ceilings and the path roots a plugin may be given. ``effective_config()`` clamps the request
-by the policy on top of the profile's defaults, and the result, a ``SandboxConfig``, is the
-one thing the launcher enforces. An explicit ``SandboxConfig`` handed to ``load()`` by the host
-program replaces the computed one: that is the operator speaking, not the plugin.
+A plugin's ``[sandbox]`` table is a ``SandboxRequest``. The host's ``SandboxPolicy`` (part of
+``sandboxer.config.HostConfig``) sets the ceilings and the path roots a plugin may be given.
+``effective_config()`` clamps the request by the policy on top of the profile's defaults, and
+the result, a ``SandboxConfig``, is the one thing the launcher enforces. An explicit
+``SandboxConfig`` handed to ``load()`` by the host program replaces the computed one: that is
+the operator speaking, not the plugin.
 
 This module only computes; it never touches the kernel. It must not import from loaders/ or
 the manager, so the sandbox stays usable on its own.
@@ -14,14 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tomllib
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
-from .._trusted_keys import TrustedKey, parse_trusted_keys
 from .._units import format_duration, format_size, parse_duration, parse_size
-from ..errors import ConfigError, PluginLoadError
+from ..errors import PluginLoadError
 from . import profiles as _profiles
 from .egress.rules import AllowList, parse_host_pattern
 
@@ -29,15 +27,16 @@ __all__ = [
     "PathGrant",
     "SandboxRequest",
     "SandboxConfig",
-    "HostConfig",
+    "SandboxPolicy",
+    "HOST_KEYS",
+    "LIMIT_KEYS",
+    "parse_denied_path",
     "effective_config",
     "parse_path_grant",
     "parse_host_pattern",
-    "DEFAULT_CONFIG_PATH",
     "SETUP_TIMEOUT",
 ]
 
-DEFAULT_CONFIG_PATH = "/etc/sandboxer/sandboxer.toml"
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,17 +145,18 @@ class SandboxConfig:
         }
 
 
-# The sandbox launcher's steps, from spawn to exec: HostConfig's default and launch's.
+# The sandbox launcher's steps, from spawn to exec: SandboxPolicy's default and launch's.
 SETUP_TIMEOUT = 10.0
 
 
-@dataclass(frozen=True, slots=True)
-class HostConfig:
-    """The host's policy: ceilings, path roots, trust, and supervisor timings.
+@dataclass(frozen=True)
+class SandboxPolicy:
+    """The host's sandbox policy: ceilings, path roots, profiles, network, fallbacks.
 
-    Loaded from ``$SANDBOXER_CONFIG`` or ``/etc/sandboxer/sandboxer.toml`` (``HostConfig.load()``)
-    or built in code. Every limit a plugin requests is clamped to the ``max_*`` ceilings; a
-    path it requests must lie under one of ``path_roots``.
+    Every limit a plugin requests is clamped to the ``max_*`` ceilings; a path it requests must
+    lie under one of ``path_roots``. Read from sandboxer.toml's ``[host]`` and ``[limits]``
+    tables as part of ``sandboxer.config.HostConfig`` (the keys in ``HOST_KEYS`` and
+    ``LIMIT_KEYS``).
     """
 
     allow_unsandboxed: bool = True
@@ -173,123 +173,12 @@ class HostConfig:
     max_timeout: float | None = None
     max_pids: int | None = None
     max_fuel: int | None = None
-    wasm_instances: int = 1
-    drain_timeout: float = 10.0
-    handshake_timeout: float = 10.0
     setup_timeout: float = SETUP_TIMEOUT
-    health_interval: float = 30.0
-    health_failures: int = 3
-    max_frame: int = 16 << 20
     fallbacks: tuple[str, ...] = ()
     # Who files a plugin writes into a writable grant belong to on the host (uid, gid): None,
     # each grant's own owner (an idmapped mount; sandbox/idmap.py).
     grant_owner: tuple[int, int] | None = None
-    registry: str | None = None          # a registry directory or http(s) base URL
-    # minisign public keys a registry's index and plugins must be signed with, each trusted for
-    # every plugin id or for the ids its patterns cover; a plain str is a key file for any id
-    trusted_keys: tuple[TrustedKey | str, ...] = ()
-    cache_dir: str | None = None         # fetched plugins; default $XDG_CACHE_HOME/sandboxer
-    # The egress proxy (network_allowed with allowed_hosts): names it resolves from this
-    # hosts file before DNS; connections one plugin may hold at once; how long a client has
-    # to send its request; when an idle tunnel is closed; how long a dial may take; extra CAs
-    # wasm's http_request trusts.
-    egress_hosts_file: str | None = None
-    egress_max_connections: int = 32
-    egress_header_timeout: float = 10.0
-    egress_idle_timeout: float = 300.0
-    egress_connect_timeout: float = 10.0
-    egress_ca_file: str | None = None
     profile_dirs: tuple[str, ...] = field(default_factory=tuple)
-    source: str = ""
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str] | None = None) -> HostConfig:
-        """Read the host config: ``path``, else ``$SANDBOXER_CONFIG``, else the system file.
-
-        A missing system file gives the defaults; a missing file named explicitly (argument or
-        environment) is an error, since the operator clearly meant one.
-        """
-        explicit = path if path is not None else os.environ.get("SANDBOXER_CONFIG")
-        target = Path(explicit) if explicit else Path(DEFAULT_CONFIG_PATH)
-        try:
-            raw = target.read_bytes()
-        except FileNotFoundError:
-            if explicit:
-                raise ConfigError(str(target), "(file)", "an existing host config file") from None
-            return cls()
-        except OSError as exc:
-            raise ConfigError(str(target), "(file)", f"a readable file ({exc.strerror})") from exc
-        try:
-            data = tomllib.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError) as exc:
-            raise ConfigError(str(target), "(file)", f"valid UTF-8 TOML ({exc})") from exc
-        return cls.from_mapping(data, source=str(target))
-
-    @classmethod
-    def from_mapping(cls, data: Mapping[str, Any], *, source: str = "") -> HostConfig:
-        """Build from the ``[host]`` and ``[limits]`` tables of a parsed sandboxer.toml."""
-        def fail(field_name: str, expected: str) -> ConfigError:
-            return ConfigError(source, field_name, expected)
-
-        unknown = set(data) - {"host", "limits"}
-        if unknown:
-            raise fail(sorted(unknown)[0], "one of the tables [host], [limits]")
-        host = data.get("host", {})
-        limits = data.get("limits", {})
-        if not isinstance(host, dict) or not isinstance(limits, dict):
-            raise fail("host" if not isinstance(host, dict) else "limits", "a table")
-        values: dict[str, Any] = {"source": source}
-        host_parsers: dict[str, Callable[[Any], Any]] = {
-            "allow_unsandboxed": _parse_bool,
-            "allow_full_network": _parse_bool,
-            "allowed_hosts": _parse_host_list,
-            "default_profile": _parse_profile_name,
-            "allowed_profiles": _parse_profile_list,
-            "path_roots": _parse_path_list,
-            "profile_dirs": _parse_path_list,
-            "drain_timeout": parse_duration,
-            "handshake_timeout": parse_duration,
-            "setup_timeout": parse_duration,
-            "health_interval": parse_duration,
-            "health_failures": _parse_health_failures,
-            "max_frame": parse_size,
-            "fallbacks": _parse_fallbacks,
-            "grant_owner": _parse_owner,
-            "wasm_instances": _parse_instances,
-            "registry": _parse_registry,
-            "trusted_keys": _parse_trusted_keys,
-            "cache_dir": parse_denied_path,
-            "egress_hosts_file": parse_denied_path,
-            "egress_max_connections": _parse_connections,
-            "egress_header_timeout": parse_duration,
-            "egress_idle_timeout": parse_duration,
-            "egress_connect_timeout": parse_duration,
-            "egress_ca_file": parse_denied_path,
-        }
-        for key, value in host.items():
-            name = f"host.{key}"
-            if key not in host_parsers:
-                raise fail(name, f"one of {', '.join(sorted(host_parsers))}")
-            try:
-                values[key] = host_parsers[key](value)
-            except ValueError as exc:
-                raise fail(name, str(exc)) from None
-        limit_parsers = {
-            "max_memory_limit": parse_size,
-            "max_cpu_limit": parse_cpu,
-            "max_timeout": parse_duration,
-            "max_pids": parse_pids,
-            "max_fuel": parse_fuel,
-        }
-        for key, value in limits.items():
-            name = f"limits.{key}"
-            if key not in limit_parsers:
-                raise fail(name, f"one of {', '.join(sorted(limit_parsers))}")
-            try:
-                values[key] = limit_parsers[key](value)
-            except ValueError as exc:
-                raise fail(name, str(exc)) from None
-        return cls(**values)
 
 
 def _parse_bool(value: object) -> bool:
@@ -322,11 +211,6 @@ def _parse_path_list(value: object) -> tuple[str, ...]:
     return tuple(parse_denied_path(v) for v in value)
 
 
-def _parse_trusted_keys(value: object) -> tuple[TrustedKey, ...]:
-    """``["/k.pub", {key = "/acme.pub", ids = ["acme.*", "acme"]}]`` (see _trusted_keys)."""
-    return parse_trusted_keys(value, parse_path=parse_denied_path)
-
-
 # Named fallbacks a host may opt in to when it cannot enforce something (DESIGN section 6).
 # "rlimit": no cgroup can be made (rootless without delegation): memory is limited by
 # RLIMIT_AS instead; CPU quota, pids limit and OOM accounting are then not enforced.
@@ -348,18 +232,6 @@ def _parse_fallbacks(value: object) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _parse_connections(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 4096:
-        raise ValueError(f"a number of connections between 1 and 4096, not {value!r}")
-    return value
-
-
-def _parse_health_failures(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1000:
-        raise ValueError(f"a whole number of failed checks between 1 and 1000, not {value!r}")
-    return value
-
-
 def parse_cpu(value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"a number of CPUs such as 0.5 or 2, not {value!r}")
@@ -375,23 +247,33 @@ def parse_fuel(value: object) -> int:
     return value
 
 
-def _parse_registry(value: object) -> str:
-    if not isinstance(value, str) or not (value.startswith(("/", "http://", "https://"))):
-        raise ValueError(f"an absolute directory or an http(s) URL, not {value!r}")
-    return value
-
-
-def _parse_instances(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64:
-        raise ValueError(f"a number of instances per wasm plugin between 1 and 64, not {value!r}")
-    return value
-
-
 def parse_pids(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1 << 22:
         raise ValueError(f"a whole number of processes between 1 and 4194304, not {value!r}")
     return value
 
+
+
+# sandboxer.toml's keys for the sandbox policy: [host] and [limits].
+HOST_KEYS: dict[str, Callable[[Any], Any]] = {
+    "allow_unsandboxed": _parse_bool,
+    "allow_full_network": _parse_bool,
+    "allowed_hosts": _parse_host_list,
+    "default_profile": _parse_profile_name,
+    "allowed_profiles": _parse_profile_list,
+    "path_roots": _parse_path_list,
+    "profile_dirs": _parse_path_list,
+    "setup_timeout": parse_duration,
+    "fallbacks": _parse_fallbacks,
+    "grant_owner": _parse_owner,
+}
+LIMIT_KEYS: dict[str, Callable[[Any], Any]] = {
+    "max_memory_limit": parse_size,
+    "max_cpu_limit": parse_cpu,
+    "max_timeout": parse_duration,
+    "max_pids": parse_pids,
+    "max_fuel": parse_fuel,
+}
 
 
 def _under(path: str, root: str) -> bool:
@@ -402,7 +284,7 @@ def _refuse(plugin_id: str | None, message: str) -> PluginLoadError:
     return PluginLoadError(f"plugin {plugin_id}: {message}", plugin_id=plugin_id)
 
 
-def _check_profile(name: str, host: HostConfig, plugin_id: str | None) -> None:
+def _check_profile(name: str, host: SandboxPolicy, plugin_id: str | None) -> None:
     """A manifest may pick the host's default profile, or one the host allows: those listed
     in ``allowed_profiles``, else those whose filter and limits are no wider than the
     default's (the shipped ``strict`` under ``default``, never ``default`` under ``strict``)."""
@@ -426,7 +308,7 @@ def _check_profile(name: str, host: HostConfig, plugin_id: str | None) -> None:
                                  "unless the host lists it in allowed_profiles under [host]")
 
 
-def _check_network(request: SandboxRequest, host: HostConfig, plugin_id: str | None) -> None:
+def _check_network(request: SandboxRequest, host: SandboxPolicy, plugin_id: str | None) -> None:
     """The host decides what a plugin may reach: full network only with allow_full_network,
     and each of the manifest's allowed_hosts only inside the host's own list. So a manifest
     cannot name loopback, a private range or 0.0.0.0/0 unless the operator listed it."""
@@ -459,7 +341,7 @@ def _root_of(path: str, roots: tuple[str, ...]) -> str | None:
 
 
 def effective_config(
-    request: SandboxRequest, host: HostConfig, *, plugin_id: str | None = None
+    request: SandboxRequest, host: SandboxPolicy, *, plugin_id: str | None = None
 ) -> SandboxConfig:
     """The sandbox to enforce: the profile's defaults and the request, inside the host policy.
 

@@ -26,7 +26,8 @@ import pytest_asyncio
 
 from sandboxer import PathGrant, PluginManager, load_plugin
 from sandboxer.sandbox import cgroups, launch
-from sandboxer.sandbox.policy import HostConfig, SandboxConfig, SandboxRequest, effective_config
+from sandboxer.config import HostConfig
+from sandboxer.sandbox.policy import SandboxConfig, SandboxRequest, effective_config
 from sandboxer.sandbox.seccomp import compile_filter
 
 from .conftest import Canaries, Fleet, start_fleet

@@ -42,7 +42,7 @@ from sandboxer import (
     PluginManager,
     PluginStateError,
 )
-from sandboxer.sandbox.policy import HostConfig
+from sandboxer.config import HostConfig
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
 

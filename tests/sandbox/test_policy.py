@@ -9,10 +9,11 @@ from typing import Any
 
 import pytest
 
+from sandboxer import config as host_config
+from sandboxer.config import HostConfig
 from sandboxer.errors import ConfigError, PluginLoadError
 from sandboxer.sandbox import policy
 from sandboxer.sandbox.policy import (
-    HostConfig,
     PathGrant,
     SandboxConfig,
     SandboxRequest,
@@ -284,7 +285,7 @@ def no_env_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     monkeypatch.delenv("SANDBOXER_CONFIG", raising=False)
     absent = tmp_path / "etc" / "sandboxer.toml"
     # load() reads the module global at call time, so patching the module attribute works.
-    monkeypatch.setattr(policy, "DEFAULT_CONFIG_PATH", str(absent))
+    monkeypatch.setattr(host_config, "DEFAULT_CONFIG_PATH", str(absent))
     return absent
 
 

@@ -26,7 +26,8 @@ from sandboxer import PluginManager
 from sandboxer.errors import PluginLoadError
 from sandboxer.sandbox import cgroups, launch
 from sandboxer.sandbox.egress import EgressProxy
-from sandboxer.sandbox.policy import HostConfig, PathGrant, SandboxRequest, effective_config
+from sandboxer.config import HostConfig
+from sandboxer.sandbox.policy import PathGrant, SandboxRequest, effective_config
 from sandboxer.sandbox.profiles import builtin_dir, load_profile, profile_names
 from sandboxer.sandbox.seccomp import compile_filter
 
