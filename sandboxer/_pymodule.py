@@ -17,13 +17,12 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable
 
-from .errors import PluginCallError, PluginLoadError
+from ._hooks import EXPORT_STATE, IMPORT_STATE, LIFECYCLE_HOOKS
+from .errors import INTERNAL_ERROR, INVALID_PARAMS, PluginCallError, PluginLoadError
 
 __all__ = ["LIFECYCLE_NAMES", "PythonModule", "INVALID_PARAMS", "INTERNAL_ERROR"]
 
-LIFECYCLE_NAMES = frozenset({"init", "health_check", "shutdown", "export_state", "import_state"})
-INVALID_PARAMS = -32602
-INTERNAL_ERROR = -32603
+LIFECYCLE_NAMES = frozenset(LIFECYCLE_HOOKS)
 
 
 def _module_name(plugin_id: str, generation: int) -> str:
@@ -130,8 +129,8 @@ class PythonModule:
 
     @property
     def has_state(self) -> bool:
-        return self.lifecycle("export_state") is not None and \
-            self.lifecycle("import_state") is not None
+        return self.lifecycle(EXPORT_STATE) is not None and \
+            self.lifecycle(IMPORT_STATE) is not None
 
     def check_args(self, method: str, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
         """PluginCallError(-32602) when ``args`` cannot bind to ``fn``'s signature.

@@ -568,9 +568,7 @@ async def _cmd_watch(args: argparse.Namespace) -> int:
             async for e in mgr.events():
                 if e.type == "state" and e.state.value not in ("ready", "failed", "stopped"):
                     continue
-                show({"event": e.type, "plugin": e.plugin_id, "state": e.state.value,
-                      "version": e.version, "generation": e.generation, "error": e.error},
-                     f"{e.type:<14} {e.plugin_id} {e.version} gen {e.generation} "
+                show(e.to_json(), f"{e.type:<14} {e.plugin_id} {e.version} gen {e.generation} "
                      f"{e.state.value}" + (f": {e.error}" if e.error else ""))
         reporter = asyncio.ensure_future(report())
         by_path: dict[Path, str] = {}

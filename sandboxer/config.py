@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping
 from ._trusted_keys import TrustedKey, parse_trusted_keys
 from ._units import parse_duration, parse_size
 from .errors import ConfigError
+from .rpc.framing import DEFAULT_MAX_FRAME
 from .sandbox.policy import HOST_KEYS, LIMIT_KEYS, SandboxPolicy, parse_denied_path
 
 __all__ = ["HostConfig", "RegistryTrust", "Supervision", "WasmPool", "EgressTuning",
@@ -48,7 +49,7 @@ class Supervision:
     handshake_timeout: float = 10.0
     health_interval: float = 30.0
     health_failures: int = 3
-    max_frame: int = 16 << 20
+    max_frame: int = DEFAULT_MAX_FRAME
 
 
 @dataclass(frozen=True)

@@ -179,10 +179,20 @@ class PluginCallError(SandboxerError):
         return out
 
 
+# JSON-RPC 2.0 error codes (section 5.1), and the one server error sandboxer sends (-32000:
+# the host refused the plugin's handshake).
+PARSE_ERROR = -32700
+INVALID_REQUEST = -32600
+METHOD_NOT_FOUND = -32601
+INVALID_PARAMS = -32602
+INTERNAL_ERROR = -32603
+SERVER_ERROR = -32000
+
+
 class MethodNotFound(PluginCallError):
     """The plugin has no method of that name (JSON-RPC -32601)."""
 
-    CODE = -32601
+    CODE = METHOD_NOT_FOUND
 
     def __init__(
         self, message: str, *, plugin_id: str | None = None, method: str | None = None,

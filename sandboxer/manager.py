@@ -77,7 +77,7 @@ class PluginEvent:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "type": self.type, "plugin": self.plugin_id, "state": self.state.value,
+            "event": self.type, "plugin": self.plugin_id, "state": self.state.value,
             "previous": self.previous.value if self.previous else None,
             "generation": self.generation, "version": self.version,
             "at": self.at.isoformat(), "error": self.error,

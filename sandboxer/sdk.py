@@ -26,12 +26,12 @@ import sys
 from types import ModuleType
 from typing import Any, Callable, Mapping, NoReturn
 
+from ._hooks import LIFECYCLE_HOOKS
 from .rpc.framing import DEFAULT_MAX_FRAME
 from .rpc.server import Handlers, Server, socket_from_env
 
 __all__ = ["serve", "log"]
 
-_LIFECYCLE = ("init", "health_check", "shutdown", "export_state", "import_state")
 _server: Server | None = None
 
 
@@ -42,10 +42,10 @@ def _collect(source: Mapping[str, Any] | ModuleType) -> Handlers:
                  if inspect.isfunction(v) and v.__module__ == module_name}
     else:
         items = {k: v for k, v in source.items() if callable(v)}
-    lifecycle = {k: items[k] for k in _LIFECYCLE if k in items}
+    lifecycle = {k: items[k] for k in LIFECYCLE_HOOKS if k in items}
     methods: dict[str, Callable[..., Any]] = {
         k: v for k, v in items.items()
-        if not k.startswith("_") and k not in _LIFECYCLE and k not in ("serve", "log")}
+        if not k.startswith("_") and k not in LIFECYCLE_HOOKS and k not in ("serve", "log")}
     return Handlers(methods=methods, lifecycle=lifecycle)
 
 

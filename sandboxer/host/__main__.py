@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from .._hooks import (EXPORT_STATE, HEALTH_CHECK, IMPORT_STATE, INIT, LIFECYCLE_HOOKS, SHUTDOWN,
+                      STATE_HOOKS)
 from .._pymodule import PythonModule
 from ..errors import PluginCallError, SandboxerError
 from ..rpc.framing import DEFAULT_MAX_FRAME
@@ -18,9 +20,7 @@ def _python_handlers(args: argparse.Namespace) -> Handlers:
     methods = tuple(args.methods.split(",")) if args.methods else None
     module = PythonModule(Path(args.entrypoint), plugin_id=args.id, generation=1,
                           root=Path(args.root), methods=methods)
-    lifecycle = {name: fn for name in ("init", "health_check", "shutdown", "export_state",
-                                       "import_state")
-                 if (fn := module.lifecycle(name)) is not None}
+    lifecycle = {name: fn for name in LIFECYCLE_HOOKS if (fn := module.lifecycle(name)) is not None}
     return Handlers(methods=module.methods, lifecycle=lifecycle,
                     check_args=module.check_args, error=module.error)
 
@@ -39,15 +39,14 @@ def _native_handlers(args: argparse.Namespace) -> Handlers:
         return {"ok": ok, "message": message}
 
     lifecycle: dict[str, Callable[..., Any]] = {
-        "init": lib.init, "health_check": health_check, "shutdown": lib.shutdown}
+        INIT: lib.init, HEALTH_CHECK: health_check, SHUTDOWN: lib.shutdown}
     if lib.has_state:
-        lifecycle["export_state"] = lambda: lib.call("export_state", [])
-        lifecycle["import_state"] = lambda state, version: lib.call("import_state",
-                                                                    [state, version])
-    reserved = {"export_state", "import_state"}
+        lifecycle[EXPORT_STATE] = lambda: lib.call(EXPORT_STATE, [])
+        lifecycle[IMPORT_STATE] = lambda state, version: lib.call(IMPORT_STATE,
+                                                                  [state, version])
     # Without a list (no sandboxer_methods export, no manifest): every name goes to
     # sandboxer_call, and the library answers the names it does not know with its error.
-    return Handlers(methods={n: method(n) for n in names if n not in reserved},
+    return Handlers(methods={n: method(n) for n in names if n not in STATE_HOOKS},
                     lifecycle=lifecycle, error=_native_error(args.id),
                     any_method=None if names else lambda name, *call_args: lib.call(
                         name, list(call_args)))

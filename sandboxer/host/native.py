@@ -46,24 +46,17 @@ import threading
 from typing import Any
 
 from .. import _json
-from ..errors import MethodNotFound, PluginCallError, PluginLoadError, PluginStateError
+from .._hooks import EXPORT_STATE, IMPORT_STATE, STATE_HOOKS
+from ..errors import (INTERNAL_ERROR, INVALID_PARAMS, MethodNotFound, PluginCallError,
+                      PluginLoadError, PluginStateError)
 from ..manifest import METHOD_RE
 
-__all__ = ["NativeLibrary", "MAX_OUT_BYTES", "STATE_METHODS"]
+__all__ = ["NativeLibrary", "MAX_OUT_BYTES", "STATE_HOOKS"]
 
 # The largest result or error a library may hand back. A length above it is a bug (or a
 # negative ssize_t written into a size_t) and is refused before anything is read.
 MAX_OUT_BYTES = 64 << 20
 
-# Reserved names in sandboxer_methods: hot-reload hooks, not methods a caller may invoke.
-EXPORT_STATE = "export_state"
-IMPORT_STATE = "import_state"
-STATE_METHODS = frozenset({EXPORT_STATE, IMPORT_STATE})
-
-# JSON-RPC 2.0 codes (the same table as sandboxer.rpc.framing; kept local so the plugin
-# host's native adapter does not import the wire layer).
-_INVALID_PARAMS = -32602
-_INTERNAL_ERROR = -32603
 
 _SIZE_MAX = 2 ** (8 * ctypes.sizeof(ctypes.c_size_t)) - 1
 
@@ -174,12 +167,12 @@ class NativeLibrary:
         """
         if self._listed is None:
             return None
-        return tuple(n for n in self._listed if n not in STATE_METHODS)
+        return tuple(n for n in self._listed if n not in STATE_HOOKS)
 
     @property
     def has_state(self) -> bool:
         """True when the library lists both state hooks, so hot reload migrates its state."""
-        return self._listed is not None and STATE_METHODS <= set(self._listed)
+        return self._listed is not None and STATE_HOOKS <= set(self._listed)
 
     def _check_open(self, what: str) -> None:
         if self._shut_down:
@@ -231,7 +224,7 @@ class NativeLibrary:
             payload = _json.dumps(args)
         except TypeError as exc:
             raise PluginCallError(f"{method}: arguments are not JSON values: {exc}",
-                                  code=_INVALID_PARAMS, method=method) from exc
+                                  code=INVALID_PARAMS, method=method) from exc
 
         out = ctypes.c_void_p()
         out_len = ctypes.c_size_t(0)
@@ -253,7 +246,7 @@ class NativeLibrary:
             except _json.JSONError as exc:
                 raise PluginCallError(
                     f"native library {self.path}: {method} returned invalid JSON as its "
-                    f"result ({exc})", code=_INTERNAL_ERROR, method=method) from exc
+                    f"result ({exc})", code=INTERNAL_ERROR, method=method) from exc
         raise self._error(method, status, data)
 
     def _read_out(self, method: str, ptr: int | None, length: int) -> bytes | None:
@@ -264,12 +257,12 @@ class NativeLibrary:
                     else f"{length} bytes, over the {MAX_OUT_BYTES >> 20} MiB limit")
             raise PluginCallError(
                 f"native library {self.path}: {method} returned {what} in out_len",
-                code=_INTERNAL_ERROR, method=method)
+                code=INTERNAL_ERROR, method=method)
         if not ptr:
             if length:
                 raise PluginCallError(
                     f"native library {self.path}: {method} returned a NULL out buffer with "
-                    f"out_len {length}", code=_INTERNAL_ERROR, method=method)
+                    f"out_len {length}", code=INTERNAL_ERROR, method=method)
             return None
         return ctypes.string_at(ptr, length)
 
@@ -278,20 +271,20 @@ class NativeLibrary:
         if data is None:
             return PluginCallError(
                 f"native library {self.path}: {method} failed with status {status} and no "
-                f"error object", code=_INTERNAL_ERROR, method=method, data={"status": status})
+                f"error object", code=INTERNAL_ERROR, method=method, data={"status": status})
         try:
             error = _json.loads(data)
         except _json.JSONError as exc:
             return PluginCallError(
                 f"native library {self.path}: {method} failed with status {status} and its "
-                f"error is not valid JSON ({exc})", code=_INTERNAL_ERROR, method=method,
+                f"error is not valid JSON ({exc})", code=INTERNAL_ERROR, method=method,
                 data={"status": status})
         if (not isinstance(error, dict) or type(error.get("code")) is not int
                 or not isinstance(error.get("message"), str)):
             return PluginCallError(
                 f"native library {self.path}: {method} failed with status {status} and an "
                 f"error that is not {{\"code\": int, \"message\": str}}: {data[:200]!r}",
-                code=_INTERNAL_ERROR, method=method, data={"status": status})
+                code=INTERNAL_ERROR, method=method, data={"status": status})
         code: int = error["code"]
         message: str = error["message"]
         if code == MethodNotFound.CODE:

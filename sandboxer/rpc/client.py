@@ -19,6 +19,8 @@ from typing import Any, Callable
 from .. import _json
 from ..errors import (
     CallTimeout,
+    INVALID_PARAMS,
+    SERVER_ERROR,
     HandshakeError,
     MethodNotFound,
     PluginCallError,
@@ -217,7 +219,7 @@ class RpcConnection(asyncio.BufferedProtocol):
         try:
             info = _check_handshake(message.params, self._cookie)
         except HandshakeError as exc:
-            self._write(encode_error(message.id, -32000, exc.message))
+            self._write(encode_error(message.id, SERVER_ERROR, exc.message))
             raise HandshakeError(f"plugin {self.plugin_id}: {exc.message}",
                                  plugin_id=self.plugin_id) from None
         self._write(encode_result(message.id, {"protocol": info.protocol}))
@@ -296,7 +298,7 @@ class RpcConnection(asyncio.BufferedProtocol):
         except TypeError as exc:
             del self._pending[rid]
             raise PluginCallError(f"plugin {self.plugin_id}: arguments of {method} are not "
-                                  f"JSON values: {exc}", code=-32602,
+                                  f"JSON values: {exc}", code=INVALID_PARAMS,
                                   plugin_id=self.plugin_id, method=method) from None
         self._write(frame)
         if timeout is not None:

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import _json
-from ..errors import ProtocolError
+from ..errors import (INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST, METHOD_NOT_FOUND,
+                      PARSE_ERROR, ProtocolError)
 
 __all__ = [
     "DEFAULT_MAX_FRAME",
@@ -24,14 +25,9 @@ __all__ = [
     "encode_request", "encode_notification", "encode_result", "encode_error",
 ]
 
+# The largest frame either side accepts unless the host config says otherwise
+# (HostConfig.max_frame); the JSON-RPC error codes are re-exported from sandboxer.errors.
 DEFAULT_MAX_FRAME = 16 << 20
-
-# JSON-RPC 2.0 section 5.1.
-PARSE_ERROR = -32700
-INVALID_REQUEST = -32600
-METHOD_NOT_FOUND = -32601
-INVALID_PARAMS = -32602
-INTERNAL_ERROR = -32603
 
 
 class LineBuffer:

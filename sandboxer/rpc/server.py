@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from .. import _json
+from .._hooks import RESERVED, STATE_HOOKS
 from ..errors import PluginCallError
 from .framing import (
     DEFAULT_MAX_FRAME,
@@ -52,13 +53,6 @@ if TYPE_CHECKING:
 __all__ = ["Handlers", "Server", "PROTOCOL_VERSION", "RESERVED"]
 
 PROTOCOL_VERSION = 1
-RESERVED = {
-    "sandboxer.init": "init",
-    "sandboxer.health": "health_check",
-    "sandboxer.shutdown": "shutdown",
-    "sandboxer.export_state": "export_state",
-    "sandboxer.import_state": "import_state",
-}
 _STOP = object()
 _RECV_SIZE = 1 << 16  # larger reads cost more in allocation than they save
 # A sync method that once took longer than this is run off the reading thread from then on,
@@ -86,7 +80,7 @@ class Handlers:
     def declared(self) -> list[str]:
         """Method names for the handshake: the methods, plus the state methods if present."""
         names = sorted(self.methods)
-        if "export_state" in self.lifecycle and "import_state" in self.lifecycle:
+        if STATE_HOOKS <= self.lifecycle.keys():
             names += ["sandboxer.export_state", "sandboxer.import_state"]
         return names
 

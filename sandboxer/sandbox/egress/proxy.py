@@ -28,6 +28,7 @@ import socket
 import tempfile
 from typing import Any, Callable, Iterable, Protocol
 
+from ...rpc.framing import DEFAULT_MAX_FRAME
 from .decisions import Checkpoint, EgressFailed, Rejected, log
 from .http import HEAD_LIMIT, read_http
 from .rules import (AllowList, EgressRefused, IPAddress, show_address, show_target,
@@ -81,7 +82,7 @@ class EgressProxy(Checkpoint):
     def __init__(self, *, hosts_file: str | None = None, max_connections: int = 32,
                  header_timeout: float = 10.0, connect_timeout: float = 10.0,
                  idle_timeout: float = 300.0, ca_file: str | None = None,
-                 max_response: int = 16 << 20) -> None:
+                 max_response: int = DEFAULT_MAX_FRAME) -> None:
         super().__init__(hosts_file=hosts_file, connect_timeout=connect_timeout)
         self.max_connections = max_connections
         self.header_timeout = header_timeout

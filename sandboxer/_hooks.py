@@ -1,0 +1,30 @@
+"""The lifecycle hooks a plugin of any kind may implement, by name (DESIGN sections 3 and 7).
+
+Every hook is optional. On the wire each is a reserved method (``RESERVED``); in a python
+module it is a function of that name, in a native library a ``sandboxer_*`` export or (the
+state hooks) a name in ``sandboxer_methods``, in a wasm module an export.
+"""
+
+from __future__ import annotations
+
+__all__ = ["INIT", "HEALTH_CHECK", "SHUTDOWN", "EXPORT_STATE", "IMPORT_STATE",
+           "LIFECYCLE_HOOKS", "STATE_HOOKS", "RESERVED"]
+
+INIT = "init"
+HEALTH_CHECK = "health_check"
+SHUTDOWN = "shutdown"
+EXPORT_STATE = "export_state"
+IMPORT_STATE = "import_state"
+
+LIFECYCLE_HOOKS = (INIT, HEALTH_CHECK, SHUTDOWN, EXPORT_STATE, IMPORT_STATE)
+# The hot-reload state hooks: a plugin offers both or neither; never callable as methods.
+STATE_HOOKS = frozenset({EXPORT_STATE, IMPORT_STATE})
+
+# The wire's reserved method for each hook.
+RESERVED = {
+    "sandboxer.init": INIT,
+    "sandboxer.health": HEALTH_CHECK,
+    "sandboxer.shutdown": SHUTDOWN,
+    "sandboxer.export_state": EXPORT_STATE,
+    "sandboxer.import_state": IMPORT_STATE,
+}
