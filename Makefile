@@ -3,15 +3,29 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test demo bench clean vm-setup vm-test
+.PHONY: setup lint test demo bench clean vm-setup vm-test
 
 setup: $(STAMP)
 
 $(STAMP): scripts/bootstrap.sh requirements.lock pyproject.toml
 	scripts/bootstrap.sh
 
-test: setup vm-setup
+test: setup lint vm-setup
 	$(PY) -m pytest
+
+# ruff (lint, then format) and mypy over the package, configured in pyproject.toml; any
+# finding fails `make test` before a test runs.
+LINT_STAMP := $(VENV)/.lint-installed
+
+$(LINT_STAMP): requirements-lint.txt $(STAMP)
+	PIP_DISABLE_PIP_VERSION_CHECK=1 $(PY) -m pip install -q -r requirements-lint.txt 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) -m ruff --version >/dev/null && $(PY) -m mypy --version >/dev/null
+	touch $@
+
+lint: setup $(LINT_STAMP)
+	$(PY) -m ruff check sandboxer
+	$(PY) -m ruff format --check sandboxer
+	$(PY) -m mypy
 
 # The VM stage's packages (qemu, debootstrap, ...): installed when missing, as root.
 vm-setup:
