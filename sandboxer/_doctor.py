@@ -112,9 +112,9 @@ def _wasm() -> dict[str, Any]:
         from .loaders.wasm import WasmEngine
         engine = WasmEngine(workers=1)
         try:
-            module = wasmtime.Module(engine.engine, wasmtime.wat2wasm(
+            module = wasmtime.Module(engine.engine, bytes(wasmtime.wat2wasm(
                 '(module (func (export "add") (param i32 i32) (result i32) '
-                'local.get 0 local.get 1 i32.add))'))
+                'local.get 0 local.get 1 i32.add))')))
             store = wasmtime.Store(engine.engine)
             store.set_fuel(1000)
             store.set_epoch_deadline(1)

@@ -105,6 +105,30 @@ def _next(v: Version, place: int) -> Version:
     return Version(numbers[0], numbers[1], numbers[2], (0,))
 
 
+def _exactly(low: Version) -> Callable[[Version], bool]:
+    return lambda v: v == low
+
+
+def _from_to(low: Version, high: Version) -> Callable[[Version], bool]:
+    return lambda v: low <= v < high
+
+
+def _at_least(low: Version) -> Callable[[Version], bool]:
+    return lambda v: v >= low
+
+
+def _above(low: Version) -> Callable[[Version], bool]:
+    return lambda v: v > low
+
+
+def _below(high: Version) -> Callable[[Version], bool]:
+    return lambda v: v < high
+
+
+def _at_most(high: Version) -> Callable[[Version], bool]:
+    return lambda v: v <= high
+
+
 def parse_range(text: str) -> VersionRange:
     """``latest``, ``1.2.3``, ``^1.2``, ``~1.2.3``, ``>=1,<2`` (comma: and); ValueError names
     the part that is not understood."""
@@ -123,34 +147,23 @@ def parse_range(text: str) -> VersionRange:
         if low.pre:
             pre_ok.append((low.major, low.minor, low.patch))
         if op in ("", "="):
-            if given == 3:
-                checks.append(lambda v, low=low: v == low)
-            else:  # "1.2" means 1.2.x
-                high = _next(low, given - 1)
-                checks.append(lambda v, low=low, high=high: low <= v < high)
+            # "1.2" means 1.2.x
+            checks.append(_exactly(low) if given == 3 else _from_to(low, _next(low, given - 1)))
         elif op == "^":
             place = 0 if low.major else (1 if low.minor or given < 3 else 2)
             if given == 1:
                 place = 0
-            high = _next(low, place)
-            checks.append(lambda v, low=low, high=high: low <= v < high)
+            checks.append(_from_to(low, _next(low, place)))
         elif op == "~":
-            high = _next(low, 1 if given >= 2 else 0)
-            checks.append(lambda v, low=low, high=high: low <= v < high)
+            checks.append(_from_to(low, _next(low, 1 if given >= 2 else 0)))
         elif op == ">=":
-            checks.append(lambda v, low=low: v >= low)
+            checks.append(_at_least(low))
         elif op == ">":
-            high = low if given == 3 else _next(low, given - 1)
-            checks.append((lambda v, low=low: v > low) if given == 3
-                          else (lambda v, high=high: v >= high))
+            checks.append(_above(low) if given == 3 else _at_least(_next(low, given - 1)))
         elif op == "<":
-            checks.append(lambda v, low=low: v < low)
+            checks.append(_below(low))
         elif op == "<=":
-            if given == 3:
-                checks.append(lambda v, low=low: v <= low)
-            else:
-                high = _next(low, given - 1)
-                checks.append(lambda v, high=high: v < high)
+            checks.append(_at_most(low) if given == 3 else _below(_next(low, given - 1)))
     return VersionRange(spec, tuple(checks), tuple(pre_ok))
 
 

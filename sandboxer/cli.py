@@ -236,8 +236,12 @@ def _sandbox_from(request: SandboxRequest, plugin_id: str | None, host: HostConf
     limits = {name: getattr(args, name) for name in ("memory_limit", "cpu_limit", "timeout")
               if getattr(args, name) is not None}
     # A limit the operator sets replaces the manifest's, which is then not checked.
-    config = effective_config(dataclasses.replace(request, **dict.fromkeys(limits)), host,
-                              plugin_id=plugin_id)
+    unchecked = dataclasses.replace(
+        request,
+        memory_limit=None if "memory_limit" in limits else request.memory_limit,
+        cpu_limit=None if "cpu_limit" in limits else request.cpu_limit,
+        timeout=None if "timeout" in limits else request.timeout)
+    config = effective_config(unchecked, host, plugin_id=plugin_id)
     changes: dict[str, Any] = dict(limits)
     if args.allow_path:
         changes["allowed_paths"] = config.allowed_paths + tuple(args.allow_path)

@@ -53,7 +53,7 @@ def _type_checking_only(tree: ast.Module) -> set[int]:
         if isinstance(node, ast.If):
             test = node.test
             name = test.id if isinstance(test, ast.Name) else getattr(test, "attr", None)
-            if name == "TYPE_CHECKING":
+            if name in ("TYPE_CHECKING", "_TYPE_CHECKING"):
                 for inner in node.body:
                     skip.update(id(n) for n in ast.walk(inner))
     return skip

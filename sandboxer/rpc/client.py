@@ -139,6 +139,10 @@ class RpcConnection(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         self.data_received(bytes(self._read_buffer[:nbytes]))
 
+    @property
+    def broken(self) -> bool:
+        return self.error is not None
+
     def data_received(self, data: bytes) -> None:
         if self.error is not None:
             return
@@ -149,12 +153,12 @@ class RpcConnection(asyncio.BufferedProtocol):
                 raise self._framing_error(exc.message) from None
             for line in lines:
                 self._receive(line)
-                if self.error is not None:
+                if self.broken:  # that line broke the connection: drop the rest
                     return
         except SandboxerError as exc:
             self.fail(exc)
 
-    def _framing_error(self, what: str) -> ProtocolError:
+    def _framing_error(self, what: str) -> ProtocolError | HandshakeError:
         """Before the handshake any broken frame is a failed handshake (a load error)."""
         kind = ProtocolError if self.handshake.done() else HandshakeError
         prefix = "" if self.handshake.done() else "broken handshake: "

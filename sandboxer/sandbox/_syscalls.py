@@ -220,7 +220,7 @@ def capget() -> tuple[int, int, int]:
     data = (_CapData * 2)()
     _check(_libc.capget(ctypes.byref(header), data), "capget")
     return tuple(data[0].__getattribute__(f) | (data[1].__getattribute__(f) << 32)
-                 for f in ("effective", "permitted", "inheritable"))  # type: ignore[return-value]
+                 for f in ("effective", "permitted", "inheritable"))
 
 
 def sethostname(name: str) -> None:

@@ -218,7 +218,12 @@ async def _readable(sock: socket.socket) -> None:
     """Until ``sock`` (a listener) has a connection waiting."""
     loop = asyncio.get_running_loop()
     ready: asyncio.Future[None] = loop.create_future()
-    loop.add_reader(sock, lambda: ready.done() or ready.set_result(None))
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(sock, wake)
     try:
         await ready
     finally:

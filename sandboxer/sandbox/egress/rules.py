@@ -112,6 +112,15 @@ def parse_host_pattern(text: object) -> str:
 
 
 
+def _contains(outer: str | IPNetwork, inner: IPNetwork) -> bool:
+    """Whether ``outer`` is a network of the same family as ``inner`` that holds it."""
+    if isinstance(outer, ipaddress.IPv4Network) and isinstance(inner, ipaddress.IPv4Network):
+        return inner.subnet_of(outer)
+    if isinstance(outer, ipaddress.IPv6Network) and isinstance(inner, ipaddress.IPv6Network):
+        return inner.subnet_of(outer)
+    return False
+
+
 @dataclass(frozen=True, slots=True)
 class _Rule:
     kind: str  # "name", "wildcard", "network"
@@ -182,9 +191,8 @@ class AllowList:
         for rule in self._rules:
             if rule.port is not None and rule.port != wanted.port:
                 continue
-            if wanted.kind == "network":
-                if rule.kind == "network" and rule.value.version == wanted.value.version \
-                        and wanted.value.subnet_of(rule.value):  # type: ignore[union-attr,arg-type]
+            if not isinstance(wanted.value, str):  # a network: only a wider network covers it
+                if _contains(rule.value, wanted.value):
                     return True
             elif rule.kind == "wildcard" and str(wanted.value).endswith(str(rule.value)) \
                     and (wanted.kind == "wildcard" or len(str(wanted.value)) > len(str(rule.value))):
