@@ -38,7 +38,7 @@ from .errors import (
 )
 from .loaders import Loader, PluginHandle
 from .loaders.process import ProcessLoader
-from .loaders.python import InProcessPythonLoader
+from .loaders.in_process import InProcessPythonLoader
 from .loaders.wasm import WasmEngine, WasmLoader
 from .manifest import LoaderType, Plugin, load_plugin, verify_integrity
 from .reload import ReloadHost, reload_generation

@@ -1,4 +1,4 @@
-"""Python plugins in the supervisor's own process: the trusted mode.
+"""The python kind's trusted path: plugins in the supervisor's own process.
 
 Only used when the effective sandbox is disabled and the host policy allows it; untrusted
 Python runs in the sandboxed plugin host instead. Trusted is not careless, though:
