@@ -164,7 +164,7 @@ def _start_host_directly(workdir: Path) -> tuple[socket.socket, subprocess.Popen
     spawned here with a blocking socket for us: the handshake is answered by hand."""
     import orjson
 
-    from sandboxer.loaders.process import plugin_command, plugin_environment
+    from sandboxer.loaders.out_of_process import plugin_command, plugin_environment
     from sandboxer.manifest import load_plugin
 
     path = workdir / "benchplugin.py"
@@ -316,7 +316,7 @@ def echo(x):
 
 async def _start_plugin(workdir: Path, *, host_argv_prefix: list[str] | None = None,
                         sandbox: Any = None) -> Any:
-    from sandboxer.loaders.process import ProcessLoader, plugin_command
+    from sandboxer.loaders.out_of_process import ProcessLoader, plugin_command
     from sandboxer.manifest import LoaderType, load_plugin
     from sandboxer.sandbox.policy import SandboxConfig
 

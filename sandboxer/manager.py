@@ -37,7 +37,7 @@ from .errors import (
     SandboxerError,
 )
 from .loaders import Loader, PluginHandle
-from .loaders.process import ProcessLoader
+from .loaders.out_of_process import COMMANDS, ProcessLoader
 from .loaders.python import InProcessPythonLoader
 from .loaders.wasm import WasmEngine, WasmLoader
 from .manifest import LoaderType, Plugin, load_plugin, verify_integrity
@@ -309,7 +309,7 @@ class PluginManager:
                                 profile_dirs=self.config.profile_dirs,
                                 fallbacks=self.config.fallbacks, egress=self._egress,
                                 grant_owner=self.config.grant_owner)
-            for kind in (LoaderType.PYTHON, LoaderType.NATIVE, LoaderType.EXTERNAL)}
+            for kind in COMMANDS}
         self._wasm_engine: WasmEngine | None = None  # made on the first wasm plugin
         self._wasm_loader: WasmLoader | None = None
         # Tasks the manager owns (health checks, cleanup after a crash); awaited at close.

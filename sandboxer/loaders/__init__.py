@@ -1,5 +1,20 @@
 """Loaders: one module per plugin kind, each turning a ``Plugin`` into a running handle.
 
+The kinds (DESIGN sections 2 and 4), one module each:
+
+- ``python``: the plugin host's command for a sandboxed python plugin, and the trusted path,
+  ``in_process`` (the supervisor imports the plugin; only when the sandbox is disabled and the
+  host policy allows it);
+- ``native``: the plugin host's command for a C-ABI shared library (always out of process);
+- ``external``: an executable speaking the wire protocol, its own command;
+- ``wasm``: in-process under wasmtime's limits (``_wasmtime``: its fast call path).
+
+``out_of_process`` is the machinery the python, native and external kinds share: it spawns
+the kind's command (``plugin_host`` builds the plugin host's), sandboxed by ``sandbox/``,
+waits for the handshake and turns the process into a ``ProcessHandle``. It takes the command
+from the kind modules; they import nothing of it. This module imports none of its
+submodules, so each of them may import the seams below from it.
+
 The seams are two Protocols. A ``Loader`` starts a plugin and returns a ``PluginHandle``; the
 handle is the only thing the manager talks to afterwards, whatever the kind. Loaders never
 import the manager (the layer above them).

@@ -35,8 +35,9 @@ NOT_IMPLEMENTED = '"error":{"code":-32601,"message":"method not found"}'
 NULL = '"result":null'
 HEALTHY = '"result":true'
 
-# The host's grace period after shutdown (sandboxer/loaders/process.py): a plugin that exits
-# at the end of its input must be gone long before it; one that does not is killed after it.
+# The host's grace period after shutdown (sandboxer/loaders/out_of_process.py): a plugin that
+# exits at the end of its input must be gone long before it; one that does not is killed
+# after it.
 GRACE = 2.0
 
 SH_PLUGIN = r"""#!/bin/sh

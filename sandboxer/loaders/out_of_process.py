@@ -1,8 +1,9 @@
-"""Out-of-process plugins: external executables, and python/native plugins in the plugin host.
+"""Out-of-process plugins: the machinery shared by the python, native and external kinds.
 
 One handle type serves all three: a process speaking the wire protocol (DESIGN section 7) on
-fd 3. The loader builds the command (the executable itself, or ``python -m sandboxer.host``
-for python and native plugins), spawns it, waits for the handshake, and hands back a
+fd 3. The loader takes the plugin's command from its kind's module (``python``, ``native``,
+``external``: the plugin host ``python -m sandboxer.host`` for python and native plugins, the
+executable itself for external ones), spawns it, waits for the handshake, and hands back a
 ``ProcessHandle``. From then on the handle turns every way the process can fail into one
 named error that every pending call receives: a crash or exit is PluginCrashed (status or
 signal, stderr tail), a broken frame is ProtocolError; either way the process is killed and
@@ -26,7 +27,8 @@ import secrets
 import signal
 import socket
 import sys
-from typing import Any, Awaitable, Callable
+from types import MappingProxyType
+from typing import Any, Awaitable, Callable, Mapping, Protocol
 
 from ..errors import (
     HandshakeError,
@@ -59,8 +61,10 @@ from ..sandbox.policy import SETUP_TIMEOUT, SandboxConfig
 from ..sandbox.runtime import Runtime, runtime
 from ..sandbox.seccomp import compile_filter
 from . import NO_STATE, Health, NoState, ResourceUsage, not_implemented
+from . import external, native, python
 
-__all__ = ["ProcessLoader", "ProcessHandle", "plugin_command", "SHUTDOWN_GRACE"]
+__all__ = ["ProcessLoader", "ProcessHandle", "plugin_command", "plugin_environment",
+           "CommandBuilder", "COMMANDS", "SHUTDOWN_GRACE"]
 
 log = logging.getLogger("sandboxer")
 
@@ -73,25 +77,34 @@ SHUTDOWN_GRACE = 2.0
 _RESERVED_PREFIX = "sandboxer."
 
 
+class CommandBuilder(Protocol):
+    """A kind's command: the argv that runs ``plugin``, given its paths as the process sees
+    them and the runtime it runs on (None: this process's own interpreter, unsandboxed)."""
+
+    def __call__(self, plugin: Plugin, *, entrypoint: str, root: str,
+                 runtime: Runtime | None) -> list[str]: ...
+
+
+COMMANDS: Mapping[LoaderType, CommandBuilder] = MappingProxyType({
+    LoaderType.PYTHON: python.command,
+    LoaderType.NATIVE: native.command,
+    LoaderType.EXTERNAL: external.command,
+})
+"""The kinds that run as processes, each with its module's command."""
+
+
 def plugin_command(plugin: Plugin, *, entrypoint: str | None = None,
                    root: str | None = None, runtime: Runtime | None = None) -> list[str]:
-    """The argv that runs ``plugin``: its executable, or the plugin host for python/native.
-    ``entrypoint`` and ``root`` are the paths as the process sees them (inside the sandbox),
-    ``runtime`` what it runs on there (none: this process's own interpreter, unsandboxed)."""
-    entrypoint = entrypoint or str(plugin.entrypoint)
-    root = root or str(plugin.root)
-    if plugin.type is LoaderType.EXTERNAL:
-        return [entrypoint]
-    if plugin.type in (LoaderType.PYTHON, LoaderType.NATIVE):
-        args = ["--kind", plugin.type.value, "--entrypoint", entrypoint, "--root", root,
-                "--id", plugin.id, "--version", plugin.version]
-        argv = (runtime.host_argv(*args) if runtime is not None else
-                [sys.executable, "-I", "-m", "sandboxer.host", *args])
-        if plugin.methods is not None:
-            argv += ["--methods", ",".join(plugin.methods)]
-        return argv
-    raise PluginLoadError(f"plugin {plugin.id}: {plugin.type.value} plugins do not run as "
-                          "processes", plugin_id=plugin.id)
+    """The argv that runs ``plugin``, by its kind: its executable, or the plugin host for
+    python/native. ``entrypoint`` and ``root`` are the paths as the process sees them (inside
+    the sandbox), ``runtime`` what it runs on there (none: this process's own interpreter,
+    unsandboxed)."""
+    build = COMMANDS.get(plugin.type)
+    if build is None:
+        raise PluginLoadError(f"plugin {plugin.id}: {plugin.type.value} plugins do not run "
+                              "as processes", plugin_id=plugin.id)
+    return build(plugin, entrypoint=entrypoint or str(plugin.entrypoint),
+                 root=root or str(plugin.root), runtime=runtime)
 
 
 def plugin_environment(cookie: str, max_frame: int) -> dict[str, str]:

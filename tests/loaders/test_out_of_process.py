@@ -1,4 +1,5 @@
-"""Out-of-process plugins (sandboxer/loaders/process.py) over the real wire, against real processes.
+"""Out-of-process plugins (sandboxer/loaders/out_of_process.py) over the real wire, against
+real processes.
 
 The hostile plugins are small Python scripts written into tmp_path: each does the handshake
 correctly (or breaks exactly the part under test) and then misbehaves in one way. Every case
@@ -45,7 +46,7 @@ from sandboxer import (
     SandboxerError,
     load_plugin,
 )
-from sandboxer.loaders.process import ProcessHandle, ProcessLoader
+from sandboxer.loaders.out_of_process import ProcessHandle, ProcessLoader
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
 

@@ -1,0 +1,33 @@
+"""The command that starts the plugin host (``sandboxer.host``) for one plugin.
+
+The python and native kinds both run out of process in the plugin host, which imports the
+module or dlopens the library inside the sandbox; only ``--kind`` tells them apart. This
+module builds that argv and nothing else: it never starts a process and never loads the
+plugin.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING
+
+from ..manifest import LoaderType, Plugin
+
+if TYPE_CHECKING:  # a type only: out_of_process passes the runtime in
+    from ..sandbox.runtime import Runtime
+
+__all__ = ["host_command"]
+
+
+def host_command(kind: LoaderType, plugin: Plugin, *, entrypoint: str, root: str,
+                 runtime: Runtime | None) -> list[str]:
+    """``sandboxer.host`` serving ``plugin`` as ``kind``. ``entrypoint`` and ``root`` are
+    the paths as the process sees them; ``runtime`` is what it runs on inside the sandbox
+    (None: this process's own interpreter, unsandboxed)."""
+    args = ["--kind", kind.value, "--entrypoint", entrypoint, "--root", root,
+            "--id", plugin.id, "--version", plugin.version]
+    argv = (runtime.host_argv(*args) if runtime is not None else
+            [sys.executable, "-I", "-m", "sandboxer.host", *args])
+    if plugin.methods is not None:
+        argv += ["--methods", ",".join(plugin.methods)]
+    return argv
