@@ -42,6 +42,7 @@ from ..errors import (
 )
 from ..manifest import LoaderType, Plugin
 from ..rpc.client import HandshakeInfo, RpcConnection
+from ..rpc.framing import DEFAULT_MAX_FRAME
 from .._units import format_size
 from ..sandbox import cgroups
 from ..sandbox import process as _process
@@ -300,7 +301,7 @@ class ProcessLoader:
 
     def __init__(self, kind: LoaderType, *, handshake_timeout: float = 10.0,
                  setup_timeout: float = SETUP_TIMEOUT,
-                 max_frame: int = 16 << 20, profile_dirs: tuple[str, ...] = (),
+                 max_frame: int = DEFAULT_MAX_FRAME, profile_dirs: tuple[str, ...] = (),
                  fallbacks: tuple[str, ...] = (), egress: EgressProxy | None = None,
                  grant_owner: tuple[int, int] | None = None) -> None:
         self.kind = kind
