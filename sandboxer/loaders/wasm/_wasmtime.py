@@ -10,7 +10,7 @@ through wasmtime-py's public API.
 Calls use wasmtime's async API: a call is a *future* whose wasm runs on its own fiber stack
 and can be suspended (every so much fuel) and resumed later, even on another thread. That is
 what lets the loader start every call on the event loop (a quick call finishes in the first
-slice, with no thread hand-off) and move a long call to a worker thread (see wasm.py).
+slice, with no thread hand-off) and move a long call to a worker thread (see the package's __init__).
 """
 
 from __future__ import annotations

@@ -60,8 +60,8 @@ import orjson
 import wasmtime
 from wasmtime import _ffi as ffi
 
-from .. import _json
-from ..errors import (
+from ... import _json
+from ...errors import (
     CallTimeout,
     CpuLimitExceeded,
     MemoryLimitExceeded,
@@ -72,14 +72,14 @@ from ..errors import (
     SandboxerError,
     SandboxUnavailable,
 )
-from ..manifest import LoaderType, Plugin
-from ..sandbox.egress import AllowList, EgressProxy, network_mode
-from ..sandbox.idmap import FALLBACK as IDMAP_FALLBACK
-from ..sandbox.idmap import owned_tree
-from ..sandbox.paths import OpenedPath, open_grant
-from ..sandbox.policy import SandboxConfig
-from ..sandbox.process import LineLog
-from . import NO_STATE, Health, NoState, ResourceUsage, not_implemented
+from ...manifest import LoaderType, Plugin
+from ...sandbox.egress import AllowList, EgressProxy, network_mode
+from ...sandbox.idmap import FALLBACK as IDMAP_FALLBACK
+from ...sandbox.idmap import owned_tree
+from ...sandbox.paths import OpenedPath, open_grant
+from ...sandbox.policy import SandboxConfig
+from ...sandbox.process import LineLog
+from .. import NO_STATE, Health, NoState, ResourceUsage, not_implemented
 from . import _wasmtime as _wt
 
 __all__ = ["WasmEngine", "WasmLoader", "WasmHandle", "WASM_MAGIC"]
