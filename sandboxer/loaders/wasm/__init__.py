@@ -81,6 +81,18 @@ from ...sandbox.policy import SandboxConfig
 from ...sandbox.process import LineLog
 from .. import NO_STATE, Health, NoState, ResourceUsage, not_implemented
 from . import _wasmtime as _wt
+from ._abi import (
+    FIELDS,
+    I32,
+    I64,
+    KINDS,
+    LIFECYCLE,
+    RANGES,
+    WASI_MODULE,
+    Layout,
+    Method,
+    signature,
+)
 from ._engine import MAX_WASM_STACK, WasmEngine
 
 __all__ = ["WasmEngine", "WasmLoader", "WasmHandle", "WASM_MAGIC"]
@@ -93,36 +105,10 @@ TABLE_ELEMENTS = 100_000
 LOG_MESSAGE_MAX = 64 << 10
 INVALID_PARAMS = -32602
 INTERNAL_ERROR = -32603
-LIFECYCLE = ("init", "health_check", "shutdown", "export_state", "import_state")
-_SPECIAL = {"sandboxer_alloc", "sandboxer_free", "_start", "_initialize", *LIFECYCLE}
 
-_I32, _I64, _F32, _F64 = 0, 1, 2, 3  # wasmtime_valkind_t
-_KINDS = {"i32": _I32, "i64": _I64, "f32": _F32, "f64": _F64}
-_FIELDS = {_I32: "i32", _I64: "i64", _F32: "f32", _F64: "f64"}
-_RANGES = {_I32: (-(1 << 31), 1 << 32), _I64: (-(1 << 63), 1 << 64)}
-# What the ``sandboxer`` import module provides, with each function's signature.
-HOST_FUNCTIONS = {
-    "log": (("i32", "i32", "i32"), ()),
-    "config_get": (("i32", "i32", "i32", "i32"), ("i32",)),
-    "http_request": (("i32", "i32"), ("i32",)),
-    "http_response": (("i32", "i32"), ("i32",)),
-}
 # The request JSON http_request reads: the body (max_frame bytes, base64 inflating it by a
 # third) plus room for the URL and headers.
 HTTP_REQUEST_OVERHEAD = 64 << 10
-WASI_MODULE = "wasi_snapshot_preview1"
-
-
-def _signature(ty: wasmtime.FuncType) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    return tuple(str(t) for t in ty.params), tuple(str(t) for t in ty.results)
-
-
-def _show(sig: tuple[tuple[str, ...], tuple[str, ...]]) -> str:
-    params, results = sig
-    return f"({', '.join(params)}) -> ({', '.join(results)})"
-
-
-JSON_SIGNATURE = (("i32", "i32"), ("i64",))
 
 
 # -- one instance in its own store ------------------------------------------------------------
@@ -317,9 +303,9 @@ class _Instance(_Store):
         for name in exports:
             func = found[name]
             assert isinstance(func, wasmtime.Func)
-            params, results = _signature(func.type(self.store))
-            kinds = tuple(_KINDS[p] for p in params)
-            result_kinds = tuple(_KINDS[r] for r in results)
+            params, results = signature(func.type(self.store))
+            kinds = tuple(KINDS[p] for p in params)
+            result_kinds = tuple(KINDS[r] for r in results)
             args, res = _wt.val_array(list(kinds)), _wt.val_array(list(result_kinds))
             self.bound[name] = _Bound(func, _wt.address(func._func), args, _wt.address(args),
                                       ctypes.c_size_t(len(kinds)), res, _wt.address(res),
@@ -395,119 +381,11 @@ class _Instance(_Store):
         return trap, error
 
 
-# -- the handle --------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Method:
-    name: str
-    json: bool
-    params: tuple[int, ...] = ()
-    results: tuple[int, ...] = ()
-
-
-class _Layout:
-    """What a module offers, checked against what sandboxer provides; raises PluginLoadError."""
-
-    def __init__(self, plugin: Plugin, module: wasmtime.Module) -> None:
-        pid = plugin.id
-
-        def refuse(message: str) -> PluginLoadError:
-            return PluginLoadError(f"plugin {pid}: {message}", plugin_id=pid)
-
-        self.uses_wasi = False
-        # imports WASI's poll_oneoff, which can sleep, or http_request, which waits on the
-        # network: either would hold the event loop
-        self.blocks = False
-        for imp in module.imports:
-            where = f"{imp.module}.{imp.name}"
-            if imp.module == WASI_MODULE and isinstance(imp.type, wasmtime.FuncType):
-                self.uses_wasi = True
-                self.blocks = self.blocks or imp.name == "poll_oneoff"
-                continue
-            if imp.module == "sandboxer" and imp.name in HOST_FUNCTIONS:
-                self.blocks = self.blocks or imp.name == "http_request"
-                if not isinstance(imp.type, wasmtime.FuncType):
-                    raise refuse(f"imports {where} as something other than a function")
-                want = HOST_FUNCTIONS[imp.name]
-                if _signature(imp.type) != want:
-                    raise refuse(f"imports {where} with signature {_show(_signature(imp.type))}"
-                                 f"; sandboxer provides it as {_show(want)}")
-                continue
-            provided = ", ".join(f"sandboxer.{n}" for n in HOST_FUNCTIONS)
-            raise refuse(f"imports {where}, which sandboxer does not provide (a wasm plugin "
-                         f"may import {WASI_MODULE} functions and {provided})")
-
-        funcs: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
-        has_memory = False
-        for exp in module.exports:
-            if isinstance(exp.type, wasmtime.FuncType):
-                funcs[exp.name] = _signature(exp.type)
-            elif exp.name == "memory" and isinstance(exp.type, wasmtime.MemoryType):
-                has_memory = True
-
-        def expect(name: str, sig: tuple[tuple[str, ...], tuple[str, ...]]) -> bool:
-            if name not in funcs:
-                return False
-            if funcs[name] != sig:
-                raise refuse(f"export {name} has signature {_show(funcs[name])}; sandboxer "
-                             f"calls it as {_show(sig)}")
-            return True
-
-        self.command = expect("_start", ((), ()))
-        self.initialize = expect("_initialize", ((), ()))
-        self.alloc = expect("sandboxer_alloc", (("i32",), ("i32",)))
-        self.free = expect("sandboxer_free", (("i32", "i32"), ()))
-        json_abi = self.alloc and has_memory
-        if self.alloc and not has_memory:
-            raise refuse("exports sandboxer_alloc but no memory named \"memory\"; the JSON ABI "
-                         "needs both")
-        self.lifecycle: set[str] = set()
-        for name in LIFECYCLE:
-            if name in funcs:
-                if not json_abi:
-                    raise refuse(f"exports {name} but not the JSON ABI (memory and "
-                                 "sandboxer_alloc) that lifecycle calls use")
-                expect(name, JSON_SIGNATURE)
-                self.lifecycle.add(name)
-        if ("export_state" in self.lifecycle) != ("import_state" in self.lifecycle):
-            missing = "import_state" if "export_state" in self.lifecycle else "export_state"
-            raise refuse(f"exports only one of export_state/import_state (add {missing})")
-
-        self.methods: dict[str, _Method] = {}
-        if self.command:
-            for name in plugin.methods or ():
-                self.methods[name] = _Method(name, json=True)
-            return
-        usable: dict[str, _Method] = {}
-        unusable: dict[str, str] = {}
-        for name, sig in funcs.items():
-            if name in _SPECIAL:
-                continue
-            params, results = sig
-            if json_abi and sig == JSON_SIGNATURE:
-                usable[name] = _Method(name, json=True)
-            elif all(t in _KINDS for t in params + results):
-                usable[name] = _Method(name, json=False,
-                                       params=tuple(_KINDS[t] for t in params),
-                                       results=tuple(_KINDS[t] for t in results))
-            else:
-                unusable[name] = _show(sig)
-        if plugin.methods is not None:
-            for name in plugin.methods:
-                if name in unusable:
-                    raise refuse(f"method {name} has signature {unusable[name]}, which is "
-                                 "neither numeric nor the JSON ABI (i32, i32) -> (i64)")
-                if name not in usable:
-                    raise refuse(f"the manifest lists method {name}, which the module does "
-                                 "not export")
-            usable = {n: m for n, m in usable.items() if n in plugin.methods}
-        self.methods = usable
-
-
 class WasmHandle:
     """One generation of a wasm plugin: its instance pool (or, for a WASI command, a runner)."""
 
     def __init__(self, plugin: Plugin, sandbox: SandboxConfig, engine: WasmEngine,
-                 module: wasmtime.Module, digest: str, layout: _Layout, *, pool_size: int,
+                 module: wasmtime.Module, digest: str, layout: Layout, *, pool_size: int,
                  egress: EgressProxy, grants: tuple[OpenedPath, ...] = ()) -> None:
         self.plugin = plugin
         # The allowed paths, each opened once at load (WasmLoader.start): owned by this handle
@@ -832,7 +710,7 @@ class WasmHandle:
                                   f"JSON values: {exc}", code=INVALID_PARAMS,
                                   plugin_id=self.plugin.id, method=method) from None
 
-    def _put_numbers(self, bound: _Bound, m: _Method, method: str, args: tuple[Any, ...]
+    def _put_numbers(self, bound: _Bound, m: Method, method: str, args: tuple[Any, ...]
                      ) -> None:
         if len(args) != len(m.params):
             raise PluginCallError(
@@ -841,11 +719,11 @@ class WasmHandle:
                 plugin_id=self.plugin.id, method=method)
         for i, kind in enumerate(m.params):
             value = args[i]
-            if kind == _I32 or kind == _I64:
-                lo, hi = _RANGES[kind]
+            if kind == I32 or kind == I64:
+                lo, hi = RANGES[kind]
                 if type(value) is not int or not lo <= value < hi:
                     raise self._bad_number(method, i, value, kind)
-                if kind == _I32:
+                if kind == I32:
                     bound.arg[i].i32 = value - (1 << 32) if value >= 1 << 31 else value
                 else:
                     bound.arg[i].i64 = value - (1 << 64) if value >= 1 << 63 else value
@@ -853,22 +731,22 @@ class WasmHandle:
                 if type(value) not in (int, float):
                     raise self._bad_number(method, i, value, kind)
                 try:
-                    setattr(bound.arg[i], _FIELDS[kind], float(value))
+                    setattr(bound.arg[i], FIELDS[kind], float(value))
                 except OverflowError:
                     raise self._bad_number(method, i, value, kind) from None
 
     @staticmethod
-    def _get_numbers(bound: _Bound, m: _Method) -> Any:
+    def _get_numbers(bound: _Bound, m: Method) -> Any:
         kinds = m.results
         if len(kinds) == 1:
-            return getattr(bound.result[0], _FIELDS[kinds[0]])
+            return getattr(bound.result[0], FIELDS[kinds[0]])
         if not kinds:
             return None
-        return [getattr(bound.result[i], _FIELDS[k]) for i, k in enumerate(kinds)]
+        return [getattr(bound.result[i], FIELDS[k]) for i, k in enumerate(kinds)]
 
     def _bad_number(self, method: str, index: int, value: Any, kind: int) -> PluginCallError:
-        name = _FIELDS[kind]
-        expected = "an integer in range" if kind in _RANGES else "a number"
+        name = FIELDS[kind]
+        expected = "an integer in range" if kind in RANGES else "a number"
         return PluginCallError(
             f"plugin {self.plugin.id}: argument {index + 1} of {method} must be {expected} "
             f"for {name}, not {value!r}", code=INVALID_PARAMS, plugin_id=self.plugin.id,
@@ -1185,7 +1063,7 @@ class WasmHandle:
     def _host_http_request(self, caller: wasmtime.Caller, ptr: int, length: int) -> int:
         """Perform the request whose JSON lies at (ptr, length) through the egress proxy's
         rules; keep the response JSON for http_response and return its length. Blocking:
-        modules importing it never run on the event loop (``_Layout.blocks``)."""
+        modules importing it never run on the event loop (``Layout.blocks``)."""
         store = getattr(_current, "store", None)
         if store is None:  # every call of a blocking module runs under _running
             raise _wt.HostTrap("sandboxer.http_request: called outside a sandboxer call")
@@ -1439,8 +1317,8 @@ class WasmLoader:
                                                     plugin)
         pool = self._pool_size
         try:
-            layout = _Layout(plugin, module)
-            if pool > 1 and {"export_state", "import_state"} <= layout.lifecycle:
+            layout = Layout.of(plugin, module)
+            if pool > 1 and layout.has_state:
                 raise PluginLoadError(
                     f"plugin {plugin.id}: exports state, so it must run as one instance; the "
                     f"host's wasm_instances = {pool} would split its state",
