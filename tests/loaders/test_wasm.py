@@ -47,7 +47,7 @@ from sandboxer import (
     SandboxerError,
     SandboxUnavailable,
 )
-from sandboxer.loaders import wasm as wasm_loader
+from sandboxer.loaders.wasm import _instance as wasm_loader
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
 
@@ -1332,7 +1332,7 @@ START_FAILURES = {
 @pytest.mark.parametrize("module", START_FAILURES.values(), ids=START_FAILURES.keys())
 async def test_a_failed_instantiation_leaves_no_store_behind(make, module):
     """A store whose instantiation failed is unregistered from the epoch callback's table
-    (wasm._LIVE), as every store of a closed plugin is."""
+    (wasm._instance._LIVE), as every store of a closed plugin is."""
     live = set(wasm_loader._LIVE)
     async with PluginManager(HostConfig()) as mgr:
         with pytest.raises(PluginLoadError):

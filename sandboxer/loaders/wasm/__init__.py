@@ -94,14 +94,11 @@ from ._abi import (
     signature,
 )
 from ._engine import MAX_WASM_STACK, WasmEngine
+from ._instance import Bound, Instance, Store, current_store, running
 
 __all__ = ["WasmEngine", "WasmLoader", "WasmHandle", "WASM_MAGIC"]
 
 WASM_MAGIC = b"\0asm"
-# How much a call may run on the event loop before it moves off it, in fuel (about one wasm
-# instruction each): 5 million is roughly a millisecond here.
-SLICE_FUEL = 5_000_000
-TABLE_ELEMENTS = 100_000
 LOG_MESSAGE_MAX = 64 << 10
 INVALID_PARAMS = -32602
 INTERNAL_ERROR = -32603
@@ -109,43 +106,6 @@ INTERNAL_ERROR = -32603
 # The request JSON http_request reads: the body (max_frame bytes, base64 inflating it by a
 # third) plus room for the URL and headers.
 HTTP_REQUEST_OVERHEAD = 64 << 10
-
-
-# -- one instance in its own store ------------------------------------------------------------
-_LIVE: dict[int, "_Store"] = {}
-_keys = itertools.count(1)
-
-
-@_wt.epoch_callback_type
-def _on_epoch(_ctx: Any, data: int | None, delta: Any, kind: Any) -> int:
-    """A store reached its epoch deadline (every tick while its wasm runs)."""
-    try:
-        delta[0] = 1
-        kind[0] = _wt.CONTINUE
-        store = _LIVE.get(data or 0)
-        if store is None:
-            return 0
-        now = time.monotonic()
-        if now >= store.deadline:
-            store.timed_out = True
-            return _wt.new_error("sandboxer: the call's deadline passed")
-        return 0
-    except BaseException:  # a ctypes callback must not raise
-        return 0
-
-
-_current = threading.local()  # .store: the _Store whose wasm this thread is running
-
-
-@contextlib.contextmanager
-def _running(store: "_Store") -> Iterator[None]:
-    """Mark ``store`` as the one this thread runs (host functions find their deadline)."""
-    previous = getattr(_current, "store", None)
-    _current.store = store
-    try:
-        yield
-    finally:
-        _current.store = previous
 
 
 _CLOCK, _FD_READ, _FD_WRITE = 0, 1, 2
@@ -163,7 +123,7 @@ def _poll_oneoff(caller: wasmtime.Caller, in_ptr: int, out_ptr: int, count: int,
     stdin is a fixed buffer, so an fd subscription is answered at once: ready (stdin, at EOF
     or not) or ENOTSUP."""
     memory = caller.get("memory")
-    store = getattr(_current, "store", None)
+    store = current_store()
     if not isinstance(memory, wasmtime.Memory) or store is None:
         return _EINVAL
     count &= 0xFFFF_FFFF
@@ -214,173 +174,6 @@ def _poll_oneoff(caller: wasmtime.Caller, in_ptr: int, out_ptr: int, count: int,
     return 0
 
 
-class _Ptr(ctypes.c_void_p):
-    """Returned as is by ctypes (a plain c_void_p restype would become an int)."""
-
-
-_wt.call_async.restype = _Ptr
-
-
-@dataclasses.dataclass(slots=True)
-class _Bound:
-    """One export bound to one store, with its value arrays ready for the hot path."""
-
-    func: wasmtime.Func
-    fptr: ctypes.c_void_p
-    args: Any
-    argsp: ctypes.c_void_p
-    nargs: ctypes.c_size_t
-    results: Any
-    resultsp: ctypes.c_void_p
-    nresults: ctypes.c_size_t
-    kinds: tuple[int, ...]
-    result_kinds: tuple[int, ...]
-    arg: tuple[Any, ...] = ()      # each argument's value union, written in place
-    result: tuple[Any, ...] = ()   # each result's value union
-
-    def __post_init__(self) -> None:
-        self.arg = tuple(self.args[i].of for i in range(len(self.kinds)))
-        self.result = tuple(self.results[i].of for i in range(len(self.result_kinds)))
-
-
-class _Store:
-    """A Store with the plugin's limits, its epoch callback and the state of its call."""
-
-    def __init__(self, engine: WasmEngine, sandbox: SandboxConfig) -> None:
-        self.engine = engine
-        self.store = wasmtime.Store(engine.engine)
-        self.store.set_limits(memory_size=sandbox.memory_limit, table_elements=TABLE_ELEMENTS,
-                              instances=1, tables=4, memories=1)
-        self.store.set_fuel(sandbox.fuel or (1 << 63) - 1)
-        self.key = next(_keys)
-        self.deadline = 0.0
-        self.timed_out = False
-        self.http_reply = b""  # the last http_request's response JSON, for http_response
-        _LIVE[self.key] = self
-        _wt.set_epoch_callback(self.store, _on_epoch, self.key)
-        self.store.set_epoch_deadline(1)
-        self.ctx = _wt.context(self.store)
-
-    def arm(self, timeout: float) -> None:
-        self.timed_out = False
-        self.deadline = time.monotonic() + timeout
-
-    def release(self) -> None:
-        """Free the store now (not when Python collects it: a traceback a caller keeps may
-        hold this object for long, and the store pins the module and its memory image)."""
-        _LIVE.pop(self.key, None)
-        self.view = memoryview(b"")
-        self.store.close()
-
-
-class _Instance(_Store):
-    """A reactor-style instance: exports called as methods, many calls over its life."""
-
-    def __init__(self, engine: WasmEngine, sandbox: SandboxConfig) -> None:
-        super().__init__(engine, sandbox)
-        self.broken = False
-        self.busy = False
-        self._trap = ctypes.c_void_p()
-        self._error = ctypes.c_void_p()
-        self.trapp = _wt.address(self._trap)
-        self.errorp = _wt.address(self._error)
-        self.fuel = ctypes.c_uint64(sandbox.fuel) if sandbox.fuel else None
-        self.view = memoryview(b"")
-        self.buffer = 0     # the argument buffer (from sandboxer_alloc), reused across calls
-        self.capacity = 0
-
-    def instantiate(self, module: wasmtime.Module, linker: wasmtime.Linker,
-                    wasi: wasmtime.WasiConfig | None, exports: Iterable[str],
-                    timeout: float) -> None:
-        """Instantiate (running the module's start function) and bind ``exports``; blocking,
-        bounded by ``timeout`` when the epoch ticker runs."""
-        if wasi is not None:
-            self.store.set_wasi(wasi)
-        self.arm(timeout)
-        self.instance = linker.instantiate(self.store, module)
-        found = self.instance.exports(self.store)
-        self.bound: dict[str, _Bound] = {}
-        for name in exports:
-            func = found[name]
-            assert isinstance(func, wasmtime.Func)
-            params, results = signature(func.type(self.store))
-            kinds = tuple(KINDS[p] for p in params)
-            result_kinds = tuple(KINDS[r] for r in results)
-            args, res = _wt.val_array(list(kinds)), _wt.val_array(list(result_kinds))
-            self.bound[name] = _Bound(func, _wt.address(func._func), args, _wt.address(args),
-                                      ctypes.c_size_t(len(kinds)), res, _wt.address(res),
-                                      ctypes.c_size_t(len(result_kinds)), kinds, result_kinds)
-        memory = found.get("memory") if "memory" in {e.name for e in module.exports} else None
-        self.memory = memory if isinstance(memory, wasmtime.Memory) else None
-        self.base = 0
-        self.memp: ctypes.c_void_p | None = None
-        if self.memory is not None:
-            self.base = ctypes.addressof(self.memory.data_ptr(self.store).contents)
-            self.memp = _wt.address(self.memory._memory)
-        self.refresh()
-
-    def memory_size(self) -> int:
-        if self.memp is None:
-            return 0
-        return int(_wt.memory_data_size(self.ctx, self.memp))
-
-    def refresh(self) -> int:
-        """Re-read the memory's size after it may have grown; ``view`` covers all of it.
-
-        The memory never moves (``memory_may_move`` is off) and never shrinks, so a view
-        stays valid for the instance's life; it is dropped with the instance."""
-        size = self.memory_size()
-        if size != len(self.view):
-            self.view = memoryview((ctypes.c_ubyte * size).from_address(self.base)).cast("B") \
-                if size else memoryview(b"")
-        return size
-
-    # The hot path: start on the calling thread, finish on a worker if it yields.
-    def start(self, bound: _Bound, timeout: float) -> _Ptr | None:
-        """Start a call; None once it has finished, else the suspended future."""
-        self.timed_out = False
-        self.deadline = time.monotonic() + timeout
-        if self.fuel is not None:
-            _wt.set_fuel(self.ctx, self.fuel)
-        future = _wt.call_async(self.ctx, bound.fptr, bound.argsp, bound.nargs,
-                                bound.resultsp, bound.nresults, self.trapp, self.errorp)
-        if _wt.poll(future):
-            _wt.delete_future(future)
-            return None
-        return future
-
-    def slice_calls(self) -> None:
-        """From now on an async call yields every SLICE_FUEL of fuel, so one that runs long
-        can leave the event loop. The store then takes only async calls."""
-        _wt.fuel_async_yield_interval(self.ctx, ctypes.c_uint64(SLICE_FUEL))
-
-    def finish(self, future: _Ptr) -> None:
-        """Run a suspended call to its end (on a worker thread, under the epoch ticker)."""
-        try:
-            with self.engine.ticking(), _running(self):
-                while not _wt.poll(future):
-                    pass
-        finally:
-            _wt.delete_future(future)
-
-    def run(self, bound: _Bound, timeout: float) -> None:
-        """A whole call on this (worker) thread: for modules that may block in WASI."""
-        with self.engine.ticking(), _running(self):
-            future = self.start(bound, timeout)
-            if future is not None:
-                self.finish(future)
-
-    def take_failure(self) -> tuple[wasmtime.Trap | None, wasmtime.WasmtimeError | None]:
-        trap = error = None
-        if self._trap.value:
-            trap = _wt.trap_from(self._trap.value)
-            self._trap.value = None
-        if self._error.value:
-            error = _wt.error_from(self._error.value)
-            self._error.value = None
-        return trap, error
-
-
 class WasmHandle:
     """One generation of a wasm plugin: its instance pool (or, for a WASI command, a runner)."""
 
@@ -420,11 +213,11 @@ class WasmHandle:
         self._config_json: dict[str, bytes] = {}
         self._log = logging.getLogger(f"sandboxer.plugin.{plugin.id}")
         self._linker = self._make_linker()
-        self._instances: list[_Instance] = []
-        self._idle: list[_Instance] = []
-        self._waiters: collections.deque[asyncio.Future[_Instance]] = collections.deque()
+        self._instances: list[Instance] = []
+        self._idle: list[Instance] = []
+        self._waiters: collections.deque[asyncio.Future[Instance]] = collections.deque()
         self._offloop: set[asyncio.Future[Any]] = set()
-        self._commands: set[_Store] = set()  # stores of WASI command runs in progress
+        self._commands: set[Store] = set()  # stores of WASI command runs in progress
         self._failure_callbacks: list[Callable[[SandboxerError], None]] = []
         self._closed = False
         self._failed: SandboxerError | None = None
@@ -528,7 +321,7 @@ class WasmHandle:
             return len(data)
         return sink
 
-    def _new_instance(self) -> _Instance:
+    def _new_instance(self) -> Instance:
         """Instantiate one pool member (blocking: run off the loop)."""
         wasi = self._wasi(argv=[self.plugin.id], stdin=None, stdout=self._line_sink("stdout"),
                           stderr=self._line_sink("stderr"))
@@ -537,11 +330,11 @@ class WasmHandle:
             names.add("sandboxer_alloc")
         if self._layout.initialize:
             names.add("_initialize")
-        inst = _Instance(self._engine, self._sandbox)
+        inst = Instance(self._engine, self._sandbox)
         step = "could not be instantiated"
         detail = ""
         try:
-            with self._engine.ticking(), _running(inst):
+            with self._engine.ticking(), running(inst):
                 inst.instantiate(self._module, self._linker, wasi, sorted(names), self._timeout)
                 if self._layout.initialize:
                     step = "_initialize failed"
@@ -576,13 +369,13 @@ class WasmHandle:
             raise
 
     # -- the pool (event loop thread only) ------------------------------------------------------
-    async def _acquire(self) -> _Instance:
+    async def _acquire(self) -> Instance:
         if self._closed:
             raise self._closed_error()
         if self._idle:
             inst = self._idle.pop()
         else:
-            waiter: asyncio.Future[_Instance] = self._loop.create_future()
+            waiter: asyncio.Future[Instance] = self._loop.create_future()
             self._waiters.append(waiter)
             inst = await waiter
         inst.busy = True
@@ -590,7 +383,7 @@ class WasmHandle:
             inst = await self._replace(inst)
         return inst
 
-    def _release(self, inst: _Instance) -> None:
+    def _release(self, inst: Instance) -> None:
         inst.busy = False
         while self._waiters:
             waiter = self._waiters.popleft()
@@ -599,7 +392,7 @@ class WasmHandle:
                 return
         self._idle.append(inst)
 
-    async def _replace(self, old: _Instance) -> _Instance:
+    async def _replace(self, old: Instance) -> Instance:
         """A fresh instance for one that trapped, initialised again with the same config.
 
         On failure the broken instance goes back to the pool (a later call tries again) and,
@@ -684,16 +477,13 @@ class WasmHandle:
                 n = len(payload)
                 if n > inst.capacity:
                     await self._grow(inst, n, method, timeout)
-                start = inst.buffer
-                inst.view[start:start + n] = payload
-                bound.arg[0].i32 = start
-                bound.arg[1].i32 = n
+                inst.put_json(bound, payload)
             else:
                 self._put_numbers(bound, m, method, args)
             future = inst.start(bound, timeout) if self._inline else None
             if future is not None or not self._inline:
                 await self._complete(inst, bound, future, timeout)
-            if inst._trap.value or inst._error.value:
+            if inst.trap_out.value or inst.error_out.value:
                 raise self._call_failure(inst, method, timeout)
             if m.json:
                 return self._json_result(inst, bound, method)
@@ -710,7 +500,7 @@ class WasmHandle:
                                   f"JSON values: {exc}", code=INVALID_PARAMS,
                                   plugin_id=self.plugin.id, method=method) from None
 
-    def _put_numbers(self, bound: _Bound, m: Method, method: str, args: tuple[Any, ...]
+    def _put_numbers(self, bound: Bound, m: Method, method: str, args: tuple[Any, ...]
                      ) -> None:
         if len(args) != len(m.params):
             raise PluginCallError(
@@ -736,7 +526,7 @@ class WasmHandle:
                     raise self._bad_number(method, i, value, kind) from None
 
     @staticmethod
-    def _get_numbers(bound: _Bound, m: Method) -> Any:
+    def _get_numbers(bound: Bound, m: Method) -> Any:
         kinds = m.results
         if len(kinds) == 1:
             return getattr(bound.result[0], FIELDS[kinds[0]])
@@ -752,7 +542,7 @@ class WasmHandle:
             f"for {name}, not {value!r}", code=INVALID_PARAMS, plugin_id=self.plugin.id,
             method=method)
 
-    async def _off_loop(self, inst: _Instance, work_fn: Callable[..., None], *args: Any
+    async def _off_loop(self, inst: Instance, work_fn: Callable[..., None], *args: Any
                         ) -> None:
         """Run ``work_fn(*args)`` (finish a suspended call, or make a whole one) on a worker
         thread; the loop waits without blocking."""
@@ -764,18 +554,18 @@ class WasmHandle:
         except asyncio.CancelledError:
             # The caller gave up: stop the wasm at the next tick and keep the instance out of
             # the pool until its thread is done with it; it is discarded, not reused.
-            inst.deadline = 0.0
+            inst.stop()
             inst.broken = True
             work.add_done_callback(lambda _: self._after_abandon(inst))
             inst.busy = False
             raise
 
-    def _after_abandon(self, inst: _Instance) -> None:
+    def _after_abandon(self, inst: Instance) -> None:
         inst.take_failure()
         if not self._closed:
             self._release(inst)
 
-    def _call_failure(self, inst: _Instance, method: str, timeout: float) -> SandboxerError:
+    def _call_failure(self, inst: Instance, method: str, timeout: float) -> SandboxerError:
         """The error for a call that trapped; the instance is marked for replacement."""
         trap, error = inst.take_failure()
         inst.broken = True
@@ -812,7 +602,7 @@ class WasmHandle:
                                plugin_id=pid, method=method,
                                data={"trap": code.name.lower() if code else None})
 
-    async def _complete(self, inst: _Instance, bound: _Bound, future: _Ptr | None,
+    async def _complete(self, inst: Instance, bound: Bound, future: _wt.FuturePtr | None,
                         timeout: float) -> None:
         """Off the loop: finish a call that yielded, or (``future`` None) make the whole call
         there, for a module that may block in WASI."""
@@ -821,31 +611,29 @@ class WasmHandle:
         else:
             await self._off_loop(inst, inst.run, bound, timeout)
 
-    async def _run(self, inst: _Instance, name: str, timeout: float) -> _Bound:
+    async def _run(self, inst: Instance, name: str, timeout: float) -> Bound:
         """A call outside the hot path (allocation, lifecycle exports)."""
         bound = inst.bound[name]
         future = inst.start(bound, timeout) if self._inline else None
         if future is not None or not self._inline:
             await self._complete(inst, bound, future, timeout)
-        if inst._trap.value or inst._error.value:
+        if inst.trap_out.value or inst.error_out.value:
             raise self._call_failure(inst, name, timeout)
         return bound
 
-    async def _json_call(self, inst: _Instance, method: str, args: list[Any]) -> Any:
+    async def _json_call(self, inst: Instance, method: str, args: list[Any]) -> Any:
         """A JSON ABI call outside the hot path (lifecycle exports)."""
         payload = self._encode(method, args)
         n = len(payload)
         timeout = self._timeout
         if n > inst.capacity:
             await self._grow(inst, n, method, timeout)
-        inst.view[inst.buffer:inst.buffer + n] = payload
         bound = inst.bound[method]
-        bound.arg[0].i32 = inst.buffer
-        bound.arg[1].i32 = n
+        inst.put_json(bound, payload)
         await self._run(inst, method, timeout)
         return self._json_result(inst, bound, method)
 
-    def _json_result(self, inst: _Instance, bound: _Bound, method: str) -> Any:
+    def _json_result(self, inst: Instance, bound: Bound, method: str) -> Any:
         """Read ``{"result": …}`` or ``{"error": …}`` from the (ptr << 32 | len) a call gave."""
         packed = bound.result[0].i64 & 0xFFFF_FFFF_FFFF_FFFF
         ptr, length = packed >> 32, packed & 0xFFFF_FFFF
@@ -891,7 +679,7 @@ class WasmHandle:
             f"{{\"error\": {{\"code\": int, \"message\": str}}}}", code=INTERNAL_ERROR,
             plugin_id=pid, method=method)
 
-    async def _grow(self, inst: _Instance, n: int, method: str, timeout: float) -> None:
+    async def _grow(self, inst: Instance, n: int, method: str, timeout: float) -> None:
         """A bigger argument buffer from the plugin's sandboxer_alloc."""
         pid = self.plugin.id
         limit = self._sandbox.memory_limit
@@ -917,7 +705,7 @@ class WasmHandle:
             raise PluginCallError(f"plugin {pid}: sandboxer_alloc({size}) returned {ptr}, "
                                   f"not a buffer inside its memory ({memory} bytes)",
                                   code=INTERNAL_ERROR, plugin_id=pid, method=method)
-        inst.buffer, inst.capacity = ptr, size
+        inst.use_buffer(ptr, size)
 
     # -- WASI command modules: one fresh instance per call -------------------------------------
     async def _command(self, method: str, args: tuple[Any, ...], timeout: float) -> Any:
@@ -956,7 +744,7 @@ class WasmHandle:
             return len(data)
 
         wasi = self._wasi(argv=[pid, method], stdin=payload, stdout=stdout, stderr=stderr)
-        store = _Store(self._engine, self._sandbox)
+        store = Store(self._engine, self._sandbox)
         self._commands.add(store)
         status = 0
         try:
@@ -966,7 +754,7 @@ class WasmHandle:
             trapped: str | None = None
             out_of_fuel = False
             try:
-                with self._engine.ticking(), _running(store):
+                with self._engine.ticking(), running(store):
                     instance = self._linker.instantiate(store.store, self._module)
                     start = instance.exports(store.store)["_start"]
                     assert isinstance(start, wasmtime.Func)
@@ -1064,7 +852,7 @@ class WasmHandle:
         """Perform the request whose JSON lies at (ptr, length) through the egress proxy's
         rules; keep the response JSON for http_response and return its length. Blocking:
         modules importing it never run on the event loop (``Layout.blocks``)."""
-        store = getattr(_current, "store", None)
+        store = current_store()
         if store is None:  # every call of a blocking module runs under _running
             raise _wt.HostTrap("sandboxer.http_request: called outside a sandboxer call")
         memory = caller.get("memory")
@@ -1097,7 +885,7 @@ class WasmHandle:
     def _host_http_response(self, caller: wasmtime.Caller, ptr: int, cap: int) -> int:
         """Copy as much of the last http_request's response JSON as fits in (ptr, cap);
         return how many bytes were copied (0 before any request)."""
-        store = getattr(_current, "store", None)
+        store = current_store()
         data = store.http_reply if store is not None else b""
         ptr &= 0xFFFF_FFFF
         n = min(len(data), cap & 0xFFFF_FFFF)
@@ -1174,8 +962,8 @@ class WasmHandle:
             waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_exception(error)
-        for running in [*self._instances, *self._commands]:
-            running.deadline = 0.0  # a call still running traps at the next tick
+        for store in [*self._instances, *self._commands]:
+            store.stop()  # a call still running traps at the next tick
         if self._offloop:
             await asyncio.wait(list(self._offloop))
         for inst in self._instances:
