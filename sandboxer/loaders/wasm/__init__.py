@@ -42,23 +42,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
-import ctypes
-import dataclasses
-import gc
-import itertools
 import os
 import logging
-import threading
-import time
-import weakref
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable
 
 import orjson
 import wasmtime
-from wasmtime import _ffi as ffi
 
 from ... import _json
 from ...errors import (
@@ -73,7 +63,7 @@ from ...errors import (
     SandboxUnavailable,
 )
 from ...manifest import LoaderType, Plugin
-from ...sandbox.egress import AllowList, EgressProxy, network_mode
+from ...sandbox.egress import EgressProxy
 from ...sandbox.idmap import FALLBACK as IDMAP_FALLBACK
 from ...sandbox.idmap import owned_tree
 from ...sandbox.paths import OpenedPath, open_grant
@@ -85,93 +75,21 @@ from ._abi import (
     FIELDS,
     I32,
     I64,
-    KINDS,
     LIFECYCLE,
     RANGES,
-    WASI_MODULE,
     Layout,
     Method,
-    signature,
 )
 from ._engine import MAX_WASM_STACK, WasmEngine
-from ._instance import Bound, Instance, Store, current_store, running
+from ._host import HostFunctions, define_host_functions
+from ._instance import Bound, Instance, Store, running
+from ._wasi import WasiContexts, define_wasi
 
 __all__ = ["WasmEngine", "WasmLoader", "WasmHandle", "WASM_MAGIC"]
 
 WASM_MAGIC = b"\0asm"
-LOG_MESSAGE_MAX = 64 << 10
 INVALID_PARAMS = -32602
 INTERNAL_ERROR = -32603
-
-# The request JSON http_request reads: the body (max_frame bytes, base64 inflating it by a
-# third) plus room for the URL and headers.
-HTTP_REQUEST_OVERHEAD = 64 << 10
-
-
-_CLOCK, _FD_READ, _FD_WRITE = 0, 1, 2
-_ABSTIME = 1
-_ENOTSUP, _EINVAL = 58, 28
-_SLEEP_STEP = 0.05
-
-
-def _poll_oneoff(caller: wasmtime.Caller, in_ptr: int, out_ptr: int, count: int,
-                 nevents_ptr: int) -> int:
-    """WASI ``poll_oneoff`` that honours the call's deadline: the one WASI call that blocks.
-
-    Clock subscriptions sleep, in steps, until the earliest expires or the call's deadline
-    passes (then the call traps and is reported as its timeout). A plugin has no sockets and
-    stdin is a fixed buffer, so an fd subscription is answered at once: ready (stdin, at EOF
-    or not) or ENOTSUP."""
-    memory = caller.get("memory")
-    store = current_store()
-    if not isinstance(memory, wasmtime.Memory) or store is None:
-        return _EINVAL
-    count &= 0xFFFF_FFFF
-    in_ptr &= 0xFFFF_FFFF
-    out_ptr &= 0xFFFF_FFFF
-    nevents_ptr &= 0xFFFF_FFFF
-    size = memory.data_len(caller)
-    if (count == 0 or in_ptr + 48 * count > size or out_ptr + 32 * count > size
-            or nevents_ptr + 4 > size):
-        return _EINVAL
-    subs = bytes(memory.read(caller, in_ptr, in_ptr + 48 * count))
-    events: list[bytes] = []
-    wake: list[tuple[float, bytes]] = []
-    now_mono, now_real = time.monotonic(), time.time()
-    for i in range(count):
-        sub = subs[48 * i:48 * (i + 1)]
-        userdata, tag = sub[0:8], sub[8]
-        if tag == _CLOCK:
-            clock = int.from_bytes(sub[16:20], "little")
-            timeout_ns = int.from_bytes(sub[24:32], "little")
-            flags = int.from_bytes(sub[40:42], "little")
-            delay = timeout_ns / 1e9
-            if flags & _ABSTIME:
-                delay -= now_real if clock == 0 else now_mono
-            wake.append((now_mono + max(delay, 0.0), userdata))
-        elif tag in (_FD_READ, _FD_WRITE):
-            fd = int.from_bytes(sub[16:20], "little")
-            error = 0 if (tag == _FD_READ and fd == 0) or (tag == _FD_WRITE and fd in (1, 2)) \
-                else _ENOTSUP
-            events.append(userdata + error.to_bytes(2, "little") + bytes([tag]) + bytes(21))
-        else:
-            return _EINVAL
-    if not events and wake:
-        until = min(at for at, _ in wake)
-        while True:
-            now = time.monotonic()
-            if now >= store.deadline:
-                store.timed_out = True
-                raise _wt.HostTrap("sandboxer: the call's deadline passed (in poll_oneoff)")
-            if now >= until:
-                break
-            time.sleep(min(until - now, store.deadline - now, _SLEEP_STEP))
-        now = time.monotonic()
-        events = [userdata + bytes(2) + bytes([_CLOCK]) + bytes(21)
-                  for at, userdata in wake if at <= now]
-    memory.write(caller, b"".join(events), out_ptr)
-    memory.write(caller, len(events).to_bytes(4, "little"), nevents_ptr)
-    return 0
 
 
 class WasmHandle:
@@ -181,12 +99,6 @@ class WasmHandle:
                  module: wasmtime.Module, digest: str, layout: Layout, *, pool_size: int,
                  egress: EgressProxy, grants: tuple[OpenedPath, ...] = ()) -> None:
         self.plugin = plugin
-        # The allowed paths, each opened once at load (WasmLoader.start): owned by this handle
-        # from here on, preopened from their descriptors, closed once when it closes. The
-        # lock keeps close() from freeing a descriptor number while a WASI context is being
-        # built from its /proc/self/fd link on a worker thread.
-        self._grants = grants
-        self._grants_lock = threading.Lock()
         # The host policy's fallbacks this generation runs under ("rw-without-idmap": a
         # writable grant WASI writes as the supervisor's own uid).
         self.fallbacks: tuple[str, ...] = ()
@@ -199,19 +111,15 @@ class WasmHandle:
         # sleep; sandboxer.http_request: the network), which would hold the loop: then every
         # call runs on a worker.
         self._inline = not layout.blocks
-        # http_request: the egress proxy's rules for this plugin (None: no network at all).
-        self._egress = egress
-        mode = network_mode(sandbox)
-        self._allow: AllowList | None = (
-            None if mode == "none" else AllowList(sandbox.allowed_hosts) if mode == "proxy"
-            else AllowList.everything())
-        if self._allow is not None:
-            self._egress.counters(plugin.id)  # zeros from the start, like a proxied process
         self._pool_size = pool_size
         self._methods = layout.methods
         self._config: dict[str, Any] = dict(plugin.config)
-        self._config_json: dict[str, bytes] = {}
         self._log = logging.getLogger(f"sandboxer.plugin.{plugin.id}")
+        self._host = HostFunctions(plugin.id, sandbox, config=self._config, log=self._log,
+                                   egress=egress)
+        self._wasi = WasiContexts(plugin.id, enabled=layout.uses_wasi, grants=grants,
+                                  engine=engine, log=self._log,
+                                  closed_error=self._closed_error)
         self._linker = self._make_linker()
         self._instances: list[Instance] = []
         self._idle: list[Instance] = []
@@ -230,101 +138,16 @@ class WasmHandle:
 
     # -- setup ---------------------------------------------------------------------------------
     def _make_linker(self) -> wasmtime.Linker:
-        """The imports this plugin may use. The host functions reach the handle through a
-        weak reference: wasmtime-py keeps them in a global table while the linker lives, and
-        a strong one would keep every unloaded generation alive."""
+        """The imports this plugin may use: WASI if it imports any, and sandboxer's."""
         linker = wasmtime.Linker(self._engine.engine)
         if self._layout.uses_wasi:
-            linker.define_wasi()
-            linker.allow_shadowing = True
-            _wt.define_host_function(linker, WASI_MODULE, "poll_oneoff", 4, 1, _poll_oneoff)
-            linker.allow_shadowing = False
-        handle = weakref.ref(self)
-
-        def log(caller: wasmtime.Caller, level: int, ptr: int, length: int) -> None:
-            me = handle()
-            if me is not None:
-                me._host_log(caller, level, ptr, length)
-
-        def config_get(caller: wasmtime.Caller, key_ptr: int, key_len: int, buf_ptr: int,
-                       buf_cap: int) -> int:
-            me = handle()
-            return -1 if me is None else me._host_config_get(caller, key_ptr, key_len,
-                                                             buf_ptr, buf_cap)
-
-        def http_request(caller: wasmtime.Caller, ptr: int, length: int) -> int:
-            me = handle()
-            if me is None:
-                raise _wt.HostTrap("sandboxer.http_request: the plugin is unloaded")
-            return me._host_http_request(caller, ptr, length)
-
-        def http_response(caller: wasmtime.Caller, ptr: int, cap: int) -> int:
-            me = handle()
-            return 0 if me is None else me._host_http_response(caller, ptr, cap)
-
-        _wt.define_host_function(linker, "sandboxer", "log", 3, 0, log)
-        _wt.define_host_function(linker, "sandboxer", "config_get", 4, 1, config_get)
-        _wt.define_host_function(linker, "sandboxer", "http_request", 2, 1, http_request)
-        _wt.define_host_function(linker, "sandboxer", "http_response", 2, 1, http_response)
+            define_wasi(linker)
+        define_host_functions(linker, self._host)
         return linker
-
-    def _wasi(self, *, argv: list[str], stdin: bytes | None,
-              stdout: Callable[[bytes], Any], stderr: Callable[[bytes], Any]
-              ) -> wasmtime.WasiConfig | None:
-        if not self._layout.uses_wasi:
-            return None
-        wasi = wasmtime.WasiConfig()
-        wasi.argv = argv
-        wasi.env = []
-        if stdin is not None:
-            vec = ffi.wasm_byte_vec_t()
-            buf = (ctypes.c_uint8 * len(stdin)).from_buffer_copy(stdin)
-            ffi.wasm_byte_vec_new(ctypes.byref(vec), len(stdin), buf)
-            ffi.wasi_config_set_stdin_bytes(wasi.ptr(), ctypes.byref(vec))  # takes the vec
-        wasi.stdout_custom = stdout
-        wasi.stderr_custom = stderr
-        self._engine.sinks.update((stdout, stderr))
-        self._preopen(wasi)
-        return wasi
-
-    def _preopen(self, wasi: wasmtime.WasiConfig) -> None:
-        """Give ``wasi`` each allowed path, from the descriptor opened at load.
-
-        wasmtime opens the host path it is given at once, here (one ``openat`` of
-        ``/proc/self/fd/N``, which the kernel resolves to the directory the descriptor holds,
-        whatever has become of its name), and resolves every guest path beneath what it
-        opened. The guest sees the grant at the path as written."""
-        pid = self.plugin.id
-        with self._grants_lock:
-            for grant in self._grants:
-                if grant.fd < 0:
-                    raise self._closed_error()
-                try:
-                    wasi.preopen_dir(grant.proc_path, grant.path, fs_mutable=grant.writable)
-                except wasmtime.WasmtimeError:
-                    raise PluginLoadError(
-                        f"plugin {pid}: allowed path {grant.path} could not be preopened from "
-                        f"its descriptor ({grant.proc_path}, {grant.host_path}); is /proc "
-                        "mounted in the supervisor?", plugin_id=pid) from None
-
-    def _close_grants(self) -> None:
-        with self._grants_lock:
-            for grant in self._grants:
-                grant.close()
-
-    def _line_sink(self, name: str) -> Callable[[bytes], int]:
-        lines = LineLog(name=name, logger=self._log,
-                        level=logging.INFO if name == "stdout" else logging.WARNING)
-
-        def sink(data: bytes) -> int:
-            lines.feed(data)
-            return len(data)
-        return sink
 
     def _new_instance(self) -> Instance:
         """Instantiate one pool member (blocking: run off the loop)."""
-        wasi = self._wasi(argv=[self.plugin.id], stdin=None, stdout=self._line_sink("stdout"),
-                          stderr=self._line_sink("stderr"))
+        wasi = self._wasi.for_instance()
         names = set(self._methods) | self._layout.lifecycle
         if self._layout.alloc:
             names.add("sandboxer_alloc")
@@ -743,7 +566,7 @@ class WasmHandle:
             err.feed(data)
             return len(data)
 
-        wasi = self._wasi(argv=[pid, method], stdin=payload, stdout=stdout, stderr=stderr)
+        wasi = self._wasi.for_command(method, stdin=payload, stdout=stdout, stderr=stderr)
         store = Store(self._engine, self._sandbox)
         self._commands.add(store)
         status = 0
@@ -804,99 +627,6 @@ class WasmHandle:
                                   f"JSON value to stdout: {exc}", code=INTERNAL_ERROR,
                                   plugin_id=pid, method=method) from None
 
-    # -- host functions (run on whichever thread is inside the store) ---------------------------
-    def _read(self, caller: wasmtime.Caller, ptr: int, length: int) -> bytes | None:
-        memory = caller.get("memory")
-        if not isinstance(memory, wasmtime.Memory):
-            return None
-        ptr &= 0xFFFF_FFFF
-        length &= 0xFFFF_FFFF
-        if ptr + length > memory.data_len(caller):
-            return None
-        return bytes(memory.read(caller, ptr, ptr + length))
-
-    def _host_log(self, caller: wasmtime.Caller, level: int, ptr: int, length: int) -> None:
-        data = self._read(caller, ptr, min(length & 0xFFFF_FFFF, LOG_MESSAGE_MAX))
-        if data is None:
-            raise _wt.HostTrap("sandboxer.log: the message lies outside the plugin's memory")
-        levels = {0: logging.DEBUG, 1: logging.INFO, 2: logging.WARNING, 3: logging.ERROR}
-        self._log.log(levels.get(level, logging.INFO), "%s",
-                      data.decode("utf-8", "replace"))
-
-    def _host_config_get(self, caller: wasmtime.Caller, key_ptr: int, key_len: int,
-                         buf_ptr: int, buf_cap: int) -> int:
-        """Copy config[key] as JSON into (buf_ptr, buf_cap); -1 if absent; the length needed
-        (and nothing written) if the buffer is too small."""
-        raw = self._read(caller, key_ptr, key_len)
-        if raw is None:
-            raise _wt.HostTrap("sandboxer.config_get: the key lies outside the plugin's memory")
-        key = raw.decode("utf-8", "replace")
-        if key not in self._config:
-            return -1
-        value = self._config_json.get(key)
-        if value is None:
-            value = self._config_json[key] = _json.dumps(self._config[key])
-        buf_ptr &= 0xFFFF_FFFF
-        buf_cap &= 0xFFFF_FFFF
-        if len(value) > buf_cap:
-            return len(value)
-        memory = caller.get("memory")
-        assert isinstance(memory, wasmtime.Memory)
-        if buf_ptr + len(value) > memory.data_len(caller):
-            raise _wt.HostTrap("sandboxer.config_get: the buffer lies outside the plugin's "
-                               "memory")
-        memory.write(caller, value, buf_ptr)
-        return len(value)
-
-    def _host_http_request(self, caller: wasmtime.Caller, ptr: int, length: int) -> int:
-        """Perform the request whose JSON lies at (ptr, length) through the egress proxy's
-        rules; keep the response JSON for http_response and return its length. Blocking:
-        modules importing it never run on the event loop (``Layout.blocks``)."""
-        store = current_store()
-        if store is None:  # every call of a blocking module runs under _running
-            raise _wt.HostTrap("sandboxer.http_request: called outside a sandboxer call")
-        memory = caller.get("memory")
-        ptr &= 0xFFFF_FFFF
-        length &= 0xFFFF_FFFF
-        if not isinstance(memory, wasmtime.Memory) or ptr + length > memory.data_len(caller):
-            raise _wt.HostTrap("sandboxer.http_request: the request lies outside the plugin's "
-                               "memory")
-        limit = self._egress.max_response * 4 // 3 + HTTP_REQUEST_OVERHEAD
-        reply: dict[str, Any]
-        if length > limit:
-            reply = {"error": {"kind": "invalid", "message": f"the request is {length} bytes "
-                               f"of JSON, more than the {limit}-byte limit"}}
-        else:
-            try:
-                request = orjson.loads(bytes(memory.read(caller, ptr, ptr + length)))
-            except orjson.JSONDecodeError as exc:
-                reply = {"error": {"kind": "invalid",
-                                   "message": f"the request is not UTF-8 JSON: {exc}"}}
-            else:
-                reply = self._egress.fetch(self.plugin.id, self._allow, request,
-                                           deadline=lambda: store.deadline)
-        if time.monotonic() >= store.deadline:
-            # Timed out, cancelled or unloaded while waiting: end the call as poll_oneoff does.
-            store.timed_out = True
-            raise _wt.HostTrap("sandboxer: the call's deadline passed (in http_request)")
-        store.http_reply = orjson.dumps(reply)
-        return len(store.http_reply)
-
-    def _host_http_response(self, caller: wasmtime.Caller, ptr: int, cap: int) -> int:
-        """Copy as much of the last http_request's response JSON as fits in (ptr, cap);
-        return how many bytes were copied (0 before any request)."""
-        store = current_store()
-        data = store.http_reply if store is not None else b""
-        ptr &= 0xFFFF_FFFF
-        n = min(len(data), cap & 0xFFFF_FFFF)
-        memory = caller.get("memory")
-        if not isinstance(memory, wasmtime.Memory) or ptr + n > memory.data_len(caller):
-            raise _wt.HostTrap("sandboxer.http_response: the buffer lies outside the plugin's "
-                               "memory")
-        if n:
-            memory.write(caller, data[:n], ptr)
-        return n
-
     # -- lifecycle -------------------------------------------------------------------------------
     async def _lifecycle(self, name: str, args: list[Any], *,
                          every: bool = False) -> tuple[bool, Any]:
@@ -920,7 +650,7 @@ class WasmHandle:
 
     async def init(self, config: dict[str, Any]) -> None:
         self._config = _json.normalize(config)
-        self._config_json = {}
+        self._host.configure(self._config)
         await self._lifecycle("init", [self._config], every=True)
 
     async def health(self) -> Health:
@@ -955,8 +685,8 @@ class WasmHandle:
             return
         self._closed = True
         # First, so that nothing below can skip it: no WASI context is built from here on
-        # (_preopen raises), and calls still running keep the directories wasmtime opened.
-        self._close_grants()
+        # (WasiContexts raises), and calls still running keep the directories wasmtime opened.
+        self._wasi.close()
         error = self._closed_error()
         while self._waiters:
             waiter = self._waiters.popleft()
