@@ -41,13 +41,12 @@ not lose state across traps keeps it where a reload can migrate it (export_state
 from __future__ import annotations
 
 import asyncio
-import collections
-import os
+import functools
 import logging
+import os
 from pathlib import Path
 from typing import Any, Callable
 
-import orjson
 import wasmtime
 
 from ... import _json
@@ -68,28 +67,29 @@ from ...sandbox.idmap import FALLBACK as IDMAP_FALLBACK
 from ...sandbox.idmap import owned_tree
 from ...sandbox.paths import OpenedPath, open_grant
 from ...sandbox.policy import SandboxConfig
-from ...sandbox.process import LineLog
 from .. import NO_STATE, Health, NoState, ResourceUsage, not_implemented
 from . import _wasmtime as _wt
-from ._abi import (
-    FIELDS,
-    I32,
-    I64,
-    LIFECYCLE,
-    RANGES,
-    Layout,
-    Method,
+from ._abi import LIFECYCLE, Layout
+from ._call import (
+    INTERNAL_ERROR,
+    INVALID_PARAMS,
+    call_failure,
+    encode,
+    first_line,
+    get_numbers,
+    json_result,
+    put_numbers,
 )
-from ._engine import MAX_WASM_STACK, WasmEngine
+from ._command import run_command
+from ._engine import WasmEngine
 from ._host import HostFunctions, define_host_functions
 from ._instance import Bound, Instance, Store, running
+from ._pool import Pool
 from ._wasi import WasiContexts, define_wasi
 
 __all__ = ["WasmEngine", "WasmLoader", "WasmHandle", "WASM_MAGIC"]
 
 WASM_MAGIC = b"\0asm"
-INVALID_PARAMS = -32602
-INTERNAL_ERROR = -32603
 
 
 class WasmHandle:
@@ -121,9 +121,12 @@ class WasmHandle:
                                   engine=engine, log=self._log,
                                   closed_error=self._closed_error)
         self._linker = self._make_linker()
-        self._instances: list[Instance] = []
-        self._idle: list[Instance] = []
-        self._waiters: collections.deque[asyncio.Future[Instance]] = collections.deque()
+        self._loop = asyncio.get_running_loop()
+        self._executor = engine.executor
+        self._pool = Pool(plugin.id, executor=self._executor, new_instance=self._new_instance,
+                          reinit=self._reinit if "init" in layout.lifecycle else None,
+                          fail=self._fail)
+        self._idle = self._pool.idle  # the hot path's: the pool's list, changed in place
         self._offloop: set[asyncio.Future[Any]] = set()
         self._commands: set[Store] = set()  # stores of WASI command runs in progress
         self._failure_callbacks: list[Callable[[SandboxerError], None]] = []
@@ -131,8 +134,6 @@ class WasmHandle:
         self._failed: SandboxerError | None = None
         self._peak = 0
         self._slots = asyncio.Semaphore(pool_size)  # command modules: runs at once
-        self._loop = asyncio.get_running_loop()
-        self._executor = engine.executor
         self._timeout = sandbox.timeout
         self._max_output = 16 << 20
 
@@ -168,7 +169,7 @@ class WasmHandle:
             return inst
         except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
             # Only the text leaves this block: the trap's backtrace pins the module.
-            detail = _first_line(exc)
+            detail = first_line(exc)
         except BaseException:
             inst.release()
             raise
@@ -179,79 +180,23 @@ class WasmHandle:
         raise PluginLoadError(f"plugin {self.plugin.id}: {step}: {detail}",
                               plugin_id=self.plugin.id)
 
+    async def _reinit(self, inst: Instance) -> None:
+        """Initialise a fresh instance (for one that trapped) with the current config."""
+        await self._json_call(inst, "init", [self._config])
+
     async def start(self) -> None:
         if self._layout.command:
             return
         try:
-            for _ in range(self._pool_size):
-                inst = await self._loop.run_in_executor(self._executor, self._new_instance)
-                self._instances.append(inst)
-                self._idle.append(inst)
+            await self._pool.fill(self._pool_size)
         except BaseException:
             await self.close()
             raise
 
-    # -- the pool (event loop thread only) ------------------------------------------------------
     async def _acquire(self) -> Instance:
         if self._closed:
             raise self._closed_error()
-        if self._idle:
-            inst = self._idle.pop()
-        else:
-            waiter: asyncio.Future[Instance] = self._loop.create_future()
-            self._waiters.append(waiter)
-            inst = await waiter
-        inst.busy = True
-        if inst.broken:
-            inst = await self._replace(inst)
-        return inst
-
-    def _release(self, inst: Instance) -> None:
-        inst.busy = False
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(inst)
-                return
-        self._idle.append(inst)
-
-    async def _replace(self, old: Instance) -> Instance:
-        """A fresh instance for one that trapped, initialised again with the same config.
-
-        On failure the broken instance goes back to the pool (a later call tries again) and,
-        when the plugin itself is at fault, the plugin fails."""
-        index = self._instances.index(old)
-        old.release()
-        work = self._loop.run_in_executor(self._executor, self._new_instance)
-        try:
-            new = await asyncio.shield(work)
-        except BaseException as exc:
-            if isinstance(exc, asyncio.CancelledError):
-                work.add_done_callback(
-                    lambda f: f.cancelled() or f.exception() or f.result().release())
-            self._release(old)
-            if isinstance(exc, SandboxerError):
-                self._fail(exc)
-            raise
-        self._instances[index] = new
-        new.busy = True
-        if "init" in self._layout.lifecycle:
-            try:
-                await self._json_call(new, "init", [self._config])
-            except BaseException as exc:
-                if not_implemented(exc):
-                    return new  # it has no init to run, as at load
-                new.broken = True
-                if new.busy:
-                    self._release(new)
-                if not isinstance(exc, SandboxerError):
-                    raise
-                error = PluginLoadError(f"plugin {self.plugin.id}: could not replace an "
-                                        f"instance that trapped: init failed: {exc}",
-                                        plugin_id=self.plugin.id)
-                self._fail(error)
-                raise error from exc
-        return new
+        return await self._pool.acquire()
 
     def _fail(self, error: SandboxerError) -> None:
         if self._failed is None and not self._closed:
@@ -296,74 +241,24 @@ class WasmHandle:
         try:
             bound = inst.bound[method]
             if m.json:
-                payload = self._encode(method, args)
+                payload = encode(self.plugin.id, method, args)
                 n = len(payload)
                 if n > inst.capacity:
                     await self._grow(inst, n, method, timeout)
                 inst.put_json(bound, payload)
             else:
-                self._put_numbers(bound, m, method, args)
+                put_numbers(self.plugin.id, bound, m, method, args)
             future = inst.start(bound, timeout) if self._inline else None
             if future is not None or not self._inline:
                 await self._complete(inst, bound, future, timeout)
             if inst.trap_out.value or inst.error_out.value:
                 raise self._call_failure(inst, method, timeout)
             if m.json:
-                return self._json_result(inst, bound, method)
-            return self._get_numbers(bound, m)
+                return json_result(self.plugin.id, inst, bound, method, self._max_output)
+            return get_numbers(bound, m)
         finally:
             if inst.busy:
-                self._release(inst)
-
-    def _encode(self, method: str, args: Any) -> bytes:
-        try:
-            return orjson.dumps(args, default=_json._default, option=orjson.OPT_NON_STR_KEYS)
-        except TypeError as exc:
-            raise PluginCallError(f"plugin {self.plugin.id}: arguments of {method} are not "
-                                  f"JSON values: {exc}", code=INVALID_PARAMS,
-                                  plugin_id=self.plugin.id, method=method) from None
-
-    def _put_numbers(self, bound: Bound, m: Method, method: str, args: tuple[Any, ...]
-                     ) -> None:
-        if len(args) != len(m.params):
-            raise PluginCallError(
-                f"plugin {self.plugin.id}: {method} takes {len(m.params)} numeric "
-                f"argument(s), got {len(args)}", code=INVALID_PARAMS,
-                plugin_id=self.plugin.id, method=method)
-        for i, kind in enumerate(m.params):
-            value = args[i]
-            if kind == I32 or kind == I64:
-                lo, hi = RANGES[kind]
-                if type(value) is not int or not lo <= value < hi:
-                    raise self._bad_number(method, i, value, kind)
-                if kind == I32:
-                    bound.arg[i].i32 = value - (1 << 32) if value >= 1 << 31 else value
-                else:
-                    bound.arg[i].i64 = value - (1 << 64) if value >= 1 << 63 else value
-            else:
-                if type(value) not in (int, float):
-                    raise self._bad_number(method, i, value, kind)
-                try:
-                    setattr(bound.arg[i], FIELDS[kind], float(value))
-                except OverflowError:
-                    raise self._bad_number(method, i, value, kind) from None
-
-    @staticmethod
-    def _get_numbers(bound: Bound, m: Method) -> Any:
-        kinds = m.results
-        if len(kinds) == 1:
-            return getattr(bound.result[0], FIELDS[kinds[0]])
-        if not kinds:
-            return None
-        return [getattr(bound.result[i], FIELDS[k]) for i, k in enumerate(kinds)]
-
-    def _bad_number(self, method: str, index: int, value: Any, kind: int) -> PluginCallError:
-        name = FIELDS[kind]
-        expected = "an integer in range" if kind in RANGES else "a number"
-        return PluginCallError(
-            f"plugin {self.plugin.id}: argument {index + 1} of {method} must be {expected} "
-            f"for {name}, not {value!r}", code=INVALID_PARAMS, plugin_id=self.plugin.id,
-            method=method)
+                self._pool.release(inst)
 
     async def _off_loop(self, inst: Instance, work_fn: Callable[..., None], *args: Any
                         ) -> None:
@@ -386,44 +281,14 @@ class WasmHandle:
     def _after_abandon(self, inst: Instance) -> None:
         inst.take_failure()
         if not self._closed:
-            self._release(inst)
+            self._pool.release(inst)
 
     def _call_failure(self, inst: Instance, method: str, timeout: float) -> SandboxerError:
         """The error for a call that trapped; the instance is marked for replacement."""
-        trap, error = inst.take_failure()
-        inst.broken = True
-        pid = self.plugin.id
-        code = trap.trap_code if trap is not None else None
-        size = inst.memory_size()
-        self._peak = max(self._peak, size)
-        if inst.timed_out and self._closed:
-            return PluginStateError(f"plugin {pid}: unloaded while {method} was in flight (it "
-                                    "outlived the drain timeout)", plugin_id=pid)
-        if inst.timed_out:
-            return CallTimeout(f"plugin {pid}: {method} did not finish within {timeout:g}s",
-                               timeout=timeout, plugin_id=pid, method=method)
-        if code is wasmtime.TrapCode.OUT_OF_FUEL:
-            return CpuLimitExceeded(f"plugin {pid}: {method} used up its fuel "
-                                    f"({self._sandbox.fuel} per call)", plugin_id=pid)
-        if code is wasmtime.TrapCode.STACK_OVERFLOW:
-            return PluginCallError(f"plugin {pid}: {method} trapped: stack overflow (deep "
-                                   f"recursion; the wasm stack is {MAX_WASM_STACK >> 10} KiB)",
-                                   code=INTERNAL_ERROR, plugin_id=pid, method=method,
-                                   data={"trap": "stack_overflow"})
-        limit = self._sandbox.memory_limit
-        if size + (64 << 10) > limit:
-            return MemoryLimitExceeded(
-                f"plugin {pid}: {method} failed at its memory limit ({limit} bytes; linear "
-                f"memory {size} bytes): {_first_line(trap or error)}",
-                limit=limit, peak=size, plugin_id=pid)
-        if isinstance(error, wasmtime.ExitTrap):
-            return PluginCallError(f"plugin {pid}: {method} called proc_exit({error.code})",
-                                   code=INTERNAL_ERROR, plugin_id=pid, method=method,
-                                   data={"exit_status": error.code})
-        detail = _first_line(trap or error)
-        return PluginCallError(f"plugin {pid}: {method} trapped: {detail}", code=INTERNAL_ERROR,
-                               plugin_id=pid, method=method,
-                               data={"trap": code.name.lower() if code else None})
+        error = call_failure(self.plugin.id, inst, method, timeout, self._sandbox,
+                             closed=self._closed)
+        self._peak = max(self._peak, inst.memory_size())
+        return error
 
     async def _complete(self, inst: Instance, bound: Bound, future: _wt.FuturePtr | None,
                         timeout: float) -> None:
@@ -446,7 +311,7 @@ class WasmHandle:
 
     async def _json_call(self, inst: Instance, method: str, args: list[Any]) -> Any:
         """A JSON ABI call outside the hot path (lifecycle exports)."""
-        payload = self._encode(method, args)
+        payload = encode(self.plugin.id, method, args)
         n = len(payload)
         timeout = self._timeout
         if n > inst.capacity:
@@ -454,53 +319,7 @@ class WasmHandle:
         bound = inst.bound[method]
         inst.put_json(bound, payload)
         await self._run(inst, method, timeout)
-        return self._json_result(inst, bound, method)
-
-    def _json_result(self, inst: Instance, bound: Bound, method: str) -> Any:
-        """Read ``{"result": …}`` or ``{"error": …}`` from the (ptr << 32 | len) a call gave."""
-        packed = bound.result[0].i64 & 0xFFFF_FFFF_FFFF_FFFF
-        ptr, length = packed >> 32, packed & 0xFFFF_FFFF
-        end = ptr + length
-        if end > len(inst.view) and end > inst.refresh():
-            inst.broken = True
-            raise PluginCallError(
-                f"plugin {self.plugin.id}: {method} returned a result at {ptr}+{length}, "
-                f"outside its memory ({len(inst.view)} bytes)", code=INTERNAL_ERROR,
-                plugin_id=self.plugin.id, method=method)
-        if length > self._max_output:
-            raise PluginCallError(
-                f"plugin {self.plugin.id}: {method} returned {length} bytes, more than the "
-                f"{self._max_output}-byte limit", code=INTERNAL_ERROR,
-                plugin_id=self.plugin.id, method=method)
-        view = inst.view
-        if length > 10 and view[ptr:ptr + 10] == b'{"result":' and view[end - 1] == 0x7D:
-            try:
-                return orjson.loads(view[ptr + 10:end - 1])
-            except orjson.JSONDecodeError:
-                pass  # e.g. {"result":1,"x":2}: the full check below names the problem
-        return self._envelope(bytes(view[ptr:end]), method)
-
-    def _envelope(self, raw: bytes, method: str) -> Any:
-        pid = self.plugin.id
-        try:
-            reply = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            raise PluginCallError(f"plugin {pid}: {method} returned invalid JSON or UTF-8: "
-                                  f"{exc}", code=INTERNAL_ERROR, plugin_id=pid,
-                                  method=method) from None
-        if type(reply) is dict and len(reply) == 1:
-            if "result" in reply:
-                return reply["result"]
-            error = reply.get("error")
-            if (type(error) is dict and type(error.get("code")) is int
-                    and type(error.get("message")) is str):
-                raise PluginCallError(f"plugin {pid}: {method}: {error['message']}",
-                                      code=error["code"], data=error.get("data"),
-                                      plugin_id=pid, method=method)
-        raise PluginCallError(
-            f"plugin {pid}: {method} returned {raw[:80]!r}, not {{\"result\": …}} or "
-            f"{{\"error\": {{\"code\": int, \"message\": str}}}}", code=INTERNAL_ERROR,
-            plugin_id=pid, method=method)
+        return json_result(self.plugin.id, inst, bound, method, self._max_output)
 
     async def _grow(self, inst: Instance, n: int, method: str, timeout: float) -> None:
         """A bigger argument buffer from the plugin's sandboxer_alloc."""
@@ -541,91 +360,18 @@ class WasmHandle:
                                   f"JSON values: {exc}", code=INVALID_PARAMS,
                                   plugin_id=self.plugin.id, method=method) from None
         async with self._slots:
-            work = self._loop.run_in_executor(self._executor, self._run_command, method,
-                                              payload, timeout)
+            work = self._loop.run_in_executor(
+                self._executor, functools.partial(
+                    run_command, self.plugin.id, method, payload, timeout,
+                    engine=self._engine, sandbox=self._sandbox, module=self._module,
+                    linker=self._linker, wasi=self._wasi, commands=self._commands,
+                    closed=self._is_closed, max_output=self._max_output, log=self._log))
             self._offloop.add(work)
             work.add_done_callback(self._offloop.discard)
             return await asyncio.shield(work)
 
-    def _run_command(self, method: str, payload: bytes, timeout: float) -> Any:
-        """Run ``_start`` once with the args on stdin; the result is its stdout (blocking)."""
-        pid = self.plugin.id
-        out = bytearray()
-        err = LineLog(name="stderr", logger=self._log, level=logging.WARNING, tail=20)
-        too_much = False
-
-        def stdout(data: bytes) -> int:
-            nonlocal too_much
-            if len(out) + len(data) > self._max_output:
-                too_much = True
-                return -5  # EIO: the write fails inside the plugin
-            out.extend(data)
-            return len(data)
-
-        def stderr(data: bytes) -> int:
-            err.feed(data)
-            return len(data)
-
-        wasi = self._wasi.for_command(method, stdin=payload, stdout=stdout, stderr=stderr)
-        store = Store(self._engine, self._sandbox)
-        self._commands.add(store)
-        status = 0
-        try:
-            if wasi is not None:
-                store.store.set_wasi(wasi)
-            store.arm(timeout)
-            trapped: str | None = None
-            out_of_fuel = False
-            try:
-                with self._engine.ticking(), running(store):
-                    instance = self._linker.instantiate(store.store, self._module)
-                    start = instance.exports(store.store)["_start"]
-                    assert isinstance(start, wasmtime.Func)
-                    start(store.store)
-            except wasmtime.ExitTrap as exc:
-                status = exc.code
-            except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
-                # Only facts leave this block: the trap's backtrace pins the module.
-                trapped = _first_line(exc)
-                out_of_fuel = isinstance(exc, wasmtime.Trap) and (
-                    exc.trap_code is wasmtime.TrapCode.OUT_OF_FUEL)
-            if trapped is not None:
-                err.flush()
-                if store.timed_out and self._closed:
-                    raise PluginStateError(f"plugin {pid}: unloaded while {method} was in "
-                                           "flight (it outlived the drain timeout)",
-                                           plugin_id=pid)
-                if store.timed_out:
-                    raise CallTimeout(f"plugin {pid}: {method} did not finish within "
-                                      f"{timeout:g}s", timeout=timeout, plugin_id=pid,
-                                      method=method)
-                if out_of_fuel:
-                    raise CpuLimitExceeded(f"plugin {pid}: {method} used up its fuel "
-                                           f"({self._sandbox.fuel} per call)", plugin_id=pid)
-                raise PluginCallError(f"plugin {pid}: {method} trapped: {trapped}",
-                                      code=INTERNAL_ERROR, plugin_id=pid, method=method,
-                                      data={"stderr": list(err.tail)})
-        finally:
-            self._commands.discard(store)
-            store.release()
-        err.flush()
-        if too_much:
-            raise PluginCallError(f"plugin {pid}: {method} wrote more than "
-                                  f"{self._max_output} bytes to stdout", code=INTERNAL_ERROR,
-                                  plugin_id=pid, method=method)
-        if status != 0:
-            tail = " | ".join(err.tail) or "no stderr"
-            raise PluginCallError(f"plugin {pid}: {method} exited with status {status}: {tail}",
-                                  code=INTERNAL_ERROR, plugin_id=pid, method=method,
-                                  data={"exit_status": status, "stderr": list(err.tail)})
-        if not out.strip():
-            return None
-        try:
-            return orjson.loads(out)
-        except orjson.JSONDecodeError as exc:
-            raise PluginCallError(f"plugin {pid}: {method} wrote something other than one "
-                                  f"JSON value to stdout: {exc}", code=INTERNAL_ERROR,
-                                  plugin_id=pid, method=method) from None
+    def _is_closed(self) -> bool:
+        return self._closed
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def _lifecycle(self, name: str, args: list[Any], *,
@@ -635,7 +381,7 @@ class WasmHandle:
         if name not in self._layout.lifecycle:
             return False, None
         result = None
-        for _ in range(len(self._instances) if every else 1):
+        for _ in range(len(self._pool.instances) if every else 1):
             inst = await self._acquire()
             try:
                 result = await self._json_call(inst, name, args)
@@ -645,7 +391,7 @@ class WasmHandle:
                 raise
             finally:
                 if inst.busy:
-                    self._release(inst)
+                    self._pool.release(inst)
         return True, result
 
     async def init(self, config: dict[str, Any]) -> None:
@@ -673,7 +419,7 @@ class WasmHandle:
         await self._lifecycle("import_state", [_json.normalize(state), from_version])
 
     def resource_usage(self) -> ResourceUsage:
-        for inst in self._instances:
+        for inst in self._pool.instances:
             self._peak = max(self._peak, inst.memory_size())
         return ResourceUsage(peak_memory_bytes=self._peak or None)
 
@@ -687,35 +433,17 @@ class WasmHandle:
         # First, so that nothing below can skip it: no WASI context is built from here on
         # (WasiContexts raises), and calls still running keep the directories wasmtime opened.
         self._wasi.close()
-        error = self._closed_error()
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_exception(error)
-        for store in [*self._instances, *self._commands]:
+        self._pool.close(self._closed_error())
+        for store in [*self._pool.instances, *self._commands]:
             store.stop()  # a call still running traps at the next tick
         if self._offloop:
             await asyncio.wait(list(self._offloop))
-        for inst in self._instances:
-            inst.release()
-        self._instances.clear()
-        self._idle.clear()
+        self._pool.release_all()
         # Drop everything that holds wasmtime objects, so the module (and its memory image)
         # is freed once no other plugin uses it.
         self._linker.close()
         self._module = None  # type: ignore[assignment]
         self._engine.release(self._digest)
-
-
-def _first_line(exc: BaseException | None) -> str:
-    """The telling line of a wasmtime error: its cause (after a backtrace) or its first line."""
-    text = str(exc or "").strip()
-    if not text:
-        return type(exc).__name__
-    if "Caused by:" in text:
-        causes = [line.strip() for line in text.split("Caused by:", 1)[1].splitlines()]
-        return "; ".join(line for line in causes if line)
-    return text.splitlines()[0]
 
 
 class WasmLoader:
