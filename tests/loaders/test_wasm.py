@@ -47,7 +47,7 @@ from sandboxer import (
     SandboxerError,
     SandboxUnavailable,
 )
-from sandboxer.loaders import wasm as wasm_loader
+from sandboxer.loaders.wasm import _instance as wasm_loader
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
 
@@ -497,7 +497,7 @@ async def test_a_large_payload_grows_the_argument_buffer(make):
     async with PluginManager(HostConfig()) as mgr:
         p = await mgr.load(make(json_module(ECHO)))
         assert await p.call("echo", "small") == ["small"]
-        inst = p.handle._instances[0]
+        inst = p.handle._pool.instances[0]
         first = (inst.buffer, inst.capacity)
         assert first == (HEAP, 4096)
         assert await p.call("echo", "x" * 100) == ["x" * 100]
@@ -523,7 +523,7 @@ async def test_an_error_reply_is_a_plugin_call_error_with_its_code_and_message(m
             await p.call("negative")
         assert info.value.code == -32000 and "server error" in str(info.value)
         assert await p.call("add", 1, 1) == 2  # an error reply is no trap: same instance
-        assert p.handle._instances[0].broken is False
+        assert p.handle._pool.instances[0].broken is False
 
 
 async def test_json_methods_and_lifecycle_exports_are_told_apart(make):
@@ -935,14 +935,14 @@ async def test_a_trap_resets_the_state_and_init_runs_again(make, caplog):
         assert await p.call("inits") == 1
         config_len = await p.call("init_len")
         assert config_len == len(b'[{"name":"x","n":3}]')
-        first = p.handle._instances[0]
+        first = p.handle._pool.instances[0]
         with pytest.raises(PluginCallError) as info:
             await p.call("boom")
         assert info.value.data == {"trap": "unreachable"}
         assert await p.call("incr") == 1
         assert await p.call("inits") == 1
         assert await p.call("init_len") == config_len
-        assert p.handle._instances[0] is not first
+        assert p.handle._pool.instances[0] is not first
         assert p.state is PluginState.READY
     inits = [r for r in caplog.records
              if r.name == "sandboxer.plugin.t.state" and r.getMessage() == "init ran"]
@@ -1054,7 +1054,7 @@ async def test_the_instance_pool_lets_a_quick_call_pass_a_long_one(make, instanc
     the default single instance it waits for the long one."""
     async with PluginManager(HostConfig(wasm_instances=instances)) as mgr:
         p = await mgr.load(make(WORKER))
-        assert len(p.handle._instances) == instances
+        assert len(p.handle._pool.instances) == instances
         n = await iterations_for(p, 0.4)
         done: list[str] = []
 
@@ -1078,7 +1078,7 @@ async def test_a_stateful_plugin_refuses_a_pool(make):
         with pytest.raises(PluginLoadError, match="exports state, so it must run as one"):
             await mgr.load(make(STATEFUL, plugin_id="t.state"))
         p = await mgr.load(make(WORKER))
-        assert len(p.handle._instances) == 2
+        assert len(p.handle._pool.instances) == 2
 
 
 @pytest.mark.parametrize("how", ["wait_for", "cancel"])
@@ -1121,7 +1121,7 @@ async def test_a_call_queued_behind_a_long_one_can_be_cancelled(make):
             await asyncio.wait_for(p.call("add", 1, 1), 0.05)
         assert await long == spin_sum(n)
         assert await p.call("add", 2, 2) == 4
-        assert len(p.handle._idle) == 1 and not p.handle._waiters
+        assert len(p.handle._idle) == 1 and not p.handle._pool.waiting
 
 
 async def test_unload_during_a_long_call_ends_the_call(make):
@@ -1332,7 +1332,7 @@ START_FAILURES = {
 @pytest.mark.parametrize("module", START_FAILURES.values(), ids=START_FAILURES.keys())
 async def test_a_failed_instantiation_leaves_no_store_behind(make, module):
     """A store whose instantiation failed is unregistered from the epoch callback's table
-    (wasm._LIVE), as every store of a closed plugin is."""
+    (wasm._instance._LIVE), as every store of a closed plugin is."""
     live = set(wasm_loader._LIVE)
     async with PluginManager(HostConfig()) as mgr:
         with pytest.raises(PluginLoadError):

@@ -729,7 +729,7 @@ async def test_the_grants_live_as_long_as_the_generation(tmp_path, fs_plugin, tr
         await mgr.unload(p.id)
         assert open_fds_under(tree.data) == []
         with pytest.raises(PluginStateError):
-            handle._wasi(argv=["x"], stdin=None, stdout=len, stderr=len)
+            handle._wasi.for_instance()
 
 
 async def test_a_failed_command_call_releases_its_preopens_without_gc(tmp_path, fs_plugin, tree):

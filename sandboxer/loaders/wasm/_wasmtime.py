@@ -10,7 +10,10 @@ through wasmtime-py's public API.
 Calls use wasmtime's async API: a call is a *future* whose wasm runs on its own fiber stack
 and can be suspended (every so much fuel) and resumed later, even on another thread. That is
 what lets the loader start every call on the event loop (a quick call finishes in the first
-slice, with no thread hand-off) and move a long call to a worker thread (see wasm.py).
+slice, with no thread hand-off) and move a long call to a worker thread (_instance.py).
+
+This is the one module of the loader that touches wasmtime-py's private parts (``_ffi``, the
+native handles inside its objects); the rest use the functions here.
 """
 
 from __future__ import annotations
@@ -23,18 +26,25 @@ import wasmtime
 from wasmtime import _ffi as ffi
 
 __all__ = [
-    "lib", "call_async", "poll", "delete_future", "set_fuel", "fuel_async_yield_interval",
-    "memory_data_size", "epoch_callback_type", "CONTINUE", "val_array", "trap_from",
-    "error_from", "HostTrap", "define_host_function",
+    "lib", "FuturePtr", "call_async", "poll", "delete_future", "set_fuel",
+    "fuel_async_yield_interval", "memory_data_size", "epoch_callback_type", "CONTINUE",
+    "set_epoch_callback", "new_error", "val_array", "trap_from", "error_from", "address",
+    "func_address", "memory_address", "context", "set_stdin_bytes", "HostTrap",
+    "define_host_function",
 ]
 
 lib = ctypes.CDLL(ffi.dll._name)
+
+
+class FuturePtr(ctypes.c_void_p):
+    """A ``wasmtime_call_future_t*``, returned as is by ctypes (a plain c_void_p restype
+    would become an int)."""
 
 # wasmtime_call_future_t *wasmtime_func_call_async(wasmtime_context_t *, const wasmtime_func_t *,
 #     const wasmtime_val_t *args, size_t nargs, wasmtime_val_t *results, size_t nresults,
 #     wasm_trap_t **trap_ret, wasmtime_error_t **error_ret)
 call_async = lib.wasmtime_func_call_async
-call_async.restype = ctypes.c_void_p
+call_async.restype = FuturePtr
 # bool wasmtime_call_future_poll(wasmtime_call_future_t *): true once the call has finished
 poll = lib.wasmtime_call_future_poll
 poll.restype = ctypes.c_bool
@@ -100,8 +110,26 @@ def address(obj: Any) -> ctypes.c_void_p:
     return ctypes.c_void_p(ctypes.addressof(obj))
 
 
+def func_address(func: wasmtime.Func) -> ctypes.c_void_p:
+    """The address of ``func``'s ``wasmtime_func_t``, for ``call_async``."""
+    return address(func._func)
+
+
+def memory_address(memory: wasmtime.Memory) -> ctypes.c_void_p:
+    """The address of ``memory``'s ``wasmtime_memory_t``, for ``memory_data_size``."""
+    return address(memory._memory)
+
+
 def context(store: wasmtime.Store) -> ctypes.c_void_p:
     return ctypes.c_void_p(ctypes.cast(store._context(), ctypes.c_void_p).value)
+
+
+def set_stdin_bytes(wasi: wasmtime.WasiConfig, data: bytes) -> None:
+    """Give ``wasi`` a fixed stdin of ``data`` (wasmtime-py offers only a file)."""
+    vec = ffi.wasm_byte_vec_t()
+    buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+    ffi.wasm_byte_vec_new(ctypes.byref(vec), len(data), buf)
+    ffi.wasi_config_set_stdin_bytes(wasi.ptr(), ctypes.byref(vec))  # takes the vec
 
 
 # -- host functions ----------------------------------------------------------------------------
@@ -132,7 +160,8 @@ def _host_trampoline(data: int | None, caller_ptr: Any, params: Any, nparams: in
     caller = wasmtime.Caller(caller_ptr)
     try:
         fn, _ = _HOST[data or 0]
-        value = fn(caller, *(params[i].of.i32 for i in range(nparams)))
+        # Unsigned, as the guest means them: a pointer or length past 2 GiB is not negative.
+        value = fn(caller, *(params[i].of.i32 & 0xFFFF_FFFF for i in range(nparams)))
         if nresults:
             results[0].kind = 0  # WASMTIME_I32
             results[0].of.i32 = int(value)
@@ -153,7 +182,7 @@ def _host_finalize(data: int | None) -> None:
 def define_host_function(linker: wasmtime.Linker, module: str, name: str, params: int,
                          results: int, fn: Any) -> None:
     """Define ``module.name`` taking ``params`` i32s and returning ``results`` (0 or 1) i32s:
-    ``fn(caller, *args)``, which may raise HostTrap."""
+    ``fn(caller, *args)``, each argument as an unsigned 32-bit int; it may raise HostTrap."""
     i32 = wasmtime.ValType.i32()
     ty = wasmtime.FuncType([i32] * params, [i32] * results)
     key = next(_host_ids)
