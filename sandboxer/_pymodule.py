@@ -18,9 +18,9 @@ from types import ModuleType
 from typing import Any, Callable
 
 from ._hooks import EXPORT_STATE, IMPORT_STATE, LIFECYCLE_HOOKS
-from .errors import INTERNAL_ERROR, INVALID_PARAMS, PluginCallError, PluginLoadError
+from .errors import INVALID_PARAMS, PluginCallError, PluginLoadError
 
-__all__ = ["LIFECYCLE_NAMES", "PythonModule", "INVALID_PARAMS", "INTERNAL_ERROR"]
+__all__ = ["LIFECYCLE_NAMES", "PythonModule"]
 
 LIFECYCLE_NAMES = frozenset(LIFECYCLE_HOOKS)
 

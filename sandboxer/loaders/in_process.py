@@ -23,8 +23,10 @@ import inspect
 from typing import Any, Callable
 
 from .. import _json
-from .._pymodule import INTERNAL_ERROR, INVALID_PARAMS, PythonModule
+from .._pymodule import PythonModule
 from ..errors import (
+    INTERNAL_ERROR,
+    INVALID_PARAMS,
     CallTimeout,
     MethodNotFound,
     PluginCallError,

@@ -51,6 +51,8 @@ import wasmtime
 
 from ... import _json
 from ...errors import (
+    INTERNAL_ERROR,
+    INVALID_PARAMS,
     CallTimeout,
     CpuLimitExceeded,
     MemoryLimitExceeded,
@@ -61,7 +63,8 @@ from ...errors import (
     SandboxerError,
     SandboxUnavailable,
 )
-from ...manifest import LoaderType, Plugin
+from ...manifest import WASM_MAGIC, LoaderType, Plugin
+from ...rpc.framing import DEFAULT_MAX_FRAME
 from ...sandbox.egress import EgressProxy
 from ...sandbox.idmap import FALLBACK as IDMAP_FALLBACK
 from ...sandbox.idmap import owned_tree
@@ -71,8 +74,6 @@ from .. import NO_STATE, Health, NoState, ResourceUsage, not_implemented
 from . import _wasmtime as _wt
 from ._abi import LIFECYCLE, Layout
 from ._call import (
-    INTERNAL_ERROR,
-    INVALID_PARAMS,
     call_failure,
     encode,
     first_line,
@@ -89,7 +90,6 @@ from ._wasi import WasiContexts, define_wasi
 
 __all__ = ["WasmEngine", "WasmLoader", "WasmHandle", "WASM_MAGIC"]
 
-WASM_MAGIC = b"\0asm"
 
 
 class WasmHandle:
@@ -135,7 +135,7 @@ class WasmHandle:
         self._peak = 0
         self._slots = asyncio.Semaphore(pool_size)  # command modules: runs at once
         self._timeout = sandbox.timeout
-        self._max_output = 16 << 20
+        self._max_output = DEFAULT_MAX_FRAME
 
     # -- setup ---------------------------------------------------------------------------------
     def _make_linker(self) -> wasmtime.Linker:
@@ -215,7 +215,7 @@ class WasmHandle:
 
     @property
     def has_state(self) -> bool:
-        return {"export_state", "import_state"} <= self._layout.lifecycle
+        return self._layout.has_state
 
     async def call(self, method: str, *args: Any, timeout: float | None = None) -> Any:
         m = self._methods.get(method)
@@ -451,7 +451,7 @@ class WasmLoader:
 
     kind = LoaderType.WASM
 
-    def __init__(self, engine: WasmEngine, *, pool_size: int = 1, max_frame: int = 16 << 20,
+    def __init__(self, engine: WasmEngine, *, pool_size: int = 1, max_frame: int = DEFAULT_MAX_FRAME,
                  egress: EgressProxy | None = None, fallbacks: tuple[str, ...] = (),
                  grant_owner: tuple[int, int] | None = None) -> None:
         self._engine = engine

@@ -12,6 +12,7 @@ from typing import Mapping
 
 import wasmtime
 
+from ..._hooks import EXPORT_STATE, IMPORT_STATE, LIFECYCLE_HOOKS, STATE_HOOKS
 from ...errors import PluginLoadError
 from ...manifest import Plugin
 
@@ -20,7 +21,7 @@ __all__ = [
     "WASI_MODULE", "JSON_SIGNATURE", "Signature", "signature", "show", "Method", "Layout",
 ]
 
-LIFECYCLE = ("init", "health_check", "shutdown", "export_state", "import_state")
+LIFECYCLE = LIFECYCLE_HOOKS
 # Exports that are never methods.
 _SPECIAL = {"sandboxer_alloc", "sandboxer_free", "_start", "_initialize", *LIFECYCLE}
 
@@ -78,7 +79,7 @@ class Layout:
 
     @property
     def has_state(self) -> bool:
-        return {"export_state", "import_state"} <= self.lifecycle
+        return STATE_HOOKS <= self.lifecycle
 
     @classmethod
     def of(cls, plugin: Plugin, module: wasmtime.Module) -> Layout:
@@ -141,8 +142,8 @@ class Layout:
                                  "sandboxer_alloc) that lifecycle calls use")
                 expect(name, JSON_SIGNATURE)
                 lifecycle.add(name)
-        if ("export_state" in lifecycle) != ("import_state" in lifecycle):
-            missing = "import_state" if "export_state" in lifecycle else "export_state"
+        if (EXPORT_STATE in lifecycle) != (IMPORT_STATE in lifecycle):
+            missing = IMPORT_STATE if EXPORT_STATE in lifecycle else EXPORT_STATE
             raise refuse(f"exports only one of export_state/import_state (add {missing})")
 
         def layout(methods: dict[str, Method]) -> Layout:

@@ -16,6 +16,8 @@ import wasmtime
 
 from ... import _json
 from ...errors import (
+    INTERNAL_ERROR,
+    INVALID_PARAMS,
     CallTimeout,
     CpuLimitExceeded,
     MemoryLimitExceeded,
@@ -29,12 +31,10 @@ from ._engine import MAX_WASM_STACK
 from ._instance import Bound, Instance
 
 __all__ = [
-    "INVALID_PARAMS", "INTERNAL_ERROR", "encode", "put_numbers", "get_numbers", "json_result",
+    "encode", "put_numbers", "get_numbers", "json_result",
     "envelope", "call_failure", "first_line",
 ]
 
-INVALID_PARAMS = -32602
-INTERNAL_ERROR = -32603
 
 
 def encode(plugin_id: str, method: str, args: Any) -> bytes:

@@ -13,10 +13,11 @@ from typing import Any, Callable
 import orjson
 import wasmtime
 
-from ...errors import CallTimeout, CpuLimitExceeded, PluginCallError, PluginStateError
+from ...errors import (INTERNAL_ERROR, CallTimeout, CpuLimitExceeded, PluginCallError,
+                       PluginStateError)
 from ...sandbox.policy import SandboxConfig
 from ...sandbox.process import LineLog
-from ._call import INTERNAL_ERROR, first_line
+from ._call import first_line
 from ._engine import WasmEngine
 from ._instance import Store, running
 from ._wasi import WasiContexts
