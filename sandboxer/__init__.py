@@ -36,10 +36,10 @@ from .errors import (
 if _TYPE_CHECKING:
     from ._digest import tree_checksum as checksum
     from ._lifecycle import PluginState
+    from .config import HostConfig
     from .loaders import Health, PluginHandle, ResourceUsage
     from .manager import EventStream, LoadedPlugin, PluginEvent, PluginManager, PluginStatistics
     from .manifest import LoaderType, Plugin, load_plugin, parse_manifest
-    from .config import HostConfig
     from .sandbox.policy import PathGrant, SandboxConfig, SandboxRequest
 
 # The supervisor's names are imported when first used, not with the package: the plugin host

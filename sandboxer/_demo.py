@@ -9,15 +9,16 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from . import _json
+from .config import HostConfig
 from .errors import PluginLoadError, SandboxerError
 from .loaders import run_mode
 from .manager import LoadedPlugin, PluginManager
-from .config import HostConfig
 from .sandbox.policy import SandboxConfig
 
 __all__ = ["run_demo"]
@@ -141,7 +142,7 @@ async def run_demo(examples: Path, *, as_json: bool) -> int:
                              for r in rows]
         widths = [max(len(row[i]) for row in table) for i in range(len(headers))]
         for i, row in enumerate(table):
-            print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+            print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
             if i == 0:
                 print("  ".join("-" * w for w in widths))
     if not rows:

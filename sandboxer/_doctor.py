@@ -8,10 +8,11 @@ removes nothing on the host except those children.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from .errors import SandboxUnavailable
 from .config import HostConfig
+from .errors import SandboxUnavailable
 
 __all__ = ["diagnose"]
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 from .errors import PluginStateError, ReloadError, SandboxerError
 from .loaders import PluginHandle, ResourceUsage

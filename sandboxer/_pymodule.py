@@ -13,9 +13,10 @@ import os
 import re
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any
 
 from ._hooks import EXPORT_STATE, IMPORT_STATE, LIFECYCLE_HOOKS
 from .errors import INVALID_PARAMS, PluginCallError, PluginLoadError

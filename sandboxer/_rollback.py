@@ -24,9 +24,9 @@ import json
 import os
 import stat
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from .errors import IntegrityError, RegistryError
 
@@ -85,7 +85,7 @@ def _check_and_record(path: Path, location: str, sequence: int,
                 f"publisher really started its sequence over, delete {path} to accept the "
                 "index it serves now")
         if seen is None or sequence > seen.sequence:
-            now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+            now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
             _write(path, {"location": location, "sequence": sequence, "key": key_id,
                           "seen": now})
         return seen

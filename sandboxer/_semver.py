@@ -8,8 +8,8 @@ version, or by a range whose own bound names a pre-release of the same major.min
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 __all__ = ["Version", "VersionRange", "parse_range", "best_match"]
 

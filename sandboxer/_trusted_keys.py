@@ -16,8 +16,8 @@ host config (sandbox/policy.py) can use it; registry.py loads the keys and enfor
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from ._plugin_id import ID_RE
 

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from ._trusted_keys import TrustedKey, parse_trusted_keys
 from ._units import parse_duration, parse_size

@@ -20,13 +20,15 @@ import datetime as _dt
 import functools
 import logging
 import os
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Coroutine, Mapping, Sequence
+from typing import Any
 
 from ._digest import tree_checksum
 from ._lifecycle import SERVING, Generation, Lifecycle, PluginState
 from ._trusted_keys import TrustedKey
+from .config import HostConfig
 from .errors import (
     PluginCallError,
     PluginLoadError,
@@ -43,7 +45,6 @@ from .loaders.wasm import WasmEngine, WasmLoader
 from .manifest import LoaderType, Plugin, load_plugin, verify_integrity
 from .reload import ReloadHost, reload_generation
 from .sandbox.egress import EgressProxy
-from .config import HostConfig
 from .sandbox.policy import SandboxConfig, effective_config
 
 __all__ = ["PluginManager", "LoadedPlugin", "PluginEvent", "PluginStatistics", "EventStream"]
@@ -54,7 +55,7 @@ _EVENT_BUFFER = 10_000
 
 
 def _now() -> _dt.datetime:
-    return _dt.datetime.now(_dt.timezone.utc)
+    return _dt.datetime.now(_dt.UTC)
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,9 +15,10 @@ import math
 import os
 import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from . import _digest
 from ._plugin_id import ID_RE
@@ -27,8 +28,8 @@ from .sandbox import profiles as _profiles
 from .sandbox.policy import (
     SandboxRequest,
     parse_cpu,
-    parse_fuel,
     parse_denied_path,
+    parse_fuel,
     parse_host_pattern,
     parse_path_grant,
 )
@@ -85,7 +86,7 @@ class Plugin:
     methods: tuple[str, ...] | None = None
     sha256: str | None = None
     config: dict[str, Any] = field(default_factory=dict)
-    sandbox: SandboxRequest = SandboxRequest()
+    sandbox: SandboxRequest = field(default_factory=SandboxRequest)
     manifest_path: Path | None = None
 
     @property

@@ -47,9 +47,10 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from . import _minisign, _rollback
 from ._digest import IGNORED_DIRS, tree_checksum
@@ -371,31 +372,31 @@ def _archive(root: Path) -> bytes:
     """The plugin directory as a deterministic .tar.gz: sorted, owner 0, mtime 0, modes 644/755.
     Links are refused: a registry archive holds files and directories only."""
     buf = io.BytesIO()
-    with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0) as gz:
-        with tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            for dirpath, dirnames, filenames in os.walk(root):
-                dirnames[:] = sorted(d for d in dirnames if d not in IGNORED_DIRS)
-                base = Path(dirpath)
-                for name in dirnames + sorted(filenames):
-                    full = base / name
-                    rel = full.relative_to(root).as_posix()
-                    st = os.lstat(full)
-                    info = tarfile.TarInfo(rel)
-                    info.mtime = 0
-                    if stat.S_ISLNK(st.st_mode):
-                        raise RegistryError(f"cannot publish {root}: {rel} is a symbolic link "
-                                            "(registry archives hold files only)")
-                    if stat.S_ISDIR(st.st_mode):
-                        info.type, info.mode = tarfile.DIRTYPE, 0o755
-                        tar.addfile(info)
-                    elif stat.S_ISREG(st.st_mode):
-                        info.size = st.st_size
-                        info.mode = 0o755 if st.st_mode & 0o111 else 0o644
-                        with open(full, "rb") as f:
-                            tar.addfile(info, f)
-                    else:
-                        raise RegistryError(f"cannot publish {root}: {rel} is not a regular "
-                                            "file or directory")
+    with (gzip.GzipFile(fileobj=buf, mode="wb", mtime=0) as gz,
+          tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar):
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if d not in IGNORED_DIRS)
+            base = Path(dirpath)
+            for name in dirnames + sorted(filenames):
+                full = base / name
+                rel = full.relative_to(root).as_posix()
+                st = os.lstat(full)
+                info = tarfile.TarInfo(rel)
+                info.mtime = 0
+                if stat.S_ISLNK(st.st_mode):
+                    raise RegistryError(f"cannot publish {root}: {rel} is a symbolic link "
+                                        "(registry archives hold files only)")
+                if stat.S_ISDIR(st.st_mode):
+                    info.type, info.mode = tarfile.DIRTYPE, 0o755
+                    tar.addfile(info)
+                elif stat.S_ISREG(st.st_mode):
+                    info.size = st.st_size
+                    info.mode = 0o755 if st.st_mode & 0o111 else 0o644
+                    with open(full, "rb") as f:
+                        tar.addfile(info, f)
+                else:
+                    raise RegistryError(f"cannot publish {root}: {rel} is not a regular "
+                                        "file or directory")
     return buf.getvalue()
 
 
@@ -418,7 +419,7 @@ def publish(plugin_dir: str | os.PathLike[str], registry_dir: str | os.PathLike[
     entry = RegistryEntry(
         id=plugin.id, version=plugin.version, type=plugin.type.value, sha256=digest,
         size=len(data), blob=f"blobs/sha256/{digest}", signature=f"blobs/sha256/{digest}.minisig",
-        published=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+        published=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"))
     with _publishing(registry):
         index_path = registry / INDEX
         index: dict[str, Any] = (_publisher_index(registry) if index_path.exists()
@@ -626,7 +627,8 @@ def safe_extract(data: bytes, dest: Path, *, max_unpacked: int = MAX_UNPACKED,
     dest.mkdir(mode=0o755)
     total = 0
     try:
-        tar = tarfile.open(fileobj=io.BytesIO(data), mode="r:gz")
+        # Opened before the with, so that a broken archive is an IntegrityError.
+        tar = tarfile.open(fileobj=io.BytesIO(data), mode="r:gz")  # noqa: SIM115
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise IntegrityError(f"the archive cannot be read: {exc}") from None
     with tar:

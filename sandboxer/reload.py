@@ -20,8 +20,8 @@ two current generations.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Awaitable, Callable
 
 from ._lifecycle import SERVING, Generation, Lifecycle, PluginState
 from .errors import PluginLoadError, PluginStateError, ReloadError, SandboxerError

@@ -23,8 +23,9 @@ from __future__ import annotations
 import inspect
 import os
 import sys
+from collections.abc import Callable, Mapping
 from types import ModuleType
-from typing import Any, Callable, Mapping, NoReturn
+from typing import Any, NoReturn
 
 from ._hooks import LIFECYCLE_HOOKS
 from .rpc.framing import DEFAULT_MAX_FRAME

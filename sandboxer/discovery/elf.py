@@ -128,7 +128,7 @@ def _exports(strtab: bytes, symbols: bytes, layout: _ElfLayout, name: bytes) -> 
     if not offsets:
         return False
     for values in layout.sym.iter_unpack(symbols):
-        sym = dict(zip(layout.sym_fields, values))
+        sym = dict(zip(layout.sym_fields, values, strict=True))
         if sym["name"] not in offsets or sym["shndx"] == 0:  # SHN_UNDEF: imported
             continue
         bind, kind, visibility = sym["info"] >> 4, sym["info"] & 0xF, sym["other"] & 0x3

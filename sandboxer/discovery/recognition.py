@@ -12,7 +12,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 from .._digest import IGNORED_DIRS, tree_checksum
 from ..errors import ManifestError
@@ -87,7 +87,7 @@ class ScanError:
         return {"path": str(self.path), "error": self.message, "field": self.field}
 
 
-ScanResult = Union[DiscoveredPlugin, ScanError]
+ScanResult = DiscoveredPlugin | ScanError
 
 
 # -- names ------------------------------------------------------------------------------------

@@ -11,9 +11,10 @@ import errno
 import logging
 import os
 import weakref
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Collection, Iterable, Literal, Sequence
+from typing import Any, Literal
 
 from inotify_simple import INotify, flags
 
@@ -211,7 +212,7 @@ class _Engine:
         try:
             assert self._inotify is not None
             self.handle(self._inotify.read(timeout=0))
-        except BaseException as exc:  # noqa: BLE001 — a reader callback must not raise
+        except BaseException as exc:
             self._fail(exc)
 
     def handle(self, events: Sequence[Any]) -> None:
@@ -292,7 +293,7 @@ class _Engine:
                     self._publish(self._apply(scopes, results, self._unsettled()))
         except asyncio.CancelledError:
             raise
-        except BaseException as exc:  # noqa: BLE001 — handed to the consumer
+        except BaseException as exc:
             self.queue.put_nowait(exc)
         finally:
             self.close()

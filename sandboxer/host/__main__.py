@@ -5,11 +5,19 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from .._hooks import (EXPORT_STATE, HEALTH_CHECK, IMPORT_STATE, INIT, LIFECYCLE_HOOKS, SHUTDOWN,
-                      STATE_HOOKS)
+from .._hooks import (
+    EXPORT_STATE,
+    HEALTH_CHECK,
+    IMPORT_STATE,
+    INIT,
+    LIFECYCLE_HOOKS,
+    SHUTDOWN,
+    STATE_HOOKS,
+)
 from .._pymodule import PythonModule
 from ..errors import PluginCallError, SandboxerError
 from ..rpc.framing import DEFAULT_MAX_FRAME

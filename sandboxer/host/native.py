@@ -47,8 +47,14 @@ from typing import Any
 
 from .. import _json
 from .._hooks import EXPORT_STATE, IMPORT_STATE, STATE_HOOKS
-from ..errors import (INTERNAL_ERROR, INVALID_PARAMS, MethodNotFound, PluginCallError,
-                      PluginLoadError, PluginStateError)
+from ..errors import (
+    INTERNAL_ERROR,
+    INVALID_PARAMS,
+    MethodNotFound,
+    PluginCallError,
+    PluginLoadError,
+    PluginStateError,
+)
 from ..manifest import METHOD_RE
 
 __all__ = ["NativeLibrary", "MAX_OUT_BYTES", "STATE_HOOKS"]
@@ -172,7 +178,7 @@ class NativeLibrary:
     @property
     def has_state(self) -> bool:
         """True when the library lists both state hooks, so hot reload migrates its state."""
-        return self._listed is not None and STATE_HOOKS <= set(self._listed)
+        return self._listed is not None and set(self._listed) >= STATE_HOOKS
 
     def _check_open(self, what: str) -> None:
         if self._shut_down:

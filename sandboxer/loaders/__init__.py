@@ -29,8 +29,9 @@ healthy, no state); a health check is unhealthy only when it answers ``false``,
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Final, Literal, Protocol, runtime_checkable
+from typing import Any, Final, Literal, Protocol, runtime_checkable
 
 from ..errors import MethodNotFound, PluginCallError, SandboxerError
 from ..manifest import LoaderType, Plugin

@@ -14,13 +14,14 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .. import _json
 from ..errors import (
-    CallTimeout,
     INVALID_PARAMS,
     SERVER_ERROR,
+    CallTimeout,
     HandshakeError,
     MethodNotFound,
     PluginCallError,
@@ -61,7 +62,7 @@ _SWEEP = 0.02  # seconds between deadline checks while calls are in flight
 class HandshakeInfo:
     """What the plugin said about itself in its handshake."""
 
-    __slots__ = ("protocol", "name", "version", "methods")
+    __slots__ = ("methods", "name", "protocol", "version")
 
     def __init__(self, protocol: int, name: str, version: str, methods: tuple[str, ...]):
         self.protocol = protocol

@@ -15,8 +15,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import _json
-from ..errors import (INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST, METHOD_NOT_FOUND,
-                      PARSE_ERROR, ProtocolError)
+from ..errors import (
+    INTERNAL_ERROR,
+    INVALID_PARAMS,
+    INVALID_REQUEST,
+    METHOD_NOT_FOUND,
+    PARSE_ERROR,
+    ProtocolError,
+)
 
 __all__ = [
     "DEFAULT_MAX_FRAME",

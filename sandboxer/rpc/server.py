@@ -24,8 +24,9 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from .. import _json
 from .._hooks import RESERVED, STATE_HOOKS
@@ -80,7 +81,7 @@ class Handlers:
     def declared(self) -> list[str]:
         """Method names for the handshake: the methods, plus the state methods if present."""
         names = sorted(self.methods)
-        if STATE_HOOKS <= self.lifecycle.keys():
+        if self.lifecycle.keys() >= STATE_HOOKS:
             names += ["sandboxer.export_state", "sandboxer.import_state"]
         return names
 

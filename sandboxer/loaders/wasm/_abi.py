@@ -8,7 +8,7 @@ that names the import or export and says what sandboxer expects instead.
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+from collections.abc import Mapping
 
 import wasmtime
 
@@ -79,7 +79,7 @@ class Layout:
 
     @property
     def has_state(self) -> bool:
-        return STATE_HOOKS <= self.lifecycle
+        return self.lifecycle >= STATE_HOOKS
 
     @classmethod
     def of(cls, plugin: Plugin, module: wasmtime.Module) -> Layout:

@@ -57,7 +57,7 @@ def put_numbers(plugin_id: str, bound: Bound, m: Method, method: str,
             plugin_id=plugin_id, method=method)
     for i, kind in enumerate(m.params):
         value = args[i]
-        if kind == I32 or kind == I64:
+        if kind in (I32, I64):
             lo, hi = RANGES[kind]
             if type(value) is not int or not lo <= value < hi:
                 raise _bad_number(plugin_id, method, i, value, kind)

@@ -8,13 +8,19 @@ A run blocks (its wasm runs from start to exit on the calling thread): only ever
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import orjson
 import wasmtime
 
-from ...errors import (INTERNAL_ERROR, CallTimeout, CpuLimitExceeded, PluginCallError,
-                       PluginStateError)
+from ...errors import (
+    INTERNAL_ERROR,
+    CallTimeout,
+    CpuLimitExceeded,
+    PluginCallError,
+    PluginStateError,
+)
 from ...sandbox.policy import SandboxConfig
 from ...sandbox.process import LineLog
 from ._call import first_line

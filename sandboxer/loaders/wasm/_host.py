@@ -53,7 +53,7 @@ class GuestMemory:
         self.size = self._memory.data_len(caller) if self._memory is not None else 0
 
     def holds(self, ptr: int, length: int) -> bool:
-        return self._memory is not None and 0 <= ptr and 0 <= length \
+        return self._memory is not None and ptr >= 0 and length >= 0 \
             and ptr + length <= self.size
 
     def check(self, ptr: int, length: int, what: str) -> None:

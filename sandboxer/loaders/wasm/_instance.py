@@ -14,7 +14,8 @@ import dataclasses
 import itertools
 import threading
 import time
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import wasmtime
 

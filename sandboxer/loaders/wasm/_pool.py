@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
-from typing import Awaitable, Callable
 
 from ...errors import PluginLoadError, SandboxerError
 from .. import not_implemented

@@ -28,8 +28,14 @@ from .rules import AllowList, EgressRefused, network_mode, refused_range
 
 if _TYPE_CHECKING:
     from .decisions import EgressCounters
-    from .proxy import (EGRESS_SOCKET, PROXY_HOST, PROXY_PORT, EgressEndpoint, EgressProxy,
-                        proxy_environment)
+    from .proxy import (
+        EGRESS_SOCKET,
+        PROXY_HOST,
+        PROXY_PORT,
+        EgressEndpoint,
+        EgressProxy,
+        proxy_environment,
+    )
     from .resolver import Resolver
 
 __all__ = ["EgressProxy", "EgressEndpoint", "EgressCounters", "AllowList", "EgressRefused",

@@ -18,7 +18,7 @@ import contextlib
 import logging
 import threading
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from .resolver import Resolver
 from .rules import AllowList, EgressRefused, IPAddress, check_target, usable_addresses
@@ -60,8 +60,15 @@ class EgressCounters:
     """One plugin's egress, across its generations: attempts by verdict, connections open
     now, bytes each way. Updated from the event loop and from wasm worker threads."""
 
-    __slots__ = ("allowed", "refused", "failed", "active", "bytes_sent", "bytes_received",
-                 "_lock")
+    __slots__ = (
+        "_lock",
+        "active",
+        "allowed",
+        "bytes_received",
+        "bytes_sent",
+        "failed",
+        "refused",
+    )
 
     def __init__(self) -> None:
         self.allowed = self.refused = self.failed = self.active = 0

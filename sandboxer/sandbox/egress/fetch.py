@@ -31,7 +31,8 @@ import socket
 import ssl
 import threading
 import time
-from typing import Any, Callable, Union
+from collections.abc import Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 from .decisions import Checkpoint, EgressCounters, EgressFailed, log, printable
@@ -50,7 +51,7 @@ _FIELDS = {"method", "url", "headers", "body", "body_base64"}
 # the allow-list, not for another one behind the same address.
 _RESERVED = {"content-length", "transfer-encoding", "connection", "keep-alive", "upgrade",
              "te", "trailer", "proxy-connection", "proxy-authorization", "host"}
-Deadline = Union[float, Callable[[], float]]
+Deadline = float | Callable[[], float]
 
 
 class _Invalid(Exception):

@@ -26,13 +26,13 @@ import os
 import shutil
 import socket
 import tempfile
-from typing import Any, Callable, Iterable, Protocol
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
 
 from ...rpc.framing import DEFAULT_MAX_FRAME
 from .decisions import Checkpoint, EgressFailed, Rejected, log
 from .http import HEAD_LIMIT, read_http
-from .rules import (AllowList, EgressRefused, IPAddress, show_address, show_target,
-                    usable_addresses)
+from .rules import AllowList, EgressRefused, IPAddress, show_address, show_target, usable_addresses
 from .socks import read_socks5, reject_socks4
 
 __all__ = ["EgressProxy", "EgressEndpoint", "proxy_environment", "PROXY_HOST", "PROXY_PORT",

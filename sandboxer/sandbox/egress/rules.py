@@ -4,8 +4,9 @@ What an ``allowed_hosts`` entry may say (``parse_host_pattern``: the manifest an
 config are parsed with it), the compiled allow-list (exact names, ``*.suffix`` wildcards, IP
 literals and CIDR ranges, each with an optional port; ``covers`` for the host policy), the
 address ranges refused unless listed (loopback, private, link-local, ... : the DNS rebinding
-defence), what a valid target name is, and the network mode a sandbox config asks for. Everything here is a pure function of its arguments: no I/O, no
-resolver, no log. The proxy, its wire protocols and the wasm fetch all decide through here.
+defence), what a valid target name is, and the network mode a sandbox config asks for.
+Everything here is a pure function of its arguments: no I/O, no resolver, no log. The proxy,
+its wire protocols and the wasm fetch all decide through here.
 
 It must never import the rest of the egress package (which depends on it) nor the sandbox
 policy (which imports it for ``AllowList.covers``).
@@ -15,15 +16,16 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable, Protocol, Union
+from typing import Protocol
 
 __all__ = ["AllowList", "EgressRefused", "IPAddress", "IPNetwork", "NetworkRequest",
            "parse_host_pattern", "network_mode", "refused_range", "check_target",
            "usable_addresses", "plain_address", "show_address", "show_target"]
 
-IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
-IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # A label of an allowed_hosts entry; a target's labels may hold underscores too.
 _PATTERN_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
@@ -83,9 +85,8 @@ def parse_host_pattern(text: object) -> str:
             raise ValueError(f"{expected}, not {text!r}") from None
     elif host.count(":") == 1:
         host, port = host.split(":")
-    if port is not None:
-        if not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"a port between 1 and 65535 in {text!r}")
+    if port is not None and not (port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError(f"a port between 1 and 65535 in {text!r}")
     if "/" in host:
         try:
             ipaddress.ip_network(host, strict=True)
@@ -119,6 +120,16 @@ def _contains(outer: str | IPNetwork, inner: IPNetwork) -> bool:
     if isinstance(outer, ipaddress.IPv6Network) and isinstance(inner, ipaddress.IPv6Network):
         return inner.subnet_of(outer)
     return False
+
+
+def _rule_covers(rule: _Rule, wanted: _Rule) -> bool:
+    """Whether ``rule`` allows every target ``wanted`` (a rule's port aside) allows."""
+    if not isinstance(wanted.value, str):  # a network: only a wider network covers it
+        return _contains(rule.value, wanted.value)
+    if rule.kind == "wildcard":  # a longer name under it, or a narrower wildcard
+        name, suffix = wanted.value, str(rule.value)
+        return name.endswith(suffix) and (wanted.kind == "wildcard" or len(name) > len(suffix))
+    return rule.kind == wanted.kind == "name" and rule.value == wanted.value
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,13 +202,7 @@ class AllowList:
         for rule in self._rules:
             if rule.port is not None and rule.port != wanted.port:
                 continue
-            if not isinstance(wanted.value, str):  # a network: only a wider network covers it
-                if _contains(rule.value, wanted.value):
-                    return True
-            elif rule.kind == "wildcard" and str(wanted.value).endswith(str(rule.value)) \
-                    and (wanted.kind == "wildcard" or len(str(wanted.value)) > len(str(rule.value))):
-                return True
-            elif rule.kind == wanted.kind == "name" and rule.value == wanted.value:
+            if _rule_covers(rule, wanted):
                 return True
         return False
 
