@@ -60,7 +60,7 @@ def _read_at(f: Any, file_size: int, offset: int, size: int, what: str) -> bytes
     if offset < 0 or size < 0 or offset + size > file_size or size > _MAX_TABLE:
         raise ElfError(f"a malformed ELF file ({what} lies outside the file)")
     f.seek(offset)
-    data = f.read(size)
+    data: bytes = f.read(size)
     if len(data) != size:
         raise ElfError(f"a malformed ELF file ({what} is truncated)")
     return data

@@ -490,7 +490,8 @@ class PluginWatcher:
             raise StopAsyncIteration
         if isinstance(item, BaseException):
             raise item
-        return item
+        event: WatchEvent = item
+        return event
 
     def close(self) -> None:
         self._engine.close()

@@ -29,7 +29,7 @@ healthy, no state); a health check is unhealthy only when it answers ``false``,
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final, Literal, Protocol, runtime_checkable
 
@@ -110,7 +110,9 @@ class PluginHandle(Protocol):
         """True when the plugin both exports and imports state (hot reload migrates it)."""
         ...
 
-    async def call(self, method: str, *args: Any, timeout: float | None = None) -> Any: ...
+    # An awaitable, not necessarily a coroutine: the out-of-process handle answers with a
+    # future it creates as the request is written.
+    def call(self, method: str, *args: Any, timeout: float | None = None) -> Awaitable[Any]: ...
 
     async def init(self, config: dict[str, Any]) -> None: ...
 

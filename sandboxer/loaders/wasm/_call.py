@@ -35,6 +35,9 @@ __all__ = [
     "envelope", "call_failure", "first_line",
 ]
 
+# The start of a result the fast path parses in place: {"result": ...} (compared as a buffer).
+_RESULT_HEAD = memoryview(b'{"result":')
+
 
 
 def encode(plugin_id: str, method: str, args: Any) -> bytes:
@@ -112,7 +115,7 @@ def json_result(plugin_id: str, inst: Instance, bound: Bound, method: str,
             f"{max_output}-byte limit", code=INTERNAL_ERROR,
             plugin_id=plugin_id, method=method)
     view = inst.view
-    if length > 10 and view[ptr:ptr + 10] == b'{"result":' and view[end - 1] == 0x7D:
+    if length > 10 and view[ptr:ptr + 10] == _RESULT_HEAD and view[end - 1] == 0x7D:
         try:
             return orjson.loads(view[ptr + 10:end - 1])
         except orjson.JSONDecodeError:

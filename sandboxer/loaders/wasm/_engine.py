@@ -59,7 +59,8 @@ class WasmEngine:
             if entry is None:
                 entry = self._modules[digest] = [wasmtime.Module(self.engine, data), 0]
             entry[1] += 1
-            return entry[0]
+            module: wasmtime.Module = entry[0]
+            return module
 
     def release(self, digest: str) -> None:
         with self._compile_lock:

@@ -35,8 +35,7 @@ _LIVE: dict[int, Store] = {}  # the stores the epoch callback may be asked about
 _keys = itertools.count(1)
 
 
-@_wt.epoch_callback_type
-def _on_epoch(_ctx: Any, data: int | None, delta: Any, kind: Any) -> int:
+def _on_epoch_call(_ctx: Any, data: int | None, delta: Any, kind: Any) -> int:
     """A store reached its epoch deadline (every tick while its wasm runs)."""
     try:
         delta[0] = 1
@@ -51,6 +50,9 @@ def _on_epoch(_ctx: Any, data: int | None, delta: Any, kind: Any) -> int:
         return 0
     except BaseException:  # a ctypes callback must not raise
         return 0
+
+
+_on_epoch = _wt.epoch_callback_type(_on_epoch_call)
 
 
 _current = threading.local()  # .store: the Store whose wasm this thread is running
@@ -215,7 +217,7 @@ class Instance(Store):
         self.deadline = time.monotonic() + timeout
         if self.fuel is not None:
             _wt.set_fuel(self.ctx, self.fuel)
-        future = _wt.call_async(self.ctx, bound.fptr, bound.argsp, bound.nargs,
+        future: _wt.FuturePtr = _wt.call_async(self.ctx, bound.fptr, bound.argsp, bound.nargs,
                                 bound.resultsp, bound.nresults, self.trapp, self.errorp)
         if _wt.poll(future):
             _wt.delete_future(future)

@@ -85,8 +85,7 @@ class Pool:
             new = await asyncio.shield(work)
         except BaseException as exc:
             if isinstance(exc, asyncio.CancelledError):
-                work.add_done_callback(
-                    lambda f: f.cancelled() or f.exception() or f.result().release())
+                work.add_done_callback(_release_when_made)
             self.release(old)
             if isinstance(exc, SandboxerError):
                 self._fail(exc)
@@ -124,3 +123,9 @@ class Pool:
             inst.release()
         self.instances.clear()
         self.idle.clear()
+
+
+def _release_when_made(work: asyncio.Future[Instance]) -> None:
+    """A replacement instance whose caller stopped waiting: release it once it exists."""
+    if not work.cancelled() and work.exception() is None:
+        work.result().release()

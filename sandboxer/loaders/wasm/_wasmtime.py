@@ -90,7 +90,7 @@ def val_array(kinds: list[int]) -> Any:
     """A ``wasmtime_val_t[n]`` with each slot's kind preset."""
     array = (ffi.wasmtime_val_t * max(len(kinds), 1))()
     for i, kind in enumerate(kinds):
-        array[i].kind = kind
+        array[i].kind = kind  # type: ignore[assignment]  # ctypes stores the int as a c_uint8
     return array
 
 
@@ -154,8 +154,7 @@ def _trap(message: str) -> int:
     return int(_new_trap(text, len(text)) or 0)
 
 
-@ffi.wasmtime_func_callback_t
-def _host_trampoline(data: int | None, caller_ptr: Any, params: Any, nparams: int,
+def _host_trampoline_call(data: int | None, caller_ptr: Any, params: Any, nparams: int,
                      results: Any, nresults: int) -> int:
     caller = wasmtime.Caller(caller_ptr)
     try:
@@ -174,9 +173,13 @@ def _host_trampoline(data: int | None, caller_ptr: Any, params: Any, nparams: in
         caller._invalidate()
 
 
-@ctypes.CFUNCTYPE(None, ctypes.c_void_p)
-def _host_finalize(data: int | None) -> None:
+def _host_finalize_call(data: int | None) -> None:
     _HOST.pop(data or 0, None)
+
+
+# The C callbacks wasmtime calls: one of each for every host function.
+_host_trampoline = ffi.wasmtime_func_callback_t(_host_trampoline_call)
+_host_finalize = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(_host_finalize_call)
 
 
 def define_host_function(linker: wasmtime.Linker, module: str, name: str, params: int,
