@@ -42,7 +42,7 @@ from ..manifest import LoaderType, Plugin
 from ..rpc.client import HandshakeInfo, RpcConnection
 from .._units import format_size
 from ..sandbox import cgroups
-from ..sandbox import process as _process
+from ..sandbox import child as _process
 from ..sandbox.cgroups import CgroupBackend
 from ..sandbox.egress import EgressProxy
 from ..sandbox.launch import (

@@ -78,7 +78,7 @@ from ..sandbox.idmap import FALLBACK as IDMAP_FALLBACK
 from ..sandbox.idmap import owned_tree
 from ..sandbox.paths import OpenedPath, open_grant
 from ..sandbox.policy import SandboxConfig
-from ..sandbox.process import LineLog
+from ..sandbox.child import LineLog
 from . import NO_STATE, Health, NoState, ResourceUsage, not_implemented
 from . import _wasmtime as _wt
 

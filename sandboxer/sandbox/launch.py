@@ -27,7 +27,7 @@ from typing import Any, Awaitable, Callable, TypeVar
 
 from ..errors import PluginLoadError, SandboxUnavailable
 from . import _syscalls
-from . import process as _process
+from . import child as _process
 from .cgroups import Cgroup, CgroupBackend, CgroupLimits, CgroupStats
 from .cgroups import new_name as new_cgroup_name
 from .egress import (EGRESS_SOCKET, PROXY_HOST, PROXY_PORT, EgressEndpoint, EgressProxy,
@@ -443,7 +443,7 @@ async def launch(spec: LaunchSpec, *, rpc_fd: int, logger: logging.Logger,
     ``on_spawn(pid)`` runs before the launcher may go on: the place to put it in a cgroup.
     In "proxy" network mode ``egress`` gets the listener made in the plugin's namespace.
     ``sources``: the spec's paths already opened (``Sources(spec)``); closed here either way.
-    ``stdin``: the program's fd 0 (``process.check_stdin``), else /dev/null.
+    ``stdin``: the program's fd 0 (``child.check_stdin``), else /dev/null.
     """
     if network_mode(spec.sandbox) == "proxy" and egress is None:
         if sources is not None:
@@ -790,7 +790,7 @@ async def run(argv: list[str], sandbox: SandboxConfig, *, backend: CgroupBackend
     """Run any program in the sandbox (``sandboxer exec``) and wait for it; with allowed
     hosts, its egress goes through ``egress`` (logged as plugin "exec").
 
-    ``stdin`` becomes the program's fd 0 (``process.check_stdin``); by default it reads
+    ``stdin`` becomes the program's fd 0 (``child.check_stdin``); by default it reads
     /dev/null: a host application's own stdin is not the program's to take. ``timeout``
     bounds the program's run from its exec (the setup has ``setup_timeout``): past it, SIGTERM,
     then SIGKILL ``kill_grace`` seconds later, and ``RunResult.timed_out``. Whatever is left
