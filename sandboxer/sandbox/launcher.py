@@ -11,7 +11,7 @@ this privileged process) with:
     fd 2  stderr pipe        fd 5  status socket to and from the supervisor
 
 It reads the spec (one JSON line) from fd 4 and the sources from fd 5 (SCM_RIGHTS): every
-host path it mounts or copies, opened once by the supervisor (sandbox/launch.py, Sources):
+host path it mounts or copies, opened once by the supervisor (sandbox/sources.py, Sources):
 detached mount trees when the supervisor is root, else O_PATH fds that are re-opened here by
 the kernel's own name for them, through no link, and used only if they are still the same
 inode. No host path is ever opened here by a name that someone else could have changed, and
@@ -19,7 +19,7 @@ every mount target inside the new root is reached one component at a time throug
 Then it follows DESIGN section 6 in order, one function per step, each failure reported to
 the supervisor over fd 5 as ``{"step", "error", "errno", "path"}`` before exiting 127. A
 successful exec closes fd 5 with nothing written, which is how the supervisor knows the
-plugin is running.
+plugin is running. The supervisor's side of all this is sandbox/start.py.
 
 Network: with ``network.mode`` "none" the new net namespace has nothing but its loopback,
 brought up (programs talk to themselves over 127.0.0.1; nothing leaves); "proxy" also makes a
