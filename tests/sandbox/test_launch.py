@@ -1,5 +1,5 @@
 """The sandboxed launch (the supervisor's sandbox/spec.py, sources.py, start.py,
-confinement.py, program.py; inside, sandbox/launcher.py) as a user
+confinement.py, program.py; inside, sandbox/launcher.py and its launcher_*.py) as a user
 meets it: through ``sandboxer exec``, ``sandboxer doctor``, the manager, and ``launch()``
 itself, as root and as an unprivileged user.
 
