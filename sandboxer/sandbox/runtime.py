@@ -73,8 +73,10 @@ class Runtime:
 def _package_dirs() -> list[Path]:
     import orjson
 
-    import sandboxer
-    return [Path(sandboxer.__file__).resolve().parent, Path(orjson.__file__).resolve().parent]
+    # The sandboxer package is the one this module is part of: found from here, not by
+    # importing it (its lazy names lead back here through the manager and the process loader).
+    package = Path(__file__).resolve().parent.parent
+    return [package, Path(orjson.__file__).resolve().parent]
 
 
 def _files(directory: Path) -> list[Path]:
