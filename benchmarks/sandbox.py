@@ -5,7 +5,7 @@ Baselines, measured in the same run:
 - ``bwrap_true_ms``: Debian's bubblewrap, ``bwrap --unshare-all --die-with-parent --ro-bind
   /usr /usr --symlink usr/bin /bin --symlink usr/lib /lib --symlink usr/lib64 /lib64
   --proc /proc --dev /dev --tmpfs /tmp /bin/true``, run as a subprocess (what a caller pays).
-- ``exec_true_ms``: ``sandboxer exec -- /bin/true`` through ``sandboxer.sandbox.launch.run``
+- ``exec_true_ms``: ``sandboxer exec -- /bin/true`` through ``sandboxer.sandbox.program.run``
   in this process (full isolation: namespaces, cgroup, seccomp), so Python start-up of the
   CLI is not counted against us; ``cli_exec_true_ms`` is the same through the command line.
 - ``cold_start_ms``: ``PluginManager.load`` of ``examples/external-node`` (sandboxed) until
@@ -47,7 +47,7 @@ def _time_subprocess(argv: list[str]) -> list[float]:
 
 
 async def _exec_true() -> list[float]:
-    from sandboxer.sandbox import cgroups, launch
+    from sandboxer.sandbox import cgroups, program
     from sandboxer.sandbox.policy import SandboxConfig
     from sandboxer.sandbox.seccomp import compile_filter
 
@@ -56,8 +56,8 @@ async def _exec_true() -> list[float]:
     samples = []
     for _ in range(ROUNDS):
         start = time.perf_counter()
-        result = await launch.run(["/bin/true"], SandboxConfig(), backend=backend,
-                                  seccomp_bpf=bpf)
+        result = await program.run(["/bin/true"], SandboxConfig(), backend=backend,
+                                   seccomp_bpf=bpf)
         samples.append(time.perf_counter() - start)
         assert result.returncode == 0
     return samples
@@ -97,7 +97,7 @@ def run() -> dict[str, Any]:
         "rounds": ROUNDS,
         "baselines": {
             "bwrap_true_ms": "bwrap " + " ".join(BWRAP) + " (subprocess, median)",
-            "exec_true_ms": "sandboxer.sandbox.launch.run(['/bin/true']) in-process: "
+            "exec_true_ms": "sandboxer.sandbox.program.run(['/bin/true']) in-process: "
                             "namespaces, cgroup v1, seccomp default (median)",
             "cli_exec_true_ms": "python -m sandboxer.cli exec -- /bin/true (subprocess)",
             "cold_start_ms": "PluginManager.load(examples/external-node) + first greet",

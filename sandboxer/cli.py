@@ -27,9 +27,8 @@ from .errors import (CallTimeout, MemoryLimitExceeded, PluginLoadError, Sandboxe
 from .loaders import run_mode
 from .manager import PluginManager
 from .manifest import Plugin, load_plugin, verify_integrity
-from .sandbox.egress import EgressProxy
-from .sandbox.launch import KILL_GRACE
 from .config import HostConfig
+from .sandbox.egress import EgressProxy
 from .sandbox.policy import (
     SandboxConfig,
     SandboxRequest,
@@ -39,6 +38,7 @@ from .sandbox.policy import (
     parse_host_pattern,
     parse_path_grant,
 )
+from .sandbox.program import KILL_GRACE
 
 if TYPE_CHECKING:
     from .registry import Registry, TrustedPublicKey
@@ -403,7 +403,7 @@ def _passed_through(stream: Any) -> Any:
 
 
 def _exec_stdin() -> int | None:
-    """The stdin we were started with, for the program (``launch.run`` refuses a directory
+    """The stdin we were started with, for the program (``program.run`` refuses a directory
     or O_PATH fd), or None (/dev/null) when we were started without one. Not "whatever fd 0
     is now": started with it closed, fd 0 is the first file we opened (the event loop's
     epoll fd, say), which must not reach the sandbox."""
@@ -426,7 +426,7 @@ async def _cmd_exec(args: argparse.Namespace) -> int:
     not found), 3 sandboxer stopped it (the --timeout deadline, the memory limit), 4 this
     host cannot enforce the sandbox. Those collide with a program's own 2-4, so each of
     sandboxer's is said on stderr ("sandboxer: ...") and, with --json, as ``error``."""
-    from .sandbox import cgroups, launch
+    from .sandbox import cgroups, program
     from .sandbox.seccomp import compile_filter
 
     command = args.program[1:] if args.program[:1] == ["--"] else args.program
@@ -446,7 +446,7 @@ async def _cmd_exec(args: argparse.Namespace) -> int:
     egress = EgressProxy.from_config(host)
     start = time.perf_counter()
     try:
-        result = await launch.run(
+        result = await program.run(
             command, sandbox, backend=cgroups.detect(),
             seccomp_bpf=compile_filter(sandbox.profile, network=sandbox.network_allowed,
                                        extra_dirs=host.profile_dirs),
@@ -477,7 +477,7 @@ async def _cmd_exec(args: argparse.Namespace) -> int:
         stopped = CallTimeout(
             f"the program did not finish within its timeout (--timeout "
             f"{format_duration(args.timeout)}) and was stopped: SIGTERM, then SIGKILL after "
-            f"{launch.KILL_GRACE:g}s if still running; it {how}", timeout=args.timeout)
+            f"{program.KILL_GRACE:g}s if still running; it {how}", timeout=args.timeout)
     elif result.oom_killed:
         limit = sandbox.memory_limit
         stopped = MemoryLimitExceeded(

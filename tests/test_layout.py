@@ -46,6 +46,13 @@ def _absolute(module: str, node: ast.ImportFrom) -> str:
     return ".".join(base + ([node.module] if node.module else []))
 
 
+def _bare(module: str, name: str) -> str:
+    """An absolute import's module; the launcher's modules import their siblings by bare name
+    (``import _syscalls``), so a name that is a sibling of the importer means that sibling."""
+    sibling = f"{module.rsplit('.', 1)[0]}.{name}"
+    return sibling if name not in MODULES and sibling in MODULES else name
+
+
 def _type_checking_only(tree: ast.Module) -> set[int]:
     """ids of import nodes under ``if TYPE_CHECKING:``."""
     skip: set[int] = set()
@@ -74,11 +81,12 @@ class _Imports:
                 continue
             if isinstance(node, ast.Import):
                 for alias in node.names:
-                    if alias.name in MODULES:
-                        self.edges.add(alias.name)
-                        aliases[alias.asname or alias.name] = alias.name
+                    name = _bare(module, alias.name)
+                    if name in MODULES:
+                        self.edges.add(name)
+                        aliases[alias.asname or alias.name] = name
             elif isinstance(node, ast.ImportFrom):
-                source = _absolute(module, node)
+                source = _absolute(module, node) if node.level else _bare(module, node.module or "")
                 if source not in MODULES:
                     continue
                 for alias in node.names:
@@ -147,6 +155,9 @@ def _cycles() -> list[list[str]]:
 def test_the_checker_sees_the_package():
     assert "sandboxer.manager" in MODULES
     assert "sandboxer.manager" in IMPORTS["sandboxer.cli"].edges
+    # inside a function, and by bare name from the launcher's directory
+    assert "sandboxer.discovery" in IMPORTS["sandboxer.cli"].edges
+    assert "sandboxer.sandbox._syscalls" in IMPORTS["sandboxer.sandbox.launcher"].edges
 
 
 def test_no_import_cycle():

@@ -45,22 +45,14 @@ from ..rpc.client import HandshakeInfo, RpcConnection
 from ..rpc.framing import DEFAULT_MAX_FRAME
 from .._units import format_size
 from ..sandbox import cgroups
-from ..sandbox import process as _process
+from ..sandbox import child as _process
 from ..sandbox.cgroups import CgroupBackend
+from ..sandbox.confinement import Confinement, launch_confined
 from ..sandbox.egress import EgressProxy
-from ..sandbox.launch import (
-    PLUGIN_MOUNT,
-    Confinement,
-    LaunchSpec,
-    Mount,
-    base_mounts,
-    grant_mounts,
-    launch_confined,
-    mask_plan,
-)
 from ..sandbox.policy import SETUP_TIMEOUT, SandboxConfig
 from ..sandbox.runtime import Runtime, runtime
 from ..sandbox.seccomp import compile_filter
+from ..sandbox.spec import PLUGIN_MOUNT, LaunchSpec, Mount, base_mounts, grant_mounts, mask_plan
 from . import NO_STATE, Health, NoState, ResourceUsage, not_implemented
 from . import external, native, python
 

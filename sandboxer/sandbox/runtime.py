@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import SandboxUnavailable
-from .launch import Mount
+from .spec import Mount
 
 __all__ = ["Runtime", "runtime", "SITE", "PYTHON_PREFIX"]
 

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from sandboxer.sandbox.ids import FIRST_UID as SANDBOX_HOST_UIDS  # rootful sandboxes' uids
-from sandboxer.sandbox.launch import SANDBOX_UID  # who programs run as inside: the baseline too
+from sandboxer.sandbox.spec import SANDBOX_UID  # who programs run as inside: the baseline too
 
 SANDBOX_NAME = "sandbox"  # the sandbox uid's name in its /etc/passwd, and its hostname
 ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8",

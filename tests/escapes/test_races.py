@@ -7,7 +7,7 @@ the supervisor resolves for a symlink out of it.
    root-only directory (or to /etc), with ``renameat2(RENAME_EXCHANGE)``. Whatever the
    timing, the plugin must see the granted directory at the grant's path, or the load must
    fail. Through ``PluginManager`` (the manifest's ``allowed_paths``, checked against the
-   host's ``path_roots``) and through ``sandbox.launch.run`` (an explicit grant, as
+   host's ``path_roots``) and through ``sandbox.program.run`` (an explicit grant, as
    ``sandboxer exec --allow-path`` makes).
 4. The copy of the plugin directory into /plugin. The attacker owns the plugin directory;
    ``sub`` trades places with ``sub-link``, a symlink to a root-only directory. Whatever
@@ -59,7 +59,7 @@ import pytest
 from conftest import EXAMPLES
 from sandboxer import (HostConfig, PathGrant, PluginLoadError, PluginManager, PluginState,
                        SandboxConfig, SandboxerError)
-from sandboxer.sandbox import cgroups, launch
+from sandboxer.sandbox import cgroups, program
 from sandboxer.sandbox.seccomp import compile_filter
 
 from .conftest import Canaries, unique_marker
@@ -79,7 +79,7 @@ GRANT_LOADS = 200
 EXEC_RUNS = 200
 COPY_LOADS = 200
 LOOP_BUDGET = 20.0
-# launch.run's sandbox setup timeout: the guest's start-ups need more than the default (the
+# program.run's sandbox setup timeout: the guest's start-ups need more than the default (the
 # managers get theirs from tests/vm/guest_timeouts.py there); a healthy setup takes 50 ms.
 RUN_SETUP_TIMEOUT = 60.0
 GRANTED_NAME = "granted.txt"
@@ -421,7 +421,7 @@ def cgroup_backend() -> cgroups.CgroupBackend:
 async def test_an_exec_grant_swapped_for_a_link_is_never_mounted(
         grant_scene: GrantScene, swapper_program: Path, canaries: Canaries,
         cgroup_backend: cgroups.CgroupBackend) -> None:
-    """Point 3 through ``sandbox.launch.run`` (``sandboxer exec --allow-path``): the
+    """Point 3 through ``sandbox.program.run`` (``sandboxer exec --allow-path``): the
     operator grants ROOT/attacker/data explicitly; the attacker swaps data for a link."""
     scene = grant_scene
     sandbox = SandboxConfig(allowed_paths=(PathGrant(str(scene.grant)),))
@@ -433,9 +433,9 @@ async def test_an_exec_grant_swapped_for_a_link_is_never_mounted(
             out: list[bytes] = []
             err: list[bytes] = []
             try:
-                result = await launch.run(argv, sandbox, backend=cgroup_backend,
-                                          seccomp_bpf=bpf, sinks=(out.append, err.append),
-                                          setup_timeout=RUN_SETUP_TIMEOUT)
+                result = await program.run(argv, sandbox, backend=cgroup_backend,
+                                           seccomp_bpf=bpf, sinks=(out.append, err.append),
+                                           setup_timeout=RUN_SETUP_TIMEOUT)
             except PluginLoadError as exc:
                 tally.failure(exc)
                 continue

@@ -5,7 +5,7 @@ execveat; docs/profiles.md states the promise.
 
 A strict plugin cannot fork, so it cannot start the C probe as the other modules do. Most
 probes here therefore run the probe as the sandboxed program itself, the way ``sandboxer exec
---profile strict -- probe NAME ARG`` does (``launch.run``), one sandbox per probe, with the
+--profile strict -- probe NAME ARG`` does (``program.run``), one sandbox per probe, with the
 host's canaries checked after each. The exec probes copy /bin/echo somewhere and run the copy
 with "exec-worked", which is what they print if the exec succeeds. Two probes go through the
 hostile plugin itself, loaded under strict by the manager, since that is the path a plugin
@@ -25,8 +25,8 @@ import pytest
 import pytest_asyncio
 
 from sandboxer import PathGrant, PluginManager, load_plugin
-from sandboxer.sandbox import cgroups, launch
 from sandboxer.config import HostConfig
+from sandboxer.sandbox import cgroups, program
 from sandboxer.sandbox.policy import SandboxConfig, SandboxRequest, effective_config
 from sandboxer.sandbox.seccomp import compile_filter
 
@@ -53,7 +53,7 @@ async def run_probe(canaries: Canaries, hostile_dir: Path, profile: str, name: s
     sandbox = probe_sandbox(profile, hostile_dir)
     out: list[bytes] = []
     err: list[bytes] = []
-    result = await launch.run(
+    result = await program.run(
         [str(hostile_dir / "probe"), name, arg], sandbox, backend=cgroups.detect(),
         seccomp_bpf=compile_filter(profile, network=False), sinks=(out.append, err.append))
     canaries.check()

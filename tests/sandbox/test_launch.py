@@ -1,6 +1,7 @@
-"""The sandboxed launch (sandbox/launch.py, sandbox/launcher.py) as a user meets it: through
-``sandboxer exec``, ``sandboxer doctor``, the manager, and ``launch()`` itself, as root and as
-an unprivileged user.
+"""The sandboxed launch (the supervisor's sandbox/spec.py, sources.py, start.py,
+confinement.py, program.py; inside, sandbox/launcher.py and its launcher_*.py) as a user
+meets it: through ``sandboxer exec``, ``sandboxer doctor``, the manager, and ``launch()``
+itself, as root and as an unprivileged user.
 
 Everything here runs the real thing: real namespaces, real v1 cgroups, the real seccomp
 filter of the default profile. ``sandboxer exec`` runs in a child process (``python -m
@@ -38,8 +39,11 @@ from sandboxer import (
     SandboxConfig,
     SandboxUnavailable,
 )
-from sandboxer.sandbox import cgroups, launch
-from sandboxer.sandbox.launch import LaunchSpec, Mount, SandboxSetupError
+from sandboxer.sandbox import cgroups, program, sources
+from sandboxer.sandbox import child as child_process
+from sandboxer.sandbox.confinement import launch_confined
+from sandboxer.sandbox.spec import LaunchSpec, Mount, base_mounts, grant_mounts
+from sandboxer.sandbox.start import SandboxSetupError, launch
 from sandboxer.sandbox.seccomp import compile_filter
 from sandboxer.sandbox.policy import PathGrant
 
@@ -312,13 +316,13 @@ class RecordingBackend:
 def spawned(monkeypatch):
     """Every launcher process started (the real spawn, recorded)."""
     calls: list[list[str]] = []
-    real = launch._process.spawn
+    real = child_process.spawn
 
     def spawn(argv, *args, **kwargs):  # type: ignore[no-untyped-def]
         calls.append(argv)
         return real(argv, *args, **kwargs)
 
-    monkeypatch.setattr(launch._process, "spawn", spawn)
+    monkeypatch.setattr(child_process, "spawn", spawn)
     return calls
 
 
@@ -326,7 +330,7 @@ async def test_missing_allowed_path_fails_before_any_process(no_leaks, spawned):
     backend = RecordingBackend()
     sandbox = SandboxConfig(allowed_paths=(PathGrant("/nonexistent-allowed"),))
     with pytest.raises(PluginLoadError) as info:
-        await launch.run(["/bin/true"], sandbox, backend=backend, seccomp_bpf=None)
+        await program.run(["/bin/true"], sandbox, backend=backend, seccomp_bpf=None)
     assert not isinstance(info.value, SandboxUnavailable)  # the config is wrong, not the host
     assert "allowed path /nonexistent-allowed cannot be opened: it does not exist" in str(info.value)
     assert spawned == [] and backend.created == []
@@ -346,14 +350,14 @@ async def test_missing_allowed_path_of_a_plugin_fails_before_any_process(tmp_pat
 
 def _spec(argv: list[str], *, extra: tuple[Mount, ...] = (), cwd: str = "/tmp") -> LaunchSpec:
     return LaunchSpec(argv=argv, env={"PATH": "/usr/bin:/bin"}, sandbox=SandboxConfig(),
-                      mounts=tuple(launch.base_mounts()) + extra, cwd=cwd,
+                      mounts=tuple(base_mounts()) + extra, cwd=cwd,
                       seccomp_bpf=compile_filter("default", network=False))
 
 
 async def _launch(spec: LaunchSpec) -> None:
     null = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
     try:
-        proc, _ = await launch.launch(spec, rpc_fd=null, logger=logging.getLogger("test"))
+        proc, _ = await launch(spec, rpc_fd=null, logger=logging.getLogger("test"))
     finally:
         os.close(null)
     await proc.close()
@@ -365,7 +369,7 @@ async def test_a_missing_bind_source_fails_before_any_process(no_leaks, spawned)
                                               "in the sandbox: No such file") as info:
         await _launch(_spec(["/bin/true"], extra=(Mount("/nonexistent-src", "/x"),)))
     assert not isinstance(info.value, SandboxUnavailable)
-    assert spawned == [] and not launch._ids.held()
+    assert spawned == [] and not sources._ids.held()
 
 
 @pytest.mark.parametrize("spec, step, path, missing", [
@@ -375,14 +379,14 @@ async def test_a_missing_bind_source_fails_before_any_process(no_leaks, spawned)
                  "/nonexistent-cwd", "exec", id="cwd-missing"),
 ])
 async def test_setup_failure_names_the_step_and_path(no_leaks, spec, step, path, missing):
-    used_before = launch._ids.held()
+    used_before = sources._ids.held()
     with pytest.raises(SandboxSetupError) as info:
         await _launch(spec)
     message = str(info.value)
     assert f"sandbox setup failed at step {step} ({path})" in message, message
     assert "No such file or directory" in message
     assert info.value.missing == missing
-    assert launch._ids.held() == used_before  # the host uid was given back
+    assert sources._ids.held() == used_before  # the host uid was given back
 
 
 async def test_setup_failure_in_a_cgroup_leaves_no_cgroup_or_process(no_leaks):
@@ -391,25 +395,25 @@ async def test_setup_failure_in_a_cgroup_leaves_no_cgroup_or_process(no_leaks):
     null = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
     try:
         with pytest.raises(SandboxSetupError) as info:
-            await launch.launch_confined(spec, backend=backend, rpc_fd=null,
-                                         logger=logging.getLogger("test"))
+            await launch_confined(spec, backend=backend, rpc_fd=null,
+                                  logger=logging.getLogger("test"))
     finally:
         os.close(null)
     assert "exec the plugin (/nonexistent-cwd)" in str(info.value)
     assert len(backend.created) == 1
     assert _cgroups_named(backend.created[0]) == []
-    assert not launch._ids.held()
+    assert not sources._ids.held()
 
 
-# -- launch.run: stdin, the deadline, programs not found inside (issue 17.5) ------------------
+# -- program.run: stdin, the deadline, programs not found inside (issue 17.5) ----------------
 
 async def _run(argv: list[str], sandbox: SandboxConfig | None = None,
-               **options: object) -> tuple[launch.RunResult, str, str]:
+               **options: object) -> tuple[program.RunResult, str, str]:
     out: list[bytes] = []
     err: list[bytes] = []
-    result = await launch.run(argv, sandbox or SandboxConfig(), backend=cgroups.detect(),
-                              seccomp_bpf=compile_filter("default", network=False),
-                              sinks=(out.append, err.append), **options)  # type: ignore[arg-type]
+    result = await program.run(argv, sandbox or SandboxConfig(), backend=cgroups.detect(),
+                               seccomp_bpf=compile_filter("default", network=False),
+                               sinks=(out.append, err.append), **options)  # type: ignore[arg-type]
     return result, b"".join(out).decode(), b"".join(err).decode()
 
 
@@ -470,9 +474,9 @@ def test_find_program_where_it_can_be_known_before_the_launch(host_dir, world_di
     (host_dir / "tool").chmod(0o755)
     (host_dir / "out").symlink_to("/etc/shadow")
     (world_dir / "tool").write_text("#!/bin/sh\n")
-    mounts = launch.base_mounts()
-    granted = mounts + launch.grant_mounts((PathGrant(str(host_dir)),))
-    find = launch.find_program
+    mounts = base_mounts()
+    granted = mounts + grant_mounts((PathGrant(str(host_dir)),))
+    find = program.find_program
     assert find("sh", mounts) == "/usr/bin/sh"
     assert find("/bin/sh", mounts) == "/bin/sh"  # the merged-usr link exists inside too
     assert find(str(host_dir / "tool"), granted) == str(host_dir / "tool")
@@ -527,29 +531,30 @@ async def test_an_unload_that_reaches_terminate_leaves_no_traceback_in_the_plugi
 
 ROOTLESS_LAUNCH = """\
 import asyncio, json, logging, os
-from sandboxer.sandbox import launch
+from sandboxer.sandbox.spec import LaunchSpec, base_mounts
+from sandboxer.sandbox.start import launch
 from sandboxer.sandbox.policy import SandboxConfig
 from sandboxer.sandbox.seccomp import compile_filter
 
 BPF = compile_filter("default", network=False)
 
 async def main():
-    spec = launch.LaunchSpec(
+    spec = LaunchSpec(
         argv=["/bin/sh", "-c", "id -u; id -g; cat /proc/self/uid_map /proc/self/gid_map; "
               "hostname; grep CapEff /proc/self/status; ls /proc | grep -c '^[0-9]'"],
         env={"PATH": "/usr/bin:/bin"}, sandbox=SandboxConfig(),
-        mounts=tuple(launch.base_mounts()), seccomp_bpf=BPF)
+        mounts=tuple(base_mounts()), seccomp_bpf=BPF)
     out = []
     null = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
-    proc, host_uid = await launch.launch(spec, rpc_fd=null, logger=logging.getLogger("t"),
+    proc, host_uid = await launch(spec, rpc_fd=null, logger=logging.getLogger("t"),
                                          sinks=(out.append, out.append))
     os.close(null)
     code = await proc.wait(20)
     await proc.output_closed(2)
     await proc.close()
-    true_proc, _ = await launch.launch(
-        launch.LaunchSpec(argv=["/bin/true"], env={}, sandbox=SandboxConfig(),
-                          mounts=tuple(launch.base_mounts()), seccomp_bpf=BPF),
+    true_proc, _ = await launch(
+        LaunchSpec(argv=["/bin/true"], env={}, sandbox=SandboxConfig(),
+                   mounts=tuple(base_mounts()), seccomp_bpf=BPF),
         rpc_fd=os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC), logger=logging.getLogger("t"))
     true_code = await true_proc.wait(20)
     await true_proc.close()
@@ -621,7 +626,7 @@ def nobody_can_run_sandboxer():
     anything; say so plainly rather than fail obscurely."""
     ran = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}",
                           "--clear-groups", "--", sys.executable, "-I", "-c",
-                          "import sandboxer.sandbox.launch, prctl; print('ok')"],
+                          "import sandboxer.sandbox.program, prctl; print('ok')"],
                          cwd="/tmp", capture_output=True, text=True, timeout=60)
     assert ran.stdout == "ok\n", ("nobody cannot import sandboxer from the venv "
                                   f"({sys.prefix}, {REPO}): make them world-readable: "
@@ -779,15 +784,15 @@ async def test_200_load_unload_cycles_leave_nothing_behind(tmp_path, no_leaks):
     async with PluginManager(HostConfig()) as mgr:
         for cycle in range(200):
             p = await mgr.load(root)
-            assert len(launch._ids.held()) == 1  # one host uid while it runs
+            assert len(sources._ids.held()) == 1  # one host uid while it runs
             assert await p.call("f") == 1
             await mgr.unload(p.id)
-            assert not launch._ids.held(), f"cycle {cycle}: uid not released"
+            assert not sources._ids.held(), f"cycle {cycle}: uid not released"
             if cycle == 0:
                 fds_after_first = len(os.listdir("/proc/self/fd"))
         assert len(os.listdir("/proc/self/fd")) == fds_after_first
     elapsed = time.monotonic() - start
-    assert not launch._ids.held()
+    assert not sources._ids.held()
     assert _cgroups_named(f"sandboxer-{os.getpid()}-") == []
     print(f"\n200 load/unload cycles: {elapsed:.1f}s ({elapsed / 200 * 1000:.0f} ms/cycle)")
 

@@ -6,7 +6,7 @@ The promises are read from the doc ("What each profile promises": a ``### `profi
 heading, then one ``- **name**:`` bullet per promise), and each has a check here under the
 same name: a promise written without a check, a check whose promise was removed, or a
 shipped profile without a list fails ``test_every_promise_has_a_check``. The checks run
-programs as ``sandboxer exec --profile NAME`` does (``launch.run``): the sandbox the host
+programs as ``sandboxer exec --profile NAME`` does (``program.run``): the sandbox the host
 policy gives the profile, its compiled filter, its mounts.
 """
 
@@ -24,7 +24,7 @@ import pytest
 from conftest import REPO
 from sandboxer import PluginManager
 from sandboxer.errors import PluginLoadError
-from sandboxer.sandbox import cgroups, launch
+from sandboxer.sandbox import cgroups, program
 from sandboxer.sandbox.egress import EgressProxy
 from sandboxer.config import HostConfig
 from sandboxer.sandbox.policy import PathGrant, SandboxRequest, effective_config
@@ -94,11 +94,11 @@ async def test_a_host_profile_decides_tmp_exec_for_exec_and_for_plugins(
                                                            "tmp_exec = false\n"))
     host = HostConfig(profile_dirs=(str(profiles),))
     out: list[bytes] = []
-    await launch.run(["/usr/bin/python3", "-c", textwrap.dedent(TMP_OPTIONS) + "print(tmp())"],
-                     effective_config(SandboxRequest(), host), backend=cgroups.detect(),
-                     seccomp_bpf=compile_filter("default", network=False,
-                                                extra_dirs=host.profile_dirs),
-                     sinks=(out.append, out.append), profile_dirs=host.profile_dirs)
+    await program.run(["/usr/bin/python3", "-c", textwrap.dedent(TMP_OPTIONS) + "print(tmp())"],
+                      effective_config(SandboxRequest(), host), backend=cgroups.detect(),
+                      seccomp_bpf=compile_filter("default", network=False,
+                                                 extra_dirs=host.profile_dirs),
+                      sinks=(out.append, out.append), profile_dirs=host.profile_dirs)
     assert "noexec" in b"".join(out).decode().split(","), out
     manager = PluginManager(config=host)
     try:
@@ -199,9 +199,9 @@ async def sandboxed(profile: str, argv: list[str], *, workdir: Workdir | None = 
     err: list[bytes] = []
     egress = EgressProxy.from_config(host) if network else None
     try:
-        result = await launch.run(argv, sandbox, backend=cgroups.detect(),
-                                  seccomp_bpf=compile_filter(profile, network=network),
-                                  sinks=(out.append, err.append), egress=egress)
+        result = await program.run(argv, sandbox, backend=cgroups.detect(),
+                                   seccomp_bpf=compile_filter(profile, network=network),
+                                   sinks=(out.append, err.append), egress=egress)
     finally:
         if egress is not None:
             egress.close()

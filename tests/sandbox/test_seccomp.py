@@ -30,7 +30,9 @@ import pytest
 
 from sandboxer.errors import PluginLoadError
 from sandboxer.sandbox import seccomp
-from sandboxer.sandbox.launch import LaunchSpec, Mount, base_mounts, launch, release_uid
+from sandboxer.sandbox.sources import release_uid
+from sandboxer.sandbox.spec import LaunchSpec, Mount, base_mounts
+from sandboxer.sandbox.start import launch
 from sandboxer.sandbox.policy import SandboxConfig
 from sandboxer.sandbox.profiles import builtin_dir
 from sandboxer.sandbox.seccomp import compile_filter

@@ -22,7 +22,7 @@ from ...errors import (
     PluginStateError,
 )
 from ...sandbox.policy import SandboxConfig
-from ...sandbox.process import LineLog
+from ...sandbox.child import LineLog
 from ._call import first_line
 from ._engine import WasmEngine
 from ._instance import Store, running

@@ -23,7 +23,7 @@ import wasmtime
 
 from ...errors import PluginLoadError, SandboxerError
 from ...sandbox.paths import OpenedPath
-from ...sandbox.process import LineLog
+from ...sandbox.child import LineLog
 from . import _wasmtime as _wt
 from ._abi import WASI_MODULE
 from ._engine import WasmEngine

@@ -6,7 +6,7 @@ It speaks the wire protocol by hand (DESIGN section 7: the handshake, then one r
 line on fd 3) with one method of its own, ``survey(path)``; of the reserved methods it
 answers ``sandboxer.init``, ``sandboxer.health`` and ``sandboxer.shutdown``. Run as
 ``survey.py --once PATH`` it prints one survey as JSON on stdout instead (for runs through
-``sandbox.launch.run``, as ``sandboxer exec`` does).
+``sandbox.program.run``, as ``sandboxer exec`` does).
 
 A survey walks PATH breadth first without following any link and describes every entry by
 its path: ``dev``, ``ino``, ``mode``, and for a directory its ``names``, for a file its first
