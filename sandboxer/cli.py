@@ -15,19 +15,19 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from . import _json
 from ._digest import tree_checksum
 from ._trusted_keys import parse_trusted_key_option
 from ._units import format_duration, format_size, parse_duration, parse_size
-from .errors import (CallTimeout, MemoryLimitExceeded, PluginLoadError, SandboxerError,
-                     exit_code)
+from .config import HostConfig
+from .errors import CallTimeout, MemoryLimitExceeded, PluginLoadError, SandboxerError, exit_code
 from .loaders import run_mode
 from .manager import PluginManager
 from .manifest import Plugin, load_plugin, verify_integrity
-from .config import HostConfig
 from .sandbox.egress import EgressProxy
 from .sandbox.policy import (
     SandboxConfig,
@@ -219,12 +219,11 @@ def _sandbox_for(plugin: Plugin, host: HostConfig, args: argparse.Namespace) -> 
 
 def _sandbox_from(request: SandboxRequest, plugin_id: str | None, host: HostConfig,
                   args: argparse.Namespace) -> SandboxConfig:
-    if args.network or args.allow_host:
-        if not args.allow_host and not host.allow_full_network:
-            raise PluginLoadError(
-                "--network without --allow-host asks for the host's full network, which the "
-                "host policy does not allow (allow_full_network = false); name the hosts with "
-                "--allow-host", plugin_id=plugin_id)
+    if args.network and not args.allow_host and not host.allow_full_network:
+        raise PluginLoadError(
+            "--network without --allow-host asks for the host's full network, which the "
+            "host policy does not allow (allow_full_network = false); name the hosts with "
+            "--allow-host", plugin_id=plugin_id)
     # The operator's choices widen the policy the manifest is checked against: a profile
     # and hosts named on the command line are the operator's to give.
     if args.profile:
@@ -513,7 +512,8 @@ async def _cmd_doctor(args: argparse.Namespace) -> int:
             if isinstance(value, dict):
                 print(f"{key}:")
                 for k, v in value.items():
-                    print(f"  {k:<22} {v if not isinstance(v, (dict, list)) else _json.dumps(v).decode()}")
+                    shown = _json.dumps(v).decode() if isinstance(v, (dict, list)) else v
+                    print(f"  {k:<22} {shown}")
             else:
                 print(f"{key:<24} {value}")
     return 0 if report["ok"] else 4

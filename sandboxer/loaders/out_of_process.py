@@ -27,9 +27,11 @@ import secrets
 import signal
 import socket
 import sys
+from collections.abc import Awaitable, Callable, Mapping
 from types import MappingProxyType
-from typing import Any, Awaitable, Callable, Mapping, Protocol
+from typing import Any, Protocol
 
+from .._units import format_size
 from ..errors import (
     HandshakeError,
     MemoryLimitExceeded,
@@ -43,7 +45,6 @@ from ..errors import (
 from ..manifest import LoaderType, Plugin
 from ..rpc.client import HandshakeInfo, RpcConnection
 from ..rpc.framing import DEFAULT_MAX_FRAME
-from .._units import format_size
 from ..sandbox import cgroups
 from ..sandbox import child as _process
 from ..sandbox.cgroups import CgroupBackend
@@ -53,8 +54,7 @@ from ..sandbox.policy import SETUP_TIMEOUT, SandboxConfig
 from ..sandbox.runtime import Runtime, runtime
 from ..sandbox.seccomp import compile_filter
 from ..sandbox.spec import PLUGIN_MOUNT, LaunchSpec, Mount, base_mounts, grant_mounts, mask_plan
-from . import NO_STATE, Health, NoState, ResourceUsage, not_implemented
-from . import external, native, python
+from . import NO_STATE, Health, NoState, ResourceUsage, external, native, not_implemented, python
 
 __all__ = ["ProcessLoader", "ProcessHandle", "plugin_command", "plugin_environment",
            "CommandBuilder", "COMMANDS", "SHUTDOWN_GRACE"]

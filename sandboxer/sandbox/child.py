@@ -23,7 +23,7 @@ import os
 import signal
 import stat
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from ..errors import PluginLoadError
 

@@ -12,14 +12,14 @@ import asyncio
 import dataclasses
 import logging
 import threading
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from ..errors import SandboxUnavailable
 from . import child
 from .cgroups import Cgroup, CgroupBackend, CgroupLimits, CgroupStats
 from .cgroups import new_name as new_cgroup_name
-from .egress import (EGRESS_SOCKET, EgressEndpoint, EgressProxy, network_mode,
-                     proxy_environment)
+from .egress import EGRESS_SOCKET, EgressEndpoint, EgressProxy, network_mode, proxy_environment
 from .policy import SETUP_TIMEOUT
 from .sources import Sources, release_uid
 from .spec import LaunchSpec, Mount
@@ -101,7 +101,7 @@ async def launch_confined(
         endpoint = egress.endpoint(plugin_id, sandbox.allowed_hosts)
         spec = dataclasses.replace(
             spec, env={**spec.env, **proxy_environment()},
-            mounts=spec.mounts + (Mount(endpoint.socket_path, EGRESS_SOCKET, exec=False),))
+            mounts=(*spec.mounts, Mount(endpoint.socket_path, EGRESS_SOCKET, exec=False)))
     try:
         return await _launch_in_cgroup(spec, backend=backend, rpc_fd=rpc_fd, logger=logger,
                                        sinks=sinks, fallbacks=fallbacks, egress=endpoint,

@@ -277,7 +277,7 @@ def set_rlimits(spec: dict[str, Any]) -> None:
              "as": resource.RLIMIT_AS}
     for name, value in spec["rlimits"].items():
         with step(Step.RLIMITS, name):
-            soft, hard = resource.getrlimit(names[name])
+            _, hard = resource.getrlimit(names[name])
             # Never raise a hard limit (the host may not allow it); only lower.
             new = value if hard == resource.RLIM_INFINITY else min(value, hard)
             resource.setrlimit(names[name], (new, new))
@@ -442,7 +442,7 @@ def pid1(spec: dict[str, Any], exit_pipe: int, sources: list[int], mounts: list[
         os.close(exit_pipe)
         try:
             plugin_process(spec)
-        except BaseException as error:  # noqa: B036 (nothing may escape as a traceback)
+        except BaseException as error:
             fail(error)
         os._exit(127)
     os.close(STATUS_FD)
@@ -469,13 +469,13 @@ def main() -> None:
         with step(Step.PID1):
             exit_read, exit_write = os.pipe()
             child = os.fork()
-    except BaseException as error:  # noqa: B036
+    except BaseException as error:
         fail(error)
     if child == 0:
         os.close(exit_read)
         try:
             pid1(spec, exit_write, sources, mounts, copies)
-        except BaseException as error:  # noqa: B036
+        except BaseException as error:
             fail(error)
         os._exit(127)
     os.close(exit_write)

@@ -182,7 +182,7 @@ def open_copies(spec: dict[str, Any], fds: list[int]) -> list[tuple[str, list[En
 
 
 def copy_trees(spec: dict[str, Any], trees: list[tuple[str, list[Entry]]]) -> None:
-    for (target, entries), copy in zip(trees, spec["copies"]):
+    for (target, entries), copy in zip(trees, spec["copies"], strict=True):
         full_target = NEW_ROOT + target
         with step(Step.COPY, target):
             _mkdirs(full_target)
@@ -216,7 +216,7 @@ def build_root() -> None:
 
 
 def bind_paths(spec: dict[str, Any], trees: list[int]) -> None:
-    for bind, tree in zip(spec["binds"], trees):
+    for bind, tree in zip(spec["binds"], trees, strict=True):
         if bind["device"]:
             continue  # build_dev
         with step(Step.BIND, bind["target"]):
@@ -278,7 +278,7 @@ def build_dev(spec: dict[str, Any], trees: list[int]) -> None:
     with step(Step.DEV, "/dev"):
         _mkdirs(dev)
         sc.mount("tmpfs", dev, "tmpfs", sc.MS_NOSUID | sc.MS_NOEXEC, "mode=0755,size=64k")
-        for bind, tree in zip(spec["binds"], trees):
+        for bind, tree in zip(spec["binds"], trees, strict=True):
             if not bind["device"]:
                 continue
             target = open_inside(bind["target"], create=False)

@@ -13,9 +13,9 @@ import errno as _errno
 import logging
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from ..errors import PluginLoadError
 from . import child

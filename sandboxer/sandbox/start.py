@@ -17,8 +17,8 @@ import logging
 import os
 import socket
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Awaitable, Callable
 
 from ..errors import SandboxUnavailable
 from . import child

@@ -21,8 +21,8 @@ from ...errors import (
     PluginCallError,
     PluginStateError,
 )
-from ...sandbox.policy import SandboxConfig
 from ...sandbox.child import LineLog
+from ...sandbox.policy import SandboxConfig
 from ._call import first_line
 from ._engine import WasmEngine
 from ._instance import Store, running

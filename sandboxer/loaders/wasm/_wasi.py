@@ -22,8 +22,8 @@ from typing import Any
 import wasmtime
 
 from ...errors import PluginLoadError, SandboxerError
-from ...sandbox.paths import OpenedPath
 from ...sandbox.child import LineLog
+from ...sandbox.paths import OpenedPath
 from . import _wasmtime as _wt
 from ._abi import WASI_MODULE
 from ._engine import WasmEngine
