@@ -49,14 +49,25 @@ if _TYPE_CHECKING:
 _LAZY = {
     "checksum": ("._digest", "tree_checksum"),
     **{name: (".loaders", name) for name in ("Health", "PluginHandle", "ResourceUsage")},
-    **{name: (".manager", name) for name in ("EventStream", "LoadedPlugin", "PluginEvent",
-                                             "PluginManager", "PluginStatistics")},
+    **{
+        name: (".manager", name)
+        for name in (
+            "EventStream",
+            "LoadedPlugin",
+            "PluginEvent",
+            "PluginManager",
+            "PluginStatistics",
+        )
+    },
     "PluginState": ("._lifecycle", "PluginState"),
-    **{name: (".manifest", name) for name in ("LoaderType", "Plugin", "load_plugin",
-                                              "parse_manifest")},
+    **{
+        name: (".manifest", name)
+        for name in ("LoaderType", "Plugin", "load_plugin", "parse_manifest")
+    },
     "HostConfig": (".config", "HostConfig"),
-    **{name: (".sandbox.policy", name) for name in ("PathGrant", "SandboxConfig",
-                                                    "SandboxRequest")},
+    **{
+        name: (".sandbox.policy", name) for name in ("PathGrant", "SandboxConfig", "SandboxRequest")
+    },
 }
 
 

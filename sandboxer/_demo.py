@@ -40,35 +40,45 @@ class _Row:
 
 
 async def _greet_and_add(mgr: PluginManager, p: LoadedPlugin) -> list[tuple[str, Any]]:
-    return [("greet('world')", await p.call("greet", "world")),
-            ("add(2, 3)", await p.call("add", 2, 3))]
+    return [
+        ("greet('world')", await p.call("greet", "world")),
+        ("add(2, 3)", await p.call("add", 2, 3)),
+    ]
 
 
 async def _counter(mgr: PluginManager, p: LoadedPlugin) -> list[tuple[str, Any]]:
     for _ in range(3):
         await p.call("increment")
     await mgr.reload(p.id)
-    return [("increment() x3, reload, get()", await p.call("get")),
-            ("generation after reload", p.generation)]
+    return [
+        ("increment() x3, reload, get()", await p.call("get")),
+        ("generation after reload", p.generation),
+    ]
 
 
 async def _wasm_c(mgr: PluginManager, p: LoadedPlugin) -> list[tuple[str, Any]]:
     for _ in range(3):
         await p.call("count")
     await mgr.reload(p.id)
-    return [("greet('world')", await p.call("greet", "world")),
-            ("count() x3, reload, count()", await p.call("count"))]
+    return [
+        ("greet('world')", await p.call("greet", "world")),
+        ("count() x3, reload, count()", await p.call("count")),
+    ]
 
 
 async def _wasm_wat(mgr: PluginManager, p: LoadedPlugin) -> list[tuple[str, Any]]:
-    return [("add(2, 3)", await p.call("add", 2, 3)),
-            ("fib(50)", await p.call("fib", 50)),
-            ("describe('x', 1)", await p.call("describe", "x", 1))]
+    return [
+        ("add(2, 3)", await p.call("add", 2, 3)),
+        ("fib(50)", await p.call("fib", 50)),
+        ("describe('x', 1)", await p.call("describe", "x", 1)),
+    ]
 
 
 async def _wasm_command(mgr: PluginManager, p: LoadedPlugin) -> list[tuple[str, Any]]:
-    return [("upper('hello, world')", await p.call("upper", "hello, world")),
-            ("length('héllo')", await p.call("length", "héllo"))]
+    return [
+        ("upper('hello, world')", await p.call("upper", "hello, world")),
+        ("length('héllo')", await p.call("length", "héllo")),
+    ]
 
 
 @dataclass(frozen=True)
@@ -96,12 +106,18 @@ _EXAMPLES = (
 
 async def _build(directory: Path) -> None:
     proc = await asyncio.create_subprocess_exec(
-        "make", "-s", "-C", str(directory), stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT)
+        "make",
+        "-s",
+        "-C",
+        str(directory),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
     output, _ = await proc.communicate()
     if proc.returncode != 0:
-        raise PluginLoadError(f"building {directory} failed: "
-                              f"{output.decode(errors='replace')[-500:]}")
+        raise PluginLoadError(
+            f"building {directory} failed: {output.decode(errors='replace')[-500:]}"
+        )
 
 
 def _show(value: Any) -> str:
@@ -126,20 +142,38 @@ async def run_demo(examples: Path, *, as_json: bool) -> int:
                 kind = p.plugin.type.value
                 mode = run_mode(p.plugin.type, p.sandbox) if p.sandbox else "?"
                 for action, result in await example.script(mgr, p):
-                    rows.append(_Row(name, kind, mode, action, _show(result),
-                                     (time.perf_counter() - start) * 1000, True))
+                    rows.append(
+                        _Row(
+                            name,
+                            kind,
+                            mode,
+                            action,
+                            _show(result),
+                            (time.perf_counter() - start) * 1000,
+                            True,
+                        )
+                    )
                     start = time.perf_counter()
                 await mgr.unload(p.id)
             except SandboxerError as exc:
-                rows.append(_Row(name, kind, mode, "load/call",
-                                 f"{type(exc).__name__}: {str(exc)[:200]}",
-                                 (time.perf_counter() - start) * 1000, False))
+                rows.append(
+                    _Row(
+                        name,
+                        kind,
+                        mode,
+                        "load/call",
+                        f"{type(exc).__name__}: {str(exc)[:200]}",
+                        (time.perf_counter() - start) * 1000,
+                        False,
+                    )
+                )
     if as_json:
         sys.stdout.write(_json.dumps([row.__dict__ for row in rows]).decode() + "\n")
     else:
         headers = ("example", "kind", "mode", "action", "result", "ms")
-        table = [headers] + [(r.example, r.kind, r.mode, r.action, r.outcome, f"{r.ms:.1f}")
-                             for r in rows]
+        table = [headers] + [
+            (r.example, r.kind, r.mode, r.action, r.outcome, f"{r.ms:.1f}") for r in rows
+        ]
         widths = [max(len(row[i]) for row in table) for i in range(len(headers))]
         for i, row in enumerate(table):
             print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())

@@ -17,13 +17,18 @@ from .errors import SandboxUnavailable
 __all__ = ["diagnose"]
 
 _NAMESPACES = {
-    "user": 0x10000000, "mount": 0x00020000, "pid": 0x20000000, "net": 0x40000000,
-    "ipc": 0x08000000, "uts": 0x04000000, "cgroup": 0x02000000,
+    "user": 0x10000000,
+    "mount": 0x00020000,
+    "pid": 0x20000000,
+    "net": 0x40000000,
+    "ipc": 0x08000000,
+    "uts": 0x04000000,
+    "cgroup": 0x02000000,
 }
 
 
 def _in_child(action: Callable[[], None]) -> str:
-    """"yes", or the reason it failed, by running ``action`` in a forked child."""
+    """ "yes", or the reason it failed, by running ``action`` in a forked child."""
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: a few syscalls, report, exit; never returns to Python callers
@@ -43,8 +48,10 @@ def _in_child(action: Callable[[], None]) -> str:
 
 def _can_unshare(flag: int) -> str:
     from .sandbox import _syscalls as sc
-    return _in_child(lambda: sc.unshare(
-        flag if flag == _NAMESPACES["user"] else flag | _NAMESPACES["user"]))
+
+    return _in_child(
+        lambda: sc.unshare(flag if flag == _NAMESPACES["user"] else flag | _NAMESPACES["user"])
+    )
 
 
 def _proxy_port() -> None:
@@ -54,6 +61,7 @@ def _proxy_port() -> None:
 
     from .sandbox import _syscalls as sc
     from .sandbox.egress import PROXY_HOST, PROXY_PORT
+
     sc.unshare(_NAMESPACES["user"] | _NAMESPACES["net"])
     sc.loopback_up()
     with socket.create_server((PROXY_HOST, PROXY_PORT)):
@@ -62,18 +70,26 @@ def _proxy_port() -> None:
 
 def _network(config: HostConfig) -> dict[str, Any]:
     from .sandbox.egress import EGRESS_SOCKET, PROXY_HOST, PROXY_PORT
+
     proxy = _in_child(_proxy_port)
     return {
         "ok": proxy == "yes",
-        "default": ("a net namespace of its own with only its loopback, up: TCP and UDP reach "
-                    "the plugin itself, nothing else (the strict profile: no inet socket)"),
-        "allowed_hosts": (f"through the egress proxy (HTTP CONNECT, HTTP, SOCKS5) at "
-                          f"{PROXY_HOST}:{PROXY_PORT} in the plugin's namespace and "
-                          f"{EGRESS_SOCKET}; wasm through sandboxer.http_request"
-                          if proxy == "yes" else f"unavailable: the proxy port: {proxy}"),
-        "full_network": ("allowed by the host policy (allow_full_network = true)"
-                         if config.allow_full_network else
-                         "refused by the host policy (allow_full_network = false)"),
+        "default": (
+            "a net namespace of its own with only its loopback, up: TCP and UDP reach "
+            "the plugin itself, nothing else (the strict profile: no inet socket)"
+        ),
+        "allowed_hosts": (
+            f"through the egress proxy (HTTP CONNECT, HTTP, SOCKS5) at "
+            f"{PROXY_HOST}:{PROXY_PORT} in the plugin's namespace and "
+            f"{EGRESS_SOCKET}; wasm through sandboxer.http_request"
+            if proxy == "yes"
+            else f"unavailable: the proxy port: {proxy}"
+        ),
+        "full_network": (
+            "allowed by the host policy (allow_full_network = true)"
+            if config.allow_full_network
+            else "refused by the host policy (allow_full_network = false)"
+        ),
         "hosts_file": config.egress_hosts_file,
         "max_connections_per_plugin": config.egress_max_connections,
     }
@@ -98,9 +114,12 @@ def _cgroups() -> dict[str, Any]:
     except OSError as exc:
         return {"ok": False, "error": f"{exc.strerror}: {exc.filename}"}
     where = getattr(backend, "bases", None) or {"v2": getattr(backend, "parent", "")}
-    return {"ok": True, "version": backend.version,
-            "controllers": list(backend.CONTROLLERS),  # type: ignore[attr-defined]
-            "parents": where}
+    return {
+        "ok": True,
+        "version": backend.version,
+        "controllers": list(backend.CONTROLLERS),  # type: ignore[attr-defined]
+        "parents": where,
+    }
 
 
 def _wasm() -> dict[str, Any]:
@@ -111,11 +130,18 @@ def _wasm() -> dict[str, Any]:
         import wasmtime
 
         from .loaders.wasm import WasmEngine
+
         engine = WasmEngine(workers=1)
         try:
-            module = wasmtime.Module(engine.engine, bytes(wasmtime.wat2wasm(
-                '(module (func (export "add") (param i32 i32) (result i32) '
-                'local.get 0 local.get 1 i32.add))')))
+            module = wasmtime.Module(
+                engine.engine,
+                bytes(
+                    wasmtime.wat2wasm(
+                        '(module (func (export "add") (param i32 i32) (result i32) '
+                        "local.get 0 local.get 1 i32.add))"
+                    )
+                ),
+            )
             store = wasmtime.Store(engine.engine)
             store.set_fuel(1000)
             store.set_epoch_deadline(1)
@@ -125,10 +151,13 @@ def _wasm() -> dict[str, Any]:
             engine.close()
     except Exception as exc:  # any failure is the answer
         return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-    return {"ok": True, "wasmtime": version("wasmtime"),
-            "limits": ["memory", "tables", "instances", "epoch deadline", "fuel"],
-            "wasi": "preopened allowed paths only; no sockets, no environment",
-            "network": "sandboxer.http_request, through the egress proxy's allow-list"}
+    return {
+        "ok": True,
+        "wasmtime": version("wasmtime"),
+        "limits": ["memory", "tables", "instances", "epoch deadline", "fuel"],
+        "wasi": "preopened allowed paths only; no sockets, no environment",
+        "network": "sandboxer.http_request, through the egress proxy's allow-list",
+    }
 
 
 def diagnose(config: HostConfig | None = None) -> dict[str, Any]:
@@ -138,8 +167,13 @@ def diagnose(config: HostConfig | None = None) -> dict[str, Any]:
     seccomp = _seccomp()
     wasm = _wasm()
     network = _network(config if config is not None else HostConfig())
-    ok = (all(v == "yes" for v in namespaces.values()) and cgroup["ok"] and seccomp == "yes"
-          and wasm["ok"] and network["ok"])
+    ok = (
+        all(v == "yes" for v in namespaces.values())
+        and cgroup["ok"]
+        and seccomp == "yes"
+        and wasm["ok"]
+        and network["ok"]
+    )
     return {
         "ok": ok,
         "mode": "rootful" if os.geteuid() == 0 else "rootless",

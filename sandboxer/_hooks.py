@@ -7,8 +7,16 @@ state hooks) a name in ``sandboxer_methods``, in a wasm module an export.
 
 from __future__ import annotations
 
-__all__ = ["INIT", "HEALTH_CHECK", "SHUTDOWN", "EXPORT_STATE", "IMPORT_STATE",
-           "LIFECYCLE_HOOKS", "STATE_HOOKS", "RESERVED"]
+__all__ = [
+    "INIT",
+    "HEALTH_CHECK",
+    "SHUTDOWN",
+    "EXPORT_STATE",
+    "IMPORT_STATE",
+    "LIFECYCLE_HOOKS",
+    "STATE_HOOKS",
+    "RESERVED",
+]
 
 INIT = "init"
 HEALTH_CHECK = "health_check"

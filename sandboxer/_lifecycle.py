@@ -26,8 +26,15 @@ from .loaders import PluginHandle, ResourceUsage
 from .manifest import Plugin
 from .sandbox.policy import SandboxConfig
 
-__all__ = ["PluginState", "TRANSITIONS", "ACCEPTS_CALLS", "SERVING", "check_transition",
-           "Generation", "Lifecycle"]
+__all__ = [
+    "PluginState",
+    "TRANSITIONS",
+    "ACCEPTS_CALLS",
+    "SERVING",
+    "check_transition",
+    "Generation",
+    "Lifecycle",
+]
 
 log = logging.getLogger("sandboxer")
 
@@ -79,8 +86,9 @@ def _add_usage(a: ResourceUsage, b: ResourceUsage) -> ResourceUsage:
     """Peak memory is the larger peak, CPU time the sum; ``None`` only where both are."""
     peaks = [u for u in (a.peak_memory_bytes, b.peak_memory_bytes) if u is not None]
     cpus = [u for u in (a.cpu_time_s, b.cpu_time_s) if u is not None]
-    return ResourceUsage(peak_memory_bytes=max(peaks) if peaks else None,
-                         cpu_time_s=sum(cpus) if cpus else None)
+    return ResourceUsage(
+        peak_memory_bytes=max(peaks) if peaks else None, cpu_time_s=sum(cpus) if cpus else None
+    )
 
 
 class Generation:
@@ -90,8 +98,9 @@ class Generation:
     successor generation; ``wait_idle`` returns once no call is inside.
     """
 
-    def __init__(self, number: int, plugin: Plugin, handle: PluginHandle,
-                 sandbox: SandboxConfig) -> None:
+    def __init__(
+        self, number: int, plugin: Plugin, handle: PluginHandle, sandbox: SandboxConfig
+    ) -> None:
         self.number = number
         self.plugin = plugin
         self.handle = handle
@@ -163,8 +172,9 @@ class Lifecycle:
     last one to serve, when none does).
     """
 
-    def __init__(self, plugin: Plugin, *, on_event: EventCallback,
-                 close_failed: CloseCallback) -> None:
+    def __init__(
+        self, plugin: Plugin, *, on_event: EventCallback, close_failed: CloseCallback
+    ) -> None:
         self._plugin = plugin
         self._on_event = on_event
         self._close_failed = close_failed
@@ -223,7 +233,9 @@ class Lifecycle:
             if gen is None or self._state not in ACCEPTS_CALLS:
                 raise PluginStateError(
                     f"plugin {self.id} is {self._state.value} and takes no calls"
-                    + (f" ({self._error})" if self._error else ""), plugin_id=self.id)
+                    + (f" ({self._error})" if self._error else ""),
+                    plugin_id=self.id,
+                )
             if gen.admitting:
                 return gen
             # A reload is moving state to the next generation: wait, then route to whichever
@@ -313,8 +325,7 @@ class Lifecycle:
     # -- retiring and stopping ---------------------------------------------------------------
     def retired(self, gen: Generation) -> None:
         """``gen`` is being closed: what it used counts towards the plugin's totals."""
-        self._usage_of_retired = _add_usage(gen.handle.resource_usage(),
-                                            self._usage_of_retired)
+        self._usage_of_retired = _add_usage(gen.handle.resource_usage(), self._usage_of_retired)
 
     async def wait_retired(self) -> None:
         """Until a failed generation being closed is closed (its process reaped, its cgroup

@@ -45,11 +45,11 @@ __all__ = [
 ]
 
 # Algorithm tags, two bytes each, as minisign.h names them.
-SIG_ALG_LEGACY = b"Ed"      # signature over the raw data (`minisign -S -l`); also the key tag
-SIG_ALG_PREHASHED = b"ED"   # signature over BLAKE2b-512(data) (minisign's default)
-KDF_SCRYPT = b"Sc"          # scrypt (libsodium's crypto_pwhash_scryptsalsa208sha256)
-KDF_NONE = b"\x00\x00"      # unencrypted secret key (`minisign -G -W`)
-CHK_ALG = b"B2"             # BLAKE2b-256 checksum of the secret key
+SIG_ALG_LEGACY = b"Ed"  # signature over the raw data (`minisign -S -l`); also the key tag
+SIG_ALG_PREHASHED = b"ED"  # signature over BLAKE2b-512(data) (minisign's default)
+KDF_SCRYPT = b"Sc"  # scrypt (libsodium's crypto_pwhash_scryptsalsa208sha256)
+KDF_NONE = b"\x00\x00"  # unencrypted secret key (`minisign -G -W`)
+CHK_ALG = b"B2"  # BLAKE2b-256 checksum of the secret key
 
 UNTRUSTED_PREFIX = "untrusted comment: "
 TRUSTED_PREFIX = "trusted comment: "
@@ -69,10 +69,10 @@ _SEED_LEN = 32
 _SIG_LEN = 64
 _CHK_LEN = 32
 _SALT_LEN = 32
-_PUBKEY_STRUCT_LEN = 2 + _KEY_ID_LEN + _PUBLIC_LEN                        # 42
-_SIG_STRUCT_LEN = 2 + _KEY_ID_LEN + _SIG_LEN                              # 74
-_KEYNUM_SK_LEN = _KEY_ID_LEN + _SEED_LEN + _PUBLIC_LEN + _CHK_LEN         # 104
-_SECKEY_STRUCT_LEN = 2 + 2 + 2 + _SALT_LEN + 8 + 8 + _KEYNUM_SK_LEN       # 158
+_PUBKEY_STRUCT_LEN = 2 + _KEY_ID_LEN + _PUBLIC_LEN  # 42
+_SIG_STRUCT_LEN = 2 + _KEY_ID_LEN + _SIG_LEN  # 74
+_KEYNUM_SK_LEN = _KEY_ID_LEN + _SEED_LEN + _PUBLIC_LEN + _CHK_LEN  # 104
+_SECKEY_STRUCT_LEN = 2 + 2 + 2 + _SALT_LEN + 8 + 8 + _KEYNUM_SK_LEN  # 158
 
 # libsodium's crypto_pwhash_scryptsalsa208sha256_{OPSLIMIT,MEMLIMIT}_SENSITIVE, which minisign
 # uses for every key it encrypts (scrypt N = 2^20, r = 8, p = 1: 1 GiB, a few seconds).
@@ -80,7 +80,7 @@ KDF_OPSLIMIT_SENSITIVE = 33554432
 KDF_MEMLIMIT_SENSITIVE = 1073741824
 # What we are willing to spend deriving a key from a file's KDF parameters.
 _KDF_MAX_MEMORY = 2**31 - 2**21  # hashlib.scrypt's maxmem must stay below INT_MAX
-_KDF_MAX_WORK = 2**27            # N * r * p
+_KDF_MAX_WORK = 2**27  # N * r * p
 
 Check = Literal["malformed", "algorithm", "key-id", "signature", "trusted-comment", "key"]
 
@@ -140,8 +140,9 @@ class PublicKey:
 
     def to_file_text(self) -> str:
         """The contents of a minisign public key file (what `minisign -G -p` writes)."""
-        comment = self.comment if self.comment is not None else (
-            f"minisign public key {self.key_id_hex}")
+        comment = (
+            self.comment if self.comment is not None else (f"minisign public key {self.key_id_hex}")
+        )
         _check_comment(comment, MAX_UNTRUSTED_COMMENT, "the public key's comment")
         return f"{UNTRUSTED_PREFIX}{comment}\n{self.to_base64()}\n"
 
@@ -152,7 +153,9 @@ class PublicKey:
         if blob[:2] != SIG_ALG_LEGACY:
             raise SignatureError(
                 f"malformed public key: unknown signature algorithm {_tag(blob[:2])} "
-                f"(expected 'Ed')", check="key")
+                f"(expected 'Ed')",
+                check="key",
+            )
         return cls(key_id=blob[2:10], raw=blob[10:], comment=comment)
 
     @classmethod
@@ -223,16 +226,19 @@ class SecretKey:
             salt = os.urandom(_SALT_LEN)
             stream = _scrypt_stream(_password_bytes(password), salt, kdf_opslimit, kdf_memlimit)
             keynum_sk = bytes(a ^ b for a, b in zip(keynum_sk, stream, strict=True))
-            header = (SIG_ALG_LEGACY + KDF_SCRYPT + CHK_ALG + salt
-                      + struct.pack("<QQ", kdf_opslimit, kdf_memlimit))
+            header = (
+                SIG_ALG_LEGACY
+                + KDF_SCRYPT
+                + CHK_ALG
+                + salt
+                + struct.pack("<QQ", kdf_opslimit, kdf_memlimit)
+            )
         blob = header + keynum_sk
         assert len(blob) == _SECKEY_STRUCT_LEN
         return f"{UNTRUSTED_PREFIX}{comment}\n{base64.b64encode(blob).decode('ascii')}\n"
 
     @classmethod
-    def from_file_text(
-        cls, text: str | bytes, *, password: str | bytes | None = None
-    ) -> SecretKey:
+    def from_file_text(cls, text: str | bytes, *, password: str | bytes | None = None) -> SecretKey:
         """A key from the contents of a minisign secret key file.
 
         Unencrypted keys (`minisign -G -W`) need no password; scrypt-encrypted ones need the
@@ -245,24 +251,33 @@ class SecretKey:
         opslimit, memlimit = struct.unpack("<QQ", blob[38:54])
         keynum_sk = blob[54:]
         if sig_alg != SIG_ALG_LEGACY:
-            raise SignatureError(f"secret key: unknown signature algorithm {_tag(sig_alg)} "
-                                 "(expected 'Ed')", check="key")
+            raise SignatureError(
+                f"secret key: unknown signature algorithm {_tag(sig_alg)} (expected 'Ed')",
+                check="key",
+            )
         if chk_alg != CHK_ALG:
-            raise SignatureError(f"secret key: unknown checksum algorithm {_tag(chk_alg)} "
-                                 "(expected 'B2')", check="key")
+            raise SignatureError(
+                f"secret key: unknown checksum algorithm {_tag(chk_alg)} (expected 'B2')",
+                check="key",
+            )
         encrypted = False
         if kdf_alg == KDF_SCRYPT:
             if password is None:
                 raise SignatureError(
                     "secret key is encrypted with a password: give the password, or use an "
                     "unencrypted key (minisign -G -W makes one; minisign -C -W removes the "
-                    "password of an existing key)", check="key")
+                    "password of an existing key)",
+                    check="key",
+                )
             stream = _scrypt_stream(_password_bytes(password), salt, opslimit, memlimit)
             keynum_sk = bytes(a ^ b for a, b in zip(keynum_sk, stream, strict=True))
             encrypted = True
         elif kdf_alg != KDF_NONE:
-            raise SignatureError(f"secret key: unknown key derivation algorithm {_tag(kdf_alg)} "
-                                 "(expected 'Sc' or none)", check="key")
+            raise SignatureError(
+                f"secret key: unknown key derivation algorithm {_tag(kdf_alg)} "
+                "(expected 'Sc' or none)",
+                check="key",
+            )
         key_id = keynum_sk[:8]
         sk = keynum_sk[8:72]
         chk = keynum_sk[72:]
@@ -271,12 +286,18 @@ class SecretKey:
         # it only when encrypting); `minisign -C -W` keeps the real one.
         if not hmac.compare_digest(chk, expected) and (encrypted or any(chk)):
             raise SignatureError(
-                "secret key: wrong password for that key" if encrypted
-                else "secret key: checksum mismatch (the key file is corrupted)", check="key")
+                "secret key: wrong password for that key"
+                if encrypted
+                else "secret key: checksum mismatch (the key file is corrupted)",
+                check="key",
+            )
         key = cls(key_id=key_id, seed=sk[:32], comment=comment)
         if not hmac.compare_digest(key.public_key.raw, sk[32:]):
-            raise SignatureError("secret key: its public half does not belong to its seed "
-                                 "(the key file is corrupted)", check="key")
+            raise SignatureError(
+                "secret key: its public half does not belong to its seed "
+                "(the key file is corrupted)",
+                check="key",
+            )
         return key
 
     @classmethod
@@ -308,8 +329,11 @@ def generate_keypair(comment: str | None = None) -> tuple[PublicKey, SecretKey]:
     """
     if comment is not None:
         _check_comment(comment, MAX_UNTRUSTED_COMMENT, "comment")
-    secret = SecretKey(key_id=os.urandom(_KEY_ID_LEN),
-                       seed=Ed25519PrivateKey.generate().private_bytes_raw(), comment=comment)
+    secret = SecretKey(
+        key_id=os.urandom(_KEY_ID_LEN),
+        seed=Ed25519PrivateKey.generate().private_bytes_raw(),
+        comment=comment,
+    )
     pub = secret.public_key
     return PublicKey(key_id=pub.key_id, raw=pub.raw, comment=comment), secret
 
@@ -335,8 +359,10 @@ def sign(
     global_signature = signer.sign(signature + trusted_comment.encode("utf-8"))
     sig_b64 = base64.b64encode(alg + secret.key_id + signature).decode("ascii")
     global_b64 = base64.b64encode(global_signature).decode("ascii")
-    return (f"{UNTRUSTED_PREFIX}{untrusted_comment}\n{sig_b64}\n"
-            f"{TRUSTED_PREFIX}{trusted_comment}\n{global_b64}\n")
+    return (
+        f"{UNTRUSTED_PREFIX}{untrusted_comment}\n{sig_b64}\n"
+        f"{TRUSTED_PREFIX}{trusted_comment}\n{global_b64}\n"
+    )
 
 
 def verify(
@@ -359,13 +385,18 @@ def verify(
         prehashed = True
     elif alg == SIG_ALG_LEGACY:
         if not allow_legacy:
-            raise SignatureError("unknown signature algorithm: a legacy (not prehashed) 'Ed' "
-                                 "signature, and legacy signatures are not accepted here",
-                                 check="algorithm")
+            raise SignatureError(
+                "unknown signature algorithm: a legacy (not prehashed) 'Ed' "
+                "signature, and legacy signatures are not accepted here",
+                check="algorithm",
+            )
         prehashed = False
     else:
-        raise SignatureError(f"unknown signature algorithm {_tag(alg)} (expected 'ED', or "
-                             "'Ed' for a legacy signature)", check="algorithm")
+        raise SignatureError(
+            f"unknown signature algorithm {_tag(alg)} (expected 'ED', or "
+            "'Ed' for a legacy signature)",
+            check="algorithm",
+        )
     candidates = [k for k in keys if hmac.compare_digest(k.key_id, key_id)]
     if not candidates:
         if not keys:
@@ -373,23 +404,27 @@ def verify(
         elif len(keys) == 1:
             trusted_text = f"not the trusted key {keys[0].key_id_hex}"
         else:
-            trusted_text = ("not any of the trusted keys "
-                            + ", ".join(k.key_id_hex for k in keys))
+            trusted_text = "not any of the trusted keys " + ", ".join(k.key_id_hex for k in keys)
         raise SignatureError(
-            f"unknown key id: signed by key {_key_id_hex(key_id)}, {trusted_text}",
-            check="key-id")
+            f"unknown key id: signed by key {_key_id_hex(key_id)}, {trusted_text}", check="key-id"
+        )
     message = _prehash(data) if prehashed else bytes(data)
     key = next((k for k in candidates if _ed25519_ok(k, signature, message)), None)
     if key is None:
         raise SignatureError(
             f"bad signature: the data does not match its signature by key "
-            f"{_key_id_hex(key_id)} (the data or the signature was altered)", check="signature")
+            f"{_key_id_hex(key_id)} (the data or the signature was altered)",
+            check="signature",
+        )
     if not _ed25519_ok(key, global_signature, signature + trusted_comment.encode("utf-8")):
         raise SignatureError(
             f"bad trusted-comment signature: the trusted comment is not the one key "
-            f"{key.key_id_hex} signed (it was altered)", check="trusted-comment")
-    return VerifiedSignature(key=key, trusted_comment=trusted_comment,
-                             untrusted_comment=untrusted, prehashed=prehashed)
+            f"{key.key_id_hex} signed (it was altered)",
+            check="trusted-comment",
+        )
+    return VerifiedSignature(
+        key=key, trusted_comment=trusted_comment, untrusted_comment=untrusted, prehashed=prehashed
+    )
 
 
 def unverified_trusted_comment(signature_text: str | bytes) -> str:
@@ -463,13 +498,17 @@ def _scrypt_stream(password: bytes, salt: bytes, opslimit: int, memlimit: int) -
     if p < 1 or memory > _KDF_MAX_MEMORY or n * r * p > _KDF_MAX_WORK:
         raise SignatureError(
             f"secret key: unusable scrypt parameters (opslimit {opslimit}, memlimit "
-            f"{memlimit}: N=2^{n_log2}, r={r}, p={p}); use an unencrypted key", check="key")
+            f"{memlimit}: N=2^{n_log2}, r={r}, p={p}); use an unencrypted key",
+            check="key",
+        )
     try:
-        return hashlib.scrypt(password, salt=salt, n=n, r=r, p=p, dklen=_KEYNUM_SK_LEN,
-                              maxmem=memory + 2**20)
+        return hashlib.scrypt(
+            password, salt=salt, n=n, r=r, p=p, dklen=_KEYNUM_SK_LEN, maxmem=memory + 2**20
+        )
     except (ValueError, MemoryError) as e:
-        raise SignatureError(f"secret key: scrypt key derivation failed ({e}); use an "
-                             "unencrypted key", check="key") from e
+        raise SignatureError(
+            f"secret key: scrypt key derivation failed ({e}); use an unencrypted key", check="key"
+        ) from e
 
 
 def _b64(text: str, length: int, what: str, check: Check) -> bytes:
@@ -482,7 +521,8 @@ def _b64(text: str, length: int, what: str, check: Check) -> bytes:
         raise SignatureError(f"malformed {what}: not canonical base64", check=check)
     if len(blob) != length:
         raise SignatureError(
-            f"malformed {what}: {len(blob)} bytes where minisign has {length}", check=check)
+            f"malformed {what}: {len(blob)} bytes where minisign has {length}", check=check
+        )
     return blob
 
 
@@ -504,13 +544,14 @@ def _lines(text: str | bytes, count: int, what: str, check: Check) -> list[str]:
         lines.pop()
     if len(lines) != count:
         raise SignatureError(
-            f"malformed {what} file: {len(lines)} lines where minisign writes {count}",
-            check=check)
+            f"malformed {what} file: {len(lines)} lines where minisign writes {count}", check=check
+        )
     lines = [line[:-1] if line.endswith("\r") else line for line in lines]
     for number, line in enumerate(lines, 1):
         if "\r" in line or "\x00" in line:
             raise SignatureError(
-                f"malformed {what} file: line {number} holds a CR or NUL character", check=check)
+                f"malformed {what} file: line {number} holds a CR or NUL character", check=check
+            )
     return lines
 
 
@@ -518,9 +559,9 @@ def _key_lines(text: str | bytes, what: str) -> tuple[str, str]:
     comment_line, b64 = _lines(text, 2, what, "key")
     if not comment_line.startswith(UNTRUSTED_PREFIX):
         raise SignatureError(
-            f"malformed {what} file: line 1 does not start with {UNTRUSTED_PREFIX!r}",
-            check="key")
-    return comment_line[len(UNTRUSTED_PREFIX):], b64
+            f"malformed {what} file: line 1 does not start with {UNTRUSTED_PREFIX!r}", check="key"
+        )
+    return comment_line[len(UNTRUSTED_PREFIX) :], b64
 
 
 def _read_key_file(path: str | os.PathLike[str], what: str) -> bytes:
@@ -528,8 +569,9 @@ def _read_key_file(path: str | os.PathLike[str], what: str) -> bytes:
         with open(path, "rb") as f:
             return f.read(_MAX_FILE_CHARS + 1)
     except OSError as e:
-        raise SignatureError(f"cannot read the {what} file {Path(path)}: {e.strerror or e}",
-                             check="key") from e
+        raise SignatureError(
+            f"cannot read the {what} file {Path(path)}: {e.strerror or e}", check="key"
+        ) from e
 
 
 def _comment(line: str, prefix: str, limit: int, number: int, what: str) -> str:
@@ -537,23 +579,26 @@ def _comment(line: str, prefix: str, limit: int, number: int, what: str) -> str:
     if not line.startswith(prefix):
         raise SignatureError(
             f"malformed signature file: line {number} does not start with {prefix!r}",
-            check="malformed")
-    text = line[len(prefix):]
+            check="malformed",
+        )
+    text = line[len(prefix) :]
     if len(text.encode("utf-8")) > limit:
-        raise SignatureError(f"malformed signature file: the {what} is longer than minisign "
-                             "allows", check="malformed")
+        raise SignatureError(
+            f"malformed signature file: the {what} is longer than minisign allows",
+            check="malformed",
+        )
     return text
 
 
 def _parse_signature(text: str | bytes) -> tuple[bytes, bytes, bytes, str, bytes, str]:
     """(algorithm, key id, signature, trusted comment, global signature, untrusted comment)."""
-    untrusted_line, sig_b64, trusted_line, global_b64 = _lines(
-        text, 4, "signature", "malformed")
-    untrusted = _comment(untrusted_line, UNTRUSTED_PREFIX, MAX_UNTRUSTED_COMMENT, 1,
-                         "untrusted comment")
+    untrusted_line, sig_b64, trusted_line, global_b64 = _lines(text, 4, "signature", "malformed")
+    untrusted = _comment(
+        untrusted_line, UNTRUSTED_PREFIX, MAX_UNTRUSTED_COMMENT, 1, "untrusted comment"
+    )
     blob = _b64(sig_b64, _SIG_STRUCT_LEN, "signature (line 2)", "malformed")
-    trusted_comment = _comment(trusted_line, TRUSTED_PREFIX, MAX_TRUSTED_COMMENT, 3,
-                               "trusted comment")
-    global_signature = _b64(global_b64, _SIG_LEN, "trusted-comment signature (line 4)",
-                            "malformed")
+    trusted_comment = _comment(
+        trusted_line, TRUSTED_PREFIX, MAX_TRUSTED_COMMENT, 3, "trusted comment"
+    )
+    global_signature = _b64(global_b64, _SIG_LEN, "trusted-comment signature (line 4)", "malformed")
     return blob[:2], blob[2:10], blob[10:], trusted_comment, global_signature, untrusted

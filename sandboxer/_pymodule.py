@@ -41,7 +41,8 @@ def _import_fresh(entry: Path, name: str, plugin_id: str) -> ModuleType:
     """Import ``entry`` as a new module ``name`` (a package if it is a directory)."""
     if entry.is_dir():
         spec = importlib.util.spec_from_file_location(
-            name, entry / "__init__.py", submodule_search_locations=[str(entry)])
+            name, entry / "__init__.py", submodule_search_locations=[str(entry)]
+        )
     else:
         spec = importlib.util.spec_from_file_location(name, entry)
     if spec is None or spec.loader is None:
@@ -63,8 +64,9 @@ def _import_fresh(entry: Path, name: str, plugin_id: str) -> ModuleType:
     return module
 
 
-def _public_methods(module: ModuleType, listed: tuple[str, ...] | None,
-                    plugin_id: str) -> dict[str, Callable[..., Any]]:
+def _public_methods(
+    module: ModuleType, listed: tuple[str, ...] | None, plugin_id: str
+) -> dict[str, Callable[..., Any]]:
     """The manifest's ``methods``, else the module's public functions (its ``__all__`` if set).
 
     Functions merely imported into the module are not methods unless ``__all__`` names them;
@@ -77,7 +79,9 @@ def _public_methods(module: ModuleType, listed: tuple[str, ...] | None,
             if not callable(fn) or inspect.isclass(fn):
                 raise PluginLoadError(
                     f"plugin {plugin_id}: the manifest lists method {name!r}, but the module "
-                    f"has no function of that name", plugin_id=plugin_id)
+                    f"has no function of that name",
+                    plugin_id=plugin_id,
+                )
             found[name] = fn
         return found
     names = getattr(module, "__all__", None)
@@ -111,8 +115,15 @@ def _positional_arity(fn: Callable[..., Any]) -> tuple[float, float]:
 class PythonModule:
     """One fresh import of a plugin's code, with its methods and lifecycle functions."""
 
-    def __init__(self, entry: Path, *, plugin_id: str, generation: int, root: Path,
-                 methods: tuple[str, ...] | None) -> None:
+    def __init__(
+        self,
+        entry: Path,
+        *,
+        plugin_id: str,
+        generation: int,
+        root: Path,
+        methods: tuple[str, ...] | None,
+    ) -> None:
         self.plugin_id = plugin_id
         self.root = root
         self.name = _module_name(plugin_id, generation)
@@ -130,8 +141,7 @@ class PythonModule:
 
     @property
     def has_state(self) -> bool:
-        return self.lifecycle(EXPORT_STATE) is not None and \
-            self.lifecycle(IMPORT_STATE) is not None
+        return self.lifecycle(EXPORT_STATE) is not None and self.lifecycle(IMPORT_STATE) is not None
 
     def check_args(self, method: str, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
         """PluginCallError(-32602) when ``args`` cannot bind to ``fn``'s signature.
@@ -149,25 +159,38 @@ class PythonModule:
         except TypeError as exc:
             raise PluginCallError(
                 f"plugin {self.plugin_id}: invalid arguments for {method}: {exc}",
-                code=INVALID_PARAMS, plugin_id=self.plugin_id, method=method) from None
+                code=INVALID_PARAMS,
+                plugin_id=self.plugin_id,
+                method=method,
+            ) from None
         except ValueError:
             pass  # no signature (some builtins): let the call itself decide
 
     def _traceback(self, exc: BaseException) -> str:
         """The traceback from the plugin's own frames only (not sandboxer's or asyncio's)."""
-        frames = [f for f in traceback.extract_tb(exc.__traceback__)
-                  if Path(f.filename).is_relative_to(self.root)]
-        return "".join(["Traceback (most recent call last):\n",
-                        *traceback.format_list(frames),
-                        *traceback.format_exception_only(type(exc), exc)])
+        frames = [
+            f
+            for f in traceback.extract_tb(exc.__traceback__)
+            if Path(f.filename).is_relative_to(self.root)
+        ]
+        return "".join(
+            [
+                "Traceback (most recent call last):\n",
+                *traceback.format_list(frames),
+                *traceback.format_exception_only(type(exc), exc),
+            ]
+        )
 
     def error(self, exc: BaseException, method: str) -> PluginCallError:
         """The PluginCallError a plugin's exception becomes (code 1, type and traceback)."""
         return PluginCallError(
             f"plugin {self.plugin_id}: {method} raised {type(exc).__name__}: {exc}",
             code=1,
-            data={"type": type(exc).__name__, "message": str(exc),
-                  "traceback": self._traceback(exc)},
+            data={
+                "type": type(exc).__name__,
+                "message": str(exc),
+                "traceback": self._traceback(exc),
+            },
             plugin_id=self.plugin_id,
             method=method,
         )

@@ -53,8 +53,9 @@ def state_file(cache_dir: str | os.PathLike[str], location: str) -> Path:
     return Path(cache_dir) / STATE_DIR / f"{digest}.json"
 
 
-def check_and_record(cache_dir: str | os.PathLike[str], location: str, sequence: int,
-                     key_id: str) -> SeenIndex | None:
+def check_and_record(
+    cache_dir: str | os.PathLike[str], location: str, sequence: int, key_id: str
+) -> SeenIndex | None:
     """Refuse ``sequence`` if it is older than the newest seen from ``location``; record it
     when it is newer. Returns the record as it was before (None: never seen).
 
@@ -66,13 +67,14 @@ def check_and_record(cache_dir: str | os.PathLike[str], location: str, sequence:
     try:
         return _check_and_record(path, location, sequence, key_id)
     except OSError as exc:
-        raise RegistryError(f"cannot keep the registry rollback state in {path.parent}: "
-                            f"{exc.strerror or exc}; check the cache directory (cache_dir in "
-                            "the host config, else $XDG_CACHE_HOME/sandboxer)") from None
+        raise RegistryError(
+            f"cannot keep the registry rollback state in {path.parent}: "
+            f"{exc.strerror or exc}; check the cache directory (cache_dir in "
+            "the host config, else $XDG_CACHE_HOME/sandboxer)"
+        ) from None
 
 
-def _check_and_record(path: Path, location: str, sequence: int,
-                      key_id: str) -> SeenIndex | None:
+def _check_and_record(path: Path, location: str, sequence: int, key_id: str) -> SeenIndex | None:
     _private_directory(path.parent)
     with _locked(path.parent / ".lock"):
         seen = _read(path, location)
@@ -83,11 +85,11 @@ def _check_and_record(path: Path, location: str, sequence: int,
                 "whoever serves this registry (a mirror, a proxy, a stale copy) is replaying "
                 "an outdated index. Use an up-to-date copy of the registry; only if its "
                 f"publisher really started its sequence over, delete {path} to accept the "
-                "index it serves now")
+                "index it serves now"
+            )
         if seen is None or sequence > seen.sequence:
             now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-            _write(path, {"location": location, "sequence": sequence, "key": key_id,
-                          "seen": now})
+            _write(path, {"location": location, "sequence": sequence, "key": key_id, "seen": now})
         return seen
 
 
@@ -105,9 +107,11 @@ def _private_directory(path: Path) -> None:
         problem = f"others can write it (mode {stat.S_IMODE(st.st_mode):o})"
     else:
         return
-    raise RegistryError(f"cannot keep the registry rollback state in {path}: {problem}; make it "
-                        f"a directory of yours with mode 700 (chmod 700 {path}), or set "
-                        "cache_dir in the host config to a private directory")
+    raise RegistryError(
+        f"cannot keep the registry rollback state in {path}: {problem}; make it "
+        f"a directory of yours with mode 700 (chmod 700 {path}), or set "
+        "cache_dir in the host config to a private directory"
+    )
 
 
 @contextlib.contextmanager
@@ -130,15 +134,21 @@ def _read(path: Path, location: str) -> SeenIndex | None:
     try:
         data = json.loads(raw)
         sequence, key_id, seen = data["sequence"], data["key"], data["seen"]
-        if (data["location"] != location or isinstance(sequence, bool)
-                or not isinstance(sequence, int) or not 0 <= sequence <= MAX_SEQUENCE
-                or not isinstance(key_id, str) or not isinstance(seen, str)):
+        if (
+            data["location"] != location
+            or isinstance(sequence, bool)
+            or not isinstance(sequence, int)
+            or not 0 <= sequence <= MAX_SEQUENCE
+            or not isinstance(key_id, str)
+            or not isinstance(seen, str)
+        ):
             raise ValueError("unexpected fields")
     except (ValueError, TypeError, KeyError) as exc:
         raise RegistryError(
             f"the registry rollback state {path} (for {location}) is damaged ({exc}); delete "
             "it only if you trust the index the registry serves now, since the newest "
-            "sequence seen from it is then forgotten") from None
+            "sequence seen from it is then forgotten"
+        ) from None
     return SeenIndex(location=location, sequence=sequence, key_id=key_id, seen=seen)
 
 

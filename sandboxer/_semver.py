@@ -16,9 +16,12 @@ __all__ = ["Version", "VersionRange", "parse_range", "best_match"]
 _VERSION = re.compile(
     r"(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
     r"(?:-((?:0|[1-9]\d*|\d*[A-Za-z-][0-9A-Za-z-]*)(?:\.(?:0|[1-9]\d*|\d*[A-Za-z-][0-9A-Za-z-]*))*))?"
-    r"(?:\+([0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*))?")
-_PARTIAL = re.compile(r"(0|[1-9]\d*)(?:\.(0|[1-9]\d*))?(?:\.(0|[1-9]\d*))?"
-                      r"(?:-([0-9A-Za-z.-]+))?")
+    r"(?:\+([0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*))?"
+)
+_PARTIAL = re.compile(
+    r"(0|[1-9]\d*)(?:\.(0|[1-9]\d*))?(?:\.(0|[1-9]\d*))?"
+    r"(?:-([0-9A-Za-z.-]+))?"
+)
 
 
 @dataclass(frozen=True, order=False)
@@ -34,8 +37,9 @@ class Version:
         m = _VERSION.fullmatch(text)
         if not m:
             raise ValueError(f'a semantic version such as "1.2.0", not {text!r}')
-        pre = tuple(int(p) if p.isdigit() else p for p in m.group(4).split(".")) \
-            if m.group(4) else ()
+        pre = (
+            tuple(int(p) if p.isdigit() else p for p in m.group(4).split(".")) if m.group(4) else ()
+        )
         return cls(int(m.group(1)), int(m.group(2)), int(m.group(3)), pre, text)
 
     def _key(self) -> tuple[object, ...]:

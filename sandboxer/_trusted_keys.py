@@ -21,8 +21,13 @@ from dataclasses import dataclass
 
 from ._plugin_id import ID_RE
 
-__all__ = ["TrustedKey", "parse_trusted_keys", "parse_trusted_key_option", "covers",
-           "describe_scope"]
+__all__ = [
+    "TrustedKey",
+    "parse_trusted_keys",
+    "parse_trusted_key_option",
+    "covers",
+    "describe_scope",
+]
 
 WILDCARD = ".*"
 _TABLE_FIELDS = ("key", "ids")
@@ -32,10 +37,11 @@ def _check_pattern(pattern: object) -> str:
     if not isinstance(pattern, str):
         raise ValueError(f"an id pattern is a string, not {type(pattern).__name__}")
     wildcard = pattern.endswith(WILDCARD)
-    prefix = pattern[:-len(WILDCARD)] if wildcard else pattern
+    prefix = pattern[: -len(WILDCARD)] if wildcard else pattern
     if ID_RE.fullmatch(prefix) is None or (wildcard and prefix.endswith(".")):
-        raise ValueError(f"an id pattern is an exact plugin id (acme.tool) or PREFIX.* "
-                         f"(acme.*), not {pattern!r}")
+        raise ValueError(
+            f"an id pattern is an exact plugin id (acme.tool) or PREFIX.* (acme.*), not {pattern!r}"
+        )
     return pattern
 
 
@@ -74,8 +80,10 @@ class TrustedKey:
             raise ValueError(f"a key file path, not {self.path!r}")
         if self.ids is not None:
             if not isinstance(self.ids, tuple) or not self.ids:
-                raise ValueError("ids must list at least one id pattern (leave ids out to "
-                                 "trust the key for every id)")
+                raise ValueError(
+                    "ids must list at least one id pattern (leave ids out to "
+                    "trust the key for every id)"
+                )
             for pattern in self.ids:
                 _check_pattern(pattern)
 
@@ -83,15 +91,18 @@ class TrustedKey:
         return covers(self.ids, plugin_id)
 
 
-def parse_trusted_keys(value: object, *,
-                       parse_path: Callable[[object], str]) -> tuple[TrustedKey, ...]:
+def parse_trusted_keys(
+    value: object, *, parse_path: Callable[[object], str]
+) -> tuple[TrustedKey, ...]:
     """The host config's ``trusted_keys``: a list of key file paths (any id) and tables
     ``{key = PATH, ids = [PATTERN, ...]}``. ``parse_path`` checks each path (the host config
     wants absolute ones). ValueError names the entry and the field that is wrong."""
     if not isinstance(value, list):
-        raise ValueError('a list of key files ("/etc/sandboxer/k.pub", trusted for any id) '
-                         'or tables {key = "/etc/sandboxer/k.pub", ids = ["acme.*"]}, not '
-                         f"{type(value).__name__}")
+        raise ValueError(
+            'a list of key files ("/etc/sandboxer/k.pub", trusted for any id) '
+            'or tables {key = "/etc/sandboxer/k.pub", ids = ["acme.*"]}, not '
+            f"{type(value).__name__}"
+        )
     out = []
     for number, item in enumerate(value):
         where = f"[{number}]"
@@ -102,12 +113,16 @@ def parse_trusted_keys(value: object, *,
                 raise ValueError(f"{where}: {exc}") from None
             continue
         if not isinstance(item, dict):
-            raise ValueError(f"{where}: a key file path or a table {{key = ..., ids = [...]}}, "
-                             f"not {type(item).__name__}")
+            raise ValueError(
+                f"{where}: a key file path or a table {{key = ..., ids = [...]}}, "
+                f"not {type(item).__name__}"
+            )
         unknown = sorted(set(item) - set(_TABLE_FIELDS))
         if unknown:
-            raise ValueError(f"{where}: unknown field {unknown[0]!r} (a key table has "
-                             f"{' and '.join(_TABLE_FIELDS)})")
+            raise ValueError(
+                f"{where}: unknown field {unknown[0]!r} (a key table has "
+                f"{' and '.join(_TABLE_FIELDS)})"
+            )
         if "key" not in item:
             raise ValueError(f"{where}: the table has no key (the public key file's path)")
         try:
@@ -117,9 +132,11 @@ def parse_trusted_keys(value: object, *,
         ids = item.get("ids")
         if "ids" in item:
             if not isinstance(ids, list) or not ids:
-                raise ValueError(f'{where}.ids: a non-empty list of id patterns such as '
-                                 f'["acme.*", "acme"] (leave ids out to trust the key for every '
-                                 f"id), not {ids!r}")
+                raise ValueError(
+                    f"{where}.ids: a non-empty list of id patterns such as "
+                    f'["acme.*", "acme"] (leave ids out to trust the key for every '
+                    f"id), not {ids!r}"
+                )
             for position, pattern in enumerate(ids):
                 try:
                     _check_pattern(pattern)

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import _json
+from ._cli_parser import EXIT_USAGE, UsageError, build_parser
 from ._digest import tree_checksum
-from ._trusted_keys import parse_trusted_key_option
-from ._units import format_duration, format_size, parse_duration, parse_size
+from ._units import format_duration, format_size
 from .config import HostConfig
 from .errors import CallTimeout, MemoryLimitExceeded, PluginLoadError, SandboxerError, exit_code
 from .loaders import run_mode
@@ -33,165 +33,15 @@ from .sandbox.policy import (
     SandboxConfig,
     SandboxRequest,
     effective_config,
-    parse_cpu,
-    parse_denied_path,
-    parse_host_pattern,
-    parse_path_grant,
 )
-from .sandbox.program import KILL_GRACE
 
 if TYPE_CHECKING:
     from .registry import Registry, TrustedPublicKey
 
 __all__ = ["main"]
 
-EXIT_USAGE = 2
-
-
-class _Usage(Exception):
-    """A command-line mistake: exit 2 with the message."""
-
-
-def _arg_type(parse: Any, what: str) -> Any:
-    def convert(text: str) -> Any:
-        try:
-            return parse(text)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(f"{what}: {exc}") from None
-    return convert
-
-
-def _cpu(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"a number of CPUs such as 0.5, not {text!r}") from None
-    return parse_cpu(value)
-
-
-def _add_registry_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("registry options (default: registry and trusted_keys under "
-                             "[host] in the host config)")
-    g.add_argument("--registry", metavar="REG", help="registry directory or http(s) URL")
-    g.add_argument("--trusted-key", metavar="PUB[=IDS]", action="append", default=[],
-                   type=_arg_type(parse_trusted_key_option, "PUB[=IDS]"),
-                   help="minisign public key the registry's index and plugins must be signed "
-                   "with; repeat for more. PUB alone is trusted for every plugin id; "
-                   "PUB=acme.*,acme only for the ids listed, each an exact id or PREFIX.* "
-                   "(acme.* covers acme.tool and acme.x.y, not acme nor acmeevil.x). Replaces "
-                   "the host config's trusted_keys")
-
-
-def _add_sandbox_options(p: argparse.ArgumentParser, *, program: bool = False) -> None:
-    """The sandbox options; for ``exec`` (``program``) without those a program cannot
-    honour (``--no-sandbox``, ``--config``), which argparse then refuses (exit 2)."""
-    g = p.add_argument_group("sandbox options (the operator's choice: they override the "
-                             "manifest and the host policy)")
-    g.add_argument("--profile", metavar="NAME", help="sandbox profile (profiles/NAME.toml)")
-    g.add_argument("--memory-limit", metavar="SIZE", type=_arg_type(parse_size, "SIZE"))
-    g.add_argument("--cpu-limit", metavar="CPUS", type=_arg_type(_cpu, "CPUS"))
-    g.add_argument("--timeout", metavar="DUR", type=_arg_type(parse_duration, "DUR"),
-                   help=("deadline for the whole run, e.g. 30s: then SIGTERM, SIGKILL "
-                         f"{KILL_GRACE:g}s later, exit 3 (default: none)") if program
-                   else "per-call timeout, e.g. 5s or 250ms")
-    g.add_argument("--allow-path", metavar="PATH[:rw]", action="append", default=[],
-                   type=_arg_type(parse_path_grant, "PATH"))
-    g.add_argument("--deny-path", metavar="PATH", action="append", default=[],
-                   type=_arg_type(parse_denied_path, "PATH"))
-    g.add_argument("--network", action="store_true", help="allow network access")
-    g.add_argument("--allow-host", metavar="HOST", action="append", default=[],
-                   type=_arg_type(parse_host_pattern, "HOST"),
-                   help="reachable host (implies --network); repeat for more")
-    if program:
-        p.set_defaults(no_sandbox=False, config=None)
-        p.add_argument("--json", action="store_true",
-                       help="print one JSON object: the program's output, exit status, "
-                       "signal and stats (its output is captured, not passed through)")
-        return
-    g.add_argument("--no-sandbox", action="store_true",
-                   help="run a trusted python/native plugin in-process, unsandboxed")
-    p.add_argument("--config", metavar="JSON", help="JSON object overriding the plugin's "
-                   "[config] for init()")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="sandboxer", description="Load and run plugins in a hardened sandbox.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-
-    call = sub.add_parser("call", help="load a plugin, call one method, print the result")
-    call.add_argument("target", metavar="TARGET",
-                      help="plugin directory or file, or ID@VERSION_OR_RANGE from a registry")
-    call.add_argument("method", metavar="METHOD")
-    call.add_argument("args", metavar="ARG", nargs="*",
-                      help="arguments: JSON if it parses as JSON, else a string")
-    _add_registry_options(call)
-    _add_sandbox_options(call)
-
-    scan = sub.add_parser("scan", help="find plugins under paths (errors included)")
-    scan.add_argument("paths", metavar="PATH", nargs="+", type=Path)
-    scan.add_argument("--json", action="store_true", help="print a JSON list")
-    watch = sub.add_parser("watch", help="load the plugins under paths, reload them when their "
-                           "files change, print what happens (JSON lines with --json)")
-    watch.add_argument("paths", metavar="PATH", nargs="+", type=Path)
-    watch.add_argument("--no-load", action="store_true",
-                       help="only print plugins added, changed and removed")
-    watch.add_argument("--json", action="store_true")
-
-    registry = sub.add_parser("registry", help="manage a signed plugin registry")
-    rsub = registry.add_subparsers(dest="registry_command", metavar="ACTION")
-    rsub.required = True
-    keygen = rsub.add_parser("keygen", help="make a signing key pair: DIR/NAME.pub and "
-                             "DIR/NAME.key")
-    keygen.add_argument("directory", metavar="DIR", type=Path)
-    keygen.add_argument("--name", default="sandboxer", help="file name stem (default "
-                        "sandboxer)")
-    publish = rsub.add_parser("publish", help="sign a plugin directory into a registry")
-    publish.add_argument("plugin", metavar="PLUGIN_DIR", type=Path)
-    publish.add_argument("--registry", metavar="REG", required=True, type=Path)
-    publish.add_argument("--key", metavar="SECRET_KEY", required=True, type=Path)
-    sign_index = rsub.add_parser("sign-index", help="sign a registry's index.json as it "
-                                 "stands with the next sequence number (publish does this "
-                                 "too): for a registry published before indexes were signed, "
-                                 "or to re-sign it with another key")
-    sign_index.add_argument("--registry", metavar="REG", required=True, type=Path)
-    sign_index.add_argument("--key", metavar="SECRET_KEY", required=True, type=Path)
-    listing = rsub.add_parser("list", help="list a registry's plugins and versions (its "
-                              "index verified first)")
-    _add_registry_options(listing)
-    listing.add_argument("--json", action="store_true")
-    fetch = rsub.add_parser("fetch", help="download, verify and extract ID@VERSION; prints "
-                            "the plugin directory")
-    fetch.add_argument("target", metavar="ID@VERSION")
-    _add_registry_options(fetch)
-    fetch.add_argument("--json", action="store_true")
-
-    inspect = sub.add_parser("inspect", help="show a plugin's manifest, checksum and the "
-                             "sandbox it would get")
-    inspect.add_argument("target", metavar="TARGET")
-    _add_sandbox_options(inspect)
-
-    run = sub.add_parser("exec", help="run any program in the sandbox, stdin forwarded; "
-                         "exits with its status")
-    _add_sandbox_options(run, program=True)
-    run.add_argument("program", metavar="-- CMD ARG", nargs=argparse.REMAINDER)
-
-    doctor = sub.add_parser("doctor", help="what this host can enforce (and, given a plugin, "
-                            "what would be enforced for it)")
-    doctor.add_argument("target", metavar="TARGET", nargs="?")
-    doctor.add_argument("--json", action="store_true")
-
-    demo = sub.add_parser("demo", help="run the example plugins and show what each did")
-    demo.add_argument("--examples", metavar="DIR", type=Path,
-                      default=Path(__file__).resolve().parent.parent / "examples")
-    demo.add_argument("--json", action="store_true")
-    return parser
-
-
 # -- shared pieces ---------------------------------------------------------------------------
+
 
 def _parse_call_arg(text: str) -> Any:
     try:
@@ -206,9 +56,9 @@ def _config_override(args: argparse.Namespace) -> dict[str, Any]:
     try:
         value = _json.loads(args.config)
     except _json.JSONError as exc:
-        raise _Usage(f"--config: a JSON object, not {args.config!r} ({exc})") from None
+        raise UsageError(f"--config: a JSON object, not {args.config!r} ({exc})") from None
     if not isinstance(value, dict):
-        raise _Usage(f"--config: a JSON object, not {type(value).__name__}")
+        raise UsageError(f"--config: a JSON object, not {type(value).__name__}")
     return value
 
 
@@ -217,29 +67,37 @@ def _sandbox_for(plugin: Plugin, host: HostConfig, args: argparse.Namespace) -> 
     return _sandbox_from(plugin.sandbox, plugin.id, host, args)
 
 
-def _sandbox_from(request: SandboxRequest, plugin_id: str | None, host: HostConfig,
-                  args: argparse.Namespace) -> SandboxConfig:
+def _sandbox_from(
+    request: SandboxRequest, plugin_id: str | None, host: HostConfig, args: argparse.Namespace
+) -> SandboxConfig:
     if args.network and not args.allow_host and not host.allow_full_network:
         raise PluginLoadError(
             "--network without --allow-host asks for the host's full network, which the "
             "host policy does not allow (allow_full_network = false); name the hosts with "
-            "--allow-host", plugin_id=plugin_id)
+            "--allow-host",
+            plugin_id=plugin_id,
+        )
     # The operator's choices widen the policy the manifest is checked against: a profile
     # and hosts named on the command line are the operator's to give.
     if args.profile:
         request = dataclasses.replace(request, profile=args.profile)
         host = dataclasses.replace(
-            host, allowed_profiles=(*(host.allowed_profiles or ()), args.profile))
+            host, allowed_profiles=(*(host.allowed_profiles or ()), args.profile)
+        )
     if args.allow_host:
         host = dataclasses.replace(host, allowed_hosts=host.allowed_hosts + tuple(args.allow_host))
-    limits = {name: getattr(args, name) for name in ("memory_limit", "cpu_limit", "timeout")
-              if getattr(args, name) is not None}
+    limits = {
+        name: getattr(args, name)
+        for name in ("memory_limit", "cpu_limit", "timeout")
+        if getattr(args, name) is not None
+    }
     # A limit the operator sets replaces the manifest's, which is then not checked.
     unchecked = dataclasses.replace(
         request,
         memory_limit=None if "memory_limit" in limits else request.memory_limit,
         cpu_limit=None if "cpu_limit" in limits else request.cpu_limit,
-        timeout=None if "timeout" in limits else request.timeout)
+        timeout=None if "timeout" in limits else request.timeout,
+    )
     config = effective_config(unchecked, host, plugin_id=plugin_id)
     changes: dict[str, Any] = dict(limits)
     if args.allow_path:
@@ -265,11 +123,15 @@ def _print_result(value: Any) -> None:
         print(_json.dumps(value).decode())
 
 
-def _report_error(error: BaseException, *, as_json: bool, extra: dict[str, Any] | None = None
-                  ) -> int:
+def _report_error(
+    error: BaseException, *, as_json: bool, extra: dict[str, Any] | None = None
+) -> int:
     code = exit_code(error)
-    payload = error.to_json() if isinstance(error, SandboxerError) else {
-        "type": type(error).__name__, "message": str(error)}
+    payload = (
+        error.to_json()
+        if isinstance(error, SandboxerError)
+        else {"type": type(error).__name__, "message": str(error)}
+    )
     if as_json:
         _print_json({"ok": False, "error": payload, **(extra or {})})
     else:
@@ -279,36 +141,41 @@ def _report_error(error: BaseException, *, as_json: bool, extra: dict[str, Any] 
 
 # -- commands --------------------------------------------------------------------------------
 
+
 def _split_target(text: str) -> tuple[str, str]:
     plugin_id, _, wanted = text.partition("@")
     if not plugin_id or not wanted:
-        raise _Usage(f"{text!r} is not ID@VERSION (e.g. acme.hello@1.2.0, acme.hello@^1.2, "
-                     "acme.hello@latest)")
+        raise UsageError(
+            f"{text!r} is not ID@VERSION (e.g. acme.hello@1.2.0, acme.hello@^1.2, "
+            "acme.hello@latest)"
+        )
     return plugin_id, wanted
 
 
-def _registry_and_keys(what: str, args: argparse.Namespace,
-                       host: HostConfig) -> tuple[Registry, list[TrustedPublicKey]]:
+def _registry_and_keys(
+    what: str, args: argparse.Namespace, host: HostConfig
+) -> tuple[Registry, list[TrustedPublicKey]]:
     """The registry and the loaded trusted keys the options (or the host config) name."""
     from .errors import RegistryError
     from .registry import Registry, load_trusted_keys
+
     location = args.registry or host.registry
     if not location:
-        raise _Usage(f"{what}: give --registry (or set registry in the host config)")
+        raise UsageError(f"{what}: give --registry (or set registry in the host config)")
     try:
         keys = load_trusted_keys(args.trusted_key or host.trusted_keys)
     except RegistryError as exc:
-        raise _Usage(str(exc)) from None
+        raise UsageError(str(exc)) from None
     return Registry(location), keys
 
 
 def _registry_fetch(target: str, args: argparse.Namespace, host: HostConfig) -> Path:
     """Fetch ``ID@VERSION`` from the registry the options (or host config) name."""
     from .registry import fetch
+
     registry, keys = _registry_and_keys(f"{target} names a registry plugin", args, host)
     plugin_id, wanted = _split_target(target)
-    _, directory = fetch(registry, plugin_id, wanted, trusted_keys=keys,
-                         cache_dir=host.cache_dir)
+    _, directory = fetch(registry, plugin_id, wanted, trusted_keys=keys, cache_dir=host.cache_dir)
     return directory
 
 
@@ -320,8 +187,9 @@ async def _cmd_call(args: argparse.Namespace) -> int:
         args.target = str(await asyncio.to_thread(_registry_fetch, args.target, args, host))
     plugin = load_plugin(args.target)
     sandbox = _sandbox_for(plugin, host, args)
-    extra: dict[str, Any] = {"plugin": {"id": plugin.id, "version": plugin.version,
-                                        "type": plugin.type.value}}
+    extra: dict[str, Any] = {
+        "plugin": {"id": plugin.id, "version": plugin.version, "type": plugin.type.value}
+    }
     async with PluginManager(config=host) as mgr:
         loaded = await mgr.load(args.target, sandbox=sandbox, config=config)
         extra["sandbox"] = sandbox.to_json()
@@ -341,9 +209,13 @@ async def _cmd_call(args: argparse.Namespace) -> int:
 
 def _stats(loaded: Any, start: float) -> dict[str, Any]:
     stats = loaded.statistics()
-    return {"durationMs": round((time.perf_counter() - start) * 1000, 3),
-            "peakMemoryBytes": stats.peak_memory_bytes, "cpuTimeSeconds": stats.cpu_time_s,
-            "calls": stats.calls, "failures": stats.failures}
+    return {
+        "durationMs": round((time.perf_counter() - start) * 1000, 3),
+        "peakMemoryBytes": stats.peak_memory_bytes,
+        "cpuTimeSeconds": stats.cpu_time_s,
+        "calls": stats.calls,
+        "failures": stats.failures,
+    }
 
 
 async def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -354,21 +226,38 @@ async def _cmd_inspect(args: argparse.Namespace) -> int:
     # 2, naming both digests), not a manifest to show.
     await asyncio.to_thread(verify_integrity, plugin)
     checksum = await asyncio.to_thread(tree_checksum, plugin.root)
-    integrity = "no sha256 in the manifest" if plugin.sha256 is None else \
-        "the entrypoint matches the manifest's sha256"
-    report = {"plugin": plugin.to_json(), "kind": plugin.type.value, "checksum": checksum,
-              "integrity": integrity, "sandbox": sandbox.to_json(),
-              "mode": run_mode(plugin.type, sandbox)}
+    integrity = (
+        "no sha256 in the manifest"
+        if plugin.sha256 is None
+        else "the entrypoint matches the manifest's sha256"
+    )
+    report = {
+        "plugin": plugin.to_json(),
+        "kind": plugin.type.value,
+        "checksum": checksum,
+        "integrity": integrity,
+        "sandbox": sandbox.to_json(),
+        "mode": run_mode(plugin.type, sandbox),
+    }
     if args.json:
         _print_json(report)
         return 0
-    rows = [("id", plugin.id), ("version", plugin.version), ("kind", plugin.type.value),
-            ("name", plugin.name or ""), ("entrypoint", str(plugin.entrypoint)),
-            ("manifest", str(plugin.manifest_path or "(bare file, no manifest)")),
-            ("methods", ", ".join(plugin.methods) if plugin.methods else "(all public)"),
-            ("checksum", checksum), ("integrity", integrity), ("mode", report["mode"])]
-    rows += [(f"sandbox.{k}", _json.dumps(v).decode() if not isinstance(v, str) else v)
-             for k, v in sandbox.to_json().items()]
+    rows = [
+        ("id", plugin.id),
+        ("version", plugin.version),
+        ("kind", plugin.type.value),
+        ("name", plugin.name or ""),
+        ("entrypoint", str(plugin.entrypoint)),
+        ("manifest", str(plugin.manifest_path or "(bare file, no manifest)")),
+        ("methods", ", ".join(plugin.methods) if plugin.methods else "(all public)"),
+        ("checksum", checksum),
+        ("integrity", integrity),
+        ("mode", report["mode"]),
+    ]
+    rows += [
+        (f"sandbox.{k}", _json.dumps(v).decode() if not isinstance(v, str) else v)
+        for k, v in sandbox.to_json().items()
+    ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
@@ -398,6 +287,7 @@ def _passed_through(stream: Any) -> Any:
     def write(data: bytes) -> None:
         stream.write(data)
         stream.flush()
+
     return write
 
 
@@ -430,13 +320,19 @@ async def _cmd_exec(args: argparse.Namespace) -> int:
 
     command = args.program[1:] if args.program[:1] == ["--"] else args.program
     if not command:
-        raise _Usage("exec: name the program to run after --")
+        raise UsageError("exec: name the program to run after --")
     host = HostConfig.load()
     sandbox = _sandbox_from(SandboxRequest(), None, host, args)
-    shown = {**sandbox.to_json(),
-             "timeout": None if args.timeout is None else format_duration(args.timeout)}
-    extra: dict[str, Any] = {"result": None, "plugin": None, "program": {"argv": command},
-                             "sandbox": shown}
+    shown = {
+        **sandbox.to_json(),
+        "timeout": None if args.timeout is None else format_duration(args.timeout),
+    }
+    extra: dict[str, Any] = {
+        "result": None,
+        "plugin": None,
+        "program": {"argv": command},
+        "sandbox": shown,
+    }
     if args.json:
         out, err = _Captured(host.max_frame), _Captured(host.max_frame)
         sinks = (out.write, err.write)
@@ -446,65 +342,107 @@ async def _cmd_exec(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
         result = await program.run(
-            command, sandbox, backend=cgroups.detect(),
-            seccomp_bpf=compile_filter(sandbox.profile, network=sandbox.network_allowed,
-                                       extra_dirs=host.profile_dirs),
-            sinks=sinks, egress=egress, setup_timeout=host.setup_timeout,
-            profile_dirs=host.profile_dirs, fallbacks=host.fallbacks,
-            grant_owner=host.grant_owner, stdin=_exec_stdin(), timeout=args.timeout)
+            command,
+            sandbox,
+            backend=cgroups.detect(),
+            seccomp_bpf=compile_filter(
+                sandbox.profile, network=sandbox.network_allowed, extra_dirs=host.profile_dirs
+            ),
+            sinks=sinks,
+            egress=egress,
+            setup_timeout=host.setup_timeout,
+            profile_dirs=host.profile_dirs,
+            fallbacks=host.fallbacks,
+            grant_owner=host.grant_owner,
+            stdin=_exec_stdin(),
+            timeout=args.timeout,
+        )
     except SandboxerError as exc:
-        return _report_error(exc, as_json=args.json,
-                             extra={**extra, "exitStatus": None, "signal": None})
+        return _report_error(
+            exc, as_json=args.json, extra={**extra, "exitStatus": None, "signal": None}
+        )
     finally:
         egress.close()
     code = result.returncode
     status, signum = (None, -code) if code < 0 else (code, None)
     stats = result.stats
-    extra.update(stats={"durationMs": round((time.perf_counter() - start) * 1000, 3),
-                        "peakMemoryBytes": stats.memory_peak if stats else None,
-                        "cpuTimeSeconds": stats.cpu_time_s if stats else None},
-                 exitStatus=status, signal=signum)
+    extra.update(
+        stats={
+            "durationMs": round((time.perf_counter() - start) * 1000, 3),
+            "peakMemoryBytes": stats.memory_peak if stats else None,
+            "cpuTimeSeconds": stats.cpu_time_s if stats else None,
+        },
+        exitStatus=status,
+        signal=signum,
+    )
     if args.json:
-        extra["result"] = {"stdout": out.text(), "stderr": err.text(),
-                           "truncated": [name for name, stream in (("stdout", out),
-                                                                   ("stderr", err))
-                                         if stream.total > len(stream.data)]}
-    how = f"exited with status {status}" if signum is None else \
-        f"was killed by {_describe_signal(signum)}"
+        extra["result"] = {
+            "stdout": out.text(),
+            "stderr": err.text(),
+            "truncated": [
+                name
+                for name, stream in (("stdout", out), ("stderr", err))
+                if stream.total > len(stream.data)
+            ],
+        }
+    how = (
+        f"exited with status {status}"
+        if signum is None
+        else f"was killed by {_describe_signal(signum)}"
+    )
     stopped: SandboxerError | None = None
     if result.timed_out:
         stopped = CallTimeout(
             f"the program did not finish within its timeout (--timeout "
             f"{format_duration(args.timeout)}) and was stopped: SIGTERM, then SIGKILL after "
-            f"{program.KILL_GRACE:g}s if still running; it {how}", timeout=args.timeout)
+            f"{program.KILL_GRACE:g}s if still running; it {how}",
+            timeout=args.timeout,
+        )
     elif result.oom_killed:
         limit = sandbox.memory_limit
         stopped = MemoryLimitExceeded(
             f"the program was killed for exceeding the memory limit of "
             f"{format_size(limit)} (peak {stats.memory_peak if stats else None} bytes); "
-            "raise --memory-limit if it needs more", limit=limit,
-            peak=stats.memory_peak if stats else None)
+            "raise --memory-limit if it needs more",
+            limit=limit,
+            peak=stats.memory_peak if stats else None,
+        )
     if stopped is not None:
         return _report_error(stopped, as_json=args.json, extra=extra)
     if args.json:
         ok = code == 0
-        _print_json({"ok": ok, "result": extra.pop("result"),
-                     "error": None if ok else {"type": "ProgramFailed",
-                                               "message": f"the program {how}",
-                                               "exitStatus": status, "signal": signum},
-                     **extra})
+        _print_json(
+            {
+                "ok": ok,
+                "result": extra.pop("result"),
+                "error": None
+                if ok
+                else {
+                    "type": "ProgramFailed",
+                    "message": f"the program {how}",
+                    "exitStatus": status,
+                    "signal": signum,
+                },
+                **extra,
+            }
+        )
     return 128 - code if code < 0 else code
 
 
 async def _cmd_doctor(args: argparse.Namespace) -> int:
     from ._doctor import diagnose
+
     host = HostConfig.load()
     report = diagnose(host)
     if args.target:
         plugin = load_plugin(args.target)
         sandbox = _sandbox_from(plugin.sandbox, plugin.id, host, _no_overrides())
-        report["plugin"] = {"id": plugin.id, "kind": plugin.type.value,
-                            "mode": run_mode(plugin.type, sandbox), "sandbox": sandbox.to_json()}
+        report["plugin"] = {
+            "id": plugin.id,
+            "kind": plugin.type.value,
+            "mode": run_mode(plugin.type, sandbox),
+            "sandbox": sandbox.to_json(),
+        }
     if args.json:
         _print_json(report)
     else:
@@ -520,27 +458,40 @@ async def _cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def _no_overrides() -> argparse.Namespace:
-    return argparse.Namespace(profile=None, memory_limit=None, cpu_limit=None, timeout=None,
-                              allow_path=[], deny_path=[], network=False, allow_host=[],
-                              no_sandbox=False)
+    return argparse.Namespace(
+        profile=None,
+        memory_limit=None,
+        cpu_limit=None,
+        timeout=None,
+        allow_path=[],
+        deny_path=[],
+        network=False,
+        allow_host=[],
+        no_sandbox=False,
+    )
 
 
 async def _cmd_demo(args: argparse.Namespace) -> int:
     from ._demo import run_demo
+
     return await run_demo(args.examples, as_json=args.json)
 
 
 def _describe(found: Any) -> str:
     """One line for a scan result or a watch event's plugin."""
     from .discovery import ScanError
+
     if isinstance(found, ScanError):
         return f"{found.path}  ERROR  {found.message}"
-    return (f"{found.path}  {found.type.value}  {found.manifest.id}@{found.manifest.version}"
-            f"  {found.checksum}")
+    return (
+        f"{found.path}  {found.type.value}  {found.manifest.id}@{found.manifest.version}"
+        f"  {found.checksum}"
+    )
 
 
 async def _cmd_scan(args: argparse.Namespace) -> int:
     from .discovery import ScanError, scan
+
     results = await asyncio.to_thread(scan, args.paths)
     if args.json:
         _print_json([r.to_json() for r in results])
@@ -564,31 +515,50 @@ async def _cmd_watch(args: argparse.Namespace) -> int:
         async with watch(args.paths) as found:
             async for event in found:
                 detail = event.plugin or event.error
-                show(event.to_json(),
-                     f"{event.kind:<8} " + (_describe(detail) if detail else str(event.path)))
+                show(
+                    event.to_json(),
+                    f"{event.kind:<8} " + (_describe(detail) if detail else str(event.path)),
+                )
         return 0
     async with PluginManager(config=HostConfig.load(), hot_reload=True) as mgr:
+
         async def report() -> None:
             async for e in mgr.events():
                 if e.type == "state" and e.state.value not in ("ready", "failed", "stopped"):
                     continue
-                show(e.to_json(), f"{e.type:<14} {e.plugin_id} {e.version} gen {e.generation} "
-                     f"{e.state.value}" + (f": {e.error}" if e.error else ""))
+                show(
+                    e.to_json(),
+                    f"{e.type:<14} {e.plugin_id} {e.version} gen {e.generation} "
+                    f"{e.state.value}" + (f": {e.error}" if e.error else ""),
+                )
+
         reporter = asyncio.ensure_future(report())
         by_path: dict[Path, str] = {}
         try:
             async with watch(args.paths) as found:
                 async for event in found:
                     if event.kind == "error" and event.error is not None:
-                        show({"event": "error", "path": str(event.path),
-                              "error": event.error.message}, _describe(event.error))
+                        show(
+                            {
+                                "event": "error",
+                                "path": str(event.path),
+                                "error": event.error.message,
+                            },
+                            _describe(event.error),
+                        )
                     elif event.kind == "added" and event.plugin is not None:
                         try:
                             loaded = await mgr.load(event.plugin.path)
                             by_path[event.path] = loaded.id
                         except SandboxerError as exc:
-                            show({"event": "load_failed", "path": str(event.path),
-                                  "error": str(exc)}, f"load_failed    {event.path}: {exc}")
+                            show(
+                                {
+                                    "event": "load_failed",
+                                    "path": str(event.path),
+                                    "error": str(exc),
+                                },
+                                f"load_failed    {event.path}: {exc}",
+                            )
                     elif event.kind == "removed" and event.path in by_path:
                         await mgr.unload(by_path.pop(event.path))
                     # "changed": the manager's hot reload takes it
@@ -600,6 +570,7 @@ async def _cmd_watch(args: argparse.Namespace) -> int:
 async def _cmd_registry(args: argparse.Namespace) -> int:
     from . import _minisign
     from .registry import publish, sign_index
+
     action = args.registry_command
     if action == "keygen":
         public, secret = _minisign.generate_keypair()
@@ -608,7 +579,7 @@ async def _cmd_registry(args: argparse.Namespace) -> int:
         key_path = args.directory / f"{args.name}.key"
         for path in (pub_path, key_path):
             if path.exists():
-                raise _Usage(f"{path} exists; not overwriting a key")
+                raise UsageError(f"{path} exists; not overwriting a key")
         fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(secret.to_file_text())
@@ -619,11 +590,12 @@ async def _cmd_registry(args: argparse.Namespace) -> int:
         try:
             secret = _minisign.SecretKey.from_file(args.key)
         except OSError as exc:
-            raise _Usage(f"cannot read secret key {args.key}: {exc.strerror}") from None
+            raise UsageError(f"cannot read secret key {args.key}: {exc.strerror}") from None
         if action == "sign-index":
             sequence = await asyncio.to_thread(sign_index, args.registry, secret)
-            print(f"signed {args.registry}/index.json: sequence {sequence}, key "
-                  f"{secret.key_id_hex}")
+            print(
+                f"signed {args.registry}/index.json: sequence {sequence}, key {secret.key_id_hex}"
+            )
             return 0
         entry = await asyncio.to_thread(publish, args.plugin, args.registry, secret)
         print(f"published {entry.id}@{entry.version} sha256:{entry.sha256}")
@@ -636,8 +608,10 @@ async def _cmd_registry(args: argparse.Namespace) -> int:
         if args.json:
             _print_json([e.to_json() for e in entries])
         else:
-            print(f"# {registry.location}: index sequence {index.sequence}, signed by "
-                  f"{index.signer.describe()}")
+            print(
+                f"# {registry.location}: index sequence {index.sequence}, signed by "
+                f"{index.signer.describe()}"
+            )
             for e in entries:
                 print(f"{e.id}@{e.version}  {e.type}  sha256:{e.sha256[:16]}…  {e.published}")
         return 0
@@ -649,20 +623,30 @@ async def _cmd_registry(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"call": _cmd_call, "inspect": _cmd_inspect, "exec": _cmd_exec,
-             "doctor": _cmd_doctor, "demo": _cmd_demo, "registry": _cmd_registry,
-             "scan": _cmd_scan, "watch": _cmd_watch}
+_COMMANDS = {
+    "call": _cmd_call,
+    "inspect": _cmd_inspect,
+    "exec": _cmd_exec,
+    "doctor": _cmd_doctor,
+    "demo": _cmd_demo,
+    "registry": _cmd_registry,
+    "scan": _cmd_scan,
+    "watch": _cmd_watch,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
+    parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     as_json = getattr(args, "json", False)
     try:
         return asyncio.run(_COMMANDS[args.command](args))
-    except _Usage as exc:
+    except UsageError as exc:
         if as_json:
             _print_json({"ok": False, "error": {"type": "UsageError", "message": str(exc)}})
         else:

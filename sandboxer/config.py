@@ -25,8 +25,14 @@ from .errors import ConfigError
 from .rpc.framing import DEFAULT_MAX_FRAME
 from .sandbox.policy import HOST_KEYS, LIMIT_KEYS, SandboxPolicy, parse_denied_path
 
-__all__ = ["HostConfig", "RegistryTrust", "Supervision", "WasmPool", "EgressTuning",
-           "DEFAULT_CONFIG_PATH"]
+__all__ = [
+    "HostConfig",
+    "RegistryTrust",
+    "Supervision",
+    "WasmPool",
+    "EgressTuning",
+    "DEFAULT_CONFIG_PATH",
+]
 
 DEFAULT_CONFIG_PATH = "/etc/sandboxer/sandboxer.toml"
 
@@ -35,11 +41,11 @@ DEFAULT_CONFIG_PATH = "/etc/sandboxer/sandboxer.toml"
 class RegistryTrust:
     """Where plugins are fetched from and whose signatures are trusted."""
 
-    registry: str | None = None          # a registry directory or http(s) base URL
+    registry: str | None = None  # a registry directory or http(s) base URL
     # minisign public keys a registry's index and plugins must be signed with, each trusted for
     # every plugin id or for the ids its patterns cover; a plain str is a key file for any id
     trusted_keys: tuple[TrustedKey | str, ...] = ()
-    cache_dir: str | None = None         # fetched plugins; default $XDG_CACHE_HOME/sandboxer
+    cache_dir: str | None = None  # fetched plugins; default $XDG_CACHE_HOME/sandboxer
 
 
 @dataclass(frozen=True)
@@ -143,6 +149,7 @@ def _whole(low: int, high: int, what: str) -> Callable[[object], int]:
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
             raise ValueError(f"{what} between {low} and {high}, not {value!r}")
         return value
+
     return parse
 
 

@@ -195,11 +195,18 @@ class MethodNotFound(PluginCallError):
     CODE = METHOD_NOT_FOUND
 
     def __init__(
-        self, message: str, *, plugin_id: str | None = None, method: str | None = None,
+        self,
+        message: str,
+        *,
+        plugin_id: str | None = None,
+        method: str | None = None,
         available: list[str] | None = None,
     ) -> None:
         super().__init__(
-            message, code=self.CODE, plugin_id=plugin_id, method=method,
+            message,
+            code=self.CODE,
+            plugin_id=plugin_id,
+            method=method,
             data={"available": available} if available is not None else None,
         )
 
@@ -251,7 +258,11 @@ class CallTimeout(ResourceLimitExceeded):
     """A call did not finish within its timeout (seconds)."""
 
     def __init__(
-        self, message: str, *, timeout: float, plugin_id: str | None = None,
+        self,
+        message: str,
+        *,
+        timeout: float,
+        plugin_id: str | None = None,
         method: str | None = None,
     ) -> None:
         super().__init__(message, plugin_id=plugin_id)
@@ -292,7 +303,8 @@ class ReloadError(SandboxerError):
         out = super().to_json()
         cause = self.cause
         out["cause"] = (
-            cause.to_json() if isinstance(cause, SandboxerError)
+            cause.to_json()
+            if isinstance(cause, SandboxerError)
             else {"type": type(cause).__name__, "message": str(cause)}
         )
         return out

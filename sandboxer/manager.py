@@ -78,10 +78,14 @@ class PluginEvent:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "event": self.type, "plugin": self.plugin_id, "state": self.state.value,
+            "event": self.type,
+            "plugin": self.plugin_id,
+            "state": self.state.value,
             "previous": self.previous.value if self.previous else None,
-            "generation": self.generation, "version": self.version,
-            "at": self.at.isoformat(), "error": self.error,
+            "generation": self.generation,
+            "version": self.version,
+            "at": self.at.isoformat(),
+            "error": self.error,
         }
 
 
@@ -98,9 +102,15 @@ class PluginStatistics:
     network: dict[str, int] | None = None  # egress counters, if it ever had network access
 
     def to_json(self) -> dict[str, Any]:
-        return {"calls": self.calls, "inFlight": self.in_flight, "failures": self.failures,
-                "generation": self.generation, "peakMemoryBytes": self.peak_memory_bytes,
-                "cpuTimeSeconds": self.cpu_time_s, "network": self.network}
+        return {
+            "calls": self.calls,
+            "inFlight": self.in_flight,
+            "failures": self.failures,
+            "generation": self.generation,
+            "peakMemoryBytes": self.peak_memory_bytes,
+            "cpuTimeSeconds": self.cpu_time_s,
+            "network": self.network,
+        }
 
 
 class LoadedPlugin:
@@ -194,8 +204,7 @@ class LoadedPlugin:
         )
 
     def __repr__(self) -> str:
-        return (f"<LoadedPlugin {self.id} {self.version} gen={self.generation} "
-                f"{self.state.value}>")
+        return f"<LoadedPlugin {self.id} {self.version} gen={self.generation} {self.state.value}>"
 
     # -- calls -------------------------------------------------------------------------------
     async def call(self, method: str, *args: Any, timeout: float | None = None) -> Any:
@@ -271,8 +280,10 @@ class EventStream:
     async def __anext__(self) -> PluginEvent:
         queue = self._subscription.queue
         if queue.empty() and self.overflowed:
-            raise SandboxerError(f"event stream fell more than {_EVENT_BUFFER} events behind "
-                                 "and was dropped; subscribe again with events()")
+            raise SandboxerError(
+                f"event stream fell more than {_EVENT_BUFFER} events behind "
+                "and was dropped; subscribe again with events()"
+            )
         event = await queue.get()
         if event is None:
             raise StopAsyncIteration
@@ -289,9 +300,14 @@ class PluginManager:
     unloads every plugin (each drained, shut down and closed).
     """
 
-    def __init__(self, config: HostConfig | None = None, *,
-                 drain_timeout: float | None = None, hot_reload: bool = False,
-                 reload_debounce: float = 0.2) -> None:
+    def __init__(
+        self,
+        config: HostConfig | None = None,
+        *,
+        drain_timeout: float | None = None,
+        hot_reload: bool = False,
+        reload_debounce: float = 0.2,
+    ) -> None:
         self.config = config if config is not None else HostConfig()
         self.hot_reload = hot_reload
         self.reload_debounce = reload_debounce
@@ -304,13 +320,18 @@ class PluginManager:
         self._in_process_python = InProcessPythonLoader()
         self._egress = EgressProxy.from_config(self.config)
         self._process_loaders = {
-            kind: ProcessLoader(kind, handshake_timeout=self.config.handshake_timeout,
-                                setup_timeout=self.config.setup_timeout,
-                                max_frame=self.config.max_frame,
-                                profile_dirs=self.config.profile_dirs,
-                                fallbacks=self.config.fallbacks, egress=self._egress,
-                                grant_owner=self.config.grant_owner)
-            for kind in COMMANDS}
+            kind: ProcessLoader(
+                kind,
+                handshake_timeout=self.config.handshake_timeout,
+                setup_timeout=self.config.setup_timeout,
+                max_frame=self.config.max_frame,
+                profile_dirs=self.config.profile_dirs,
+                fallbacks=self.config.fallbacks,
+                egress=self._egress,
+                grant_owner=self.config.grant_owner,
+            )
+            for kind in COMMANDS
+        }
         self._wasm_engine: WasmEngine | None = None  # made on the first wasm plugin
         self._wasm_loader: WasmLoader | None = None
         # Tasks the manager owns (health checks, cleanup after a crash); awaited at close.
@@ -355,12 +376,20 @@ class PluginManager:
         """Subscribe to events (every state change, reloads, failures) from now on."""
         return EventStream(_Subscription(self._subscribers))
 
-    def _emit(self, life: Lifecycle, type_: str, previous: PluginState | None,
-              error: str | None = None) -> None:
+    def _emit(
+        self, life: Lifecycle, type_: str, previous: PluginState | None, error: str | None = None
+    ) -> None:
         """Every plugin's events come through here (its Lifecycle's ``on_event``)."""
-        event = PluginEvent(type=type_, plugin_id=life.id, state=life.state,
-                            previous=previous, generation=life.generation,
-                            version=life.plugin.version, at=_now(), error=error)
+        event = PluginEvent(
+            type=type_,
+            plugin_id=life.id,
+            state=life.state,
+            previous=previous,
+            generation=life.generation,
+            version=life.plugin.version,
+            at=_now(),
+            error=error,
+        )
         log.debug("plugin %s: %s %s", life.id, type_, life.state.value)
         for subscription in list(self._subscribers):
             subscription.offer(event)
@@ -376,16 +405,19 @@ class PluginManager:
         try:
             return self._plugins[plugin_id]
         except KeyError:
-            raise PluginNotFound(f"no plugin {plugin_id!r} is loaded (loaded: "
-                                 f"{', '.join(sorted(self._plugins)) or 'none'})",
-                                 plugin_id=plugin_id) from None
+            raise PluginNotFound(
+                f"no plugin {plugin_id!r} is loaded (loaded: "
+                f"{', '.join(sorted(self._plugins)) or 'none'})",
+                plugin_id=plugin_id,
+            ) from None
 
     def _lock(self, plugin_id: str) -> asyncio.Lock:
         return self._locks.setdefault(plugin_id, asyncio.Lock())
 
     # -- sandbox and loader choice -----------------------------------------------------------
-    def resolve_sandbox(self, plugin: Plugin,
-                        explicit: SandboxConfig | None = None) -> SandboxConfig:
+    def resolve_sandbox(
+        self, plugin: Plugin, explicit: SandboxConfig | None = None
+    ) -> SandboxConfig:
         """The sandbox a plugin would get: ``explicit`` if given, else its request clamped."""
         if explicit is not None:
             return explicit
@@ -397,33 +429,40 @@ class PluginManager:
                 raise PluginLoadError(
                     f"plugin {plugin.id}: {plugin.type.value} plugins always run sandboxed; "
                     "only python and native plugins may run unsandboxed in-process",
-                    plugin_id=plugin.id)
+                    plugin_id=plugin.id,
+                )
             if not self.config.allow_unsandboxed:
                 raise PluginLoadError(
                     f"plugin {plugin.id}: the host policy ({self.config.source or 'HostConfig'})"
                     " does not allow unsandboxed plugins (allow_unsandboxed = false)",
-                    plugin_id=plugin.id)
+                    plugin_id=plugin.id,
+                )
             if plugin.type is LoaderType.PYTHON:
                 return self._in_process_python
         if plugin.type is LoaderType.WASM:
             if self._wasm_loader is None:
                 self._wasm_engine = WasmEngine()
-                self._wasm_loader = WasmLoader(self._wasm_engine,
-                                               pool_size=self.config.wasm_instances,
-                                               max_frame=self.config.max_frame,
-                                               egress=self._egress,
-                                               fallbacks=self.config.fallbacks,
-                                               grant_owner=self.config.grant_owner)
+                self._wasm_loader = WasmLoader(
+                    self._wasm_engine,
+                    pool_size=self.config.wasm_instances,
+                    max_frame=self.config.max_frame,
+                    egress=self._egress,
+                    fallbacks=self.config.fallbacks,
+                    grant_owner=self.config.grant_owner,
+                )
             return self._wasm_loader
         loader = self._process_loaders.get(plugin.type)
         if loader is None:
             raise PluginLoadError(
                 f"plugin {plugin.id}: this build of sandboxer cannot load {plugin.type.value} "
-                f"plugins yet", plugin_id=plugin.id)
+                f"plugins yet",
+                plugin_id=plugin.id,
+            )
         return loader
 
-    async def _start_generation(self, entry: _Entry, plugin: Plugin, sandbox: SandboxConfig,
-                                number: int) -> Generation:
+    async def _start_generation(
+        self, entry: _Entry, plugin: Plugin, sandbox: SandboxConfig, number: int
+    ) -> Generation:
         """Start, init and health-check one generation; on any failure nothing is left."""
         loader = self._loader_for(plugin, sandbox)
         handle = await loader.start(plugin, sandbox, generation=number)
@@ -431,12 +470,15 @@ class PluginManager:
             try:
                 await handle.init({**plugin.config, **entry.config})
             except PluginCallError as exc:
-                raise PluginLoadError(f"plugin {plugin.id}: init failed: {exc}",
-                                      plugin_id=plugin.id) from exc
+                raise PluginLoadError(
+                    f"plugin {plugin.id}: init failed: {exc}", plugin_id=plugin.id
+                ) from exc
             health = await handle.health()
             if not health.ok:
-                raise PluginLoadError(f"plugin {plugin.id}: health check failed after init: "
-                                      f"{health.message}", plugin_id=plugin.id)
+                raise PluginLoadError(
+                    f"plugin {plugin.id}: health check failed after init: {health.message}",
+                    plugin_id=plugin.id,
+                )
         except BaseException:
             await handle.close()
             raise
@@ -455,8 +497,13 @@ class PluginManager:
         return task
 
     # -- load --------------------------------------------------------------------------------
-    async def load(self, path: str | os.PathLike[str], *, sandbox: SandboxConfig | None = None,
-                   config: Mapping[str, Any] | None = None) -> LoadedPlugin:
+    async def load(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        sandbox: SandboxConfig | None = None,
+        config: Mapping[str, Any] | None = None,
+    ) -> LoadedPlugin:
         """Load the plugin at ``path`` (a directory with plugin.toml, or a bare file).
 
         ``sandbox`` replaces the effective sandbox computed from the manifest and host policy
@@ -472,18 +519,25 @@ class PluginManager:
                 raise PluginLoadError(
                     f"plugin {plugin.id} is already loaded (generation "
                     f"{self._plugins[plugin.id].life.generation}); reload or unload it first",
-                    plugin_id=plugin.id)
+                    plugin_id=plugin.id,
+                )
             life = Lifecycle(plugin, on_event=self._emit, close_failed=self._close_failed)
-            entry = _Entry(LoadedPlugin(life, os.fspath(path), self._egress), life, sandbox,
-                           dict(config or {}))
+            entry = _Entry(
+                LoadedPlugin(life, os.fspath(path), self._egress), life, sandbox, dict(config or {})
+            )
             self._plugins[plugin.id] = entry
             self._emit(life, "state", None)
             try:
                 await self._bring_up(entry, plugin)
             except BaseException as exc:
-                error = exc if isinstance(exc, SandboxerError) else PluginLoadError(
-                    f"plugin {plugin.id}: load failed: {type(exc).__name__}: {exc}",
-                    plugin_id=plugin.id)
+                error = (
+                    exc
+                    if isinstance(exc, SandboxerError)
+                    else PluginLoadError(
+                        f"plugin {plugin.id}: load failed: {type(exc).__name__}: {exc}",
+                        plugin_id=plugin.id,
+                    )
+                )
                 life.fail(error)
                 del self._plugins[plugin.id]
                 entry.unloaded.set()
@@ -496,10 +550,14 @@ class PluginManager:
             return entry.loaded
 
     async def load_from_registry(
-        self, plugin_id: str, version: str = "latest", *,
+        self,
+        plugin_id: str,
+        version: str = "latest",
+        *,
         registry: str | os.PathLike[str] | None = None,
         trusted_keys: Sequence[TrustedKey | str | os.PathLike[str]] | None = None,
-        sandbox: SandboxConfig | None = None, config: Mapping[str, Any] | None = None,
+        sandbox: SandboxConfig | None = None,
+        config: Mapping[str, Any] | None = None,
     ) -> LoadedPlugin:
         """Resolve ``plugin_id`` at ``version`` (exact, ``latest`` or a semver range such as
         ``^1.2``) in a registry whose signed index is not older than one seen before, fetch
@@ -510,16 +568,24 @@ class PluginManager:
         or ``registry.TrustedKey(path, ids=("acme.*",))``) default to the host config's
         ``registry`` and ``trusted_keys``."""
         from . import registry as _registry
+
         location = registry if registry is not None else self.config.registry
         if location is None:
-            raise RegistryError("no registry given (pass registry=, or set registry under "
-                                "[host] in the host config)")
+            raise RegistryError(
+                "no registry given (pass registry=, or set registry under "
+                "[host] in the host config)"
+            )
         key_paths = list(trusted_keys if trusted_keys is not None else self.config.trusted_keys)
 
         def fetch() -> Path:
             keys = _registry.load_trusted_keys(key_paths)
-            _, directory = _registry.fetch(_registry.Registry(location), plugin_id, version,
-                                           trusted_keys=keys, cache_dir=self.config.cache_dir)
+            _, directory = _registry.fetch(
+                _registry.Registry(location),
+                plugin_id,
+                version,
+                trusted_keys=keys,
+                cache_dir=self.config.cache_dir,
+            )
             return directory
 
         directory = await asyncio.to_thread(fetch)
@@ -567,8 +633,9 @@ class PluginManager:
             return True
         failures = life.health_failed()
         error = PluginStateError(
-            f"plugin {plugin_id}: health check failed ({failures} in a row): "
-            f"{health.message}", plugin_id=plugin_id)
+            f"plugin {plugin_id}: health check failed ({failures} in a row): {health.message}",
+            plugin_id=plugin_id,
+        )
         if failures >= self.config.health_failures:
             life.fail_current(error)
         elif life.state is PluginState.READY:
@@ -607,9 +674,13 @@ class PluginManager:
         else:
             life.transition(PluginState.DRAINING)
             if gen is not None and not await gen.wait_idle(self.drain_timeout):
-                log.warning("plugin %s: %d call(s) still in flight after the %gs drain "
-                            "timeout; they are cancelled", life.id, gen.in_flight,
-                            self.drain_timeout)
+                log.warning(
+                    "plugin %s: %d call(s) still in flight after the %gs drain "
+                    "timeout; they are cancelled",
+                    life.id,
+                    gen.in_flight,
+                    self.drain_timeout,
+                )
             life.transition(PluginState.STOPPING)
         if gen is not None:
             await self._retire(life, gen, graceful=True)
@@ -622,8 +693,7 @@ class PluginManager:
                 async with asyncio.timeout(self.drain_timeout):
                     await gen.handle.shutdown()
         except (SandboxerError, TimeoutError) as exc:
-            log.warning("plugin %s: shutdown of generation %d failed: %s", life.id,
-                        gen.number, exc)
+            log.warning("plugin %s: shutdown of generation %d failed: %s", life.id, gen.number, exc)
         finally:
             life.retired(gen)
             await gen.handle.close()
@@ -638,12 +708,15 @@ class PluginManager:
         entry = self._entry(plugin_id)
         async with self._lock(plugin_id):
             if entry.unloading or plugin_id not in self._plugins:
-                raise PluginStateError(f"plugin {plugin_id} is being unloaded",
-                                       plugin_id=plugin_id)
-            await reload_generation(entry.life, ReloadHost(
-                drain_timeout=self.drain_timeout,
-                prepare=functools.partial(self._prepare_generation, entry),
-                retire=functools.partial(self._retire, entry.life, graceful=True)))
+                raise PluginStateError(f"plugin {plugin_id} is being unloaded", plugin_id=plugin_id)
+            await reload_generation(
+                entry.life,
+                ReloadHost(
+                    drain_timeout=self.drain_timeout,
+                    prepare=functools.partial(self._prepare_generation, entry),
+                    retire=functools.partial(self._retire, entry.life, graceful=True),
+                ),
+            )
         return entry.loaded
 
     async def _watch_files(self, entry: _Entry) -> None:
@@ -656,20 +729,28 @@ class PluginManager:
         parse is reported (``reload_failed``) without touching the running generation, and
         removed files leave the last good generation serving."""
         from .discovery import watch
+
         life = entry.life
         failed: str | None = None
         try:
             async with watch([entry.loaded.source], debounce=self.reload_debounce) as events:
                 async for event in events:
                     if event.kind == "error" and event.error is not None:
-                        life.reload_refused(PluginLoadError(
-                            f"plugin {life.id}: its files cannot be loaded: "
-                            f"{event.error.message}", plugin_id=life.id))
+                        life.reload_refused(
+                            PluginLoadError(
+                                f"plugin {life.id}: its files cannot be loaded: "
+                                f"{event.error.message}",
+                                plugin_id=life.id,
+                            )
+                        )
                         continue
                     if event.plugin is None:
                         if event.kind == "removed":
-                            log.warning("plugin %s: its files were removed; the running "
-                                        "generation keeps serving", life.id)
+                            log.warning(
+                                "plugin %s: its files were removed; the running "
+                                "generation keeps serving",
+                                life.id,
+                            )
                         continue
                     checksum = event.plugin.checksum
                     if checksum in (entry.files_checksum, failed):
@@ -692,8 +773,11 @@ class PluginManager:
             entry.files_checksum = await asyncio.to_thread(tree_checksum, source)
         plugin = await asyncio.to_thread(load_plugin, source)
         if plugin.id != life.id:
-            raise PluginLoadError(f"plugin {life.id}: the new files declare id {plugin.id}; "
-                                  "a reload cannot change a plugin's id", plugin_id=life.id)
+            raise PluginLoadError(
+                f"plugin {life.id}: the new files declare id {plugin.id}; "
+                "a reload cannot change a plugin's id",
+                plugin_id=life.id,
+            )
         await asyncio.to_thread(verify_integrity, plugin)
         sandbox = self.resolve_sandbox(plugin, entry.sandbox)
         return await self._start_generation(entry, plugin, sandbox, life.next_number())

@@ -111,6 +111,7 @@ class Plugin:
 
 # -- parsing ---------------------------------------------------------------------------------
 
+
 class _Fields:
     """Reads one TOML table, remembering the file and table for error messages."""
 
@@ -130,8 +131,9 @@ class _Fields:
             name = f"{self.table}.{key}" if key else self.table
         return ManifestError(self.path, name, expected)
 
-    def get(self, key: str, parse: Callable[[Any], Any], *, required: bool = False,
-            default: Any = None) -> Any:
+    def get(
+        self, key: str, parse: Callable[[Any], Any], *, required: bool = False, default: Any = None
+    ) -> Any:
         if key not in self.data:
             if required:
                 raise self.error(key, "a value (this field is required)")
@@ -151,6 +153,7 @@ def _text(limit: int, what: str = "a string") -> Callable[[Any], str]:
         if "\0" in value:
             raise ValueError(f"{what} without NUL characters")
         return value
+
     return parse
 
 
@@ -159,6 +162,7 @@ def _matching(regex: re.Pattern[str], what: str) -> Callable[[Any], str]:
         if not isinstance(value, str) or not regex.fullmatch(value):
             raise ValueError(f"{what}, not {value!r}")
         return value
+
     return parse
 
 
@@ -168,8 +172,9 @@ def _boolean(value: Any) -> bool:
     return value
 
 
-def _list_of(parse_item: Callable[[Any], Any], what: str, *, limit: int = 256) -> Callable[
-        [Any], tuple[Any, ...]]:
+def _list_of(
+    parse_item: Callable[[Any], Any], what: str, *, limit: int = 256
+) -> Callable[[Any], tuple[Any, ...]]:
     def parse(value: Any) -> tuple[Any, ...]:
         if not isinstance(value, list):
             raise ValueError(f"a list of {what}, not {type(value).__name__}")
@@ -184,6 +189,7 @@ def _list_of(parse_item: Callable[[Any], Any], what: str, *, limit: int = 256) -
         if len(set(items)) != len(items):
             raise ValueError(f"a list of {what} without duplicates")
         return tuple(items)
+
     return parse
 
 
@@ -223,8 +229,10 @@ def _json_value(value: Any, where: str) -> Any:
         raise _ValueAt(where, "a finite number (JSON has no inf or nan)")
     if isinstance(value, (str, int, float, bool)):
         return value
-    raise _ValueAt(where, "a JSON value (string, number, boolean, array, table), "
-                          f"not a TOML {type(value).__name__}")
+    raise _ValueAt(
+        where,
+        f"a JSON value (string, number, boolean, array, table), not a TOML {type(value).__name__}",
+    )
 
 
 def _entrypoint(value: Any, root: Path, kind: LoaderType) -> Path:
@@ -239,20 +247,23 @@ def _entrypoint(value: Any, root: Path, kind: LoaderType) -> Path:
         real_root = root.resolve(strict=True)
         target = (root / value).resolve(strict=True)
     except (OSError, RuntimeError):
-        raise ValueError(f"an existing file inside the plugin directory; {value!r} "
-                         "does not exist") from None
+        raise ValueError(
+            f"an existing file inside the plugin directory; {value!r} does not exist"
+        ) from None
     if not target.is_relative_to(real_root):
-        raise ValueError(f"a path that stays inside the plugin directory; {value!r} "
-                         f"leads to {target}")
+        raise ValueError(
+            f"a path that stays inside the plugin directory; {value!r} leads to {target}"
+        )
     if kind is LoaderType.PYTHON:
         if target.is_dir():
             init = target / "__init__.py"
             if not init.is_file():
-                raise ValueError(f"a .py file or a package directory; {value!r} has no "
-                                 "__init__.py")
+                raise ValueError(f"a .py file or a package directory; {value!r} has no __init__.py")
             if not init.resolve().is_relative_to(real_root):
-                raise ValueError(f"a package whose __init__.py stays inside the plugin "
-                                 f"directory; {value!r}/__init__.py leads to {init.resolve()}")
+                raise ValueError(
+                    f"a package whose __init__.py stays inside the plugin "
+                    f"directory; {value!r}/__init__.py leads to {init.resolve()}"
+                )
         elif not (target.is_file() and target.suffix == ".py"):
             raise ValueError(f"a .py file or a package directory, not {value!r}")
     elif not target.is_file():
@@ -262,10 +273,18 @@ def _entrypoint(value: Any, root: Path, kind: LoaderType) -> Path:
     return target
 
 
-_PLUGIN_FIELDS = {"id", "version", "type", "entrypoint", "name", "description", "methods",
-                  "sha256"}
-_SANDBOX_FIELDS = {"profile", "memory_limit", "cpu_limit", "timeout", "network_allowed",
-                   "allowed_hosts", "allowed_paths", "denied_paths", "fuel"}
+_PLUGIN_FIELDS = {"id", "version", "type", "entrypoint", "name", "description", "methods", "sha256"}
+_SANDBOX_FIELDS = {
+    "profile",
+    "memory_limit",
+    "cpu_limit",
+    "timeout",
+    "network_allowed",
+    "allowed_hosts",
+    "allowed_paths",
+    "denied_paths",
+    "fuel",
+}
 
 
 def parse_manifest(text: str | bytes, *, path: str | os.PathLike[str], root: Path) -> Plugin:
@@ -277,8 +296,9 @@ def parse_manifest(text: str | bytes, *, path: str | os.PathLike[str], root: Pat
         try:
             text = text.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise ManifestError(where, "(file)", f"UTF-8 text ({exc.reason} at byte "
-                                                 f"{exc.start})") from None
+            raise ManifestError(
+                where, "(file)", f"UTF-8 text ({exc.reason} at byte {exc.start})"
+            ) from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -289,11 +309,19 @@ def parse_manifest(text: str | bytes, *, path: str | os.PathLike[str], root: Pat
     if "plugin" not in data:
         raise ManifestError(where, "plugin", "a [plugin] table")
     p = _Fields(where, "plugin", data["plugin"], _PLUGIN_FIELDS)
-    plugin_id = p.get("id", _matching(ID_RE, "an id of lower-case letters, digits, '.', '_' "
-                                      "or '-', starting with a letter or digit, at most 128 "
-                                      "characters"), required=True)
-    version = p.get("version", _matching(SEMVER_RE, 'a semantic version such as "1.2.0"'),
-                    required=True)
+    plugin_id = p.get(
+        "id",
+        _matching(
+            ID_RE,
+            "an id of lower-case letters, digits, '.', '_' "
+            "or '-', starting with a letter or digit, at most 128 "
+            "characters",
+        ),
+        required=True,
+    )
+    version = p.get(
+        "version", _matching(SEMVER_RE, 'a semantic version such as "1.2.0"'), required=True
+    )
     kind = p.get("type", _loader_type, required=True)
     entrypoint = p.get("entrypoint", lambda v: _entrypoint(v, root, kind), required=True)
     methods = p.get("methods", _list_of(_method_name, "method names"))
@@ -311,8 +339,9 @@ def parse_manifest(text: str | bytes, *, path: str | os.PathLike[str], root: Pat
 
     s = _Fields(where, "sandbox", data.get("sandbox", {}), _SANDBOX_FIELDS)
     sandbox = SandboxRequest(
-        profile=s.get("profile", _matching(_profiles.NAME_RE, "a profile name such as "
-                                           '"default" or "strict"')),
+        profile=s.get(
+            "profile", _matching(_profiles.NAME_RE, 'a profile name such as "default" or "strict"')
+        ),
         memory_limit=s.get("memory_limit", parse_size),
         cpu_limit=s.get("cpu_limit", parse_cpu),
         timeout=s.get("timeout", parse_duration),
@@ -355,23 +384,32 @@ def _bare_kind(path: Path) -> LoaderType:
         raise ManifestError(where, "(file)", f"a readable file ({exc.strerror})") from None
     if path.suffix == ".wasm":
         if head != WASM_MAGIC:
-            raise ManifestError(where, "(file)", "a WebAssembly module (it lacks the \\0asm "
-                                                 "magic bytes)")
+            raise ManifestError(
+                where, "(file)", "a WebAssembly module (it lacks the \\0asm magic bytes)"
+            )
         return LoaderType.WASM
     if path.suffix == ".so" or ".so." in path.name:
         if head != ELF_MAGIC:
             raise ManifestError(where, "(file)", "an ELF shared object")
         return LoaderType.NATIVE
-    raise ManifestError(where, MANIFEST_NAME, "a plugin.toml beside it: only .py, .wasm and "
-                        ".so files load without a manifest (executables need one)")
+    raise ManifestError(
+        where,
+        MANIFEST_NAME,
+        "a plugin.toml beside it: only .py, .wasm and "
+        ".so files load without a manifest (executables need one)",
+    )
 
 
 def _bare_id(path: Path) -> str:
     stem = path.name.split(".")[0].lower().replace(" ", "-")
     candidate = re.sub(r"[^a-z0-9._-]", "-", stem).strip("-._")[:128]
     if not candidate or not ID_RE.fullmatch(candidate):
-        raise ManifestError(str(path), "plugin.id", "a file name from which an id can be made "
-                            "(letters or digits); add a plugin.toml with an explicit id")
+        raise ManifestError(
+            str(path),
+            "plugin.id",
+            "a file name from which an id can be made "
+            "(letters or digits); add a plugin.toml with an explicit id",
+        )
     return candidate
 
 
@@ -381,15 +419,15 @@ def load_plugin(path: str | os.PathLike[str]) -> Plugin:
     if target.is_dir():
         manifest = target / MANIFEST_NAME
         if not manifest.is_file():
-            raise ManifestError(str(target), MANIFEST_NAME,
-                                "a plugin.toml in the plugin directory")
+            raise ManifestError(str(target), MANIFEST_NAME, "a plugin.toml in the plugin directory")
     elif target.name == MANIFEST_NAME:
         manifest, target = target, target.parent
     elif target.is_file():
         kind = _bare_kind(target)
         resolved = target.resolve()
-        return Plugin(id=_bare_id(target), version="0.0.0", type=kind, entrypoint=resolved,
-                      root=resolved)
+        return Plugin(
+            id=_bare_id(target), version="0.0.0", type=kind, entrypoint=resolved, root=resolved
+        )
     else:
         raise ManifestError(str(target), "(path)", "an existing plugin directory or file")
     try:
@@ -418,4 +456,3 @@ def verify_integrity(plugin: Plugin) -> None:
             "or was tampered with",
             plugin_id=plugin.id,
         )
-

@@ -59,14 +59,28 @@ from ._trusted_keys import TrustedKey, covers, describe_scope
 from .errors import IntegrityError, PluginNotFound, RegistryError
 from .manifest import load_plugin
 
-__all__ = ["Registry", "RegistryEntry", "SignedIndex", "TrustedKey", "TrustedPublicKey",
-           "publish", "sign_index", "fetch", "safe_extract", "default_cache_dir",
-           "load_trusted_keys", "INDEX", "INDEX_SIGNATURE",
-           "MAX_ARCHIVE", "MAX_UNPACKED", "MAX_MEMBERS"]
+__all__ = [
+    "Registry",
+    "RegistryEntry",
+    "SignedIndex",
+    "TrustedKey",
+    "TrustedPublicKey",
+    "publish",
+    "sign_index",
+    "fetch",
+    "safe_extract",
+    "default_cache_dir",
+    "load_trusted_keys",
+    "INDEX",
+    "INDEX_SIGNATURE",
+    "MAX_ARCHIVE",
+    "MAX_UNPACKED",
+    "MAX_MEMBERS",
+]
 
 FORMAT = 1
-MAX_ARCHIVE = 64 << 20      # bytes of a downloaded archive
-MAX_UNPACKED = 256 << 20    # bytes of all its files, unpacked
+MAX_ARCHIVE = 64 << 20  # bytes of a downloaded archive
+MAX_UNPACKED = 256 << 20  # bytes of all its files, unpacked
 MAX_MEMBERS = 10_000
 MAX_INDEX = 16 << 20
 MAX_SIGNATURE = 64 << 10
@@ -136,8 +150,9 @@ def _keyring(keys: Iterable[TrustedPublicKey | _minisign.PublicKey]) -> list[Tru
     return list(merged.values())
 
 
-def _signer(keys: list[TrustedPublicKey], verified: _minisign.VerifiedSignature
-            ) -> TrustedPublicKey:
+def _signer(
+    keys: list[TrustedPublicKey], verified: _minisign.VerifiedSignature
+) -> TrustedPublicKey:
     """The trusted key that made a signature verify() accepted."""
     for key in keys:
         if key.key == verified.key:
@@ -162,9 +177,16 @@ class RegistryEntry:
     published: str = ""
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "version": self.version, "type": self.type,
-                "sha256": self.sha256, "size": self.size, "blob": self.blob,
-                "signature": self.signature, "published": self.published}
+        return {
+            "id": self.id,
+            "version": self.version,
+            "type": self.type,
+            "sha256": self.sha256,
+            "size": self.size,
+            "blob": self.blob,
+            "signature": self.signature,
+            "published": self.published,
+        }
 
     def trusted_comment(self) -> str:
         return f"sandboxer {self.id}@{self.version} sha256:{self.sha256}"
@@ -179,8 +201,10 @@ class Registry:
         scheme = urllib.parse.urlsplit(text).scheme
         self.url = text.rstrip("/") + "/" if scheme in ("http", "https") else None
         if scheme and self.url is None and len(scheme) > 1:
-            raise RegistryError(f"registry {text}: only local directories and http(s) URLs "
-                                f"are supported, not {scheme}://")
+            raise RegistryError(
+                f"registry {text}: only local directories and http(s) URLs "
+                f"are supported, not {scheme}://"
+            )
         self.root = None if self.url else Path(text)
 
     @property
@@ -195,10 +219,16 @@ class Registry:
     def read(self, relative: str, limit: int) -> bytes:
         """The bytes of ``relative`` (a path inside the registry), at most ``limit``."""
         parts = PurePosixPath(relative).parts
-        if (not relative or relative.startswith("/") or ".." in parts
-                or any(p in ("", ".") for p in relative.split("/"))):
-            raise RegistryError(f"registry {self.location}: refuses the path {relative!r} "
-                                "(absolute or leading outside the registry)")
+        if (
+            not relative
+            or relative.startswith("/")
+            or ".." in parts
+            or any(p in ("", ".") for p in relative.split("/"))
+        ):
+            raise RegistryError(
+                f"registry {self.location}: refuses the path {relative!r} "
+                "(absolute or leading outside the registry)"
+            )
         if self.url is None:
             assert self.root is not None
             path = self.root / relative
@@ -208,8 +238,9 @@ class Registry:
             except FileNotFoundError:
                 raise _NotFound(f"registry {self.location}: {relative} not found") from None
             except OSError as exc:
-                raise RegistryError(f"registry {self.location}: cannot read {relative}: "
-                                    f"{exc.strerror}") from None
+                raise RegistryError(
+                    f"registry {self.location}: cannot read {relative}: {exc.strerror}"
+                ) from None
         else:
             url = urllib.parse.urljoin(self.url, relative)
             try:
@@ -218,22 +249,31 @@ class Registry:
                     expected = reply.headers.get("Content-Length")
             except urllib.error.HTTPError as exc:
                 error = _NotFound if exc.code in (404, 410) else RegistryError
-                raise error(f"registry {self.location}: {relative}: HTTP {exc.code} "
-                            f"{exc.reason}") from None
+                raise error(
+                    f"registry {self.location}: {relative}: HTTP {exc.code} {exc.reason}"
+                ) from None
             except (urllib.error.URLError, OSError, ValueError) as exc:
                 reason = getattr(exc, "reason", exc)
-                raise RegistryError(f"registry {self.location}: cannot fetch {relative}: "
-                                    f"{reason}") from None
+                raise RegistryError(
+                    f"registry {self.location}: cannot fetch {relative}: {reason}"
+                ) from None
             if expected is not None and expected.isdigit() and len(data) < int(expected):
-                raise IntegrityError(f"registry {self.location}: the download of {relative} "
-                                     f"is truncated ({len(data)} of {expected} bytes)")
+                raise IntegrityError(
+                    f"registry {self.location}: the download of {relative} "
+                    f"is truncated ({len(data)} of {expected} bytes)"
+                )
         if len(data) > limit:
-            raise RegistryError(f"registry {self.location}: {relative} is larger than "
-                                f"{limit} bytes")
+            raise RegistryError(
+                f"registry {self.location}: {relative} is larger than {limit} bytes"
+            )
         return data
 
-    def index(self, trusted_keys: Iterable[TrustedPublicKey | _minisign.PublicKey], *,
-              cache_dir: str | os.PathLike[str] | None = None) -> SignedIndex:
+    def index(
+        self,
+        trusted_keys: Iterable[TrustedPublicKey | _minisign.PublicKey],
+        *,
+        cache_dir: str | os.PathLike[str] | None = None,
+    ) -> SignedIndex:
         """The registry's index, once it is trusted: signed by one of ``trusted_keys`` and not
         older than the newest index seen from this location before (the rollback state under
         ``cache_dir``, by default the user's cache), which it then records.
@@ -242,9 +282,11 @@ class Registry:
         resolves only the ids that key is trusted for (SignedIndex.resolve)."""
         keys = _keyring(trusted_keys)
         if not keys:
-            raise IntegrityError(f"registry {self.location}: cannot trust its index: no "
-                                 "trusted keys are configured (--trusted-key, or "
-                                 "trusted_keys in the host config)")
+            raise IntegrityError(
+                f"registry {self.location}: cannot trust its index: no "
+                "trusted keys are configured (--trusted-key, or "
+                "trusted_keys in the host config)"
+            )
         raw = self.read(INDEX, MAX_INDEX)
         try:
             signature = self.read(INDEX_SIGNATURE, MAX_SIGNATURE)
@@ -254,7 +296,8 @@ class Registry:
                 "missing), and an unsigned index is refused: whoever serves the registry "
                 "could rewrite it. Its publisher signs it with `sandboxer registry publish`, "
                 "or, for a registry published before indexes were signed, `sandboxer "
-                f"registry sign-index --registry {self.location} --key SECRET_KEY`") from None
+                f"registry sign-index --registry {self.location} --key SECRET_KEY`"
+            ) from None
         try:
             verified = _minisign.verify(raw, signature, [k.key for k in keys])
         except _minisign.SignatureError as exc:
@@ -262,19 +305,23 @@ class Registry:
                 f"registry {self.location}: {INDEX} failed its signature check: {exc}. The "
                 "index was altered, signed by a key this host does not trust, or replaced "
                 "while it was read (then fetch again); use the publisher's registry and "
-                "trust its key", check=exc.check) from None
+                "trust its key",
+                check=exc.check,
+            ) from None
         sequence = _index_sequence(verified.trusted_comment)
         if sequence is None:
             raise IntegrityError(
                 f"registry {self.location}: {INDEX_SIGNATURE} is a valid signature, but its "
                 f"trusted comment {verified.trusted_comment!r} is not a sandboxer index's "
-                f"({INDEX_COMMENT.format(sequence='N')!r}): it was made for another file")
+                f"({INDEX_COMMENT.format(sequence='N')!r}): it was made for another file"
+            )
         plugins = _parse_index(raw, self.location)
         signer = _signer(keys, verified)
         cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         _rollback.check_and_record(cache, self.state_key, sequence, signer.key.key_id_hex)
-        return SignedIndex(location=self.location, sequence=sequence, signer=signer,
-                           plugins=plugins)
+        return SignedIndex(
+            location=self.location, sequence=sequence, signer=signer, plugins=plugins
+        )
 
 
 class _NotFound(RegistryError):
@@ -301,13 +348,20 @@ class SignedIndex:
     def _entry(self, plugin_id: str, version: str, entry: Any) -> RegistryEntry:
         try:
             return RegistryEntry(
-                id=plugin_id, version=version, type=str(entry["type"]),
-                sha256=_hex(entry["sha256"]), size=int(entry["size"]),
-                blob=str(entry["blob"]), signature=str(entry["signature"]),
-                published=str(entry.get("published", "")))
+                id=plugin_id,
+                version=version,
+                type=str(entry["type"]),
+                sha256=_hex(entry["sha256"]),
+                size=int(entry["size"]),
+                blob=str(entry["blob"]),
+                signature=str(entry["signature"]),
+                published=str(entry.get("published", "")),
+            )
         except (KeyError, TypeError, ValueError) as exc:
-            raise RegistryError(f"registry {self.location}: the index entry for "
-                                f"{plugin_id}@{version} is malformed ({exc})") from None
+            raise RegistryError(
+                f"registry {self.location}: the index entry for "
+                f"{plugin_id}@{version} is malformed ({exc})"
+            ) from None
 
     def resolve(self, plugin_id: str, wanted: str = "latest") -> RegistryEntry:
         """The entry for ``plugin_id`` at the highest version ``wanted`` allows.
@@ -321,7 +375,8 @@ class SignedIndex:
                 f"{plugin_id}, so that index cannot say which versions of {plugin_id} exist. "
                 f"Have the registry's index signed by a key you trust for {plugin_id} "
                 "(sandboxer registry sign-index), or trust its signer for it",
-                plugin_id=plugin_id)
+                plugin_id=plugin_id,
+            )
         try:
             spec = parse_range(wanted)
         except ValueError as exc:
@@ -329,13 +384,16 @@ class SignedIndex:
         record = self.plugins.get(plugin_id)
         versions = record.get("versions", {}) if isinstance(record, dict) else {}
         if not versions:
-            raise PluginNotFound(f"registry {self.location} has no plugin {plugin_id!r}",
-                                 plugin_id=plugin_id)
+            raise PluginNotFound(
+                f"registry {self.location} has no plugin {plugin_id!r}", plugin_id=plugin_id
+            )
         version = best_match(spec, versions)
         if version is None:
             raise PluginNotFound(
                 f"registry {self.location}: no version of {plugin_id} matches {wanted!r} "
-                f"(available: {', '.join(sorted(versions))})", plugin_id=plugin_id)
+                f"(available: {', '.join(sorted(versions))})",
+                plugin_id=plugin_id,
+            )
         return self._entry(plugin_id, version, versions[version])
 
 
@@ -345,10 +403,14 @@ def _parse_index(raw: bytes, location: str) -> dict[str, Any]:
         data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RegistryError(f"registry {location}: {INDEX} is not JSON: {exc}") from None
-    if (not isinstance(data, dict) or data.get("format") != FORMAT
-            or not isinstance(data.get("plugins"), dict)):
-        raise RegistryError(f"registry {location}: {INDEX} is not a format-{FORMAT} "
-                            "sandboxer index")
+    if (
+        not isinstance(data, dict)
+        or data.get("format") != FORMAT
+        or not isinstance(data.get("plugins"), dict)
+    ):
+        raise RegistryError(
+            f"registry {location}: {INDEX} is not a format-{FORMAT} sandboxer index"
+        )
     plugins: dict[str, Any] = data["plugins"]
     return plugins
 
@@ -372,8 +434,10 @@ def _archive(root: Path) -> bytes:
     """The plugin directory as a deterministic .tar.gz: sorted, owner 0, mtime 0, modes 644/755.
     Links are refused: a registry archive holds files and directories only."""
     buf = io.BytesIO()
-    with (gzip.GzipFile(fileobj=buf, mode="wb", mtime=0) as gz,
-          tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar):
+    with (
+        gzip.GzipFile(fileobj=buf, mode="wb", mtime=0) as gz,
+        tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar,
+    ):
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames[:] = sorted(d for d in dirnames if d not in IGNORED_DIRS)
             base = Path(dirpath)
@@ -384,8 +448,10 @@ def _archive(root: Path) -> bytes:
                 info = tarfile.TarInfo(rel)
                 info.mtime = 0
                 if stat.S_ISLNK(st.st_mode):
-                    raise RegistryError(f"cannot publish {root}: {rel} is a symbolic link "
-                                        "(registry archives hold files only)")
+                    raise RegistryError(
+                        f"cannot publish {root}: {rel} is a symbolic link "
+                        "(registry archives hold files only)"
+                    )
                 if stat.S_ISDIR(st.st_mode):
                     info.type, info.mode = tarfile.DIRTYPE, 0o755
                     tar.addfile(info)
@@ -395,13 +461,17 @@ def _archive(root: Path) -> bytes:
                     with open(full, "rb") as f:
                         tar.addfile(info, f)
                 else:
-                    raise RegistryError(f"cannot publish {root}: {rel} is not a regular "
-                                        "file or directory")
+                    raise RegistryError(
+                        f"cannot publish {root}: {rel} is not a regular file or directory"
+                    )
     return buf.getvalue()
 
 
-def publish(plugin_dir: str | os.PathLike[str], registry_dir: str | os.PathLike[str],
-            secret_key: _minisign.SecretKey) -> RegistryEntry:
+def publish(
+    plugin_dir: str | os.PathLike[str],
+    registry_dir: str | os.PathLike[str],
+    secret_key: _minisign.SecretKey,
+) -> RegistryEntry:
     """Add a plugin directory to a local registry directory, signed with ``secret_key``; the
     index is signed again with the next sequence number (see sign_index).
 
@@ -409,26 +479,36 @@ def publish(plugin_dir: str | os.PathLike[str], registry_dir: str | os.PathLike[
     plugin = load_plugin(plugin_dir)
     root = Path(plugin.root)
     if not root.is_dir():
-        raise RegistryError(f"cannot publish {plugin_dir}: a registry holds plugin "
-                            "directories with a plugin.toml")
+        raise RegistryError(
+            f"cannot publish {plugin_dir}: a registry holds plugin directories with a plugin.toml"
+        )
     data = _archive(root)
     digest = hashlib.sha256(data).hexdigest()
     registry = Path(registry_dir)
     blobs = registry / "blobs" / "sha256"
     blobs.mkdir(parents=True, exist_ok=True)
     entry = RegistryEntry(
-        id=plugin.id, version=plugin.version, type=plugin.type.value, sha256=digest,
-        size=len(data), blob=f"blobs/sha256/{digest}", signature=f"blobs/sha256/{digest}.minisig",
-        published=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"))
+        id=plugin.id,
+        version=plugin.version,
+        type=plugin.type.value,
+        sha256=digest,
+        size=len(data),
+        blob=f"blobs/sha256/{digest}",
+        signature=f"blobs/sha256/{digest}.minisig",
+        published=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    )
     with _publishing(registry):
         index_path = registry / INDEX
-        index: dict[str, Any] = (_publisher_index(registry) if index_path.exists()
-                                 else {"format": FORMAT, "plugins": {}})
+        index: dict[str, Any] = (
+            _publisher_index(registry) if index_path.exists() else {"format": FORMAT, "plugins": {}}
+        )
         versions = index["plugins"].setdefault(plugin.id, {"versions": {}})["versions"]
         old = versions.get(plugin.version)
         if old is not None and old.get("sha256") != digest:
-            raise RegistryError(f"{plugin.id}@{plugin.version} is already published with other "
-                                "content; publish a new version")
+            raise RegistryError(
+                f"{plugin.id}@{plugin.version} is already published with other "
+                "content; publish a new version"
+            )
         _write_atomic(registry / entry.blob, data)
         signature = _minisign.sign(data, secret_key, trusted_comment=entry.trusted_comment())
         _write_atomic(registry / entry.signature, signature.encode())
@@ -449,8 +529,9 @@ def sign_index(registry_dir: str | os.PathLike[str], secret_key: _minisign.Secre
     and to refresh one. The index must be a well-formed sandboxer index."""
     registry = Path(registry_dir)
     if not (registry / INDEX).is_file():
-        raise RegistryError(f"cannot sign the index of {registry}: it has no {INDEX} "
-                            "(publish a plugin to make one)")
+        raise RegistryError(
+            f"cannot sign the index of {registry}: it has no {INDEX} (publish a plugin to make one)"
+        )
     with _publishing(registry):
         raw = (registry / INDEX).read_bytes()
         _parse_index(raw, str(registry))
@@ -464,12 +545,16 @@ def _sign_index(registry: Path, raw: bytes, secret_key: _minisign.SecretKey) -> 
     sign-index repairs it."""
     sequence = _published_sequence(registry) + 1
     if sequence > _rollback.MAX_SEQUENCE:
-        raise RegistryError(f"cannot sign the index of {registry}: its sequence is at the "
-                            f"maximum ({_rollback.MAX_SEQUENCE})")
-    signature = _minisign.sign(raw, secret_key,
-                               trusted_comment=INDEX_COMMENT.format(sequence=sequence),
-                               untrusted_comment=f"sandboxer registry index, sequence "
-                               f"{sequence}")
+        raise RegistryError(
+            f"cannot sign the index of {registry}: its sequence is at the "
+            f"maximum ({_rollback.MAX_SEQUENCE})"
+        )
+    signature = _minisign.sign(
+        raw,
+        secret_key,
+        trusted_comment=INDEX_COMMENT.format(sequence=sequence),
+        untrusted_comment=f"sandboxer registry index, sequence {sequence}",
+    )
     _write_atomic(registry / INDEX_SIGNATURE, signature.encode())
     return sequence
 
@@ -486,16 +571,20 @@ def _published_sequence(registry: Path) -> int:
         return 0
     except OSError as exc:
         raise RegistryError(f"cannot read {path}: {exc.strerror}") from None
-    fix = ("; move it away only if no client has seen this registry, since its sequence "
-           "then starts again at 1 and clients that saw a higher one refuse the index")
+    fix = (
+        "; move it away only if no client has seen this registry, since its sequence "
+        "then starts again at 1 and clients that saw a higher one refuse the index"
+    )
     try:
         comment = _minisign.unverified_trusted_comment(text)
     except _minisign.SignatureError as exc:
         raise RegistryError(f"cannot read the index sequence from {path}: {exc}{fix}") from None
     sequence = _index_sequence(comment)
     if sequence is None:
-        raise RegistryError(f"cannot read the index sequence from {path}: its trusted comment "
-                            f"{comment!r} is not {INDEX_COMMENT.format(sequence='N')!r}{fix}")
+        raise RegistryError(
+            f"cannot read the index sequence from {path}: its trusted comment "
+            f"{comment!r} is not {INDEX_COMMENT.format(sequence='N')!r}{fix}"
+        )
     return sequence
 
 
@@ -513,8 +602,9 @@ def _publishing(registry: Path) -> Iterator[None]:
     """One publisher at a time in a registry directory: two would both read sequence N and
     both sign N+1, or lose each other's index entries."""
     registry.mkdir(parents=True, exist_ok=True)
-    fd = os.open(registry / ".publish.lock",
-                 os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    fd = os.open(
+        registry / ".publish.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644
+    )
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -539,21 +629,30 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 # -- fetching ----------------------------------------------------------------------------------
-def fetch(registry: Registry, plugin_id: str, wanted: str, *,
-          trusted_keys: Iterable[TrustedPublicKey | _minisign.PublicKey],
-          cache_dir: str | os.PathLike[str] | None = None) -> tuple[RegistryEntry, Path]:
+def fetch(
+    registry: Registry,
+    plugin_id: str,
+    wanted: str,
+    *,
+    trusted_keys: Iterable[TrustedPublicKey | _minisign.PublicKey],
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> tuple[RegistryEntry, Path]:
     """Verify the index, resolve, download (or reuse the cache), verify and extract; the
     plugin directory. A bare PublicKey in ``trusted_keys`` is trusted for every id."""
     keys = _keyring(trusted_keys)
     if not keys:
-        raise IntegrityError(f"cannot fetch {plugin_id}@{wanted}: no trusted keys are "
-                             "configured (--trusted-key, or trusted_keys in the host config)",
-                             plugin_id=plugin_id)
+        raise IntegrityError(
+            f"cannot fetch {plugin_id}@{wanted}: no trusted keys are "
+            "configured (--trusted-key, or trusted_keys in the host config)",
+            plugin_id=plugin_id,
+        )
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     entry = registry.index(keys, cache_dir=cache).resolve(plugin_id, wanted)
     if entry.size > MAX_ARCHIVE:
-        raise RegistryError(f"{entry.id}@{entry.version}: its archive is {entry.size} bytes, "
-                            f"more than the {MAX_ARCHIVE}-byte limit")
+        raise RegistryError(
+            f"{entry.id}@{entry.version}: its archive is {entry.size} bytes, "
+            f"more than the {MAX_ARCHIVE}-byte limit"
+        )
     blob_path = cache / "blobs" / entry.sha256
     data = None
     if blob_path.is_file():
@@ -564,20 +663,29 @@ def fetch(registry: Registry, plugin_id: str, wanted: str, *,
     if data is None:
         data = registry.read(entry.blob, entry.size)
         if len(data) != entry.size:
-            raise IntegrityError(f"{entry.id}@{entry.version}: sha256 check failed: the "
-                                 f"archive has {len(data)} bytes, the index says {entry.size} "
-                                 "(truncated or replaced)", plugin_id=entry.id)
+            raise IntegrityError(
+                f"{entry.id}@{entry.version}: sha256 check failed: the "
+                f"archive has {len(data)} bytes, the index says {entry.size} "
+                "(truncated or replaced)",
+                plugin_id=entry.id,
+            )
         actual = hashlib.sha256(data).hexdigest()
         if actual != entry.sha256:
-            raise IntegrityError(f"{entry.id}@{entry.version}: sha256 check failed: the "
-                                 f"archive is sha256:{actual}, the index says "
-                                 f"sha256:{entry.sha256}", plugin_id=entry.id)
+            raise IntegrityError(
+                f"{entry.id}@{entry.version}: sha256 check failed: the "
+                f"archive is sha256:{actual}, the index says "
+                f"sha256:{entry.sha256}",
+                plugin_id=entry.id,
+            )
     signature = registry.read(entry.signature, MAX_SIGNATURE)
     verified = _minisign.verify(data, signature, [k.key for k in keys])
     if verified.trusted_comment != entry.trusted_comment():
-        raise IntegrityError(f"{entry.id}@{entry.version}: signature check failed: it was "
-                             f"made for {verified.trusted_comment!r}, not "
-                             f"{entry.trusted_comment()!r}", plugin_id=entry.id)
+        raise IntegrityError(
+            f"{entry.id}@{entry.version}: signature check failed: it was "
+            f"made for {verified.trusted_comment!r}, not "
+            f"{entry.trusted_comment()!r}",
+            plugin_id=entry.id,
+        )
     signer = _signer(keys, verified)
     if not signer.covers(entry.id):
         raise IntegrityError(
@@ -585,7 +693,8 @@ def fetch(registry: Registry, plugin_id: str, wanted: str, *,
             f"{describe_scope(signer.ids)}, not for {entry.id}; refusing it. If "
             f"that key's holder should publish {entry.id}, add a pattern for it to the key's "
             "ids (trusted_keys in the host config, or --trusted-key PUB=PATTERN,...)",
-            plugin_id=entry.id)
+            plugin_id=entry.id,
+        )
     if not cached:
         _write_atomic(blob_path, data)
     target = cache / "plugins" / entry.id / f"{entry.version}-{entry.sha256[:16]}"
@@ -602,8 +711,10 @@ def fetch(registry: Registry, plugin_id: str, wanted: str, *,
                 shutil.rmtree(staging, ignore_errors=True)
     plugin = load_plugin(target / "plugin")
     if (plugin.id, plugin.version) != (entry.id, entry.version):
-        raise IntegrityError(f"{entry.id}@{entry.version}: the archive's manifest says "
-                             f"{plugin.id}@{plugin.version}", plugin_id=entry.id)
+        raise IntegrityError(
+            f"{entry.id}@{entry.version}: the archive's manifest says {plugin.id}@{plugin.version}",
+            plugin_id=entry.id,
+        )
     return entry, target / "plugin"
 
 
@@ -620,8 +731,9 @@ def _extracted_intact(target: Path) -> bool:
         return False
 
 
-def safe_extract(data: bytes, dest: Path, *, max_unpacked: int = MAX_UNPACKED,
-                 max_members: int = MAX_MEMBERS) -> None:
+def safe_extract(
+    data: bytes, dest: Path, *, max_unpacked: int = MAX_UNPACKED, max_members: int = MAX_MEMBERS
+) -> None:
     """Extract a .tar.gz into the new directory ``dest``, refusing anything but plain files and
     directories inside it; IntegrityError names the member and what is wrong with it."""
     dest.mkdir(mode=0o755)
@@ -644,28 +756,32 @@ def safe_extract(data: bytes, dest: Path, *, max_unpacked: int = MAX_UNPACKED,
                     target.mkdir(mode=0o755, parents=True, exist_ok=True)
                     continue
                 if member.issym() or member.islnk():
-                    raise IntegrityError(f"the archive member {member.name!r} is a link "
-                                         f"(to {member.linkname!r}); links are refused")
+                    raise IntegrityError(
+                        f"the archive member {member.name!r} is a link "
+                        f"(to {member.linkname!r}); links are refused"
+                    )
                 if not member.isreg():
-                    raise IntegrityError(f"the archive member {member.name!r} is not a regular "
-                                         "file or directory (a device, fifo or the like)")
+                    raise IntegrityError(
+                        f"the archive member {member.name!r} is not a regular "
+                        "file or directory (a device, fifo or the like)"
+                    )
                 total += member.size
                 if total > max_unpacked:
-                    raise IntegrityError(f"the archive unpacks to more than {max_unpacked} "
-                                         "bytes")
+                    raise IntegrityError(f"the archive unpacks to more than {max_unpacked} bytes")
                 target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
                 source = tar.extractfile(member)
                 assert source is not None
                 mode = 0o755 if member.mode & 0o111 else 0o644
-                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
-                             mode)
+                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
                 with os.fdopen(fd, "wb") as out:
                     written = 0
                     while chunk := source.read(1 << 20):
                         written += len(chunk)
                         if written > member.size:
-                            raise IntegrityError(f"the archive member {member.name!r} holds "
-                                                 "more than its declared size")
+                            raise IntegrityError(
+                                f"the archive member {member.name!r} holds "
+                                "more than its declared size"
+                            )
                         out.write(chunk)
         except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
             raise IntegrityError(f"the archive is damaged: {exc}") from None
@@ -674,8 +790,10 @@ def safe_extract(data: bytes, dest: Path, *, max_unpacked: int = MAX_UNPACKED,
 def _member_path(name: str) -> PurePosixPath:
     path = PurePosixPath(name)
     if not name or path.is_absolute() or ".." in path.parts or "\0" in name:
-        raise IntegrityError(f"the archive member {name!r} has an absolute path or leads "
-                             "outside the plugin directory")
+        raise IntegrityError(
+            f"the archive member {name!r} has an absolute path or leads "
+            "outside the plugin directory"
+        )
     parts = [p for p in path.parts if p not in (".", "")]
     if not parts:
         raise IntegrityError(f"the archive member {name!r} has no name")

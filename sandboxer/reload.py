@@ -41,18 +41,26 @@ class ReloadHost:
     retire: Callable[[Generation], Awaitable[None]]  # shut a generation down and close it
 
 
-async def _migrate_state(host: ReloadHost, life: Lifecycle, old: Generation,
-                         new: Generation) -> None:
+async def _migrate_state(
+    host: ReloadHost, life: Lifecycle, old: Generation, new: Generation
+) -> None:
     """Step 2: with the old gate closed, move the state across (raises on any failure)."""
     if not await old.wait_idle(host.drain_timeout):
         raise PluginStateError(
             f"plugin {life.id}: {old.in_flight} call(s) of generation {old.number} did not "
             f"finish within the {host.drain_timeout:g}s drain timeout, so its state could "
-            "not be exported consistently", plugin_id=life.id)
+            "not be exported consistently",
+            plugin_id=life.id,
+        )
     state = await old.handle.export_state()
     if state is NO_STATE:  # it answered -32601 after all: the new generation starts fresh
-        log.info("plugin %s: generation %d has no state to hand over (export_state is not "
-                 "implemented); generation %d starts fresh", life.id, old.number, new.number)
+        log.info(
+            "plugin %s: generation %d has no state to hand over (export_state is not "
+            "implemented); generation %d starts fresh",
+            life.id,
+            old.number,
+            new.number,
+        )
         return
     await new.handle.import_state(state, old.plugin.version)
 
@@ -63,7 +71,9 @@ async def reload_generation(life: Lifecycle, host: ReloadHost) -> None:
     if old is None or life.state not in SERVING:
         raise PluginStateError(
             f"plugin {life.id} is {life.state.value}; only a ready or degraded plugin can "
-            "be hot-reloaded (unload and load a failed one)", plugin_id=life.id)
+            "be hot-reloaded (unload and load a failed one)",
+            plugin_id=life.id,
+        )
     resume = life.state
     life.transition(PluginState.RELOADING)
     new: Generation | None = None
@@ -76,12 +86,17 @@ async def reload_generation(life: Lifecycle, host: ReloadHost) -> None:
         old.open_gate()
         if new is not None:
             await new.handle.close()
-        cause = exc if isinstance(exc, SandboxerError) else PluginLoadError(
-            f"{type(exc).__name__}: {exc}", plugin_id=life.id)
+        cause = (
+            exc
+            if isinstance(exc, SandboxerError)
+            else PluginLoadError(f"{type(exc).__name__}: {exc}", plugin_id=life.id)
+        )
         error = ReloadError(
             f"plugin {life.id}: reload failed and was rolled back; generation {old.number} "
             f"(version {old.plugin.version}) keeps serving: {cause}",
-            cause=cause, plugin_id=life.id)
+            cause=cause,
+            plugin_id=life.id,
+        )
         # If the old generation died while the new one was being prepared, there is nothing
         # left to roll back to: the plugin fails and the old generation is closed.
         life.reload_failed(error, resume=resume)
@@ -95,7 +110,12 @@ async def reload_generation(life: Lifecycle, host: ReloadHost) -> None:
 
     # Step 4: the old generation finishes what it had, then goes.
     if not await old.wait_idle(host.drain_timeout):
-        log.warning("plugin %s: generation %d still had %d call(s) after the %gs drain "
-                    "timeout; they are cancelled", life.id, old.number, old.in_flight,
-                    host.drain_timeout)
+        log.warning(
+            "plugin %s: generation %d still had %d call(s) after the %gs drain "
+            "timeout; they are cancelled",
+            life.id,
+            old.number,
+            old.in_flight,
+            host.drain_timeout,
+        )
     await host.retire(old)

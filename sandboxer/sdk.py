@@ -39,19 +39,28 @@ _server: Server | None = None
 def _collect(source: Mapping[str, Any] | ModuleType) -> Handlers:
     if isinstance(source, ModuleType):
         module_name = source.__name__
-        items = {k: v for k, v in vars(source).items()
-                 if inspect.isfunction(v) and v.__module__ == module_name}
+        items = {
+            k: v
+            for k, v in vars(source).items()
+            if inspect.isfunction(v) and v.__module__ == module_name
+        }
     else:
         items = {k: v for k, v in source.items() if callable(v)}
     lifecycle = {k: items[k] for k in LIFECYCLE_HOOKS if k in items}
     methods: dict[str, Callable[..., Any]] = {
-        k: v for k, v in items.items()
-        if not k.startswith("_") and k not in LIFECYCLE_HOOKS and k not in ("serve", "log")}
+        k: v
+        for k, v in items.items()
+        if not k.startswith("_") and k not in LIFECYCLE_HOOKS and k not in ("serve", "log")
+    }
     return Handlers(methods=methods, lifecycle=lifecycle)
 
 
-def serve(handlers: Mapping[str, Any] | ModuleType | None = None, *, name: str | None = None,
-          version: str = "0.0.0") -> NoReturn:
+def serve(
+    handlers: Mapping[str, Any] | ModuleType | None = None,
+    *,
+    name: str | None = None,
+    version: str = "0.0.0",
+) -> NoReturn:
     """Serve ``handlers`` (default: the caller's module) to the host, then exit."""
     global _server
     if handlers is None:
@@ -61,8 +70,7 @@ def serve(handlers: Mapping[str, Any] | ModuleType | None = None, *, name: str |
     sock, cookie = socket_from_env()
     max_frame = int(os.environ.get("SANDBOXER_MAX_FRAME", DEFAULT_MAX_FRAME))
     label = name or os.path.basename(sys.argv[0] or "plugin")
-    _server = Server(found, sock, cookie=cookie, name=label, version=version,
-                     max_frame=max_frame)
+    _server = Server(found, sock, cookie=cookie, name=label, version=version, max_frame=max_frame)
     code = _server.run()
     sys.stdout.flush()
     sys.stderr.flush()

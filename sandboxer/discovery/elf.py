@@ -44,14 +44,18 @@ class _ElfLayout:
 
 def _elf_layout(elf_class: int, order: str) -> _ElfLayout:
     if elf_class == 2:
-        return _ElfLayout(struct.Struct(order + "16xHHIQQQIHHHHHH"),
-                          struct.Struct(order + "IIQQQQIIQQ"),
-                          struct.Struct(order + "IBBHQQ"),
-                          ("name", "info", "other", "shndx", "value", "size"))
-    return _ElfLayout(struct.Struct(order + "16xHHIIIIIHHHHHH"),
-                      struct.Struct(order + "IIIIIIIIII"),
-                      struct.Struct(order + "IIIBBH"),
-                      ("name", "value", "size", "info", "other", "shndx"))
+        return _ElfLayout(
+            struct.Struct(order + "16xHHIQQQIHHHHHH"),
+            struct.Struct(order + "IIQQQQIIQQ"),
+            struct.Struct(order + "IBBHQQ"),
+            ("name", "info", "other", "shndx", "value", "size"),
+        )
+    return _ElfLayout(
+        struct.Struct(order + "16xHHIIIIIHHHHHH"),
+        struct.Struct(order + "IIIIIIIIII"),
+        struct.Struct(order + "IIIBBH"),
+        ("name", "value", "size", "info", "other", "shndx"),
+    )
 
 
 def _read_at(f: Any, file_size: int, offset: int, size: int, what: str) -> bytes:
@@ -66,8 +70,7 @@ def _read_at(f: Any, file_size: int, offset: int, size: int, what: str) -> bytes
     return data
 
 
-def elf_exports(path: str | os.PathLike[str], symbol: str = NATIVE_ENTRY_SYMBOL
-                ) -> bool | None:
+def elf_exports(path: str | os.PathLike[str], symbol: str = NATIVE_ENTRY_SYMBOL) -> bool | None:
     """Whether the ELF shared object at ``path`` exports the function ``symbol`` in its
     dynamic symbol table (what dlsym would find), read with ``struct``, never loaded.
 
@@ -85,18 +88,28 @@ def elf_exports(path: str | os.PathLike[str], symbol: str = NATIVE_ENTRY_SYMBOL
             raise ElfError("a malformed ELF file (unknown class or byte order)")
         layout = _elf_layout(ident[4], "<" if ident[5] == 1 else ">")
         (e_type, _, _, _, _, shoff, _, _, _, _, shentsize, shnum, _) = layout.ehdr.unpack(
-            _read_at(f, file_size, 0, layout.ehdr.size, "the ELF header"))
+            _read_at(f, file_size, 0, layout.ehdr.size, "the ELF header")
+        )
         if e_type != _ET_DYN:
             return False
         if shoff == 0:
-            raise ElfError("an ELF shared object without section headers; its exports "
-                           "cannot be read without loading it")
+            raise ElfError(
+                "an ELF shared object without section headers; its exports "
+                "cannot be read without loading it"
+            )
         if shentsize < layout.shdr.size:
             raise ElfError("a malformed ELF file (section header size)")
 
         def section(index: int) -> tuple[int, ...]:
-            return layout.shdr.unpack(_read_at(f, file_size, shoff + index * shentsize,
-                                               layout.shdr.size, f"section header {index}"))
+            return layout.shdr.unpack(
+                _read_at(
+                    f,
+                    file_size,
+                    shoff + index * shentsize,
+                    layout.shdr.size,
+                    f"section header {index}",
+                )
+            )
 
         if shnum == 0:  # extended numbering: the count is in section 0's size field
             shnum = section(0)[5]
@@ -132,7 +145,10 @@ def _exports(strtab: bytes, symbols: bytes, layout: _ElfLayout, name: bytes) -> 
         if sym["name"] not in offsets or sym["shndx"] == 0:  # SHN_UNDEF: imported
             continue
         bind, kind, visibility = sym["info"] >> 4, sym["info"] & 0xF, sym["other"] & 0x3
-        if (bind in (_STB_GLOBAL, _STB_WEAK) and kind in (_STT_FUNC, _STT_GNU_IFUNC)
-                and visibility in (_STV_DEFAULT, _STV_PROTECTED)):
+        if (
+            bind in (_STB_GLOBAL, _STB_WEAK)
+            and kind in (_STT_FUNC, _STT_GNU_IFUNC)
+            and visibility in (_STV_DEFAULT, _STV_PROTECTED)
+        ):
             return True
     return False

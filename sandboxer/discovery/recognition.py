@@ -36,6 +36,7 @@ BARE_SUFFIXES = (".py", ".wasm", ".so")
 
 # -- results ---------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True, slots=True)
 class DiscoveredPlugin:
     """A plugin found on disk.
@@ -98,8 +99,12 @@ _VIM_SWAP = re.compile(r"\.sw[a-px]\Z")  # .swp, .swo… and the .swx probe
 def is_ignored_name(name: str) -> bool:
     """Editor temporary files: vim swap files (``.swp``…), backups (``~``), emacs lock and
     autosave files (``.#x``, ``#x#``). Their churn must never look like a plugin change."""
-    return (name.startswith(".#") or name.endswith("~") or bool(_VIM_SWAP.search(name))
-            or (len(name) > 1 and name.startswith("#") and name.endswith("#")))
+    return (
+        name.startswith(".#")
+        or name.endswith("~")
+        or bool(_VIM_SWAP.search(name))
+        or (len(name) > 1 and name.startswith("#") and name.endswith("#"))
+    )
 
 
 def skipped_while_walking(name: str) -> bool:
@@ -108,6 +113,7 @@ def skipped_while_walking(name: str) -> bool:
 
 
 # -- one path ---------------------------------------------------------------------------------
+
 
 def _bare_rejection(path: Path) -> str | None:
     """Why the regular file at ``path`` is not a bare plugin, or None when it is a candidate
@@ -121,8 +127,7 @@ def _bare_rejection(path: Path) -> str | None:
         if not exported:
             return f"an ELF file that does not export {NATIVE_ENTRY_SYMBOL}"
         return None
-    return ("not a plugin (a plugin is a directory with plugin.toml, or a .py, .wasm or "
-            ".so file)")
+    return "not a plugin (a plugin is a directory with plugin.toml, or a .py, .wasm or .so file)"
 
 
 def _manifest_escapes(directory: Path) -> bool:
@@ -140,8 +145,12 @@ def read_plugin(path: Path) -> ScanResult | None:
     """The plugin at ``path`` (directory or bare file) with its checksum, or its error.
     None when it vanished while being read: it is gone, there is nothing to report."""
     if path.is_dir() and _manifest_escapes(path):
-        return ScanError(path, f"{path / MANIFEST_NAME}: a link leading outside the plugin "
-                               "directory; discovery does not follow it", MANIFEST_NAME)
+        return ScanError(
+            path,
+            f"{path / MANIFEST_NAME}: a link leading outside the plugin "
+            "directory; discovery does not follow it",
+            MANIFEST_NAME,
+        )
     try:
         plugin = load_plugin(path)
         checksum = tree_checksum(path)

@@ -27,13 +27,15 @@ __all__ = ["scan", "scan_root", "scan_subtree", "normalize_roots", "is_under"]
 
 # -- roots ------------------------------------------------------------------------------------
 
+
 def is_under(path: Path, root: Path) -> bool:
     """``path`` is ``root`` or lies below it (by name; nothing is resolved)."""
     return path == root or root in path.parents
 
 
-def normalize_roots(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]
-                    ) -> tuple[Path, ...]:
+def normalize_roots(
+    paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
+) -> tuple[Path, ...]:
     """Absolute paths, in the caller's order, without duplicates and without a path that lies
     inside another one (it is already covered; keeping both would report plugins twice).
     A ``plugin.toml`` named directly stands for its directory."""
@@ -50,6 +52,7 @@ def normalize_roots(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[s
 
 
 # -- walking ----------------------------------------------------------------------------------
+
 
 def _walk(top: Path) -> list[ScanResult]:
     """Every plugin below the directory ``top`` (which is not itself a plugin directory).
@@ -114,8 +117,7 @@ def scan_subtree(path: Path) -> list[ScanResult]:
     return []
 
 
-def scan(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]
-         ) -> list[ScanResult]:
+def scan(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]) -> list[ScanResult]:
     """Every plugin at or below ``paths``, each a ``DiscoveredPlugin`` or a ``ScanError``.
 
     A path that is itself a plugin (directory, ``plugin.toml`` or bare file) reports that

@@ -57,9 +57,18 @@ class WatchEvent:
         }
 
 
-_WATCH_MASK = (flags.CREATE | flags.DELETE | flags.MODIFY | flags.CLOSE_WRITE | flags.ATTRIB
-               | flags.MOVED_FROM | flags.MOVED_TO | flags.DELETE_SELF | flags.MOVE_SELF
-               | flags.ONLYDIR)
+_WATCH_MASK = (
+    flags.CREATE
+    | flags.DELETE
+    | flags.MODIFY
+    | flags.CLOSE_WRITE
+    | flags.ATTRIB
+    | flags.MOVED_FROM
+    | flags.MOVED_TO
+    | flags.DELETE_SELF
+    | flags.MOVE_SELF
+    | flags.ONLYDIR
+)
 _GONE = flags.DELETE | flags.MOVED_FROM
 _CAME = flags.CREATE | flags.MOVED_TO
 _LOST_SELF = flags.DELETE_SELF | flags.MOVE_SELF | flags.UNMOUNT
@@ -160,9 +169,11 @@ class _Engine:
         while stack:
             try:
                 with os.scandir(stack.pop()) as it:
-                    subdirs = [Path(e.path) for e in it
-                               if not skipped_while_walking(e.name)
-                               and e.is_dir(follow_symlinks=False)]
+                    subdirs = [
+                        Path(e.path)
+                        for e in it
+                        if not skipped_while_walking(e.name) and e.is_dir(follow_symlinks=False)
+                    ]
             except OSError:
                 continue
             for sub in subdirs:
@@ -256,8 +267,12 @@ class _Engine:
             self._writing.setdefault(path, self._loop.time() if self._loop else 0.0)
         if mask & (flags.CLOSE_WRITE | _GONE):
             self._writing.pop(path, None)
-        if (mask & flags.ISDIR and mask & _CAME and path not in self.roots
-                and not skipped_while_walking(name)):
+        if (
+            mask & flags.ISDIR
+            and mask & _CAME
+            and path not in self.roots
+            and not skipped_while_walking(name)
+        ):
             self._watch_tree(path)
         self._pending.add(path)
         self._touched = True
@@ -324,8 +339,7 @@ class _Engine:
         for part in path.relative_to(root).parts[:-1]:
             ancestors.append(ancestors[-1] / part)
         for candidate in ancestors:
-            if (candidate in self._known or candidate in self._errors
-                    or is_plugin_dir(candidate)):
+            if candidate in self._known or candidate in self._errors or is_plugin_dir(candidate):
                 return candidate
         return path.parent if path.name == MANIFEST_NAME else path
 
@@ -386,8 +400,9 @@ class _Engine:
             return set(self.roots)
         return {s for s in map(self._scope, self._pending) if s is not None}
 
-    def _apply(self, scopes: list[Path], results: list[ScanResult],
-               unsettled: Collection[Path] = ()) -> list[WatchEvent]:
+    def _apply(
+        self, scopes: list[Path], results: list[ScanResult], unsettled: Collection[Path] = ()
+    ) -> list[WatchEvent]:
         """Compare what is now in ``scopes`` with what was known there and remember it,
         leaving out the ``unsettled`` parts (neither reported nor forgotten).
 
@@ -395,6 +410,7 @@ class _Engine:
         was good (whoever runs it keeps the last good version); the same error is reported
         once, not on every rescan.
         """
+
         def settled(path: Path) -> bool:
             return not any(is_under(path, u) for u in unsettled)
 
@@ -403,8 +419,10 @@ class _Engine:
 
         found = {r.path: r for r in results if settled(r.path)}
 
-        events = [WatchEvent("removed", p, plugin=self._known.pop(p))
-                  for p in sorted(p for p in self._known if in_scope(p) and p not in found)]
+        events = [
+            WatchEvent("removed", p, plugin=self._known.pop(p))
+            for p in sorted(p for p in self._known if in_scope(p) and p not in found)
+        ]
         for path in [p for p in self._errors if in_scope(p) and p not in found]:
             del self._errors[path]
         for path in sorted(found):
@@ -453,8 +471,13 @@ class PluginWatcher:
       shutdown, or dropping the watcher all remove the reader and close the inotify fd.
     """
 
-    def __init__(self, paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]], *,
-                 debounce: float = 0.2, max_wait: float = 5.0) -> None:
+    def __init__(
+        self,
+        paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
+        *,
+        debounce: float = 0.2,
+        max_wait: float = 5.0,
+    ) -> None:
         if debounce < 0 or max_wait < 0:
             raise ValueError("debounce and max_wait must not be negative")
         self.roots = normalize_roots(paths)
@@ -507,8 +530,12 @@ class PluginWatcher:
         self._engine.close()
 
 
-def watch(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]], *,
-          debounce: float = 0.2, max_wait: float = 5.0) -> PluginWatcher:
+def watch(
+    paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
+    *,
+    debounce: float = 0.2,
+    max_wait: float = 5.0,
+) -> PluginWatcher:
     """Follow the plugins at or below ``paths``: ``async for event in watch(paths)``.
 
     See ``PluginWatcher`` for the rules. ``debounce`` is the quiet period (seconds) before a

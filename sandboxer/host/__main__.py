@@ -26,11 +26,20 @@ from ..rpc.server import Handlers, Server, socket_from_env
 
 def _python_handlers(args: argparse.Namespace) -> Handlers:
     methods = tuple(args.methods.split(",")) if args.methods else None
-    module = PythonModule(Path(args.entrypoint), plugin_id=args.id, generation=1,
-                          root=Path(args.root), methods=methods)
+    module = PythonModule(
+        Path(args.entrypoint),
+        plugin_id=args.id,
+        generation=1,
+        root=Path(args.root),
+        methods=methods,
+    )
     lifecycle = {name: fn for name in LIFECYCLE_HOOKS if (fn := module.lifecycle(name)) is not None}
-    return Handlers(methods=module.methods, lifecycle=lifecycle,
-                    check_args=module.check_args, error=module.error)
+    return Handlers(
+        methods=module.methods,
+        lifecycle=lifecycle,
+        check_args=module.check_args,
+        error=module.error,
+    )
 
 
 def _native_handlers(args: argparse.Namespace) -> Handlers:
@@ -47,26 +56,34 @@ def _native_handlers(args: argparse.Namespace) -> Handlers:
         return {"ok": ok, "message": message}
 
     lifecycle: dict[str, Callable[..., Any]] = {
-        INIT: lib.init, HEALTH_CHECK: health_check, SHUTDOWN: lib.shutdown}
+        INIT: lib.init,
+        HEALTH_CHECK: health_check,
+        SHUTDOWN: lib.shutdown,
+    }
     if lib.has_state:
         lifecycle[EXPORT_STATE] = lambda: lib.call(EXPORT_STATE, [])
-        lifecycle[IMPORT_STATE] = lambda state, version: lib.call(IMPORT_STATE,
-                                                                  [state, version])
+        lifecycle[IMPORT_STATE] = lambda state, version: lib.call(IMPORT_STATE, [state, version])
     # Without a list (no sandboxer_methods export, no manifest): every name goes to
     # sandboxer_call, and the library answers the names it does not know with its error.
-    return Handlers(methods={n: method(n) for n in names if n not in STATE_HOOKS},
-                    lifecycle=lifecycle, error=_native_error(args.id),
-                    any_method=None if names else lambda name, *call_args: lib.call(
-                        name, list(call_args)))
+    return Handlers(
+        methods={n: method(n) for n in names if n not in STATE_HOOKS},
+        lifecycle=lifecycle,
+        error=_native_error(args.id),
+        any_method=None if names else lambda name, *call_args: lib.call(name, list(call_args)),
+    )
 
 
 def _native_error(plugin_id: str) -> Callable[[BaseException, str], PluginCallError]:
     def convert(exc: BaseException, method: str) -> PluginCallError:
         if isinstance(exc, PluginCallError):
             return exc
-        return PluginCallError(f"{method} failed: {type(exc).__name__}: {exc}", code=1,
-                               data={"type": type(exc).__name__, "message": str(exc)},
-                               plugin_id=plugin_id)
+        return PluginCallError(
+            f"{method} failed: {type(exc).__name__}: {exc}",
+            code=1,
+            data={"type": type(exc).__name__, "message": str(exc)},
+            plugin_id=plugin_id,
+        )
+
     return convert
 
 
@@ -90,8 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sandboxer.host: {exc}", file=sys.stderr)
         return 1
     max_frame = int(os.environ.get("SANDBOXER_MAX_FRAME", DEFAULT_MAX_FRAME))
-    server = Server(handlers, sock, cookie=cookie, name=args.id, version=args.version,
-                    max_frame=max_frame)
+    server = Server(
+        handlers, sock, cookie=cookie, name=args.id, version=args.version, max_frame=max_frame
+    )
     return server.run()
 
 

@@ -91,8 +91,11 @@ class NativeLibrary:
 
         self._call = self._symbol("sandboxer_call", required=True)
         self._call.argtypes = [
-            ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t,
-            ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_size_t),
+            ctypes.c_char_p,
+            ctypes.c_char_p,
+            ctypes.c_size_t,
+            ctypes.POINTER(ctypes.c_void_p),
+            ctypes.POINTER(ctypes.c_size_t),
         ]
         self._call.restype = ctypes.c_int
 
@@ -128,7 +131,7 @@ class NativeLibrary:
                 raise PluginLoadError(
                     f"native library {self.path}: required symbol {name} is not exported; "
                     f"a native plugin must export sandboxer_call and sandboxer_free with C "
-                    f"linkage (extern \"C\", //export, #[no_mangle])"
+                    f'linkage (extern "C", //export, #[no_mangle])'
                 ) from None
             return None
 
@@ -143,26 +146,31 @@ class NativeLibrary:
         if not ptr:
             raise PluginLoadError(
                 f"native library {self.path}: sandboxer_methods returned NULL; it must return "
-                f"a JSON array of method names (or not be exported at all)")
+                f"a JSON array of method names (or not be exported at all)"
+            )
         raw = ctypes.string_at(ptr)
         try:
             names = _json.loads(raw)
         except _json.JSONError as exc:
             raise PluginLoadError(
                 f"native library {self.path}: sandboxer_methods did not return valid JSON "
-                f"({exc}); expected a JSON array of method names") from exc
+                f"({exc}); expected a JSON array of method names"
+            ) from exc
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise PluginLoadError(
                 f"native library {self.path}: sandboxer_methods must return a JSON array of "
-                f"strings, got {raw[:200]!r}")
+                f"strings, got {raw[:200]!r}"
+            )
         for name in names:
             if not METHOD_RE.fullmatch(name):
                 raise PluginLoadError(
                     f"native library {self.path}: sandboxer_methods lists {name!r}, which is "
-                    f"not a method name (letters, digits and _, not starting with a digit)")
+                    f"not a method name (letters, digits and _, not starting with a digit)"
+                )
         if len(set(names)) != len(names):
             raise PluginLoadError(
-                f"native library {self.path}: sandboxer_methods lists a name twice: {names}")
+                f"native library {self.path}: sandboxer_methods lists a name twice: {names}"
+            )
         return tuple(names)
 
     @property
@@ -184,7 +192,8 @@ class NativeLibrary:
         if self._shut_down:
             raise PluginStateError(
                 f"native library {self.path}: {what} after sandboxer_shutdown; the library "
-                f"may have released what it needs, load a new generation instead")
+                f"may have released what it needs, load a new generation instead"
+            )
 
     def call(self, method: str, args: list[Any]) -> Any:
         """Call ``method`` with positional ``args``; returns the decoded JSON result.
@@ -211,8 +220,10 @@ class NativeLibrary:
         if not self.has_state:
             raise MethodNotFound(
                 f"native library {self.path}: no state hooks; {hook} needs both export_state "
-                f"and import_state listed in sandboxer_methods", method=hook,
-                available=self._available())
+                f"and import_state listed in sandboxer_methods",
+                method=hook,
+                available=self._available(),
+            )
 
     def _available(self) -> list[str] | None:
         methods = self.methods
@@ -220,24 +231,32 @@ class NativeLibrary:
 
     def _invoke(self, method: str, args: list[Any]) -> Any:
         if not isinstance(args, list):
-            raise TypeError(f"args must be a list of positional arguments, not "
-                            f"{type(args).__name__}")
+            raise TypeError(
+                f"args must be a list of positional arguments, not {type(args).__name__}"
+            )
         name = method.encode("utf-8")
         if b"\0" in name:
-            raise MethodNotFound(f"native library {self.path}: method name {method!r} "
-                                 f"contains NUL", method=method, available=self._available())
+            raise MethodNotFound(
+                f"native library {self.path}: method name {method!r} contains NUL",
+                method=method,
+                available=self._available(),
+            )
         try:
             payload = _json.dumps(args)
         except TypeError as exc:
-            raise PluginCallError(f"{method}: arguments are not JSON values: {exc}",
-                                  code=INVALID_PARAMS, method=method) from exc
+            raise PluginCallError(
+                f"{method}: arguments are not JSON values: {exc}",
+                code=INVALID_PARAMS,
+                method=method,
+            ) from exc
 
         out = ctypes.c_void_p()
         out_len = ctypes.c_size_t(0)
         with self._lock:
             self._check_open(f"call to {method}")
-            status = self._call(name, payload, len(payload),
-                                ctypes.byref(out), ctypes.byref(out_len))
+            status = self._call(
+                name, payload, len(payload), ctypes.byref(out), ctypes.byref(out_len)
+            )
             try:
                 data = self._read_out(method, out.value, out_len.value)
             finally:
@@ -252,23 +271,34 @@ class NativeLibrary:
             except _json.JSONError as exc:
                 raise PluginCallError(
                     f"native library {self.path}: {method} returned invalid JSON as its "
-                    f"result ({exc})", code=INTERNAL_ERROR, method=method) from exc
+                    f"result ({exc})",
+                    code=INTERNAL_ERROR,
+                    method=method,
+                ) from exc
         raise self._error(method, status, data)
 
     def _read_out(self, method: str, ptr: int | None, length: int) -> bytes | None:
         """Copy ``out`` before it is freed; None when the library returned no buffer."""
         if length > MAX_OUT_BYTES:
             signed = length - (_SIZE_MAX + 1) if length > _SIZE_MAX // 2 else length
-            what = (f"a negative length ({signed})" if signed < 0
-                    else f"{length} bytes, over the {MAX_OUT_BYTES >> 20} MiB limit")
+            what = (
+                f"a negative length ({signed})"
+                if signed < 0
+                else f"{length} bytes, over the {MAX_OUT_BYTES >> 20} MiB limit"
+            )
             raise PluginCallError(
                 f"native library {self.path}: {method} returned {what} in out_len",
-                code=INTERNAL_ERROR, method=method)
+                code=INTERNAL_ERROR,
+                method=method,
+            )
         if not ptr:
             if length:
                 raise PluginCallError(
                     f"native library {self.path}: {method} returned a NULL out buffer with "
-                    f"out_len {length}", code=INTERNAL_ERROR, method=method)
+                    f"out_len {length}",
+                    code=INTERNAL_ERROR,
+                    method=method,
+                )
             return None
         return ctypes.string_at(ptr, length)
 
@@ -277,20 +307,33 @@ class NativeLibrary:
         if data is None:
             return PluginCallError(
                 f"native library {self.path}: {method} failed with status {status} and no "
-                f"error object", code=INTERNAL_ERROR, method=method, data={"status": status})
+                f"error object",
+                code=INTERNAL_ERROR,
+                method=method,
+                data={"status": status},
+            )
         try:
             error = _json.loads(data)
         except _json.JSONError as exc:
             return PluginCallError(
                 f"native library {self.path}: {method} failed with status {status} and its "
-                f"error is not valid JSON ({exc})", code=INTERNAL_ERROR, method=method,
-                data={"status": status})
-        if (not isinstance(error, dict) or type(error.get("code")) is not int
-                or not isinstance(error.get("message"), str)):
+                f"error is not valid JSON ({exc})",
+                code=INTERNAL_ERROR,
+                method=method,
+                data={"status": status},
+            )
+        if (
+            not isinstance(error, dict)
+            or type(error.get("code")) is not int
+            or not isinstance(error.get("message"), str)
+        ):
             return PluginCallError(
                 f"native library {self.path}: {method} failed with status {status} and an "
-                f"error that is not {{\"code\": int, \"message\": str}}: {data[:200]!r}",
-                code=INTERNAL_ERROR, method=method, data={"status": status})
+                f'error that is not {{"code": int, "message": str}}: {data[:200]!r}',
+                code=INTERNAL_ERROR,
+                method=method,
+                data={"status": status},
+            )
         code: int = error["code"]
         message: str = error["message"]
         if code == MethodNotFound.CODE:
@@ -313,7 +356,10 @@ class NativeLibrary:
         if status != 0:
             raise PluginCallError(
                 f"native library {self.path}: sandboxer_init returned status {status}",
-                code=1, method="init", data={"status": status})
+                code=1,
+                method="init",
+                data={"status": status},
+            )
 
     def health(self) -> tuple[bool, str]:
         """``(healthy, message)`` from ``sandboxer_health``; healthy when not exported."""
@@ -341,4 +387,7 @@ class NativeLibrary:
         if status != 0:
             raise PluginCallError(
                 f"native library {self.path}: sandboxer_shutdown returned status {status}",
-                code=1, method="shutdown", data={"status": status})
+                code=1,
+                method="shutdown",
+                data={"status": status},
+            )

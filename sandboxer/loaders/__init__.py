@@ -37,8 +37,16 @@ from ..errors import MethodNotFound, PluginCallError, SandboxerError
 from ..manifest import LoaderType, Plugin
 from ..sandbox.policy import SandboxConfig
 
-__all__ = ["Loader", "PluginHandle", "ResourceUsage", "Health", "NO_STATE", "NoState",
-           "not_implemented", "run_mode"]
+__all__ = [
+    "Loader",
+    "PluginHandle",
+    "ResourceUsage",
+    "Health",
+    "NO_STATE",
+    "NoState",
+    "not_implemented",
+    "run_mode",
+]
 
 
 class _NoState(enum.Enum):
@@ -79,8 +87,11 @@ class Health:
             return cls(False, f"plugin {plugin_id}: health check answered false")
         if isinstance(answer, dict) and answer.get("ok") is False:
             message = answer.get("message")
-            return cls(False, f"plugin {plugin_id}: health check says not ok"
-                       + (f": {message}" if message else ""))
+            return cls(
+                False,
+                f"plugin {plugin_id}: health check says not ok"
+                + (f": {message}" if message else ""),
+            )
         return cls(True)
 
     @classmethod
@@ -144,8 +155,9 @@ class Loader(Protocol):
 
     kind: LoaderType
 
-    async def start(self, plugin: Plugin, sandbox: SandboxConfig, *,
-                    generation: int) -> PluginHandle: ...
+    async def start(
+        self, plugin: Plugin, sandbox: SandboxConfig, *, generation: int
+    ) -> PluginHandle: ...
 
 
 def run_mode(kind: LoaderType, sandbox: SandboxConfig) -> str:

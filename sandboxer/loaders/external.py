@@ -16,8 +16,7 @@ if TYPE_CHECKING:  # a type only: out_of_process passes the runtime in
 __all__ = ["command"]
 
 
-def command(plugin: Plugin, *, entrypoint: str, root: str,
-            runtime: Runtime | None) -> list[str]:
+def command(plugin: Plugin, *, entrypoint: str, root: str, runtime: Runtime | None) -> list[str]:
     """The executable at ``entrypoint`` (as the process sees it). ``root`` and ``runtime``
     are not needed: the plugin brings its own program."""
     return [entrypoint]

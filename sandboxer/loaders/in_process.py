@@ -60,11 +60,13 @@ class InProcessPythonHandle:
     def has_state(self) -> bool:
         return self._module.has_state
 
-    async def _invoke(self, method: str, fn: Callable[..., Any], args: tuple[Any, ...],
-                      timeout: float | None) -> Any:
+    async def _invoke(
+        self, method: str, fn: Callable[..., Any], args: tuple[Any, ...], timeout: float | None
+    ) -> Any:
         if self._closed:
-            raise PluginStateError(f"plugin {self.plugin.id}: this generation is closed",
-                                   plugin_id=self.plugin.id)
+            raise PluginStateError(
+                f"plugin {self.plugin.id}: this generation is closed", plugin_id=self.plugin.id
+            )
         self._module.check_args(method, fn, args)
         if inspect.iscoroutinefunction(fn):
             work: asyncio.Future[Any] = asyncio.ensure_future(fn(*args))
@@ -82,12 +84,17 @@ class InProcessPythonHandle:
                 work.cancel()
             raise CallTimeout(
                 f"plugin {self.plugin.id}: {method} did not finish within {timeout:g}s",
-                timeout=timeout or 0.0, plugin_id=self.plugin.id, method=method) from None
+                timeout=timeout or 0.0,
+                plugin_id=self.plugin.id,
+                method=method,
+            ) from None
         except asyncio.CancelledError:
             if work.cancelled() and self._closed:
                 raise PluginStateError(
                     f"plugin {self.plugin.id}: unloaded while {method} was in flight "
-                    "(it outlived the drain timeout)", plugin_id=self.plugin.id) from None
+                    "(it outlived the drain timeout)",
+                    plugin_id=self.plugin.id,
+                ) from None
             if not work.done():
                 work.cancel()
             raise
@@ -101,21 +108,31 @@ class InProcessPythonHandle:
             raise MethodNotFound(
                 f"plugin {self.plugin.id} has no method {method!r} "
                 f"(methods: {', '.join(self.methods) or 'none'})",
-                plugin_id=self.plugin.id, method=method, available=list(self.methods))
+                plugin_id=self.plugin.id,
+                method=method,
+                available=list(self.methods),
+            )
         try:
             args = tuple(_json.normalize(list(args)))
         except TypeError as exc:
-            raise PluginCallError(f"plugin {self.plugin.id}: arguments of {method} are not "
-                                  f"JSON values: {exc}", code=INVALID_PARAMS,
-                                  plugin_id=self.plugin.id, method=method) from None
-        result = await self._invoke(method, fn, args,
-                                    self._sandbox.timeout if timeout is None else timeout)
+            raise PluginCallError(
+                f"plugin {self.plugin.id}: arguments of {method} are not JSON values: {exc}",
+                code=INVALID_PARAMS,
+                plugin_id=self.plugin.id,
+                method=method,
+            ) from None
+        result = await self._invoke(
+            method, fn, args, self._sandbox.timeout if timeout is None else timeout
+        )
         try:
             return _json.normalize(result)
         except TypeError as exc:
-            raise PluginCallError(f"plugin {self.plugin.id}: {method} returned a value that "
-                                  f"is not JSON: {exc}", code=INTERNAL_ERROR,
-                                  plugin_id=self.plugin.id, method=method) from None
+            raise PluginCallError(
+                f"plugin {self.plugin.id}: {method} returned a value that is not JSON: {exc}",
+                code=INTERNAL_ERROR,
+                plugin_id=self.plugin.id,
+                method=method,
+            ) from None
 
     async def _lifecycle_call(self, name: str, *args: Any) -> tuple[bool, Any]:
         fn = self._module.lifecycle(name)
@@ -144,9 +161,12 @@ class InProcessPythonHandle:
         try:
             return _json.normalize(state)
         except TypeError as exc:
-            raise PluginCallError(f"plugin {self.plugin.id}: export_state returned a value "
-                                  f"that is not JSON: {exc}", code=INTERNAL_ERROR,
-                                  plugin_id=self.plugin.id, method="export_state") from None
+            raise PluginCallError(
+                f"plugin {self.plugin.id}: export_state returned a value that is not JSON: {exc}",
+                code=INTERNAL_ERROR,
+                plugin_id=self.plugin.id,
+                method="export_state",
+            ) from None
 
     async def import_state(self, state: Any, from_version: str) -> None:
         await self._lifecycle_call("import_state", _json.normalize(state), from_version)
@@ -173,9 +193,15 @@ class InProcessPythonLoader:
 
     kind = LoaderType.PYTHON
 
-    async def start(self, plugin: Plugin, sandbox: SandboxConfig, *,
-                    generation: int) -> InProcessPythonHandle:
+    async def start(
+        self, plugin: Plugin, sandbox: SandboxConfig, *, generation: int
+    ) -> InProcessPythonHandle:
         module = await asyncio.to_thread(
-            PythonModule, plugin.entrypoint, plugin_id=plugin.id, generation=generation,
-            root=plugin.root, methods=plugin.methods)
+            PythonModule,
+            plugin.entrypoint,
+            plugin_id=plugin.id,
+            generation=generation,
+            root=plugin.root,
+            methods=plugin.methods,
+        )
         return InProcessPythonHandle(plugin, module, sandbox)

@@ -56,13 +56,21 @@ from ..sandbox.seccomp import compile_filter
 from ..sandbox.spec import PLUGIN_MOUNT, LaunchSpec, Mount, base_mounts, grant_mounts, mask_plan
 from . import NO_STATE, Health, NoState, ResourceUsage, external, native, not_implemented, python
 
-__all__ = ["ProcessLoader", "ProcessHandle", "plugin_command", "plugin_environment",
-           "CommandBuilder", "COMMANDS", "SHUTDOWN_GRACE"]
+__all__ = [
+    "ProcessLoader",
+    "ProcessHandle",
+    "plugin_command",
+    "plugin_environment",
+    "CommandBuilder",
+    "COMMANDS",
+    "SHUTDOWN_GRACE",
+]
 
 log = logging.getLogger("sandboxer")
 
-Spawner = Callable[[dict[str, str], int, logging.Logger],
-                   Awaitable[tuple[_process.PluginProcess, Confinement]]]
+Spawner = Callable[
+    [dict[str, str], int, logging.Logger], Awaitable[tuple[_process.PluginProcess, Confinement]]
+]
 
 # How long a plugin has to exit once the host has hung up (after shutdown) or sent SIGTERM
 # (at close) before it is killed.
@@ -74,30 +82,44 @@ class CommandBuilder(Protocol):
     """A kind's command: the argv that runs ``plugin``, given its paths as the process sees
     them and the runtime it runs on (None: this process's own interpreter, unsandboxed)."""
 
-    def __call__(self, plugin: Plugin, *, entrypoint: str, root: str,
-                 runtime: Runtime | None) -> list[str]: ...
+    def __call__(
+        self, plugin: Plugin, *, entrypoint: str, root: str, runtime: Runtime | None
+    ) -> list[str]: ...
 
 
-COMMANDS: Mapping[LoaderType, CommandBuilder] = MappingProxyType({
-    LoaderType.PYTHON: python.command,
-    LoaderType.NATIVE: native.command,
-    LoaderType.EXTERNAL: external.command,
-})
+COMMANDS: Mapping[LoaderType, CommandBuilder] = MappingProxyType(
+    {
+        LoaderType.PYTHON: python.command,
+        LoaderType.NATIVE: native.command,
+        LoaderType.EXTERNAL: external.command,
+    }
+)
 """The kinds that run as processes, each with its module's command."""
 
 
-def plugin_command(plugin: Plugin, *, entrypoint: str | None = None,
-                   root: str | None = None, runtime: Runtime | None = None) -> list[str]:
+def plugin_command(
+    plugin: Plugin,
+    *,
+    entrypoint: str | None = None,
+    root: str | None = None,
+    runtime: Runtime | None = None,
+) -> list[str]:
     """The argv that runs ``plugin``, by its kind: its executable, or the plugin host for
     python/native. ``entrypoint`` and ``root`` are the paths as the process sees them (inside
     the sandbox), ``runtime`` what it runs on there (none: this process's own interpreter,
     unsandboxed)."""
     build = COMMANDS.get(plugin.type)
     if build is None:
-        raise PluginLoadError(f"plugin {plugin.id}: {plugin.type.value} plugins do not run "
-                              "as processes", plugin_id=plugin.id)
-    return build(plugin, entrypoint=entrypoint or str(plugin.entrypoint),
-                 root=root or str(plugin.root), runtime=runtime)
+        raise PluginLoadError(
+            f"plugin {plugin.id}: {plugin.type.value} plugins do not run as processes",
+            plugin_id=plugin.id,
+        )
+    return build(
+        plugin,
+        entrypoint=entrypoint or str(plugin.entrypoint),
+        root=root or str(plugin.root),
+        runtime=runtime,
+    )
 
 
 def plugin_environment(cookie: str, max_frame: int) -> dict[str, str]:
@@ -120,8 +142,13 @@ def _crashed(plugin_id: str, proc: _process.PluginProcess) -> PluginCrashed:
     message = f"plugin {plugin_id} {proc.describe_exit()}"
     if tail:
         message += f"; last stderr: {tail[-1]}"
-    return PluginCrashed(message, plugin_id=plugin_id, exit_status=proc.exit_status,
-                         signal=proc.signal, stderr_tail=tail)
+    return PluginCrashed(
+        message,
+        plugin_id=plugin_id,
+        exit_status=proc.exit_status,
+        signal=proc.signal,
+        stderr_tail=tail,
+    )
 
 
 async def _raise(error: BaseException) -> Any:
@@ -131,9 +158,15 @@ async def _raise(error: BaseException) -> Any:
 class ProcessHandle:
     """One running plugin process and its RPC connection (a ``PluginHandle``)."""
 
-    def __init__(self, plugin: Plugin, sandbox: SandboxConfig, proc: _process.PluginProcess,
-                 conn: RpcConnection, info: HandshakeInfo,
-                 confinement: Confinement | None = None) -> None:
+    def __init__(
+        self,
+        plugin: Plugin,
+        sandbox: SandboxConfig,
+        proc: _process.PluginProcess,
+        conn: RpcConnection,
+        info: HandshakeInfo,
+        confinement: Confinement | None = None,
+    ) -> None:
         self.plugin = plugin
         self._sandbox = sandbox
         self._proc = proc
@@ -144,9 +177,11 @@ class ProcessHandle:
         if plugin.methods is not None:
             missing = sorted(set(plugin.methods) - set(offered)) if offered else []
             if missing:
-                raise HandshakeError(f"plugin {plugin.id}: the manifest lists methods the "
-                                     f"process does not offer: {', '.join(missing)}",
-                                     plugin_id=plugin.id)
+                raise HandshakeError(
+                    f"plugin {plugin.id}: the manifest lists methods the "
+                    f"process does not offer: {', '.join(missing)}",
+                    plugin_id=plugin.id,
+                )
             offered = list(plugin.methods)
         self._methods = tuple(sorted(offered))
         self._callbacks: list[Callable[[SandboxerError], None]] = []
@@ -178,21 +213,25 @@ class ProcessHandle:
     def call(self, method: str, *args: Any, timeout: float | None = None) -> Awaitable[Any]:
         """Awaitable like ``async def call``; a plain function so that the hot path has one
         coroutine, the connection's, not two."""
-        if method.startswith(_RESERVED_PREFIX) or (self._methods and method not in
-                                                   self._methods):
-            return _raise(MethodNotFound(
-                f"plugin {self.plugin.id} has no method {method!r} "
-                f"(methods: {', '.join(self._methods) or 'none'})",
-                plugin_id=self.plugin.id, method=method, available=list(self._methods)))
-        return self._conn.call(method, list(args),
-                               timeout=self._sandbox.timeout if timeout is None else timeout)
+        if method.startswith(_RESERVED_PREFIX) or (self._methods and method not in self._methods):
+            return _raise(
+                MethodNotFound(
+                    f"plugin {self.plugin.id} has no method {method!r} "
+                    f"(methods: {', '.join(self._methods) or 'none'})",
+                    plugin_id=self.plugin.id,
+                    method=method,
+                    available=list(self._methods),
+                )
+            )
+        return self._conn.call(
+            method, list(args), timeout=self._sandbox.timeout if timeout is None else timeout
+        )
 
     async def _lifecycle(self, method: str, *params: Any) -> tuple[bool, Any]:
         """Call a reserved method: ``(True, answer)``, or ``(False, None)`` when the plugin
         answers -32601 (it does not implement it: DESIGN section 7)."""
         try:
-            return True, await self._conn.call(method, list(params),
-                                               timeout=self._sandbox.timeout)
+            return True, await self._conn.call(method, list(params), timeout=self._sandbox.timeout)
         except PluginCallError as exc:
             if not_implemented(exc):
                 return False, None
@@ -223,8 +262,11 @@ class ProcessHandle:
         finally:
             self._hang_up("shut down")
         if await self._proc.wait(SHUTDOWN_GRACE) is None:
-            log.warning("plugin %s: still running %gs after shutdown; killed", self.plugin.id,
-                        SHUTDOWN_GRACE)
+            log.warning(
+                "plugin %s: still running %gs after shutdown; killed",
+                self.plugin.id,
+                SHUTDOWN_GRACE,
+            )
             self._proc.send_signal(signal.SIGKILL)
             await self._proc.wait()
         if error is not None:
@@ -237,8 +279,10 @@ class ProcessHandle:
     async def import_state(self, state: Any, from_version: str) -> None:
         implemented, _ = await self._lifecycle("sandboxer.import_state", state, from_version)
         if not implemented:
-            log.info("plugin %s does not implement sandboxer.import_state; this generation "
-                     "starts fresh", self.plugin.id)
+            log.info(
+                "plugin %s does not implement sandboxer.import_state; this generation starts fresh",
+                self.plugin.id,
+            )
 
     def resource_usage(self) -> ResourceUsage:
         stats = self._confinement.stats() if self._confinement is not None else None
@@ -251,9 +295,13 @@ class ProcessHandle:
         still in flight fail with PluginStateError; this is no failure of the plugin's."""
         self._closing = True
         if self._conn.error is None:
-            self._conn.fail(PluginStateError(
-                f"plugin {self.plugin.id}: {why} while calls were in flight",
-                plugin_id=self.plugin.id), notify=False)
+            self._conn.fail(
+                PluginStateError(
+                    f"plugin {self.plugin.id}: {why} while calls were in flight",
+                    plugin_id=self.plugin.id,
+                ),
+                notify=False,
+            )
 
     async def close(self) -> None:
         self._hang_up("closed")
@@ -272,8 +320,11 @@ class ProcessHandle:
             return MemoryLimitExceeded(
                 f"plugin {self.plugin.id} was killed for exceeding its memory limit of "
                 f"{format_size(confinement.memory_limit)}; raise memory_limit (within the "
-                "host policy) if it needs more", limit=confinement.memory_limit,
-                peak=stats.memory_peak if stats else None, plugin_id=self.plugin.id)
+                "host policy) if it needs more",
+                limit=confinement.memory_limit,
+                peak=stats.memory_peak if stats else None,
+                plugin_id=self.plugin.id,
+            )
         return _crashed(self.plugin.id, proc)
 
     def _failed(self, error: SandboxerError) -> None:
@@ -291,11 +342,18 @@ class ProcessHandle:
 class ProcessLoader:
     """Starts out-of-process plugins of one kind (external, or python/native via the host)."""
 
-    def __init__(self, kind: LoaderType, *, handshake_timeout: float = 10.0,
-                 setup_timeout: float = SETUP_TIMEOUT,
-                 max_frame: int = DEFAULT_MAX_FRAME, profile_dirs: tuple[str, ...] = (),
-                 fallbacks: tuple[str, ...] = (), egress: EgressProxy | None = None,
-                 grant_owner: tuple[int, int] | None = None) -> None:
+    def __init__(
+        self,
+        kind: LoaderType,
+        *,
+        handshake_timeout: float = 10.0,
+        setup_timeout: float = SETUP_TIMEOUT,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        profile_dirs: tuple[str, ...] = (),
+        fallbacks: tuple[str, ...] = (),
+        egress: EgressProxy | None = None,
+        grant_owner: tuple[int, int] | None = None,
+    ) -> None:
         self.kind = kind
         self.egress = egress if egress is not None else EgressProxy()
         self.handshake_timeout = handshake_timeout
@@ -306,8 +364,9 @@ class ProcessLoader:
         self.grant_owner = grant_owner
         self._cgroup_backend: CgroupBackend | None = None
 
-    async def start(self, plugin: Plugin, sandbox: SandboxConfig, *,
-                    generation: int) -> ProcessHandle:
+    async def start(
+        self, plugin: Plugin, sandbox: SandboxConfig, *, generation: int
+    ) -> ProcessHandle:
         """Start ``plugin`` sandboxed as ``sandbox`` says. With ``enabled=False`` the process
         runs unconfined: only tests and benchmarks of the protocol ask for that; the manager
         never does for an out-of-process plugin."""
@@ -316,13 +375,19 @@ class ProcessLoader:
         spec = self._launch_spec(plugin, sandbox)
         backend = self._cgroups()
 
-        async def spawn(env: dict[str, str], rpc_fd: int, logger: logging.Logger
-                        ) -> tuple[_process.PluginProcess, Confinement]:
-            return await launch_confined(dataclasses.replace(spec, env={**env, **spec.env}),
-                                         backend=backend,
-                                         rpc_fd=rpc_fd, logger=logger,
-                                         fallbacks=self.fallbacks, egress=self.egress,
-                                         plugin_id=plugin.id, setup_timeout=self.setup_timeout)
+        async def spawn(
+            env: dict[str, str], rpc_fd: int, logger: logging.Logger
+        ) -> tuple[_process.PluginProcess, Confinement]:
+            return await launch_confined(
+                dataclasses.replace(spec, env={**env, **spec.env}),
+                backend=backend,
+                rpc_fd=rpc_fd,
+                logger=logger,
+                fallbacks=self.fallbacks,
+                egress=self.egress,
+                plugin_id=plugin.id,
+                setup_timeout=self.setup_timeout,
+            )
 
         return await self.start_process(plugin, sandbox, spec.argv, spawner=spawn)
 
@@ -344,21 +409,39 @@ class ProcessLoader:
         grants = grant_mounts(sandbox.allowed_paths)
         plugin_runtime = runtime()
         mounts = base_mounts() + list(plugin_runtime.mounts) + grants
-        masks, pins = mask_plan(sandbox.denied_paths, grants,
-                                {str(root): PLUGIN_MOUNT} if root.is_dir() else None)
-        env = {**plugin_runtime.env,
-               "PATH": f"{plugin_runtime.bin_dir}:/usr/local/bin:/usr/bin:/bin"}
+        masks, pins = mask_plan(
+            sandbox.denied_paths, grants, {str(root): PLUGIN_MOUNT} if root.is_dir() else None
+        )
+        env = {
+            **plugin_runtime.env,
+            "PATH": f"{plugin_runtime.bin_dir}:/usr/local/bin:/usr/bin:/bin",
+        }
         return LaunchSpec(
-            argv=plugin_command(plugin, entrypoint=entry, root=PLUGIN_MOUNT,
-                                runtime=plugin_runtime),
-            env=env, sandbox=sandbox, mounts=tuple(mounts), cwd=PLUGIN_MOUNT,
-            masks=masks, pins=pins, copies=(plugin_mount,),
-            seccomp_bpf=compile_filter(sandbox.profile, network=sandbox.network_allowed,
-                                       extra_dirs=self.profile_dirs),
-            profile_dirs=self.profile_dirs, grant_owner=self.grant_owner)
+            argv=plugin_command(
+                plugin, entrypoint=entry, root=PLUGIN_MOUNT, runtime=plugin_runtime
+            ),
+            env=env,
+            sandbox=sandbox,
+            mounts=tuple(mounts),
+            cwd=PLUGIN_MOUNT,
+            masks=masks,
+            pins=pins,
+            copies=(plugin_mount,),
+            seccomp_bpf=compile_filter(
+                sandbox.profile, network=sandbox.network_allowed, extra_dirs=self.profile_dirs
+            ),
+            profile_dirs=self.profile_dirs,
+            grant_owner=self.grant_owner,
+        )
 
-    async def start_process(self, plugin: Plugin, sandbox: SandboxConfig, argv: list[str], *,
-                            spawner: Spawner | None = None) -> ProcessHandle:
+    async def start_process(
+        self,
+        plugin: Plugin,
+        sandbox: SandboxConfig,
+        argv: list[str],
+        *,
+        spawner: Spawner | None = None,
+    ) -> ProcessHandle:
         loop = asyncio.get_running_loop()
         logger = logging.getLogger(f"sandboxer.plugin.{plugin.id}")
         cookie = secrets.token_hex(16)
@@ -372,8 +455,9 @@ class ProcessLoader:
                 proc, confinement = await spawner(env, theirs.fileno(), logger)
         except OSError as exc:
             ours.close()
-            raise PluginLoadError(f"plugin {plugin.id}: cannot start {argv[0]}: "
-                                  f"{exc.strerror}", plugin_id=plugin.id) from exc
+            raise PluginLoadError(
+                f"plugin {plugin.id}: cannot start {argv[0]}: {exc.strerror}", plugin_id=plugin.id
+            ) from exc
         except BaseException:
             ours.close()
             raise
@@ -388,9 +472,13 @@ class ProcessLoader:
                 handle._failed(error)
 
         def cancel_ignored(method: str) -> None:
-            conn.fail(PluginCrashed(
-                f"plugin {plugin.id} was killed: a call to {method} timed out and the plugin "
-                "ignored the cancel for a second", plugin_id=plugin.id))
+            conn.fail(
+                PluginCrashed(
+                    f"plugin {plugin.id} was killed: a call to {method} timed out and the plugin "
+                    "ignored the cancel for a second",
+                    plugin_id=plugin.id,
+                )
+            )
 
         def eof() -> None:
             # It closed its end of the socket: it gets a moment to exit on its own (its exit
@@ -399,11 +487,17 @@ class ProcessLoader:
 
         try:
             _, conn = await loop.connect_accepted_socket(
-                lambda: RpcConnection(plugin_id=plugin.id, cookie=cookie,
-                                      max_frame=self.max_frame, logger=logger,
-                                      on_failure=failed, on_eof=eof,
-                                      on_cancel_ignored=cancel_ignored),
-                sock=ours)
+                lambda: RpcConnection(
+                    plugin_id=plugin.id,
+                    cookie=cookie,
+                    max_frame=self.max_frame,
+                    logger=logger,
+                    on_failure=failed,
+                    on_eof=eof,
+                    on_cancel_ignored=cancel_ignored,
+                ),
+                sock=ours,
+            )
         except BaseException:
             ours.close()
             await proc.close()
@@ -416,16 +510,22 @@ class ProcessLoader:
                 info = await conn.handshake
             handle = ProcessHandle(plugin, sandbox, proc, conn, info, confinement)
         except TimeoutError:
-            conn.fail(HandshakeError(
-                f"plugin {plugin.id}: sent no handshake within {self.handshake_timeout:g}s",
-                plugin_id=plugin.id), notify=False)
+            conn.fail(
+                HandshakeError(
+                    f"plugin {plugin.id}: sent no handshake within {self.handshake_timeout:g}s",
+                    plugin_id=plugin.id,
+                ),
+                notify=False,
+            )
             await self._abandon(proc, conn, watcher, confinement)
             raise conn.error from None  # type: ignore[misc]
         except PluginCrashed as exc:
             await self._abandon(proc, conn, watcher, confinement)
-            raise HandshakeError(f"plugin {plugin.id} exited before the handshake: "
-                                 f"{exc.message}" + self._stderr_note(exc),
-                                 plugin_id=plugin.id) from exc
+            raise HandshakeError(
+                f"plugin {plugin.id} exited before the handshake: "
+                f"{exc.message}" + self._stderr_note(exc),
+                plugin_id=plugin.id,
+            ) from exc
         except BaseException:
             await self._abandon(proc, conn, watcher, confinement)
             raise
@@ -434,8 +534,7 @@ class ProcessLoader:
 
     @staticmethod
     def _stderr_note(exc: PluginCrashed) -> str:
-        return ("\n  stderr:\n    " + "\n    ".join(exc.stderr_tail[-10:])
-                if exc.stderr_tail else "")
+        return "\n  stderr:\n    " + "\n    ".join(exc.stderr_tail[-10:]) if exc.stderr_tail else ""
 
     @staticmethod
     async def _watch_startup(proc: _process.PluginProcess, conn: RpcConnection) -> None:
@@ -445,8 +544,12 @@ class ProcessLoader:
         conn.fail(_crashed(conn.plugin_id, proc), notify=False)
 
     @staticmethod
-    async def _abandon(proc: _process.PluginProcess, conn: RpcConnection,
-                       watcher: asyncio.Task[None], confinement: Confinement | None) -> None:
+    async def _abandon(
+        proc: _process.PluginProcess,
+        conn: RpcConnection,
+        watcher: asyncio.Task[None],
+        confinement: Confinement | None,
+    ) -> None:
         watcher.cancel()
         conn.close()
         await proc.close()
@@ -456,4 +559,3 @@ class ProcessLoader:
             await watcher
         except (asyncio.CancelledError, SandboxerError):
             pass
-

@@ -19,15 +19,29 @@ if TYPE_CHECKING:  # a type only: out_of_process passes the runtime in
 __all__ = ["host_command"]
 
 
-def host_command(kind: LoaderType, plugin: Plugin, *, entrypoint: str, root: str,
-                 runtime: Runtime | None) -> list[str]:
+def host_command(
+    kind: LoaderType, plugin: Plugin, *, entrypoint: str, root: str, runtime: Runtime | None
+) -> list[str]:
     """``sandboxer.host`` serving ``plugin`` as ``kind``. ``entrypoint`` and ``root`` are
     the paths as the process sees them; ``runtime`` is what it runs on inside the sandbox
     (None: this process's own interpreter, unsandboxed)."""
-    args = ["--kind", kind.value, "--entrypoint", entrypoint, "--root", root,
-            "--id", plugin.id, "--version", plugin.version]
-    argv = (runtime.host_argv(*args) if runtime is not None else
-            [sys.executable, "-I", "-m", "sandboxer.host", *args])
+    args = [
+        "--kind",
+        kind.value,
+        "--entrypoint",
+        entrypoint,
+        "--root",
+        root,
+        "--id",
+        plugin.id,
+        "--version",
+        plugin.version,
+    ]
+    argv = (
+        runtime.host_argv(*args)
+        if runtime is not None
+        else [sys.executable, "-I", "-m", "sandboxer.host", *args]
+    )
     if plugin.methods is not None:
         argv += ["--methods", ",".join(plugin.methods)]
     return argv

@@ -25,9 +25,9 @@ if TYPE_CHECKING:  # a type only: out_of_process passes the runtime in
 __all__ = ["command", "InProcessPythonLoader", "InProcessPythonHandle"]
 
 
-def command(plugin: Plugin, *, entrypoint: str, root: str,
-            runtime: Runtime | None) -> list[str]:
+def command(plugin: Plugin, *, entrypoint: str, root: str, runtime: Runtime | None) -> list[str]:
     """The plugin host serving the python plugin ``plugin`` (paths as the process sees
     them; ``runtime`` None: this interpreter, unsandboxed)."""
-    return host_command(LoaderType.PYTHON, plugin, entrypoint=entrypoint, root=root,
-                        runtime=runtime)
+    return host_command(
+        LoaderType.PYTHON, plugin, entrypoint=entrypoint, root=root, runtime=runtime
+    )

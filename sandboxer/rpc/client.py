@@ -45,8 +45,14 @@ from .framing import (
 __all__ = ["RpcConnection", "HandshakeInfo", "SUPPORTED_PROTOCOLS"]
 
 SUPPORTED_PROTOCOLS = (1,)
-_LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
-               "warn": logging.WARNING, "error": logging.ERROR, "critical": logging.CRITICAL}
+_LOG_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "warn": logging.WARNING,
+    "error": logging.ERROR,
+    "critical": logging.CRITICAL,
+}
 
 
 _READ_SIZE = 1 << 16
@@ -77,36 +83,54 @@ def _check_handshake(params: Any, cookie: str) -> HandshakeInfo:
         raise HandshakeError("the handshake params must be an object")
     given = params.get("cookie")
     if not isinstance(given, str) or not hmac.compare_digest(given.encode(), cookie.encode()):
-        raise HandshakeError("the handshake carried the wrong magic cookie (is this process "
-                             "a sandboxer plugin started by this host?)")
+        raise HandshakeError(
+            "the handshake carried the wrong magic cookie (is this process "
+            "a sandboxer plugin started by this host?)"
+        )
     protocols = params.get("protocols")
     if not isinstance(protocols, list) or not all(
-            isinstance(p, int) and not isinstance(p, bool) for p in protocols):
+        isinstance(p, int) and not isinstance(p, bool) for p in protocols
+    ):
         raise HandshakeError("the handshake must list its protocol versions as integers")
     common = sorted(set(protocols) & set(SUPPORTED_PROTOCOLS))
     if not common:
-        raise HandshakeError(f"no common protocol version: the plugin speaks {protocols}, "
-                             f"this host speaks {list(SUPPORTED_PROTOCOLS)}")
+        raise HandshakeError(
+            f"no common protocol version: the plugin speaks {protocols}, "
+            f"this host speaks {list(SUPPORTED_PROTOCOLS)}"
+        )
     plugin = params.get("plugin", {})
     if not isinstance(plugin, dict):
         raise HandshakeError("the handshake's plugin field must be an object")
     methods = params.get("methods", [])
-    if not isinstance(methods, list) or not all(isinstance(m, str) for m in methods) \
-            or len(methods) > 10_000:
+    if (
+        not isinstance(methods, list)
+        or not all(isinstance(m, str) for m in methods)
+        or len(methods) > 10_000
+    ):
         raise HandshakeError("the handshake's methods must be a list of strings")
-    return HandshakeInfo(common[-1], str(plugin.get("name", ""))[:200],
-                         str(plugin.get("version", ""))[:100], tuple(methods))
+    return HandshakeInfo(
+        common[-1],
+        str(plugin.get("name", ""))[:200],
+        str(plugin.get("version", ""))[:100],
+        tuple(methods),
+    )
 
 
 class RpcConnection(asyncio.BufferedProtocol):
     """JSON-RPC over one stream; create with ``loop.connect_accepted_socket``."""
 
-    def __init__(self, *, plugin_id: str, cookie: str, max_frame: int = DEFAULT_MAX_FRAME,
-                 logger: logging.Logger | None = None,
-                 on_failure: Callable[[SandboxerError], None] | None = None,
-                 on_eof: Callable[[], None] | None = None,
-                 on_cancel_ignored: Callable[[str], None] | None = None,
-                 cancel_grace: float = 1.0) -> None:
+    def __init__(
+        self,
+        *,
+        plugin_id: str,
+        cookie: str,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        logger: logging.Logger | None = None,
+        on_failure: Callable[[SandboxerError], None] | None = None,
+        on_eof: Callable[[], None] | None = None,
+        on_cancel_ignored: Callable[[str], None] | None = None,
+        cancel_grace: float = 1.0,
+    ) -> None:
         self.plugin_id = plugin_id
         self._cookie = cookie
         self._buffer = LineBuffer(max_frame)
@@ -178,8 +202,12 @@ class RpcConnection(asyncio.BufferedProtocol):
             self._on_eof()
         else:
             reason = f": {exc}" if exc else ""
-            self.fail(ProtocolError(f"plugin {self.plugin_id}: the connection closed{reason}",
-                                    plugin_id=self.plugin_id))
+            self.fail(
+                ProtocolError(
+                    f"plugin {self.plugin_id}: the connection closed{reason}",
+                    plugin_id=self.plugin_id,
+                )
+            )
 
     # -- receiving ---------------------------------------------------------------------------
     def _receive(self, line: bytes) -> None:
@@ -190,8 +218,13 @@ class RpcConnection(asyncio.BufferedProtocol):
                 obj = _json.loads(line)
             except _json.JSONError:
                 obj = None
-            if (type(obj) is dict and len(obj) == 3 and "result" in obj
-                    and obj.get("jsonrpc") == "2.0" and type(obj.get("id")) is int):
+            if (
+                type(obj) is dict
+                and len(obj) == 3
+                and "result" in obj
+                and obj.get("jsonrpc") == "2.0"
+                and type(obj.get("id")) is int
+            ):
                 future = self._pending.pop(obj["id"], None)
                 if future is not None:
                     if not future.done():
@@ -210,31 +243,41 @@ class RpcConnection(asyncio.BufferedProtocol):
         elif isinstance(message, Notification):
             self._receive_notification(message)
         elif message.method == "sandboxer.handshake":
-            raise ProtocolError(f"plugin {self.plugin_id}: sent the handshake twice",
-                                plugin_id=self.plugin_id)
+            raise ProtocolError(
+                f"plugin {self.plugin_id}: sent the handshake twice", plugin_id=self.plugin_id
+            )
         else:
             # A well-formed request the host does not serve: answer it as JSON-RPC says.
-            self._write(encode_error(message.id, METHOD_NOT_FOUND,
-                                     f"the host offers no method {message.method!r}"))
+            self._write(
+                encode_error(
+                    message.id, METHOD_NOT_FOUND, f"the host offers no method {message.method!r}"
+                )
+            )
 
     def _receive_handshake(self, message: Any) -> None:
         if not isinstance(message, Request) or message.method != "sandboxer.handshake":
-            raise HandshakeError(f"plugin {self.plugin_id}: the first frame must be the "
-                                 "sandboxer.handshake request", plugin_id=self.plugin_id)
+            raise HandshakeError(
+                f"plugin {self.plugin_id}: the first frame must be the sandboxer.handshake request",
+                plugin_id=self.plugin_id,
+            )
         try:
             info = _check_handshake(message.params, self._cookie)
         except HandshakeError as exc:
             self._write(encode_error(message.id, SERVER_ERROR, exc.message))
-            raise HandshakeError(f"plugin {self.plugin_id}: {exc.message}",
-                                 plugin_id=self.plugin_id) from None
+            raise HandshakeError(
+                f"plugin {self.plugin_id}: {exc.message}", plugin_id=self.plugin_id
+            ) from None
         self._write(encode_result(message.id, {"protocol": info.protocol}))
         self.handshake.set_result(info)
 
     def _receive_response(self, message: Response) -> None:
         future = self._pending.pop(message.id, None)  # type: ignore[arg-type]
         if future is None:
-            raise ProtocolError(f"plugin {self.plugin_id}: answered id {message.id!r}, which "
-                                "no call is waiting for", plugin_id=self.plugin_id)
+            raise ProtocolError(
+                f"plugin {self.plugin_id}: answered id {message.id!r}, which "
+                "no call is waiting for",
+                plugin_id=self.plugin_id,
+            )
         if future.done():  # the caller gave up (timeout, cancellation) already
             return
         if message.error is None:
@@ -248,18 +291,21 @@ class RpcConnection(asyncio.BufferedProtocol):
         if code == METHOD_NOT_FOUND:
             data = error.get("data")
             available = data.get("available") if isinstance(data, dict) else None
-            future.set_exception(MethodNotFound(
-                text, plugin_id=self.plugin_id,
-                available=available if isinstance(available, list) else None))
+            future.set_exception(
+                MethodNotFound(
+                    text,
+                    plugin_id=self.plugin_id,
+                    available=available if isinstance(available, list) else None,
+                )
+            )
         else:
-            future.set_exception(PluginCallError(text, code=code,
-                                                 data=error.get("data"),
-                                                 plugin_id=self.plugin_id))
+            future.set_exception(
+                PluginCallError(text, code=code, data=error.get("data"), plugin_id=self.plugin_id)
+            )
 
     def _receive_notification(self, message: Notification) -> None:
         if message.method == "sandboxer.log" and isinstance(message.params, dict):
-            level = _LOG_LEVELS.get(str(message.params.get("level", "info")).lower(),
-                                    logging.INFO)
+            level = _LOG_LEVELS.get(str(message.params.get("level", "info")).lower(), logging.INFO)
             self._log.log(level, "%s", str(message.params.get("message", ""))[:8192])
         # Other notifications are not part of protocol 1; ignoring them is safe.
 
@@ -302,9 +348,12 @@ class RpcConnection(asyncio.BufferedProtocol):
             frame = encode_request(rid, method, params)
         except TypeError as exc:
             del self._pending[rid]
-            raise PluginCallError(f"plugin {self.plugin_id}: arguments of {method} are not "
-                                  f"JSON values: {exc}", code=INVALID_PARAMS,
-                                  plugin_id=self.plugin_id, method=method) from None
+            raise PluginCallError(
+                f"plugin {self.plugin_id}: arguments of {method} are not JSON values: {exc}",
+                code=INVALID_PARAMS,
+                plugin_id=self.plugin_id,
+                method=method,
+            ) from None
         self._write(frame)
         if timeout is not None:
             self._deadlines[rid] = (self._loop.time() + timeout, future)
@@ -319,9 +368,12 @@ class RpcConnection(asyncio.BufferedProtocol):
             self.notify("sandboxer.cancel", {"id": rid})
             if self._on_cancel_ignored is not None:
                 self._loop.call_later(self._cancel_grace, self._check_cancelled, rid, method)
-            raise CallTimeout(f"plugin {self.plugin_id}: {method} did not answer within "
-                              f"{timeout:g}s", timeout=timeout or 0.0,
-                              plugin_id=self.plugin_id, method=method) from None
+            raise CallTimeout(
+                f"plugin {self.plugin_id}: {method} did not answer within {timeout:g}s",
+                timeout=timeout or 0.0,
+                plugin_id=self.plugin_id,
+                method=method,
+            ) from None
         except asyncio.CancelledError:
             self.notify("sandboxer.cancel", {"id": rid})
             raise

@@ -26,9 +26,20 @@ from ..errors import (
 
 __all__ = [
     "DEFAULT_MAX_FRAME",
-    "PARSE_ERROR", "INVALID_REQUEST", "METHOD_NOT_FOUND", "INVALID_PARAMS", "INTERNAL_ERROR",
-    "LineBuffer", "Request", "Response", "Notification", "parse_message",
-    "encode_request", "encode_notification", "encode_result", "encode_error",
+    "PARSE_ERROR",
+    "INVALID_REQUEST",
+    "METHOD_NOT_FOUND",
+    "INVALID_PARAMS",
+    "INTERNAL_ERROR",
+    "LineBuffer",
+    "Request",
+    "Response",
+    "Notification",
+    "parse_message",
+    "encode_request",
+    "encode_notification",
+    "encode_result",
+    "encode_error",
 ]
 
 # The largest frame either side accepts unless the host config says otherwise
@@ -62,25 +73,24 @@ class LineBuffer:
             return [data[:-1]]  # the common case: exactly one whole frame
         if newline < 0:
             if len(buf) + len(data) > limit:
-                raise ProtocolError(f"more than {limit} bytes without a newline: frame over "
-                                    "the limit")
+                raise ProtocolError(
+                    f"more than {limit} bytes without a newline: frame over the limit"
+                )
             buf += data
             return []
         if buf:
             buf += data[:newline]
             lines = [bytes(buf)]
             buf.clear()
-            lines += data[newline + 1:].split(b"\n")
+            lines += data[newline + 1 :].split(b"\n")
         else:
             lines = data.split(b"\n")
         rest = lines.pop()
         for line in lines:
             if len(line) > limit:
-                raise ProtocolError(f"frame of {len(line)} bytes is over the {limit}-byte "
-                                    "limit")
+                raise ProtocolError(f"frame of {len(line)} bytes is over the {limit}-byte limit")
         if len(rest) > limit:
-            raise ProtocolError(f"more than {limit} bytes without a newline: frame over the "
-                                "limit")
+            raise ProtocolError(f"more than {limit} bytes without a newline: frame over the limit")
         buf += rest
         return lines
 
@@ -136,29 +146,33 @@ def parse_message(line: bytes) -> Message:
             return Request(_check_id(obj["id"]), method, params)
         return Notification(method, params)
     if "id" not in obj:
-        raise ProtocolError("a frame must have a method (request, notification) or an id "
-                            "(response)")
+        raise ProtocolError(
+            "a frame must have a method (request, notification) or an id (response)"
+        )
     has_result, has_error = "result" in obj, "error" in obj
     if has_result == has_error:
-        raise ProtocolError("a response must have exactly one of result and error"
-                            + (", not both" if has_result else ""))
+        raise ProtocolError(
+            "a response must have exactly one of result and error"
+            + (", not both" if has_result else "")
+        )
     rid = obj["id"]
     if rid is not None:
         rid = _check_id(rid)
     if has_error:
         error = obj["error"]
-        if (not isinstance(error, dict) or isinstance(error.get("code"), bool)
-                or not isinstance(error.get("code"), int)
-                or not isinstance(error.get("message"), str)):
-            raise ProtocolError("error must be an object with an integer code and a string "
-                                "message")
+        if (
+            not isinstance(error, dict)
+            or isinstance(error.get("code"), bool)
+            or not isinstance(error.get("code"), int)
+            or not isinstance(error.get("message"), str)
+        ):
+            raise ProtocolError("error must be an object with an integer code and a string message")
         return Response(rid, error=error)
     return Response(rid, result=obj["result"])
 
 
 def encode_request(id: int | str, method: str, params: Any) -> bytes:
-    return _json.dumps({"jsonrpc": "2.0", "id": id, "method": method,
-                        "params": params}) + b"\n"
+    return _json.dumps({"jsonrpc": "2.0", "id": id, "method": method, "params": params}) + b"\n"
 
 
 def encode_notification(method: str, params: Any) -> bytes:

@@ -87,15 +87,27 @@ class Handlers:
 
 
 def _default_error(exc: BaseException, method: str) -> PluginCallError:
-    return PluginCallError(f"{method} raised {type(exc).__name__}: {exc}", code=1,
-                           data={"type": type(exc).__name__, "message": str(exc)})
+    return PluginCallError(
+        f"{method} raised {type(exc).__name__}: {exc}",
+        code=1,
+        data={"type": type(exc).__name__, "message": str(exc)},
+    )
 
 
 class Server:
     """Serves one connection: ``run()`` returns the process exit code to use."""
 
-    def __init__(self, handlers: Handlers, sock: socket.socket, *, cookie: str, name: str,
-                 version: str, max_frame: int = DEFAULT_MAX_FRAME, workers: int = 8) -> None:
+    def __init__(
+        self,
+        handlers: Handlers,
+        sock: socket.socket,
+        *,
+        cookie: str,
+        name: str,
+        version: str,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        workers: int = 8,
+    ) -> None:
         self._handlers = handlers
         self._sock = sock
         self._cookie = cookie
@@ -120,11 +132,11 @@ class Server:
         # method name -> (handler or None, is_async, is_lifecycle), computed once
         self._table: dict[str, tuple[Callable[..., Any] | None, bool, bool]] = {
             name: (fn, inspect.iscoroutinefunction(fn), False)
-            for name, fn in handlers.methods.items()}
+            for name, fn in handlers.methods.items()
+        }
         for wire_name, name in RESERVED.items():
             fn = handlers.lifecycle.get(name)
-            self._table[wire_name] = (fn, fn is not None and inspect.iscoroutinefunction(fn),
-                                      True)
+            self._table[wire_name] = (fn, fn is not None and inspect.iscoroutinefunction(fn), True)
 
     # -- output ------------------------------------------------------------------------------
     def _send(self, frame: bytes) -> None:
@@ -150,8 +162,11 @@ class Server:
         except TypeError as exc:
             frame = encode_error(rid, INTERNAL_ERROR, f"the result is not JSON: {exc}")
         if len(frame) > self._max_frame:
-            frame = encode_error(rid, INTERNAL_ERROR, f"the result is {len(frame)} bytes, over "
-                                 f"the {self._max_frame}-byte frame limit")
+            frame = encode_error(
+                rid,
+                INTERNAL_ERROR,
+                f"the result is {len(frame)} bytes, over the {self._max_frame}-byte frame limit",
+            )
         self._send(frame)
 
     def _reply_error(self, rid: Any, err: PluginCallError) -> None:
@@ -163,16 +178,25 @@ class Server:
 
     # -- handshake ---------------------------------------------------------------------------
     def _handshake(self) -> bool:
-        self._send(encode_request(0, "sandboxer.handshake", {
-            "cookie": self._cookie, "protocols": [PROTOCOL_VERSION],
-            "plugin": {"name": self._name, "version": self._version},
-            "methods": self._handlers.declared(),
-        }))
+        self._send(
+            encode_request(
+                0,
+                "sandboxer.handshake",
+                {
+                    "cookie": self._cookie,
+                    "protocols": [PROTOCOL_VERSION],
+                    "plugin": {"name": self._name, "version": self._version},
+                    "methods": self._handlers.declared(),
+                },
+            )
+        )
         while True:
             data = self._sock.recv(_RECV_SIZE)
             if not data:
-                print("sandboxer: the host closed the connection during the handshake",
-                      file=sys.stderr)
+                print(
+                    "sandboxer: the host closed the connection during the handshake",
+                    file=sys.stderr,
+                )
                 return False
             lines = self._buffer.feed(data)
             if lines:
@@ -182,8 +206,10 @@ class Server:
             print(f"sandboxer: unexpected handshake reply {lines[0][:200]!r}", file=sys.stderr)
             return False
         if message.error is not None:
-            print(f"sandboxer: the host refused the handshake: {message.error.get('message')}",
-                  file=sys.stderr)
+            print(
+                f"sandboxer: the host refused the handshake: {message.error.get('message')}",
+                file=sys.stderr,
+            )
             return False
         # Requests that arrived in the same read as the reply wait for the first worker.
         for line in lines[1:]:
@@ -203,8 +229,13 @@ class Server:
             obj = _json.loads(line)
         except _json.JSONError:
             obj = None
-        if (type(obj) is dict and obj.get("jsonrpc") == "2.0" and type(obj.get("method")) is str
-                and type(obj.get("id")) is int and type(obj.get("params")) is list):
+        if (
+            type(obj) is dict
+            and obj.get("jsonrpc") == "2.0"
+            and type(obj.get("method")) is str
+            and type(obj.get("id")) is int
+            and type(obj.get("params")) is list
+        ):
             return Request(obj["id"], obj["method"], obj["params"])
         try:
             message = parse_message(line)
@@ -228,22 +259,32 @@ class Server:
     def _execute(self, request: Request) -> None:
         method = request.method
         fn, is_async, is_lifecycle = self._table.get(method, (None, False, False))
-        if fn is None and self._handlers.any_method is not None \
-                and not method.startswith("sandboxer."):
+        if (
+            fn is None
+            and self._handlers.any_method is not None
+            and not method.startswith("sandboxer.")
+        ):
             fn = functools.partial(self._handlers.any_method, method)
         params = request.params
         args = tuple(params) if isinstance(params, list) else (() if params is None else None)
         if args is None:
-            self._send(encode_error(request.id, INVALID_PARAMS,
-                                    "params must be an array of positional arguments"))
+            self._send(
+                encode_error(
+                    request.id, INVALID_PARAMS, "params must be an array of positional arguments"
+                )
+            )
             return
         if fn is None:
             # A lifecycle function the plugin lacks is "not implemented" on the wire too
             # (-32601): the host then does no init, counts it healthy, takes no state.
-            self._send(encode_error(request.id, METHOD_NOT_FOUND,
-                                    f"no method {method!r}" + (" (not implemented)"
-                                                               if is_lifecycle else ""),
-                                    {"available": sorted(self._handlers.methods)}))
+            self._send(
+                encode_error(
+                    request.id,
+                    METHOD_NOT_FOUND,
+                    f"no method {method!r}" + (" (not implemented)" if is_lifecycle else ""),
+                    {"available": sorted(self._handlers.methods)},
+                )
+            )
             if method == "sandboxer.shutdown":
                 self._begin_stop()
             return
@@ -292,13 +333,15 @@ class Server:
                 import asyncio  # only plugins with async handlers pay for it at start-up
 
                 loop = asyncio.new_event_loop()
-                threading.Thread(target=loop.run_forever, name="sandboxer-async",
-                                 daemon=True).start()
+                threading.Thread(
+                    target=loop.run_forever, name="sandboxer-async", daemon=True
+                ).start()
                 self._loop = loop
             return self._loop
 
-    def _submit_async(self, request: Request, fn: Callable[..., Any],
-                      args: tuple[Any, ...]) -> None:
+    def _submit_async(
+        self, request: Request, fn: Callable[..., Any], args: tuple[Any, ...]
+    ) -> None:
         loop = self._ensure_loop()
 
         def start() -> None:
@@ -311,8 +354,14 @@ class Server:
     def _async_done(self, request: Request, task: asyncio.Task[Any]) -> None:
         self._tasks.pop(request.id, None)
         if task.cancelled():
-            self._send(encode_error(request.id, INTERNAL_ERROR, f"{request.method} was "
-                                    "cancelled", {"cancelled": True}))
+            self._send(
+                encode_error(
+                    request.id,
+                    INTERNAL_ERROR,
+                    f"{request.method} was cancelled",
+                    {"cancelled": True},
+                )
+            )
             return
         exc = task.exception()
         if exc is not None:
@@ -376,8 +425,10 @@ class Server:
                     try:
                         self._execute(request)
                     except Exception as exc:  # a bug in dispatch must not end the reading
-                        print(f"sandboxer: internal error handling {request.method}: "
-                              f"{exc!r}", file=sys.stderr)
+                        print(
+                            f"sandboxer: internal error handling {request.method}: {exc!r}",
+                            file=sys.stderr,
+                        )
                     if time.monotonic() - started > _SLOW_CALL:
                         slow.add(request.method)
             finally:
@@ -388,8 +439,9 @@ class Server:
     def _hand_off(self, request: Request) -> None:
         with self._pool_lock:
             if self._idle == 0 and len(self._threads) < self._workers:
-                thread = threading.Thread(target=self._worker, daemon=True,
-                                          name=f"sandboxer-worker-{len(self._threads)}")
+                thread = threading.Thread(
+                    target=self._worker, daemon=True, name=f"sandboxer-worker-{len(self._threads)}"
+                )
                 self._threads.append(thread)
                 thread.start()
         self._work.put(request)
@@ -413,8 +465,7 @@ class Server:
         try:
             self._execute(request)
         except Exception as exc:  # a bug in dispatch must not kill the worker silently
-            print(f"sandboxer: internal error handling {request.method}: {exc!r}",
-                  file=sys.stderr)
+            print(f"sandboxer: internal error handling {request.method}: {exc!r}", file=sys.stderr)
 
     def run(self) -> int:
         if not self._handshake():
@@ -435,9 +486,9 @@ def socket_from_env() -> tuple[socket.socket, str]:
     fd_text = os.environ.get("SANDBOXER_RPC_FD")
     cookie = os.environ.get("SANDBOXER_MAGIC_COOKIE")
     if not fd_text or not fd_text.isdigit() or cookie is None:
-        raise RuntimeError("not started by sandboxer: SANDBOXER_RPC_FD and "
-                           "SANDBOXER_MAGIC_COOKIE must be set")
+        raise RuntimeError(
+            "not started by sandboxer: SANDBOXER_RPC_FD and SANDBOXER_MAGIC_COOKIE must be set"
+        )
     sock = socket.socket(fileno=int(fd_text))
     sock.setblocking(True)
     return sock, cookie
-

@@ -11,15 +11,47 @@ import ctypes
 import os
 
 __all__ = [
-    "CLONE_NEWNS", "CLONE_NEWCGROUP", "CLONE_NEWUTS", "CLONE_NEWIPC", "CLONE_NEWUSER",
-    "CLONE_NEWPID", "CLONE_NEWNET",
-    "MS_RDONLY", "MS_NOSUID", "MS_NODEV", "MS_NOEXEC", "MS_REMOUNT", "MS_BIND", "MS_MOVE",
-    "MS_REC", "MS_PRIVATE", "MS_SLAVE", "MNT_DETACH",
-    "MOUNT_ATTR_RDONLY", "MOUNT_ATTR_NOSUID", "MOUNT_ATTR_NODEV", "MOUNT_ATTR_NOEXEC",
-    "RESOLVE_NO_XDEV", "RESOLVE_NO_MAGICLINKS", "RESOLVE_NO_SYMLINKS", "RESOLVE_BENEATH",
-    "unshare", "mount", "umount2", "pivot_root", "mount_setattr", "close_range",
-    "openat2", "open_tree", "move_mount", "mount_setattr_fd", "mount_setattr_idmap",
-    "sethostname", "capset_empty", "capget", "loopback_up",
+    "CLONE_NEWNS",
+    "CLONE_NEWCGROUP",
+    "CLONE_NEWUTS",
+    "CLONE_NEWIPC",
+    "CLONE_NEWUSER",
+    "CLONE_NEWPID",
+    "CLONE_NEWNET",
+    "MS_RDONLY",
+    "MS_NOSUID",
+    "MS_NODEV",
+    "MS_NOEXEC",
+    "MS_REMOUNT",
+    "MS_BIND",
+    "MS_MOVE",
+    "MS_REC",
+    "MS_PRIVATE",
+    "MS_SLAVE",
+    "MNT_DETACH",
+    "MOUNT_ATTR_RDONLY",
+    "MOUNT_ATTR_NOSUID",
+    "MOUNT_ATTR_NODEV",
+    "MOUNT_ATTR_NOEXEC",
+    "RESOLVE_NO_XDEV",
+    "RESOLVE_NO_MAGICLINKS",
+    "RESOLVE_NO_SYMLINKS",
+    "RESOLVE_BENEATH",
+    "unshare",
+    "mount",
+    "umount2",
+    "pivot_root",
+    "mount_setattr",
+    "close_range",
+    "openat2",
+    "open_tree",
+    "move_mount",
+    "mount_setattr_fd",
+    "mount_setattr_idmap",
+    "sethostname",
+    "capset_empty",
+    "capget",
+    "loopback_up",
 ]
 
 if os.uname().machine != "x86_64":  # syscall numbers below are x86-64's
@@ -78,8 +110,12 @@ _libc.syscall.restype = ctypes.c_long
 
 
 class _MountAttr(ctypes.Structure):
-    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
-                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+    _fields_ = [
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    ]
 
 
 def _check(result: int, what: str, path: str | None = None) -> int:
@@ -109,11 +145,15 @@ def unshare(flags: int) -> None:
     _check(_libc.unshare(ctypes.c_int(flags)), "unshare")
 
 
-def mount(source: str | None, target: str, fstype: str | None, flags: int,
-          data: str | None = None) -> None:
+def mount(
+    source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None
+) -> None:
     """mount(2)."""
-    _check(_libc.mount(_b(source), _b(target), _b(fstype), ctypes.c_ulong(flags), _b(data)),
-           "mount", target)
+    _check(
+        _libc.mount(_b(source), _b(target), _b(fstype), ctypes.c_ulong(flags), _b(data)),
+        "mount",
+        target,
+    )
 
 
 def umount2(target: str, flags: int) -> None:
@@ -123,17 +163,29 @@ def umount2(target: str, flags: int) -> None:
 
 def pivot_root(new_root: str, put_old: str) -> None:
     """pivot_root(2)."""
-    _check(_libc.syscall(ctypes.c_long(SYS_pivot_root), _b(new_root), _b(put_old)),
-           "pivot_root", new_root)
+    _check(
+        _libc.syscall(ctypes.c_long(SYS_pivot_root), _b(new_root), _b(put_old)),
+        "pivot_root",
+        new_root,
+    )
 
 
 def mount_setattr(path: str, attr_set: int, *, recursive: bool = True) -> None:
     """mount_setattr(2): set ``attr_set`` on the mount at ``path`` (and every mount below)."""
     attr = _MountAttr(attr_set, 0, 0, 0)
     flags = AT_RECURSIVE if recursive else 0
-    _check(_libc.syscall(ctypes.c_long(SYS_mount_setattr), ctypes.c_int(AT_FDCWD), _b(path),
-                         ctypes.c_uint(flags), ctypes.byref(attr),
-                         ctypes.c_size_t(ctypes.sizeof(attr))), "mount_setattr", path)
+    _check(
+        _libc.syscall(
+            ctypes.c_long(SYS_mount_setattr),
+            ctypes.c_int(AT_FDCWD),
+            _b(path),
+            ctypes.c_uint(flags),
+            ctypes.byref(attr),
+            ctypes.c_size_t(ctypes.sizeof(attr)),
+        ),
+        "mount_setattr",
+        path,
+    )
 
 
 def mount_setattr_fd(fd: int, attr_set: int) -> None:
@@ -141,9 +193,17 @@ def mount_setattr_fd(fd: int, attr_set: int) -> None:
     and every mount below it: ``attr_set``, and private propagation (a clone of a shared mount
     would otherwise stay in its peer group and see the host's mount events)."""
     attr = _MountAttr(attr_set, 0, MS_PRIVATE, 0)
-    _check(_libc.syscall(ctypes.c_long(SYS_mount_setattr), ctypes.c_int(fd), b"",
-                         ctypes.c_uint(AT_EMPTY_PATH | AT_RECURSIVE), ctypes.byref(attr),
-                         ctypes.c_size_t(ctypes.sizeof(attr))), "mount_setattr")
+    _check(
+        _libc.syscall(
+            ctypes.c_long(SYS_mount_setattr),
+            ctypes.c_int(fd),
+            b"",
+            ctypes.c_uint(AT_EMPTY_PATH | AT_RECURSIVE),
+            ctypes.byref(attr),
+            ctypes.c_size_t(ctypes.sizeof(attr)),
+        ),
+        "mount_setattr",
+    )
 
 
 MOUNT_ATTR_IDMAP = 0x00100000
@@ -153,46 +213,81 @@ def mount_setattr_idmap(fd: int, userns_fd: int) -> None:
     """mount_setattr(2) with MOUNT_ATTR_IDMAP on the detached tree ``fd`` (and every mount
     below it): its ids are read through the user namespace ``userns_fd``'s maps."""
     attr = _MountAttr(MOUNT_ATTR_IDMAP, 0, 0, userns_fd)
-    _check(_libc.syscall(ctypes.c_long(SYS_mount_setattr), ctypes.c_int(fd), b"",
-                         ctypes.c_uint(AT_EMPTY_PATH | AT_RECURSIVE), ctypes.byref(attr),
-                         ctypes.c_size_t(ctypes.sizeof(attr))), "mount_setattr")
+    _check(
+        _libc.syscall(
+            ctypes.c_long(SYS_mount_setattr),
+            ctypes.c_int(fd),
+            b"",
+            ctypes.c_uint(AT_EMPTY_PATH | AT_RECURSIVE),
+            ctypes.byref(attr),
+            ctypes.c_size_t(ctypes.sizeof(attr)),
+        ),
+        "mount_setattr",
+    )
 
 
 class _OpenHow(ctypes.Structure):
-    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
-                ("resolve", ctypes.c_uint64)]
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
 
 
 def openat2(dirfd: int, path: str, flags: int, resolve: int) -> int:
     """openat2(2): open ``path`` relative to ``dirfd`` under the ``resolve`` restrictions.
     ``flags`` always gets O_CLOEXEC."""
     how = _OpenHow(flags | os.O_CLOEXEC, 0, resolve)
-    return _check(_libc.syscall(ctypes.c_long(SYS_openat2), ctypes.c_int(dirfd),
-                                os.fsencode(path), ctypes.byref(how),
-                                ctypes.c_size_t(ctypes.sizeof(how))), "openat2", path)
+    return _check(
+        _libc.syscall(
+            ctypes.c_long(SYS_openat2),
+            ctypes.c_int(dirfd),
+            os.fsencode(path),
+            ctypes.byref(how),
+            ctypes.c_size_t(ctypes.sizeof(how)),
+        ),
+        "openat2",
+        path,
+    )
 
 
 def open_tree(fd: int) -> int:
     """open_tree(2) with OPEN_TREE_CLONE | AT_RECURSIVE on what ``fd`` refers to: a detached
     copy of that mount tree, to be attached elsewhere with ``move_mount``. The source must be
     in the caller's mount namespace."""
-    return _check(_libc.syscall(ctypes.c_long(SYS_open_tree), ctypes.c_int(fd), b"",
-                                ctypes.c_uint(OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC
-                                              | AT_EMPTY_PATH | AT_RECURSIVE)), "open_tree")
+    return _check(
+        _libc.syscall(
+            ctypes.c_long(SYS_open_tree),
+            ctypes.c_int(fd),
+            b"",
+            ctypes.c_uint(OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_EMPTY_PATH | AT_RECURSIVE),
+        ),
+        "open_tree",
+    )
 
 
 def move_mount(tree: int, target: int) -> None:
     """move_mount(2): attach the detached tree ``tree`` on the object ``target`` refers to."""
-    _check(_libc.syscall(ctypes.c_long(SYS_move_mount), ctypes.c_int(tree), b"",
-                         ctypes.c_int(target), b"",
-                         ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH)),
-           "move_mount")
+    _check(
+        _libc.syscall(
+            ctypes.c_long(SYS_move_mount),
+            ctypes.c_int(tree),
+            b"",
+            ctypes.c_int(target),
+            b"",
+            ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH),
+        ),
+        "move_mount",
+    )
 
 
 def close_range(first: int, last: int = 0xFFFFFFFF) -> None:
     """close_range(2) with no flags: close every fd from ``first`` to ``last``."""
-    _check(_libc.syscall(ctypes.c_long(SYS_close_range), ctypes.c_uint(first),
-                         ctypes.c_uint(last), ctypes.c_uint(0)), "close_range")
+    _check(
+        _libc.syscall(
+            ctypes.c_long(SYS_close_range),
+            ctypes.c_uint(first),
+            ctypes.c_uint(last),
+            ctypes.c_uint(0),
+        ),
+        "close_range",
+    )
 
 
 class _CapHeader(ctypes.Structure):
@@ -200,8 +295,11 @@ class _CapHeader(ctypes.Structure):
 
 
 class _CapData(ctypes.Structure):
-    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
-                ("inheritable", ctypes.c_uint32)]
+    _fields_ = [
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    ]
 
 
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
@@ -219,8 +317,10 @@ def capget() -> tuple[int, int, int]:
     header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
     data = (_CapData * 2)()
     _check(_libc.capget(ctypes.byref(header), data), "capget")
-    return tuple(data[0].__getattribute__(f) | (data[1].__getattribute__(f) << 32)
-                 for f in ("effective", "permitted", "inheritable"))
+    return tuple(
+        data[0].__getattribute__(f) | (data[1].__getattribute__(f) << 32)
+        for f in ("effective", "permitted", "inheritable")
+    )
 
 
 def sethostname(name: str) -> None:
@@ -238,6 +338,7 @@ def loopback_up() -> None:
     import fcntl
     import socket
     import struct
+
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         request = struct.pack("16sh22x", b"lo", 0)
         flags = struct.unpack("16sh22x", fcntl.ioctl(s, SIOCGIFFLAGS, request))[1]

@@ -30,8 +30,16 @@ from typing import Protocol
 
 from ..errors import SandboxUnavailable
 
-__all__ = ["CgroupLimits", "CgroupStats", "Cgroup", "CgroupBackend", "CgroupV1", "CgroupV2",
-           "detect", "CGROUP2_SUPER_MAGIC"]
+__all__ = [
+    "CgroupLimits",
+    "CgroupStats",
+    "Cgroup",
+    "CgroupBackend",
+    "CgroupV1",
+    "CgroupV2",
+    "detect",
+    "CGROUP2_SUPER_MAGIC",
+]
 
 CGROUP2_SUPER_MAGIC = 0x63677270
 CPU_PERIOD_US = 100_000
@@ -40,8 +48,8 @@ _RMDIR_TRIES = 50
 
 @dataclass(frozen=True, slots=True)
 class CgroupLimits:
-    memory: int           # bytes, swap included
-    cpu: float            # CPUs
+    memory: int  # bytes, swap included
+    cpu: float  # CPUs
     pids: int
 
 
@@ -94,7 +102,9 @@ def _unavailable(what: str, exc: OSError) -> SandboxUnavailable:
     return SandboxUnavailable(
         f"cannot set up the plugin's cgroup ({what}: {exc.strerror}); sandboxer needs write "
         "access to its own cgroup (run as root, or delegate the cgroup to this user, e.g. "
-        "with systemd-run --user --scope -p Delegate=yes)", missing="cgroup")
+        "with systemd-run --user --scope -p Delegate=yes)",
+        missing="cgroup",
+    )
 
 
 def _remove_dir(path: str) -> None:
@@ -150,6 +160,7 @@ def own_cgroups(proc_cgroup: str = "/proc/self/cgroup") -> dict[str, str]:
 
 # -- v1 ------------------------------------------------------------------------------------------
 
+
 class _V1Group:
     def __init__(self, dirs: dict[str, str]) -> None:
         self.dirs = dirs
@@ -171,8 +182,7 @@ class _V1Group:
         oom = _keyed(f"{mem}/memory.oom_control").get("oom_kill", 0)
         usage_ns = int(_read(f"{cpu}/cpuacct.usage"))
         current = int(_read(f"{pids}/pids.current"))
-        return CgroupStats(memory_peak=peak, oom_kills=oom, cpu_time_s=usage_ns / 1e9,
-                           pids=current)
+        return CgroupStats(memory_peak=peak, oom_kills=oom, cpu_time_s=usage_ns / 1e9, pids=current)
 
     def kill(self) -> None:
         _kill_until_empty(f"{self.dirs['pids']}/cgroup.procs")
@@ -197,7 +207,8 @@ class CgroupV1:
             if mount is None or controller not in own:
                 raise SandboxUnavailable(
                     f"the {controller} cgroup controller is not mounted at {root}",
-                    missing=f"cgroup {controller} controller")
+                    missing=f"cgroup {controller} controller",
+                )
             self.bases[controller] = os.path.join(mount, own[controller].lstrip("/"))
 
     @staticmethod
@@ -234,6 +245,7 @@ class CgroupV1:
 
 # -- v2 ------------------------------------------------------------------------------------------
 
+
 class _V2Group:
     def __init__(self, path: str) -> None:
         self.path = path
@@ -251,9 +263,12 @@ class _V2Group:
         except FileNotFoundError:  # memory.peak arrived in Linux 5.19
             peak = None
         usage = _keyed(f"{self.path}/cpu.stat").get("usage_usec")
-        return CgroupStats(memory_peak=peak, oom_kills=events.get("oom_kill", 0),
-                           cpu_time_s=None if usage is None else usage / 1e6,
-                           pids=int(_read(f"{self.path}/pids.current")))
+        return CgroupStats(
+            memory_peak=peak,
+            oom_kills=events.get("oom_kill", 0),
+            cpu_time_s=None if usage is None else usage / 1e6,
+            pids=int(_read(f"{self.path}/pids.current")),
+        )
 
     def kill(self) -> None:
         try:
@@ -272,12 +287,18 @@ class CgroupV2:
     version = 2
     CONTROLLERS = ("memory", "cpu", "pids")
 
-    def __init__(self, root: str = "/sys/fs/cgroup", proc_cgroup: str = "/proc/self/cgroup",
-                 *, pid: int | None = None) -> None:
+    def __init__(
+        self,
+        root: str = "/sys/fs/cgroup",
+        proc_cgroup: str = "/proc/self/cgroup",
+        *,
+        pid: int | None = None,
+    ) -> None:
         own = own_cgroups(proc_cgroup).get("")
         if own is None:
-            raise SandboxUnavailable("this process has no cgroup v2 membership",
-                                     missing="cgroup v2")
+            raise SandboxUnavailable(
+                "this process has no cgroup v2 membership", missing="cgroup v2"
+            )
         self.parent = os.path.join(root, own.lstrip("/"))
         self.base = self.parent
         self._pid = os.getpid() if pid is None else pid
@@ -291,7 +312,8 @@ class CgroupV2:
             raise SandboxUnavailable(
                 f"the cgroup {self.parent} has no {', '.join(missing)} controller delegated "
                 "to it; delegate them (systemd: Delegate=yes) or run as root",
-                missing=f"cgroup {missing[0]} controller")
+                missing=f"cgroup {missing[0]} controller",
+            )
         enable = " ".join(f"+{c}" for c in self.CONTROLLERS)
         try:
             _write(f"{self.parent}/cgroup.subtree_control", enable)

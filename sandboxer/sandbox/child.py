@@ -96,8 +96,9 @@ class LineLog:
         if self._tokens >= 1:
             self._tokens -= 1
             if self.dropped:
-                self._log.log(self._level, "[%s] (%d lines not logged: output flood)",
-                              self.name, self.dropped)
+                self._log.log(
+                    self._level, "[%s] (%d lines not logged: output flood)", self.name, self.dropped
+                )
                 self.dropped = 0
             self._log.log(self._level, "[%s] %s", self.name, text)
         else:
@@ -107,8 +108,16 @@ class LineLog:
 class OutputCapture(LineLog):
     """Reads one of the plugin's output pipes into a ``LineLog``."""
 
-    def __init__(self, fd: int, *, name: str, logger: logging.Logger, level: int,
-                 tail: int = 50, sink: Callable[[bytes], None] | None = None) -> None:
+    def __init__(
+        self,
+        fd: int,
+        *,
+        name: str,
+        logger: logging.Logger,
+        level: int,
+        tail: int = 50,
+        sink: Callable[[bytes], None] | None = None,
+    ) -> None:
         super().__init__(name=name, logger=logger, level=level, tail=tail)
         self.fd = fd
         self._sink = sink
@@ -148,19 +157,27 @@ class OutputCapture(LineLog):
 class PluginProcess:
     """A spawned plugin process: its pid, exit status, and captured stdout/stderr."""
 
-    def __init__(self, pid: int, stdout: int, stderr: int, *, logger: logging.Logger,
-                 sinks: tuple[Callable[[bytes], None], Callable[[bytes], None]] | None = None
-                 ) -> None:
+    def __init__(
+        self,
+        pid: int,
+        stdout: int,
+        stderr: int,
+        *,
+        logger: logging.Logger,
+        sinks: tuple[Callable[[bytes], None], Callable[[bytes], None]] | None = None,
+    ) -> None:
         self.pid = pid
         self._loop = asyncio.get_running_loop()
         self._pidfd = os.pidfd_open(pid)
         self.returncode: int | None = None
         self.exited: asyncio.Future[int] = self._loop.create_future()
         out_sink, err_sink = sinks or (None, None)
-        self.stdout = OutputCapture(stdout, name="stdout", logger=logger, level=logging.INFO,
-                                    sink=out_sink)
-        self.stderr = OutputCapture(stderr, name="stderr", logger=logger, level=logging.WARNING,
-                                    sink=err_sink)
+        self.stdout = OutputCapture(
+            stdout, name="stdout", logger=logger, level=logging.INFO, sink=out_sink
+        )
+        self.stderr = OutputCapture(
+            stderr, name="stderr", logger=logger, level=logging.WARNING, sink=err_sink
+        )
         self._loop.add_reader(self._pidfd, self._reap)
 
     def _reap(self) -> None:
@@ -258,11 +275,18 @@ def _high_cloexec(fd: int) -> int:
     return moved
 
 
-def spawn(argv: list[str], env: dict[str, str], *, rpc_fd: int, logger: logging.Logger,
-          extra_fds: dict[int, int] | None = None,
-          sinks: tuple[Callable[[bytes], None], Callable[[bytes], None]] | None = None,
-          executable: str | None = None, stdin: int | None = None,
-          owner: tuple[int, int] | None = None) -> PluginProcess:
+def spawn(
+    argv: list[str],
+    env: dict[str, str],
+    *,
+    rpc_fd: int,
+    logger: logging.Logger,
+    extra_fds: dict[int, int] | None = None,
+    sinks: tuple[Callable[[bytes], None], Callable[[bytes], None]] | None = None,
+    executable: str | None = None,
+    stdin: int | None = None,
+    owner: tuple[int, int] | None = None,
+) -> PluginProcess:
     """Start ``argv`` (argv[0] an absolute path, unless ``executable`` names the program)
     with ``rpc_fd`` as its fd 3 and each ``extra_fds`` source at its target number (4 and
     up); ``stdin`` (checked by ``check_stdin``) as its fd 0, else /dev/null.
@@ -284,8 +308,10 @@ def spawn(argv: list[str], env: dict[str, str], *, rpc_fd: int, logger: logging.
         for fd in (out_w, err_w, *((stdin,) if stdin is not None and _is_pipe(stdin) else ())):
             os.fchown(fd, *owner)
     rpc_copy = fcntl.fcntl(rpc_fd, fcntl.F_DUPFD_CLOEXEC, _MIN_FD)
-    extra = {target: fcntl.fcntl(source, fcntl.F_DUPFD_CLOEXEC, _MIN_FD)
-             for target, source in (extra_fds or {}).items()}
+    extra = {
+        target: fcntl.fcntl(source, fcntl.F_DUPFD_CLOEXEC, _MIN_FD)
+        for target, source in (extra_fds or {}).items()
+    }
     if stdin is not None:
         extra[0] = fcntl.fcntl(stdin, fcntl.F_DUPFD_CLOEXEC, _MIN_FD)
     try:
@@ -297,10 +323,10 @@ def spawn(argv: list[str], env: dict[str, str], *, rpc_fd: int, logger: logging.
         ] + [(os.POSIX_SPAWN_DUP2, source, target) for target, source in extra.items()]
         # Whatever the supervisor's host application left inheritable must not reach the
         # plugin: close every such fd in the child (targets 0-5 are set above).
-        actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in _inheritable_fds()
-                    if fd > max([RPC_FD, *extra])]
-        pid = os.posix_spawn(executable or argv[0], argv, env, file_actions=actions,
-                             setsid=True)
+        actions += [
+            (os.POSIX_SPAWN_CLOSE, fd) for fd in _inheritable_fds() if fd > max([RPC_FD, *extra])
+        ]
+        pid = os.posix_spawn(executable or argv[0], argv, env, file_actions=actions, setsid=True)
     except BaseException:
         for fd in (out_r, err_r):
             os.close(fd)
@@ -317,6 +343,7 @@ _PIPEFS_MAGIC = 0x50495045
 def _is_pipe(fd: int) -> bool:
     """An anonymous pipe (pipefs): a named FIFO or a file is never given away."""
     import ctypes
+
     buf = (ctypes.c_long * 16)()
     libc = ctypes.CDLL(None, use_errno=True)
     return libc.fstatfs(ctypes.c_int(fd), buf) == 0 and buf[0] == _PIPEFS_MAGIC
@@ -332,13 +359,22 @@ def check_stdin(fd: int) -> None:
         flags = fcntl.fcntl(fd, fcntl.F_GETFL)
         mode = os.fstat(fd).st_mode
     except OSError as exc:
-        raise PluginLoadError(f"standard input (fd {fd}) cannot be passed to the sandbox: "
-                              f"{exc.strerror}") from None
-    if flags & os.O_PATH or not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
-                                 or stat.S_ISREG(mode) or stat.S_ISCHR(mode)):
-        kind = "a directory" if stat.S_ISDIR(mode) else (
-            "an O_PATH fd" if flags & os.O_PATH else "neither a pipe, a socket, a file nor "
-            "a terminal")
+        raise PluginLoadError(
+            f"standard input (fd {fd}) cannot be passed to the sandbox: {exc.strerror}"
+        ) from None
+    if flags & os.O_PATH or not (
+        stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISREG(mode) or stat.S_ISCHR(mode)
+    ):
+        kind = (
+            "a directory"
+            if stat.S_ISDIR(mode)
+            else (
+                "an O_PATH fd"
+                if flags & os.O_PATH
+                else "neither a pipe, a socket, a file nor a terminal"
+            )
+        )
         raise PluginLoadError(
             f"standard input is {kind}: passing it into the sandbox would hand the program "
-            "a way out of it; give a file's contents (< FILE) or a pipe instead")
+            "a way out of it; give a file's contents (< FILE) or a pipe instead"
+        )

@@ -35,8 +35,14 @@ class Confinement:
     proxy endpoint. ``release()`` (idempotent) kills anything left in the cgroup, removes it,
     closes the endpoint, frees the uid."""
 
-    def __init__(self, cgroup: Cgroup | None, host_uid: int, memory_limit: int,
-                 fallbacks: tuple[str, ...] = (), egress: EgressEndpoint | None = None) -> None:
+    def __init__(
+        self,
+        cgroup: Cgroup | None,
+        host_uid: int,
+        memory_limit: int,
+        fallbacks: tuple[str, ...] = (),
+        egress: EgressEndpoint | None = None,
+    ) -> None:
         self.cgroup = cgroup
         self.egress = egress
         self.fallbacks = fallbacks
@@ -84,10 +90,17 @@ class Confinement:
 
 
 async def launch_confined(
-        spec: LaunchSpec, *, backend: CgroupBackend, rpc_fd: int, logger: logging.Logger,
-        sinks: tuple[Callable[[bytes], None], Callable[[bytes], None]] | None = None,
-        fallbacks: tuple[str, ...] = (), egress: EgressProxy | None = None,
-        plugin_id: str = "-", setup_timeout: float = SETUP_TIMEOUT, stdin: int | None = None,
+    spec: LaunchSpec,
+    *,
+    backend: CgroupBackend,
+    rpc_fd: int,
+    logger: logging.Logger,
+    sinks: tuple[Callable[[bytes], None], Callable[[bytes], None]] | None = None,
+    fallbacks: tuple[str, ...] = (),
+    egress: EgressProxy | None = None,
+    plugin_id: str = "-",
+    setup_timeout: float = SETUP_TIMEOUT,
+    stdin: int | None = None,
 ) -> tuple[child.PluginProcess, Confinement]:
     """``start.launch`` inside a fresh cgroup limited as ``spec.sandbox`` says, and, when it lists
     allowed hosts, with an endpoint of ``egress`` (the proxy's socket bound in, the proxy
@@ -100,13 +113,23 @@ async def launch_confined(
     if network_mode(sandbox) == "proxy" and egress is not None:  # without one, launch refuses
         endpoint = egress.endpoint(plugin_id, sandbox.allowed_hosts)
         spec = dataclasses.replace(
-            spec, env={**spec.env, **proxy_environment()},
-            mounts=(*spec.mounts, Mount(endpoint.socket_path, EGRESS_SOCKET, exec=False)))
+            spec,
+            env={**spec.env, **proxy_environment()},
+            mounts=(*spec.mounts, Mount(endpoint.socket_path, EGRESS_SOCKET, exec=False)),
+        )
     try:
-        return await _launch_in_cgroup(spec, backend=backend, rpc_fd=rpc_fd, logger=logger,
-                                       sinks=sinks, fallbacks=fallbacks, egress=endpoint,
-                                       setup_timeout=setup_timeout, plugin_id=plugin_id,
-                                       stdin=stdin)
+        return await _launch_in_cgroup(
+            spec,
+            backend=backend,
+            rpc_fd=rpc_fd,
+            logger=logger,
+            sinks=sinks,
+            fallbacks=fallbacks,
+            egress=endpoint,
+            setup_timeout=setup_timeout,
+            plugin_id=plugin_id,
+            stdin=stdin,
+        )
     except BaseException:
         if endpoint is not None:
             endpoint.close()
@@ -114,14 +137,22 @@ async def launch_confined(
 
 
 async def _launch_in_cgroup(
-        spec: LaunchSpec, *, backend: CgroupBackend, rpc_fd: int, logger: logging.Logger,
-        sinks: tuple[Callable[[bytes], None], Callable[[bytes], None]] | None,
-        fallbacks: tuple[str, ...], egress: EgressEndpoint | None, setup_timeout: float,
-        plugin_id: str, stdin: int | None,
+    spec: LaunchSpec,
+    *,
+    backend: CgroupBackend,
+    rpc_fd: int,
+    logger: logging.Logger,
+    sinks: tuple[Callable[[bytes], None], Callable[[bytes], None]] | None,
+    fallbacks: tuple[str, ...],
+    egress: EgressEndpoint | None,
+    setup_timeout: float,
+    plugin_id: str,
+    stdin: int | None,
 ) -> tuple[child.PluginProcess, Confinement]:
     sandbox = spec.sandbox
-    limits = CgroupLimits(memory=sandbox.memory_limit, cpu=sandbox.cpu_limit,
-                          pids=sandbox.pids_limit)
+    limits = CgroupLimits(
+        memory=sandbox.memory_limit, cpu=sandbox.cpu_limit, pids=sandbox.pids_limit
+    )
     # A path that cannot be opened: no cgroup
     sources = Sources(spec, plugin_id=plugin_id, fallbacks=fallbacks)
     try:
@@ -130,26 +161,50 @@ async def _launch_in_cgroup(
         if "rlimit" not in fallbacks or not exc.missing.startswith("cgroup"):
             sources.discard()
             raise
-        logger.warning("no cgroup (%s): falling back to RLIMIT_AS as the host policy allows; "
-                       "CPU and process limits are not enforced", exc)
+        logger.warning(
+            "no cgroup (%s): falling back to RLIMIT_AS as the host policy allows; "
+            "CPU and process limits are not enforced",
+            exc,
+        )
         spec = dataclasses.replace(spec, address_space_limit=sandbox.memory_limit)
-        proc, uid = await launch(spec, rpc_fd=rpc_fd, logger=logger, sinks=sinks, egress=egress,
-                                 setup_timeout=setup_timeout, sources=sources, stdin=stdin)
-        return proc, Confinement(None, uid, sandbox.memory_limit,
-                                 fallbacks=("rlimit", *sorted(sources.fallbacks)), egress=egress)
+        proc, uid = await launch(
+            spec,
+            rpc_fd=rpc_fd,
+            logger=logger,
+            sinks=sinks,
+            egress=egress,
+            setup_timeout=setup_timeout,
+            sources=sources,
+            stdin=stdin,
+        )
+        return proc, Confinement(
+            None,
+            uid,
+            sandbox.memory_limit,
+            fallbacks=("rlimit", *sorted(sources.fallbacks)),
+            egress=egress,
+        )
     except BaseException:
         sources.discard()
         raise
     try:
-        proc, uid = await launch(spec, rpc_fd=rpc_fd, logger=logger,
-                                 on_spawn=lambda pid: _off_loop(group.add, pid),
-                                 sinks=sinks, egress=egress, setup_timeout=setup_timeout,
-                                 sources=sources, stdin=stdin)
+        proc, uid = await launch(
+            spec,
+            rpc_fd=rpc_fd,
+            logger=logger,
+            on_spawn=lambda pid: _off_loop(group.add, pid),
+            sinks=sinks,
+            egress=egress,
+            setup_timeout=setup_timeout,
+            sources=sources,
+            stdin=stdin,
+        )
     except BaseException:
         await _off_loop(group.remove)
         raise
-    return proc, Confinement(group, uid, sandbox.memory_limit, egress=egress,
-                             fallbacks=tuple(sorted(sources.fallbacks)))
+    return proc, Confinement(
+        group, uid, sandbox.memory_limit, egress=egress, fallbacks=tuple(sorted(sources.fallbacks))
+    )
 
 
 # cgroup writes can take milliseconds (a v1 migration waits for RCU in every hierarchy):
@@ -167,4 +222,3 @@ async def _off_loop(function: Callable[..., T], *args: Any) -> T:
     """``function(*args)`` on a worker thread; it finishes even if the caller is cancelled
     (a cgroup half made or half removed is worse than a late one)."""
     return await asyncio.shield(asyncio.to_thread(function, *args))
-

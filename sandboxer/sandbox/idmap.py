@@ -40,10 +40,12 @@ __all__ = ["userns_mapping", "idmap_tree", "owned_tree", "FALLBACK"]
 
 FALLBACK = "rw-without-idmap"
 # The helper: a new user namespace, "ok" on stdout, then wait for stdin to close.
-_HELPER = ("import ctypes, os\n"
-           "ok = ctypes.CDLL(None, use_errno=True).unshare(0x10000000) == 0\n"
-           "os.write(1, b'ok' if ok else b'no')\n"
-           "os.read(0, 1)\n")
+_HELPER = (
+    "import ctypes, os\n"
+    "ok = ctypes.CDLL(None, use_errno=True).unshare(0x10000000) == 0\n"
+    "os.write(1, b'ok' if ok else b'no')\n"
+    "os.read(0, 1)\n"
+)
 _HELPER_TIMEOUT = 10.0
 
 
@@ -78,22 +80,29 @@ def userns_mapping(uid: tuple[int, int], gid: tuple[int, int]) -> int:
     stdout_r, stdout_w = os.pipe2(os.O_CLOEXEC)
     python = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
     try:
-        pid = os.posix_spawn(python, [python, "-I", "-S", "-c", _HELPER], {},
-                             file_actions=[(os.POSIX_SPAWN_DUP2, stdin_r, 0),
-                                           (os.POSIX_SPAWN_DUP2, stdout_w, 1)])
+        pid = os.posix_spawn(
+            python,
+            [python, "-I", "-S", "-c", _HELPER],
+            {},
+            file_actions=[(os.POSIX_SPAWN_DUP2, stdin_r, 0), (os.POSIX_SPAWN_DUP2, stdout_w, 1)],
+        )
     except OSError as exc:
         for fd in (stdin_r, stdin_w, stdout_r, stdout_w):
             os.close(fd)
-        raise SandboxUnavailable(f"cannot start the helper that makes an idmapping: "
-                                 f"{exc.strerror}", missing="idmapped mounts") from None
+        raise SandboxUnavailable(
+            f"cannot start the helper that makes an idmapping: {exc.strerror}",
+            missing="idmapped mounts",
+        ) from None
     os.close(stdin_r)
     os.close(stdout_w)
     try:
         ready, _, _ = select.select([stdout_r], [], [], _HELPER_TIMEOUT)
         said = os.read(stdout_r, 2) if ready else b""
         if said != b"ok":
-            raise SandboxUnavailable("cannot make a user namespace for an idmapped mount "
-                                     f"(the helper said {said!r})", missing="idmapped mounts")
+            raise SandboxUnavailable(
+                f"cannot make a user namespace for an idmapped mount (the helper said {said!r})",
+                missing="idmapped mounts",
+            )
         try:
             with open(f"/proc/{pid}/uid_map", "w") as f:
                 f.write(shifted_identity(*uid))
@@ -101,16 +110,18 @@ def userns_mapping(uid: tuple[int, int], gid: tuple[int, int]) -> int:
                 f.write(shifted_identity(*gid))
             return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
-            raise SandboxUnavailable(f"cannot write the idmapping {uid}/{gid}: "
-                                     f"{exc.strerror}", missing="idmapped mounts") from None
+            raise SandboxUnavailable(
+                f"cannot write the idmapping {uid}/{gid}: {exc.strerror}", missing="idmapped mounts"
+            ) from None
     finally:
         os.close(stdin_w)  # the helper reads EOF and exits
         os.close(stdout_r)
         os.waitpid(pid, 0)
 
 
-def idmap_tree(tree: int, *, owner: tuple[int, int], outside: tuple[int, int],
-               path: str, plugin_id: str | None) -> None:
+def idmap_tree(
+    tree: int, *, owner: tuple[int, int], outside: tuple[int, int], path: str, plugin_id: str | None
+) -> None:
     """Idmap the detached mount ``tree`` (of the grant at ``path``, owned on disk by
     ``owner``) so that the owner's ids stand for ``outside``. SandboxUnavailable naming the
     path, its owner, the ids and the way out when the filesystem cannot be idmapped."""
@@ -124,23 +135,35 @@ def idmap_tree(tree: int, *, owner: tuple[int, int], outside: tuple[int, int],
             f"as its owner: this filesystem or kernel cannot make idmapped mounts "
             f"({exc.strerror}); grant a directory on ext4, xfs or btrfs (tmpfs from Linux "
             f"6.3), or let the plugin write as its own uid: make {path} writable by uid "
-            f"{outside[0]} and add \"{FALLBACK}\" to fallbacks under [host] in the host config",
-            missing="idmapped mounts") from None
+            f'{outside[0]} and add "{FALLBACK}" to fallbacks under [host] in the host config',
+            missing="idmapped mounts",
+        ) from None
     finally:
         os.close(userns)
 
 
-def owned_tree(source: int, *, path: str, outside: tuple[int, int],
-               owner: tuple[int, int] | None, fallbacks: tuple[str, ...],
-               plugin_id: str | None) -> tuple[int, bool]:
+def owned_tree(
+    source: int,
+    *,
+    path: str,
+    outside: tuple[int, int],
+    owner: tuple[int, int] | None,
+    fallbacks: tuple[str, ...],
+    plugin_id: str | None,
+) -> tuple[int, bool]:
     """A detached copy of the writable grant ``source`` (an fd of it) through which
     ``outside`` writes as ``owner`` (default: the grant's own owner), and whether the policy's
     fallback was taken instead (the copy then plain: ``outside`` writes as itself)."""
     st = os.fstat(source)
     tree = sc.open_tree(source)
     try:
-        idmap_tree(tree, owner=owner or (st.st_uid, st.st_gid), outside=outside, path=path,
-                   plugin_id=plugin_id)
+        idmap_tree(
+            tree,
+            owner=owner or (st.st_uid, st.st_gid),
+            outside=outside,
+            path=path,
+            plugin_id=plugin_id,
+        )
     except SandboxUnavailable:
         if FALLBACK not in fallbacks:
             os.close(tree)

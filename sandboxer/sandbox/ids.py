@@ -34,8 +34,9 @@ class HostIds:
     """Allocates host uids from ``[first, first + count)``, host-wide through lock files in
     ``lock_dir``. Thread-safe; ``release`` is idempotent."""
 
-    def __init__(self, first: int = FIRST_UID, count: int = UID_COUNT,
-                 lock_dir: str = LOCK_DIR) -> None:
+    def __init__(
+        self, first: int = FIRST_UID, count: int = UID_COUNT, lock_dir: str = LOCK_DIR
+    ) -> None:
         self.first, self.count, self.lock_dir = first, count, lock_dir
         self._held: dict[int, int] = {}  # uid -> the fd holding its lock
         self._mutex = threading.Lock()
@@ -52,21 +53,23 @@ class HostIds:
             except OSError as exc:
                 raise self._unavailable(f"cannot create {path}: {exc.strerror}") from None
         try:
-            fd = os.open(self.lock_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
-                         | os.O_CLOEXEC)
+            fd = os.open(self.lock_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError as exc:
             raise self._unavailable(f"cannot open {self.lock_dir}: {exc.strerror}") from None
         st = os.fstat(fd)
         if st.st_uid != 0 or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
             os.close(fd)
-            raise self._unavailable(f"{self.lock_dir} must be owned by root and writable by "
-                                    f"no one else (owner uid {st.st_uid}, mode "
-                                    f"{stat.filemode(st.st_mode)})")
+            raise self._unavailable(
+                f"{self.lock_dir} must be owned by root and writable by "
+                f"no one else (owner uid {st.st_uid}, mode "
+                f"{stat.filemode(st.st_mode)})"
+            )
         return fd
 
     def _unavailable(self, why: str) -> SandboxUnavailable:
-        return SandboxUnavailable(f"no host uid for the sandbox: {why}",
-                                  missing="host uid lock directory")
+        return SandboxUnavailable(
+            f"no host uid for the sandbox: {why}", missing="host uid lock directory"
+        )
 
     def acquire(self) -> int:
         with self._mutex:
@@ -75,8 +78,12 @@ class HostIds:
                 for uid in range(self.first, self.first + self.count):
                     if uid in self._held:
                         continue
-                    fd = os.open(str(uid), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW
-                                 | os.O_CLOEXEC, 0o600, dir_fd=directory)
+                    fd = os.open(
+                        str(uid),
+                        os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                        0o600,
+                        dir_fd=directory,
+                    )
                     try:
                         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     except OSError as exc:
@@ -88,8 +95,10 @@ class HostIds:
                     return uid
             finally:
                 os.close(directory)
-        raise SandboxUnavailable(f"all {self.count} sandbox uids from {self.first} are in use "
-                                 "on this host", missing="free sandbox uid")
+        raise SandboxUnavailable(
+            f"all {self.count} sandbox uids from {self.first} are in use on this host",
+            missing="free sandbox uid",
+        )
 
     def release(self, uid: int) -> None:
         with self._mutex:

@@ -124,19 +124,35 @@ PR_SET_SECUREBITS = 28
 SECUREBITS_LOCKED = 0x01 | 0x02 | 0x04 | 0x08 | 0x20 | 0x40 | 0x80
 CAP_LAST_CAP_PATH = "/proc/sys/kernel/cap_last_cap"
 
-NAMESPACES = (sc.CLONE_NEWUSER | sc.CLONE_NEWNS | sc.CLONE_NEWPID | sc.CLONE_NEWNET
-              | sc.CLONE_NEWIPC | sc.CLONE_NEWUTS | sc.CLONE_NEWCGROUP)
+NAMESPACES = (
+    sc.CLONE_NEWUSER
+    | sc.CLONE_NEWNS
+    | sc.CLONE_NEWPID
+    | sc.CLONE_NEWNET
+    | sc.CLONE_NEWIPC
+    | sc.CLONE_NEWUTS
+    | sc.CLONE_NEWCGROUP
+)
 
 
 def _libc_prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg2), ctypes.c_ulong(arg3),
-                  ctypes.c_ulong(arg4), ctypes.c_ulong(arg5)) != 0:
+    if (
+        libc.prctl(
+            ctypes.c_int(option),
+            ctypes.c_ulong(arg2),
+            ctypes.c_ulong(arg3),
+            ctypes.c_ulong(arg4),
+            ctypes.c_ulong(arg5),
+        )
+        != 0
+    ):
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
 
 
 # -- steps in the launcher (outside the pid namespace) ------------------------------------------
+
 
 def read_spec() -> dict[str, Any]:
     with step(Step.SPEC):
@@ -159,8 +175,10 @@ def receive_sources(spec: dict[str, Any]) -> list[int]:
             while len(fds) < spec["fd_count"]:
                 data, got, _, _ = socket.recv_fds(status, 1, 253, socket.MSG_CMSG_CLOEXEC)
                 if not data:
-                    raise SetupFailed(Step.SOURCES, f"the supervisor sent {len(fds)} of "
-                                                    f"{spec['fd_count']} sources")
+                    raise SetupFailed(
+                        Step.SOURCES,
+                        f"the supervisor sent {len(fds)} of {spec['fd_count']} sources",
+                    )
                 fds += got
     finally:
         status.detach()
@@ -266,15 +284,20 @@ def proxy(child: int, exit_pipe: int) -> None:
 
 # -- steps in the plugin process (after pivot_root), in order, seccomp last -----------------
 
+
 def set_hostname(spec: dict[str, Any]) -> None:
     with step(Step.HOSTNAME):
         sc.sethostname(spec["hostname"])
 
 
 def set_rlimits(spec: dict[str, Any]) -> None:
-    names = {"core": resource.RLIMIT_CORE, "nofile": resource.RLIMIT_NOFILE,
-             "fsize": resource.RLIMIT_FSIZE, "nproc": resource.RLIMIT_NPROC,
-             "as": resource.RLIMIT_AS}
+    names = {
+        "core": resource.RLIMIT_CORE,
+        "nofile": resource.RLIMIT_NOFILE,
+        "fsize": resource.RLIMIT_FSIZE,
+        "nproc": resource.RLIMIT_NPROC,
+        "as": resource.RLIMIT_AS,
+    }
     for name, value in spec["rlimits"].items():
         with step(Step.RLIMITS, name):
             _, hard = resource.getrlimit(names[name])
@@ -351,8 +374,16 @@ def load_seccomp(spec: dict[str, Any]) -> None:
     with step(Step.SECCOMP):
         prog = SockFprog(len(program) // 8, program)
         libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(ctypes.c_int(22), ctypes.c_ulong(2), ctypes.byref(prog),
-                      ctypes.c_ulong(0), ctypes.c_ulong(0)) != 0:  # PR_SET_SECCOMP, FILTER
+        if (
+            libc.prctl(
+                ctypes.c_int(22),
+                ctypes.c_ulong(2),
+                ctypes.byref(prog),
+                ctypes.c_ulong(0),
+                ctypes.c_ulong(0),
+            )
+            != 0
+        ):  # PR_SET_SECCOMP, FILTER
             err = ctypes.get_errno()
             raise OSError(err, os.strerror(err))
 
@@ -366,6 +397,7 @@ def exec_plugin(spec: dict[str, Any]) -> None:
 
 
 # -- the three processes ----------------------------------------------------------------------
+
 
 def plugin_process(spec: dict[str, Any]) -> None:
     set_hostname(spec)
@@ -417,8 +449,13 @@ def serve_as_pid1(plugin: int, exit_pipe: int) -> None:
                 return
 
 
-def pid1(spec: dict[str, Any], exit_pipe: int, sources: list[int], mounts: list[int],
-         copies: list[tuple[str, list[Entry]]]) -> None:
+def pid1(
+    spec: dict[str, Any],
+    exit_pipe: int,
+    sources: list[int],
+    mounts: list[int],
+    copies: list[tuple[str, list[Entry]]],
+) -> None:
     _libc_prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # die with the launcher
     # Python's SIGINT handler would turn the plugin's `kill -INT 1` into a KeyboardInterrupt:
     # at its default action the kernel never delivers it to a namespace's init from inside.

@@ -30,15 +30,28 @@ else:
     import _syscalls as sc
     from launcher_steps import SetupFailed, Step, step
 
-__all__ = ["NEW_ROOT", "open_inside", "mount_trees", "open_copies", "build_root", "mount_tmp",
-           "copy_trees", "bind_paths", "mount_proc", "build_dev", "mask_denied",
-           "write_files", "pivot"]
+__all__ = [
+    "NEW_ROOT",
+    "open_inside",
+    "mount_trees",
+    "open_copies",
+    "build_root",
+    "mount_tmp",
+    "copy_trees",
+    "bind_paths",
+    "mount_proc",
+    "build_dev",
+    "mask_denied",
+    "write_files",
+    "pivot",
+]
 
 NEW_ROOT = "/tmp"  # the new root is a tmpfs mounted over /tmp in the private mount namespace
 
 
 # -- steps before pivot_root: the sources made ready in the launcher (mount_trees,
 # open_copies), the new root built in PID 1 (the rest) ------------------------------------
+
 
 def _mkdirs(path: str) -> None:
     os.makedirs(path, mode=0o755, exist_ok=True)
@@ -65,8 +78,14 @@ def open_inside(path: str, *, create: bool | None = None) -> int | None:
                     os.close(current)
                     return None
                 if last and create is False:
-                    os.close(os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                                     | os.O_CLOEXEC, 0o644, dir_fd=current))
+                    os.close(
+                        os.open(
+                            part,
+                            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                            0o644,
+                            dir_fd=current,
+                        )
+                    )
                 else:
                     os.mkdir(part, 0o755, dir_fd=current)
                 following = os.open(part, _PATH_NOFOLLOW, dir_fd=current)
@@ -74,10 +93,11 @@ def open_inside(path: str, *, create: bool | None = None) -> int | None:
             current = following
             mode = os.fstat(current).st_mode
             if stat.S_ISLNK(mode):
-                raise OSError(errno.ELOOP, "a symbolic link is in the way",
-                              "/" + "/".join(parts[:i + 1]))
+                raise OSError(
+                    errno.ELOOP, "a symbolic link is in the way", "/" + "/".join(parts[: i + 1])
+                )
             if not last and not stat.S_ISDIR(mode):
-                raise OSError(errno.ENOTDIR, "not a directory", "/" + "/".join(parts[:i + 1]))
+                raise OSError(errno.ENOTDIR, "not a directory", "/" + "/".join(parts[: i + 1]))
         return current
     except BaseException:
         os.close(current)
@@ -110,13 +130,20 @@ def mount_trees(spec: dict[str, Any], fds: list[int]) -> list[int]:
     for bind in spec["binds"]:
         source = fds[bind["fd"]]
         with step(Step.BIND, bind["host_path"]):
-            here = sc.openat2(sc.AT_FDCWD, bind["host_path"], os.O_PATH,
-                              sc.RESOLVE_NO_SYMLINKS | sc.RESOLVE_NO_MAGICLINKS)
+            here = sc.openat2(
+                sc.AT_FDCWD,
+                bind["host_path"],
+                os.O_PATH,
+                sc.RESOLVE_NO_SYMLINKS | sc.RESOLVE_NO_MAGICLINKS,
+            )
             try:
                 mine, theirs = os.fstat(here), os.fstat(source)
                 if (mine.st_dev, mine.st_ino) != (theirs.st_dev, theirs.st_ino):
-                    raise SetupFailed(Step.BIND, "the path was replaced after the supervisor "
-                                                 "opened it", bind["host_path"])
+                    raise SetupFailed(
+                        Step.BIND,
+                        "the path was replaced after the supervisor opened it",
+                        bind["host_path"],
+                    )
                 trees.append(sc.open_tree(here))
             finally:
                 os.close(here)
@@ -127,8 +154,7 @@ def _same_inode(fd: int, expected: os.stat_result, rel: str) -> None:
     st = os.fstat(fd)
     if (st.st_dev, st.st_ino) != (expected.st_dev, expected.st_ino):
         os.close(fd)
-        raise SetupFailed(Step.COPY, "it changed while the plugin directory was being copied",
-                          rel)
+        raise SetupFailed(Step.COPY, "it changed while the plugin directory was being copied", rel)
 
 
 def _walk_copy(dir_fd: int, prefix: str, entries: list[Entry], limit: int) -> None:
@@ -144,8 +170,9 @@ def _walk_copy(dir_fd: int, prefix: str, entries: list[Entry], limit: int) -> No
         if stat.S_ISLNK(st.st_mode):
             entries.append((rel, "l", 0, os.readlink(name, dir_fd=dir_fd)))
         elif stat.S_ISDIR(st.st_mode):
-            sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                          dir_fd=dir_fd)
+            sub = os.open(
+                name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd
+            )
             _same_inode(sub, st, rel)
             try:
                 entries.append((rel, "d", mode, ""))
@@ -153,8 +180,9 @@ def _walk_copy(dir_fd: int, prefix: str, entries: list[Entry], limit: int) -> No
             finally:
                 os.close(sub)
         elif stat.S_ISREG(st.st_mode):
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                         dir_fd=dir_fd)
+            fd = os.open(
+                name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd
+            )
             _same_inode(fd, st, rel)
             entries.append((rel, "f", mode, fd))
 
@@ -186,8 +214,13 @@ def copy_trees(spec: dict[str, Any], trees: list[tuple[str, list[Entry]]]) -> No
         full_target = NEW_ROOT + target
         with step(Step.COPY, target):
             _mkdirs(full_target)
-            sc.mount("tmpfs", full_target, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV,
-                     f"mode=0755,size={int(copy['size'])}")
+            sc.mount(
+                "tmpfs",
+                full_target,
+                "tmpfs",
+                sc.MS_NOSUID | sc.MS_NODEV,
+                f"mode=0755,size={int(copy['size'])}",
+            )
             for rel, kind, mode, payload in entries:
                 dest = os.path.join(full_target, rel)
                 if kind == "d":
@@ -195,16 +228,20 @@ def copy_trees(spec: dict[str, Any], trees: list[tuple[str, list[Entry]]]) -> No
                 elif kind == "l":
                     os.symlink(str(payload), dest)
                 else:
-                    out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                                  (mode & 0o7777 & ~0o6000) | 0o600)
+                    out = os.open(
+                        dest,
+                        os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                        (mode & 0o7777 & ~0o6000) | 0o600,
+                    )
                     try:
                         while os.sendfile(out, int(payload), None, 1 << 20):
                             pass
                     finally:
                         os.close(out)
                         os.close(int(payload))
-            sc.mount_setattr(full_target, sc.MOUNT_ATTR_RDONLY | sc.MOUNT_ATTR_NOSUID
-                             | sc.MOUNT_ATTR_NODEV)
+            sc.mount_setattr(
+                full_target, sc.MOUNT_ATTR_RDONLY | sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NODEV
+            )
 
 
 def build_root() -> None:
@@ -240,8 +277,13 @@ def mount_tmp(spec: dict[str, Any]) -> None:
     noexec = 0 if spec["tmp_exec"] else sc.MS_NOEXEC
     with step(Step.ROOT, "/tmp"):
         _mkdirs(target)
-        sc.mount("tmpfs", target, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV | noexec,
-                 f"mode=1777,size={int(spec['tmp_size'])}")
+        sc.mount(
+            "tmpfs",
+            target,
+            "tmpfs",
+            sc.MS_NOSUID | sc.MS_NODEV | noexec,
+            f"mode=1777,size={int(spec['tmp_size'])}",
+        )
 
 
 def mount_proc(spec: dict[str, Any]) -> None:
@@ -257,20 +299,36 @@ def mount_proc(spec: dict[str, Any]) -> None:
             continue
         with step(Step.MASK, "/proc" + path):
             if os.path.isdir(full):
-                sc.mount("tmpfs", full, "tmpfs", sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV
-                         | sc.MS_NOEXEC, "size=0,mode=0555")
+                sc.mount(
+                    "tmpfs",
+                    full,
+                    "tmpfs",
+                    sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC,
+                    "size=0,mode=0555",
+                )
             else:
                 sc.mount("/dev/null", full, None, sc.MS_BIND)
-                sc.mount_setattr(full, sc.MOUNT_ATTR_RDONLY | sc.MOUNT_ATTR_NOSUID
-                                 | sc.MOUNT_ATTR_NODEV | sc.MOUNT_ATTR_NOEXEC, recursive=False)
+                sc.mount_setattr(
+                    full,
+                    sc.MOUNT_ATTR_RDONLY
+                    | sc.MOUNT_ATTR_NOSUID
+                    | sc.MOUNT_ATTR_NODEV
+                    | sc.MOUNT_ATTR_NOEXEC,
+                    recursive=False,
+                )
     for path in spec["proc_readonly"]:
         full = target + path
         if not os.path.isdir(full):
             continue
         with step(Step.MASK, "/proc" + path):
             sc.mount(full, full, None, sc.MS_BIND | sc.MS_REC)
-            sc.mount_setattr(full, sc.MOUNT_ATTR_RDONLY | sc.MOUNT_ATTR_NOSUID
-                             | sc.MOUNT_ATTR_NODEV | sc.MOUNT_ATTR_NOEXEC)
+            sc.mount_setattr(
+                full,
+                sc.MOUNT_ATTR_RDONLY
+                | sc.MOUNT_ATTR_NOSUID
+                | sc.MOUNT_ATTR_NODEV
+                | sc.MOUNT_ATTR_NOEXEC,
+            )
 
 
 def build_dev(spec: dict[str, Any], trees: list[int]) -> None:
@@ -287,18 +345,32 @@ def build_dev(spec: dict[str, Any], trees: list[int]) -> None:
                 attach(tree, target, sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NOEXEC)
             finally:
                 os.close(target)
-        for name, link in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
-                           ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+        for name, link in (
+            ("fd", "/proc/self/fd"),
+            ("stdin", "/proc/self/fd/0"),
+            ("stdout", "/proc/self/fd/1"),
+            ("stderr", "/proc/self/fd/2"),
+        ):
             os.symlink(link, f"{dev}/{name}")
         _mkdirs(dev + "/shm")
-        sc.mount("tmpfs", dev + "/shm", "tmpfs", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC,
-                 "mode=1777,size=16m")
+        sc.mount(
+            "tmpfs",
+            dev + "/shm",
+            "tmpfs",
+            sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC,
+            "mode=1777,size=16m",
+        )
     with step(Step.DEV, "/dev/pts"):
         # A devpts of the sandbox's own (newinstance): programs may make pseudo-terminals
         # (openpty, script, expect, terminal test suites) and see none of the host's.
         _mkdirs(dev + "/pts")
-        sc.mount("devpts", dev + "/pts", "devpts", sc.MS_NOSUID | sc.MS_NOEXEC,
-                 "newinstance,ptmxmode=0666,mode=0620")
+        sc.mount(
+            "devpts",
+            dev + "/pts",
+            "devpts",
+            sc.MS_NOSUID | sc.MS_NOEXEC,
+            "newinstance,ptmxmode=0666,mode=0620",
+        )
         os.symlink("pts/ptmx", dev + "/ptmx")
     with step(Step.DEV, "/dev"):
         # Not the program's to write in, as on the host (EACCES); its owner is the sandbox
@@ -306,8 +378,9 @@ def build_dev(spec: dict[str, Any], trees: list[int]) -> None:
         os.chmod(dev, 0o555)
 
 
-_MASK_ATTRS = (sc.MOUNT_ATTR_RDONLY | sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NODEV
-               | sc.MOUNT_ATTR_NOEXEC)
+_MASK_ATTRS = (
+    sc.MOUNT_ATTR_RDONLY | sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NODEV | sc.MOUNT_ATTR_NOEXEC
+)
 
 
 def mask_denied(spec: dict[str, Any]) -> None:
@@ -317,11 +390,13 @@ def mask_denied(spec: dict[str, Any]) -> None:
         with step(Step.MASK, path):
             target = open_inside(path)
             if target is None:
-                raise SetupFailed(Step.MASK, "the directory holding a denied path is gone",
-                                  path)
+                raise SetupFailed(Step.MASK, "the directory holding a denied path is gone", path)
             try:
-                clone_onto(target, target, sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NODEV
-                           | sc.MOUNT_ATTR_NOEXEC)
+                clone_onto(
+                    target,
+                    target,
+                    sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NODEV | sc.MOUNT_ATTR_NOEXEC,
+                )
             finally:
                 os.close(target)
     for mask in spec["masks"]:
@@ -330,13 +405,21 @@ def mask_denied(spec: dict[str, Any]) -> None:
             target = open_inside(path)
             if target is None:
                 if mask["required"]:
-                    raise SetupFailed(Step.MASK, "a denied path inside a writable grant is "
-                                                 "gone: the plugin could create it", path)
+                    raise SetupFailed(
+                        Step.MASK,
+                        "a denied path inside a writable grant is gone: the plugin could create it",
+                        path,
+                    )
                 continue
             try:
                 if stat.S_ISDIR(os.fstat(target).st_mode):
-                    sc.mount("tmpfs", f"/proc/self/fd/{target}", "tmpfs", sc.MS_RDONLY
-                             | sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC, "size=0,mode=0000")
+                    sc.mount(
+                        "tmpfs",
+                        f"/proc/self/fd/{target}",
+                        "tmpfs",
+                        sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC,
+                        "size=0,mode=0000",
+                    )
                 else:
                     null = os.open("/dev/null", os.O_PATH | os.O_CLOEXEC)
                     try:
@@ -367,5 +450,6 @@ def pivot() -> None:
         # The old root is now stacked under the new one at "/": detach it, as nsjail does.
         sc.umount2(".", sc.MNT_DETACH)
         os.chdir("/")
-        sc.mount_setattr("/", sc.MOUNT_ATTR_RDONLY | sc.MOUNT_ATTR_NOSUID
-                         | sc.MOUNT_ATTR_NODEV, recursive=False)
+        sc.mount_setattr(
+            "/", sc.MOUNT_ATTR_RDONLY | sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NODEV, recursive=False
+        )

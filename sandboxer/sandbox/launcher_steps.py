@@ -57,9 +57,18 @@ class SetupFailed(Exception):
 
 
 def report(failure: SetupFailed) -> None:
-    message = json.dumps({"step": failure.step.name, "what": failure.step.value,
-                          "error": failure.error, "errno": failure.errno,
-                          "path": failure.path}).encode() + b"\n"
+    message = (
+        json.dumps(
+            {
+                "step": failure.step.name,
+                "what": failure.step.value,
+                "error": failure.error,
+                "errno": failure.errno,
+                "path": failure.path,
+            }
+        ).encode()
+        + b"\n"
+    )
     try:
         os.write(STATUS_FD, message)
     except OSError:
@@ -75,11 +84,15 @@ class step:  # lower case: read as a verb, ``with step(Step.X):``
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if isinstance(exc, Exception) and not isinstance(exc, SetupFailed):
-            raise SetupFailed(self.which, exc if isinstance(exc, OSError)
-                              else f"{type(exc).__name__}: {exc}", self.path) from exc
+            raise SetupFailed(
+                self.which,
+                exc if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}",
+                self.path,
+            ) from exc
 
 
 def fail(error: BaseException) -> None:
@@ -89,4 +102,3 @@ def fail(error: BaseException) -> None:
         error = SetupFailed(Step.LAUNCHER, f"{type(error).__name__}: {error}")
     report(error)
     os._exit(127)
-

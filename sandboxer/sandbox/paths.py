@@ -81,8 +81,7 @@ def _walk_beneath(root_fd: int, relative: str) -> int:
         for part in relative.split("/"):
             if part in ("", ".", ".."):
                 raise OSError(errno.EINVAL, "a normalised relative path", relative)
-            following = os.open(part, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC,
-                                dir_fd=current)
+            following = os.open(part, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=current)
             os.close(current)
             current = following
             if stat.S_ISLNK(os.fstat(current).st_mode):
@@ -130,7 +129,7 @@ def open_path(path: str) -> OpenedPath:
 
 _WHY = {
     errno.ELOOP: "a symbolic link is on its way (grants are opened through no link below "
-                 "their root: grant the directory the link points to)",
+    "their root: grant the directory the link points to)",
     errno.EXDEV: "it leads out of its path root",
     errno.ENOENT: "it does not exist",
     errno.ENOTDIR: "a component on its way is not a directory",
@@ -158,8 +157,10 @@ def open_grant(grant: PathGrant, *, plugin_id: str | None = None) -> OpenedPath:
         if exc.errno == errno.ELOOP:
             why += _leads_to(grant.path)
         where = f" beneath its path root {root}" if root != "/" else ""
-        raise PluginLoadError(f"plugin {plugin_id}: allowed path {grant.path} cannot be "
-                              f"opened{where}: {why}", plugin_id=plugin_id) from None
+        raise PluginLoadError(
+            f"plugin {plugin_id}: allowed path {grant.path} cannot be opened{where}: {why}",
+            plugin_id=plugin_id,
+        ) from None
     opened = OpenedPath(fd, grant.path, _host_path(fd), stat.S_ISDIR(os.fstat(fd).st_mode))
     opened.writable = grant.writable
     return opened

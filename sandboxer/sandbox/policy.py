@@ -39,7 +39,6 @@ __all__ = [
 ]
 
 
-
 @dataclass(frozen=True, slots=True)
 class PathGrant:
     """A host path made visible to the plugin: read-only unless ``writable``.
@@ -243,8 +242,9 @@ def parse_cpu(value: object) -> float:
 
 def parse_fuel(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < 1 << 63:
-        raise ValueError(f"a whole amount of fuel (wasm instructions) per call, from 1 to "
-                         f"2**63-1, not {value!r}")
+        raise ValueError(
+            f"a whole amount of fuel (wasm instructions) per call, from 1 to 2**63-1, not {value!r}"
+        )
     return value
 
 
@@ -252,7 +252,6 @@ def parse_pids(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1 << 22:
         raise ValueError(f"a whole number of processes between 1 and 4194304, not {value!r}")
     return value
-
 
 
 # sandboxer.toml's keys for the sandbox policy: [host] and [limits].
@@ -295,18 +294,28 @@ def _check_profile(name: str, host: SandboxPolicy, plugin_id: str | None) -> Non
         if name in host.allowed_profiles:
             return
         allowed = ", ".join(dict.fromkeys((host.default_profile, *host.allowed_profiles)))
-        raise _refuse(plugin_id, f"asks for sandbox profile {name!r}, which the host policy "
-                                 f"does not allow (allowed: {allowed}); add it to "
-                                 "allowed_profiles under [host] in the host config")
+        raise _refuse(
+            plugin_id,
+            f"asks for sandbox profile {name!r}, which the host policy "
+            f"does not allow (allowed: {allowed}); add it to "
+            "allowed_profiles under [host] in the host config",
+        )
     from .seccomp import filter_within
+
     mine = _profiles.load_profile(name, host.profile_dirs)
     ceiling = _profiles.load_profile(host.default_profile, host.profile_dirs)
-    if not (mine.limits.within(ceiling.limits) and (ceiling.tmp_exec or not mine.tmp_exec)
-            and filter_within(name, host.default_profile, host.profile_dirs)):
-        raise _refuse(plugin_id, f"asks for sandbox profile {name!r}, which allows more than "
-                                 f"the host's default profile {host.default_profile!r}; a "
-                                 "plugin may only pick a profile no wider than the default "
-                                 "unless the host lists it in allowed_profiles under [host]")
+    if not (
+        mine.limits.within(ceiling.limits)
+        and (ceiling.tmp_exec or not mine.tmp_exec)
+        and filter_within(name, host.default_profile, host.profile_dirs)
+    ):
+        raise _refuse(
+            plugin_id,
+            f"asks for sandbox profile {name!r}, which allows more than "
+            f"the host's default profile {host.default_profile!r}; a "
+            "plugin may only pick a profile no wider than the default "
+            "unless the host lists it in allowed_profiles under [host]",
+        )
 
 
 def _check_network(request: SandboxRequest, host: SandboxPolicy, plugin_id: str | None) -> None:
@@ -317,10 +326,13 @@ def _check_network(request: SandboxRequest, host: SandboxPolicy, plugin_id: str 
         return
     if not request.allowed_hosts:
         if not host.allow_full_network:
-            raise _refuse(plugin_id, "asks for the full network (network_allowed without "
-                                     "allowed_hosts) and the host policy does not allow it; "
-                                     "list allowed_hosts, or set allow_full_network = true "
-                                     "under [host] in the host config")
+            raise _refuse(
+                plugin_id,
+                "asks for the full network (network_allowed without "
+                "allowed_hosts) and the host policy does not allow it; "
+                "list allowed_hosts, or set allow_full_network = true "
+                "under [host] in the host config",
+            )
         return
     if host.allow_full_network:
         return  # a list is narrower than the full network this host already grants
@@ -328,10 +340,13 @@ def _check_network(request: SandboxRequest, host: SandboxPolicy, plugin_id: str 
     outside = [h for h in request.allowed_hosts if not ceiling.covers(h)]
     if outside:
         listed = ", ".join(host.allowed_hosts) or "none"
-        raise _refuse(plugin_id, f"asks to reach {', '.join(outside)}, which the host policy "
-                                 f"does not allow (the host's allowed_hosts: {listed}); list "
-                                 "them under [host] allowed_hosts in the host config, or pass "
-                                 "--allow-host")
+        raise _refuse(
+            plugin_id,
+            f"asks to reach {', '.join(outside)}, which the host policy "
+            f"does not allow (the host's allowed_hosts: {listed}); list "
+            "them under [host] allowed_hosts in the host config, or pass "
+            "--allow-host",
+        )
 
 
 def _root_of(path: str, roots: tuple[str, ...]) -> str | None:
@@ -356,17 +371,29 @@ def effective_config(
     limits = _profiles.load_profile(profile_name, host.profile_dirs).limits
     _check_profile(profile_name, host, plugin_id)
 
-    def limit(what: str, requested: Any, default: Any, top: Any, host_max: Any,
-              shown: Callable[[Any], str]) -> Any:
+    def limit(
+        what: str,
+        requested: Any,
+        default: Any,
+        top: Any,
+        host_max: Any,
+        shown: Callable[[Any], str],
+    ) -> Any:
         top = host_max if host_max is not None else top
         if requested is None:
             return min(default, top)
         if requested > top:
-            source = (f"[limits] max_{what}" if host_max is not None else
-                      f"the limit of the profile {profile_name!r}; the host may raise it with "
-                      f"[limits] max_{what}")
-            raise _refuse(plugin_id, f"asks for {what} = {shown(requested)}, above the host's "
-                                     f"ceiling of {shown(top)} ({source})")
+            source = (
+                f"[limits] max_{what}"
+                if host_max is not None
+                else f"the limit of the profile {profile_name!r}; the host may raise it with "
+                f"[limits] max_{what}"
+            )
+            raise _refuse(
+                plugin_id,
+                f"asks for {what} = {shown(requested)}, above the host's "
+                f"ceiling of {shown(top)} ({source})",
+            )
         return requested
 
     grants = []
@@ -374,9 +401,12 @@ def effective_config(
         root = _root_of(grant.path, host.path_roots)
         if root is None:
             roots = ", ".join(host.path_roots) or "none"
-            raise _refuse(plugin_id, f"the host policy does not allow path {grant.path} "
-                                     f"(path roots: {roots}); add a root to path_roots in the "
-                                     "host config or pass the path explicitly")
+            raise _refuse(
+                plugin_id,
+                f"the host policy does not allow path {grant.path} "
+                f"(path roots: {roots}); add a root to path_roots in the "
+                "host config or pass the path explicitly",
+            )
         grants.append(dataclasses.replace(grant, root=root))
     _check_network(request, host, plugin_id)
     return SandboxConfig(
@@ -386,12 +416,30 @@ def effective_config(
         denied_paths=request.denied_paths,
         network_allowed=request.network_allowed,
         allowed_hosts=request.allowed_hosts,
-        memory_limit=limit("memory_limit", request.memory_limit, limits.memory,
-                           limits.memory, host.max_memory_limit, format_size),
-        cpu_limit=limit("cpu_limit", request.cpu_limit, limits.cpu, limits.cpu,
-                        host.max_cpu_limit, lambda v: f"{v:g} CPUs"),
-        timeout=limit("timeout", request.timeout, limits.timeout, limits.timeout,
-                      host.max_timeout, format_duration),
+        memory_limit=limit(
+            "memory_limit",
+            request.memory_limit,
+            limits.memory,
+            limits.memory,
+            host.max_memory_limit,
+            format_size,
+        ),
+        cpu_limit=limit(
+            "cpu_limit",
+            request.cpu_limit,
+            limits.cpu,
+            limits.cpu,
+            host.max_cpu_limit,
+            lambda v: f"{v:g} CPUs",
+        ),
+        timeout=limit(
+            "timeout",
+            request.timeout,
+            limits.timeout,
+            limits.timeout,
+            host.max_timeout,
+            format_duration,
+        ),
         pids_limit=limits.pids if host.max_pids is None else min(limits.pids, host.max_pids),
         tmp_size=limits.tmp_size,
         nofile=limits.nofile,
@@ -405,7 +453,9 @@ def _fuel(requested: int | None, ceiling: int | None, plugin_id: str | None) -> 
     if requested is None or ceiling is None:
         return requested if ceiling is None else ceiling
     if requested > ceiling:
-        raise _refuse(plugin_id, f"asks for fuel = {requested} per call, above the host's "
-                                 f"ceiling of {ceiling} ([limits] max_fuel)")
+        raise _refuse(
+            plugin_id,
+            f"asks for fuel = {requested} per call, above the host's "
+            f"ceiling of {ceiling} ([limits] max_fuel)",
+        )
     return requested
-

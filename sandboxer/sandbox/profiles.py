@@ -142,6 +142,7 @@ def _tmp_exec(mounts: Any, fail: Callable[[str, str], PluginLoadError]) -> bool:
         raise fail(f"mounts.{unknown[0]}", f"not a known key (known: {known})")
     value = mounts.get("tmp_exec")
     if not isinstance(value, bool):
-        raise fail("mounts.tmp_exec", "true or false (may programs run files written to "
-                                      "/tmp?), required")
+        raise fail(
+            "mounts.tmp_exec", "true or false (may programs run files written to /tmp?), required"
+        )
     return value

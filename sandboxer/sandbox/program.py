@@ -47,8 +47,9 @@ KILL_GRACE = 2.0
 
 
 def _not_found(path: str, why: str = "") -> PluginLoadError:
-    return PluginLoadError(f"not found inside the sandbox: {path} ({why}grant its directory "
-                           "with --allow-path)")
+    return PluginLoadError(
+        f"not found inside the sandbox: {path} ({why}grant its directory with --allow-path)"
+    )
 
 
 def _shows_inside(path: str, mounts: list[Mount], denied: tuple[str, ...]) -> bool | None:
@@ -56,9 +57,14 @@ def _shows_inside(path: str, mounts: list[Mount], denied: tuple[str, ...]) -> bo
     ``mounts``: lexically, as the launcher builds the root. None for /proc and /dev, which
     are the sandbox's own: only the launch can tell."""
     where = Path(os.path.normpath(path))
-    if where.parts[1:2] and where.parts[1] in MERGED_USR and (
+    if (
+        where.parts[1:2]
+        and where.parts[1] in MERGED_USR
+        and (
             os.path.islink(f"/{where.parts[1]}")
-            and os.readlink(f"/{where.parts[1]}") == f"usr/{where.parts[1]}"):
+            and os.readlink(f"/{where.parts[1]}") == f"usr/{where.parts[1]}"
+        )
+    ):
         where = Path("/usr", *where.parts[1:])  # the sandbox has the same merged-usr links
     if where.is_relative_to("/proc") or where.is_relative_to("/dev"):
         return None
@@ -78,11 +84,13 @@ def find_program(name: str, mounts: list[Mount], denied: tuple[str, ...] = ()) -
     same way (``run``)."""
     if "/" not in name:
         first_on_host = None
-        for directory in (*EXEC_PATH, "/usr/sbin", "/sbin",
-                          *os.environ.get("PATH", "").split(":")):
+        for directory in (*EXEC_PATH, "/usr/sbin", "/sbin", *os.environ.get("PATH", "").split(":")):
             candidate = os.path.join(directory, name)
-            if (not directory.startswith("/") or os.path.isdir(candidate)
-                    or not os.access(candidate, os.X_OK)):
+            if (
+                not directory.startswith("/")
+                or os.path.isdir(candidate)
+                or not os.access(candidate, os.X_OK)
+            ):
                 continue
             first_on_host = first_on_host or candidate
             if _shows_inside(os.path.realpath(candidate), mounts, denied) is not False:
@@ -118,8 +126,9 @@ def _interpreter(path: str) -> str | None:
     return words[0].decode(errors="replace") if words else None
 
 
-def _exec_error(error: SandboxSetupError, program: str,
-                shows: bool | None) -> PluginLoadError | None:
+def _exec_error(
+    error: SandboxSetupError, program: str, shows: bool | None
+) -> PluginLoadError | None:
     """The launch's exec step failing on the program itself is the program's fault, not the
     host's (exit 2, not 4): missing inside, or not runnable there. ``shows``: whether the
     program's own path shows inside (``_shows_inside``)."""
@@ -134,18 +143,29 @@ def _exec_error(error: SandboxSetupError, program: str,
         return PluginLoadError(
             f"cannot run {program} inside the sandbox: {os.strerror(error.errno)} (it runs "
             "as an unprivileged user; writable grants, and /tmp under the strict profile, "
-            "are noexec)")
+            "are noexec)"
+        )
     return None
 
 
-async def run(argv: list[str], sandbox: SandboxConfig, *, backend: CgroupBackend,
-              seccomp_bpf: bytes | None, cwd: str = "/tmp",
-              sinks: tuple[Callable[[bytes], None], Callable[[bytes], None]] | None = None,
-              logger: logging.Logger | None = None, egress: EgressProxy | None = None,
-              setup_timeout: float = SETUP_TIMEOUT,
-              profile_dirs: tuple[str, ...] = (), fallbacks: tuple[str, ...] = (),
-              grant_owner: tuple[int, int] | None = None, stdin: int | None = None,
-              timeout: float | None = None, kill_grace: float = KILL_GRACE) -> RunResult:
+async def run(
+    argv: list[str],
+    sandbox: SandboxConfig,
+    *,
+    backend: CgroupBackend,
+    seccomp_bpf: bytes | None,
+    cwd: str = "/tmp",
+    sinks: tuple[Callable[[bytes], None], Callable[[bytes], None]] | None = None,
+    logger: logging.Logger | None = None,
+    egress: EgressProxy | None = None,
+    setup_timeout: float = SETUP_TIMEOUT,
+    profile_dirs: tuple[str, ...] = (),
+    fallbacks: tuple[str, ...] = (),
+    grant_owner: tuple[int, int] | None = None,
+    stdin: int | None = None,
+    timeout: float | None = None,
+    kill_grace: float = KILL_GRACE,
+) -> RunResult:
     """Run any program in the sandbox (``sandboxer exec``) and wait for it; with allowed
     hosts, its egress goes through ``egress`` (logged as plugin "exec").
 
@@ -161,18 +181,39 @@ async def run(argv: list[str], sandbox: SandboxConfig, *, backend: CgroupBackend
     mounts = base_mounts() + grants
     program = find_program(argv[0], mounts, sandbox.denied_paths)
     masks, pins = mask_plan(sandbox.denied_paths, grants)
-    spec = LaunchSpec(argv=list(argv), program=program, rpc=False,
-                      env={"PATH": ":".join(EXEC_PATH), "HOME": "/tmp",
-                           "LANG": "C.UTF-8", "TERM": os.environ.get("TERM", "dumb")},
-                      sandbox=sandbox, mounts=tuple(mounts), cwd=cwd, masks=masks, pins=pins,
-                      seccomp_bpf=seccomp_bpf, profile_dirs=profile_dirs,
-                      grant_owner=grant_owner)
+    spec = LaunchSpec(
+        argv=list(argv),
+        program=program,
+        rpc=False,
+        env={
+            "PATH": ":".join(EXEC_PATH),
+            "HOME": "/tmp",
+            "LANG": "C.UTF-8",
+            "TERM": os.environ.get("TERM", "dumb"),
+        },
+        sandbox=sandbox,
+        mounts=tuple(mounts),
+        cwd=cwd,
+        masks=masks,
+        pins=pins,
+        seccomp_bpf=seccomp_bpf,
+        profile_dirs=profile_dirs,
+        grant_owner=grant_owner,
+    )
     null = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
     try:
         proc, confinement = await launch_confined(
-            spec, backend=backend, rpc_fd=null, sinks=sinks,
-            logger=logger or logging.getLogger("sandboxer.exec"), egress=egress,
-            plugin_id="exec", setup_timeout=setup_timeout, fallbacks=fallbacks, stdin=stdin)
+            spec,
+            backend=backend,
+            rpc_fd=null,
+            sinks=sinks,
+            logger=logger or logging.getLogger("sandboxer.exec"),
+            egress=egress,
+            plugin_id="exec",
+            setup_timeout=setup_timeout,
+            fallbacks=fallbacks,
+            stdin=stdin,
+        )
     except SandboxSetupError as exc:
         mapped = _exec_error(exc, program, _shows_inside(program, mounts, sandbox.denied_paths))
         if mapped is None:
@@ -187,8 +228,9 @@ async def run(argv: list[str], sandbox: SandboxConfig, *, backend: CgroupBackend
         await proc.output_closed(1.0)
         if proc.returncode is None:
             raise RuntimeError(f"{program}: reaped without a return code")
-        return RunResult(proc.returncode, confinement.stats(), confinement.oom_killed(),
-                         timed_out=code is None)
+        return RunResult(
+            proc.returncode, confinement.stats(), confinement.oom_killed(), timed_out=code is None
+        )
     finally:
         await proc.close()
         await confinement.aclose()

@@ -65,8 +65,10 @@ class Runtime:
     def host_argv(self, *args: str) -> list[str]:
         """The plugin host (``sandboxer.host``) run from the copy at ``SITE``: -I keeps the
         environment and the user's site out, so the path is given here."""
-        boot = (f"import sys; sys.path.insert(0, {SITE!r}); import runpy; "
-                "runpy.run_module('sandboxer.host', run_name='__main__', alter_sys=True)")
+        boot = (
+            f"import sys; sys.path.insert(0, {SITE!r}); import runpy; "
+            "runpy.run_module('sandboxer.host', run_name='__main__', alter_sys=True)"
+        )
         return [self.python, "-I", "-c", boot, *args]
 
 
@@ -77,8 +79,11 @@ def _package_dirs() -> list[Path]:
 
 
 def _files(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.rglob("*")
-                  if p.is_file() and not p.is_symlink() and "__pycache__" not in p.parts)
+    return sorted(
+        p
+        for p in directory.rglob("*")
+        if p.is_file() and not p.is_symlink() and "__pycache__" not in p.parts
+    )
 
 
 def _digest(dirs: list[Path]) -> str:
@@ -119,9 +124,11 @@ def _base_dir() -> Path:
         if _allows_exec(candidate):
             return candidate
     if os.geteuid() == 0:
-        raise SandboxUnavailable("no place for the plugin runtime allows exec: "
-                                 f"{', '.join(map(str, candidates))} are on noexec mounts",
-                                 missing="plugin runtime directory")
+        raise SandboxUnavailable(
+            "no place for the plugin runtime allows exec: "
+            f"{', '.join(map(str, candidates))} are on noexec mounts",
+            missing="plugin runtime directory",
+        )
     private = Path(tempfile.mkdtemp(prefix="sandboxer-runtime-"))
     atexit.register(shutil.rmtree, private, ignore_errors=True)
     return private
@@ -131,8 +138,11 @@ def _trusted(path: Path) -> bool:
     """Ours and writable by no one else: a directory someone else could have filled is never
     bound into a sandbox."""
     st = os.lstat(path)
-    return (stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid()
-            and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
+    return (
+        stat.S_ISDIR(st.st_mode)
+        and st.st_uid == os.geteuid()
+        and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    )
 
 
 def _site_copy() -> Path:
@@ -144,7 +154,9 @@ def _site_copy() -> Path:
         if not _trusted(base):
             raise SandboxUnavailable(
                 f"the runtime directory {base} is not the supervisor's own, or others can "
-                "write it; remove it (it is made again)", missing="plugin runtime directory")
+                "write it; remove it (it is made again)",
+                missing="plugin runtime directory",
+            )
         target = base / _digest(dirs)
         if (target / _COMPLETE).is_file() and _trusted(target):
             return target
@@ -168,12 +180,15 @@ def _site_copy() -> Path:
             shutil.rmtree(staging, ignore_errors=True)
             raise
     except OSError as exc:
-        raise SandboxUnavailable(f"cannot make the plugin runtime under {base}: "
-                                 f"{exc.strerror} ({exc.filename})",
-                                 missing="plugin runtime directory") from None
+        raise SandboxUnavailable(
+            f"cannot make the plugin runtime under {base}: {exc.strerror} ({exc.filename})",
+            missing="plugin runtime directory",
+        ) from None
     if not ((target / _COMPLETE).is_file() and _trusted(target)):
-        raise SandboxUnavailable(f"the plugin runtime {target} is incomplete or not the "
-                                 "supervisor's own; remove it", missing="plugin runtime directory")
+        raise SandboxUnavailable(
+            f"the plugin runtime {target} is incomplete or not the supervisor's own; remove it",
+            missing="plugin runtime directory",
+        )
     return target
 
 
@@ -191,8 +206,9 @@ def runtime() -> Runtime:
             raise SandboxUnavailable(
                 f"the Python interpreter {executable} is not inside its prefix {prefix}; "
                 "sandboxed python plugins need an interpreter under its sys.base_prefix",
-                missing="python runtime")
+                missing="python runtime",
+            )
         mounts.append(Mount(prefix, PYTHON_PREFIX))
-        python = PYTHON_PREFIX + executable[len(prefix):]
+        python = PYTHON_PREFIX + executable[len(prefix) :]
         env["LD_LIBRARY_PATH"] = f"{PYTHON_PREFIX}/lib"
     return Runtime(python, tuple(mounts), env)

@@ -57,14 +57,21 @@ _LOW_32 = 0xFFFFFFFF  # an int argument: the kernel reads only the register's lo
 # is kernel code a TCP/UDP program never asks for. Checked on every compiled filter, whatever
 # group or profile allows the socket (``_check_inet_sockets``).
 _INET_FAMILIES = (int(socket.AF_INET), int(socket.AF_INET6))
-_INET_KINDS = {int(socket.SOCK_STREAM): (0, int(socket.IPPROTO_TCP)),
-               int(socket.SOCK_DGRAM): (0, int(socket.IPPROTO_UDP))}
+_INET_KINDS = {
+    int(socket.SOCK_STREAM): (0, int(socket.IPPROTO_TCP)),
+    int(socket.SOCK_DGRAM): (0, int(socket.IPPROTO_UDP)),
+}
 _SOCKET_TYPE_BITS = 0xF  # SOCK_TYPE_MASK in the kernel's net.h
 _SOCKET_CALLS = ("socket", "socketpair")  # both create sockets (socketpair fails only after)
 
 _OPS = {
-    "eq": pyseccomp.EQ, "ne": pyseccomp.NE, "lt": pyseccomp.LT, "le": pyseccomp.LE,
-    "gt": pyseccomp.GT, "ge": pyseccomp.GE, "masked_eq": pyseccomp.MASKED_EQ,
+    "eq": pyseccomp.EQ,
+    "ne": pyseccomp.NE,
+    "lt": pyseccomp.LT,
+    "le": pyseccomp.LE,
+    "gt": pyseccomp.GT,
+    "ge": pyseccomp.GE,
+    "masked_eq": pyseccomp.MASKED_EQ,
 }
 _RULE_KEYS = {"syscalls", "action", "comment", "args"}
 _ARG_KEYS = {"index", "op", "value", "mask", "comment"}
@@ -112,6 +119,7 @@ class _Invalid(Exception):
 
 # -- reading and validating ---------------------------------------------------------------------
 
+
 def _read_toml(path: str, what: str) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
@@ -123,8 +131,9 @@ def _read_toml(path: str, what: str) -> dict[str, Any]:
 def _check_keys(table: dict[str, Any], allowed: set[str], where: str) -> None:
     unknown = sorted(set(table) - allowed)
     if unknown:
-        raise _Invalid(f"{where}.{unknown[0]}",
-                       f"not a known key (known: {', '.join(sorted(allowed))})")
+        raise _Invalid(
+            f"{where}.{unknown[0]}", f"not a known key (known: {', '.join(sorted(allowed))})"
+        )
 
 
 def _comment(table: dict[str, Any], where: str) -> str:
@@ -159,8 +168,11 @@ def _number(value: Any, constants: dict[str, int], where: str) -> int:
         for name in (part.strip() for part in value.split("|")):
             if name not in constants:
                 known = ", ".join(sorted(constants)) or "none"
-                raise _Invalid(where, f"a number or named constants joined by | ({name!r} is "
-                                      f"not a constant of the groups file; known: {known})")
+                raise _Invalid(
+                    where,
+                    f"a number or named constants joined by | ({name!r} is "
+                    f"not a constant of the groups file; known: {known})",
+                )
             number |= constants[name]
     else:
         raise _Invalid(where, "a number or named constants joined by |")
@@ -173,7 +185,7 @@ def _action(value: Any, where: str) -> str:
     if value in ("allow", "kill"):
         return str(value)
     if isinstance(value, str) and value.startswith("errno:"):
-        name = value[len("errno:"):]
+        name = value[len("errno:") :]
         if name in _errno.errorcode.values():
             return value
     raise _Invalid(where, '"allow", "kill" or "errno:NAME" with NAME an errno such as EPERM')
@@ -214,16 +226,20 @@ def _rules(raw: Any, constants: dict[str, int], where: str, origin: str) -> list
             raise _Invalid(here, "a rule table")
         _check_keys(entry, _RULE_KEYS, here)
         _comment(entry, here)
-        syscalls = [_syscall(name, f"{here}.syscalls")
-                    for name in _names(entry.get("syscalls"), f"{here}.syscalls")]
+        syscalls = [
+            _syscall(name, f"{here}.syscalls")
+            for name in _names(entry.get("syscalls"), f"{here}.syscalls")
+        ]
         action = _action(entry.get("action"), f"{here}.action")
         args_raw = entry.get("args", [])
         if not isinstance(args_raw, list):
             raise _Invalid(f"{here}.args", "an array of argument checks")
         args = tuple(_arg(a, constants, f"{here}.args[{j}]") for j, a in enumerate(args_raw))
         if len({a.index for a in args}) != len(args):
-            raise _Invalid(f"{here}.args", "at most one check per argument index "
-                                           "(libseccomp ANDs them; use two rules for OR)")
+            raise _Invalid(
+                f"{here}.args",
+                "at most one check per argument index (libseccomp ANDs them; use two rules for OR)",
+            )
         out += [_Rule(name, action, args, f"{origin}: {here}") for name in syscalls]
     return out
 
@@ -253,9 +269,12 @@ def _parse_groups(path: str, _mtime_ns: int) -> _Groups:
             comment = _comment(table, where)
             rules: list[_Rule] = []
             if "syscalls" in table:
-                rules += [_Rule(_syscall(s, f"{where}.syscalls"), "allow", (),
-                                f"{path}: {where}.syscalls")
-                          for s in _names(table["syscalls"], f"{where}.syscalls")]
+                rules += [
+                    _Rule(
+                        _syscall(s, f"{where}.syscalls"), "allow", (), f"{path}: {where}.syscalls"
+                    )
+                    for s in _names(table["syscalls"], f"{where}.syscalls")
+                ]
             if "rules" in table:
                 rules += _rules(table["rules"], constants, f"{where}.rules", path)
             if not rules:
@@ -266,8 +285,7 @@ def _parse_groups(path: str, _mtime_ns: int) -> _Groups:
     return _Groups(path, constants, groups)
 
 
-def _group_list(table: dict[str, Any], key: str, groups: _Groups, *, required: bool
-                ) -> list[str]:
+def _group_list(table: dict[str, Any], key: str, groups: _Groups, *, required: bool) -> list[str]:
     where = f"seccomp.{key}"
     if key not in table:
         if required:
@@ -280,8 +298,11 @@ def _group_list(table: dict[str, Any], key: str, groups: _Groups, *, required: b
         raise _Invalid(where, "at least one syscall group")
     for i, name in enumerate(value):
         if name not in groups.groups:
-            raise _Invalid(f"{where}[{i}]", f"a group of {groups.path} ({name!r} is not one; "
-                                            f"known: {', '.join(sorted(groups.groups))})")
+            raise _Invalid(
+                f"{where}[{i}]",
+                f"a group of {groups.path} ({name!r} is not one; "
+                f"known: {', '.join(sorted(groups.groups))})",
+            )
     if len(set(value)) != len(value):
         raise _Invalid(where, "each group once")
     return value
@@ -293,8 +314,10 @@ def _profile_rules(path: str, groups: _Groups, network: bool) -> list[_Rule]:
     try:
         table = data.get("seccomp")
         if not isinstance(table, dict):
-            raise _Invalid("seccomp", "a [seccomp] table (every profile says which syscalls "
-                                      "its plugins may make)")
+            raise _Invalid(
+                "seccomp",
+                "a [seccomp] table (every profile says which syscalls its plugins may make)",
+            )
         _check_keys(table, _TABLE_KEYS, "seccomp")
         names = _group_list(table, "groups", groups, required=True)
         network_names = _group_list(table, "network_groups", groups, required=False)
@@ -304,13 +327,15 @@ def _profile_rules(path: str, groups: _Groups, network: bool) -> list[_Rule]:
     if network and not network_names:
         raise PluginLoadError(
             f"sandbox profile {path}: seccomp.network_groups: this profile never allows "
-            "network sockets; choose another profile or do not allow network access")
+            "network sockets; choose another profile or do not allow network access"
+        )
     chosen = names + [n for n in network_names if network and n not in names]
     rules = [rule for name in chosen for rule in groups.groups[name].rules]
     return rules + own
 
 
 # -- flattening to what libseccomp can express ----------------------------------------------------
+
 
 def _complement(denied: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """Masked patterns (mask, value) matching exactly the values no denied pattern matches.
@@ -335,8 +360,12 @@ def _complement(denied: list[tuple[int, int]]) -> list[tuple[int, int]]:
             return  # a denied pattern matches everything below this branch
         bit = bits[depth]
         for branch in (0, bit):
-            walk(depth + 1, fixed | bit, value | branch,
-                 [(m, v) for m, v in live if not m & bit or v & bit == branch])
+            walk(
+                depth + 1,
+                fixed | bit,
+                value | branch,
+                [(m, v) for m, v in live if not m & bit or v & bit == branch],
+            )
 
     walk(0, 0, 0, denied)
     return out
@@ -364,7 +393,8 @@ def _plan(rules: list[_Rule]) -> list[_Rule]:
                 raise PluginLoadError(
                     f"seccomp: {name}: {other_whole[0].origin} answers it "
                     f"{other_whole[0].action} always, but {others[0].origin} also has a rule "
-                    f"for it ({others[0].action}); remove one of them")
+                    f"for it ({others[0].action}); remove one of them"
+                )
             if other_whole[0].action != default:
                 planned.append(other_whole[0])
             continue
@@ -382,23 +412,35 @@ def _plan(rules: list[_Rule]) -> list[_Rule]:
 def _carve(name: str, allowed: _Rule, exceptions: list[_Rule], default: str) -> list[_Rule]:
     index = exceptions[0].args[0].index
     for rule in exceptions:
-        if len(rule.args) != 1 or rule.args[0].op not in ("eq", "masked_eq") \
-                or rule.args[0].index != index:
+        if (
+            len(rule.args) != 1
+            or rule.args[0].op not in ("eq", "masked_eq")
+            or rule.args[0].index != index
+        ):
             raise PluginLoadError(
                 f"seccomp: {name}: {rule.origin}: an exception to an allowed syscall must "
                 f"compare one argument (the same index in every exception) with eq or "
-                f"masked_eq; libseccomp cannot express more")
-    denied = [(a.mask if a.op == "masked_eq" else _U64, a.value)
-              for a in (r.args[0] for r in exceptions)]
-    patterns = [_Rule(name, "allow", (_ArgCheck(index, "masked_eq", value, mask),),
-                      f"{allowed.origin} (except {', '.join(r.origin for r in exceptions)})")
-                for mask, value in _complement(denied)]
+                f"masked_eq; libseccomp cannot express more"
+            )
+    denied = [
+        (a.mask if a.op == "masked_eq" else _U64, a.value) for a in (r.args[0] for r in exceptions)
+    ]
+    patterns = [
+        _Rule(
+            name,
+            "allow",
+            (_ArgCheck(index, "masked_eq", value, mask),),
+            f"{allowed.origin} (except {', '.join(r.origin for r in exceptions)})",
+        )
+        for mask, value in _complement(denied)
+    ]
     # Exceptions answered with the default action need no rule of their own; any other
     # answer (errno:EACCES, kill) is added for exactly the values they name.
     return patterns + [r for r in exceptions if r.action != default]
 
 
 # -- inet sockets: TCP and UDP only ---------------------------------------------------------------
+
 
 def _may_match(check: _ArgCheck | None, low: int) -> bool:
     """Whether ``check`` lets through some register whose low 32 bits are ``low`` (an int
@@ -418,8 +460,9 @@ def _may_match(check: _ArgCheck | None, low: int) -> bool:
 def _pinned(check: _ArgCheck | None, bits: int) -> int | None:
     """The value of ``bits`` in every register ``check`` lets through, or None if it lets
     through more than one."""
-    if check is not None and (check.op == "eq" or
-                              (check.op == "masked_eq" and check.mask & bits == bits)):
+    if check is not None and (
+        check.op == "eq" or (check.op == "masked_eq" and check.mask & bits == bits)
+    ):
         return check.value & bits
     return None
 
@@ -447,17 +490,19 @@ def _check_inet_sockets(rules: list[_Rule]) -> None:
                 f"AF_INET6) other than TCP and UDP; such a rule must compare arg 1 (the type, "
                 f"masked_eq with SOCK_TYPE_MASK) with SOCK_STREAM or SOCK_DGRAM and arg 2 (the "
                 f"protocol, masked_eq with LOW_32_BITS) with 0 or IPPROTO_TCP for a stream, "
-                f"0 or IPPROTO_UDP for a datagram")
+                f"0 or IPPROTO_UDP for a datagram"
+            )
 
 
 # -- compiling ----------------------------------------------------------------------------------
+
 
 def _libseccomp_action(action: str) -> int:
     if action == "allow":
         return int(pyseccomp.ALLOW)
     if action == "kill":
         return int(pyseccomp.KILL_PROCESS)
-    return int(pyseccomp.ERRNO(getattr(_errno, action[len("errno:"):])))
+    return int(pyseccomp.ERRNO(getattr(_errno, action[len("errno:") :])))
 
 
 def _build(rules: list[_Rule]) -> bytes:
@@ -466,30 +511,40 @@ def _build(rules: list[_Rule]) -> bytes:
     # seccomp_init adds only the native architecture: no x86 or x32 is ever added here.
     flt.set_attr(pyseccomp.Attr.CTL_OPTIMIZE, 2)  # binary search over syscall numbers
     for rule in rules:
-        args = [pyseccomp.Arg(a.index, _OPS[a.op], a.mask, a.value) if a.op == "masked_eq"
-                else pyseccomp.Arg(a.index, _OPS[a.op], a.value) for a in rule.args]
+        args = [
+            pyseccomp.Arg(a.index, _OPS[a.op], a.mask, a.value)
+            if a.op == "masked_eq"
+            else pyseccomp.Arg(a.index, _OPS[a.op], a.value)
+            for a in rule.args
+        ]
         try:
             flt.add_rule_exactly(_libseccomp_action(rule.action), rule.syscall, *args)
         except OSError as exc:
-            raise PluginLoadError(f"seccomp: {rule.origin}: libseccomp refused the rule for "
-                                  f"{rule.syscall} ({exc.strerror})") from exc
+            raise PluginLoadError(
+                f"seccomp: {rule.origin}: libseccomp refused the rule for "
+                f"{rule.syscall} ({exc.strerror})"
+            ) from exc
     with tempfile.TemporaryFile() as out:
         try:
             flt.export_bpf(out)
         except OSError as exc:
-            raise PluginLoadError(f"seccomp: libseccomp could not compile the filter "
-                                  f"({exc.strerror})") from exc
+            raise PluginLoadError(
+                f"seccomp: libseccomp could not compile the filter ({exc.strerror})"
+            ) from exc
         out.seek(0)
         program = out.read()
     if not program or len(program) % 8 or len(program) // 8 > BPF_MAXINSNS:
-        raise PluginLoadError(f"seccomp: the compiled filter has {len(program) / 8:g} "
-                              f"instructions; the kernel loads 1 to {BPF_MAXINSNS}")
+        raise PluginLoadError(
+            f"seccomp: the compiled filter has {len(program) / 8:g} "
+            f"instructions; the kernel loads 1 to {BPF_MAXINSNS}"
+        )
     return program
 
 
 @functools.lru_cache(maxsize=32)
-def _compile(profile_path: str, _profile_mtime_ns: int, groups_path: str,
-             groups_mtime_ns: int, network: bool) -> bytes:
+def _compile(
+    profile_path: str, _profile_mtime_ns: int, groups_path: str, groups_mtime_ns: int, network: bool
+) -> bytes:
     groups = _parse_groups(groups_path, groups_mtime_ns)
     rules = _plan(_profile_rules(profile_path, groups, network))
     _check_inet_sockets(rules)
@@ -499,7 +554,8 @@ def _compile(profile_path: str, _profile_mtime_ns: int, groups_path: str,
         raise PluginLoadError(
             f"sandbox profile {profile_path}: seccomp.groups: groups that allow "
             f"{', '.join(missing)} (the launcher calls them under the filter to exec the "
-            f"plugin, so a profile without them could never start one)")
+            f"plugin, so a profile without them could never start one)"
+        )
     return _build(rules)
 
 
@@ -530,18 +586,25 @@ def compile_filter(profile: str, *, network: bool, extra_dirs: tuple[str, ...] =
         raise SandboxUnavailable(
             f"the seccomp profiles are written for x86_64 and this host is "
             f"{platform.machine()}; sandboxed plugins need an x86_64 host",
-            missing="seccomp filter for this architecture")
+            missing="seccomp filter for this architecture",
+        )
     path = load_profile(profile, extra_dirs).path
     groups_path = _groups_path(path)
-    return _compile(path, _mtime_ns(path, "sandbox profile"), groups_path,
-                    _mtime_ns(groups_path, "seccomp groups"), bool(network))
+    return _compile(
+        path,
+        _mtime_ns(path, "sandbox profile"),
+        groups_path,
+        _mtime_ns(groups_path, "seccomp groups"),
+        bool(network),
+    )
 
 
 def _allowed(profile_path: str, network: bool) -> frozenset[_Rule]:
     groups_path = _groups_path(profile_path)
     groups = _parse_groups(groups_path, _mtime_ns(groups_path, "seccomp groups"))
-    return frozenset(r for r in _plan(_profile_rules(profile_path, groups, network))
-                     if r.action == "allow")
+    return frozenset(
+        r for r in _plan(_profile_rules(profile_path, groups, network)) if r.action == "allow"
+    )
 
 
 def has_network(profile: str, extra_dirs: tuple[str, ...] = ()) -> bool:
@@ -551,8 +614,11 @@ def has_network(profile: str, extra_dirs: tuple[str, ...] = ()) -> bool:
     groups = _parse_groups(groups_path, _mtime_ns(groups_path, "seccomp groups"))
     table = _read_toml(path, "sandbox profile").get("seccomp")
     try:
-        return bool(_group_list(table if isinstance(table, dict) else {}, "network_groups",
-                                groups, required=False))
+        return bool(
+            _group_list(
+                table if isinstance(table, dict) else {}, "network_groups", groups, required=False
+            )
+        )
     except _Invalid as exc:
         raise PluginLoadError(f"sandbox profile {path}: {exc.field}: {exc.expected}") from None
 

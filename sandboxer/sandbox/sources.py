@@ -46,7 +46,8 @@ def _tree_size(path: str) -> int:
         raise PluginLoadError(
             f"the plugin directory {path} is too large to run sandboxed ({total} bytes in "
             f"{entries} entries; at most {MAX_COPY_BYTES} bytes and {MAX_COPY_ENTRIES} "
-            "entries): it is copied into the sandbox, so that no host path shows inside")
+            "entries): it is copied into the sandbox, so that no host path shows inside"
+        )
     return total + entries * 4096 + (1 << 20)
 
 
@@ -67,8 +68,9 @@ class Sources:
     back with ``release_uid(sources.host_uid)`` if the launch does not happen.
     """
 
-    def __init__(self, spec: LaunchSpec, *, plugin_id: str | None = None,
-                 fallbacks: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, spec: LaunchSpec, *, plugin_id: str | None = None, fallbacks: tuple[str, ...] = ()
+    ) -> None:
         self.fds: list[int] = []
         self.binds: list[dict[str, object]] = []
         self.copies: list[dict[str, object]] = []
@@ -78,31 +80,54 @@ class Sources:
         self.host_gid = self.host_uid if clone else os.getegid()
         try:
             for mount, device in [(m, False) for m in spec.mounts] + [
-                    (Mount(d, d, writable=True, exec=False), True) for d in DEVICES]:
-                opened = (_open_system_path(mount.source, plugin_id) if mount.root is None
-                          else open_grant(PathGrant(mount.source, mount.writable,
-                                                    root=mount.root), plugin_id=plugin_id))
+                (Mount(d, d, writable=True, exec=False), True) for d in DEVICES
+            ]:
+                opened = (
+                    _open_system_path(mount.source, plugin_id)
+                    if mount.root is None
+                    else open_grant(
+                        PathGrant(mount.source, mount.writable, root=mount.root),
+                        plugin_id=plugin_id,
+                    )
+                )
                 with opened:
-                    self.binds.append({"target": mount.target, "writable": mount.writable,
-                                       "exec": mount.exec, "device": device,
-                                       "host_path": opened.host_path, "dir": opened.is_dir,
-                                       "fd": len(self.fds)})
+                    self.binds.append(
+                        {
+                            "target": mount.target,
+                            "writable": mount.writable,
+                            "exec": mount.exec,
+                            "device": device,
+                            "host_path": opened.host_path,
+                            "dir": opened.is_dir,
+                            "fd": len(self.fds),
+                        }
+                    )
                     if not clone:
                         self._keep(os.dup(opened.fd))
                     elif mount.writable and mount.root is not None:  # a writable grant
                         tree, fell_back = owned_tree(
-                            opened.fd, path=opened.path, outside=(self.host_uid, self.host_gid),
-                            owner=spec.grant_owner, fallbacks=fallbacks, plugin_id=plugin_id)
+                            opened.fd,
+                            path=opened.path,
+                            outside=(self.host_uid, self.host_gid),
+                            owner=spec.grant_owner,
+                            fallbacks=fallbacks,
+                            plugin_id=plugin_id,
+                        )
                         self._keep(tree)
                         if fell_back:
                             self.fallbacks.add(IDMAP_FALLBACK)
                     else:
                         self._keep(_syscalls.open_tree(opened.fd))
             for copy in spec.copies:
-                self.copies.append({"target": copy.target, "fd": len(self.fds),
-                                    "name": os.path.basename(copy.source),
-                                    "size": _tree_size(copy.source),
-                                    "max_entries": MAX_COPY_ENTRIES})
+                self.copies.append(
+                    {
+                        "target": copy.target,
+                        "fd": len(self.fds),
+                        "name": os.path.basename(copy.source),
+                        "size": _tree_size(copy.source),
+                        "max_entries": MAX_COPY_ENTRIES,
+                    }
+                )
                 self._keep(_open_copy_source(copy.source, plugin_id))
         except BaseException:
             self.close()
@@ -128,8 +153,11 @@ def _open_system_path(path: str, plugin_id: str | None) -> OpenedPath:
     try:
         return open_path(path)
     except OSError as exc:
-        raise PluginLoadError(f"plugin {plugin_id}: {path} cannot be opened to mount it in the "
-                              f"sandbox: {exc.strerror}", plugin_id=plugin_id) from None
+        raise PluginLoadError(
+            f"plugin {plugin_id}: {path} cannot be opened to mount it in the "
+            f"sandbox: {exc.strerror}",
+            plugin_id=plugin_id,
+        ) from None
 
 
 def _open_copy_source(path: str, plugin_id: str | None) -> int:
@@ -138,13 +166,16 @@ def _open_copy_source(path: str, plugin_id: str | None) -> int:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
-        raise PluginLoadError(f"plugin {plugin_id}: {path} cannot be opened: "
-                              f"{exc.strerror}", plugin_id=plugin_id) from None
+        raise PluginLoadError(
+            f"plugin {plugin_id}: {path} cannot be opened: {exc.strerror}", plugin_id=plugin_id
+        ) from None
     mode = os.fstat(fd).st_mode
     if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
         os.close(fd)
-        raise PluginLoadError(f"plugin {plugin_id}: {path} is neither a directory nor a "
-                              "regular file", plugin_id=plugin_id)
+        raise PluginLoadError(
+            f"plugin {plugin_id}: {path} is neither a directory nor a regular file",
+            plugin_id=plugin_id,
+        )
     return fd
 
 
@@ -152,4 +183,3 @@ def release_uid(uid: int) -> None:
     """Give back the host uid a launch took (rootless, it is the caller's own: nothing to do)."""
     if os.geteuid() == 0:
         _ids.release(uid)
-

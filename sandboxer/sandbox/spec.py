@@ -24,8 +24,17 @@ from .profiles import load_profile
 if TYPE_CHECKING:
     from .sources import Sources
 
-__all__ = ["Mount", "LaunchSpec", "SANDBOX_UID", "SANDBOX_GID", "PLUGIN_MOUNT", "base_mounts",
-           "grant_mounts", "mask_plan", "build_spec"]
+__all__ = [
+    "Mount",
+    "LaunchSpec",
+    "SANDBOX_UID",
+    "SANDBOX_GID",
+    "PLUGIN_MOUNT",
+    "base_mounts",
+    "grant_mounts",
+    "mask_plan",
+    "build_spec",
+]
 
 SANDBOX_UID = SANDBOX_GID = 1000
 # /dev/tty: opening it reaches the caller's controlling terminal, which a sandboxed process
@@ -33,13 +42,27 @@ SANDBOX_UID = SANDBOX_GID = 1000
 DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom", "/dev/tty")
 # Read-only /etc pieces ordinary programs need (dynamic loader, alternatives for cc/node,
 # certificates, time zone, name service switch); missing ones are skipped.
-_ETC = ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/alternatives",
-        "/etc/ssl", "/etc/ca-certificates", "/etc/localtime", "/etc/nsswitch.conf",
-        "/etc/protocols", "/etc/services", "/etc/mime.types",
-        # what distribution detection, getusershell(3) and man(1) read; nothing host-unique
-        # (no machine-id, no hostname: the sandbox has its own)
-        "/etc/os-release", "/etc/debian_version", "/etc/lsb-release", "/etc/timezone",
-        "/etc/shells", "/etc/manpath.config")
+_ETC = (
+    "/etc/ld.so.cache",
+    "/etc/ld.so.conf",
+    "/etc/ld.so.conf.d",
+    "/etc/alternatives",
+    "/etc/ssl",
+    "/etc/ca-certificates",
+    "/etc/localtime",
+    "/etc/nsswitch.conf",
+    "/etc/protocols",
+    "/etc/services",
+    "/etc/mime.types",
+    # what distribution detection, getusershell(3) and man(1) read; nothing host-unique
+    # (no machine-id, no hostname: the sandbox has its own)
+    "/etc/os-release",
+    "/etc/debian_version",
+    "/etc/lsb-release",
+    "/etc/timezone",
+    "/etc/shells",
+    "/etc/manpath.config",
+)
 # Read-only pieces of /sys ordinary programs read: which CPUs there are (glibc's
 # get_nprocs, lscpu, thread pools sizing themselves). The rest of sysfs describes the host's
 # hardware and kernel, and is not mounted.
@@ -47,8 +70,18 @@ _SYS = ("/sys/devices/system/cpu", "/sys/devices/system/node")
 # The merged-usr links (/bin -> usr/bin, ...): the sandbox gets the same ones the host has.
 MERGED_USR = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
 # As Docker masks them (moby's oci defaults): kernel state that leaks or acts on the host.
-PROC_MASKED = ("/acpi", "/asound", "/kcore", "/keys", "/latency_stats", "/timer_list",
-               "/timer_stats", "/sched_debug", "/scsi", "/sysrq-trigger")
+PROC_MASKED = (
+    "/acpi",
+    "/asound",
+    "/kcore",
+    "/keys",
+    "/latency_stats",
+    "/timer_list",
+    "/timer_stats",
+    "/sched_debug",
+    "/scsi",
+    "/sysrq-trigger",
+)
 PROC_READONLY = ("/bus", "/fs", "/irq", "/sys")
 PLUGIN_MOUNT = "/plugin"
 # RLIMIT_FSIZE: no single file a plugin writes (in a writable grant, say) may pass this.
@@ -101,13 +134,15 @@ def grant_mounts(grants: tuple[PathGrant, ...]) -> list[Mount]:
     Each is opened once by ``Sources`` (beneath its root, through no link: sandbox/paths.py)
     and mounted from that fd; a link inside a granted directory resolves against the
     sandbox's root, not the host's."""
-    return [Mount(g.path, g.path, writable=g.writable, exec=not g.writable, root=g.root or "/")
-            for g in grants]
+    return [
+        Mount(g.path, g.path, writable=g.writable, exec=not g.writable, root=g.root or "/")
+        for g in grants
+    ]
 
 
-def mask_plan(denied: tuple[str, ...], mounts: list[Mount],
-              extra_views: dict[str, str] | None = None) -> tuple[tuple[str, ...],
-                                                                   tuple[str, ...]]:
+def mask_plan(
+    denied: tuple[str, ...], mounts: list[Mount], extra_views: dict[str, str] | None = None
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Where to mask each denied path inside the sandbox, and which directories to pin.
 
     A denied path inside a *writable* grant is the dangerous case: the plugin could create it
@@ -131,7 +166,8 @@ def mask_plan(denied: tuple[str, ...], mounts: list[Mount],
                 raise PluginLoadError(
                     f"denied path {path} does not exist, and it lies inside the writable "
                     f"allowed path {mount.target}: the plugin could create it; create it "
-                    "first, or deny the directory that would hold it")
+                    "first, or deny the directory that would hold it"
+                )
             rel = Path(path).relative_to(mount.target).parts[:-1]
             for depth in range(1, len(rel) + 1):
                 pins.append(str(Path(mount.target, *rel[:depth])))
@@ -141,8 +177,8 @@ def mask_plan(denied: tuple[str, ...], mounts: list[Mount],
 def _files(hostname: str) -> dict[str, str]:
     return {
         "/etc/passwd": f"root:x:0:0:root:/root:/usr/sbin/nologin\n"
-                       f"sandbox:x:{SANDBOX_UID}:{SANDBOX_GID}:sandbox:/tmp:/bin/sh\n"
-                       "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n",
+        f"sandbox:x:{SANDBOX_UID}:{SANDBOX_GID}:sandbox:/tmp:/bin/sh\n"
+        "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n",
         "/etc/group": f"root:x:0:\nsandbox:x:{SANDBOX_GID}:\nnogroup:x:65534:\n",
         "/etc/hostname": f"{hostname}\n",
         "/etc/hosts": f"127.0.0.1\tlocalhost {hostname}\n::1\tlocalhost\n",
@@ -158,8 +194,11 @@ def build_spec(spec: LaunchSpec, sources: Sources) -> dict[str, object]:
     targets = [m.target for m in mounts]
     if len(set(targets)) != len(targets):
         raise PluginLoadError(f"two mounts share a target: {sorted(targets)}")
-    symlinks = {f"/{d}": f"usr/{d}" for d in MERGED_USR
-                if os.path.islink(f"/{d}") and os.readlink(f"/{d}") == f"usr/{d}"}
+    symlinks = {
+        f"/{d}": f"usr/{d}"
+        for d in MERGED_USR
+        if os.path.islink(f"/{d}") and os.readlink(f"/{d}") == f"usr/{d}"
+    }
     writable = [m.target for m in mounts if m.writable]
     return {
         "argv": spec.argv,
@@ -177,8 +216,10 @@ def build_spec(spec: LaunchSpec, sources: Sources) -> dict[str, object]:
         "symlinks": symlinks,
         "files": {**_files("sandbox"), **spec.files},
         # A mask inside a writable grant must be made: missing, the plugin could create it.
-        "masks": [{"path": m, "required": any(Path(m).is_relative_to(w) for w in writable)}
-                  for m in spec.masks],
+        "masks": [
+            {"path": m, "required": any(Path(m).is_relative_to(w) for w in writable)}
+            for m in spec.masks
+        ],
         "pins": list(spec.pins),
         "proc_masked": list(PROC_MASKED),
         "proc_readonly": list(PROC_READONLY),
@@ -186,11 +227,15 @@ def build_spec(spec: LaunchSpec, sources: Sources) -> dict[str, object]:
         # From the profile itself, like the seccomp filter, not from the SandboxConfig: a
         # config built by hand with profile="strict" still gets strict's noexec /tmp.
         "tmp_exec": load_profile(sandbox.profile, spec.profile_dirs).tmp_exec,
-        "rlimits": {"core": 0, "nofile": sandbox.nofile, "fsize": MAX_FILE_SIZE,
-                    **({"as": spec.address_space_limit} if spec.address_space_limit else {}),
-                    **({"nproc": sandbox.pids_limit} if os.geteuid() == 0 else {})},
-        "seccomp_bpf": (None if spec.seccomp_bpf is None else
-                        base64.b64encode(spec.seccomp_bpf).decode()),
+        "rlimits": {
+            "core": 0,
+            "nofile": sandbox.nofile,
+            "fsize": MAX_FILE_SIZE,
+            **({"as": spec.address_space_limit} if spec.address_space_limit else {}),
+            **({"nproc": sandbox.pids_limit} if os.geteuid() == 0 else {}),
+        },
+        "seccomp_bpf": (
+            None if spec.seccomp_bpf is None else base64.b64encode(spec.seccomp_bpf).decode()
+        ),
         "network": {"mode": network_mode(sandbox), "host": PROXY_HOST, "port": PROXY_PORT},
     }
-

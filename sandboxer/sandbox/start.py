@@ -33,16 +33,28 @@ LAUNCHER = str(Path(__file__).with_name("launcher.py"))
 # The launcher's command line, as the plugin can read it in /proc/1/cmdline: no host path in
 # it. The script's location goes in the environment, which a plugin cannot read (the
 # launcher's processes are not dumpable once they change ids).
-_LAUNCHER_ARGV = ["sandboxer-launcher", "-I", "-S", "-c",
-                  "import os, sys; sys.path.insert(0, os.environ['SANDBOXER_LAUNCHER_DIR']); "
-                  "import launcher; launcher.main()"]
+_LAUNCHER_ARGV = [
+    "sandboxer-launcher",
+    "-I",
+    "-S",
+    "-c",
+    "import os, sys; sys.path.insert(0, os.environ['SANDBOXER_LAUNCHER_DIR']); "
+    "import launcher; launcher.main()",
+]
 
 
 class SandboxSetupError(SandboxUnavailable):
     """A step of the sandbox setup failed: names the step, the path and the errno."""
 
-    def __init__(self, message: str, *, missing: str, step: str | None = None,
-                 path: str | None = None, errno: int | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        missing: str,
+        step: str | None = None,
+        path: str | None = None,
+        errno: int | None = None,
+    ) -> None:
         super().__init__(message, missing=missing)
         self.step, self.path, self.errno = step, path, errno
 
@@ -80,37 +92,44 @@ def _proxy_listener(fds: list[int], mode: str) -> socket.socket | None:
         for sock in socks:
             sock.close()
         return None
-    if len(socks) == 1 and socks[0].type == socket.SOCK_STREAM \
-            and socks[0].family == socket.AF_INET \
-            and socks[0].getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+    if (
+        len(socks) == 1
+        and socks[0].type == socket.SOCK_STREAM
+        and socks[0].family == socket.AF_INET
+        and socks[0].getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    ):
         return socks[0]
     for sock in socks:
         sock.close()
-    raise SandboxSetupError("the sandbox launcher did not hand over the egress proxy's "
-                            "listening socket", missing="egress proxy port")
+    raise SandboxSetupError(
+        "the sandbox launcher did not hand over the egress proxy's listening socket",
+        missing="egress proxy port",
+    )
 
 
 def _setup_error(report: bytes) -> SandboxSetupError:
     try:
         info = json.loads(report.splitlines()[0])
     except (ValueError, IndexError):
-        return SandboxSetupError(f"the sandbox launcher failed: {report[:500]!r}",
-                                 missing="sandbox launcher")
+        return SandboxSetupError(
+            f"the sandbox launcher failed: {report[:500]!r}", missing="sandbox launcher"
+        )
     err = info.get("errno")
     where = f" ({info['path']})" if info.get("path") else ""
     code = f" [{_errno.errorcode.get(err, err)}]" if err is not None else ""
-    message = (f"sandbox setup failed at step {info.get('what')}{where}: "
-               f"{info.get('error')}{code}")
+    message = f"sandbox setup failed at step {info.get('what')}{where}: {info.get('error')}{code}"
     missing = info.get("step", "sandbox").lower()
-    if info.get("step") == "NAMESPACES" and err in (_errno.EPERM, _errno.ENOSPC,
-                                                     _errno.EINVAL):
-        message += ("; this host does not allow new user namespaces (check "
-                    "/proc/sys/user/max_user_namespaces and "
-                    "/proc/sys/kernel/unprivileged_userns_clone, or an AppArmor/SELinux "
-                    "policy restricting them)")
+    if info.get("step") == "NAMESPACES" and err in (_errno.EPERM, _errno.ENOSPC, _errno.EINVAL):
+        message += (
+            "; this host does not allow new user namespaces (check "
+            "/proc/sys/user/max_user_namespaces and "
+            "/proc/sys/kernel/unprivileged_userns_clone, or an AppArmor/SELinux "
+            "policy restricting them)"
+        )
         missing = "user namespaces"
-    return SandboxSetupError(message, missing=missing, step=info.get("step"),
-                             path=info.get("path"), errno=err)
+    return SandboxSetupError(
+        message, missing=missing, step=info.get("step"), path=info.get("path"), errno=err
+    )
 
 
 def _write_id_maps(pid: int, host_uid: int, host_gid: int) -> None:
@@ -125,16 +144,22 @@ def _write_id_maps(pid: int, host_uid: int, host_gid: int) -> None:
 def _send_fds(sock: socket.socket, fds: list[int]) -> None:
     """The sources, in order, over the status socket (SCM_RIGHTS: at most 253 a message)."""
     for start in range(0, len(fds), 200):
-        socket.send_fds(sock, [b"F"], fds[start:start + 200])
+        socket.send_fds(sock, [b"F"], fds[start : start + 200])
 
 
-async def launch(spec: LaunchSpec, *, rpc_fd: int, logger: logging.Logger,
-                 setup_timeout: float = SETUP_TIMEOUT,
-                 on_spawn: Callable[[int], Awaitable[None]] | None = None,
-                 egress: EgressEndpoint | None = None,
-                 sinks: tuple[Callable[[bytes], None], Callable[[bytes], None]] | None = None,
-                 plugin_id: str | None = None, sources: Sources | None = None,
-                 stdin: int | None = None) -> tuple[child.PluginProcess, int]:
+async def launch(
+    spec: LaunchSpec,
+    *,
+    rpc_fd: int,
+    logger: logging.Logger,
+    setup_timeout: float = SETUP_TIMEOUT,
+    on_spawn: Callable[[int], Awaitable[None]] | None = None,
+    egress: EgressEndpoint | None = None,
+    sinks: tuple[Callable[[bytes], None], Callable[[bytes], None]] | None = None,
+    plugin_id: str | None = None,
+    sources: Sources | None = None,
+    stdin: int | None = None,
+) -> tuple[child.PluginProcess, int]:
     """Start ``spec`` sandboxed; returns the process (the launcher, whose exit status is the
     plugin's) and the host uid it maps to (release it with ``sources.release_uid`` when it is gone).
     ``on_spawn(pid)`` runs before the launcher may go on: the place to put it in a cgroup.
@@ -145,8 +170,9 @@ async def launch(spec: LaunchSpec, *, rpc_fd: int, logger: logging.Logger,
     if network_mode(spec.sandbox) == "proxy" and egress is None:
         if sources is not None:
             sources.discard()
-        raise SandboxUnavailable("allowed_hosts needs the egress proxy, and none was given",
-                                 missing="egress proxy")
+        raise SandboxUnavailable(
+            "allowed_hosts needs the egress proxy, and none was given", missing="egress proxy"
+        )
     if sources is None:
         sources = Sources(spec, plugin_id=plugin_id)
     host_uid, host_gid = sources.host_uid, sources.host_gid
@@ -162,11 +188,17 @@ async def launch(spec: LaunchSpec, *, rpc_fd: int, logger: logging.Logger,
     # back over it.
     status, status_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        proc = child.spawn(_LAUNCHER_ARGV, {"PATH": "/usr/bin:/bin",
-                                            "SANDBOXER_LAUNCHER_DIR": os.path.dirname(LAUNCHER)},
-                           rpc_fd=rpc_fd, logger=logger, executable=sys.executable,
-                           extra_fds={4: control_r, 5: status_w.fileno()}, sinks=sinks,
-                           stdin=stdin, owner=(host_uid, host_gid))
+        proc = child.spawn(
+            _LAUNCHER_ARGV,
+            {"PATH": "/usr/bin:/bin", "SANDBOXER_LAUNCHER_DIR": os.path.dirname(LAUNCHER)},
+            rpc_fd=rpc_fd,
+            logger=logger,
+            executable=sys.executable,
+            extra_fds={4: control_r, 5: status_w.fileno()},
+            sinks=sinks,
+            stdin=stdin,
+            owner=(host_uid, host_gid),
+        )
     except BaseException:
         for fd in (control_r, control_w):
             os.close(fd)
@@ -189,17 +221,23 @@ async def launch(spec: LaunchSpec, *, rpc_fd: int, logger: logging.Logger,
             if first != b"U\n":
                 if listener is not None:
                     listener.close()
-                raise _setup_error(first) if first else SandboxSetupError(
-                    f"the sandbox launcher exited during setup ({proc.describe_exit()})",
-                    missing="sandbox launcher")
+                raise (
+                    _setup_error(first)
+                    if first
+                    else SandboxSetupError(
+                        f"the sandbox launcher exited during setup ({proc.describe_exit()})",
+                        missing="sandbox launcher",
+                    )
+                )
             if egress is not None and mode == "proxy":
                 await egress.start(listener)
             try:
                 _write_id_maps(proc.pid, host_uid, host_gid)
             except OSError as exc:
                 raise SandboxSetupError(
-                    f"writing the user namespace id maps failed: {exc.strerror} "
-                    f"({exc.filename})", missing="user namespace id maps") from exc
+                    f"writing the user namespace id maps failed: {exc.strerror} ({exc.filename})",
+                    missing="user namespace id maps",
+                ) from exc
             os.write(control_w, b"G")
             report = b""
             while True:
@@ -214,11 +252,12 @@ async def launch(spec: LaunchSpec, *, rpc_fd: int, logger: logging.Logger,
         await proc.close()
         sources.discard()
         if isinstance(exc, TimeoutError):
-            raise SandboxSetupError(f"the sandbox setup did not finish within "
-                                    f"{setup_timeout:g}s", missing="sandbox launcher") from None
+            raise SandboxSetupError(
+                f"the sandbox setup did not finish within {setup_timeout:g}s",
+                missing="sandbox launcher",
+            ) from None
         raise
     finally:
         os.close(control_w)
         status.close()
     return proc, host_uid
-

@@ -92,13 +92,22 @@ from ._wasi import WasiContexts, define_wasi
 __all__ = ["WasmEngine", "WasmLoader", "WasmHandle", "WASM_MAGIC"]
 
 
-
 class WasmHandle:
     """One generation of a wasm plugin: its instance pool (or, for a WASI command, a runner)."""
 
-    def __init__(self, plugin: Plugin, sandbox: SandboxConfig, engine: WasmEngine,
-                 module: wasmtime.Module, digest: str, layout: Layout, *, pool_size: int,
-                 egress: EgressProxy, grants: tuple[OpenedPath, ...] = ()) -> None:
+    def __init__(
+        self,
+        plugin: Plugin,
+        sandbox: SandboxConfig,
+        engine: WasmEngine,
+        module: wasmtime.Module,
+        digest: str,
+        layout: Layout,
+        *,
+        pool_size: int,
+        egress: EgressProxy,
+        grants: tuple[OpenedPath, ...] = (),
+    ) -> None:
         self.plugin = plugin
         # The host policy's fallbacks this generation runs under ("rw-without-idmap": a
         # writable grant WASI writes as the supervisor's own uid).
@@ -116,17 +125,27 @@ class WasmHandle:
         self._methods = layout.methods
         self._config: dict[str, Any] = dict(plugin.config)
         self._log = logging.getLogger(f"sandboxer.plugin.{plugin.id}")
-        self._host = HostFunctions(plugin.id, sandbox, config=self._config, log=self._log,
-                                   egress=egress)
-        self._wasi = WasiContexts(plugin.id, enabled=layout.uses_wasi, grants=grants,
-                                  engine=engine, log=self._log,
-                                  closed_error=self._closed_error)
+        self._host = HostFunctions(
+            plugin.id, sandbox, config=self._config, log=self._log, egress=egress
+        )
+        self._wasi = WasiContexts(
+            plugin.id,
+            enabled=layout.uses_wasi,
+            grants=grants,
+            engine=engine,
+            log=self._log,
+            closed_error=self._closed_error,
+        )
         self._linker = self._make_linker()
         self._loop = asyncio.get_running_loop()
         self._executor = engine.executor
-        self._pool = Pool(plugin.id, executor=self._executor, new_instance=self._new_instance,
-                          reinit=self._reinit if "init" in layout.lifecycle else None,
-                          fail=self._fail)
+        self._pool = Pool(
+            plugin.id,
+            executor=self._executor,
+            new_instance=self._new_instance,
+            reinit=self._reinit if "init" in layout.lifecycle else None,
+            fail=self._fail,
+        )
         self._idle = self._pool.idle  # the hot path's: the pool's list, changed in place
         self._offloop: set[asyncio.Future[Any]] = set()
         self._commands: set[Store] = set()  # stores of WASI command runs in progress
@@ -176,10 +195,10 @@ class WasmHandle:
             raise
         inst.release()
         if inst.timed_out:
-            detail = f"it did not finish within {self._timeout:g}s (start function or " \
-                     "_initialize)"
-        raise PluginLoadError(f"plugin {self.plugin.id}: {step}: {detail}",
-                              plugin_id=self.plugin.id)
+            detail = f"it did not finish within {self._timeout:g}s (start function or _initialize)"
+        raise PluginLoadError(
+            f"plugin {self.plugin.id}: {step}: {detail}", plugin_id=self.plugin.id
+        )
 
     async def _reinit(self, inst: Instance) -> None:
         """Initialise a fresh instance (for one that trapped) with the current config."""
@@ -206,8 +225,9 @@ class WasmHandle:
                 callback(error)
 
     def _closed_error(self) -> PluginStateError:
-        return PluginStateError(f"plugin {self.plugin.id}: this generation is closed",
-                                plugin_id=self.plugin.id)
+        return PluginStateError(
+            f"plugin {self.plugin.id}: this generation is closed", plugin_id=self.plugin.id
+        )
 
     # -- calls -----------------------------------------------------------------------------------
     @property
@@ -222,12 +242,16 @@ class WasmHandle:
         m = self._methods.get(method)
         if m is None:
             if self._layout.command and self.plugin.methods is None and method not in LIFECYCLE:
-                return await self._command(method, args, self._timeout if timeout is None
-                                           else timeout)
+                return await self._command(
+                    method, args, self._timeout if timeout is None else timeout
+                )
             raise MethodNotFound(
                 f"plugin {self.plugin.id} has no method {method!r} "
                 f"(methods: {', '.join(self.methods) or 'none'})",
-                plugin_id=self.plugin.id, method=method, available=list(self.methods))
+                plugin_id=self.plugin.id,
+                method=method,
+                available=list(self.methods),
+            )
         if timeout is None:
             timeout = self._timeout
         if self._layout.command:
@@ -261,8 +285,7 @@ class WasmHandle:
             if inst.busy:
                 self._pool.release(inst)
 
-    async def _off_loop(self, inst: Instance, work_fn: Callable[..., None], *args: Any
-                        ) -> None:
+    async def _off_loop(self, inst: Instance, work_fn: Callable[..., None], *args: Any) -> None:
         """Run ``work_fn(*args)`` (finish a suspended call, or make a whole one) on a worker
         thread; the loop waits without blocking."""
         work = self._loop.run_in_executor(self._executor, work_fn, *args)
@@ -286,13 +309,15 @@ class WasmHandle:
 
     def _call_failure(self, inst: Instance, method: str, timeout: float) -> SandboxerError:
         """The error for a call that trapped; the instance is marked for replacement."""
-        error = call_failure(self.plugin.id, inst, method, timeout, self._sandbox,
-                             closed=self._closed)
+        error = call_failure(
+            self.plugin.id, inst, method, timeout, self._sandbox, closed=self._closed
+        )
         self._peak = max(self._peak, inst.memory_size())
         return error
 
-    async def _complete(self, inst: Instance, bound: Bound, future: _wt.FuturePtr | None,
-                        timeout: float) -> None:
+    async def _complete(
+        self, inst: Instance, bound: Bound, future: _wt.FuturePtr | None, timeout: float
+    ) -> None:
         """Off the loop: finish a call that yielded, or (``future`` None) make the whole call
         there, for a module that may block in WASI."""
         if future is not None:
@@ -330,8 +355,11 @@ class WasmHandle:
         if size > limit:
             raise MemoryLimitExceeded(
                 f"plugin {pid}: the arguments of {method} ({n} bytes) do not fit in its "
-                f"memory limit ({limit} bytes)", limit=limit, peak=inst.memory_size(),
-                plugin_id=pid)
+                f"memory limit ({limit} bytes)",
+                limit=limit,
+                peak=inst.memory_size(),
+                plugin_id=pid,
+            )
         bound = inst.bound["sandboxer_alloc"]
         bound.arg[0].i32 = size
         await self._run(inst, "sandboxer_alloc", timeout)
@@ -343,11 +371,19 @@ class WasmHandle:
                 raise MemoryLimitExceeded(
                     f"plugin {pid}: sandboxer_alloc({size}) for the arguments of {method} "
                     f"failed at the memory limit ({limit} bytes; linear memory {memory} "
-                    "bytes)", limit=limit, peak=memory, plugin_id=pid)
+                    "bytes)",
+                    limit=limit,
+                    peak=memory,
+                    plugin_id=pid,
+                )
             inst.broken = True
-            raise PluginCallError(f"plugin {pid}: sandboxer_alloc({size}) returned {ptr}, "
-                                  f"not a buffer inside its memory ({memory} bytes)",
-                                  code=INTERNAL_ERROR, plugin_id=pid, method=method)
+            raise PluginCallError(
+                f"plugin {pid}: sandboxer_alloc({size}) returned {ptr}, "
+                f"not a buffer inside its memory ({memory} bytes)",
+                code=INTERNAL_ERROR,
+                plugin_id=pid,
+                method=method,
+            )
         inst.use_buffer(ptr, size)
 
     # -- WASI command modules: one fresh instance per call -------------------------------------
@@ -357,16 +393,32 @@ class WasmHandle:
         try:
             payload = _json.dumps(list(args))
         except TypeError as exc:
-            raise PluginCallError(f"plugin {self.plugin.id}: arguments of {method} are not "
-                                  f"JSON values: {exc}", code=INVALID_PARAMS,
-                                  plugin_id=self.plugin.id, method=method) from None
+            raise PluginCallError(
+                f"plugin {self.plugin.id}: arguments of {method} are not JSON values: {exc}",
+                code=INVALID_PARAMS,
+                plugin_id=self.plugin.id,
+                method=method,
+            ) from None
         async with self._slots:
             work = self._loop.run_in_executor(
-                self._executor, functools.partial(
-                    run_command, self.plugin.id, method, payload, timeout,
-                    engine=self._engine, sandbox=self._sandbox, module=self._module,
-                    linker=self._linker, wasi=self._wasi, commands=self._commands,
-                    closed=self._is_closed, max_output=self._max_output, log=self._log))
+                self._executor,
+                functools.partial(
+                    run_command,
+                    self.plugin.id,
+                    method,
+                    payload,
+                    timeout,
+                    engine=self._engine,
+                    sandbox=self._sandbox,
+                    module=self._module,
+                    linker=self._linker,
+                    wasi=self._wasi,
+                    commands=self._commands,
+                    closed=self._is_closed,
+                    max_output=self._max_output,
+                    log=self._log,
+                ),
+            )
             self._offloop.add(work)
             work.add_done_callback(self._offloop.discard)
             return await asyncio.shield(work)
@@ -375,8 +427,9 @@ class WasmHandle:
         return self._closed
 
     # -- lifecycle -------------------------------------------------------------------------------
-    async def _lifecycle(self, name: str, args: list[Any], *,
-                         every: bool = False) -> tuple[bool, Any]:
+    async def _lifecycle(
+        self, name: str, args: list[Any], *, every: bool = False
+    ) -> tuple[bool, Any]:
         """Call a lifecycle export: ``(True, result)``, or ``(False, None)`` when the module
         lacks it or answers -32601 (not implemented, as on the wire)."""
         if name not in self._layout.lifecycle:
@@ -452,9 +505,16 @@ class WasmLoader:
 
     kind = LoaderType.WASM
 
-    def __init__(self, engine: WasmEngine, *, pool_size: int = 1, max_frame: int = DEFAULT_MAX_FRAME,
-                 egress: EgressProxy | None = None, fallbacks: tuple[str, ...] = (),
-                 grant_owner: tuple[int, int] | None = None) -> None:
+    def __init__(
+        self,
+        engine: WasmEngine,
+        *,
+        pool_size: int = 1,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        egress: EgressProxy | None = None,
+        fallbacks: tuple[str, ...] = (),
+        grant_owner: tuple[int, int] | None = None,
+    ) -> None:
         self._engine = engine
         self._egress = egress if egress is not None else EgressProxy()
         self._pool_size = pool_size
@@ -472,26 +532,36 @@ class WasmLoader:
                 f"plugin {pid}: asks for cpu_limit = {requested:g}, which cannot be enforced "
                 "for wasm in the supervisor's process (a call runs on one thread, bounded by "
                 "its timeout and, if set, fuel); remove cpu_limit or set fuel",
-                missing="cpu quota for in-process wasm", plugin_id=pid)
+                missing="cpu quota for in-process wasm",
+                plugin_id=pid,
+            )
         for grant in sandbox.allowed_paths:
             for outer in sandbox.allowed_paths:
-                if outer.writable and not grant.writable and grant.path != outer.path \
-                        and grant.path.startswith(outer.path.rstrip("/") + "/"):
+                if (
+                    outer.writable
+                    and not grant.writable
+                    and grant.path != outer.path
+                    and grant.path.startswith(outer.path.rstrip("/") + "/")
+                ):
                     raise PluginLoadError(
                         f"plugin {pid}: allowed path {grant.path} is read-only but lies inside "
                         f"the writable allowed path {outer.path}; WASI would let the plugin "
                         f"write it through {outer.path}, so wasm plugins may not have it "
-                        "(grant it writable, or grant narrower directories)", plugin_id=pid)
+                        "(grant it writable, or grant narrower directories)",
+                        plugin_id=pid,
+                    )
             for denied in sandbox.denied_paths:
                 if denied == grant.path or denied.startswith(grant.path.rstrip("/") + "/"):
                     raise PluginLoadError(
                         f"plugin {pid}: denied path {denied} lies inside allowed path "
                         f"{grant.path}; WASI cannot mask part of a preopened directory, so "
                         "wasm plugins may not have it (allow narrower directories instead)",
-                        plugin_id=pid)
+                        plugin_id=pid,
+                    )
 
-    def _open_grants(self, plugin: Plugin, sandbox: SandboxConfig
-                     ) -> tuple[tuple[OpenedPath, ...], tuple[str, ...]]:
+    def _open_grants(
+        self, plugin: Plugin, sandbox: SandboxConfig
+    ) -> tuple[tuple[OpenedPath, ...], tuple[str, ...]]:
         """Open every allowed path once, for this generation's life: beneath its path root
         through no link (or, an operator's grant, from /), and check that what was opened
         is a directory. The check and every later use are of the same descriptor, so what
@@ -509,11 +579,17 @@ class WasmLoader:
                     raise PluginLoadError(
                         f"plugin {pid}: allowed path {grant.path} is not a directory (it is "
                         f"{path.host_path}); WASI can only be given directories",
-                        plugin_id=pid)
+                        plugin_id=pid,
+                    )
                 if grant.writable and os.geteuid() == 0:
-                    tree, plain = owned_tree(path.fd, path=grant.path, outside=(0, 0),
-                                             owner=self._grant_owner, fallbacks=self._fallbacks,
-                                             plugin_id=pid)
+                    tree, plain = owned_tree(
+                        path.fd,
+                        path=grant.path,
+                        outside=(0, 0),
+                        owner=self._grant_owner,
+                        fallbacks=self._fallbacks,
+                        plugin_id=pid,
+                    )
                     fell_back |= plain
                     path.close()
                     path.fd = tree
@@ -529,22 +605,26 @@ class WasmLoader:
         try:
             data = path.read_bytes()
         except OSError as exc:
-            raise PluginLoadError(f"plugin {pid}: cannot read {path}: {exc.strerror}",
-                                  plugin_id=pid) from None
+            raise PluginLoadError(
+                f"plugin {pid}: cannot read {path}: {exc.strerror}", plugin_id=pid
+            ) from None
         if data[:4] != WASM_MAGIC:
-            raise PluginLoadError(f"plugin {pid}: {path} is not a WebAssembly module (it does "
-                                  "not start with \\0asm)", plugin_id=pid)
+            raise PluginLoadError(
+                f"plugin {pid}: {path} is not a WebAssembly module (it does not start with \\0asm)",
+                plugin_id=pid,
+            )
         import hashlib
+
         digest = hashlib.sha256(data).hexdigest()
         try:
             return self._engine.module(data, digest), digest
         except wasmtime.WasmtimeError as exc:
             detail = str(exc).strip().replace("\n", "; ")
-            raise PluginLoadError(f"plugin {pid}: {path} is not a valid WebAssembly module: "
-                                  f"{detail}", plugin_id=pid) from None
+            raise PluginLoadError(
+                f"plugin {pid}: {path} is not a valid WebAssembly module: {detail}", plugin_id=pid
+            ) from None
 
-    async def start(self, plugin: Plugin, sandbox: SandboxConfig, *,
-                    generation: int) -> WasmHandle:
+    async def start(self, plugin: Plugin, sandbox: SandboxConfig, *, generation: int) -> WasmHandle:
         self._check_sandbox(plugin, sandbox)
         grants, fallbacks = self._open_grants(plugin, sandbox)
         try:
@@ -557,11 +637,11 @@ class WasmLoader:
         await handle.start()  # closes the handle, and with it the grants, if it fails
         return handle
 
-    async def _make_handle(self, plugin: Plugin, sandbox: SandboxConfig,
-                           grants: tuple[OpenedPath, ...]) -> WasmHandle:
+    async def _make_handle(
+        self, plugin: Plugin, sandbox: SandboxConfig, grants: tuple[OpenedPath, ...]
+    ) -> WasmHandle:
         loop = asyncio.get_running_loop()
-        module, digest = await loop.run_in_executor(self._engine.executor, self._compile,
-                                                    plugin)
+        module, digest = await loop.run_in_executor(self._engine.executor, self._compile, plugin)
         pool = self._pool_size
         try:
             layout = Layout.of(plugin, module)
@@ -569,9 +649,19 @@ class WasmLoader:
                 raise PluginLoadError(
                     f"plugin {plugin.id}: exports state, so it must run as one instance; the "
                     f"host's wasm_instances = {pool} would split its state",
-                    plugin_id=plugin.id)
-            handle = WasmHandle(plugin, sandbox, self._engine, module, digest, layout,
-                                pool_size=pool, egress=self._egress, grants=grants)
+                    plugin_id=plugin.id,
+                )
+            handle = WasmHandle(
+                plugin,
+                sandbox,
+                self._engine,
+                module,
+                digest,
+                layout,
+                pool_size=pool,
+                egress=self._egress,
+                grants=grants,
+            )
         except BaseException:
             self._engine.release(digest)
             raise

@@ -17,8 +17,22 @@ from ...errors import PluginLoadError
 from ...manifest import Plugin
 
 __all__ = [
-    "LIFECYCLE", "I32", "I64", "F32", "F64", "KINDS", "FIELDS", "RANGES", "HOST_FUNCTIONS",
-    "WASI_MODULE", "JSON_SIGNATURE", "Signature", "signature", "show", "Method", "Layout",
+    "LIFECYCLE",
+    "I32",
+    "I64",
+    "F32",
+    "F64",
+    "KINDS",
+    "FIELDS",
+    "RANGES",
+    "HOST_FUNCTIONS",
+    "WASI_MODULE",
+    "JSON_SIGNATURE",
+    "Signature",
+    "signature",
+    "show",
+    "Method",
+    "Layout",
 ]
 
 LIFECYCLE = LIFECYCLE_HOOKS
@@ -27,7 +41,7 @@ _SPECIAL = {"sandboxer_alloc", "sandboxer_free", "_start", "_initialize", *LIFEC
 
 I32, I64, F32, F64 = 0, 1, 2, 3  # wasmtime_valkind_t
 KINDS = {"i32": I32, "i64": I64, "f32": F32, "f64": F64}
-FIELDS = {I32: "i32", I64: "i64", F32: "f32", F64: "f64"}     # the wasmtime_val_t union's
+FIELDS = {I32: "i32", I64: "i64", F32: "f32", F64: "f64"}  # the wasmtime_val_t union's
 RANGES = {I32: (-(1 << 31), 1 << 32), I64: (-(1 << 63), 1 << 64)}  # what a caller may pass
 
 Signature = tuple[tuple[str, ...], tuple[str, ...]]  # (params, results), as wasmtime names them
@@ -70,10 +84,10 @@ class Layout:
     # Imports WASI's poll_oneoff, which can sleep, or http_request, which waits on the
     # network: either would hold the event loop, so no call of it may start there.
     blocks: bool
-    command: bool        # a WASI command (_start): one fresh instance per call
-    initialize: bool     # exports _initialize (a WASI reactor's constructor)
-    alloc: bool          # exports sandboxer_alloc
-    free: bool           # exports sandboxer_free
+    command: bool  # a WASI command (_start): one fresh instance per call
+    initialize: bool  # exports _initialize (a WASI reactor's constructor)
+    alloc: bool  # exports sandboxer_alloc
+    free: bool  # exports sandboxer_free
     lifecycle: frozenset[str]
     methods: Mapping[str, Method]
 
@@ -103,12 +117,16 @@ class Layout:
                     raise refuse(f"imports {where} as something other than a function")
                 want = HOST_FUNCTIONS[imp.name]
                 if signature(imp.type) != want:
-                    raise refuse(f"imports {where} with signature {show(signature(imp.type))}"
-                                 f"; sandboxer provides it as {show(want)}")
+                    raise refuse(
+                        f"imports {where} with signature {show(signature(imp.type))}"
+                        f"; sandboxer provides it as {show(want)}"
+                    )
                 continue
             provided = ", ".join(f"sandboxer.{n}" for n in HOST_FUNCTIONS)
-            raise refuse(f"imports {where}, which sandboxer does not provide (a wasm plugin "
-                         f"may import {WASI_MODULE} functions and {provided})")
+            raise refuse(
+                f"imports {where}, which sandboxer does not provide (a wasm plugin "
+                f"may import {WASI_MODULE} functions and {provided})"
+            )
 
         funcs: dict[str, Signature] = {}
         has_memory = False
@@ -122,8 +140,10 @@ class Layout:
             if name not in funcs:
                 return False
             if funcs[name] != sig:
-                raise refuse(f"export {name} has signature {show(funcs[name])}; sandboxer "
-                             f"calls it as {show(sig)}")
+                raise refuse(
+                    f"export {name} has signature {show(funcs[name])}; sandboxer "
+                    f"calls it as {show(sig)}"
+                )
             return True
 
         command = expect("_start", ((), ()))
@@ -132,14 +152,17 @@ class Layout:
         free = expect("sandboxer_free", (("i32", "i32"), ()))
         json_abi = alloc and has_memory
         if alloc and not has_memory:
-            raise refuse("exports sandboxer_alloc but no memory named \"memory\"; the JSON ABI "
-                         "needs both")
+            raise refuse(
+                'exports sandboxer_alloc but no memory named "memory"; the JSON ABI needs both'
+            )
         lifecycle: set[str] = set()
         for name in LIFECYCLE:
             if name in funcs:
                 if not json_abi:
-                    raise refuse(f"exports {name} but not the JSON ABI (memory and "
-                                 "sandboxer_alloc) that lifecycle calls use")
+                    raise refuse(
+                        f"exports {name} but not the JSON ABI (memory and "
+                        "sandboxer_alloc) that lifecycle calls use"
+                    )
                 expect(name, JSON_SIGNATURE)
                 lifecycle.add(name)
         if (EXPORT_STATE in lifecycle) != (IMPORT_STATE in lifecycle):
@@ -147,9 +170,16 @@ class Layout:
             raise refuse(f"exports only one of export_state/import_state (add {missing})")
 
         def layout(methods: dict[str, Method]) -> Layout:
-            return cls(uses_wasi=uses_wasi, blocks=blocks, command=command,
-                       initialize=initialize, alloc=alloc, free=free,
-                       lifecycle=frozenset(lifecycle), methods=methods)
+            return cls(
+                uses_wasi=uses_wasi,
+                blocks=blocks,
+                command=command,
+                initialize=initialize,
+                alloc=alloc,
+                free=free,
+                lifecycle=frozenset(lifecycle),
+                methods=methods,
+            )
 
         if command:
             return layout({name: Method(name, json=True) for name in plugin.methods or ()})
@@ -162,18 +192,24 @@ class Layout:
             if json_abi and sig == JSON_SIGNATURE:
                 usable[name] = Method(name, json=True)
             elif all(t in KINDS for t in params + results):
-                usable[name] = Method(name, json=False,
-                                      params=tuple(KINDS[t] for t in params),
-                                      results=tuple(KINDS[t] for t in results))
+                usable[name] = Method(
+                    name,
+                    json=False,
+                    params=tuple(KINDS[t] for t in params),
+                    results=tuple(KINDS[t] for t in results),
+                )
             else:
                 unusable[name] = show(sig)
         if plugin.methods is not None:
             for name in plugin.methods:
                 if name in unusable:
-                    raise refuse(f"method {name} has signature {unusable[name]}, which is "
-                                 "neither numeric nor the JSON ABI (i32, i32) -> (i64)")
+                    raise refuse(
+                        f"method {name} has signature {unusable[name]}, which is "
+                        "neither numeric nor the JSON ABI (i32, i32) -> (i64)"
+                    )
                 if name not in usable:
-                    raise refuse(f"the manifest lists method {name}, which the module does "
-                                 "not export")
+                    raise refuse(
+                        f"the manifest lists method {name}, which the module does not export"
+                    )
             usable = {n: m for n, m in usable.items() if n in plugin.methods}
         return layout(usable)

@@ -31,13 +31,17 @@ from ._engine import MAX_WASM_STACK
 from ._instance import Bound, Instance
 
 __all__ = [
-    "encode", "put_numbers", "get_numbers", "json_result",
-    "envelope", "call_failure", "first_line",
+    "encode",
+    "put_numbers",
+    "get_numbers",
+    "json_result",
+    "envelope",
+    "call_failure",
+    "first_line",
 ]
 
 # The start of a result the fast path parses in place: {"result": ...} (compared as a buffer).
 _RESULT_HEAD = memoryview(b'{"result":')
-
 
 
 def encode(plugin_id: str, method: str, args: Any) -> bytes:
@@ -45,19 +49,26 @@ def encode(plugin_id: str, method: str, args: Any) -> bytes:
     try:
         return _json.dumps(args)
     except TypeError as exc:
-        raise PluginCallError(f"plugin {plugin_id}: arguments of {method} are not "
-                              f"JSON values: {exc}", code=INVALID_PARAMS,
-                              plugin_id=plugin_id, method=method) from None
+        raise PluginCallError(
+            f"plugin {plugin_id}: arguments of {method} are not JSON values: {exc}",
+            code=INVALID_PARAMS,
+            plugin_id=plugin_id,
+            method=method,
+        ) from None
 
 
-def put_numbers(plugin_id: str, bound: Bound, m: Method, method: str,
-                args: tuple[Any, ...]) -> None:
+def put_numbers(
+    plugin_id: str, bound: Bound, m: Method, method: str, args: tuple[Any, ...]
+) -> None:
     """Write a numeric export's arguments into its value array, each checked for its kind."""
     if len(args) != len(m.params):
         raise PluginCallError(
             f"plugin {plugin_id}: {method} takes {len(m.params)} numeric "
-            f"argument(s), got {len(args)}", code=INVALID_PARAMS,
-            plugin_id=plugin_id, method=method)
+            f"argument(s), got {len(args)}",
+            code=INVALID_PARAMS,
+            plugin_id=plugin_id,
+            method=method,
+        )
     for i, kind in enumerate(m.params):
         value = args[i]
         if kind in (I32, I64):
@@ -87,18 +98,19 @@ def get_numbers(bound: Bound, m: Method) -> Any:
     return [getattr(bound.result[i], FIELDS[k]) for i, k in enumerate(kinds)]
 
 
-def _bad_number(plugin_id: str, method: str, index: int, value: Any,
-                kind: int) -> PluginCallError:
+def _bad_number(plugin_id: str, method: str, index: int, value: Any, kind: int) -> PluginCallError:
     name = FIELDS[kind]
     expected = "an integer in range" if kind in RANGES else "a number"
     return PluginCallError(
         f"plugin {plugin_id}: argument {index + 1} of {method} must be {expected} "
-        f"for {name}, not {value!r}", code=INVALID_PARAMS, plugin_id=plugin_id,
-        method=method)
+        f"for {name}, not {value!r}",
+        code=INVALID_PARAMS,
+        plugin_id=plugin_id,
+        method=method,
+    )
 
 
-def json_result(plugin_id: str, inst: Instance, bound: Bound, method: str,
-                max_output: int) -> Any:
+def json_result(plugin_id: str, inst: Instance, bound: Bound, method: str, max_output: int) -> Any:
     """Read ``{"result": …}`` or ``{"error": …}`` from the (ptr << 32 | len) a call gave."""
     packed = bound.result[0].i64 & 0xFFFF_FFFF_FFFF_FFFF
     ptr, length = packed >> 32, packed & 0xFFFF_FFFF
@@ -107,17 +119,23 @@ def json_result(plugin_id: str, inst: Instance, bound: Bound, method: str,
         inst.broken = True
         raise PluginCallError(
             f"plugin {plugin_id}: {method} returned a result at {ptr}+{length}, "
-            f"outside its memory ({len(inst.view)} bytes)", code=INTERNAL_ERROR,
-            plugin_id=plugin_id, method=method)
+            f"outside its memory ({len(inst.view)} bytes)",
+            code=INTERNAL_ERROR,
+            plugin_id=plugin_id,
+            method=method,
+        )
     if length > max_output:
         raise PluginCallError(
             f"plugin {plugin_id}: {method} returned {length} bytes, more than the "
-            f"{max_output}-byte limit", code=INTERNAL_ERROR,
-            plugin_id=plugin_id, method=method)
+            f"{max_output}-byte limit",
+            code=INTERNAL_ERROR,
+            plugin_id=plugin_id,
+            method=method,
+        )
     view = inst.view
-    if length > 10 and view[ptr:ptr + 10] == _RESULT_HEAD and view[end - 1] == 0x7D:
+    if length > 10 and view[ptr : ptr + 10] == _RESULT_HEAD and view[end - 1] == 0x7D:
         try:
-            return orjson.loads(view[ptr + 10:end - 1])
+            return orjson.loads(view[ptr + 10 : end - 1])
         except orjson.JSONDecodeError:
             pass  # e.g. {"result":1,"x":2}: the full check below names the problem
     return envelope(plugin_id, bytes(view[ptr:end]), method)
@@ -130,26 +148,46 @@ def envelope(plugin_id: str, raw: bytes, method: str) -> Any:
     try:
         reply = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise PluginCallError(f"plugin {pid}: {method} returned invalid JSON or UTF-8: "
-                              f"{exc}", code=INTERNAL_ERROR, plugin_id=pid,
-                              method=method) from None
+        raise PluginCallError(
+            f"plugin {pid}: {method} returned invalid JSON or UTF-8: {exc}",
+            code=INTERNAL_ERROR,
+            plugin_id=pid,
+            method=method,
+        ) from None
     if type(reply) is dict and len(reply) == 1:
         if "result" in reply:
             return reply["result"]
         error = reply.get("error")
-        if (type(error) is dict and type(error.get("code")) is int
-                and type(error.get("message")) is str):
-            raise PluginCallError(f"plugin {pid}: {method}: {error['message']}",
-                                  code=error["code"], data=error.get("data"),
-                                  plugin_id=pid, method=method)
+        if (
+            type(error) is dict
+            and type(error.get("code")) is int
+            and type(error.get("message")) is str
+        ):
+            raise PluginCallError(
+                f"plugin {pid}: {method}: {error['message']}",
+                code=error["code"],
+                data=error.get("data"),
+                plugin_id=pid,
+                method=method,
+            )
     raise PluginCallError(
-        f"plugin {pid}: {method} returned {raw[:80]!r}, not {{\"result\": …}} or "
-        f"{{\"error\": {{\"code\": int, \"message\": str}}}}", code=INTERNAL_ERROR,
-        plugin_id=pid, method=method)
+        f'plugin {pid}: {method} returned {raw[:80]!r}, not {{"result": …}} or '
+        f'{{"error": {{"code": int, "message": str}}}}',
+        code=INTERNAL_ERROR,
+        plugin_id=pid,
+        method=method,
+    )
 
 
-def call_failure(plugin_id: str, inst: Instance, method: str, timeout: float,
-                 sandbox: SandboxConfig, *, closed: bool) -> SandboxerError:
+def call_failure(
+    plugin_id: str,
+    inst: Instance,
+    method: str,
+    timeout: float,
+    sandbox: SandboxConfig,
+    *,
+    closed: bool,
+) -> SandboxerError:
     """The error for a call that trapped; the instance is marked for replacement. ``closed``:
     the generation was closed meanwhile (a timeout is then the unload's)."""
     trap, error = inst.take_failure()
@@ -158,33 +196,55 @@ def call_failure(plugin_id: str, inst: Instance, method: str, timeout: float,
     code = trap.trap_code if trap is not None else None
     size = inst.memory_size()
     if inst.timed_out and closed:
-        return PluginStateError(f"plugin {pid}: unloaded while {method} was in flight (it "
-                                "outlived the drain timeout)", plugin_id=pid)
+        return PluginStateError(
+            f"plugin {pid}: unloaded while {method} was in flight (it outlived the drain timeout)",
+            plugin_id=pid,
+        )
     if inst.timed_out:
-        return CallTimeout(f"plugin {pid}: {method} did not finish within {timeout:g}s",
-                           timeout=timeout, plugin_id=pid, method=method)
+        return CallTimeout(
+            f"plugin {pid}: {method} did not finish within {timeout:g}s",
+            timeout=timeout,
+            plugin_id=pid,
+            method=method,
+        )
     if code is wasmtime.TrapCode.OUT_OF_FUEL:
-        return CpuLimitExceeded(f"plugin {pid}: {method} used up its fuel "
-                                f"({sandbox.fuel} per call)", plugin_id=pid)
+        return CpuLimitExceeded(
+            f"plugin {pid}: {method} used up its fuel ({sandbox.fuel} per call)", plugin_id=pid
+        )
     if code is wasmtime.TrapCode.STACK_OVERFLOW:
-        return PluginCallError(f"plugin {pid}: {method} trapped: stack overflow (deep "
-                               f"recursion; the wasm stack is {MAX_WASM_STACK >> 10} KiB)",
-                               code=INTERNAL_ERROR, plugin_id=pid, method=method,
-                               data={"trap": "stack_overflow"})
+        return PluginCallError(
+            f"plugin {pid}: {method} trapped: stack overflow (deep "
+            f"recursion; the wasm stack is {MAX_WASM_STACK >> 10} KiB)",
+            code=INTERNAL_ERROR,
+            plugin_id=pid,
+            method=method,
+            data={"trap": "stack_overflow"},
+        )
     limit = sandbox.memory_limit
     if size + (64 << 10) > limit:
         return MemoryLimitExceeded(
             f"plugin {pid}: {method} failed at its memory limit ({limit} bytes; linear "
             f"memory {size} bytes): {first_line(trap or error)}",
-            limit=limit, peak=size, plugin_id=pid)
+            limit=limit,
+            peak=size,
+            plugin_id=pid,
+        )
     if isinstance(error, wasmtime.ExitTrap):
-        return PluginCallError(f"plugin {pid}: {method} called proc_exit({error.code})",
-                               code=INTERNAL_ERROR, plugin_id=pid, method=method,
-                               data={"exit_status": error.code})
+        return PluginCallError(
+            f"plugin {pid}: {method} called proc_exit({error.code})",
+            code=INTERNAL_ERROR,
+            plugin_id=pid,
+            method=method,
+            data={"exit_status": error.code},
+        )
     detail = first_line(trap or error)
-    return PluginCallError(f"plugin {pid}: {method} trapped: {detail}", code=INTERNAL_ERROR,
-                           plugin_id=pid, method=method,
-                           data={"trap": code.name.lower() if code else None})
+    return PluginCallError(
+        f"plugin {pid}: {method} trapped: {detail}",
+        code=INTERNAL_ERROR,
+        plugin_id=pid,
+        method=method,
+        data={"trap": code.name.lower() if code else None},
+    )
 
 
 def first_line(exc: BaseException | None) -> str:

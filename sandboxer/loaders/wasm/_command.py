@@ -31,10 +31,22 @@ from ._wasi import WasiContexts
 __all__ = ["run_command"]
 
 
-def run_command(plugin_id: str, method: str, payload: bytes, timeout: float, *,
-                engine: WasmEngine, sandbox: SandboxConfig, module: wasmtime.Module,
-                linker: wasmtime.Linker, wasi: WasiContexts, commands: set[Store],
-                closed: Callable[[], bool], max_output: int, log: logging.Logger) -> Any:
+def run_command(
+    plugin_id: str,
+    method: str,
+    payload: bytes,
+    timeout: float,
+    *,
+    engine: WasmEngine,
+    sandbox: SandboxConfig,
+    module: wasmtime.Module,
+    linker: wasmtime.Linker,
+    wasi: WasiContexts,
+    commands: set[Store],
+    closed: Callable[[], bool],
+    max_output: int,
+    log: logging.Logger,
+) -> Any:
     """Run ``_start`` once with the args on stdin; the result is its stdout (blocking).
 
     The run's store is in ``commands`` while it runs (so that an unload can stop it);
@@ -72,9 +84,12 @@ def run_command(plugin_id: str, method: str, payload: bytes, timeout: float, *,
                 start = instance.exports(store.store)["_start"]
                 if not isinstance(start, wasmtime.Func):
                     # Layout.of checked the module's _start at load; this is the instance's.
-                    raise PluginCallError(f"plugin {pid}: {method}: the module's _start is "
-                                          "not a function", code=INTERNAL_ERROR,
-                                          plugin_id=pid, method=method)
+                    raise PluginCallError(
+                        f"plugin {pid}: {method}: the module's _start is not a function",
+                        code=INTERNAL_ERROR,
+                        plugin_id=pid,
+                        method=method,
+                    )
                 start(store.store)
         except wasmtime.ExitTrap as exc:
             status = exc.code
@@ -82,41 +97,63 @@ def run_command(plugin_id: str, method: str, payload: bytes, timeout: float, *,
             # Only facts leave this block: the trap's backtrace pins the module.
             trapped = first_line(exc)
             out_of_fuel = isinstance(exc, wasmtime.Trap) and (
-                exc.trap_code is wasmtime.TrapCode.OUT_OF_FUEL)
+                exc.trap_code is wasmtime.TrapCode.OUT_OF_FUEL
+            )
         if trapped is not None:
             err.flush()
             if store.timed_out and closed():
-                raise PluginStateError(f"plugin {pid}: unloaded while {method} was in "
-                                       "flight (it outlived the drain timeout)",
-                                       plugin_id=pid)
+                raise PluginStateError(
+                    f"plugin {pid}: unloaded while {method} was in "
+                    "flight (it outlived the drain timeout)",
+                    plugin_id=pid,
+                )
             if store.timed_out:
-                raise CallTimeout(f"plugin {pid}: {method} did not finish within "
-                                  f"{timeout:g}s", timeout=timeout, plugin_id=pid,
-                                  method=method)
+                raise CallTimeout(
+                    f"plugin {pid}: {method} did not finish within {timeout:g}s",
+                    timeout=timeout,
+                    plugin_id=pid,
+                    method=method,
+                )
             if out_of_fuel:
-                raise CpuLimitExceeded(f"plugin {pid}: {method} used up its fuel "
-                                       f"({sandbox.fuel} per call)", plugin_id=pid)
-            raise PluginCallError(f"plugin {pid}: {method} trapped: {trapped}",
-                                  code=INTERNAL_ERROR, plugin_id=pid, method=method,
-                                  data={"stderr": list(err.tail)})
+                raise CpuLimitExceeded(
+                    f"plugin {pid}: {method} used up its fuel ({sandbox.fuel} per call)",
+                    plugin_id=pid,
+                )
+            raise PluginCallError(
+                f"plugin {pid}: {method} trapped: {trapped}",
+                code=INTERNAL_ERROR,
+                plugin_id=pid,
+                method=method,
+                data={"stderr": list(err.tail)},
+            )
     finally:
         commands.discard(store)
         store.release()
     err.flush()
     if too_much:
-        raise PluginCallError(f"plugin {pid}: {method} wrote more than "
-                              f"{max_output} bytes to stdout", code=INTERNAL_ERROR,
-                              plugin_id=pid, method=method)
+        raise PluginCallError(
+            f"plugin {pid}: {method} wrote more than {max_output} bytes to stdout",
+            code=INTERNAL_ERROR,
+            plugin_id=pid,
+            method=method,
+        )
     if status != 0:
         tail = " | ".join(err.tail) or "no stderr"
-        raise PluginCallError(f"plugin {pid}: {method} exited with status {status}: {tail}",
-                              code=INTERNAL_ERROR, plugin_id=pid, method=method,
-                              data={"exit_status": status, "stderr": list(err.tail)})
+        raise PluginCallError(
+            f"plugin {pid}: {method} exited with status {status}: {tail}",
+            code=INTERNAL_ERROR,
+            plugin_id=pid,
+            method=method,
+            data={"exit_status": status, "stderr": list(err.tail)},
+        )
     if not out.strip():
         return None
     try:
         return orjson.loads(out)
     except orjson.JSONDecodeError as exc:
-        raise PluginCallError(f"plugin {pid}: {method} wrote something other than one "
-                              f"JSON value to stdout: {exc}", code=INTERNAL_ERROR,
-                              plugin_id=pid, method=method) from None
+        raise PluginCallError(
+            f"plugin {pid}: {method} wrote something other than one JSON value to stdout: {exc}",
+            code=INTERNAL_ERROR,
+            plugin_id=pid,
+            method=method,
+        ) from None

@@ -21,7 +21,7 @@ import wasmtime
 
 __all__ = ["WasmEngine", "TICK", "MAX_WASM_STACK"]
 
-TICK = 0.001          # the epoch ticker's period
+TICK = 0.001  # the epoch ticker's period
 MAX_WASM_STACK = 512 << 10
 
 
@@ -31,19 +31,18 @@ class WasmEngine:
     def __init__(self, *, workers: int = 32) -> None:
         config = wasmtime.Config()
         config.epoch_interruption = True
-        config.consume_fuel = True       # metered per store; unmetered stores get 2**63-1
+        config.consume_fuel = True  # metered per store; unmetered stores get 2**63-1
         config.max_wasm_stack = MAX_WASM_STACK
-        config.memory_may_move = False   # memory base addresses stay put: cached per instance
-        config.wasm_memory64 = False     # limits and the JSON ABI are 32-bit
+        config.memory_may_move = False  # memory base addresses stay put: cached per instance
+        config.wasm_memory64 = False  # limits and the JSON ABI are 32-bit
         config.wasm_threads = False
-        config.wasm_simd = False         # v128 values cannot cross wasmtime's C API: refuse them
+        config.wasm_simd = False  # v128 values cannot cross wasmtime's C API: refuse them
         config.wasm_relaxed_simd = False
         config.parallel_compilation = False
         self.engine = wasmtime.Engine(config)
         self._modules: dict[str, list[Any]] = {}  # digest -> [module, plugins using it]
         self._compile_lock = threading.Lock()
-        self.executor = ThreadPoolExecutor(max_workers=workers,
-                                           thread_name_prefix="sandboxer-wasm")
+        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sandboxer-wasm")
         self._closing = False
         self._running = 0  # wasm runs off the event loop right now (calls, instantiation)
         self._wake = threading.Condition()
@@ -79,8 +78,9 @@ class WasmEngine:
         calls on the loop never compete with it for the GIL."""
         with self._wake:
             if self._ticker is None and not self._closing:
-                self._ticker = threading.Thread(target=self._tick, daemon=True,
-                                                name="sandboxer-wasm-epoch")
+                self._ticker = threading.Thread(
+                    target=self._tick, daemon=True, name="sandboxer-wasm-epoch"
+                )
                 self._ticker.start()
             self._running += 1
             self._wake.notify()
@@ -119,4 +119,3 @@ class WasmEngine:
         give_up = time.monotonic() + 2.0
         while len(self.sinks) and time.monotonic() < give_up:
             time.sleep(0.005)
-

@@ -53,8 +53,7 @@ class GuestMemory:
         self.size = self._memory.data_len(caller) if self._memory is not None else 0
 
     def holds(self, ptr: int, length: int) -> bool:
-        return self._memory is not None and ptr >= 0 and length >= 0 \
-            and ptr + length <= self.size
+        return self._memory is not None and ptr >= 0 and length >= 0 and ptr + length <= self.size
 
     def check(self, ptr: int, length: int, what: str) -> None:
         """Trap the call unless ``[ptr, ptr + length)`` lies inside the memory."""
@@ -79,8 +78,15 @@ class GuestMemory:
 class HostFunctions:
     """The ``sandboxer`` import module's functions for one generation of one plugin."""
 
-    def __init__(self, plugin_id: str, sandbox: SandboxConfig, *, config: dict[str, Any],
-                 log: logging.Logger, egress: EgressProxy) -> None:
+    def __init__(
+        self,
+        plugin_id: str,
+        sandbox: SandboxConfig,
+        *,
+        config: dict[str, Any],
+        log: logging.Logger,
+        egress: EgressProxy,
+    ) -> None:
         self.plugin_id = plugin_id
         self._log = log
         self._config = config
@@ -89,8 +95,12 @@ class HostFunctions:
         self._egress = egress
         mode = network_mode(sandbox)
         self._allow: AllowList | None = (
-            None if mode == "none" else AllowList(sandbox.allowed_hosts) if mode == "proxy"
-            else AllowList.everything())
+            None
+            if mode == "none"
+            else AllowList(sandbox.allowed_hosts)
+            if mode == "proxy"
+            else AllowList.everything()
+        )
         if self._allow is not None:
             egress.counters(plugin_id)  # zeros from the start, like a proxied process
 
@@ -100,18 +110,20 @@ class HostFunctions:
         self._config_json = {}
 
     def log(self, caller: wasmtime.Caller, level: int, ptr: int, length: int) -> None:
-        data = GuestMemory(caller).read(ptr, min(length, LOG_MESSAGE_MAX),
-                                        "sandboxer.log: the message")
-        self._log.log(LOG_LEVELS.get(level, logging.INFO), "%s",
-                      data.decode("utf-8", "replace"))
+        data = GuestMemory(caller).read(
+            ptr, min(length, LOG_MESSAGE_MAX), "sandboxer.log: the message"
+        )
+        self._log.log(LOG_LEVELS.get(level, logging.INFO), "%s", data.decode("utf-8", "replace"))
 
-    def config_get(self, caller: wasmtime.Caller, key_ptr: int, key_len: int, buf_ptr: int,
-                   buf_cap: int) -> int:
+    def config_get(
+        self, caller: wasmtime.Caller, key_ptr: int, key_len: int, buf_ptr: int, buf_cap: int
+    ) -> int:
         """Copy config[key] as JSON into (buf_ptr, buf_cap); -1 if absent; the length needed
         (and nothing written) if the buffer is too small."""
         memory = GuestMemory(caller)
         key = memory.read(key_ptr, key_len, "sandboxer.config_get: the key").decode(
-            "utf-8", "replace")
+            "utf-8", "replace"
+        )
         if key not in self._config:
             return -1
         value = self._config_json.get(key)
@@ -135,17 +147,24 @@ class HostFunctions:
         limit = self._egress.max_response * 4 // 3 + HTTP_REQUEST_OVERHEAD
         reply: dict[str, Any]
         if length > limit:
-            reply = {"error": {"kind": "invalid", "message": f"the request is {length} bytes "
-                               f"of JSON, more than the {limit}-byte limit"}}
+            reply = {
+                "error": {
+                    "kind": "invalid",
+                    "message": f"the request is {length} bytes "
+                    f"of JSON, more than the {limit}-byte limit",
+                }
+            }
         else:
             try:
                 request = orjson.loads(memory.read(ptr, length, what))
             except orjson.JSONDecodeError as exc:
-                reply = {"error": {"kind": "invalid",
-                                   "message": f"the request is not UTF-8 JSON: {exc}"}}
+                reply = {
+                    "error": {"kind": "invalid", "message": f"the request is not UTF-8 JSON: {exc}"}
+                }
             else:
-                reply = self._egress.fetch(self.plugin_id, self._allow, request,
-                                           deadline=lambda: store.deadline)
+                reply = self._egress.fetch(
+                    self.plugin_id, self._allow, request, deadline=lambda: store.deadline
+                )
         if time.monotonic() >= store.deadline:
             # Timed out, cancelled or unloaded while waiting: end the call as poll_oneoff does.
             store.timed_out = True
@@ -177,8 +196,9 @@ def define_host_functions(linker: wasmtime.Linker, host: HostFunctions) -> None:
         if me is not None:
             me.log(caller, level, ptr, length)
 
-    def config_get(caller: wasmtime.Caller, key_ptr: int, key_len: int, buf_ptr: int,
-                   buf_cap: int) -> int:
+    def config_get(
+        caller: wasmtime.Caller, key_ptr: int, key_len: int, buf_ptr: int, buf_cap: int
+    ) -> int:
         me = ref()
         return -1 if me is None else me.config_get(caller, key_ptr, key_len, buf_ptr, buf_cap)
 
@@ -192,7 +212,11 @@ def define_host_functions(linker: wasmtime.Linker, host: HostFunctions) -> None:
         me = ref()
         return 0 if me is None else me.http_response(caller, ptr, cap)
 
-    for name, fn in (("log", log), ("config_get", config_get), ("http_request", http_request),
-                     ("http_response", http_response)):
+    for name, fn in (
+        ("log", log),
+        ("config_get", config_get),
+        ("http_request", http_request),
+        ("http_response", http_response),
+    ):
         params, results = HOST_FUNCTIONS[name]
         _wt.define_host_function(linker, "sandboxer", name, len(params), len(results), fn)

@@ -88,8 +88,8 @@ class Bound:
     nresults: ctypes.c_size_t
     kinds: tuple[int, ...]
     result_kinds: tuple[int, ...]
-    arg: tuple[Any, ...] = ()      # each argument's value union, written in place
-    result: tuple[Any, ...] = ()   # each result's value union
+    arg: tuple[Any, ...] = ()  # each argument's value union, written in place
+    result: tuple[Any, ...] = ()  # each result's value union
 
     def __post_init__(self) -> None:
         self.arg = tuple(self.args[i].of for i in range(len(self.kinds)))
@@ -102,8 +102,13 @@ class Store:
     def __init__(self, engine: WasmEngine, sandbox: SandboxConfig) -> None:
         self.engine = engine
         self.store = wasmtime.Store(engine.engine)
-        self.store.set_limits(memory_size=sandbox.memory_limit, table_elements=TABLE_ELEMENTS,
-                              instances=1, tables=4, memories=1)
+        self.store.set_limits(
+            memory_size=sandbox.memory_limit,
+            table_elements=TABLE_ELEMENTS,
+            instances=1,
+            tables=4,
+            memories=1,
+        )
         self.store.set_fuel(sandbox.fuel or (1 << 63) - 1)
         self.key = next(_keys)
         self.deadline = 0.0
@@ -147,12 +152,17 @@ class Instance(Store):
         self.errorp = _wt.address(self.error_out)
         self.fuel = ctypes.c_uint64(sandbox.fuel) if sandbox.fuel else None
         self.view = memoryview(b"")
-        self.buffer = 0     # the argument buffer (from sandboxer_alloc), reused across calls
+        self.buffer = 0  # the argument buffer (from sandboxer_alloc), reused across calls
         self.capacity = 0
 
-    def instantiate(self, module: wasmtime.Module, linker: wasmtime.Linker,
-                    wasi: wasmtime.WasiConfig | None, exports: Iterable[str],
-                    timeout: float) -> None:
+    def instantiate(
+        self,
+        module: wasmtime.Module,
+        linker: wasmtime.Linker,
+        wasi: wasmtime.WasiConfig | None,
+        exports: Iterable[str],
+        timeout: float,
+    ) -> None:
         """Instantiate (running the module's start function) and bind ``exports``; blocking,
         bounded by ``timeout`` when the epoch ticker runs."""
         if wasi is not None:
@@ -169,9 +179,18 @@ class Instance(Store):
             kinds = tuple(KINDS[p] for p in params)
             result_kinds = tuple(KINDS[r] for r in results)
             args, res = _wt.val_array(list(kinds)), _wt.val_array(list(result_kinds))
-            self.bound[name] = Bound(func, _wt.func_address(func), args, _wt.address(args),
-                                     ctypes.c_size_t(len(kinds)), res, _wt.address(res),
-                                     ctypes.c_size_t(len(result_kinds)), kinds, result_kinds)
+            self.bound[name] = Bound(
+                func,
+                _wt.func_address(func),
+                args,
+                _wt.address(args),
+                ctypes.c_size_t(len(kinds)),
+                res,
+                _wt.address(res),
+                ctypes.c_size_t(len(result_kinds)),
+                kinds,
+                result_kinds,
+            )
         memory = found.get("memory") if "memory" in {e.name for e in module.exports} else None
         self.memory = memory if isinstance(memory, wasmtime.Memory) else None
         self.base = 0
@@ -193,8 +212,11 @@ class Instance(Store):
         stays valid for the instance's life; it is dropped with the instance."""
         size = self.memory_size()
         if size != len(self.view):
-            self.view = memoryview((ctypes.c_ubyte * size).from_address(self.base)).cast("B") \
-                if size else memoryview(b"")
+            self.view = (
+                memoryview((ctypes.c_ubyte * size).from_address(self.base)).cast("B")
+                if size
+                else memoryview(b"")
+            )
         return size
 
     def use_buffer(self, ptr: int, capacity: int) -> None:
@@ -206,7 +228,7 @@ class Instance(Store):
         """Write a call's JSON arguments into the argument buffer (``capacity`` holds them)
         and give ``bound`` their (ptr, len)."""
         start, n = self.buffer, len(payload)
-        self.view[start:start + n] = payload
+        self.view[start : start + n] = payload
         bound.arg[0].i32 = start
         bound.arg[1].i32 = n
 
@@ -217,8 +239,16 @@ class Instance(Store):
         self.deadline = time.monotonic() + timeout
         if self.fuel is not None:
             _wt.set_fuel(self.ctx, self.fuel)
-        future: _wt.FuturePtr = _wt.call_async(self.ctx, bound.fptr, bound.argsp, bound.nargs,
-                                bound.resultsp, bound.nresults, self.trapp, self.errorp)
+        future: _wt.FuturePtr = _wt.call_async(
+            self.ctx,
+            bound.fptr,
+            bound.argsp,
+            bound.nargs,
+            bound.resultsp,
+            bound.nresults,
+            self.trapp,
+            self.errorp,
+        )
         if _wt.poll(future):
             _wt.delete_future(future)
             return None

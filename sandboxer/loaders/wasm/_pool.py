@@ -25,10 +25,15 @@ class Pool:
     (``release``). ``instances`` and ``idle`` are read by the handle's hot path and never
     replaced, only changed in place."""
 
-    def __init__(self, plugin_id: str, *, executor: Executor,
-                 new_instance: Callable[[], Instance],
-                 reinit: Callable[[Instance], Awaitable[object]] | None,
-                 fail: Callable[[SandboxerError], None]) -> None:
+    def __init__(
+        self,
+        plugin_id: str,
+        *,
+        executor: Executor,
+        new_instance: Callable[[], Instance],
+        reinit: Callable[[Instance], Awaitable[object]] | None,
+        fail: Callable[[SandboxerError], None],
+    ) -> None:
         self.plugin_id = plugin_id
         self.instances: list[Instance] = []
         self.idle: list[Instance] = []
@@ -103,9 +108,11 @@ class Pool:
                     self.release(new)
                 if not isinstance(exc, SandboxerError):
                     raise
-                error = PluginLoadError(f"plugin {self.plugin_id}: could not replace an "
-                                        f"instance that trapped: init failed: {exc}",
-                                        plugin_id=self.plugin_id)
+                error = PluginLoadError(
+                    f"plugin {self.plugin_id}: could not replace an "
+                    f"instance that trapped: init failed: {exc}",
+                    plugin_id=self.plugin_id,
+                )
                 self._fail(error)
                 raise error from exc
         return new

@@ -32,15 +32,16 @@ from ._instance import current_store
 
 __all__ = ["define_wasi", "poll_oneoff", "WasiContexts"]
 
-_CLOCK, _FD_READ, _FD_WRITE = 0, 1, 2   # __wasi_eventtype_t
-_ABSTIME = 1                            # __WASI_SUBCLOCKFLAGS_SUBSCRIPTION_CLOCK_ABSTIME
-_ENOTSUP, _EINVAL = 58, 28              # __wasi_errno_t
-_SUBSCRIPTION, _EVENT = 48, 32          # sizeof(__wasi_subscription_t), sizeof(__wasi_event_t)
+_CLOCK, _FD_READ, _FD_WRITE = 0, 1, 2  # __wasi_eventtype_t
+_ABSTIME = 1  # __WASI_SUBCLOCKFLAGS_SUBSCRIPTION_CLOCK_ABSTIME
+_ENOTSUP, _EINVAL = 58, 28  # __wasi_errno_t
+_SUBSCRIPTION, _EVENT = 48, 32  # sizeof(__wasi_subscription_t), sizeof(__wasi_event_t)
 _SLEEP_STEP = 0.05
 
 
-def poll_oneoff(caller: wasmtime.Caller, in_ptr: int, out_ptr: int, count: int,
-                nevents_ptr: int) -> int:
+def poll_oneoff(
+    caller: wasmtime.Caller, in_ptr: int, out_ptr: int, count: int, nevents_ptr: int
+) -> int:
     """WASI ``poll_oneoff`` that honours the call's deadline: the one WASI call that blocks.
 
     Clock subscriptions sleep, in steps, until the earliest expires or the call's deadline
@@ -49,16 +50,22 @@ def poll_oneoff(caller: wasmtime.Caller, in_ptr: int, out_ptr: int, count: int,
     or not) or ENOTSUP. Every range is checked before anything is read, slept or written."""
     memory = GuestMemory(caller)
     store = current_store()
-    if store is None or count == 0 or not (memory.holds(in_ptr, _SUBSCRIPTION * count)
-                                           and memory.holds(out_ptr, _EVENT * count)
-                                           and memory.holds(nevents_ptr, 4)):
+    if (
+        store is None
+        or count == 0
+        or not (
+            memory.holds(in_ptr, _SUBSCRIPTION * count)
+            and memory.holds(out_ptr, _EVENT * count)
+            and memory.holds(nevents_ptr, 4)
+        )
+    ):
         return _EINVAL
     subs = memory.read(in_ptr, _SUBSCRIPTION * count, "wasi.poll_oneoff: the subscriptions")
     events: list[bytes] = []
     wake: list[tuple[float, bytes]] = []
     now_mono, now_real = time.monotonic(), time.time()
     for i in range(count):
-        sub = subs[_SUBSCRIPTION * i:_SUBSCRIPTION * (i + 1)]
+        sub = subs[_SUBSCRIPTION * i : _SUBSCRIPTION * (i + 1)]
         userdata, tag = sub[0:8], sub[8]
         if tag == _CLOCK:
             clock = int.from_bytes(sub[16:20], "little")
@@ -70,8 +77,11 @@ def poll_oneoff(caller: wasmtime.Caller, in_ptr: int, out_ptr: int, count: int,
             wake.append((now_mono + max(delay, 0.0), userdata))
         elif tag in (_FD_READ, _FD_WRITE):
             fd = int.from_bytes(sub[16:20], "little")
-            error = 0 if (tag == _FD_READ and fd == 0) or (tag == _FD_WRITE and fd in (1, 2)) \
+            error = (
+                0
+                if (tag == _FD_READ and fd == 0) or (tag == _FD_WRITE and fd in (1, 2))
                 else _ENOTSUP
+            )
             events.append(userdata + error.to_bytes(2, "little") + bytes([tag]) + bytes(21))
         else:
             return _EINVAL
@@ -86,8 +96,9 @@ def poll_oneoff(caller: wasmtime.Caller, in_ptr: int, out_ptr: int, count: int,
                 break
             time.sleep(min(until - now, store.deadline - now, _SLEEP_STEP))
         now = time.monotonic()
-        events = [userdata + bytes(2) + bytes([_CLOCK]) + bytes(21)
-                  for at, userdata in wake if at <= now]
+        events = [
+            userdata + bytes(2) + bytes([_CLOCK]) + bytes(21) for at, userdata in wake if at <= now
+        ]
     memory.write(out_ptr, b"".join(events), "wasi.poll_oneoff: the events")
     memory.write(nevents_ptr, len(events).to_bytes(4, "little"), "wasi.poll_oneoff: nevents")
     return 0
@@ -109,9 +120,16 @@ class WasiContexts:
     descriptor number while a context is being built from its /proc/self/fd link on a worker
     thread. ``enabled`` is False for a module that imports no WASI: it gets no context."""
 
-    def __init__(self, plugin_id: str, *, enabled: bool, grants: tuple[OpenedPath, ...],
-                 engine: WasmEngine, log: logging.Logger,
-                 closed_error: Callable[[], SandboxerError]) -> None:
+    def __init__(
+        self,
+        plugin_id: str,
+        *,
+        enabled: bool,
+        grants: tuple[OpenedPath, ...],
+        engine: WasmEngine,
+        log: logging.Logger,
+        closed_error: Callable[[], SandboxerError],
+    ) -> None:
         self.plugin_id = plugin_id
         self.enabled = enabled
         self._grants = grants
@@ -122,18 +140,34 @@ class WasiContexts:
 
     def for_instance(self) -> wasmtime.WasiConfig | None:
         """A pool instance's: no stdin, stdout and stderr line-logged."""
-        return self._config(argv=[self.plugin_id], stdin=None,
-                            stdout=self.line_sink("stdout"), stderr=self.line_sink("stderr"))
+        return self._config(
+            argv=[self.plugin_id],
+            stdin=None,
+            stdout=self.line_sink("stdout"),
+            stderr=self.line_sink("stderr"),
+        )
 
-    def for_command(self, method: str, *, stdin: bytes, stdout: Callable[[bytes], Any],
-                    stderr: Callable[[bytes], Any]) -> wasmtime.WasiConfig | None:
+    def for_command(
+        self,
+        method: str,
+        *,
+        stdin: bytes,
+        stdout: Callable[[bytes], Any],
+        stderr: Callable[[bytes], Any],
+    ) -> wasmtime.WasiConfig | None:
         """A command run's: the arguments on stdin, its own stdout and stderr sinks."""
-        return self._config(argv=[self.plugin_id, method], stdin=stdin, stdout=stdout,
-                            stderr=stderr)
+        return self._config(
+            argv=[self.plugin_id, method], stdin=stdin, stdout=stdout, stderr=stderr
+        )
 
-    def _config(self, *, argv: list[str], stdin: bytes | None,
-                stdout: Callable[[bytes], Any], stderr: Callable[[bytes], Any]
-                ) -> wasmtime.WasiConfig | None:
+    def _config(
+        self,
+        *,
+        argv: list[str],
+        stdin: bytes | None,
+        stdout: Callable[[bytes], Any],
+        stderr: Callable[[bytes], Any],
+    ) -> wasmtime.WasiConfig | None:
         if not self.enabled:
             return None
         wasi = wasmtime.WasiConfig()
@@ -165,7 +199,9 @@ class WasiContexts:
                     raise PluginLoadError(
                         f"plugin {pid}: allowed path {grant.path} could not be preopened from "
                         f"its descriptor ({grant.proc_path}, {grant.host_path}); is /proc "
-                        "mounted in the supervisor?", plugin_id=pid) from None
+                        "mounted in the supervisor?",
+                        plugin_id=pid,
+                    ) from None
 
     def close(self) -> None:
         """Close every grant (idempotent); no context can be built from here on."""
@@ -175,10 +211,12 @@ class WasiContexts:
 
     def line_sink(self, name: str) -> Callable[[bytes], int]:
         """A WASI output callback that logs ``name`` ("stdout" or "stderr") line by line."""
-        lines = LineLog(name=name, logger=self._log,
-                        level=logging.INFO if name == "stdout" else logging.WARNING)
+        lines = LineLog(
+            name=name, logger=self._log, level=logging.INFO if name == "stdout" else logging.WARNING
+        )
 
         def sink(data: bytes) -> int:
             lines.feed(data)
             return len(data)
+
         return sink

@@ -26,10 +26,27 @@ import wasmtime
 from wasmtime import _ffi as ffi
 
 __all__ = [
-    "lib", "FuturePtr", "call_async", "poll", "delete_future", "set_fuel",
-    "fuel_async_yield_interval", "memory_data_size", "epoch_callback_type", "CONTINUE",
-    "set_epoch_callback", "new_error", "val_array", "trap_from", "error_from", "address",
-    "func_address", "memory_address", "context", "set_stdin_bytes", "HostTrap",
+    "lib",
+    "FuturePtr",
+    "call_async",
+    "poll",
+    "delete_future",
+    "set_fuel",
+    "fuel_async_yield_interval",
+    "memory_data_size",
+    "epoch_callback_type",
+    "CONTINUE",
+    "set_epoch_callback",
+    "new_error",
+    "val_array",
+    "trap_from",
+    "error_from",
+    "address",
+    "func_address",
+    "memory_address",
+    "context",
+    "set_stdin_bytes",
+    "HostTrap",
     "define_host_function",
 ]
 
@@ -39,6 +56,7 @@ lib = ctypes.CDLL(ffi.dll._name)
 class FuturePtr(ctypes.c_void_p):
     """A ``wasmtime_call_future_t*``, returned as is by ctypes (a plain c_void_p restype
     would become an int)."""
+
 
 # wasmtime_call_future_t *wasmtime_func_call_async(wasmtime_context_t *, const wasmtime_func_t *,
 #     const wasmtime_val_t *args, size_t nargs, wasmtime_val_t *results, size_t nresults,
@@ -62,14 +80,22 @@ memory_data_size.restype = ctypes.c_size_t
 
 # wasmtime_error_t *(*)(wasmtime_context_t *, void *data, uint64_t *delta, update_kind *kind)
 epoch_callback_type = ctypes.CFUNCTYPE(
-    ctypes.c_size_t, ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint64),
-    ctypes.POINTER(ctypes.c_uint8))
+    ctypes.c_size_t,
+    ctypes.c_void_p,
+    ctypes.c_void_p,
+    ctypes.POINTER(ctypes.c_uint64),
+    ctypes.POINTER(ctypes.c_uint8),
+)
 CONTINUE = 0  # WASMTIME_UPDATE_DEADLINE_CONTINUE
 
 _set_epoch_callback = lib.wasmtime_store_epoch_deadline_callback
 _set_epoch_callback.restype = None
-_set_epoch_callback.argtypes = [ctypes.c_void_p, epoch_callback_type, ctypes.c_void_p,
-                                ctypes.c_void_p]
+_set_epoch_callback.argtypes = [
+    ctypes.c_void_p,
+    epoch_callback_type,
+    ctypes.c_void_p,
+    ctypes.c_void_p,
+]
 _new_error = lib.wasmtime_error_new
 _new_error.restype = ctypes.c_void_p
 _new_error.argtypes = [ctypes.c_char_p]
@@ -102,7 +128,8 @@ def trap_from(address: int) -> wasmtime.Trap:
 def error_from(address: int) -> wasmtime.WasmtimeError:
     """Take ownership of a ``wasmtime_error_t*`` (an ``ExitTrap`` for WASI proc_exit)."""
     return wasmtime.WasmtimeError._from_ptr(
-        ctypes.cast(address, ctypes.POINTER(ffi.wasmtime_error_t)))
+        ctypes.cast(address, ctypes.POINTER(ffi.wasmtime_error_t))
+    )
 
 
 def address(obj: Any) -> ctypes.c_void_p:
@@ -138,6 +165,7 @@ def set_stdin_bytes(wasi: wasmtime.WasiConfig, data: bytes) -> None:
 # this module never collect it, so a stale exception would surface in an unrelated call.
 # Host functions defined here report failure by returning a trap instead, and never raise.
 
+
 class HostTrap(Exception):
     """Raised by a host function to trap the calling wasm with this message."""
 
@@ -154,8 +182,9 @@ def _trap(message: str) -> int:
     return int(_new_trap(text, len(text)) or 0)
 
 
-def _host_trampoline_call(data: int | None, caller_ptr: Any, params: Any, nparams: int,
-                     results: Any, nresults: int) -> int:
+def _host_trampoline_call(
+    data: int | None, caller_ptr: Any, params: Any, nparams: int, results: Any, nresults: int
+) -> int:
     caller = wasmtime.Caller(caller_ptr)
     try:
         fn, _ = _HOST[data or 0]
@@ -182,8 +211,9 @@ _host_trampoline = ffi.wasmtime_func_callback_t(_host_trampoline_call)
 _host_finalize = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(_host_finalize_call)
 
 
-def define_host_function(linker: wasmtime.Linker, module: str, name: str, params: int,
-                         results: int, fn: Any) -> None:
+def define_host_function(
+    linker: wasmtime.Linker, module: str, name: str, params: int, results: int, fn: Any
+) -> None:
     """Define ``module.name`` taking ``params`` i32s and returning ``results`` (0 or 1) i32s:
     ``fn(caller, *args)``, each argument as an unsigned 32-bit int; it may raise HostTrap."""
     i32 = wasmtime.ValType.i32()
@@ -192,8 +222,16 @@ def define_host_function(linker: wasmtime.Linker, module: str, name: str, params
     _HOST[key] = (fn, results)
     m, n = module.encode(), name.encode()
     error = ffi.wasmtime_linker_define_func(
-        linker.ptr(), ctypes.create_string_buffer(m), len(m), ctypes.create_string_buffer(n),
-        len(n), ty.ptr(), _host_trampoline, key, _host_finalize)
+        linker.ptr(),
+        ctypes.create_string_buffer(m),
+        len(m),
+        ctypes.create_string_buffer(n),
+        len(n),
+        ty.ptr(),
+        _host_trampoline,
+        key,
+        _host_finalize,
+    )
     if error:
         _HOST.pop(key, None)
         raise wasmtime.WasmtimeError._from_ptr(error)

@@ -38,15 +38,35 @@ if _TYPE_CHECKING:
     )
     from .resolver import Resolver
 
-__all__ = ["EgressProxy", "EgressEndpoint", "EgressCounters", "AllowList", "EgressRefused",
-           "Resolver", "network_mode", "proxy_environment", "refused_range", "PROXY_HOST",
-           "PROXY_PORT", "EGRESS_SOCKET"]
+__all__ = [
+    "EgressProxy",
+    "EgressEndpoint",
+    "EgressCounters",
+    "AllowList",
+    "EgressRefused",
+    "Resolver",
+    "network_mode",
+    "proxy_environment",
+    "refused_range",
+    "PROXY_HOST",
+    "PROXY_PORT",
+    "EGRESS_SOCKET",
+]
 
 _LAZY = {
     "EgressCounters": ".decisions",
     "Resolver": ".resolver",
-    **{name: ".proxy" for name in ("EgressProxy", "EgressEndpoint", "proxy_environment",
-                                   "PROXY_HOST", "PROXY_PORT", "EGRESS_SOCKET")},
+    **{
+        name: ".proxy"
+        for name in (
+            "EgressProxy",
+            "EgressEndpoint",
+            "proxy_environment",
+            "PROXY_HOST",
+            "PROXY_PORT",
+            "EGRESS_SOCKET",
+        )
+    },
 }
 
 

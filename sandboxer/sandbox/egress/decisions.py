@@ -32,8 +32,9 @@ def printable(text: str) -> str:
     """``text`` with every unprintable character escaped (a newline shows as \\n)."""
     if text.isprintable():
         return text
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
-                   for c in text)
+    return "".join(
+        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text
+    )
 
 
 class EgressFailed(Exception):
@@ -82,9 +83,14 @@ class EgressCounters:
 
     def to_json(self) -> dict[str, int]:
         with self._lock:
-            return {"allowed": self.allowed, "refused": self.refused, "failed": self.failed,
-                    "active": self.active, "bytesSent": self.bytes_sent,
-                    "bytesReceived": self.bytes_received}
+            return {
+                "allowed": self.allowed,
+                "refused": self.refused,
+                "failed": self.failed,
+                "active": self.active,
+                "bytesSent": self.bytes_sent,
+                "bytesReceived": self.bytes_received,
+            }
 
     def __repr__(self) -> str:
         return f"EgressCounters({self.to_json()})"
@@ -94,8 +100,7 @@ class Checkpoint:
     """The rules applied and recorded: the resolver (and its threads), the log line and every
     plugin's counters. ``EgressProxy`` is one; the wasm fetch goes through it too."""
 
-    def __init__(self, *, hosts_file: str | None = None, connect_timeout: float = 10.0
-                 ) -> None:
+    def __init__(self, *, hosts_file: str | None = None, connect_timeout: float = 10.0) -> None:
         self.resolver = Resolver(hosts_file)
         self.connect_timeout = connect_timeout
         self._counters: dict[str, EgressCounters] = {}
@@ -118,15 +123,21 @@ class Checkpoint:
             self._lookups = None
 
     # -- the record ------------------------------------------------------------------------------
-    def record(self, plugin_id: str, via: str, target: str, verdict: str, detail: str = ""
-               ) -> None:
+    def record(self, plugin_id: str, via: str, target: str, verdict: str, detail: str = "") -> None:
         """Count ``verdict`` ("allowed", "refused", "failed") for the plugin and log its line."""
         self.counters(plugin_id).add(**{verdict: 1})
         level = logging.INFO if verdict == "allowed" else logging.WARNING
         # target and detail carry what the plugin sent: escaped, so that no plugin can write
         # a line of its own (a forged verdict) into the host's log.
-        log.log(level, "egress plugin=%s via=%s target=%s verdict=%s%s", plugin_id, via,
-                printable(target), verdict, f" ({printable(detail)})" if detail else "")
+        log.log(
+            level,
+            "egress plugin=%s via=%s target=%s verdict=%s%s",
+            plugin_id,
+            via,
+            printable(target),
+            verdict,
+            f" ({printable(detail)})" if detail else "",
+        )
 
     @contextlib.contextmanager
     def attempt(self, plugin_id: str, via: str, target: str) -> Iterator[None]:
@@ -142,8 +153,7 @@ class Checkpoint:
             raise
 
     # -- the decision ----------------------------------------------------------------------------
-    def prepare(self, allow: AllowList, host: str, port: int
-                ) -> tuple[str, list[IPAddress] | None]:
+    def prepare(self, allow: AllowList, host: str, port: int) -> tuple[str, list[IPAddress] | None]:
         """The target checked against the list, nothing resolved: (name, addresses), where
         addresses are an IP literal's own, the hosts file's for a name, or None when DNS must
         answer (``lookup``). EgressRefused for a target the list does not name."""
@@ -157,11 +167,13 @@ class Checkpoint:
         stalled resolver must not hold the event loop's default executor."""
         if self._lookups is None:
             self._lookups = concurrent.futures.ThreadPoolExecutor(
-                4, thread_name_prefix="sandboxer-resolve")
+                4, thread_name_prefix="sandboxer-resolve"
+            )
         return self._lookups.submit(self.resolver.resolve, name, port)
 
-    def decide_blocking(self, allow: AllowList, host: str, port: int, *,
-                        deadline: Callable[[], float] | None = None) -> list[IPAddress]:
+    def decide_blocking(
+        self, allow: AllowList, host: str, port: int, *, deadline: Callable[[], float] | None = None
+    ) -> list[IPAddress]:
         """The addresses to dial for ``host``, from a worker thread (wasm's http_request).
         A DNS lookup waits at most until ``deadline()`` (time.monotonic(), re-read as it
         waits): getaddrinfo cannot be interrupted, so it runs on the resolver's own thread and
@@ -172,8 +184,7 @@ class Checkpoint:
             while True:
                 left = None if deadline is None else deadline() - time.monotonic()
                 if left is not None and left <= 0:
-                    raise EgressFailed("deadline",
-                                       f"resolving {name}: the call's deadline passed")
+                    raise EgressFailed("deadline", f"resolving {name}: the call's deadline passed")
                 try:
                     addresses = lookup.result(None if left is None else min(left, 0.05))
                     break

@@ -49,8 +49,18 @@ _FIELDS = {"method", "url", "headers", "body", "body_base64"}
 # exchange (a Content-Length that lies, a Transfer-Encoding it does not follow).
 # Host is the checked URL's: a shared server (a CDN) must be asked for the site that passed
 # the allow-list, not for another one behind the same address.
-_RESERVED = {"content-length", "transfer-encoding", "connection", "keep-alive", "upgrade",
-             "te", "trailer", "proxy-connection", "proxy-authorization", "host"}
+_RESERVED = {
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "upgrade",
+    "te",
+    "trailer",
+    "proxy-connection",
+    "proxy-authorization",
+    "host",
+}
 Deadline = float | Callable[[], float]
 
 
@@ -66,8 +76,16 @@ def _error(kind: str, message: str) -> dict[str, Any]:
     return {"error": {"kind": kind, "message": message}}
 
 
-def fetch(checkpoint: Checkpoint, plugin_id: str, allow: AllowList | None, request: Any, *,
-          deadline: Deadline, max_response: int, ca_file: str | None) -> dict[str, Any]:
+def fetch(
+    checkpoint: Checkpoint,
+    plugin_id: str,
+    allow: AllowList | None,
+    request: Any,
+    *,
+    deadline: Deadline,
+    max_response: int,
+    ca_file: str | None,
+) -> dict[str, Any]:
     """Perform ``request`` for ``plugin_id`` under ``allow`` (None: the plugin has no network
     at all, so every request is refused; still logged and counted) through ``checkpoint``'s
     rules, resolver, log and counters. Blocking. TLS is verified against the system's CAs
@@ -89,8 +107,10 @@ def fetch(checkpoint: Checkpoint, plugin_id: str, allow: AllowList | None, reque
     try:
         with checkpoint.attempt(plugin_id, "wasm", target):
             if allow is None:
-                raise EgressRefused("network_allowed is false for this plugin, so "
-                                    "sandboxer.http_request refuses every request")
+                raise EgressRefused(
+                    "network_allowed is false for this plugin, so "
+                    "sandboxer.http_request refuses every request"
+                )
             addresses = checkpoint.decide_blocking(allow, host, port, deadline=due)
             sock, peer = _dial(addresses, port, due, checkpoint.connect_timeout)
     except EgressRefused as exc:
@@ -100,8 +120,20 @@ def fetch(checkpoint: Checkpoint, plugin_id: str, allow: AllowList | None, reque
     checkpoint.record(plugin_id, "wasm", target, "allowed", f"connected to {peer}")
     counters.add(active=1)
     try:
-        return _exchange(sock, scheme, host, port, method, path, headers, body, due, counters,
-                         max_response=max_response, ca_file=ca_file)
+        return _exchange(
+            sock,
+            scheme,
+            host,
+            port,
+            method,
+            path,
+            headers,
+            body,
+            due,
+            counters,
+            max_response=max_response,
+            ca_file=ca_file,
+        )
     except _TimedOut:
         detail, kind = "the call's deadline passed", "timeout"
     except ssl.SSLCertVerificationError as exc:
@@ -110,28 +142,38 @@ def fetch(checkpoint: Checkpoint, plugin_id: str, allow: AllowList | None, reque
         detail, kind = _describe(exc), "failed"
     finally:
         counters.add(active=-1)
-    log.warning("egress plugin=%s via=wasm target=%s: the exchange failed (%s)", plugin_id,
-                printable(target), printable(detail))
+    log.warning(
+        "egress plugin=%s via=wasm target=%s: the exchange failed (%s)",
+        plugin_id,
+        printable(target),
+        printable(detail),
+    )
     return _error(kind, f"{method} {target}: {detail}")
 
 
 # -- the request, validated ----------------------------------------------------------------------
 
-def _parse(request: Any, limit: int
-           ) -> tuple[str, str, str, int, str, dict[str, str], bytes | None]:
+
+def _parse(
+    request: Any, limit: int
+) -> tuple[str, str, str, int, str, dict[str, str], bytes | None]:
     if not isinstance(request, dict):
-        raise _Invalid("the request must be a JSON object {\"method\", \"url\", \"headers\", "
-                       "\"body\" or \"body_base64\"}")
+        raise _Invalid(
+            'the request must be a JSON object {"method", "url", "headers", '
+            '"body" or "body_base64"}'
+        )
     unknown = set(request) - _FIELDS
     if unknown:
-        raise _Invalid(f"unknown request field(s) {', '.join(sorted(unknown))} (known: "
-                       f"{', '.join(sorted(_FIELDS))})")
+        raise _Invalid(
+            f"unknown request field(s) {', '.join(sorted(unknown))} (known: "
+            f"{', '.join(sorted(_FIELDS))})"
+        )
     method = request.get("method", "GET")
     if not isinstance(method, str) or len(method) > 32 or not _TOKEN.fullmatch(method):
-        raise _Invalid(f"method must be an HTTP token such as \"GET\", not {method!r}")
+        raise _Invalid(f'method must be an HTTP token such as "GET", not {method!r}')
     url = request.get("url")
     if not isinstance(url, str):
-        raise _Invalid("url must be a string such as \"https://example.com/path\"")
+        raise _Invalid('url must be a string such as "https://example.com/path"')
     try:
         parts = urlsplit(url)
         host = parts.hostname
@@ -152,12 +194,15 @@ def _parse(request: Any, limit: int
         except UnicodeError:
             raise _Invalid(f"url {url!r}: {host!r} is not a valid host name") from None
     if "@" in parts.netloc:
-        raise _Invalid(f"url {url!r}: credentials in the URL are not sent; use an "
-                       "Authorization header")
+        raise _Invalid(
+            f"url {url!r}: credentials in the URL are not sent; use an Authorization header"
+        )
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     if _BAD_PATH.search(path) or not path.isascii():
-        raise _Invalid(f"url {url!r}: the path contains spaces, control characters or "
-                       "non-ASCII characters (percent-encode them)")
+        raise _Invalid(
+            f"url {url!r}: the path contains spaces, control characters or "
+            "non-ASCII characters (percent-encode them)"
+        )
     raw_headers = request.get("headers", {})
     if not isinstance(raw_headers, dict):
         raise _Invalid("headers must be an object of name: value strings")
@@ -170,11 +215,15 @@ def _parse(request: Any, limit: int
         try:
             value.encode("latin-1")  # what HTTP/1.1 header values are sent as
         except UnicodeEncodeError:
-            raise _Invalid(f"header {name}: the value has characters outside ISO-8859-1 "
-                           "(encode them, e.g. percent- or RFC 8187-encoding)") from None
+            raise _Invalid(
+                f"header {name}: the value has characters outside ISO-8859-1 "
+                "(encode them, e.g. percent- or RFC 8187-encoding)"
+            ) from None
         if name.lower() in _RESERVED:
-            raise _Invalid(f"header {name} is set by sandboxer (framing and connection "
-                           "handling), not by the plugin")
+            raise _Invalid(
+                f"header {name} is set by sandboxer (framing and connection "
+                "handling), not by the plugin"
+            )
         headers[name] = value
     if "body" in request and "body_base64" in request:
         raise _Invalid("give body or body_base64, not both")
@@ -198,6 +247,7 @@ def _parse(request: Any, limit: int
 
 # -- the connection ------------------------------------------------------------------------------
 
+
 def _left(due: Callable[[], float], cap: float | None = None) -> float:
     """Seconds to the deadline (and ``cap``), at most STEP; _TimedOut once it passed."""
     now = time.monotonic()
@@ -207,15 +257,15 @@ def _left(due: Callable[[], float], cap: float | None = None) -> float:
     return min(left, STEP) if cap is None else min(left, STEP, cap - now)
 
 
-def _dial(addresses: list[IPAddress], port: int, due: Callable[[], float],
-          connect_timeout: float) -> tuple[socket.socket, str]:
+def _dial(
+    addresses: list[IPAddress], port: int, due: Callable[[], float], connect_timeout: float
+) -> tuple[socket.socket, str]:
     """A connected socket to the first of ``addresses`` that answers (exactly these: no
     lookup here). EgressFailed otherwise; kind "deadline" when the call's deadline passed."""
     last: BaseException | None = None
     for address in addresses:
         address = plain_address(address)
-        family = socket.AF_INET6 if isinstance(address, ipaddress.IPv6Address) \
-            else socket.AF_INET
+        family = socket.AF_INET6 if isinstance(address, ipaddress.IPv6Address) else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             _connect(sock, (str(address), port), due, time.monotonic() + connect_timeout)
@@ -223,20 +273,24 @@ def _dial(addresses: list[IPAddress], port: int, due: Callable[[], float],
             return sock, str(address)
         except _TimedOut:
             sock.close()
-            raise EgressFailed("deadline", f"connecting to {show_target(str(address), port)}: "
-                               "the call's deadline passed") from None
+            raise EgressFailed(
+                "deadline",
+                f"connecting to {show_target(str(address), port)}: the call's deadline passed",
+            ) from None
         except OSError as exc:
             sock.close()
             last = exc
     where = show_target(str(addresses[0]), port)
     if isinstance(last, TimeoutError):
-        raise EgressFailed("timeout", f"connecting to {where}: no answer within "
-                                      f"{connect_timeout:g}s")
+        raise EgressFailed(
+            "timeout", f"connecting to {where}: no answer within {connect_timeout:g}s"
+        )
     raise EgressFailed("failed", f"connecting to {where} failed: {_describe(last)}")
 
 
-def _connect(sock: socket.socket, address: tuple[str, int], due: Callable[[], float],
-             give_up: float) -> None:
+def _connect(
+    sock: socket.socket, address: tuple[str, int], due: Callable[[], float], give_up: float
+) -> None:
     sock.setblocking(False)
     err = sock.connect_ex(address)
     poller = select.poll()
@@ -265,8 +319,9 @@ def _tls_context(ca_file: str | None, stamp: tuple[int, int] | None) -> ssl.SSLC
 _context_lock = threading.Lock()
 
 
-def _handshake(sock: socket.socket, host: str, due: Callable[[], float],
-               ca_file: str | None) -> ssl.SSLSocket:
+def _handshake(
+    sock: socket.socket, host: str, due: Callable[[], float], ca_file: str | None
+) -> ssl.SSLSocket:
     with _context_lock:
         try:
             stamp = None
@@ -275,8 +330,9 @@ def _handshake(sock: socket.socket, host: str, due: Callable[[], float],
                 stamp = (st.st_mtime_ns, st.st_size)
             context = _tls_context(ca_file, stamp)
         except (OSError, ssl.SSLError) as exc:
-            raise EgressFailed("failed", f"cannot load the egress CA file {ca_file}: "
-                                         f"{_describe(exc)}") from None
+            raise EgressFailed(
+                "failed", f"cannot load the egress CA file {ca_file}: {_describe(exc)}"
+            ) from None
     tls = context.wrap_socket(sock, server_hostname=host, do_handshake_on_connect=False)
     try:
         # A timed-out wait leaves OpenSSL's state intact (Python raises before retrying), so
@@ -297,8 +353,9 @@ class _Timed:
     """The connection as http.client sees it: every wait at most STEP, the deadline re-read
     at each, bytes counted each way."""
 
-    def __init__(self, sock: socket.socket, due: Callable[[], float],
-                 counters: EgressCounters) -> None:
+    def __init__(
+        self, sock: socket.socket, due: Callable[[], float], counters: EgressCounters
+    ) -> None:
         self.sock = sock
         self.due = due
         self.counters = counters
@@ -342,23 +399,45 @@ class _Reader(io.RawIOBase):
         return self.conn.recv_into(buffer)
 
 
-def _exchange(sock: socket.socket, scheme: str, host: str, port: int, method: str, path: str,
-              headers: dict[str, str], body: bytes | None, due: Callable[[], float],
-              counters: EgressCounters, *, max_response: int, ca_file: str | None
-              ) -> dict[str, Any]:
+def _exchange(
+    sock: socket.socket,
+    scheme: str,
+    host: str,
+    port: int,
+    method: str,
+    path: str,
+    headers: dict[str, str],
+    body: bytes | None,
+    due: Callable[[], float],
+    counters: EgressCounters,
+    *,
+    max_response: int,
+    ca_file: str | None,
+) -> dict[str, Any]:
     """Send the request and read the response over ``sock``, which this closes."""
     try:
         if scheme == "https":
             sock = _handshake(sock, host, due, ca_file)  # owns the fd from here on
-        return _http(sock, scheme, host, port, method, path, headers, body, due, counters,
-                     max_response)
+        return _http(
+            sock, scheme, host, port, method, path, headers, body, due, counters, max_response
+        )
     finally:
         sock.close()
 
 
-def _http(sock: socket.socket, scheme: str, host: str, port: int, method: str, path: str,
-          headers: dict[str, str], body: bytes | None, due: Callable[[], float],
-          counters: EgressCounters, limit: int) -> dict[str, Any]:
+def _http(
+    sock: socket.socket,
+    scheme: str,
+    host: str,
+    port: int,
+    method: str,
+    path: str,
+    headers: dict[str, str],
+    body: bytes | None,
+    due: Callable[[], float],
+    counters: EgressCounters,
+    limit: int,
+) -> dict[str, Any]:
     conn = http.client.HTTPConnection(host, port)
     conn.sock = _Timed(sock, due, counters)
     try:
@@ -370,12 +449,13 @@ def _http(sock: socket.socket, scheme: str, host: str, port: int, method: str, p
         response = conn.getresponse()
         declared = response.getheader("content-length")
         if declared is not None and declared.strip().isdigit() and int(declared) > limit:
-            raise EgressFailed("failed", f"the response body is {int(declared)} bytes, "
-                                         f"more than the {limit}-byte limit")
+            raise EgressFailed(
+                "failed",
+                f"the response body is {int(declared)} bytes, more than the {limit}-byte limit",
+            )
         data = response.read(limit + 1)
         if len(data) > limit:
-            raise EgressFailed("failed",
-                               f"the response body is larger than the {limit}-byte limit")
+            raise EgressFailed("failed", f"the response body is larger than the {limit}-byte limit")
         merged: dict[str, str] = {}
         for name, value in response.getheaders():
             key = name.lower()

@@ -23,8 +23,14 @@ from .rules import EgressRefused
 __all__ = ["HEAD_LIMIT", "HttpRequest", "read_http"]
 
 HEAD_LIMIT = 16 << 10  # an HTTP request head (request line and headers) larger is refused
-_HOP_BY_HOP = {"connection", "proxy-connection", "keep-alive", "proxy-authorization",
-               "proxy-authenticate", "upgrade"}
+_HOP_BY_HOP = {
+    "connection",
+    "proxy-connection",
+    "keep-alive",
+    "proxy-authorization",
+    "proxy-authenticate",
+    "upgrade",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,27 +58,37 @@ class HttpRequest:
         return len(self.forward)
 
 
-async def read_http(first: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-                    ) -> HttpRequest:
+async def read_http(
+    first: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> HttpRequest:
     """CONNECT host:port, or an absolute-form request to forward; Rejected (answered) for
     anything else. The reader's limit must be HEAD_LIMIT."""
     try:
         head = first + await reader.readuntil(b"\r\n\r\n")
     except asyncio.LimitOverrunError:
-        raise _bad(writer, 431, "Request Header Fields Too Large",
-                   f"the request head is larger than {HEAD_LIMIT} bytes") from None
+        raise _bad(
+            writer,
+            431,
+            "Request Header Fields Too Large",
+            f"the request head is larger than {HEAD_LIMIT} bytes",
+        ) from None
     lines = head.decode("latin-1").split("\r\n")
     parts = lines[0].split(" ")
     if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-        raise _bad(writer, 400, "Bad Request", "the egress proxy speaks HTTP/1.x "
-                   "(CONNECT or absolute-form requests) and SOCKS5")
+        raise _bad(
+            writer,
+            400,
+            "Bad Request",
+            "the egress proxy speaks HTTP/1.x (CONNECT or absolute-form requests) and SOCKS5",
+        )
     method, target, version = parts
     if method == "CONNECT":
         try:
             host, port = _split_target(target)
         except ValueError:
-            raise _bad(writer, 400, "Bad Request",
-                       f"CONNECT needs host:port, not {target!r}") from None
+            raise _bad(
+                writer, 400, "Bad Request", f"CONNECT needs host:port, not {target!r}"
+            ) from None
         return HttpRequest("http-connect", host, port)
     url = urlsplit(target)
     try:
@@ -80,14 +96,21 @@ async def read_http(first: bytes, reader: asyncio.StreamReader, writer: asyncio.
     except ValueError:
         port = 0
     if url.scheme != "http" or not url.hostname or not port:
-        raise _bad(writer, 400, "Bad Request", f"{target!r} is not an absolute "
-                   "http:// URL (https goes through CONNECT)")
+        raise _bad(
+            writer,
+            400,
+            "Bad Request",
+            f"{target!r} is not an absolute http:// URL (https goes through CONNECT)",
+        )
     # Forwarded as origin-form, one request per connection: a client reusing the
     # connection for another host must not reach it through this one's check. The Host
     # header is the checked URL's, so a shared server (a CDN) is asked for the checked
     # site, not whatever the client wrote there.
-    kept = [h for h in lines[1:] if h
-            and h.split(":", 1)[0].strip().lower() not in _HOP_BY_HOP | {"host"}]
+    kept = [
+        h
+        for h in lines[1:]
+        if h and h.split(":", 1)[0].strip().lower() not in _HOP_BY_HOP | {"host"}
+    ]
     kept.insert(0, f"Host: {url.netloc.rpartition('@')[2]}")
     path = (url.path or "/") + (f"?{url.query}" if url.query else "")
     forward = "\r\n".join([f"{method} {path} {version}", *kept, "Connection: close", "", ""])
@@ -122,7 +145,11 @@ def _reply(writer: asyncio.StreamWriter, status: int, reason: str, detail: str) 
     (Python: "Tunnel connection failed: 403 Forbidden (sandboxer: ...)")."""
     body = f"sandboxer: {detail}\n".encode()
     phrase = f"{reason} (sandboxer: {detail})".replace("\r", " ").replace("\n", " ")
-    writer.write(f"HTTP/1.1 {status} {phrase}\r\nContent-Type: text/plain; charset=utf-8\r\n"
-                 f"Content-Length: {len(body)}\r\nConnection: close\r\n"
-                 f"X-Sandboxer-Egress: {'refused' if status == 403 else 'failed'}\r\n\r\n"
-                 .encode("latin-1", "replace") + body)
+    writer.write(
+        f"HTTP/1.1 {status} {phrase}\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n"
+        f"X-Sandboxer-Egress: {'refused' if status == 403 else 'failed'}\r\n\r\n".encode(
+            "latin-1", "replace"
+        )
+        + body
+    )

@@ -35,8 +35,14 @@ from .http import HEAD_LIMIT, read_http
 from .rules import AllowList, EgressRefused, IPAddress, show_address, show_target, usable_addresses
 from .socks import read_socks5, reject_socks4
 
-__all__ = ["EgressProxy", "EgressEndpoint", "proxy_environment", "PROXY_HOST", "PROXY_PORT",
-           "EGRESS_SOCKET"]
+__all__ = [
+    "EgressProxy",
+    "EgressEndpoint",
+    "proxy_environment",
+    "PROXY_HOST",
+    "PROXY_PORT",
+    "EGRESS_SOCKET",
+]
 
 PROXY_HOST = "127.0.0.1"
 PROXY_PORT = 3128
@@ -71,18 +77,24 @@ class _Request(Protocol):
 
     def failed(self, writer: asyncio.StreamWriter, exc: EgressFailed) -> None: ...
 
-    def established(self, writer: asyncio.StreamWriter, upstream: asyncio.StreamWriter
-                    ) -> int: ...
+    def established(self, writer: asyncio.StreamWriter, upstream: asyncio.StreamWriter) -> int: ...
 
 
 class EgressProxy(Checkpoint):
     """One per supervisor (PluginManager): the checkpoint (rules, resolver, log and counters)
     and the endpoints of every proxied plugin process."""
 
-    def __init__(self, *, hosts_file: str | None = None, max_connections: int = 32,
-                 header_timeout: float = 10.0, connect_timeout: float = 10.0,
-                 idle_timeout: float = 300.0, ca_file: str | None = None,
-                 max_response: int = DEFAULT_MAX_FRAME) -> None:
+    def __init__(
+        self,
+        *,
+        hosts_file: str | None = None,
+        max_connections: int = 32,
+        header_timeout: float = 10.0,
+        connect_timeout: float = 10.0,
+        idle_timeout: float = 300.0,
+        ca_file: str | None = None,
+        max_response: int = DEFAULT_MAX_FRAME,
+    ) -> None:
         super().__init__(hosts_file=hosts_file, connect_timeout=connect_timeout)
         self.max_connections = max_connections
         self.header_timeout = header_timeout
@@ -97,12 +109,15 @@ class EgressProxy(Checkpoint):
     @classmethod
     def from_config(cls, config: Any) -> EgressProxy:
         """From a HostConfig's ``egress_*`` settings."""
-        return cls(hosts_file=config.egress_hosts_file,
-                   max_connections=config.egress_max_connections,
-                   header_timeout=config.egress_header_timeout,
-                   idle_timeout=config.egress_idle_timeout,
-                   connect_timeout=config.egress_connect_timeout, ca_file=config.egress_ca_file,
-                   max_response=config.max_frame)
+        return cls(
+            hosts_file=config.egress_hosts_file,
+            max_connections=config.egress_max_connections,
+            header_timeout=config.egress_header_timeout,
+            idle_timeout=config.egress_idle_timeout,
+            connect_timeout=config.egress_connect_timeout,
+            ca_file=config.egress_ca_file,
+            max_response=config.max_frame,
+        )
 
     def _slots(self, plugin_id: str) -> asyncio.Semaphore:
         """The plugin's connection budget, shared by its generations' endpoints."""
@@ -158,33 +173,41 @@ class EgressProxy(Checkpoint):
                 async with asyncio.timeout(self.connect_timeout):
                     addresses = await lookup
             except TimeoutError:
-                raise EgressFailed("timeout", f"resolving {name} took longer than "
-                                              f"{self.connect_timeout:g}s") from None
+                raise EgressFailed(
+                    "timeout", f"resolving {name} took longer than {self.connect_timeout:g}s"
+                ) from None
             except OSError as exc:
                 raise EgressFailed("unreachable", str(exc)) from None
         return usable_addresses(allow, name, port, addresses)
 
-    async def _dial(self, addresses: list[IPAddress], port: int
-                    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async def _dial(
+        self, addresses: list[IPAddress], port: int
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         last: OSError | None = None
         try:
             async with asyncio.timeout(self.connect_timeout):  # for all addresses together
                 for address in addresses:
                     try:
-                        return await asyncio.open_connection(str(address), port,
-                                                             limit=1 << 16)
+                        return await asyncio.open_connection(str(address), port, limit=1 << 16)
                     except OSError as exc:
                         last = exc
         except TimeoutError:
             last = TimeoutError(f"no answer within {self.connect_timeout:g}s")
-        kind = "timeout" if isinstance(last, TimeoutError) else \
-            "connection refused" if isinstance(last, ConnectionRefusedError) else "unreachable"
+        kind = (
+            "timeout"
+            if isinstance(last, TimeoutError)
+            else "connection refused"
+            if isinstance(last, ConnectionRefusedError)
+            else "unreachable"
+        )
         why = os.strerror(last.errno) if last is not None and last.errno else str(last)
-        raise EgressFailed(kind, f"connecting to {show_target(show_address(addresses[-1]), port)}"
-                                 f" failed: {why}")
+        raise EgressFailed(
+            kind, f"connecting to {show_target(show_address(addresses[-1]), port)} failed: {why}"
+        )
 
-    async def open(self, plugin_id: str, allow: AllowList, via: str, host: str, port: int
-                   ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async def open(
+        self, plugin_id: str, allow: AllowList, via: str, host: str, port: int
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """Check, resolve, dial; log and count the verdict. EgressRefused or EgressFailed."""
         target = show_target(host, port)
         with self.attempt(plugin_id, via, target):
@@ -195,8 +218,14 @@ class EgressProxy(Checkpoint):
         return upstream
 
     # -- wasm: one HTTP request on the plugin's behalf -------------------------------------------
-    def fetch(self, plugin_id: str, allow: AllowList | None, request: Any, *,
-              deadline: float | Callable[[], float]) -> dict[str, Any]:
+    def fetch(
+        self,
+        plugin_id: str,
+        allow: AllowList | None,
+        request: Any,
+        *,
+        deadline: float | Callable[[], float],
+    ) -> dict[str, Any]:
         """Perform one HTTP(S) request for a wasm plugin (blocking; a worker thread calls it).
 
         ``request``: ``{"method", "url", "headers": {name: value}, "body"}`` (``body`` text, or
@@ -210,8 +239,16 @@ class EgressProxy(Checkpoint):
         # every supervisor's start, wasm plugin or not. No cycle: fetch knows only the
         # Checkpoint.
         from .fetch import fetch
-        return fetch(self, plugin_id, allow, request, deadline=deadline,
-                     max_response=self.max_response, ca_file=self.ca_file)
+
+        return fetch(
+            self,
+            plugin_id,
+            allow,
+            request,
+            deadline=deadline,
+            max_response=self.max_response,
+            ca_file=self.ca_file,
+        )
 
 
 async def _readable(sock: socket.socket) -> None:
@@ -236,8 +273,14 @@ class EgressEndpoint:
     TCP listener in its net namespace. ``close()`` (idempotent) stops both, ends every
     connection and removes the socket file."""
 
-    def __init__(self, proxy: EgressProxy, plugin_id: str, allow: AllowList,
-                 unix_sock: socket.socket, path: str) -> None:
+    def __init__(
+        self,
+        proxy: EgressProxy,
+        plugin_id: str,
+        allow: AllowList,
+        unix_sock: socket.socket,
+        path: str,
+    ) -> None:
         self.proxy = proxy
         self.plugin_id = plugin_id
         self.allow = allow
@@ -290,9 +333,12 @@ class EgressEndpoint:
             await _readable(listener)
             if slots.locked() and not self._saturated:
                 self._saturated = True
-                log.warning("egress plugin=%s: %d connections to the proxy at once, the "
-                            "limit; more wait until one closes", self.plugin_id,
-                            self.proxy.max_connections)
+                log.warning(
+                    "egress plugin=%s: %d connections to the proxy at once, the "
+                    "limit; more wait until one closes",
+                    self.plugin_id,
+                    self.proxy.max_connections,
+                )
             await slots.acquire()
             try:
                 conn, _ = listener.accept()
@@ -320,8 +366,13 @@ class EgressEndpoint:
                 async with asyncio.timeout(self.proxy.header_timeout):
                     request = await self._read_request(reader, writer)
             except TimeoutError:
-                self.proxy.record(self.plugin_id, "proxy", "-", "refused",
-                                  f"no complete request within {self.proxy.header_timeout:g}s")
+                self.proxy.record(
+                    self.plugin_id,
+                    "proxy",
+                    "-",
+                    "refused",
+                    f"no complete request within {self.proxy.header_timeout:g}s",
+                )
                 return
             except Rejected as exc:  # answered already
                 self.proxy.record(self.plugin_id, exc.via, exc.target, "refused", str(exc))
@@ -343,8 +394,9 @@ class EgressEndpoint:
             if upstream is not None:
                 upstream.close()
 
-    async def _read_request(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-                            ) -> _Request:
+    async def _read_request(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> _Request:
         """The client's request, whichever protocol it speaks; Rejected once answered."""
         first = await reader.readexactly(1)
         if first == b"\x05":
@@ -353,12 +405,14 @@ class EgressEndpoint:
             raise reject_socks4(writer)
         return await read_http(first, reader, writer)
 
-    async def _connect(self, request: _Request, writer: asyncio.StreamWriter
-                       ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+    async def _connect(
+        self, request: _Request, writer: asyncio.StreamWriter
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
         """Check and dial the target; answer the client in its protocol."""
         try:
-            opened = await self.proxy.open(self.plugin_id, self.allow, request.via,
-                                           request.host, request.port)
+            opened = await self.proxy.open(
+                self.plugin_id, self.allow, request.via, request.host, request.port
+            )
         except EgressRefused as exc:
             request.refused(writer, exc)
             return None
@@ -371,16 +425,22 @@ class EgressEndpoint:
         return opened
 
     # -- the tunnel ------------------------------------------------------------------------------
-    async def _splice(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                      up_reader: asyncio.StreamReader, up_writer: asyncio.StreamWriter) -> None:
+    async def _splice(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        up_reader: asyncio.StreamReader,
+        up_writer: asyncio.StreamWriter,
+    ) -> None:
         """Copy both ways until both sides are done, or both have been idle too long."""
         loop = asyncio.get_running_loop()
         last = [loop.time()]
         counters = self.proxy.counters(self.plugin_id)
         idle = self.proxy.idle_timeout
 
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter,
-                       count: Callable[[int], None]) -> None:
+        async def pipe(
+            src: asyncio.StreamReader, dst: asyncio.StreamWriter, count: Callable[[int], None]
+        ) -> None:
             try:
                 while True:
                     try:
@@ -404,10 +464,12 @@ class EgressEndpoint:
                 dst.transport.abort()
 
         await writer.drain()
-        tasks = [asyncio.ensure_future(pipe(reader, up_writer,
-                                            lambda n: counters.add(bytes_sent=n))),
-                 asyncio.ensure_future(pipe(up_reader, writer,
-                                            lambda n: counters.add(bytes_received=n)))]
+        tasks = [
+            asyncio.ensure_future(pipe(reader, up_writer, lambda n: counters.add(bytes_sent=n))),
+            asyncio.ensure_future(
+                pipe(up_reader, writer, lambda n: counters.add(bytes_received=n))
+            ),
+        ]
         try:
             await asyncio.gather(*tasks)
         except TimeoutError:

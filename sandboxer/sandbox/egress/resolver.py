@@ -52,8 +52,9 @@ class Resolver:
         try:
             infos = socket.getaddrinfo(name, port, type=socket.SOCK_STREAM)
         except (socket.gaierror, UnicodeError) as exc:
-            raise OSError(f"cannot resolve {name}: {getattr(exc, 'strerror', None) or exc}") \
-                from None
+            raise OSError(
+                f"cannot resolve {name}: {getattr(exc, 'strerror', None) or exc}"
+            ) from None
         addresses: list[IPAddress] = []
         for info in infos:
             address = ipaddress.ip_address(str(info[4][0]).split("%")[0])

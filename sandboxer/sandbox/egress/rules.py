@@ -20,9 +20,21 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-__all__ = ["AllowList", "EgressRefused", "IPAddress", "IPNetwork", "NetworkRequest",
-           "parse_host_pattern", "network_mode", "refused_range", "check_target",
-           "usable_addresses", "plain_address", "show_address", "show_target"]
+__all__ = [
+    "AllowList",
+    "EgressRefused",
+    "IPAddress",
+    "IPNetwork",
+    "NetworkRequest",
+    "parse_host_pattern",
+    "network_mode",
+    "refused_range",
+    "check_target",
+    "usable_addresses",
+    "plain_address",
+    "show_address",
+    "show_target",
+]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -58,6 +70,7 @@ def network_mode(sandbox: NetworkRequest) -> str:
 
 # -- the allow-list ------------------------------------------------------------------------------
 
+
 def parse_host_pattern(text: object) -> str:
     """Validate one ``allowed_hosts`` entry and return it normalised (lower case).
 
@@ -73,7 +86,7 @@ def parse_host_pattern(text: object) -> str:
         end = host.find("]")
         if end < 0:
             raise ValueError(f"{expected}, not {text!r}")
-        rest = host[end + 1:]
+        rest = host[end + 1 :]
         host = host[1:end]
         if rest:
             if not rest.startswith(":"):
@@ -110,7 +123,6 @@ def parse_host_pattern(text: object) -> str:
     if all(lb.isdigit() for lb in labels):
         raise ValueError(f"{expected}, not {text!r}")
     return text.lower()
-
 
 
 def _contains(outer: str | IPNetwork, inner: IPNetwork) -> bool:
@@ -177,8 +189,11 @@ class AllowList:
                 continue
             if rule.kind == "name" and rule.value == name:
                 return True
-            if rule.kind == "wildcard" and name.endswith(str(rule.value)) \
-                    and len(name) > len(str(rule.value)):
+            if (
+                rule.kind == "wildcard"
+                and name.endswith(str(rule.value))
+                and len(name) > len(str(rule.value))
+            ):
                 return True
         return False
 
@@ -186,9 +201,10 @@ class AllowList:
         """Whether an IP literal or range in the list covers ``address`` on ``port``."""
         if self.everything_allowed:
             return True
-        return any(rule.kind == "network" and rule.covers_port(port)
-                   and address in rule.value
-                   for rule in self._rules)
+        return any(
+            rule.kind == "network" and rule.covers_port(port) and address in rule.value
+            for rule in self._rules
+        )
 
     def covers(self, pattern: str) -> bool:
         """Whether every target the ``allowed_hosts`` entry ``pattern`` permits is permitted
@@ -207,8 +223,11 @@ class AllowList:
         return False
 
     def __repr__(self) -> str:
-        return "AllowList(everything)" if self.everything_allowed else \
-            f"AllowList({list(self.patterns)})"
+        return (
+            "AllowList(everything)"
+            if self.everything_allowed
+            else f"AllowList({list(self.patterns)})"
+        )
 
 
 def _split_pattern(text: str) -> tuple[str, int | None]:
@@ -224,16 +243,20 @@ def _split_pattern(text: str) -> tuple[str, int | None]:
 
 # -- a target, checked ---------------------------------------------------------------------------
 
+
 def check_target(allow: AllowList, host: str, port: int) -> tuple[str, IPAddress | None]:
     """``host`` checked against ``allow`` before anything is resolved: (the name as the list
     compares it, None) for a name, (``host``, its address) for an IP literal. EgressRefused for
     a target the list does not name, or a name that is not a valid host name."""
     literal = _literal(host)
     if literal is not None:
-        if not allow.lists_address(plain_address(literal), port) \
-                and not allow.lists_address(literal, port):
-            raise EgressRefused(f"{show_target(host, port)} is not in allowed_hosts (an IP "
-                                "address is reachable only when allowed_hosts lists it)")
+        if not allow.lists_address(plain_address(literal), port) and not allow.lists_address(
+            literal, port
+        ):
+            raise EgressRefused(
+                f"{show_target(host, port)} is not in allowed_hosts (an IP "
+                "address is reachable only when allowed_hosts lists it)"
+            )
         return host, literal
     name = _host_name(host)
     if not allow.permits_name(name, port):
@@ -241,8 +264,9 @@ def check_target(allow: AllowList, host: str, port: int) -> tuple[str, IPAddress
     return name, None
 
 
-def usable_addresses(allow: AllowList, name: str, port: int,
-                     addresses: list[IPAddress]) -> list[IPAddress]:
+def usable_addresses(
+    allow: AllowList, name: str, port: int, addresses: list[IPAddress]
+) -> list[IPAddress]:
     """The addresses of ``name`` the policy lets us dial; EgressRefused if none."""
     usable, refused = [], []
     for address in addresses:
@@ -254,7 +278,8 @@ def usable_addresses(allow: AllowList, name: str, port: int,
     if not usable:
         raise EgressRefused(
             f"{name} resolves to {', '.join(refused)}, which is refused unless "
-            f"allowed_hosts lists that address or range (DNS rebinding protection)")
+            f"allowed_hosts lists that address or range (DNS rebinding protection)"
+        )
     return usable
 
 
@@ -263,15 +288,20 @@ def refused_range(address: IPAddress) -> str | None:
     forms that carry an IPv4 address (mapped, 6to4, NAT64) are judged by that address too."""
     address = plain_address(address)
     if isinstance(address, ipaddress.IPv6Address):
-        inner = address.sixtofour or (ipaddress.IPv4Address(int(address) & 0xFFFF_FFFF)
-                                      if address in _NAT64 else None)
+        inner = address.sixtofour or (
+            ipaddress.IPv4Address(int(address) & 0xFFFF_FFFF) if address in _NAT64 else None
+        )
         if inner is not None and (why := refused_range(inner)) is not None:
             return f"{why}, inside {'6to4' if address.sixtofour else 'NAT64'}"
-    for test, name in ((address.is_loopback, "loopback"), (address.is_link_local, "link-local"),
-                       (address.is_multicast, "multicast"),
-                       (address.is_unspecified, "unspecified"),
-                       (address.is_private, "private"), (address.is_reserved, "reserved"),
-                       (not address.is_global, "not globally routable")):
+    for test, name in (
+        (address.is_loopback, "loopback"),
+        (address.is_link_local, "link-local"),
+        (address.is_multicast, "multicast"),
+        (address.is_unspecified, "unspecified"),
+        (address.is_private, "private"),
+        (address.is_reserved, "reserved"),
+        (not address.is_global, "not globally routable"),
+    ):
         if test:
             return name
     return None
@@ -299,6 +329,7 @@ def _literal(text: str) -> IPAddress | None:
 
 
 # -- addresses and targets as the log and the plugin see them ------------------------------------
+
 
 def plain_address(address: IPAddress) -> IPAddress:
     """IPv4-mapped IPv6 (``::ffff:127.0.0.1``) as the IPv4 address it reaches."""

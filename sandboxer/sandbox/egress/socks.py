@@ -21,8 +21,16 @@ from .rules import EgressRefused, show_target
 
 __all__ = ["SocksRequest", "read_socks5", "reject_socks4"]
 
-_REPLY = {"ok": 0, "failed": 1, "refused": 2, "unreachable": 4, "connection refused": 5,
-          "timeout": 6, "command": 7, "address type": 8}
+_REPLY = {
+    "ok": 0,
+    "failed": 1,
+    "refused": 2,
+    "unreachable": 4,
+    "connection refused": 5,
+    "timeout": 6,
+    "command": 7,
+    "address type": 8,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,8 +51,7 @@ class SocksRequest:
         return 0
 
 
-async def read_socks5(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-                      ) -> SocksRequest:
+async def read_socks5(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> SocksRequest:
     """The greeting and the CONNECT request; Rejected (answered) for anything else."""
     methods = await reader.readexactly((await reader.readexactly(1))[0])
     if 0 not in methods:
@@ -58,15 +65,19 @@ async def read_socks5(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
         host = str(ipaddress.IPv6Address(await reader.readexactly(16)))
     elif kind == 3:
         host = (await reader.readexactly((await reader.readexactly(1))[0])).decode(
-            "utf-8", "replace")
+            "utf-8", "replace"
+        )
     else:
         _reply(writer, "address type")
         raise Rejected("socks5", f"SOCKS5 address type {kind} is not one of 1, 3, 4")
     port = int.from_bytes(await reader.readexactly(2), "big")
     if version != 5 or command != 1:
         _reply(writer, "command")
-        raise Rejected("socks5", f"SOCKS5 command {command} is not supported (only CONNECT)",
-                       target=show_target(host, port))
+        raise Rejected(
+            "socks5",
+            f"SOCKS5 command {command} is not supported (only CONNECT)",
+            target=show_target(host, port),
+        )
     return SocksRequest(host, port)
 
 
