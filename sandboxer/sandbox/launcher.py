@@ -65,53 +65,12 @@ if TYPE_CHECKING:
     from typing import Any
 
     from . import _syscalls as sc
-    from .launcher_mounts import (
-        Entry,
-        bind_paths,
-        build_dev,
-        build_root,
-        copy_trees,
-        mask_denied,
-        mount_proc,
-        mount_tmp,
-        mount_trees,
-        open_copies,
-        pivot,
-        write_files,
-    )
-    from .launcher_steps import (
-        CONTROL_FD,
-        RPC_FD,
-        STATUS_FD,
-        SetupFailed,
-        Step,
-        fail,
-        step,
-    )
+    from . import launcher_mounts as fs
+    from .launcher_steps import CONTROL_FD, RPC_FD, STATUS_FD, SetupFailed, Step, fail, step
 else:
     import _syscalls as sc
-    from launcher_mounts import (
-        bind_paths,
-        build_dev,
-        build_root,
-        copy_trees,
-        mask_denied,
-        mount_proc,
-        mount_tmp,
-        mount_trees,
-        open_copies,
-        pivot,
-        write_files,
-    )
-    from launcher_steps import (
-        CONTROL_FD,
-        RPC_FD,
-        STATUS_FD,
-        SetupFailed,
-        Step,
-        fail,
-        step,
-    )
+    import launcher_mounts as fs
+    from launcher_steps import CONTROL_FD, RPC_FD, STATUS_FD, SetupFailed, Step, fail, step
 
 PR_SET_PDEATHSIG = 1
 PR_SET_NO_NEW_PRIVS = 38
@@ -454,25 +413,25 @@ def pid1(
     exit_pipe: int,
     sources: list[int],
     mounts: list[int],
-    copies: list[tuple[str, list[Entry]]],
+    copies: list[tuple[str, list[fs.Entry]]],
 ) -> None:
     _libc_prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # die with the launcher
     # Python's SIGINT handler would turn the plugin's `kill -INT 1` into a KeyboardInterrupt:
     # at its default action the kernel never delivers it to a namespace's init from inside.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-    build_root()
+    fs.build_root()
     # /tmp first: binds of host paths that live under /tmp (a checkout, a venv, a plugin
     # directory) must land on top of the private /tmp, not be hidden by it.
-    mount_tmp(spec)
-    copy_trees(spec, copies)
-    bind_paths(spec, mounts)
-    mount_proc(spec)
-    build_dev(spec, mounts)
-    mask_denied(spec)
-    write_files(spec)
+    fs.mount_tmp(spec)
+    fs.copy_trees(spec, copies)
+    fs.bind_paths(spec, mounts)
+    fs.mount_proc(spec)
+    fs.build_dev(spec, mounts)
+    fs.mask_denied(spec)
+    fs.write_files(spec)
     for fd in set(sources + mounts):
         os.close(fd)
-    pivot()
+    fs.pivot()
     signal.pthread_sigmask(signal.SIG_BLOCK, PID1_SIGNALS)
     plugin = os.fork()
     if plugin == 0:
@@ -500,8 +459,8 @@ def main() -> None:
         drop_supplementary_groups()
         unshare_namespaces(spec)
         wait_for_id_maps(set_up_network(spec))
-        mounts = mount_trees(spec, sources)
-        copies = open_copies(spec, sources)
+        mounts = fs.mount_trees(spec, sources)
+        copies = fs.open_copies(spec, sources)
         become_sandbox_ids(spec)
         with step(Step.PID1):
             exit_read, exit_write = os.pipe()
