@@ -110,6 +110,9 @@ class Generation:
         self._idle.set()
         self._open = asyncio.Event()
         self._open.set()
+        # Whether calls may enter now: the gate's state as a plain attribute, read by every
+        # call (an Event's is_set is a method call more on the hot path).
+        self.admitting = True
         self._failure: SandboxerError | None = None
 
     @property
@@ -125,14 +128,12 @@ class Generation:
         self._failure = error
 
     # -- the gate ----------------------------------------------------------------------------
-    @property
-    def admitting(self) -> bool:
-        return self._open.is_set()
-
     def close_gate(self) -> None:
+        self.admitting = False
         self._open.clear()
 
     def open_gate(self) -> None:
+        self.admitting = True
         self._open.set()
 
     async def wait_gate(self) -> None:

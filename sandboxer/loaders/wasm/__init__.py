@@ -146,7 +146,10 @@ class WasmHandle:
             reinit=self._reinit if "init" in layout.lifecycle else None,
             fail=self._fail,
         )
-        self._idle = self._pool.idle  # the hot path's: the pool's list, changed in place
+        # The hot path's: the pool's list (changed in place), its release, the plugin's id.
+        self._idle = self._pool.idle
+        self._release = self._pool.release
+        self._id = plugin.id
         self._offloop: set[asyncio.Future[Any]] = set()
         self._commands: set[Store] = set()  # stores of WASI command runs in progress
         self._failure_callbacks: list[Callable[[SandboxerError], None]] = []
@@ -266,24 +269,24 @@ class WasmHandle:
         try:
             bound = inst.bound[method]
             if m.json:
-                payload = encode(self.plugin.id, method, args)
+                payload = encode(self._id, method, args)
                 n = len(payload)
                 if n > inst.capacity:
                     await self._grow(inst, n, method, timeout)
                 inst.put_json(bound, payload)
             else:
-                put_numbers(self.plugin.id, bound, m, method, args)
+                put_numbers(self._id, bound, m, method, args)
             future = inst.start(bound, timeout) if self._inline else None
             if future is not None or not self._inline:
                 await self._complete(inst, bound, future, timeout)
             if inst.trap_out.value or inst.error_out.value:
                 raise self._call_failure(inst, method, timeout)
             if m.json:
-                return json_result(self.plugin.id, inst, bound, method, self._max_output)
+                return json_result(self._id, inst, bound, method, self._max_output)
             return get_numbers(bound, m)
         finally:
             if inst.busy:
-                self._pool.release(inst)
+                self._release(inst)
 
     async def _off_loop(self, inst: Instance, work_fn: Callable[..., None], *args: Any) -> None:
         """Run ``work_fn(*args)`` (finish a suspended call, or make a whole one) on a worker
