@@ -39,6 +39,11 @@ _LOG_BURST = 200
 _LOG_RATE = 50.0
 
 
+# Where a process's stdout and stderr go instead of the log, each as it is read (None: that
+# stream is logged as usual).
+Sinks = tuple[Callable[[bytes], None] | None, Callable[[bytes], None] | None]
+
+
 class LineLog:
     """Turns a stream of output bytes into log lines, with bounded memory.
 
@@ -164,7 +169,7 @@ class PluginProcess:
         stderr: int,
         *,
         logger: logging.Logger,
-        sinks: tuple[Callable[[bytes], None], Callable[[bytes], None]] | None = None,
+        sinks: Sinks | None = None,
     ) -> None:
         self.pid = pid
         self._loop = asyncio.get_running_loop()
@@ -282,7 +287,7 @@ def spawn(
     rpc_fd: int,
     logger: logging.Logger,
     extra_fds: dict[int, int] | None = None,
-    sinks: tuple[Callable[[bytes], None], Callable[[bytes], None]] | None = None,
+    sinks: Sinks | None = None,
     executable: str | None = None,
     stdin: int | None = None,
     owner: tuple[int, int] | None = None,

@@ -155,7 +155,7 @@ async def launch(
     setup_timeout: float = SETUP_TIMEOUT,
     on_spawn: Callable[[int], Awaitable[None]] | None = None,
     egress: EgressEndpoint | None = None,
-    sinks: tuple[Callable[[bytes], None], Callable[[bytes], None]] | None = None,
+    sinks: child.Sinks | None = None,
     plugin_id: str | None = None,
     sources: Sources | None = None,
     stdin: int | None = None,

@@ -1,0 +1,514 @@
+"""Starting a go-plugin gRPC plugin, sandboxed, and calling it: ``GrpcLoader``, ``GrpcHandle``.
+
+The plugin starts as any external plugin does (the same launch spec, cgroup, seccomp filter and
+mounts) with go-plugin's environment instead of sandboxer's wire protocol on fd 3, and with a
+directory of its own at ``SOCKET_DIR`` (``TMPDIR`` and ``PLUGIN_UNIX_SOCKET_DIR`` name it):
+a private directory of the supervisor's, writable inside, where go-plugin makes its Unix socket.
+Its first line on stdout is the handshake (``handshake.parse_handshake``); the lines after it
+and everything on stderr go to the host's logging.
+
+The supervisor connects to that socket without ever following a name the plugin controls: the
+entry is opened beneath the directory with O_PATH|O_NOFOLLOW, must be a socket, and the
+channel connects through ``/proc/self/fd/N``, that very inode, kept open for the channel's
+life. gRPC then runs on the supervisor's event loop (grpcio's asyncio API): no extra process.
+A plugin must answer the health check of service "plugin" before it counts as loaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import shutil
+import signal
+import stat
+import tempfile
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from ...errors import (
+    CallTimeout,
+    HandshakeError,
+    MemoryLimitExceeded,
+    MethodNotFound,
+    PluginCallError,
+    PluginCrashed,
+    PluginLoadError,
+    SandboxerError,
+)
+from ...manifest import Plugin
+from ...sandbox import child
+from ...sandbox.confinement import Confinement, launch_confined
+from ...sandbox.policy import SandboxConfig
+from ...sandbox.spec import Mount
+from .. import NO_STATE, Health, NoState, ResourceUsage
+from ..out_of_process import SHUTDOWN_GRACE, ProcessLoader, plugin_command
+from .handshake import MAX_LINE, handshake_environment, parse_handshake
+from .schema import GrpcMethod, GrpcSchema, decode_response, encode_request, load_schema
+
+if TYPE_CHECKING:
+    import grpc.aio
+
+__all__ = ["GrpcLoader", "GrpcHandle", "SOCKET_DIR"]
+
+log = logging.getLogger("sandboxer")
+
+SOCKET_DIR = "/run/sandboxer/grpc"  # the plugin's socket directory, inside its sandbox
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+SHUTDOWN = "/plugin.GRPCController/Shutdown"
+_SERVING = 1  # grpc.health.v1.HealthCheckResponse.ServingStatus
+
+
+class _Handshake:
+    """The plugin's stdout: its first line resolves ``line``, the lines after it are logged."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self.line: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._head = bytearray()
+        self._rest = child.LineLog(name="stdout", logger=logger, level=logging.INFO)
+
+    def __call__(self, data: bytes) -> None:
+        if self.line.done():
+            self._rest.feed(data)
+            return
+        self._head += data
+        end = self._head.find(b"\n")
+        if end < 0 and len(self._head) <= MAX_LINE:
+            return
+        cut = end + 1 if end >= 0 else len(self._head)
+        self.line.set_result(bytes(self._head[:cut]))
+        rest = bytes(self._head[cut:])
+        self._head.clear()
+        if rest:
+            self._rest.feed(rest)
+
+
+def _health_request(service: str) -> bytes:
+    """grpc.health.v1.HealthCheckRequest{service} in protobuf's wire format."""
+    name = service.encode()
+    return b"\x0a" + bytes([len(name)]) + name  # field 1, length-delimited (< 128 bytes)
+
+
+def _serving_status(data: bytes) -> int:
+    """HealthCheckResponse.status (field 1, a varint; absent: 0, UNKNOWN)."""
+    if len(data) >= 2 and data[0] == 0x08 and data[1] < 0x80:
+        return data[1]
+    return 0
+
+
+class GrpcHandle:
+    """One running go-plugin gRPC plugin process and its channel (a ``PluginHandle``)."""
+
+    def __init__(
+        self,
+        plugin: Plugin,
+        sandbox: SandboxConfig,
+        schema: GrpcSchema,
+        proc: child.PluginProcess,
+        channel: grpc.aio.Channel,
+        *,
+        socket_fd: int,
+        socket_dir: str,
+        confinement: Confinement | None,
+    ) -> None:
+        self.plugin = plugin
+        self._sandbox = sandbox
+        self._schema = schema
+        self._proc = proc
+        self._channel = channel
+        self._socket_fd = socket_fd
+        self._socket_dir = socket_dir
+        self._confinement = confinement
+        names = tuple(sorted(schema.methods))
+        if plugin.methods is not None:
+            missing = sorted(set(plugin.methods) - set(names))
+            if missing:
+                raise HandshakeError(
+                    f"plugin {plugin.id}: the manifest lists methods {schema.service} does not "
+                    f"have: {', '.join(missing)}",
+                    plugin_id=plugin.id,
+                )
+            names = tuple(sorted(plugin.methods))
+        self._methods = names
+        self._stubs = {
+            name: (schema.methods[name], channel.unary_unary(schema.methods[name].path))
+            for name in names
+        }
+        self._callbacks: list[Callable[[SandboxerError], None]] = []
+        self._closing = False
+        self._crash: SandboxerError | None = None
+        self._watcher = asyncio.ensure_future(self._watch())
+
+    # -- the PluginHandle protocol -----------------------------------------------------------
+    @property
+    def methods(self) -> tuple[str, ...]:
+        return self._methods
+
+    @property
+    def has_state(self) -> bool:
+        return False  # go-plugin has no state hooks: a reload starts fresh
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    @property
+    def fallbacks(self) -> tuple[str, ...]:
+        return self._confinement.fallbacks if self._confinement is not None else ()
+
+    def on_failure(self, callback: Callable[[SandboxerError], None]) -> None:
+        self._callbacks.append(callback)
+
+    def call(self, method: str, *args: Any, timeout: float | None = None) -> Awaitable[Any]:
+        return self._call(method, args, self._sandbox.timeout if timeout is None else timeout)
+
+    async def _call(self, method: str, args: tuple[Any, ...], timeout: float) -> Any:
+        stub = self._stubs.get(method)
+        if stub is None:
+            raise MethodNotFound(
+                f"plugin {self.plugin.id} has no method {method!r} "
+                f"(methods: {', '.join(self._methods) or 'none'})",
+                plugin_id=self.plugin.id,
+                method=method,
+                available=list(self._methods),
+            )
+        spec, multicallable = stub
+        request = encode_request(spec, args, plugin_id=self.plugin.id)
+        try:
+            answer = await multicallable(request, timeout=timeout)
+        except Exception as exc:  # grpc.aio.AioRpcError, imported lazily
+            raise await self._call_error(spec, exc, timeout) from None
+        try:
+            return decode_response(spec, answer)
+        except ValueError as exc:
+            raise PluginCallError(
+                f"plugin {self.plugin.id}: {method} answered {exc}",
+                code=-32603,
+                plugin_id=self.plugin.id,
+                method=method,
+            ) from None
+
+    async def _call_error(
+        self, method: GrpcMethod, exc: Exception, timeout: float
+    ) -> SandboxerError:
+        import grpc
+
+        if not isinstance(exc, grpc.aio.AioRpcError):
+            raise exc
+        code = exc.code()
+        if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+            return CallTimeout(
+                f"plugin {self.plugin.id}: {method.name} did not answer within {timeout:g}s",
+                timeout=timeout,
+                plugin_id=self.plugin.id,
+                method=method.name,
+            )
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+            # The process may be dying: its exit says more than the transport does.
+            if await self._proc.wait(0.5) is not None:
+                await self._proc.output_closed(0.5)
+                return self._crash or self._crash_error()
+        return PluginCallError(
+            f"plugin {self.plugin.id}: {method.name} failed: {code.name}: {exc.details()}",
+            code=code.value[0],
+            plugin_id=self.plugin.id,
+            method=method.name,
+            data={"grpc_status": code.name},
+        )
+
+    async def init(self, config: dict[str, Any]) -> None:
+        """go-plugin plugins have no init: their configuration is their own business."""
+
+    async def health(self) -> Health:
+        try:
+            answer = await self._channel.unary_unary(HEALTH_CHECK)(
+                _health_request("plugin"), timeout=self._sandbox.timeout
+            )
+        except Exception as exc:
+            return Health(False, f"plugin {self.plugin.id}: health check failed: {exc}")
+        status = _serving_status(answer)
+        if status != _SERVING:
+            return Health(False, f"plugin {self.plugin.id}: health status {status}, not SERVING")
+        return Health(True)
+
+    async def shutdown(self) -> None:
+        """go-plugin's GRPCController/Shutdown, then the usual grace and kill."""
+        self._closing = True
+        try:
+            await self._channel.unary_unary(SHUTDOWN)(b"", timeout=SHUTDOWN_GRACE)
+        except Exception:
+            pass  # it may exit before it answers: that is what was asked
+        if await self._proc.wait(SHUTDOWN_GRACE) is None:
+            log.warning(
+                "plugin %s: still running %gs after shutdown; killed",
+                self.plugin.id,
+                SHUTDOWN_GRACE,
+            )
+            self._proc.send_signal(signal.SIGKILL)
+            await self._proc.wait()
+
+    async def export_state(self) -> Any | NoState:
+        return NO_STATE
+
+    async def import_state(self, state: Any, from_version: str) -> None:
+        log.info("plugin %s has no state hooks; this generation starts fresh", self.plugin.id)
+
+    def resource_usage(self) -> ResourceUsage:
+        stats = self._confinement.stats() if self._confinement is not None else None
+        if stats is None:
+            return ResourceUsage()
+        return ResourceUsage(peak_memory_bytes=stats.memory_peak, cpu_time_s=stats.cpu_time_s)
+
+    async def close(self) -> None:
+        self._closing = True
+        await self._channel.close()
+        await self._proc.terminate(SHUTDOWN_GRACE)
+        await self._proc.close()
+        await self._watcher
+        if self._confinement is not None:
+            await self._confinement.aclose()
+        os.close(self._socket_fd)
+        shutil.rmtree(self._socket_dir, ignore_errors=True)
+
+    # -- failure -----------------------------------------------------------------------------
+    def _crash_error(self) -> SandboxerError:
+        confinement = self._confinement
+        if confinement is not None and confinement.oom_killed():
+            stats = confinement.stats()
+            return MemoryLimitExceeded(
+                f"plugin {self.plugin.id} was killed for exceeding its memory limit",
+                limit=confinement.memory_limit,
+                peak=stats.memory_peak if stats else None,
+                plugin_id=self.plugin.id,
+            )
+        return _crashed(self.plugin.id, self._proc)
+
+    async def _watch(self) -> None:
+        await self._proc.wait()
+        await self._proc.output_closed(0.5)
+        self._crash = self._crash_error()
+        if not self._closing:
+            for callback in self._callbacks:
+                callback(self._crash)
+
+
+def _crashed(plugin_id: str, proc: child.PluginProcess) -> PluginCrashed:
+    tail = list(proc.stderr.tail)
+    message = f"plugin {plugin_id} {proc.describe_exit()}"
+    if tail:
+        message += f"; last stderr: {tail[-1]}"
+    return PluginCrashed(
+        message,
+        plugin_id=plugin_id,
+        exit_status=proc.exit_status,
+        signal=proc.signal,
+        stderr_tail=tail,
+    )
+
+
+class GrpcLoader(ProcessLoader):
+    """Starts external plugins that speak go-plugin's gRPC protocol."""
+
+    async def start(self, plugin: Plugin, sandbox: SandboxConfig, *, generation: int) -> GrpcHandle:
+        import grpc.aio
+
+        spec = plugin.grpc
+        if spec is None:
+            raise PluginLoadError(
+                f"plugin {plugin.id}: protocol grpc needs the [grpc] table", plugin_id=plugin.id
+            )
+        schema = self._schema(plugin)
+        logger = logging.getLogger(f"sandboxer.plugin.{plugin.id}")
+        sockets = tempfile.mkdtemp(prefix="sandboxer-grpc-")  # 0700: the supervisor's
+        env = {
+            "PATH": "/usr/local/bin:/usr/bin:/bin",
+            "HOME": "/tmp",
+            "LANG": "C.UTF-8",
+            **handshake_environment(spec.handshake),
+        }
+        first = _Handshake(logger)
+        null = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
+        confinement: Confinement | None = None
+        try:
+            if sandbox.enabled:
+                inside = SOCKET_DIR
+                launch = self._launch_spec(plugin, sandbox)
+                launch = dataclasses.replace(
+                    launch,
+                    env={**launch.env, **env, "TMPDIR": inside, "PLUGIN_UNIX_SOCKET_DIR": inside},
+                    rpc=False,
+                    mounts=(
+                        *launch.mounts,
+                        Mount(sockets, inside, writable=True, exec=False, root="/"),
+                    ),
+                )
+                proc, confinement = await launch_confined(
+                    launch,
+                    backend=self._cgroups(),
+                    rpc_fd=null,
+                    logger=logger,
+                    sinks=(first, None),
+                    fallbacks=self.fallbacks,
+                    egress=self.egress,
+                    plugin_id=plugin.id,
+                    setup_timeout=self.setup_timeout,
+                )
+            else:
+                inside = sockets
+                env.update(TMPDIR=sockets, PLUGIN_UNIX_SOCKET_DIR=sockets)
+                proc = child.spawn(
+                    plugin_command(plugin), env, rpc_fd=null, logger=logger, sinks=(first, None)
+                )
+        except BaseException:
+            shutil.rmtree(sockets, ignore_errors=True)
+            raise
+        finally:
+            os.close(null)
+        socket_fd = -1
+        try:
+            line = await self._first_line(plugin, proc, first)
+            endpoint = parse_handshake(
+                line,
+                plugin_id=plugin.id,
+                app_version=spec.handshake.protocol_version,
+                socket_dir=inside,
+            )
+            if endpoint.network != "unix" or endpoint.path is None:
+                raise HandshakeError(
+                    f"plugin {plugin.id}: serves gRPC on TCP {endpoint.host}:{endpoint.port}; "
+                    "reaching a port inside its network namespace is not built yet",
+                    plugin_id=plugin.id,
+                )
+            socket_fd = _open_socket(plugin, sockets, os.path.basename(endpoint.path))
+            channel = grpc.aio.insecure_channel(
+                f"unix:/proc/self/fd/{socket_fd}",
+                options=[
+                    ("grpc.max_receive_message_length", self.max_frame),
+                    ("grpc.max_send_message_length", self.max_frame),
+                ],
+            )
+            try:
+                await self._wait_serving(plugin, channel, proc)
+                return GrpcHandle(
+                    plugin,
+                    sandbox,
+                    schema,
+                    proc,
+                    channel,
+                    socket_fd=socket_fd,
+                    socket_dir=sockets,
+                    confinement=confinement,
+                )
+            except BaseException:
+                await channel.close()
+                raise
+        except BaseException:
+            if socket_fd >= 0:
+                os.close(socket_fd)
+            proc.send_signal(signal.SIGKILL)
+            await proc.close()
+            if confinement is not None:
+                await confinement.aclose()
+            shutil.rmtree(sockets, ignore_errors=True)
+            raise
+
+    def _schema(self, plugin: Plugin) -> GrpcSchema:
+        grpc_spec = plugin.grpc
+        if grpc_spec is None:
+            raise PluginLoadError(
+                f"plugin {plugin.id}: protocol grpc needs the [grpc] table", plugin_id=plugin.id
+            )
+        files = grpc_spec.proto
+        sets = [f for f in files if f.suffix in (".pb", ".protoset")]
+        if len(sets) != len(files) or len(sets) != 1:
+            raise PluginLoadError(
+                f"plugin {plugin.id}: [grpc] proto must be one descriptor set (.pb or .protoset) "
+                "for now; compiling .proto files at load is not built yet",
+                plugin_id=plugin.id,
+            )
+        try:
+            data = sets[0].read_bytes()
+        except OSError as exc:
+            raise PluginLoadError(
+                f"plugin {plugin.id}: cannot read {sets[0]}: {exc.strerror}", plugin_id=plugin.id
+            ) from None
+        return load_schema(data, grpc_spec.service, plugin_id=plugin.id, source=sets[0].name)
+
+    async def _first_line(
+        self, plugin: Plugin, proc: child.PluginProcess, first: _Handshake
+    ) -> bytes:
+        exited = asyncio.ensure_future(proc.wait())
+        try:
+            async with asyncio.timeout(self.handshake_timeout):
+                await asyncio.wait({first.line, exited}, return_when=asyncio.FIRST_COMPLETED)
+        except TimeoutError:
+            raise HandshakeError(
+                f"plugin {plugin.id}: printed no go-plugin handshake line within "
+                f"{self.handshake_timeout:g}s",
+                plugin_id=plugin.id,
+            ) from None
+        finally:
+            exited.cancel()
+        if first.line.done():
+            return first.line.result()
+        await proc.output_closed(0.5)
+        crash = _crashed(plugin.id, proc)
+        raise HandshakeError(
+            f"plugin {plugin.id} exited before its handshake: {crash.message}"
+            + (
+                "\n  stderr:\n    " + "\n    ".join(crash.stderr_tail[-10:])
+                if crash.stderr_tail
+                else ""
+            ),
+            plugin_id=plugin.id,
+        )
+
+    async def _wait_serving(
+        self, plugin: Plugin, channel: grpc.aio.Channel, proc: child.PluginProcess
+    ) -> None:
+        """Until the plugin's health check says SERVING, within the handshake timeout."""
+        check = channel.unary_unary(HEALTH_CHECK)
+        last = "no answer"
+        try:
+            async with asyncio.timeout(self.handshake_timeout):
+                while True:
+                    try:
+                        answer = await check(_health_request("plugin"), wait_for_ready=True)
+                        status = _serving_status(answer)
+                        if status == _SERVING:
+                            return
+                        last = f"health status {status}, not SERVING"
+                    except Exception as exc:  # grpc.aio.AioRpcError
+                        last = str(getattr(exc, "details", lambda: exc)())
+                    if proc.returncode is not None:
+                        break
+                    await asyncio.sleep(0.05)
+        except TimeoutError:
+            pass
+        raise HandshakeError(
+            f'plugin {plugin.id}: its gRPC health check of service "plugin" never answered '
+            f"SERVING within {self.handshake_timeout:g}s ({last})",
+            plugin_id=plugin.id,
+        )
+
+
+def _open_socket(plugin: Plugin, directory: str, name: str) -> int:
+    """An O_PATH fd on the socket ``name`` directly in ``directory``, through no link."""
+    dir_fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError as exc:
+        raise HandshakeError(
+            f"plugin {plugin.id}: its socket {name} cannot be opened: {exc.strerror}",
+            plugin_id=plugin.id,
+        ) from None
+    finally:
+        os.close(dir_fd)
+    if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise HandshakeError(
+            f"plugin {plugin.id}: {name} in its socket directory is not a socket",
+            plugin_id=plugin.id,
+        )
+    return fd
