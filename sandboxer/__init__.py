@@ -39,7 +39,15 @@ if _TYPE_CHECKING:
     from .config import HostConfig
     from .loaders import Health, PluginHandle, ResourceUsage
     from .manager import EventStream, LoadedPlugin, PluginEvent, PluginManager, PluginStatistics
-    from .manifest import LoaderType, Plugin, load_plugin, parse_manifest
+    from .manifest import (
+        GoPluginHandshake,
+        GrpcSpec,
+        LoaderType,
+        Plugin,
+        Protocol,
+        load_plugin,
+        parse_manifest,
+    )
     from .sandbox.policy import PathGrant, SandboxConfig, SandboxRequest
 
 # The supervisor's names are imported when first used, not with the package: the plugin host
@@ -62,7 +70,15 @@ _LAZY = {
     "PluginState": ("._lifecycle", "PluginState"),
     **{
         name: (".manifest", name)
-        for name in ("LoaderType", "Plugin", "load_plugin", "parse_manifest")
+        for name in (
+            "GoPluginHandshake",
+            "GrpcSpec",
+            "LoaderType",
+            "Plugin",
+            "Protocol",
+            "load_plugin",
+            "parse_manifest",
+        )
     },
     "HostConfig": (".config", "HostConfig"),
     **{
@@ -92,6 +108,8 @@ __all__ = [
     "ConfigError",
     "CpuLimitExceeded",
     "EventStream",
+    "GoPluginHandshake",
+    "GrpcSpec",
     "HandshakeError",
     "Health",
     "HostConfig",
@@ -113,6 +131,7 @@ __all__ = [
     "PluginState",
     "PluginStateError",
     "PluginStatistics",
+    "Protocol",
     "ProtocolError",
     "RegistryError",
     "ReloadError",

@@ -6,6 +6,12 @@ this module trusts a ``Plugin``. Nothing here imports or runs plugin code.
 
 A bare ``.py``, ``.wasm`` or ``.so`` file is a plugin without a manifest (default profile,
 id from the file name, version 0.0.0); an executable always needs a manifest.
+
+An external plugin speaks sandboxer's JSON-RPC (``protocol = "jsonrpc"``, the default) or is an
+unmodified HashiCorp go-plugin gRPC plugin (``protocol = "grpc"``), described by the
+``[grpc]`` table: its proto files or descriptor sets, its service and go-plugin's handshake.
+The proto files are read by the supervisor, outside any sandbox, so they are checked more
+strictly than the entrypoint: regular files, never through a link.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import enum
 import math
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,11 +43,15 @@ from .sandbox.policy import (
 
 __all__ = [
     "LoaderType",
+    "Protocol",
+    "GoPluginHandshake",
+    "GrpcSpec",
     "Plugin",
     "load_plugin",
     "parse_manifest",
     "verify_integrity",
     "MANIFEST_NAME",
+    "RESERVED_ENV_NAMES",
 ]
 
 MANIFEST_NAME = "plugin.toml"
@@ -56,6 +67,45 @@ METHOD_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 SHA256_RE = re.compile(r"(?:sha256:)?([0-9a-f]{64})")
 WASM_MAGIC = b"\0asm"
 ELF_MAGIC = b"\x7fELF"
+# A protobuf full name: identifiers joined by dots ("proto.KV", "plugin.v1.Thing").
+PROTO_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
+ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+PROTO_SOURCE_SUFFIX = ".proto"
+DESCRIPTOR_SET_SUFFIXES = (".pb", ".protoset")
+# Environment names the supervisor or go-plugin set in a plugin's environment. A magic cookie
+# under one of these names would overwrite that setting, or be overwritten by it; either way
+# the plugin would not see what its author meant (a cookie named LD_PRELOAD would even load a
+# library into the plugin before main). SANDBOXER_* names are refused as a prefix.
+RESERVED_ENV_NAMES = frozenset(
+    {
+        # go-plugin's client and server
+        "PLUGIN_MIN_PORT",
+        "PLUGIN_MAX_PORT",
+        "PLUGIN_PROTOCOL_VERSIONS",
+        "PLUGIN_CLIENT_CERT",
+        "PLUGIN_UNIX_SOCKET_DIR",
+        "PLUGIN_UNIX_SOCKET_GROUP",
+        "PLUGIN_MULTIPLEX_GRPC",
+        # the sandbox's own environment (sandbox/program.py, sandbox/runtime.py, egress)
+        "PATH",
+        "HOME",
+        "TMPDIR",
+        "LANG",
+        "TERM",
+        "LD_PRELOAD",
+        "LD_LIBRARY_PATH",
+        "PYTHONPATH",
+        "http_proxy",
+        "HTTP_PROXY",
+        "https_proxy",
+        "HTTPS_PROXY",
+        "all_proxy",
+        "ALL_PROXY",
+    }
+)
+RESERVED_ENV_PREFIX = "SANDBOXER_"
+MAX_COOKIE_VALUE_BYTES = 4096
+MAX_PROTOCOL_VERSION = 2**31 - 1
 
 
 class LoaderType(enum.Enum):
@@ -67,13 +117,60 @@ class LoaderType(enum.Enum):
     EXTERNAL = "external"
 
 
+class Protocol(enum.Enum):
+    """What an external plugin speaks: sandboxer's JSON-RPC (DESIGN section 7) or go-plugin's
+    gRPC (section 7b). Every other kind is ``JSONRPC``."""
+
+    JSONRPC = "jsonrpc"
+    GRPC = "grpc"
+
+
+@dataclass(frozen=True, slots=True)
+class GoPluginHandshake:
+    """go-plugin's ``HandshakeConfig``: the plugin refuses to start unless the cookie is set
+    in its environment, and serves only the protocol versions it was built for."""
+
+    protocol_version: int
+    magic_cookie_key: str
+    magic_cookie_value: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "protocol_version": self.protocol_version,
+            "magic_cookie_key": self.magic_cookie_key,
+            "magic_cookie_value": self.magic_cookie_value,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class GrpcSpec:
+    """The manifest's ``[grpc]`` table.
+
+    ``proto`` are absolute paths inside the plugin directory: ``.proto`` files, or descriptor
+    sets (``.pb``/``.protoset``), never both; ``service`` the protobuf full name of the service
+    whose methods are the plugin's methods.
+    """
+
+    proto: tuple[Path, ...]
+    service: str
+    handshake: GoPluginHandshake
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "proto": [str(p) for p in self.proto],
+            "service": self.service,
+            "handshake": self.handshake.to_json(),
+        }
+
+
 @dataclass(frozen=True, slots=True)
 class Plugin:
     """A validated plugin manifest, with paths resolved.
 
     ``root`` is the plugin directory (for a bare file, the file itself); ``entrypoint`` an
     absolute path inside it. ``config`` is the manifest's ``[config]`` table, the defaults handed
-    to ``init()``; treat it as read-only.
+    to ``init()``; treat it as read-only. ``grpc`` is set exactly when ``protocol`` is
+    ``Protocol.GRPC`` (an external plugin).
     """
 
     id: str
@@ -88,6 +185,8 @@ class Plugin:
     config: dict[str, Any] = field(default_factory=dict)
     sandbox: SandboxRequest = field(default_factory=SandboxRequest)
     manifest_path: Path | None = None
+    protocol: Protocol = Protocol.JSONRPC
+    grpc: GrpcSpec | None = None
 
     @property
     def is_bare_file(self) -> bool:
@@ -106,6 +205,8 @@ class Plugin:
             "sha256": self.sha256,
             "config": self.config,
             "manifest": str(self.manifest_path) if self.manifest_path else None,
+            "protocol": self.protocol.value,
+            "grpc": self.grpc.to_json() if self.grpc is not None else None,
         }
 
 
@@ -273,7 +374,131 @@ def _entrypoint(value: Any, root: Path, kind: LoaderType) -> Path:
     return target
 
 
-_PLUGIN_FIELDS = {"id", "version", "type", "entrypoint", "name", "description", "methods", "sha256"}
+def _protocol(value: Any) -> Protocol:
+    try:
+        return Protocol(value)
+    except ValueError:
+        raise ValueError(f'"jsonrpc" or "grpc", not {value!r}') from None
+
+
+def _proto_file(value: Any, root: Path) -> Path:
+    """A proto file or descriptor set inside ``root``, reached without following any link.
+
+    Unlike the entrypoint (which runs inside the sandbox), these files are parsed by the
+    supervisor itself, so a link is refused even when it stays inside the plugin directory:
+    what the supervisor reads is exactly what the directory holds, and what its checksum
+    covers."""
+    if not isinstance(value, str) or not value or "\0" in value or len(value) > 4096:
+        raise ValueError("a relative path inside the plugin directory")
+    relative = Path(value)
+    if value.startswith("/") or relative.is_absolute():
+        raise ValueError(f"a relative path inside the plugin directory, not absolute {value!r}")
+    if ".." in relative.parts:
+        raise ValueError(f"a path inside the plugin directory, without '..', not {value!r}")
+    if relative.suffix not in (PROTO_SOURCE_SUFFIX, *DESCRIPTOR_SET_SUFFIXES):
+        raise ValueError(f"a .proto file or a descriptor set (.pb, .protoset), not {value!r}")
+    real_root = root.resolve()
+    target, mode = real_root, 0
+    for part in relative.parts:
+        target = target / part
+        try:
+            mode = target.lstat().st_mode
+        except OSError:
+            raise ValueError(
+                f"an existing file inside the plugin directory; {value!r} does not exist"
+            ) from None
+        if stat.S_ISLNK(mode):
+            link = target.relative_to(real_root)
+            raise ValueError(
+                f"a regular file reached without symlinks (the supervisor reads it outside the "
+                f"sandbox); {value!r} goes through the link {str(link)!r}"
+            )
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"a regular file, not {value!r}")
+    return target
+
+
+def _proto_name(value: Any) -> str:
+    if not isinstance(value, str) or len(value) > 512 or not PROTO_NAME_RE.fullmatch(value):
+        raise ValueError(
+            f'a protobuf service\'s full name, identifiers joined by dots (such as "proto.KV" '
+            f'or "plugin.v1.Thing"), not {value!r}'
+        )
+    return value
+
+
+def _protocol_version(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"an integer (go-plugin's ProtocolVersion), not {value!r}")
+    if not 1 <= value <= MAX_PROTOCOL_VERSION:
+        raise ValueError(f"an integer from 1 to {MAX_PROTOCOL_VERSION}, not {value}")
+    return value
+
+
+def _cookie_key(value: Any) -> str:
+    if not isinstance(value, str) or not ENV_NAME_RE.fullmatch(value):
+        raise ValueError(
+            "an environment variable name (letters, digits and _, not starting with a digit, "
+            f"at most 128 characters), not {value!r}"
+        )
+    if value in RESERVED_ENV_NAMES or value.startswith(RESERVED_ENV_PREFIX):
+        raise ValueError(
+            f"a name the plugin's environment does not already use; sandboxer or go-plugin set "
+            f"{value!r} themselves (reserved: {RESERVED_ENV_PREFIX}*, "
+            f"{', '.join(sorted(RESERVED_ENV_NAMES))})"
+        )
+    return value
+
+
+def _cookie_value(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"a non-empty string, not {value!r}")
+    if "\0" in value or "\n" in value:
+        raise ValueError("a string without NUL or newline characters (it is an environment value)")
+    if len(value.encode("utf-8")) > MAX_COOKIE_VALUE_BYTES:
+        raise ValueError(f"a string of at most {MAX_COOKIE_VALUE_BYTES} bytes in UTF-8")
+    return value
+
+
+def _grpc_spec(where: str, data: Any, root: Path) -> GrpcSpec:
+    """The ``[grpc]`` table of a ``protocol = "grpc"`` plugin."""
+    g = _Fields(where, "grpc", data, _GRPC_FIELDS)
+    proto = g.get("proto", _list_of(lambda v: _proto_file(v, root), "proto files"), required=True)
+    if not proto:
+        raise g.error("proto", "a non-empty list of .proto files or descriptor sets")
+    if len({path.suffix == PROTO_SOURCE_SUFFIX for path in proto}) > 1:
+        raise g.error(
+            "proto", ".proto files or descriptor sets (.pb, .protoset), not a mix of the two"
+        )
+    service = g.get("service", _proto_name, required=True)
+    if "handshake" not in g.data:
+        raise g.error(
+            "handshake",
+            "a [grpc.handshake] table (go-plugin's HandshakeConfig: protocol_version, "
+            "magic_cookie_key, magic_cookie_value)",
+        )
+    h = _Fields(where, "grpc.handshake", g.data["handshake"], _HANDSHAKE_FIELDS)
+    handshake = GoPluginHandshake(
+        protocol_version=h.get("protocol_version", _protocol_version, required=True),
+        magic_cookie_key=h.get("magic_cookie_key", _cookie_key, required=True),
+        magic_cookie_value=h.get("magic_cookie_value", _cookie_value, required=True),
+    )
+    return GrpcSpec(proto=proto, service=service, handshake=handshake)
+
+
+_PLUGIN_FIELDS = {
+    "id",
+    "version",
+    "type",
+    "protocol",
+    "entrypoint",
+    "name",
+    "description",
+    "methods",
+    "sha256",
+}
+_GRPC_FIELDS = {"proto", "service", "handshake"}
+_HANDSHAKE_FIELDS = {"protocol_version", "magic_cookie_key", "magic_cookie_value"}
 _SANDBOX_FIELDS = {
     "profile",
     "memory_limit",
@@ -305,7 +530,7 @@ def parse_manifest(text: str | bytes, *, path: str | os.PathLike[str], root: Pat
         raise ManifestError(where, "(file)", f"valid TOML ({exc})") from None
     except RecursionError:
         raise ManifestError(where, "(file)", "TOML nested less deeply") from None
-    top = _Fields(where, "", data, {"plugin", "config", "sandbox"})
+    top = _Fields(where, "", data, {"plugin", "config", "sandbox", "grpc"})
     if "plugin" not in data:
         raise ManifestError(where, "plugin", "a [plugin] table")
     p = _Fields(where, "plugin", data["plugin"], _PLUGIN_FIELDS)
@@ -323,10 +548,31 @@ def parse_manifest(text: str | bytes, *, path: str | os.PathLike[str], root: Pat
         "version", _matching(SEMVER_RE, 'a semantic version such as "1.2.0"'), required=True
     )
     kind = p.get("type", _loader_type, required=True)
+    protocol = p.get("protocol", _protocol, default=Protocol.JSONRPC)
+    if protocol is Protocol.GRPC and kind is not LoaderType.EXTERNAL:
+        raise p.error(
+            "protocol",
+            f'"jsonrpc" for a {kind.value} plugin: protocol = "grpc" is only for '
+            'type = "external" (a go-plugin executable)',
+        )
     entrypoint = p.get("entrypoint", lambda v: _entrypoint(v, root, kind), required=True)
     methods = p.get("methods", _list_of(_method_name, "method names"))
     if methods is not None and not methods:
         raise p.error("methods", "a non-empty list of method names (omit it to expose all)")
+    grpc = None
+    if protocol is Protocol.GRPC:
+        if "grpc" not in data:
+            raise top.error(
+                "grpc",
+                'a [grpc] table with proto, service and [grpc.handshake] (protocol = "grpc" '
+                "needs it)",
+            )
+        grpc = _grpc_spec(where, data["grpc"], root)
+    elif "grpc" in data:
+        raise top.error(
+            "grpc",
+            '[grpc] is for protocol = "grpc"; set plugin.protocol = "grpc" or remove the table',
+        )
 
     config: dict[str, Any] = {}
     if "config" in data:
@@ -370,6 +616,8 @@ def parse_manifest(text: str | bytes, *, path: str | os.PathLike[str], root: Pat
         config=config,
         sandbox=sandbox,
         manifest_path=Path(path).resolve() if Path(path).exists() else Path(path),
+        protocol=protocol,
+        grpc=grpc,
     )
 
 

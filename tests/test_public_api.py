@@ -37,3 +37,11 @@ def test_py_typed_ships():
     assert spec and spec.origin
     from pathlib import Path
     assert (Path(spec.origin).parent / "py.typed").is_file()
+
+
+def test_the_manifest_types_are_public_and_the_same_objects():
+    from sandboxer import manifest
+    for name in ("LoaderType", "Plugin", "Protocol", "GrpcSpec", "GoPluginHandshake"):
+        assert name in sandboxer.__all__, name
+        assert getattr(sandboxer, name) is getattr(manifest, name), name
+    assert [p.value for p in sandboxer.Protocol] == ["jsonrpc", "grpc"]
