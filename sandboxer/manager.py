@@ -42,7 +42,7 @@ from .loaders import Loader, PluginHandle
 from .loaders.out_of_process import COMMANDS, ProcessLoader
 from .loaders.python import InProcessPythonLoader
 from .loaders.wasm import WasmEngine, WasmLoader
-from .manifest import LoaderType, Plugin, load_plugin, verify_integrity
+from .manifest import LoaderType, Plugin, Protocol, load_plugin, verify_integrity
 from .reload import ReloadHost, reload_generation
 from .sandbox.egress import EgressProxy
 from .sandbox.policy import SandboxConfig, effective_config
@@ -334,6 +334,7 @@ class PluginManager:
         }
         self._wasm_engine: WasmEngine | None = None  # made on the first wasm plugin
         self._wasm_loader: WasmLoader | None = None
+        self._grpc_loader: Loader | None = None
         # Tasks the manager owns (health checks, cleanup after a crash); awaited at close.
         self._background: set[asyncio.Task[None]] = set()
         self._health_task: asyncio.Task[None] | None = None
@@ -452,6 +453,12 @@ class PluginManager:
                 )
             return self._wasm_loader
         loader = self._process_loaders.get(plugin.type)
+        if loader is not None and plugin.protocol is Protocol.GRPC:
+            if self._grpc_loader is None:
+                from .loaders.grpc.loader import GrpcLoader  # grpcio: imported when first used
+
+                self._grpc_loader = GrpcLoader(loader)
+            return self._grpc_loader
         if loader is None:
             raise PluginLoadError(
                 f"plugin {plugin.id}: this build of sandboxer cannot load {plugin.type.value} "

@@ -372,8 +372,8 @@ class ProcessLoader:
         never does for an out-of-process plugin."""
         if not sandbox.enabled:
             return await self.start_process(plugin, sandbox, plugin_command(plugin))
-        spec = self._launch_spec(plugin, sandbox)
-        backend = self._cgroups()
+        spec = self.launch_spec(plugin, sandbox)
+        backend = self.cgroups()
 
         async def spawn(
             env: dict[str, str], rpc_fd: int, logger: logging.Logger
@@ -391,12 +391,12 @@ class ProcessLoader:
 
         return await self.start_process(plugin, sandbox, spec.argv, spawner=spawn)
 
-    def _cgroups(self) -> CgroupBackend:
+    def cgroups(self) -> CgroupBackend:
         if self._cgroup_backend is None:
             self._cgroup_backend = cgroups.detect()
         return self._cgroup_backend
 
-    def _launch_spec(self, plugin: Plugin, sandbox: SandboxConfig) -> LaunchSpec:
+    def launch_spec(self, plugin: Plugin, sandbox: SandboxConfig) -> LaunchSpec:
         """Mounts, masks, argv and seccomp filter for ``plugin``, all checked before any
         process exists."""
         root = plugin.root

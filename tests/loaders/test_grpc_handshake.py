@@ -21,6 +21,8 @@ def parse(line: bytes, app: int = 1) -> GoPluginEndpoint:
         (b"1|1|tcp|127.0.0.1:1234|grpc\n", GoPluginEndpoint(1, "tcp", host="127.0.0.1", port=1234)),
         (b"1|1|tcp|[::1]:10000|grpc", GoPluginEndpoint(1, "tcp", host="::1", port=10000)),
         (b"1|1|tcp|127.0.0.2:25000|grpc\r\n", GoPluginEndpoint(1, "tcp", host="127.0.0.2", port=25000)),
+        # go-plugin 1.0's own line: always a sixth field, empty without AutoMTLS
+        (b"1|1|unix|/run/sandboxer/grpc/plugin9|grpc|\n", GoPluginEndpoint(1, "unix", path=f"{DIR}/plugin9")),
     ],
 )
 def test_the_lines_go_plugin_and_its_python_guide_print(line: bytes, endpoint: GoPluginEndpoint) -> None:

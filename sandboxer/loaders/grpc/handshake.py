@@ -108,7 +108,7 @@ def parse_handshake(
             f"it speaks {protocol!r}; sandboxer hosts go-plugin's gRPC plugins only "
             "(net/rpc plugins are not supported)"
         )
-    if len(parts) == 6:
+    if len(parts) == 6 and parts[5]:  # go-plugin 1.x always prints the sixth, empty
         raise refuse(
             "its handshake offers a TLS certificate (go-plugin's AutoMTLS), which sandboxer "
             "did not ask for: the connection never leaves the plugin's sandbox"

@@ -37,7 +37,7 @@ from ...errors import (
     PluginLoadError,
     SandboxerError,
 )
-from ...manifest import Plugin
+from ...manifest import LoaderType, Plugin
 from ...sandbox import child
 from ...sandbox.confinement import Confinement, launch_confined
 from ...sandbox.policy import SandboxConfig
@@ -132,7 +132,7 @@ class GrpcHandle:
             names = tuple(sorted(plugin.methods))
         self._methods = names
         self._stubs = {
-            name: (schema.methods[name], channel.unary_unary(schema.methods[name].path))
+            name: (schema.methods[name], _unary(channel, schema.methods[name].path))
             for name in names
         }
         self._callbacks: list[Callable[[SandboxerError], None]] = []
@@ -204,11 +204,11 @@ class GrpcHandle:
                 plugin_id=self.plugin.id,
                 method=method.name,
             )
-        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
-            # The process may be dying: its exit says more than the transport does.
-            if await self._proc.wait(0.5) is not None:
-                await self._proc.output_closed(0.5)
-                return self._crash or self._crash_error()
+        # UNAVAILABLE or CANCELLED: the process may be dying, and its exit says more.
+        dying = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+        if dying and await self._proc.wait(0.5) is not None:
+            await self._proc.output_closed(0.5)
+            return self._crash or self._crash_error()
         return PluginCallError(
             f"plugin {self.plugin.id}: {method.name} failed: {code.name}: {exc.details()}",
             code=code.value[0],
@@ -222,7 +222,7 @@ class GrpcHandle:
 
     async def health(self) -> Health:
         try:
-            answer = await self._channel.unary_unary(HEALTH_CHECK)(
+            answer = await _unary(self._channel, HEALTH_CHECK)(
                 _health_request("plugin"), timeout=self._sandbox.timeout
             )
         except Exception as exc:
@@ -236,7 +236,7 @@ class GrpcHandle:
         """go-plugin's GRPCController/Shutdown, then the usual grace and kill."""
         self._closing = True
         try:
-            await self._channel.unary_unary(SHUTDOWN)(b"", timeout=SHUTDOWN_GRACE)
+            await _unary(self._channel, SHUTDOWN)(b"", timeout=SHUTDOWN_GRACE)
         except Exception:
             pass  # it may exit before it answers: that is what was asked
         if await self._proc.wait(SHUTDOWN_GRACE) is None:
@@ -307,8 +307,14 @@ def _crashed(plugin_id: str, proc: child.PluginProcess) -> PluginCrashed:
     )
 
 
-class GrpcLoader(ProcessLoader):
-    """Starts external plugins that speak go-plugin's gRPC protocol."""
+class GrpcLoader:
+    """Starts external plugins that speak go-plugin's gRPC protocol: launched as the
+    out-of-process ``processes`` loader launches an external plugin, then spoken to in gRPC."""
+
+    kind = LoaderType.EXTERNAL
+
+    def __init__(self, processes: ProcessLoader) -> None:
+        self.processes = processes
 
     async def start(self, plugin: Plugin, sandbox: SandboxConfig, *, generation: int) -> GrpcHandle:
         import grpc.aio
@@ -333,7 +339,7 @@ class GrpcLoader(ProcessLoader):
         try:
             if sandbox.enabled:
                 inside = SOCKET_DIR
-                launch = self._launch_spec(plugin, sandbox)
+                launch = self.processes.launch_spec(plugin, sandbox)
                 launch = dataclasses.replace(
                     launch,
                     env={**launch.env, **env, "TMPDIR": inside, "PLUGIN_UNIX_SOCKET_DIR": inside},
@@ -345,14 +351,14 @@ class GrpcLoader(ProcessLoader):
                 )
                 proc, confinement = await launch_confined(
                     launch,
-                    backend=self._cgroups(),
+                    backend=self.processes.cgroups(),
                     rpc_fd=null,
                     logger=logger,
                     sinks=(first, None),
-                    fallbacks=self.fallbacks,
-                    egress=self.egress,
+                    fallbacks=self.processes.fallbacks,
+                    egress=self.processes.egress,
                     plugin_id=plugin.id,
-                    setup_timeout=self.setup_timeout,
+                    setup_timeout=self.processes.setup_timeout,
                 )
             else:
                 inside = sockets
@@ -384,8 +390,8 @@ class GrpcLoader(ProcessLoader):
             channel = grpc.aio.insecure_channel(
                 f"unix:/proc/self/fd/{socket_fd}",
                 options=[
-                    ("grpc.max_receive_message_length", self.max_frame),
-                    ("grpc.max_send_message_length", self.max_frame),
+                    ("grpc.max_receive_message_length", self.processes.max_frame),
+                    ("grpc.max_send_message_length", self.processes.max_frame),
                 ],
             )
             try:
@@ -440,12 +446,13 @@ class GrpcLoader(ProcessLoader):
     ) -> bytes:
         exited = asyncio.ensure_future(proc.wait())
         try:
-            async with asyncio.timeout(self.handshake_timeout):
-                await asyncio.wait({first.line, exited}, return_when=asyncio.FIRST_COMPLETED)
+            async with asyncio.timeout(self.processes.handshake_timeout):
+                waiting: set[asyncio.Future[Any]] = {first.line, exited}
+                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         except TimeoutError:
             raise HandshakeError(
                 f"plugin {plugin.id}: printed no go-plugin handshake line within "
-                f"{self.handshake_timeout:g}s",
+                f"{self.processes.handshake_timeout:g}s",
                 plugin_id=plugin.id,
             ) from None
         finally:
@@ -468,10 +475,12 @@ class GrpcLoader(ProcessLoader):
         self, plugin: Plugin, channel: grpc.aio.Channel, proc: child.PluginProcess
     ) -> None:
         """Until the plugin's health check says SERVING, within the handshake timeout."""
-        check = channel.unary_unary(HEALTH_CHECK)
+        import grpc.aio
+
+        check = _unary(channel, HEALTH_CHECK)
         last = "no answer"
         try:
-            async with asyncio.timeout(self.handshake_timeout):
+            async with asyncio.timeout(self.processes.handshake_timeout):
                 while True:
                     try:
                         answer = await check(_health_request("plugin"), wait_for_ready=True)
@@ -479,8 +488,8 @@ class GrpcLoader(ProcessLoader):
                         if status == _SERVING:
                             return
                         last = f"health status {status}, not SERVING"
-                    except Exception as exc:  # grpc.aio.AioRpcError
-                        last = str(getattr(exc, "details", lambda: exc)())
+                    except grpc.aio.AioRpcError as exc:
+                        last = f"{exc.code().name}: {exc.details()}"
                     if proc.returncode is not None:
                         break
                     await asyncio.sleep(0.05)
@@ -488,9 +497,23 @@ class GrpcLoader(ProcessLoader):
             pass
         raise HandshakeError(
             f'plugin {plugin.id}: its gRPC health check of service "plugin" never answered '
-            f"SERVING within {self.handshake_timeout:g}s ({last})",
+            f"SERVING within {self.processes.handshake_timeout:g}s ({last})",
             plugin_id=plugin.id,
         )
+
+
+def _socket_mount(sockets: str, inside: str) -> Mount:
+    """The plugin's socket directory: writable (go-plugin makes its socket there), no exec."""
+    return Mount(sockets, inside, writable=True, exec=False, root="/")
+
+
+def _raw(data: bytes) -> bytes:
+    return data
+
+
+def _unary(channel: grpc.aio.Channel, path: str) -> grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]:
+    """A unary method taking and giving bytes (the schema does the protobuf)."""
+    return channel.unary_unary(path, request_serializer=_raw, response_deserializer=_raw)
 
 
 def _open_socket(plugin: Plugin, directory: str, name: str) -> int:
