@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import math
+import os
 import textwrap
 import tomllib
 from datetime import date, datetime, time, timedelta, timezone
@@ -18,8 +20,11 @@ from sandboxer._digest import tree_checksum
 from sandboxer.errors import IntegrityError, ManifestError, PluginLoadError
 from sandboxer.manifest import (
     MAX_MANIFEST_BYTES,
+    GoPluginHandshake,
+    GrpcSpec,
     LoaderType,
     Plugin,
+    Protocol,
     load_plugin,
     parse_manifest,
     verify_integrity,
@@ -375,6 +380,393 @@ def test_manifest_error_is_json_with_path_and_field(plugin_dir: Path) -> None:
     assert "'Bad'" in out["message"]
 
 
+# -- protocol = "grpc": go-plugin's gRPC plugins -------------------------------------------
+
+# The manifest README.md gives for an unmodified go-plugin gRPC plugin, exactly as written there.
+README_GRPC = textwrap.dedent("""\
+    [plugin]
+    id = "acme.kv"
+    version = "1.0.0"
+    type = "external"
+    protocol = "grpc"            # "jsonrpc" (default) | "grpc"
+    entrypoint = "kv-go-grpc"
+
+    [grpc]
+    proto = ["kv.proto"]         # .proto files, or a descriptor set (.pb/.protoset), inside the plugin dir
+    service = "proto.KV"         # the service whose methods are the plugin's methods
+
+    [grpc.handshake]             # go-plugin's HandshakeConfig
+    protocol_version = 1
+    magic_cookie_key = "BASIC_PLUGIN"
+    magic_cookie_value = "hello"
+    """)
+
+KV_PROTO = textwrap.dedent("""\
+    syntax = "proto3";
+    package proto;
+
+    message GetRequest { string key = 1; }
+    message GetResponse { bytes value = 1; }
+    message PutRequest { string key = 1; bytes value = 2; }
+    message Empty {}
+
+    service KV {
+        rpc Get(GetRequest) returns (GetResponse);
+        rpc Put(PutRequest) returns (Empty);
+    }
+    """)
+
+
+def _pb(number: int, value: bytes | str | int) -> bytes:
+    """One protobuf field: a varint for an int, else length-delimited."""
+    def varint(n: int) -> bytes:
+        out = bytearray()
+        while True:
+            out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+            n >>= 7
+            if not n:
+                return bytes(out)
+    if isinstance(value, int):
+        return varint(number << 3) + varint(value)
+    data = value.encode() if isinstance(value, str) else value
+    return varint(number << 3 | 2) + varint(len(data)) + data
+
+
+def kv_descriptor_set() -> bytes:
+    """kv.proto as ``protoc --descriptor_set_out`` writes it: a google.protobuf
+    FileDescriptorSet, encoded by hand (the manifest only checks where the file is, and the
+    test suite needs no protobuf runtime)."""
+    string, bytes_, optional = 9, 12, 1  # FieldDescriptorProto.Type / .Label
+
+    def message(name: str, *fields: tuple[str, int]) -> bytes:
+        return _pb(1, name) + b"".join(
+            _pb(2, _pb(1, f) + _pb(3, n) + _pb(4, optional) + _pb(5, t))
+            for n, (f, t) in enumerate(fields, 1))
+
+    def method(name: str, request: str, response: str) -> bytes:
+        return _pb(1, name) + _pb(2, f".proto.{request}") + _pb(3, f".proto.{response}")
+
+    kv = (_pb(1, "kv.proto") + _pb(2, "proto")
+          + _pb(4, message("GetRequest", ("key", string)))
+          + _pb(4, message("GetResponse", ("value", bytes_)))
+          + _pb(4, message("PutRequest", ("key", string), ("value", bytes_)))
+          + _pb(4, message("Empty"))
+          + _pb(6, _pb(1, "KV") + _pb(2, method("Get", "GetRequest", "GetResponse"))
+                + _pb(2, method("Put", "PutRequest", "Empty")))
+          + _pb(12, "proto3"))
+    return _pb(1, kv)
+
+
+def build_grpc_dir(base: Path) -> Path:
+    """A go-plugin plugin dir: the executable, kv.proto, the same as descriptor sets, and traps."""
+    outside = base / "outside"
+    outside.mkdir(exist_ok=True)
+    (outside / "kv.proto").write_text(KV_PROTO)
+    root = base / "kv"
+    root.mkdir()
+    (root / "kv-go-grpc").write_text("#!/bin/sh\nexit 1\n")
+    (root / "kv-go-grpc").chmod(0o755)
+    (root / "main.py").write_text("def get(key):\n    return key\n")
+    (root / "kv.proto").write_text(KV_PROTO)
+    (root / "kv.pb").write_bytes(kv_descriptor_set())
+    (root / "kv.protoset").write_bytes(kv_descriptor_set())
+    (root / "api" / "v1").mkdir(parents=True)
+    (root / "api" / "v1" / "kv.proto").write_text(KV_PROTO.replace("package proto;",
+                                                                   "package plugin.v1;"))
+    (root / "notes.txt").write_text("notes\n")
+    (root / "dir.proto").mkdir()
+    os.mkfifo(root / "fifo.proto")
+    (root / "passwd.proto").symlink_to("/etc/passwd")
+    (root / "passwd.pb").symlink_to("/etc/passwd")
+    (root / "inlink.proto").symlink_to("kv.proto")
+    (root / "linkdir").symlink_to("api/v1", target_is_directory=True)
+    (root / "outlink").symlink_to(outside, target_is_directory=True)
+    (root / "dangling.proto").symlink_to("nowhere.proto")
+    return root
+
+
+@pytest.fixture
+def grpc_dir(tmp_path: Path) -> Path:
+    return build_grpc_dir(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def shared_grpc_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """For Hypothesis tests; never modified."""
+    return build_grpc_dir(tmp_path_factory.mktemp("hyp-grpc"))
+
+
+GRPC_PLUGIN = {"id": "acme.kv", "version": "1.0.0", "type": "external", "protocol": "grpc",
+               "entrypoint": "kv-go-grpc"}
+GRPC_TABLE = {"proto": ["kv.proto"], "service": "proto.KV"}
+HANDSHAKE = {"protocol_version": 1, "magic_cookie_key": "BASIC_PLUGIN",
+             "magic_cookie_value": "hello"}
+
+
+def _changed(base: dict[str, Any], changes: dict[str, Any] | None) -> dict[str, Any]:
+    table = copy.deepcopy(base)
+    for key, value in (changes or {}).items():
+        if value is DROP:
+            del table[key]
+        else:
+            table[key] = value
+    return table
+
+
+def grpc_manifest(plugin: dict[str, Any] | None = None, grpc: Any = None,
+                  handshake: Any = None) -> str:
+    """The README's gRPC manifest with keys changed (DROP removes a key; ``grpc=DROP`` or
+    ``handshake=DROP`` a whole table; a value that is not a dict replaces the table)."""
+    doc: dict[str, Any] = {"plugin": _changed(GRPC_PLUGIN, plugin)}
+    if grpc is DROP:
+        return to_toml(doc)
+    if grpc is not None and not isinstance(grpc, dict):
+        doc["grpc"] = grpc
+        return to_toml(doc)
+    doc["grpc"] = _changed(GRPC_TABLE, grpc)
+    if handshake is not DROP:
+        doc["grpc"]["handshake"] = (handshake if handshake is not None
+                                    and not isinstance(handshake, dict)
+                                    else _changed(HANDSHAKE, handshake))
+    return to_toml(doc)
+
+
+def cookie_key(name: str) -> str:
+    return grpc_manifest(handshake={"magic_cookie_key": name})
+
+
+# Names README.md says a cookie key may not take: sandboxer's and go-plugin's own.
+RESERVED_KEYS = ["PLUGIN_MIN_PORT", "PLUGIN_MAX_PORT", "PLUGIN_PROTOCOL_VERSIONS",
+                 "PLUGIN_CLIENT_CERT", "PLUGIN_UNIX_SOCKET_DIR", "PLUGIN_UNIX_SOCKET_GROUP",
+                 "PLUGIN_MULTIPLEX_GRPC", "PATH", "HOME", "TMPDIR", "LANG", "TERM",
+                 "LD_PRELOAD", "LD_LIBRARY_PATH", "PYTHONPATH", "HTTP_PROXY", "http_proxy",
+                 "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy",
+                 "SANDBOXER_MAGIC_COOKIE", "SANDBOXER_RPC_FD", "SANDBOXER_ANYTHING"]
+HS = "grpc.handshake"
+BAD_GRPC_MANIFESTS = [
+    # plugin.protocol
+    pytest.param(grpc_manifest({"protocol": "http"}), "plugin.protocol", "jsonrpc",
+                 id="protocol-unknown"),
+    pytest.param(grpc_manifest({"protocol": "gRPC"}), "plugin.protocol", "grpc",
+                 id="protocol-capitalised"),
+    pytest.param(grpc_manifest({"protocol": 1}), "plugin.protocol", "grpc", id="protocol-int"),
+    pytest.param(grpc_manifest({"protocol": ["grpc"]}), "plugin.protocol", "grpc",
+                 id="protocol-list"),
+    pytest.param(grpc_manifest({"type": "python", "entrypoint": "main.py"}), "plugin.protocol",
+                 'type = "external"', id="grpc-for-a-python-plugin"),
+    pytest.param(grpc_manifest({"type": "wasm", "entrypoint": "kv.pb"}), "plugin.protocol",
+                 'type = "external"', id="grpc-for-a-wasm-plugin"),
+    # the [grpc] table and protocol agree
+    pytest.param(grpc_manifest(grpc=DROP), "grpc", "[grpc]", id="grpc-without-the-table"),
+    pytest.param(grpc_manifest({"protocol": DROP}), "grpc", '[grpc] is for protocol = "grpc"',
+                 id="table-with-default-protocol"),
+    pytest.param(grpc_manifest({"protocol": "jsonrpc"}), "grpc",
+                 '[grpc] is for protocol = "grpc"', id="table-with-jsonrpc"),
+    pytest.param(grpc_manifest(grpc="kv.proto"), "grpc", "a table", id="grpc-not-a-table"),
+    pytest.param(grpc_manifest(grpc={"include": ["."]}), "grpc.include", "no such field",
+                 id="grpc-unknown-key"),
+    # grpc.proto
+    pytest.param(grpc_manifest(grpc={"proto": DROP}), "grpc.proto", "required",
+                 id="proto-missing"),
+    pytest.param(grpc_manifest(grpc={"proto": []}), "grpc.proto", "non-empty",
+                 id="proto-empty-list"),
+    pytest.param(grpc_manifest(grpc={"proto": "kv.proto"}), "grpc.proto", "a list",
+                 id="proto-a-string-not-a-list"),
+    pytest.param(grpc_manifest(grpc={"proto": [1]}), "grpc.proto", "relative path",
+                 id="proto-int-item"),
+    pytest.param(grpc_manifest(grpc={"proto": [""]}), "grpc.proto", "relative path",
+                 id="proto-empty-path"),
+    pytest.param(grpc_manifest(grpc={"proto": ["kv\0.proto"]}), "grpc.proto", "relative path",
+                 id="proto-nul"),
+    pytest.param(grpc_manifest(grpc={"proto": ["/etc/passwd"]}), "grpc.proto", "absolute",
+                 id="proto-absolute-etc-passwd"),
+    pytest.param(grpc_manifest(grpc={"proto": ["/tmp/kv.proto"]}), "grpc.proto", "absolute",
+                 id="proto-absolute-proto"),
+    pytest.param(grpc_manifest(grpc={"proto": ["../outside/kv.proto"]}), "grpc.proto", "'..'",
+                 id="proto-dotdot-leaves-dir"),
+    pytest.param(grpc_manifest(grpc={"proto": ["api/../kv.proto"]}), "grpc.proto", "'..'",
+                 id="proto-dotdot-stays-inside"),
+    pytest.param(grpc_manifest(grpc={"proto": ["passwd.proto"]}), "grpc.proto", "without symlinks",
+                 id="proto-symlink-to-etc-passwd"),
+    pytest.param(grpc_manifest(grpc={"proto": ["passwd.pb"]}), "grpc.proto", "without symlinks",
+                 id="descriptor-set-symlink-to-etc-passwd"),
+    pytest.param(grpc_manifest(grpc={"proto": ["inlink.proto"]}), "grpc.proto", "without symlinks",
+                 id="proto-symlink-staying-inside"),
+    pytest.param(grpc_manifest(grpc={"proto": ["linkdir/kv.proto"]}), "grpc.proto",
+                 "without symlinks",
+                 id="proto-through-dir-symlink-inside"),
+    pytest.param(grpc_manifest(grpc={"proto": ["outlink/kv.proto"]}), "grpc.proto",
+                 "without symlinks",
+                 id="proto-through-dir-symlink-outside"),
+    pytest.param(grpc_manifest(grpc={"proto": ["dangling.proto"]}), "grpc.proto",
+                 "without symlinks",
+                 id="proto-dangling-symlink"),
+    pytest.param(grpc_manifest(grpc={"proto": ["missing.proto"]}), "grpc.proto",
+                 "does not exist", id="proto-missing-file"),
+    pytest.param(grpc_manifest(grpc={"proto": ["nowhere/kv.proto"]}), "grpc.proto",
+                 "does not exist", id="proto-missing-directory"),
+    pytest.param(grpc_manifest(grpc={"proto": ["dir.proto"]}), "grpc.proto", "regular file",
+                 id="proto-is-a-directory"),
+    pytest.param(grpc_manifest(grpc={"proto": ["fifo.proto"]}), "grpc.proto", "regular file",
+                 id="proto-is-a-fifo"),
+    pytest.param(grpc_manifest(grpc={"proto": ["notes.txt"]}), "grpc.proto", ".protoset",
+                 id="proto-wrong-suffix"),
+    pytest.param(grpc_manifest(grpc={"proto": ["kv-go-grpc"]}), "grpc.proto", ".protoset",
+                 id="proto-no-suffix"),
+    pytest.param(grpc_manifest(grpc={"proto": ["kv.proto", "./kv.proto"]}), "grpc.proto",
+                 "duplicates", id="proto-same-file-twice"),
+    pytest.param(grpc_manifest(grpc={"proto": ["kv.proto", "kv.pb"]}), "grpc.proto", "mix",
+                 id="proto-and-descriptor-set-mixed"),
+    # grpc.service
+    pytest.param(grpc_manifest(grpc={"service": DROP}), "grpc.service", "required",
+                 id="service-missing"),
+    *[pytest.param(grpc_manifest(grpc={"service": name}), "grpc.service", "full name",
+                   id=f"service-{case}")
+      for case, name in [("empty", ""), ("double-dot", "proto..KV"), ("leading-dot", ".proto.KV"),
+                         ("trailing-dot", "proto.KV."), ("slash", "proto/KV"),
+                         ("digit-first", "1proto.KV"), ("dash", "proto.K-V"),
+                         ("space", "proto. KV"), ("grpc-path", "/proto.KV/Get"),
+                         ("too-long", "a" * 513), ("int", 7), ("list", ["proto.KV"])]],
+    # [grpc.handshake]
+    pytest.param(grpc_manifest(handshake=DROP), HS, "HandshakeConfig", id="handshake-missing"),
+    pytest.param(grpc_manifest(handshake="hello"), HS, "a table", id="handshake-not-a-table"),
+    pytest.param(grpc_manifest(handshake={"magic_cookie": "x"}), f"{HS}.magic_cookie",
+                 "no such field", id="handshake-unknown-key"),
+    *[pytest.param(grpc_manifest(handshake={key: DROP}), f"{HS}.{key}", "required",
+                   id=f"handshake-without-{key}") for key in HANDSHAKE],
+    *[pytest.param(grpc_manifest(handshake={"protocol_version": v}), f"{HS}.protocol_version",
+                   "integer", id=f"protocol-version-{case}")
+      for case, v in [("zero", 0), ("negative", -1), ("2**31", 2**31), ("bool", True),
+                      ("string", "1"), ("float", 1.0)]],
+    *[pytest.param(cookie_key(name), f"{HS}.magic_cookie_key", "environment variable name",
+                   id=f"cookie-key-{case}")
+      for case, name in [("empty", ""), ("digit-first", "1PLUGIN"), ("dash", "BASIC-PLUGIN"),
+                         ("equals", "BASIC=PLUGIN"), ("space", "BASIC PLUGIN"),
+                         ("129-chars", "K" * 129), ("non-ascii", "CLÉ"), ("int", 1)]],
+    *[pytest.param(cookie_key(name), f"{HS}.magic_cookie_key", "sandboxer or go-plugin",
+                   id=f"cookie-key-reserved-{name}") for name in RESERVED_KEYS],
+    *[pytest.param(grpc_manifest(handshake={"magic_cookie_value": v}),
+                   f"{HS}.magic_cookie_value", expected, id=f"cookie-value-{case}")
+      for case, v, expected in [("empty", "", "non-empty"), ("int", 42, "non-empty string"),
+                                ("nul", "hel\0lo", "NUL"), ("newline", "hel\nlo", "newline"),
+                                ("4097-bytes", "x" * 4097, "4096 bytes"),
+                                ("4098-bytes-in-2049-chars", "é" * 2049, "4096 bytes")]],
+]
+
+
+@pytest.mark.parametrize(("content", "field", "says"), BAD_GRPC_MANIFESTS)
+def test_bad_grpc_manifest(grpc_dir: Path, content: str, field: str, says: str) -> None:
+    manifest_path = grpc_dir / "plugin.toml"
+    with pytest.raises(ManifestError) as info:
+        parse_manifest(content, path=manifest_path, root=grpc_dir)
+    _check_error(info.value, manifest_path, field)
+    assert says in info.value.expected, str(info.value)
+    manifest_path.write_text(content)
+    with pytest.raises(ManifestError) as again:
+        load_plugin(grpc_dir)
+    assert str(again.value) == str(info.value)
+
+
+def test_the_readme_grpc_manifest_loads(grpc_dir: Path) -> None:
+    (grpc_dir / "plugin.toml").write_text(README_GRPC)
+    plugin = load_plugin(grpc_dir)
+    assert plugin.type is LoaderType.EXTERNAL
+    assert plugin.protocol is Protocol.GRPC
+    assert plugin.entrypoint == (grpc_dir / "kv-go-grpc").resolve()
+    assert plugin.grpc == GrpcSpec(
+        proto=((grpc_dir / "kv.proto").resolve(),),
+        service="proto.KV",
+        handshake=GoPluginHandshake(protocol_version=1, magic_cookie_key="BASIC_PLUGIN",
+                                    magic_cookie_value="hello"),
+    )
+    assert all(p.is_absolute() for p in plugin.grpc.proto)
+    out = json.loads(json.dumps(plugin.to_json()))
+    assert out["protocol"] == "grpc"
+    assert out["grpc"] == {
+        "proto": [str((grpc_dir / "kv.proto").resolve())],
+        "service": "proto.KV",
+        "handshake": {"protocol_version": 1, "magic_cookie_key": "BASIC_PLUGIN",
+                      "magic_cookie_value": "hello"},
+    }
+    # The writer used for the bad cases produces the same manifest.
+    assert parse_manifest(grpc_manifest(), path=grpc_dir / "plugin.toml", root=grpc_dir) == plugin
+
+
+@pytest.mark.parametrize(
+    ("proto", "service"),
+    [
+        pytest.param(["kv.pb"], "proto.KV", id="descriptor-set-pb"),
+        pytest.param(["kv.protoset"], "proto.KV", id="descriptor-set-protoset"),
+        pytest.param(["kv.pb", "kv.protoset"], "proto.KV", id="two-descriptor-sets"),
+        pytest.param(["api/v1/kv.proto"], "plugin.v1.KV", id="proto-in-a-subdirectory"),
+        pytest.param(["kv.proto", "api/v1/kv.proto"], "plugin.v1.KV", id="two-proto-files"),
+        pytest.param(["./kv.proto"], "proto.KV", id="dot-slash"),
+        pytest.param(["kv.proto"], "KV", id="service-without-a-package"),
+        pytest.param(["kv.proto"], "_a.b_2.C", id="service-underscores-and-digits"),
+    ],
+)
+def test_good_grpc_tables(grpc_dir: Path, proto: list[str], service: str) -> None:
+    plugin = parse_manifest(grpc_manifest(grpc={"proto": proto, "service": service}),
+                            path=grpc_dir / "plugin.toml", root=grpc_dir)
+    assert plugin.grpc is not None
+    assert plugin.grpc.proto == tuple((grpc_dir / p).resolve() for p in proto)
+    assert plugin.grpc.service == service
+
+
+@pytest.mark.parametrize(
+    ("handshake"),
+    [
+        pytest.param({"protocol_version": 2**31 - 1}, id="protocol-version-max"),
+        pytest.param({"magic_cookie_key": "K" * 128}, id="cookie-key-128-chars"),
+        pytest.param({"magic_cookie_key": "_"}, id="cookie-key-underscore"),
+        pytest.param({"magic_cookie_key": "path"}, id="cookie-key-lower-case-path"),
+        pytest.param({"magic_cookie_key": "PLUGIN_COOKIE"}, id="cookie-key-plugin-prefix"),
+        pytest.param({"magic_cookie_key": "TF_PLUGIN_MAGIC_COOKIE"}, id="terraform-cookie"),
+        pytest.param({"magic_cookie_key": "SANDBOXER"}, id="cookie-key-sandboxer-no-underscore"),
+        pytest.param({"magic_cookie_value": "x" * 4096}, id="cookie-value-4096-bytes"),
+        pytest.param({"magic_cookie_value": "é" * 2048}, id="cookie-value-4096-bytes-utf8"),
+        pytest.param({"magic_cookie_value": "d602bf8f470bc67ca7faa0386276bbdd"
+                                            "4330efaf76d1a219cb4d6991ca9872b2"},
+                     id="cookie-value-terraform"),
+        pytest.param({"magic_cookie_value": "tab\tand = and \"quotes\""},
+                     id="cookie-value-punctuation"),
+    ],
+)
+def test_good_handshakes(grpc_dir: Path, handshake: dict[str, Any]) -> None:
+    plugin = parse_manifest(grpc_manifest(handshake=handshake), path=grpc_dir / "plugin.toml",
+                            root=grpc_dir)
+    assert plugin.grpc is not None
+    expected = {**HANDSHAKE, **handshake}
+    assert plugin.grpc.handshake == GoPluginHandshake(**expected)
+
+
+def test_jsonrpc_is_the_default_and_may_be_written(plugin_dir: Path) -> None:
+    implicit = parse_manifest(manifest({"type": "external", "entrypoint": "bin/run"}),
+                              path=plugin_dir / "plugin.toml", root=plugin_dir)
+    explicit = parse_manifest(manifest({"type": "external", "entrypoint": "bin/run",
+                                        "protocol": "jsonrpc"}),
+                              path=plugin_dir / "plugin.toml", root=plugin_dir)
+    assert implicit == explicit
+    assert (implicit.protocol, implicit.grpc) == (Protocol.JSONRPC, None)
+    assert implicit.to_json()["protocol"] == "jsonrpc" and implicit.to_json()["grpc"] is None
+
+
+def test_a_plugin_built_in_code_keeps_the_old_defaults(tmp_path: Path) -> None:
+    plugin = Plugin(id="x", version="1.0.0", type=LoaderType.PYTHON,
+                    entrypoint=tmp_path / "x.py", root=tmp_path)
+    assert (plugin.protocol, plugin.grpc) == (Protocol.JSONRPC, None)
+
+
+def test_a_proto_file_replaced_by_a_link_after_publishing_is_refused(grpc_dir: Path) -> None:
+    (grpc_dir / "plugin.toml").write_text(README_GRPC)
+    load_plugin(grpc_dir)
+    (grpc_dir / "kv.proto").unlink()
+    (grpc_dir / "kv.proto").symlink_to("/etc/passwd")
+    with pytest.raises(ManifestError) as info:
+        load_plugin(grpc_dir)
+    assert info.value.field == "grpc.proto" and "without symlinks" in info.value.expected
+
+
 # -- good manifests --------------------------------------------------------------------------
 
 FULL = textwrap.dedent("""\
@@ -446,6 +838,7 @@ def test_full_manifest_round_trips_every_field(plugin_dir: Path) -> None:
     assert out["id"] == "acme.hello" and out["type"] == "python"
     assert out["methods"] == ["greet", "farewell"]
     assert out["manifest"] == str((plugin_dir / "plugin.toml").resolve())
+    assert out["protocol"] == "jsonrpc" and out["grpc"] is None
 
 
 def test_minimal_manifest_defaults(plugin_dir: Path) -> None:
@@ -456,6 +849,7 @@ def test_minimal_manifest_defaults(plugin_dir: Path) -> None:
     assert plugin.sandbox == SandboxRequest()
     assert plugin.type is LoaderType.PYTHON
     assert plugin.entrypoint == (plugin_dir / "main.py").resolve()
+    assert (plugin.protocol, plugin.grpc) == (Protocol.JSONRPC, None)
 
 
 @pytest.mark.parametrize(
@@ -574,6 +968,7 @@ def test_bare_file_loads_without_manifest(tmp_path: Path, name: str, content: by
     assert plugin.is_bare_file and plugin.manifest_path is None
     assert plugin.sandbox == SandboxRequest()  # the default profile
     assert plugin.sha256 is None
+    assert (plugin.protocol, plugin.grpc) == (Protocol.JSONRPC, None)  # bare files: jsonrpc
     verify_integrity(plugin)  # nothing to verify; must not raise
 
 
@@ -726,6 +1121,7 @@ def valid_documents(draw: st.DrawFn) -> dict[str, Any]:
                             min_size=1, max_size=5, unique=True),
         "sha256": st.builds(lambda b, p: p + b.hex(), st.binary(min_size=32, max_size=32),
                             st.sampled_from(["", "sha256:"])),
+        "protocol": st.just("jsonrpc"),
     }
     plugin.update(draw(st.fixed_dictionaries({}, optional=optional)))
     doc: dict[str, Any] = {"plugin": plugin}
@@ -774,6 +1170,7 @@ PLAUSIBLE_PLUGIN = {
     "methods": _maybe_bad(st.lists(st.sampled_from(["greet", "add", "_x"]), max_size=3),
                           ["a-b"], ["1x"], "greet"),
     "sha256": _maybe_bad(st.just(HEX), HEX.upper(), HEX[:10], "sha256:" + HEX),
+    "protocol": _maybe_bad(st.just("jsonrpc"), "grpc", "gRPC", "http"),
 }
 PLAUSIBLE_SANDBOX = {
     "profile": _maybe_bad(st.sampled_from(["default", "strict", "network-client"]),
@@ -826,7 +1223,7 @@ def plausible_documents(draw: st.DrawFn) -> dict[str, Any]:
             if isinstance(target, dict):
                 target[draw(st.text(max_size=8))] = draw(ANY_VALUE)
         elif mutation == "not-a-table":
-            doc[draw(st.sampled_from(["plugin", "sandbox", "config"]))] = draw(ANY_VALUE)
+            doc[draw(st.sampled_from(["plugin", "sandbox", "config", "grpc"]))] = draw(ANY_VALUE)
         else:
             doc["config"] = draw(st.dictionaries(st.text(max_size=6), CONFIG_VALUES,
                                                  max_size=4))
@@ -927,6 +1324,7 @@ def test_valid_documents_parse_and_keep_their_values(shared_plugin_dir: Path,
     assert plugin.description == p.get("description")
     assert plugin.methods == (tuple(p["methods"]) if "methods" in p else None)
     assert plugin.sha256 == (p["sha256"].removeprefix("sha256:") if "sha256" in p else None)
+    assert (plugin.protocol, plugin.grpc) == (Protocol.JSONRPC, None)
     assert plugin.config == doc.get("config", {})
     s = doc.get("sandbox", {})
     assert plugin.sandbox.profile == s.get("profile")
@@ -941,3 +1339,54 @@ def test_valid_documents_parse_and_keep_their_values(shared_plugin_dir: Path,
         assert plugin.sandbox.cpu_limit == float(s["cpu_limit"])
     if isinstance(s.get("timeout"), (int, float)):
         assert plugin.sandbox.timeout == float(s["timeout"])
+
+
+# -- properties of the [grpc] table -----------------------------------------------------
+
+SERVICES = st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,10}(\.[A-Za-z_][A-Za-z0-9_]{0,10}){0,4}",
+                         fullmatch=True)
+COOKIE_KEYS = st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,127}", fullmatch=True).filter(
+    lambda k: k not in RESERVED_KEYS and not k.startswith("SANDBOXER_"))
+COOKIE_VALUES = st.text(st.characters(blacklist_characters="\0\n", blacklist_categories=("Cs",)),
+                        min_size=1, max_size=300)
+
+
+@given(service=SERVICES, key=COOKIE_KEYS, value=COOKIE_VALUES,
+       version=st.integers(1, 2**31 - 1),
+       proto=st.sampled_from([["kv.proto"], ["kv.pb"], ["api/v1/kv.proto", "kv.proto"]]))
+@settings(max_examples=200, deadline=None)
+def test_valid_grpc_tables_keep_their_values(shared_grpc_dir: Path, service: str, key: str,
+                                             value: str, version: int, proto: list[str]) -> None:
+    text = grpc_manifest(grpc={"proto": proto, "service": service},
+                         handshake={"protocol_version": version, "magic_cookie_key": key,
+                                    "magic_cookie_value": value})
+    plugin = parse_manifest(text, path=shared_grpc_dir / "plugin.toml", root=shared_grpc_dir)
+    assert plugin.grpc == GrpcSpec(tuple((shared_grpc_dir / p).resolve() for p in proto),
+                                   service, GoPluginHandshake(version, key, value))
+
+
+PLAUSIBLE_GRPC = {
+    "proto": _maybe_bad(st.sampled_from([["kv.proto"], ["kv.pb"], ["api/v1/kv.proto"]]),
+                        [], ["passwd.proto"], ["../outside/kv.proto"], ["kv.proto", "kv.pb"],
+                        ["inlink.proto"], ["fifo.proto"], ["/etc/passwd"]),
+    "service": _maybe_bad(SERVICES, "", "proto..KV", "/proto.KV/Get"),
+    "handshake": _maybe_bad(st.fixed_dictionaries(
+        {"protocol_version": st.integers(1, 2**31 - 1), "magic_cookie_key": COOKIE_KEYS,
+         "magic_cookie_value": COOKIE_VALUES}),
+        {"protocol_version": 0}, {**HANDSHAKE, "magic_cookie_key": "PATH"},
+        {**HANDSHAKE, "extra": 1}),
+}
+
+
+@given(key=st.sampled_from(sorted(PLAUSIBLE_GRPC)), data=st.data())
+@settings(max_examples=200, deadline=None)
+def test_a_grpc_error_names_the_field_that_is_wrong(shared_grpc_dir: Path, key: str,
+                                                    data: st.DataObject) -> None:
+    value = data.draw(PLAUSIBLE_GRPC[key])
+    text = grpc_manifest(grpc={key: value})
+    try:
+        parse_manifest(text, path=shared_grpc_dir / "plugin.toml", root=shared_grpc_dir)
+    except ManifestError as err:
+        assert err.field == f"grpc.{key}" or err.field.startswith(f"grpc.{key}."), (
+            err.field, key, str(err))
+
