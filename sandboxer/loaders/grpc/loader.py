@@ -178,7 +178,13 @@ class GrpcHandle:
         try:
             answer = await multicallable(request, timeout=timeout)
         except Exception as exc:  # grpc.aio.AioRpcError, imported lazily
-            raise await self._call_error(spec, exc, timeout) from None
+            error = await self._call_error(spec, exc, timeout)
+        else:
+            error = None
+        if error is not None:
+            # Raised outside the except: the error must not hold the gRPC call (its context
+            # would keep the call's eventfd open for as long as the caller keeps the error).
+            raise error
         try:
             return decode_response(spec, answer)
         except ValueError as exc:

@@ -1,0 +1,171 @@
+"""go-plugin gRPC plugins under the sandbox: an unmodified Go plugin, and hostile ones.
+
+The Go plugin is go-plugin's KV example built offline from Debian's go-plugin 1.0.1 sources
+(tests/grpc_build.py); the hostile ones are a few lines of sh, written from go-plugin's
+handshake description alone. Everything runs sandboxed under the default profile through
+``PluginManager`` and (``no_leaks``) leaves no fd, child process, cgroup or mount behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from conftest import IN_CI
+from sandboxer import (
+    HandshakeError,
+    HostConfig,
+    PluginCallError,
+    PluginCrashed,
+    PluginManager,
+    PluginState,
+    PluginStateError,
+)
+
+pytestmark = pytest.mark.usefixtures("grpc_started", "no_leaks")
+
+
+MANIFEST = """\
+[plugin]
+id = "acme.kv"
+version = "1.0.0"
+type = "external"
+protocol = "grpc"
+entrypoint = "{entrypoint}"
+
+[grpc]
+proto = ["kv.pb"]
+service = "proto.KV"
+
+[grpc.handshake]
+protocol_version = {version}
+magic_cookie_key = "BASIC_PLUGIN"
+magic_cookie_value = "{cookie}"
+"""
+
+
+@pytest.fixture(scope="module")
+def kv_go(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from grpc_build import ToolchainMissing, build_kv_go
+
+    built = tmp_path_factory.mktemp("kv-go")
+    try:
+        build_kv_go(built)
+    except ToolchainMissing as exc:
+        if IN_CI:
+            raise
+        pytest.skip(str(exc))
+    subprocess.run(
+        ["protoc", "--include_imports", "--descriptor_set_out=kv.pb", "kv.proto"],
+        cwd=built,
+        check=True,
+    )
+    return built
+
+
+@pytest_asyncio.fixture
+async def grpc_started(kv_go: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """grpcio keeps one engine per process (an epoll, an eventfd and a socket pair), made again
+    for each event loop that uses it: made here, in the test's loop, by one load, before the
+    leak checks count fds."""
+    async with PluginManager() as mgr:
+        p = await mgr.load(plugin_dir(tmp_path_factory.mktemp("warm"), kv_go))
+        await p.call("Put", {"key": "a", "value": "aGk="})
+        await p.call("Get", {"key": "a"})
+        await p.handle.health()
+        with pytest.raises(PluginCallError):  # (a failed call makes one more eventfd, once)
+            await p.call("Get", {"key": "missing"})
+        await mgr.unload(p.id)
+
+
+def plugin_dir(
+    tmp_path: Path, kv_go: Path, *, script: str | None = None, cookie: str = "hello", version: int = 1
+) -> Path:
+    root = tmp_path / "kv"
+    root.mkdir()
+    (root / "kv.pb").write_bytes((kv_go / "kv.pb").read_bytes())
+    if script is None:
+        entry = "kv-go-grpc"
+        (root / entry).write_bytes((kv_go / entry).read_bytes())
+    else:
+        entry = "plugin.sh"
+        (root / entry).write_text("#!/bin/sh\n" + script)
+    os.chmod(root / entry, 0o755)
+    (root / "plugin.toml").write_text(MANIFEST.format(entrypoint=entry, version=version, cookie=cookie))
+    return root
+
+
+async def test_an_unmodified_go_plugin_answers_sandboxed(tmp_path: Path, kv_go: Path) -> None:
+    async with PluginManager() as mgr:
+        p = await mgr.load(plugin_dir(tmp_path, kv_go))
+        assert p.sandbox is not None and p.sandbox.enabled
+        assert p.handle.methods == ("Get", "Put")
+        assert await p.call("Put", {"key": "a", "value": "aGk="}) == {}
+        assert await p.call("Get", {"key": "a"}) == {"value": "aGk="}
+        with pytest.raises(PluginCallError, match='UNKNOWN: no value for key "missing"') as caught:
+            await p.call("Get", {"key": "missing"})  # the example's own error, its gRPC status
+        assert caught.value.code == 2 and caught.value.data == {"grpc_status": "UNKNOWN"}
+        assert (await p.handle.health()).ok
+        with pytest.raises(PluginCallError, match='no field named "nope"'):
+            await p.call("Get", {"nope": 1})
+        await mgr.unload(p.id)
+
+
+async def test_a_plugin_that_dies_fails_with_plugin_crashed(tmp_path: Path, kv_go: Path) -> None:
+    async with PluginManager() as mgr:
+        p = await mgr.load(plugin_dir(tmp_path, kv_go))
+        os.kill(p.handle.pid, signal.SIGKILL)
+        async with asyncio.timeout(10):
+            while p.state is not PluginState.FAILED:
+                await asyncio.sleep(0.02)
+        assert isinstance(p.error, PluginCrashed)
+        with pytest.raises(PluginStateError):
+            await p.call("Get", {"key": "a"})
+
+
+@pytest.mark.parametrize(
+    ("options", "says"),
+    [
+        ({"cookie": "wrong"}, "This binary is a plugin"),  # go-plugin's own refusal, on stderr
+        ({"script": "echo hello; sleep 5"}, "not a go-plugin handshake"),
+        ({"script": "echo '1|1|tcp|10.1.2.3:1234|grpc'; sleep 5"}, "not a loopback address"),
+        ({"script": "echo '1|1|unix|/etc/passwd|grpc'; sleep 5"}, "not directly in"),
+        ({"script": 'echo "1|1|unix|$TMPDIR/none|grpc|"; sleep 5'}, "cannot be opened"),
+        ({"script": 'touch "$TMPDIR/f"; echo "1|1|unix|$TMPDIR/f|grpc|"; sleep 5'}, "not a socket"),
+        (
+            # a link out of its directory is never followed: the link itself is no socket
+            {"script": 'ln -s /run/systemd/private "$TMPDIR/l"; echo "1|1|unix|$TMPDIR/l|grpc"; sleep 5'},
+            "not a socket",
+        ),
+        ({"script": "exit 3"}, "exited before its handshake"),
+    ],
+)
+async def test_a_bad_handshake_is_a_named_error(
+    tmp_path: Path, kv_go: Path, options: dict[str, object], says: str
+) -> None:
+    async with PluginManager() as mgr:
+        with pytest.raises(HandshakeError, match="plugin acme.kv") as caught:
+            await mgr.load(plugin_dir(tmp_path, kv_go, **options))  # type: ignore[arg-type]
+        assert says in str(caught.value)
+        assert await mgr.list() == []
+
+
+async def test_silence_and_a_plugin_that_never_serves_time_out(tmp_path: Path, kv_go: Path) -> None:
+    async with PluginManager(config=HostConfig(handshake_timeout=1.0)) as mgr:
+        with pytest.raises(HandshakeError, match="printed no go-plugin handshake line within 1s"):
+            await mgr.load(plugin_dir(tmp_path, kv_go, script="sleep 30"))
+    script = (
+        'python3 -c "import socket,os,time; s=socket.socket(socket.AF_UNIX); '
+        "s.bind(os.environ['TMPDIR']+'/mute'); s.listen(); "
+        "print('1|1|unix|'+os.environ['TMPDIR']+'/mute|grpc|', flush=True); time.sleep(30)\""
+    )
+    (tmp_path / "second").mkdir()
+    async with PluginManager(config=HostConfig(handshake_timeout=2.0)) as mgr:
+        with pytest.raises(HandshakeError, match='health check of service "plugin" never answered'):
+            await mgr.load(plugin_dir(tmp_path / "second", kv_go, script=script))
