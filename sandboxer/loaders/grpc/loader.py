@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from ...errors import (
+    INTERNAL_ERROR,
     CallTimeout,
     HandshakeError,
     MemoryLimitExceeded,
@@ -175,12 +176,11 @@ class GrpcHandle:
             )
         spec, multicallable = stub
         request = encode_request(spec, args, plugin_id=self.plugin.id)
+        error: SandboxerError | None = None
         try:
             answer = await multicallable(request, timeout=timeout)
         except Exception as exc:  # grpc.aio.AioRpcError, imported lazily
             error = await self._call_error(spec, exc, timeout)
-        else:
-            error = None
         if error is not None:
             # Raised outside the except: the error must not hold the gRPC call (its context
             # would keep the call's eventfd open for as long as the caller keeps the error).
@@ -190,7 +190,7 @@ class GrpcHandle:
         except ValueError as exc:
             raise PluginCallError(
                 f"plugin {self.plugin.id}: {method} answered {exc}",
-                code=-32603,
+                code=INTERNAL_ERROR,
                 plugin_id=self.plugin.id,
                 method=method,
             ) from None
