@@ -1,0 +1,205 @@
+// The baseline of benchmarks/grpc.py: go-plugin's own Go host calling the KV plugin binary, as
+// go-plugin 1.0.1's gRPC example host does (plugin.NewClient with the example's handshake and
+// plugin map, gRPC only, Dispense("kv_grpc") as shared.KV), with no sandbox.
+//
+// It measures what the Python side measures of sandboxer: the start to the first answered Get
+// (NewClient, Client, Dispense, Put, Get), Get latency one call after another, and Get
+// throughput with -in-flight goroutines each calling one after another. It prints one JSON
+// line on stdout and nothing else there; any error exits 1 with the reason on stderr.
+//
+// Built offline in GOPATH mode beside the example (tests/grpc_build.py, build_go_host), so
+// it imports the example's shared package and the same go-plugin, grpc and protobuf sources
+// the plugin is built from.
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"os"
+	"os/exec"
+	"runtime"
+	"runtime/debug"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/hashicorp/go-plugin"
+
+	"example.com/grpc-kv-go/shared"
+)
+
+var value = []byte("hi") // what the Python side puts: {"key": "a", "value": "aGk="}
+
+type started struct {
+	client *plugin.Client
+	kv     shared.KV
+}
+
+// start is the span measured as "start to first answered call": the process started and its
+// handshake read (Client), the KV dispensed, then one Put and one Get answered.
+func start(binary string) (*started, error) {
+	client := plugin.NewClient(&plugin.ClientConfig{
+		HandshakeConfig:  shared.Handshake,
+		Plugins:          shared.PluginMap,
+		Cmd:              exec.Command(binary),
+		AllowedProtocols: []plugin.Protocol{plugin.ProtocolGRPC},
+		// go-plugin's default logger writes every line at trace level to stderr; only
+		// warnings here (none per call either way).
+		Logger: hclog.New(&hclog.LoggerOptions{Name: "plugin", Output: os.Stderr, Level: hclog.Warn}),
+	})
+	rpcClient, err := client.Client()
+	if err != nil {
+		client.Kill()
+		return nil, fmt.Errorf("starting %s: %w", binary, err)
+	}
+	raw, err := rpcClient.Dispense("kv_grpc")
+	if err != nil {
+		client.Kill()
+		return nil, fmt.Errorf("dispensing kv_grpc: %w", err)
+	}
+	kv := raw.(shared.KV)
+	if err := kv.Put("a", value); err != nil {
+		client.Kill()
+		return nil, fmt.Errorf("first Put: %w", err)
+	}
+	if err := get(kv); err != nil {
+		client.Kill()
+		return nil, fmt.Errorf("first Get: %w", err)
+	}
+	return &started{client: client, kv: kv}, nil
+}
+
+func get(kv shared.KV) error {
+	got, err := kv.Get("a")
+	if err != nil {
+		return err
+	}
+	if !bytes.Equal(got, value) {
+		return fmt.Errorf("Get answered %q, not %q", got, value)
+	}
+	return nil
+}
+
+func summary(samples []int64) map[string]float64 {
+	s := append([]int64(nil), samples...)
+	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
+	n := len(s)
+	pct := func(p float64) float64 {
+		i := int(p * float64(n))
+		if i > n-1 {
+			i = n - 1
+		}
+		return float64(s[i]) / 1000
+	}
+	var sum int64
+	for _, v := range s {
+		sum += v
+	}
+	return map[string]float64{"n": float64(n), "p50_us": pct(0.50), "p90_us": pct(0.90),
+		"p99_us": pct(0.99), "min_us": float64(s[0]) / 1000,
+		"mean_us": float64(sum) / float64(n) / 1000}
+}
+
+func run(binary string, starts, warmup, sequential, pipelined, inFlight int) (map[string]interface{}, error) {
+	// Start to first answered call: the first start is not timed (it pays for the page cache
+	// and this process's first gRPC connection), as on the Python side.
+	var firstCall []float64
+	for i := 0; i <= starts; i++ {
+		t0 := time.Now()
+		s, err := start(binary)
+		if err != nil {
+			return nil, err
+		}
+		elapsed := time.Since(t0)
+		s.client.Kill()
+		if i > 0 {
+			firstCall = append(firstCall, float64(elapsed.Microseconds())/1000)
+		}
+	}
+
+	s, err := start(binary)
+	if err != nil {
+		return nil, err
+	}
+	defer s.client.Kill()
+	for i := 0; i < warmup; i++ {
+		if err := get(s.kv); err != nil {
+			return nil, err
+		}
+	}
+	// gc off in the measured loops, as the Python side disables its collector.
+	runtime.GC()
+	gcPercent := debug.SetGCPercent(-1)
+	samples := make([]int64, sequential)
+	for i := range samples {
+		t0 := time.Now()
+		if err := get(s.kv); err != nil {
+			return nil, err
+		}
+		samples[i] = time.Since(t0).Nanoseconds()
+	}
+
+	per := pipelined / inFlight
+	errs := make(chan error, inFlight)
+	var wg sync.WaitGroup
+	t0 := time.Now()
+	for w := 0; w < inFlight; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; i < per; i++ {
+				if err := get(s.kv); err != nil {
+					errs <- err
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	elapsed := time.Since(t0)
+	debug.SetGCPercent(gcPercent)
+	close(errs)
+	if err := <-errs; err != nil {
+		return nil, err
+	}
+	calls := per * inFlight
+	return map[string]interface{}{
+		"go":            runtime.Version(),
+		"gomaxprocs":    runtime.GOMAXPROCS(0),
+		"first_call_ms": firstCall,
+		"sequential":    summary(samples),
+		"samples_ns":    samples,
+		"pipelined": map[string]interface{}{
+			"in_flight": inFlight, "calls": calls, "seconds": elapsed.Seconds(),
+			"throughput_calls_per_s": float64(calls) / elapsed.Seconds(),
+		},
+	}, nil
+}
+
+func main() {
+	binary := flag.String("plugin", "", "the KV plugin binary")
+	starts := flag.Int("starts", 3, "timed starts to the first answered Get")
+	warmup := flag.Int("warmup", 1000, "untimed Gets before the sequential ones")
+	sequential := flag.Int("sequential", 2000, "Gets timed one by one")
+	pipelined := flag.Int("pipelined", 20000, "Gets with -in-flight goroutines")
+	inFlight := flag.Int("in-flight", 64, "goroutines calling at once")
+	flag.Parse()
+	if *binary == "" || flag.NArg() != 0 || *sequential < 1 || *inFlight < 1 || *pipelined < *inFlight {
+		fmt.Fprintln(os.Stderr, "usage: grpc-host -plugin BINARY [-starts N] [-warmup N] [-sequential N] [-pipelined N] [-in-flight N]")
+		os.Exit(2)
+	}
+	result, err := run(*binary, *starts, *warmup, *sequential, *pipelined, *inFlight)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "grpc-host:", err)
+		os.Exit(1)
+	}
+	line, err := json.Marshal(result)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "grpc-host:", err)
+		os.Exit(1)
+	}
+	fmt.Println(string(line))
+}
