@@ -23,6 +23,7 @@ import (
 	"runtime/debug"
 	"sort"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -103,6 +104,15 @@ func summary(samples []int64) map[string]float64 {
 		"mean_us": float64(sum) / float64(n) / 1000}
 }
 
+// cpuNs is the CPU (user + system, all threads) this process has used: the host's side alone.
+func cpuNs() int64 {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		return 0
+	}
+	return ru.Utime.Nano() + ru.Stime.Nano()
+}
+
 func run(binary string, starts, warmup, sequential, pipelined, inFlight int) (map[string]interface{}, error) {
 	// Start to first answered call: the first start is not timed (it pays for the page cache
 	// and this process's first gRPC connection), as on the Python side.
@@ -134,6 +144,7 @@ func run(binary string, starts, warmup, sequential, pipelined, inFlight int) (ma
 	runtime.GC()
 	gcPercent := debug.SetGCPercent(-1)
 	samples := make([]int64, sequential)
+	seqCPU := cpuNs()
 	for i := range samples {
 		t0 := time.Now()
 		if err := get(s.kv); err != nil {
@@ -141,10 +152,12 @@ func run(binary string, starts, warmup, sequential, pipelined, inFlight int) (ma
 		}
 		samples[i] = time.Since(t0).Nanoseconds()
 	}
+	seqCPU = cpuNs() - seqCPU
 
 	per := pipelined / inFlight
 	errs := make(chan error, inFlight)
 	var wg sync.WaitGroup
+	pipeCPU := cpuNs()
 	t0 := time.Now()
 	for w := 0; w < inFlight; w++ {
 		wg.Add(1)
@@ -160,21 +173,25 @@ func run(binary string, starts, warmup, sequential, pipelined, inFlight int) (ma
 	}
 	wg.Wait()
 	elapsed := time.Since(t0)
+	pipeCPU = cpuNs() - pipeCPU
 	debug.SetGCPercent(gcPercent)
 	close(errs)
 	if err := <-errs; err != nil {
 		return nil, err
 	}
 	calls := per * inFlight
+	seq := summary(samples)
+	seq["client_cpu_us_per_call"] = float64(seqCPU) / float64(sequential) / 1000
 	return map[string]interface{}{
 		"go":            runtime.Version(),
 		"gomaxprocs":    runtime.GOMAXPROCS(0),
 		"first_call_ms": firstCall,
-		"sequential":    summary(samples),
+		"sequential":    seq,
 		"samples_ns":    samples,
 		"pipelined": map[string]interface{}{
 			"in_flight": inFlight, "calls": calls, "seconds": elapsed.Seconds(),
 			"throughput_calls_per_s": float64(calls) / elapsed.Seconds(),
+			"client_cpu_us_per_call": float64(pipeCPU) / float64(calls) / 1000,
 		},
 	}, nil
 }

@@ -38,6 +38,7 @@ __all__ = [
     "RESOLVE_NO_SYMLINKS",
     "RESOLVE_BENEATH",
     "unshare",
+    "setns",
     "mount",
     "umount2",
     "pivot_root",
@@ -138,6 +139,11 @@ def statfs_type(path: str) -> int:
     buf = _Statfs()
     _check(_libc.statfs(os.fsencode(path), ctypes.byref(buf)), "statfs", path)
     return int(buf.f_type)
+
+
+def setns(fd: int, nstype: int) -> None:
+    """Move the calling thread into the namespace ``fd`` refers to (a pidfd: that process's)."""
+    _check(_libc.setns(ctypes.c_int(fd), ctypes.c_int(nstype)), "setns")
 
 
 def unshare(flags: int) -> None:

@@ -12,11 +12,12 @@ import asyncio
 import os
 import signal
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import pytest_asyncio
 
+import conftest
 from conftest import IN_CI
 from sandboxer import (
     HandshakeError,
@@ -28,7 +29,32 @@ from sandboxer import (
     PluginStateError,
 )
 
-pytestmark = pytest.mark.usefixtures("grpc_started", "no_leaks")
+pytestmark = pytest.mark.usefixtures("no_leaks_but_grpc_engine")
+
+# grpcio's engine: one set of these per process, made at its first connection and again for
+# each new event loop (an epoll, eventfds, a socket pair); never more than this many.
+GRPC_ENGINE_FDS = 6
+ENGINE_KINDS = ("anon_inode:[eventfd]", "anon_inode:[eventpoll]", "socket:[")
+
+
+@pytest.fixture
+def no_leaks_but_grpc_engine() -> Iterator[None]:
+    """conftest's no_leaks, but for grpcio's own engine (bounded; test_no_fd_grows_with_use
+    shows it does not grow with use): no process, cgroup, mount or other fd left behind."""
+    fds, kids = conftest._open_fds(), conftest._children()
+    groups, mounts = conftest._plugin_cgroups(), conftest._mounts()
+    yield
+    leaked = {
+        fd: os.readlink(f"/proc/self/fd/{fd}")
+        for fd in conftest._open_fds() - fds
+        if os.path.exists(f"/proc/self/fd/{fd}")
+    }
+    engine = [link for link in leaked.values() if link.startswith(ENGINE_KINDS)]
+    assert len(engine) <= GRPC_ENGINE_FDS, f"leaked fds: {sorted(leaked.values())}"
+    assert len(engine) == len(leaked), f"leaked fds: {sorted(leaked.values())}"
+    assert conftest._children() - kids == set(), "leaked child processes"
+    assert conftest._plugin_cgroups() - groups == set(), "plugin cgroups left behind"
+    assert conftest._mounts() == mounts, "mounts changed"
 
 
 MANIFEST = """\
@@ -67,21 +93,6 @@ def kv_go(tmp_path_factory: pytest.TempPathFactory) -> Path:
         check=True,
     )
     return built
-
-
-@pytest_asyncio.fixture
-async def grpc_started(kv_go: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
-    """grpcio keeps one engine per process (an epoll, an eventfd and a socket pair), made again
-    for each event loop that uses it: made here, in the test's loop, by one load, before the
-    leak checks count fds."""
-    async with PluginManager() as mgr:
-        p = await mgr.load(plugin_dir(tmp_path_factory.mktemp("warm"), kv_go))
-        await p.call("Put", {"key": "a", "value": "aGk="})
-        await p.call("Get", {"key": "a"})
-        await p.handle.health()
-        with pytest.raises(PluginCallError):  # (a failed call makes one more eventfd, once)
-            await p.call("Get", {"key": "missing"})
-        await mgr.unload(p.id)
 
 
 def plugin_dir(
@@ -169,3 +180,73 @@ async def test_silence_and_a_plugin_that_never_serves_time_out(tmp_path: Path, k
     async with PluginManager(config=HostConfig(handshake_timeout=2.0)) as mgr:
         with pytest.raises(HandshakeError, match='health check of service "plugin" never answered'):
             await mgr.load(plugin_dir(tmp_path / "second", kv_go, script=script))
+
+
+@pytest.fixture(scope="module")
+def kv_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from grpc_build import ToolchainMissing, kv_python
+
+    built = tmp_path_factory.mktemp("kv-py") / "kvpy"
+    try:
+        kv_python(built)
+    except ToolchainMissing as exc:
+        if IN_CI:
+            raise
+        pytest.skip(str(exc))
+    subprocess.run(
+        ["protoc", "--include_imports", "--descriptor_set_out=kv.pb", "kv.proto"],
+        cwd=built,
+        check=True,
+    )
+    manifest = built / "plugin.toml"
+    manifest.write_text(manifest.read_text().replace('proto = ["kv.proto"]', 'proto = ["kv.pb"]'))
+    return built
+
+
+async def test_python_plugins_on_their_own_port_1234_sandboxed(kv_python: Path) -> None:
+    """go-plugin's Python guide: grpcio on 127.0.0.1:1234. Two copies at once, each on the
+    loopback of its own network namespace, and nothing on the host's."""
+    import socket
+
+    async with PluginManager() as mgr:
+        one = await mgr.load(kv_python)
+        second = kv_python.parent / "second"
+        if not second.exists():
+            import shutil
+
+            shutil.copytree(kv_python, second)
+            manifest = second / "plugin.toml"
+            manifest.write_text(manifest.read_text().replace("acme.kvpy", "acme.kvpy2"))
+        two = await mgr.load(second)
+        await one.call("Put", {"key": "k", "value": "b25l"})
+        await two.call("Put", {"key": "k", "value": "dHdv"})
+        assert await one.call("Get", {"key": "k"}) == {"value": "b25l"}
+        assert await two.call("Get", {"key": "k"}) == {"value": "dHdv"}
+        with pytest.raises(PluginCallError, match="NOT_FOUND") as caught:
+            await one.call("Get", {"key": "absent"})
+        assert caught.value.data == {"grpc_status": "NOT_FOUND"}
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", 1234), timeout=1).close()
+
+
+async def test_no_fd_grows_with_use(tmp_path: Path, kv_go: Path) -> None:
+    """Loads, calls, failed calls, health checks, crashes and unloads, many times over: after
+    the first round the process's fds are the same in number every round."""
+    counts = []
+    async with PluginManager() as mgr:
+        for round_ in range(6):
+            (tmp_path / str(round_)).mkdir()
+            p = await mgr.load(plugin_dir(tmp_path / str(round_), kv_go))
+            await p.call("Put", {"key": "a", "value": "aGk="})
+            assert await p.call("Get", {"key": "a"}) == {"value": "aGk="}
+            with pytest.raises(PluginCallError):
+                await p.call("Get", {"key": "missing"})
+            assert (await p.handle.health()).ok
+            if round_ % 2:
+                os.kill(p.handle.pid, signal.SIGKILL)
+                async with asyncio.timeout(10):
+                    while p.state is not PluginState.FAILED:
+                        await asyncio.sleep(0.02)
+            await mgr.unload(p.id)
+            counts.append(len(conftest._open_fds()))
+    assert len(set(counts[2:])) == 1, f"fds after each round: {counts}"

@@ -45,7 +45,8 @@ from ...sandbox.policy import SandboxConfig
 from ...sandbox.spec import Mount
 from .. import NO_STATE, Health, NoState, ResourceUsage
 from ..out_of_process import SHUTDOWN_GRACE, ProcessLoader, plugin_command
-from .handshake import MAX_LINE, handshake_environment, parse_handshake
+from .handshake import MAX_LINE, GoPluginEndpoint, handshake_environment, parse_handshake
+from .relay import NetnsRelay
 from .schema import GrpcMethod, GrpcSchema, decode_response, encode_request, load_schema
 
 if TYPE_CHECKING:
@@ -109,7 +110,7 @@ class GrpcHandle:
         proc: child.PluginProcess,
         channel: grpc.aio.Channel,
         *,
-        socket_fd: int,
+        connection: _Connection,
         socket_dir: str,
         confinement: Confinement | None,
     ) -> None:
@@ -118,7 +119,7 @@ class GrpcHandle:
         self._schema = schema
         self._proc = proc
         self._channel = channel
-        self._socket_fd = socket_fd
+        self._connection = connection
         self._socket_dir = socket_dir
         self._confinement = confinement
         names = tuple(sorted(schema.methods))
@@ -274,7 +275,7 @@ class GrpcHandle:
         await self._watcher
         if self._confinement is not None:
             await self._confinement.aclose()
-        os.close(self._socket_fd)
+        await self._connection.close()
         shutil.rmtree(self._socket_dir, ignore_errors=True)
 
     # -- failure -----------------------------------------------------------------------------
@@ -377,7 +378,7 @@ class GrpcLoader:
             raise
         finally:
             os.close(null)
-        socket_fd = -1
+        connection: _Connection | None = None
         try:
             line = await self._first_line(plugin, proc, first)
             endpoint = parse_handshake(
@@ -386,15 +387,9 @@ class GrpcLoader:
                 app_version=spec.handshake.protocol_version,
                 socket_dir=inside,
             )
-            if endpoint.network != "unix" or endpoint.path is None:
-                raise HandshakeError(
-                    f"plugin {plugin.id}: serves gRPC on TCP {endpoint.host}:{endpoint.port}; "
-                    "reaching a port inside its network namespace is not built yet",
-                    plugin_id=plugin.id,
-                )
-            socket_fd = _open_socket(plugin, sockets, os.path.basename(endpoint.path))
+            connection = await _connect(plugin, endpoint, sockets, proc, sandboxed=sandbox.enabled)
             channel = grpc.aio.insecure_channel(
-                f"unix:/proc/self/fd/{socket_fd}",
+                connection.target,
                 options=[
                     ("grpc.max_receive_message_length", self.processes.max_frame),
                     ("grpc.max_send_message_length", self.processes.max_frame),
@@ -408,7 +403,7 @@ class GrpcLoader:
                     schema,
                     proc,
                     channel,
-                    socket_fd=socket_fd,
+                    connection=connection,
                     socket_dir=sockets,
                     confinement=confinement,
                 )
@@ -416,8 +411,8 @@ class GrpcLoader:
                 await channel.close()
                 raise
         except BaseException:
-            if socket_fd >= 0:
-                os.close(socket_fd)
+            if connection is not None:
+                await connection.close()
             proc.send_signal(signal.SIGKILL)
             await proc.close()
             if confinement is not None:
@@ -506,6 +501,50 @@ class GrpcLoader:
             f"SERVING within {self.processes.handshake_timeout:g}s ({last})",
             plugin_id=plugin.id,
         )
+
+
+class _Connection:
+    """What a plugin's channel connects to (``target``), and what to close after it."""
+
+    def __init__(self, target: str, *, fd: int = -1, relay: NetnsRelay | None = None) -> None:
+        self.target = target
+        self._fd = fd
+        self._relay = relay
+
+    async def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if self._relay is not None:
+            await self._relay.close()
+            self._relay = None
+
+
+async def _connect(
+    plugin: Plugin,
+    endpoint: GoPluginEndpoint,
+    sockets: str,
+    proc: child.PluginProcess,
+    *,
+    sandboxed: bool,
+) -> _Connection:
+    """The channel's way to the endpoint: its socket's very inode, or (TCP) a relay into the
+    plugin's network namespace; unsandboxed, its TCP address as it is."""
+    if endpoint.network == "unix" and endpoint.path is not None:
+        fd = _open_socket(plugin, sockets, os.path.basename(endpoint.path))
+        return _Connection(f"unix:/proc/self/fd/{fd}", fd=fd)
+    host, port = endpoint.host or "127.0.0.1", endpoint.port or 0
+    if not sandboxed:
+        return _Connection(f"ipv6:[{host}]:{port}" if ":" in host else f"ipv4:{host}:{port}")
+    if proc.returncode is not None:  # (its pid could be another process's by now)
+        raise HandshakeError(f"plugin {plugin.id} exited after its handshake", plugin_id=plugin.id)
+    relay = NetnsRelay(plugin.id, proc.pid, host, port)
+    try:
+        await relay.start(timeout=5.0)
+    except BaseException:
+        await relay.close()
+        raise
+    return _Connection(f"unix:{relay.path}", relay=relay)
 
 
 def _socket_mount(sockets: str, inside: str) -> Mount:
