@@ -105,9 +105,14 @@ class LineLog:
                     self._level, "[%s] (%d lines not logged: output flood)", self.name, self.dropped
                 )
                 self.dropped = 0
-            self._log.log(self._level, "[%s] %s", self.name, text)
+            level, shown = self.render(text)
+            self._log.log(level, "[%s] %s", self.name, shown)
         else:
             self.dropped += 1
+
+    def render(self, text: str) -> tuple[int, str]:
+        """The level and text a line is logged at (a subclass may read a log format)."""
+        return self._level, text
 
 
 class OutputCapture(LineLog):

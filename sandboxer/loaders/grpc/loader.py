@@ -40,12 +40,14 @@ from ...errors import (
 )
 from ...manifest import LoaderType, Plugin
 from ...sandbox import child
+from ...sandbox.child import LineLog
 from ...sandbox.confinement import Confinement, launch_confined
 from ...sandbox.policy import SandboxConfig
 from ...sandbox.spec import Mount
 from .. import NO_STATE, Health, NoState, ResourceUsage
 from ..out_of_process import SHUTDOWN_GRACE, ProcessLoader, plugin_command
 from .handshake import MAX_LINE, GoPluginEndpoint, handshake_environment, parse_handshake
+from .hclog import HclogLines
 from .relay import NetnsRelay
 from .schema import GrpcMethod, GrpcSchema, decode_response, encode_request, load_schema
 
@@ -112,6 +114,7 @@ class GrpcHandle:
         *,
         connection: _Connection,
         socket_dir: str,
+        stderr: LineLog,
         confinement: Confinement | None,
     ) -> None:
         self.plugin = plugin
@@ -121,6 +124,7 @@ class GrpcHandle:
         self._channel = channel
         self._connection = connection
         self._socket_dir = socket_dir
+        self._stderr = stderr
         self._confinement = confinement
         names = tuple(sorted(schema.methods))
         if plugin.methods is not None:
@@ -289,7 +293,7 @@ class GrpcHandle:
                 peak=stats.memory_peak if stats else None,
                 plugin_id=self.plugin.id,
             )
-        return _crashed(self.plugin.id, self._proc)
+        return _crashed(self.plugin.id, self._proc, self._stderr)
 
     async def _watch(self) -> None:
         await self._proc.wait()
@@ -300,8 +304,8 @@ class GrpcHandle:
                 callback(self._crash)
 
 
-def _crashed(plugin_id: str, proc: child.PluginProcess) -> PluginCrashed:
-    tail = list(proc.stderr.tail)
+def _crashed(plugin_id: str, proc: child.PluginProcess, stderr: LineLog) -> PluginCrashed:
+    tail = list(stderr.tail)
     message = f"plugin {plugin_id} {proc.describe_exit()}"
     if tail:
         message += f"; last stderr: {tail[-1]}"
@@ -341,6 +345,7 @@ class GrpcLoader:
             **handshake_environment(spec.handshake),
         }
         first = _Handshake(logger)
+        stderr = HclogLines(name="stderr", logger=logger, level=logging.WARNING)
         null = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
         confinement: Confinement | None = None
         try:
@@ -361,7 +366,7 @@ class GrpcLoader:
                     backend=self.processes.cgroups(),
                     rpc_fd=null,
                     logger=logger,
-                    sinks=(first, None),
+                    sinks=(first, stderr.feed),
                     fallbacks=self.processes.fallbacks,
                     egress=self.processes.egress,
                     plugin_id=plugin.id,
@@ -371,7 +376,11 @@ class GrpcLoader:
                 inside = sockets
                 env.update(TMPDIR=sockets, PLUGIN_UNIX_SOCKET_DIR=sockets)
                 proc = child.spawn(
-                    plugin_command(plugin), env, rpc_fd=null, logger=logger, sinks=(first, None)
+                    plugin_command(plugin),
+                    env,
+                    rpc_fd=null,
+                    logger=logger,
+                    sinks=(first, stderr.feed),
                 )
         except BaseException:
             shutil.rmtree(sockets, ignore_errors=True)
@@ -380,7 +389,7 @@ class GrpcLoader:
             os.close(null)
         connection: _Connection | None = None
         try:
-            line = await self._first_line(plugin, proc, first)
+            line = await self._first_line(plugin, proc, first, stderr)
             endpoint = parse_handshake(
                 line,
                 plugin_id=plugin.id,
@@ -405,6 +414,7 @@ class GrpcLoader:
                     channel,
                     connection=connection,
                     socket_dir=sockets,
+                    stderr=stderr,
                     confinement=confinement,
                 )
             except BaseException:
@@ -443,7 +453,7 @@ class GrpcLoader:
         return load_schema(data, grpc_spec.service, plugin_id=plugin.id, source=sets[0].name)
 
     async def _first_line(
-        self, plugin: Plugin, proc: child.PluginProcess, first: _Handshake
+        self, plugin: Plugin, proc: child.PluginProcess, first: _Handshake, stderr: LineLog
     ) -> bytes:
         exited = asyncio.ensure_future(proc.wait())
         try:
@@ -461,7 +471,7 @@ class GrpcLoader:
         if first.line.done():
             return first.line.result()
         await proc.output_closed(0.5)
-        crash = _crashed(plugin.id, proc)
+        crash = _crashed(plugin.id, proc, stderr)
         raise HandshakeError(
             f"plugin {plugin.id} exited before its handshake: {crash.message}"
             + (
