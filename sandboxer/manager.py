@@ -178,6 +178,20 @@ class LoadedPlugin:
         gen = self._life.current
         return tuple(getattr(gen.handle, "fallbacks", ())) if gen else ()
 
+    def grpc_channel(self) -> Any:
+        """The ``grpc.aio.Channel`` to the current generation of a go-plugin gRPC plugin, for
+        callers with generated stubs. It belongs to that generation: after a reload, ask again
+        (it is closed with its generation). PluginStateError for any other plugin, or when no
+        generation runs."""
+        channel = getattr(self.handle, "channel", None)
+        if channel is None:
+            raise PluginStateError(
+                f"plugin {self.id} has no gRPC channel"
+                + ("" if self.plugin.protocol.value == "grpc" else " (it is not a grpc plugin)"),
+                plugin_id=self.id,
+            )
+        return channel
+
     def to_json(self) -> dict[str, Any]:
         return {
             "plugin": self.plugin.to_json(),

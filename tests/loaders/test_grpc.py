@@ -250,3 +250,80 @@ async def test_no_fd_grows_with_use(tmp_path: Path, kv_go: Path) -> None:
             await mgr.unload(p.id)
             counts.append(len(conftest._open_fds()))
     assert len(set(counts[2:])) == 1, f"fds after each round: {counts}"
+
+
+async def test_typed_stubs_through_grpc_channel_and_a_hot_reload(tmp_path: Path, kv_go: Path) -> None:
+    """A Python host with generated messages uses the channel to the current generation; a
+    reload starts a fresh process (go-plugin has no state hooks), and the new channel works."""
+    root = plugin_dir(tmp_path, kv_go)
+    subprocess.run(["protoc", f"--python_out={tmp_path}", "kv.proto"], cwd=kv_go, check=True)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("kv_pb2_for_test", tmp_path / "kv_pb2.py")
+    assert spec is not None and spec.loader is not None
+    kv_pb2 = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kv_pb2)
+    async with PluginManager() as mgr:
+        p = await mgr.load(root)
+        channel = p.grpc_channel()
+        put = channel.unary_unary(
+            "/proto.KV/Put",
+            request_serializer=kv_pb2.PutRequest.SerializeToString,
+            response_deserializer=kv_pb2.Empty.FromString,
+        )
+        get = channel.unary_unary(
+            "/proto.KV/Get",
+            request_serializer=kv_pb2.GetRequest.SerializeToString,
+            response_deserializer=kv_pb2.GetResponse.FromString,
+        )
+        await put(kv_pb2.PutRequest(key="typed", value=b"stub"))
+        assert (await get(kv_pb2.GetRequest(key="typed"))).value == b"stub"
+        assert await p.call("Get", {"key": "typed"}) == {"value": "c3R1Yg=="}
+        first = p.handle.pid
+        (root / "plugin.toml").write_text(
+            (root / "plugin.toml").read_text().replace('version = "1.0.0"', 'version = "1.1.0"')
+        )
+        await mgr.reload(p.id)
+        assert p.generation == 2 and p.handle.pid != first
+        with pytest.raises(PluginCallError, match="no value for key"):
+            await p.call("Get", {"key": "typed"})  # a fresh process: nothing migrated
+        await p.call("Put", {"key": "k", "value": "AA=="})
+        assert p.grpc_channel() is not channel
+    async with PluginManager() as mgr:
+        with pytest.raises(PluginStateError, match="no gRPC channel"):
+            (await mgr.load(_jsonrpc_plugin(tmp_path))).grpc_channel()
+
+
+def _jsonrpc_plugin(tmp_path: Path) -> Path:
+    root = tmp_path / "plain"
+    root.mkdir()
+    (root / "plugin.py").write_text("def hello():\n    return 'hi'\n")
+    (root / "plugin.toml").write_text(
+        '[plugin]\nid = "acme.plain"\nversion = "1.0.0"\ntype = "python"\nentrypoint = "plugin.py"\n'
+    )
+    return root
+
+
+def test_the_cli_calls_a_go_plugin(tmp_path: Path, kv_go: Path) -> None:
+    import json
+    import sys
+
+    root = plugin_dir(tmp_path, kv_go)
+    run = subprocess.run(
+        [sys.executable, "-m", "sandboxer.cli", "call", "--json", str(root), "Get", '{"key": "x"}'],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    doc = json.loads(run.stdout)
+    assert run.returncode == 1, run.stderr
+    assert doc["error"]["type"] == "PluginCallError" and "no value for key" in doc["error"]["message"]
+    inspect = subprocess.run(
+        [sys.executable, "-m", "sandboxer.cli", "inspect", "--json", str(root)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert inspect.returncode == 0, inspect.stderr
+    shown = json.loads(inspect.stdout)
+    assert shown["plugin"]["protocol"] == "grpc" and shown["plugin"]["grpc"]["service"] == "proto.KV"

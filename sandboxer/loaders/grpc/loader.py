@@ -166,6 +166,11 @@ class GrpcHandle:
     def on_failure(self, callback: Callable[[SandboxerError], None]) -> None:
         self._callbacks.append(callback)
 
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        """The channel to this process (``LoadedPlugin.grpc_channel``)."""
+        return self._channel
+
     def call(self, method: str, *args: Any, timeout: float | None = None) -> Awaitable[Any]:
         return self._call(method, args, self._sandbox.timeout if timeout is None else timeout)
 
