@@ -144,6 +144,7 @@ async def test_a_plugin_that_dies_fails_with_plugin_crashed(tmp_path: Path, kv_g
     ("options", "says"),
     [
         ({"cookie": "wrong"}, "This binary is a plugin"),  # go-plugin's own refusal, on stderr
+        ({"version": 2}, "app protocol version is '1', but the manifest's"),
         ({"script": "echo hello; sleep 5"}, "not a go-plugin handshake"),
         ({"script": "echo '1|1|tcp|10.1.2.3:1234|grpc'; sleep 5"}, "not a loopback address"),
         ({"script": "echo '1|1|unix|/etc/passwd|grpc'; sleep 5"}, "not directly in"),
@@ -327,3 +328,45 @@ def test_the_cli_calls_a_go_plugin(tmp_path: Path, kv_go: Path) -> None:
     assert inspect.returncode == 0, inspect.stderr
     shown = json.loads(inspect.stdout)
     assert shown["plugin"]["protocol"] == "grpc" and shown["plugin"]["grpc"]["service"] == "proto.KV"
+
+
+# A gRPC plugin as a stranger writes it from go-plugin's handshake description alone: grpcio
+# with raw bytes (no generated code), health SERVING, and a Get that dies on the key "die".
+DYING_PLUGIN = """\
+#!/usr/bin/python3
+import os, sys, time
+from concurrent import futures
+import grpc
+
+def get(request, context):
+    if b"die" in request:
+        sys.stderr.write("dying in the middle of Get\\n")
+        sys.stderr.flush()
+        os._exit(3)
+    return b""
+
+def check(request, context):
+    return b"\\x08\\x01"  # HealthCheckResponse{status: SERVING}
+
+raw = dict(request_deserializer=None, response_serializer=None)
+server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+server.add_generic_rpc_handlers([
+    grpc.method_handlers_generic_handler("proto.KV", {"Get": grpc.unary_unary_rpc_method_handler(get, **raw)}),
+    grpc.method_handlers_generic_handler("grpc.health.v1.Health", {"Check": grpc.unary_unary_rpc_method_handler(check, **raw)}),
+])
+server.add_insecure_port("127.0.0.1:1234")
+server.start()
+print("1|1|tcp|127.0.0.1:1234|grpc", flush=True)
+server.wait_for_termination()
+"""
+
+
+async def test_a_plugin_that_dies_mid_call_is_plugin_crashed(tmp_path: Path, kv_go: Path) -> None:
+    root = plugin_dir(tmp_path, kv_go, script="")
+    (root / "plugin.sh").write_text(DYING_PLUGIN)
+    async with PluginManager() as mgr:
+        p = await mgr.load(root)
+        assert await p.call("Get", {"key": "fine"}) == {}
+        with pytest.raises(PluginCrashed, match="exit status 3|exited with status 3") as caught:
+            await p.call("Get", {"key": "die"})
+        assert "dying in the middle of Get" in caught.value.stderr_tail
