@@ -163,8 +163,8 @@ async def _pipelined(call: Callable[..., Awaitable[Any]], total: int) -> tuple[i
 class _Config:
     """One configuration measured in a child: its call, and its samples and rounds."""
 
-    def __init__(self, call: Callable[..., Awaitable[Any]]) -> None:
-        self.call = call
+    def __init__(self, call: Callable[..., Awaitable[Any]], expect: Any = ANSWER) -> None:
+        self.call, self.expect = call, expect
         self.samples: list[int] = []
         self.seq_cpu_ns = 0
         self.rounds: list[tuple[int, int, int]] = []  # calls, wall ns, client CPU ns
@@ -222,11 +222,18 @@ async def _child_main(plugin_dir: Path, rounds: int) -> dict[str, Any]:
         try:
             configs = {"sandboxed": _Config(p.call), "handle": _Config(p.handle.call),
                        "unsandboxed": _Config(bare.call)}
+            raw = _raw_get(bare)
+            if isinstance(raw, str):
+                out["grpc_raw_unavailable"] = raw
+            else:
+                configs["grpc_raw"] = _Config(raw[0], expect=raw[1])
+                out["codec_us"] = _codec_us(bare)
             for cfg in configs.values():
                 # Each plugin process keeps its own values: a Put into each.
                 await cfg.call("Put", PUT)
-                if await cfg.call("Get", GET) != ANSWER:
-                    raise RuntimeError("Get did not answer what was put")
+                answer = await cfg.call("Get", GET)
+                if answer != cfg.expect:
+                    raise RuntimeError(f"Get answered {answer!r}, not {cfg.expect!r}")
             for cfg in configs.values():
                 await _sequential(cfg.call, c["warmup"], [])
                 await _pipelined(cfg.call, max(IN_FLIGHT, c["warmup"] // IN_FLIGHT * IN_FLIGHT))
@@ -250,6 +257,50 @@ async def _child_main(plugin_dir: Path, rounds: int) -> dict[str, Any]:
     for name, cfg in configs.items():
         out[name] = cfg.result()
     return out
+
+
+# Diagnostics: they reach into GrpcHandle's private ``_stubs`` (method -> (GrpcMethod,
+# grpc.aio multicallable)); if it changes they are skipped with the reason, the rest runs.
+
+def _raw_get(handle: Any) -> tuple[Callable[..., Awaitable[Any]], bytes] | str:
+    """Get as grpcio aio alone: the handle's own multicallable on its channel, called with the
+    request's bytes encoded once, the answer's bytes not decoded; the same 30 s deadline.
+    Returns the call and the answer's expected bytes (or why there is none)."""
+    try:
+        spec, stub = handle._stubs["Get"]
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        return f"GrpcHandle._stubs is not what the diagnostic expects: {exc!r}"
+    from sandboxer.loaders.grpc.schema import encode_request
+
+    request = encode_request(spec, (GET,), plugin_id="bench")
+
+    async def call(method: str, params: Any) -> Any:
+        return await stub(request, timeout=30.0)
+
+    return call, spec.response(value=b"hi").SerializeToString()
+
+
+def _codec_us(handle: Any) -> dict[str, float]:
+    """Our JSON <-> protobuf per call, alone: encode_request of {"key": "a"} and
+    decode_response of a GetResponse, median µs over 5 timed loops of 10,000."""
+    from sandboxer.loaders.grpc.schema import decode_response, encode_request
+
+    spec, _ = handle._stubs["Get"]
+    answer = spec.response(value=b"hi").SerializeToString()
+    args = (GET,)
+    times: dict[str, list[float]] = {"encode": [], "decode": []}
+    n = 10_000
+    for _ in range(5):
+        t0 = time.perf_counter_ns()
+        for _ in range(n):
+            encode_request(spec, args, plugin_id="bench")
+        t1 = time.perf_counter_ns()
+        for _ in range(n):
+            decode_response(spec, answer)
+        t2 = time.perf_counter_ns()
+        times["encode"].append((t1 - t0) / n / 1000)
+        times["decode"].append((t2 - t1) / n / 1000)
+    return {k: round(statistics.median(v), 2) for k, v in times.items()}
 
 
 def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
@@ -341,6 +392,12 @@ def _pool_go(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def _loop_figures(children: list[dict[str, Any]], go: dict[str, Any]) -> dict[str, Any]:
     """The headline fields for one event loop, against the Go host."""
     m = {name: _pool(children, name) for name in ("sandboxed", "handle", "unsandboxed")}
+    diagnostics: dict[str, Any] = {}
+    if all("grpc_raw" in ch for ch in children):
+        diagnostics["grpc_raw"] = _pool(children, "grpc_raw")
+        diagnostics["codec_us"] = children[0]["codec_us"]
+    else:
+        diagnostics["grpc_raw_unavailable"] = children[0].get("grpc_raw_unavailable")
     seq, pipe = m["sandboxed"]["sequential"], m["sandboxed"]["pipelined"]
     go_p50 = go["sequential"]["p50_us"]
     go_tput = go["pipelined"]["throughput_calls_per_s"]
@@ -359,6 +416,7 @@ def _loop_figures(children: list[dict[str, Any]], go: dict[str, Any]) -> dict[st
         "handle_p50_us": m["handle"]["sequential"]["p50_us"],
         "manager_routing_p50_us": round(seq["p50_us"] - m["handle"]["sequential"]["p50_us"], 2),
         "measurements": m,
+        "diagnostics": diagnostics,
     }
 
 
@@ -452,6 +510,19 @@ def run() -> dict[str, Any]:
         "first_call": {"ours_ms": ours_first, "go_host_ms": go_first},
         "go_host": go,
         "measurements": main["measurements"],
+        "diagnostics": {
+            **main["diagnostics"],
+            "what": {
+                "grpc_raw": "grpcio aio alone: the unsandboxed handle's own multicallable "
+                            "(GrpcHandle._stubs, private) on its channel, called with the "
+                            "request's bytes encoded once and the answer left as bytes, same "
+                            "30 s deadline, from a one-line coroutine; alternating with the "
+                            "others: the floor for our call on this loop",
+                "codec_us": "encode_request({'key': 'a'}) and decode_response of a "
+                            "GetResponse (json_format.ParseDict / MessageToDict), synchronous, "
+                            "median µs over 5 loops of 10,000",
+            },
+        },
         "uvloop": _uvloop_result(uv_child, uv_go),
         "config": {
             **c,
@@ -501,7 +572,9 @@ def format_table(result: dict[str, Any]) -> str:
     """The readable table the runner prints."""
     m, go = result["measurements"], result["go_host"]
     rows = [("measurement", "p50 µs", "p99 µs", "calls/s (64 in flight)", "client CPU µs/call")]
-    for name, d in (*m.items(), ("go_host", go)):
+    raw = result["diagnostics"].get("grpc_raw")
+    extra = [("diag: grpc_raw", raw)] if raw else []
+    for name, d in (*m.items(), *extra, ("go_host", go)):
         s, p = d["sequential"], d["pipelined"]
         rows.append((name, f"{s['p50_us']}", f"{s['p99_us']}", f"{p['throughput_calls_per_s']}",
                      f"{s['client_cpu_us_per_call']} / {p['client_cpu_us_per_call']}"))
@@ -514,6 +587,11 @@ def format_table(result: dict[str, Any]) -> str:
     for key, d in t.items():
         lines.append(f"{key}: {d['value']} (target {d['target']}: "
                      f"{'met' if d['met'] else 'NOT met'})")
+    codec = result["diagnostics"].get("codec_us")
+    if codec:
+        lines.append(f"diag: our JSON <-> protobuf alone: encode {codec['encode']} µs, decode "
+                     f"{codec['decode']} µs; manager routing (p50 difference) "
+                     f"{result['manager_routing_p50_us']} µs")
     lines.append(f"start to first answered Get: ours {result['first_call_ms']} ms (sandboxed), "
                  f"Go host {result['go_host_first_call_ms']} ms")
     u = result["uvloop"]
