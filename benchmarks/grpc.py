@@ -36,15 +36,15 @@ import argparse
 import asyncio
 import gc
 import json
-import os
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from ._results import describe_loop, scale, versions
 
@@ -580,7 +580,8 @@ def format_table(result: dict[str, Any]) -> str:
                      f"{s['client_cpu_us_per_call']} / {p['client_cpu_us_per_call']}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.rjust(w) if i else cell.ljust(w)
-                       for i, (cell, w) in enumerate(zip(row, widths))) for row in rows]
+                       for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
+             for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     t = result["targets"]
     lines.append("")
@@ -596,9 +597,9 @@ def format_table(result: dict[str, Any]) -> str:
                  f"Go host {result['go_host_first_call_ms']} ms")
     u = result["uvloop"]
     if "p50_us" in u:
-        lines.append(f"uvloop: p50 {u['p50_us']} µs (×{u['p50_ratio_vs_go_host']} Go host), "
+        lines.append(f"uvloop: p50 {u['p50_us']} µs (x{u['p50_ratio_vs_go_host']} Go host), "
                      f"{u['throughput_calls_per_s']} calls/s "
-                     f"(×{u['throughput_ratio_vs_go_host']})")
+                     f"(x{u['throughput_ratio_vs_go_host']})")
     else:
         lines.append(f"uvloop: not measured: {u.get('unavailable')}")
     return "\n".join(lines)
