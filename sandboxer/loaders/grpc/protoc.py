@@ -344,7 +344,8 @@ async def _compile(
 ) -> bytes:
     """``protos`` compiled to one self-contained descriptor set, in the sandbox."""
     names = ", ".join(p.name for p in protos)
-    staging = tempfile.mkdtemp(prefix="sandboxer-protoc-")  # 0700: the supervisor's
+    # 0700, the supervisor's; resolved, since the mount opens it through no link
+    staging = os.path.realpath(tempfile.mkdtemp(prefix="sandboxer-protoc-"))
     try:
         tree = _stage(staging, protos)
         argv = [
@@ -375,18 +376,24 @@ async def _compile(
 
 
 def _stage(staging: str, protos: list[_Proto]) -> str:
-    """The files as read, under ``staging``/plugin: world-readable, so that a sandbox user
-    of another uid (rootful hosts) can read them through the read-only mount."""
+    """The files as read, under ``staging``/plugin: world-readable whatever the umask, so
+    that a sandbox user of another uid (rootful hosts) can read them through the read-only
+    mount."""
     tree = os.path.join(staging, "plugin")
-    os.mkdir(tree, 0o755)
+    os.mkdir(tree)
+    os.chmod(tree, 0o755)
     for proto in protos:
-        target = os.path.join(tree, *proto.name.split("/"))
-        parent = os.path.dirname(target)
-        os.makedirs(parent, 0o755, exist_ok=True)
-        fd = os.open(
-            target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644
-        )
+        parent = tree
+        *directories, name = proto.name.split("/")
+        for directory in directories:
+            parent = os.path.join(parent, directory)
+            if not os.path.isdir(parent):
+                os.mkdir(parent)
+                os.chmod(parent, 0o755)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(os.path.join(parent, name), flags, 0o600)
         try:
+            os.fchmod(fd, 0o644)
             view = memoryview(proto.data)
             while view:
                 view = view[os.write(fd, view) :]
