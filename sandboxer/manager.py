@@ -38,6 +38,7 @@ from .errors import (
     ReloadError,
     SandboxerError,
 )
+from .events import EventStream, PluginEvent, PluginStatistics, Subscription
 from .loaders import Loader, PluginHandle
 from .loaders.out_of_process import COMMANDS, ProcessLoader
 from .loaders.python import InProcessPythonLoader
@@ -51,66 +52,9 @@ __all__ = ["PluginManager", "LoadedPlugin", "PluginEvent", "PluginStatistics", "
 
 log = logging.getLogger("sandboxer")
 
-_EVENT_BUFFER = 10_000
-
 
 def _now() -> _dt.datetime:
     return _dt.datetime.now(_dt.UTC)
-
-
-@dataclass(frozen=True, slots=True)
-class PluginEvent:
-    """Something happened to a plugin.
-
-    ``type`` is ``"state"`` for a lifecycle transition (``previous`` → ``state``),
-    ``"reloaded"`` when a new generation took over, ``"reload_failed"`` when one was rolled
-    back (``error`` says why).
-    """
-
-    type: str
-    plugin_id: str
-    state: PluginState
-    previous: PluginState | None
-    generation: int
-    version: str
-    at: _dt.datetime
-    error: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "event": self.type,
-            "plugin": self.plugin_id,
-            "state": self.state.value,
-            "previous": self.previous.value if self.previous else None,
-            "generation": self.generation,
-            "version": self.version,
-            "at": self.at.isoformat(),
-            "error": self.error,
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class PluginStatistics:
-    """A snapshot of one plugin's counters across all its generations."""
-
-    calls: int
-    in_flight: int
-    failures: int
-    generation: int
-    peak_memory_bytes: int | None
-    cpu_time_s: float | None
-    network: dict[str, int] | None = None  # egress counters, if it ever had network access
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "calls": self.calls,
-            "inFlight": self.in_flight,
-            "failures": self.failures,
-            "generation": self.generation,
-            "peakMemoryBytes": self.peak_memory_bytes,
-            "cpuTimeSeconds": self.cpu_time_s,
-            "network": self.network,
-        }
 
 
 class LoadedPlugin:
@@ -253,60 +197,6 @@ class _Entry:
     unloaded: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-class _Subscription:
-    """One event stream's queue, in the manager's set of subscribers until it is closed or
-    falls too far behind."""
-
-    def __init__(self, subscribers: set[_Subscription]) -> None:
-        self.queue: asyncio.Queue[PluginEvent | None] = asyncio.Queue(_EVENT_BUFFER)
-        self.overflowed = False
-        self._subscribers = subscribers
-        subscribers.add(self)
-
-    def offer(self, event: PluginEvent | None) -> None:
-        try:
-            self.queue.put_nowait(event)
-        except asyncio.QueueFull:
-            self.overflowed = True
-            self.unsubscribe()
-
-    def unsubscribe(self) -> None:
-        self._subscribers.discard(self)
-
-
-class EventStream:
-    """An async iterator over plugin events, subscribed from the moment it was created.
-
-    It ends when the manager closes. A subscriber that falls more than 10,000 events behind
-    is dropped and gets a SandboxerError saying so, rather than the manager buffering forever.
-    """
-
-    def __init__(self, subscription: _Subscription) -> None:
-        self._subscription = subscription
-
-    @property
-    def overflowed(self) -> bool:
-        return self._subscription.overflowed
-
-    def __aiter__(self) -> EventStream:
-        return self
-
-    async def __anext__(self) -> PluginEvent:
-        queue = self._subscription.queue
-        if queue.empty() and self.overflowed:
-            raise SandboxerError(
-                f"event stream fell more than {_EVENT_BUFFER} events behind "
-                "and was dropped; subscribe again with events()"
-            )
-        event = await queue.get()
-        if event is None:
-            raise StopAsyncIteration
-        return event
-
-    async def aclose(self) -> None:
-        self._subscription.unsubscribe()
-
-
 class PluginManager:
     """Loads and runs plugins under the host's policy (DESIGN section 3).
 
@@ -329,7 +219,7 @@ class PluginManager:
         self.drain_timeout = self.config.drain_timeout if drain_timeout is None else drain_timeout
         self._plugins: dict[str, _Entry] = {}
         self._locks: dict[str, asyncio.Lock] = {}
-        self._subscribers: set[_Subscription] = set()
+        self._subscribers: set[Subscription] = set()
         self._closed = False
         self._in_process_python = InProcessPythonLoader()
         self._egress = EgressProxy.from_config(self.config)
@@ -389,7 +279,7 @@ class PluginManager:
     # -- events ------------------------------------------------------------------------------
     def events(self) -> EventStream:
         """Subscribe to events (every state change, reloads, failures) from now on."""
-        return EventStream(_Subscription(self._subscribers))
+        return EventStream(Subscription(self._subscribers))
 
     def _emit(
         self, life: Lifecycle, type_: str, previous: PluginState | None, error: str | None = None

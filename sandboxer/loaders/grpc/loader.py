@@ -48,6 +48,7 @@ from .. import NO_STATE, Health, NoState, ResourceUsage
 from ..out_of_process import SHUTDOWN_GRACE, ProcessLoader, plugin_command
 from .handshake import MAX_LINE, GoPluginEndpoint, handshake_environment, parse_handshake
 from .hclog import HclogLines
+from .protoc import descriptor_set
 from .relay import NetnsRelay
 from .schema import GrpcMethod, GrpcSchema, decode_response, encode_request, load_schema
 
@@ -340,7 +341,7 @@ class GrpcLoader:
             raise PluginLoadError(
                 f"plugin {plugin.id}: protocol grpc needs the [grpc] table", plugin_id=plugin.id
             )
-        schema = self._schema(plugin)
+        schema = await self._schema(plugin)
         logger = logging.getLogger(f"sandboxer.plugin.{plugin.id}")
         sockets = tempfile.mkdtemp(prefix="sandboxer-grpc-")  # 0700: the supervisor's
         env = {
@@ -435,27 +436,17 @@ class GrpcLoader:
             shutil.rmtree(sockets, ignore_errors=True)
             raise
 
-    def _schema(self, plugin: Plugin) -> GrpcSchema:
+    async def _schema(self, plugin: Plugin) -> GrpcSchema:
+        """The service's methods, from the plugin's descriptor sets or its .proto files
+        compiled inside a sandbox (``protoc``)."""
         grpc_spec = plugin.grpc
         if grpc_spec is None:
             raise PluginLoadError(
                 f"plugin {plugin.id}: protocol grpc needs the [grpc] table", plugin_id=plugin.id
             )
-        files = grpc_spec.proto
-        sets = [f for f in files if f.suffix in (".pb", ".protoset")]
-        if len(sets) != len(files) or len(sets) != 1:
-            raise PluginLoadError(
-                f"plugin {plugin.id}: [grpc] proto must be one descriptor set (.pb or .protoset) "
-                "for now; compiling .proto files at load is not built yet",
-                plugin_id=plugin.id,
-            )
-        try:
-            data = sets[0].read_bytes()
-        except OSError as exc:
-            raise PluginLoadError(
-                f"plugin {plugin.id}: cannot read {sets[0]}: {exc.strerror}", plugin_id=plugin.id
-            ) from None
-        return load_schema(data, grpc_spec.service, plugin_id=plugin.id, source=sets[0].name)
+        data = await descriptor_set(plugin, loader=self.processes)
+        source = ", ".join(p.name for p in grpc_spec.proto)
+        return load_schema(data, grpc_spec.service, plugin_id=plugin.id, source=source)
 
     async def _first_line(
         self, plugin: Plugin, proc: child.PluginProcess, first: _Handshake, stderr: LineLog
