@@ -66,7 +66,7 @@ protocol = "grpc"
 entrypoint = "{entrypoint}"
 
 [grpc]
-proto = ["kv.pb"]
+proto = ["{proto}"]
 service = "proto.KV"
 
 [grpc.handshake]
@@ -96,11 +96,18 @@ def kv_go(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def plugin_dir(
-    tmp_path: Path, kv_go: Path, *, script: str | None = None, cookie: str = "hello", version: int = 1
+    tmp_path: Path,
+    kv_go: Path,
+    *,
+    script: str | None = None,
+    cookie: str = "hello",
+    version: int = 1,
+    proto: str = "kv.proto",
 ) -> Path:
     root = tmp_path / "kv"
     root.mkdir()
-    (root / "kv.pb").write_bytes((kv_go / "kv.pb").read_bytes())
+    for name in ("kv.proto", "kv.pb"):
+        (root / name).write_bytes((kv_go / name).read_bytes())
     if script is None:
         entry = "kv-go-grpc"
         (root / entry).write_bytes((kv_go / entry).read_bytes())
@@ -108,13 +115,20 @@ def plugin_dir(
         entry = "plugin.sh"
         (root / entry).write_text("#!/bin/sh\n" + script)
     os.chmod(root / entry, 0o755)
-    (root / "plugin.toml").write_text(MANIFEST.format(entrypoint=entry, version=version, cookie=cookie))
+    (root / "plugin.toml").write_text(
+        MANIFEST.format(entrypoint=entry, version=version, cookie=cookie, proto=proto)
+    )
     return root
 
 
-async def test_an_unmodified_go_plugin_answers_sandboxed(tmp_path: Path, kv_go: Path) -> None:
+@pytest.mark.parametrize("proto", ["kv.proto", "kv.pb"])
+async def test_an_unmodified_go_plugin_answers_sandboxed(
+    tmp_path: Path, kv_go: Path, proto: str
+) -> None:
+    """Its manifest as the README writes it: the .proto file (compiled in a sandbox at load),
+    or a descriptor set made from it."""
     async with PluginManager() as mgr:
-        p = await mgr.load(plugin_dir(tmp_path, kv_go))
+        p = await mgr.load(plugin_dir(tmp_path, kv_go, proto=proto))
         assert p.sandbox is not None and p.sandbox.enabled
         assert p.handle.methods == ("Get", "Put")
         assert await p.call("Put", {"key": "a", "value": "aGk="}) == {}
@@ -152,7 +166,9 @@ async def test_a_plugin_that_dies_fails_with_plugin_crashed(tmp_path: Path, kv_g
         ({"script": 'touch "$TMPDIR/f"; echo "1|1|unix|$TMPDIR/f|grpc|"; sleep 5'}, "not a socket"),
         (
             # a link out of its directory is never followed: the link itself is no socket
-            {"script": 'ln -s /run/systemd/private "$TMPDIR/l"; echo "1|1|unix|$TMPDIR/l|grpc"; sleep 5'},
+            {
+                "script": 'ln -s /run/systemd/private "$TMPDIR/l"; echo "1|1|unix|$TMPDIR/l|grpc"; sleep 5'
+            },
             "not a socket",
         ),
         ({"script": "exit 3"}, "exited before its handshake"),
@@ -194,13 +210,6 @@ def kv_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
         if IN_CI:
             raise
         pytest.skip(str(exc))
-    subprocess.run(
-        ["protoc", "--include_imports", "--descriptor_set_out=kv.pb", "kv.proto"],
-        cwd=built,
-        check=True,
-    )
-    manifest = built / "plugin.toml"
-    manifest.write_text(manifest.read_text().replace('proto = ["kv.proto"]', 'proto = ["kv.pb"]'))
     return built
 
 
@@ -253,7 +262,9 @@ async def test_no_fd_grows_with_use(tmp_path: Path, kv_go: Path) -> None:
     assert len(set(counts[2:])) == 1, f"fds after each round: {counts}"
 
 
-async def test_typed_stubs_through_grpc_channel_and_a_hot_reload(tmp_path: Path, kv_go: Path) -> None:
+async def test_typed_stubs_through_grpc_channel_and_a_hot_reload(
+    tmp_path: Path, kv_go: Path
+) -> None:
     """A Python host with generated messages uses the channel to the current generation; a
     reload starts a fresh process (go-plugin has no state hooks), and the new channel works."""
     root = plugin_dir(tmp_path, kv_go)
@@ -318,7 +329,9 @@ def test_the_cli_calls_a_go_plugin(tmp_path: Path, kv_go: Path) -> None:
     )
     doc = json.loads(run.stdout)
     assert run.returncode == 1, run.stderr
-    assert doc["error"]["type"] == "PluginCallError" and "no value for key" in doc["error"]["message"]
+    assert (
+        doc["error"]["type"] == "PluginCallError" and "no value for key" in doc["error"]["message"]
+    )
     inspect = subprocess.run(
         [sys.executable, "-m", "sandboxer.cli", "inspect", "--json", str(root)],
         capture_output=True,
@@ -327,7 +340,9 @@ def test_the_cli_calls_a_go_plugin(tmp_path: Path, kv_go: Path) -> None:
     )
     assert inspect.returncode == 0, inspect.stderr
     shown = json.loads(inspect.stdout)
-    assert shown["plugin"]["protocol"] == "grpc" and shown["plugin"]["grpc"]["service"] == "proto.KV"
+    assert (
+        shown["plugin"]["protocol"] == "grpc" and shown["plugin"]["grpc"]["service"] == "proto.KV"
+    )
 
 
 # A gRPC plugin as a stranger writes it from go-plugin's handshake description alone: grpcio
