@@ -56,6 +56,17 @@ async def _counter(mgr: PluginManager, p: LoadedPlugin) -> list[tuple[str, Any]]
     ]
 
 
+async def _kv(mgr: PluginManager, p: LoadedPlugin) -> list[tuple[str, Any]]:
+    """An unmodified go-plugin gRPC plugin: its KV service, in canonical proto3 JSON."""
+    return [
+        (
+            'Put({"key": "hi", "value": "aGVsbG8="})',
+            await p.call("Put", {"key": "hi", "value": "aGVsbG8="}),
+        ),
+        ('Get({"key": "hi"})', await p.call("Get", {"key": "hi"})),
+    ]
+
+
 async def _wasm_c(mgr: PluginManager, p: LoadedPlugin) -> list[tuple[str, Any]]:
     for _ in range(3):
         await p.call("count")
@@ -101,6 +112,8 @@ _EXAMPLES = (
     _Example("wasm-c", "wasm-c", None, _wasm_c, build=True),
     _Example("wasm-wat", "wasm-wat", None, _wasm_wat, build=True),
     _Example("wasm-command", "wasm-command", None, _wasm_command, build=True),
+    _Example("grpc-kv-go", "grpc-kv-go", None, _kv, build=True),
+    _Example("grpc-kv-python", "grpc-kv-python", None, _kv, build=True),
 )
 
 

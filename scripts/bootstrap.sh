@@ -40,7 +40,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 .venv/bin/python -m pip install -q -r requirements.lock 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v "^WARNING: Location" || true
 # pip's exit status is lost in the filter above: check the result directly.
-.venv/bin/python -c "import sandboxer, orjson, prctl, pyseccomp, wasmtime, inotify_simple, cryptography, pytest" || {
+.venv/bin/python -c "import sandboxer, orjson, prctl, pyseccomp, wasmtime, inotify_simple, cryptography, grpc, google.protobuf, pytest" || {
     echo "bootstrap: the virtualenv is incomplete; see the pip output above" >&2; exit 1; }
 touch .venv/.installed
 echo "bootstrap: .venv ready"

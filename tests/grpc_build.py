@@ -165,9 +165,17 @@ def build_kv_go(dest_dir: Path) -> Path:
     cached = _cached_go_binary(KV_GO)
     dest_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(KV_GO / "plugin.toml", dest_dir / "plugin.toml")
-    shutil.copyfile(KV_GO / "proto" / "kv.proto", dest_dir / "kv.proto")
+    (dest_dir / "proto").mkdir(exist_ok=True)
+    shutil.copyfile(KV_GO / "proto" / "kv.proto", dest_dir / "proto" / "kv.proto")
+    shutil.copyfile(KV_GO / "proto" / "kv.proto", dest_dir / "kv.proto")  # (tests' manifests)
     shutil.copy2(cached, dest_dir / GO_BINARY)
     return dest_dir
+
+
+def kv_go_binary(dest: Path) -> Path:
+    """Only the plugin's binary, at ``dest`` (examples/grpc-kv-go's Makefile builds in place)."""
+    shutil.copy2(_cached_go_binary(KV_GO), dest)
+    return dest
 
 
 def kv_python(dest_dir: Path) -> Path:
@@ -182,7 +190,7 @@ def kv_python(dest_dir: Path) -> Path:
     dest_dir.mkdir(parents=True, exist_ok=True)
     for path in sorted(KV_PYTHON.iterdir()):
         if path.name != "README.md":
-            shutil.copy2(path, dest_dir / path.name)  # follows the kv.proto link
+            shutil.copy2(path, dest_dir / path.name)
     protos = sorted(p.name for p in dest_dir.glob("*.proto"))
     _run(["protoc", "-I", ".", "--python_out=.", *protos],
          what="protoc --python_out for examples/grpc-kv-python", cwd=dest_dir)
@@ -190,7 +198,12 @@ def kv_python(dest_dir: Path) -> Path:
 
 
 if __name__ == "__main__":
-    builders = {"go": build_kv_go, "python": kv_python, "go-host": build_go_host}
+    builders = {
+        "go": build_kv_go,
+        "go-binary": kv_go_binary,
+        "python": kv_python,
+        "go-host": build_go_host,
+    }
     if len(sys.argv) != 3 or sys.argv[1] not in builders:
-        sys.exit("usage: python3 tests/grpc_build.py go|python|go-host DEST_DIR")
+        sys.exit("usage: python3 tests/grpc_build.py go|go-binary|python|go-host DEST")
     print(builders[sys.argv[1]](Path(sys.argv[2]).resolve()))
