@@ -385,3 +385,24 @@ async def test_a_plugin_that_dies_mid_call_is_plugin_crashed(tmp_path: Path, kv_
         with pytest.raises(PluginCrashed, match="exit status 3|exited with status 3") as caught:
             await p.call("Get", {"key": "die"})
         assert "dying in the middle of Get" in caught.value.stderr_tail
+
+
+async def test_a_go_plugin_from_the_signed_registry(tmp_path: Path, kv_go: Path) -> None:
+    """Published, fetched, verified and loaded like any plugin: the proto file travels with it
+    and is compiled at load from the fetched copy."""
+    from sandboxer import _minisign
+    from sandboxer.registry import publish
+
+    public, secret = _minisign.generate_keypair()
+    registry = tmp_path / "registry"
+    publish(plugin_dir(tmp_path, kv_go), registry, secret)
+    pub = tmp_path / "trusted.pub"
+    pub.write_text(public.to_file_text())
+    host = HostConfig(
+        registry=str(registry), trusted_keys=(str(pub),), cache_dir=str(tmp_path / "cache")
+    )
+    async with PluginManager(host) as mgr:
+        p = await mgr.load_from_registry("acme.kv", "^1")
+        assert p.plugin.root.is_relative_to(tmp_path / "cache")
+        await p.call("Put", {"key": "r", "value": "cmVn"})
+        assert await p.call("Get", {"key": "r"}) == {"value": "cmVn"}
