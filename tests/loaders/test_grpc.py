@@ -20,6 +20,7 @@ import pytest
 import conftest
 from conftest import IN_CI
 from sandboxer import (
+    CallTimeout,
     HandshakeError,
     HostConfig,
     PluginCallError,
@@ -354,6 +355,8 @@ from concurrent import futures
 import grpc
 
 def get(request, context):
+    if b"slow" in request:
+        time.sleep(5)
     if b"die" in request:
         sys.stderr.write("dying in the middle of Get\\n")
         sys.stderr.flush()
@@ -406,3 +409,19 @@ async def test_a_go_plugin_from_the_signed_registry(tmp_path: Path, kv_go: Path)
         assert p.plugin.root.is_relative_to(tmp_path / "cache")
         await p.call("Put", {"key": "r", "value": "cmVn"})
         assert await p.call("Get", {"key": "r"}) == {"value": "cmVn"}
+
+
+async def test_a_call_past_its_timeout_is_call_timeout(tmp_path: Path, kv_go: Path) -> None:
+    """The per-call timeout is the gRPC deadline: the call ends on time with CallTimeout, and
+    the plugin keeps serving."""
+    import time
+
+    root = plugin_dir(tmp_path, kv_go, script="")
+    (root / "plugin.sh").write_text(DYING_PLUGIN)
+    async with PluginManager() as mgr:
+        p = await mgr.load(root)
+        started = time.monotonic()
+        with pytest.raises(CallTimeout, match="did not answer within 0.5s") as caught:
+            await p.call("Get", {"key": "slow"}, timeout=0.5)
+        assert time.monotonic() - started < 2.5 and caught.value.timeout == 0.5
+        assert await p.call("Get", {"key": "fine"}) == {}
