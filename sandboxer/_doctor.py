@@ -160,18 +160,46 @@ def _wasm() -> dict[str, Any]:
     }
 
 
+def _grpc() -> dict[str, Any]:
+    """Whether go-plugin gRPC plugins can load: grpcio and protobuf, protoc for .proto files,
+    and whether a TCP plugin's own namespace can be entered (root only)."""
+    import importlib.util
+    import shutil
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        versions = {name: version(name) for name in ("grpcio", "protobuf")}
+    except PackageNotFoundError as exc:
+        return {"ok": False, "error": f"{exc.name} is not installed (pip install {exc.name})"}
+    if importlib.util.find_spec("grpc") is None:
+        return {"ok": False, "error": "grpcio is installed but grpc cannot be imported"}
+    protoc = shutil.which("protoc", path="/usr/local/bin:/usr/bin:/bin")
+    return {
+        "ok": True,
+        **versions,
+        "protoc": protoc
+        or "missing: .proto files cannot be compiled (descriptor sets still load); "
+        "apt-get install protobuf-compiler",
+        "tcp_plugins": "reached inside their own network namespace"
+        if os.geteuid() == 0
+        else "not reachable by a rootless supervisor (Unix-socket plugins only)",
+    }
+
+
 def diagnose(config: HostConfig | None = None) -> dict[str, Any]:
     """The report; ``config`` (default: HostConfig()) for the network policy's settings."""
     namespaces = {name: _can_unshare(flag) for name, flag in _NAMESPACES.items()}
     cgroup = _cgroups()
     seccomp = _seccomp()
     wasm = _wasm()
+    grpc = _grpc()
     network = _network(config if config is not None else HostConfig())
     ok = (
         all(v == "yes" for v in namespaces.values())
         and cgroup["ok"]
         and seccomp == "yes"
         and wasm["ok"]
+        and grpc["ok"]
         and network["ok"]
     )
     return {
@@ -182,5 +210,6 @@ def diagnose(config: HostConfig | None = None) -> dict[str, Any]:
         "seccomp": seccomp,
         "cgroups": cgroup,
         "wasm": wasm,
+        "grpc": grpc,
         "network": network,
     }

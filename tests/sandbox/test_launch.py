@@ -736,6 +736,8 @@ def test_doctor_reports_what_this_host_enforces():
     assert {c: os.path.normpath(p) for c, p in report["cgroups"]["parents"].items()} == {
         c: os.path.normpath(p) for c, p in cgroups.CgroupV1().bases.items()}
     assert "plugin" not in report
+    assert report["grpc"]["ok"] is True and report["grpc"]["protoc"] == "/usr/bin/protoc"
+    assert report["grpc"]["tcp_plugins"] == "reached inside their own network namespace"
     network = report["network"]
     assert network["ok"] is True
     assert "127.0.0.1:3128" in network["allowed_hosts"]
