@@ -27,7 +27,7 @@ import secrets
 import signal
 import socket
 import sys
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from types import MappingProxyType
 from typing import Any, Protocol
 
@@ -64,6 +64,8 @@ __all__ = [
     "CommandBuilder",
     "COMMANDS",
     "SHUTDOWN_GRACE",
+    "crashed",
+    "crash_error",
 ]
 
 log = logging.getLogger("sandboxer")
@@ -136,9 +138,12 @@ def plugin_environment(cookie: str, max_frame: int) -> dict[str, str]:
     }
 
 
-def _crashed(plugin_id: str, proc: _process.PluginProcess) -> PluginCrashed:
-    """The PluginCrashed for a process that is gone: how it ended and its stderr tail."""
-    tail = list(proc.stderr.tail)
+def crashed(
+    plugin_id: str, proc: _process.PluginProcess, stderr: Iterable[str] | None = None
+) -> PluginCrashed:
+    """The PluginCrashed for a process that is gone: how it ended and its stderr tail (the
+    process's own capture's, unless the caller kept ``stderr`` itself)."""
+    tail = list(proc.stderr.tail if stderr is None else stderr)
     message = f"plugin {plugin_id} {proc.describe_exit()}"
     if tail:
         message += f"; last stderr: {tail[-1]}"
@@ -153,6 +158,26 @@ def _crashed(plugin_id: str, proc: _process.PluginProcess) -> PluginCrashed:
 
 async def _raise(error: BaseException) -> Any:
     raise error
+
+
+def crash_error(
+    plugin_id: str,
+    proc: _process.PluginProcess,
+    confinement: Confinement | None,
+    stderr: Iterable[str] | None = None,
+) -> SandboxerError:
+    """Why a plugin process ended: killed by its cgroup for memory, or ``crashed``."""
+    if confinement is not None and confinement.oom_killed():
+        stats = confinement.stats()
+        return MemoryLimitExceeded(
+            f"plugin {plugin_id} was killed for exceeding its memory limit of "
+            f"{format_size(confinement.memory_limit)}; raise memory_limit (within the "
+            "host policy) if it needs more",
+            limit=confinement.memory_limit,
+            peak=stats.memory_peak if stats else None,
+            plugin_id=plugin_id,
+        )
+    return crashed(plugin_id, proc, stderr)
 
 
 class ProcessHandle:
@@ -313,19 +338,7 @@ class ProcessHandle:
 
     # -- failure -----------------------------------------------------------------------------
     def _crash_error(self) -> SandboxerError:
-        proc = self._proc
-        confinement = self._confinement
-        if confinement is not None and confinement.oom_killed():
-            stats = confinement.stats()
-            return MemoryLimitExceeded(
-                f"plugin {self.plugin.id} was killed for exceeding its memory limit of "
-                f"{format_size(confinement.memory_limit)}; raise memory_limit (within the "
-                "host policy) if it needs more",
-                limit=confinement.memory_limit,
-                peak=stats.memory_peak if stats else None,
-                plugin_id=self.plugin.id,
-            )
-        return _crashed(self.plugin.id, proc)
+        return crash_error(self.plugin.id, self._proc, self._confinement)
 
     def _failed(self, error: SandboxerError) -> None:
         for callback in self._callbacks:
@@ -541,7 +554,7 @@ class ProcessLoader:
         """Before the handshake: a process that exits fails the handshake at once."""
         await proc.wait()
         await proc.output_closed(0.5)
-        conn.fail(_crashed(conn.plugin_id, proc), notify=False)
+        conn.fail(crashed(conn.plugin_id, proc), notify=False)
 
     @staticmethod
     async def _abandon(

@@ -31,10 +31,8 @@ from ...errors import (
     INTERNAL_ERROR,
     CallTimeout,
     HandshakeError,
-    MemoryLimitExceeded,
     MethodNotFound,
     PluginCallError,
-    PluginCrashed,
     PluginLoadError,
     SandboxerError,
 )
@@ -45,7 +43,13 @@ from ...sandbox.confinement import Confinement, launch_confined
 from ...sandbox.policy import SandboxConfig
 from ...sandbox.spec import Mount
 from .. import NO_STATE, Health, NoState, ResourceUsage
-from ..out_of_process import SHUTDOWN_GRACE, ProcessLoader, plugin_command
+from ..out_of_process import (
+    SHUTDOWN_GRACE,
+    ProcessLoader,
+    crash_error,
+    crashed,
+    plugin_command,
+)
 from .handshake import MAX_LINE, GoPluginEndpoint, handshake_environment, parse_handshake
 from .hclog import HclogLines
 from .protoc import descriptor_set
@@ -290,16 +294,7 @@ class GrpcHandle:
 
     # -- failure -----------------------------------------------------------------------------
     def _crash_error(self) -> SandboxerError:
-        confinement = self._confinement
-        if confinement is not None and confinement.oom_killed():
-            stats = confinement.stats()
-            return MemoryLimitExceeded(
-                f"plugin {self.plugin.id} was killed for exceeding its memory limit",
-                limit=confinement.memory_limit,
-                peak=stats.memory_peak if stats else None,
-                plugin_id=self.plugin.id,
-            )
-        return _crashed(self.plugin.id, self._proc, self._stderr)
+        return crash_error(self.plugin.id, self._proc, self._confinement, self._stderr.tail)
 
     async def _watch(self) -> None:
         await self._proc.wait()
@@ -308,20 +303,6 @@ class GrpcHandle:
         if not self._closing:
             for callback in self._callbacks:
                 callback(self._crash)
-
-
-def _crashed(plugin_id: str, proc: child.PluginProcess, stderr: LineLog) -> PluginCrashed:
-    tail = list(stderr.tail)
-    message = f"plugin {plugin_id} {proc.describe_exit()}"
-    if tail:
-        message += f"; last stderr: {tail[-1]}"
-    return PluginCrashed(
-        message,
-        plugin_id=plugin_id,
-        exit_status=proc.exit_status,
-        signal=proc.signal,
-        stderr_tail=tail,
-    )
 
 
 class GrpcLoader:
@@ -467,7 +448,7 @@ class GrpcLoader:
         if first.line.done():
             return first.line.result()
         await proc.output_closed(0.5)
-        crash = _crashed(plugin.id, proc, stderr)
+        crash = crashed(plugin.id, proc, stderr.tail)
         raise HandshakeError(
             f"plugin {plugin.id} exited before its handshake: {crash.message}"
             + (
