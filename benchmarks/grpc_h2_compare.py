@@ -1,0 +1,227 @@
+"""The second gRPC client design (sandboxer/loaders/grpc/h2, a prototype) against grpcio aio.
+
+One unsandboxed process of the Go KV plugin (examples/grpc-kv-go, built by tests/grpc_build.py),
+started with go-plugin's environment; two clients on its socket in one process, on one event
+loop: ``h2`` (H2Channel.unary) and ``grpcio`` (a grpc.aio channel's unary_unary with identity
+serializers, as GrpcHandle calls it). Both send the same encoded GetRequest and take the
+answer's bytes, undecoded, with a 30 s deadline: the transport layers alone, no JSON/protobuf.
+
+Per round, for each client in turn (the order swapped every round, so drift hits both alike):
+``sequential`` Gets timed one by one, then ``IN_FLIGHT`` callers each awaiting Gets one after
+another (calls/s). gc is off while measuring. The machine's load average is recorded before and
+after: figures from a busy machine are only comparable with each other.
+
+``python -m benchmarks.grpc_h2_compare [--rounds N] [--sequential N] [--pipelined N]``
+prints a table and the JSON; ``run()`` returns the dict (the benchmark runner's entry point).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+IN_FLIGHT = 64
+GET_PATH = "/proto.KV/Get"
+PUT_PATH = "/proto.KV/Put"
+GET = b"\n\x01a"  # GetRequest{key: "a"}
+PUT = b"\n\x01a\x12\x02hi"  # PutRequest{key: "a", value: b"hi"}
+ANSWER = b"\n\x02hi"  # GetResponse{value: b"hi"}
+TIMEOUT = 30.0
+PLUGIN_ENV = {
+    "BASIC_PLUGIN": "hello",
+    "PLUGIN_PROTOCOL_VERSIONS": "1",
+    "PLUGIN_MIN_PORT": "10000",
+    "PLUGIN_MAX_PORT": "25000",
+}
+
+Call = Callable[[], Awaitable[bytes]]
+
+
+def _build_plugin(dest: Path) -> Path:
+    tests = str(ROOT / "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    import grpc_build
+
+    built: Path = grpc_build.build_kv_go(dest)
+    return built / grpc_build.GO_BINARY
+
+
+def start_plugin(binary: Path, socket_dir: str) -> tuple[subprocess.Popen[bytes], str]:
+    """The plugin, unsandboxed, and its socket path from the handshake line."""
+    env = {"PATH": "/usr/bin:/bin", "TMPDIR": socket_dir, **PLUGIN_ENV}
+    proc = subprocess.Popen(
+        [str(binary)], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=socket_dir
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline().decode()
+    fields = line.strip().split("|")
+    if len(fields) < 5 or fields[2] != "unix":
+        proc.kill()
+        proc.wait()
+        raise RuntimeError(f"unexpected handshake line {line!r}")
+    return proc, fields[3]
+
+
+def _summary(samples_ns: list[int]) -> dict[str, float]:
+    s = sorted(samples_ns)
+    n = len(s)
+    return {
+        "n": n,
+        "p50_us": round(s[n // 2] / 1000, 1),
+        "p99_us": round(s[min(n - 1, int(0.99 * n))] / 1000, 1),
+    }
+
+
+async def _sequential(call: Call, n: int, samples: list[int]) -> None:
+    clock = time.perf_counter_ns
+    for _ in range(n):
+        t0 = clock()
+        answer = await call()
+        samples.append(clock() - t0)
+        if answer != ANSWER:
+            raise RuntimeError(f"Get answered {answer!r}")
+
+
+async def _pipelined(call: Call, total: int) -> float:
+    per = total // IN_FLIGHT
+
+    async def caller() -> None:
+        for _ in range(per):
+            await call()
+
+    t0 = time.perf_counter_ns()
+    await asyncio.gather(*(caller() for _ in range(IN_FLIGHT)))
+    return per * IN_FLIGHT / ((time.perf_counter_ns() - t0) / 1e9)
+
+
+async def _measure(path: str, rounds: int, sequential: int, pipelined: int) -> dict[str, Any]:
+    import grpc
+    import grpc.aio
+
+    from sandboxer.loaders.grpc.h2 import H2Channel
+
+    h2 = await H2Channel.connect(path)
+    channel = grpc.aio.insecure_channel(f"unix:{path}")
+
+    def raw(data: bytes) -> bytes:
+        return data
+
+    stub = channel.unary_unary(GET_PATH, request_serializer=raw, response_deserializer=raw)
+    calls: dict[str, Call] = {
+        "h2": lambda: h2.unary(GET_PATH, GET, TIMEOUT),
+        "grpcio": lambda: stub(GET, timeout=TIMEOUT),
+    }
+    try:
+        await h2.unary(PUT_PATH, PUT, TIMEOUT)
+        for call in calls.values():  # warm-up: connections, caches, grpcio's engine
+            await _sequential(call, 200, [])
+            await _pipelined(call, IN_FLIGHT * 10)
+        samples: dict[str, list[int]] = {name: [] for name in calls}
+        rates: dict[str, list[float]] = {name: [] for name in calls}
+        order = list(calls)
+        gc.collect()
+        gc.disable()
+        try:
+            for _ in range(rounds):
+                for name in order:
+                    await _sequential(calls[name], sequential, samples[name])
+                    rates[name].append(await _pipelined(calls[name], pipelined))
+                order.reverse()
+        finally:
+            gc.enable()
+    finally:
+        await h2.close()
+        await channel.close()
+    out: dict[str, Any] = {}
+    for name in calls:
+        out[name] = {
+            "sequential": _summary(samples[name]),
+            "calls_per_s": round(statistics.median(rates[name])),
+            "calls_per_s_rounds": [round(r) for r in rates[name]],
+        }
+    out["p50_ratio_h2_vs_grpcio"] = round(
+        out["h2"]["sequential"]["p50_us"] / out["grpcio"]["sequential"]["p50_us"], 3
+    )
+    out["throughput_ratio_h2_vs_grpcio"] = round(
+        out["h2"]["calls_per_s"] / out["grpcio"]["calls_per_s"], 3
+    )
+    return out
+
+
+def run(rounds: int = 5, sequential: int = 1000, pipelined: int = IN_FLIGHT * 100) -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix="h2-bench-"))
+    try:
+        binary = _build_plugin(work / "built")
+        sockets = tempfile.mkdtemp(dir=work)
+        proc, path = start_plugin(binary, sockets)
+        try:
+            load_before = os.getloadavg()
+            result = asyncio.run(_measure(path, rounds, sequential, pipelined))
+            load_after = os.getloadavg()
+        finally:
+            proc.kill()
+            proc.wait()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    result["machine"] = {
+        "cpus": os.cpu_count(),
+        "loadavg_before": [round(x, 2) for x in load_before],
+        "loadavg_after": [round(x, 2) for x in load_after],
+    }
+    result["config"] = {
+        "rounds": rounds,
+        "sequential_per_round": sequential,
+        "pipelined_per_round": pipelined,
+        "in_flight": IN_FLIGHT,
+        "loop": "asyncio default",
+        "plugin": "examples/grpc-kv-go, unsandboxed",
+    }
+    return result
+
+
+def format_table(result: dict[str, Any]) -> str:
+    lines = [f"{'client':8} {'p50 µs':>8} {'p99 µs':>8} {'calls/s':>9}  rounds (calls/s)"]
+    for name in ("h2", "grpcio"):
+        r = result[name]
+        seq = r["sequential"]
+        lines.append(
+            f"{name:8} {seq['p50_us']:8.1f} {seq['p99_us']:8.1f} {r['calls_per_s']:9d}  "
+            f"{r['calls_per_s_rounds']}"
+        )
+    lines.append(
+        f"h2/grpcio: p50 x{result['p50_ratio_h2_vs_grpcio']}, "
+        f"throughput x{result['throughput_ratio_h2_vs_grpcio']}; "
+        f"load average {result['machine']['loadavg_before']} -> "
+        f"{result['machine']['loadavg_after']} on {result['machine']['cpus']} CPUs"
+    )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--sequential", type=int, default=1000)
+    parser.add_argument("--pipelined", type=int, default=IN_FLIGHT * 100)
+    args = parser.parse_args(argv)
+    result = run(args.rounds, args.sequential, args.pipelined)
+    print(format_table(result))
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
