@@ -162,7 +162,9 @@ async def _measure(path: str, rounds: int, sequential: int, pipelined: int) -> d
     return out
 
 
-def run(rounds: int = 5, sequential: int = 1000, pipelined: int = IN_FLIGHT * 100) -> dict[str, Any]:
+def run(
+    rounds: int = 5, sequential: int = 1000, pipelined: int = IN_FLIGHT * 100
+) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="h2-bench-"))
     try:
         binary = _build_plugin(work / "built")

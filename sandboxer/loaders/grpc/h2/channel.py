@@ -57,6 +57,9 @@ DEFAULT_MAX_MESSAGE = 4 * 1024 * 1024  # grpcio's default receive limit
 CONNECTION_WINDOW = 1 << 20  # our connection receive window
 MAX_HEADER_LIST = 16384  # our MAX_HEADER_LIST_SIZE (decoded); also bounds one header block
 MAX_OWED = 1 << 20  # control frames we may owe a peer that does not read before we give up
+# Our DATA frames stay small whatever the server allows, so a request never fills the write
+# buffer past its high-water mark by more than a frame: what stays there is control frames.
+MAX_DATA_FRAME = 1 << 16
 _SETTINGS = {
     Setting.ENABLE_PUSH: 0,
     Setting.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
@@ -90,6 +93,7 @@ class H2Channel(asyncio.Protocol):
         self._last_id = 0  # the highest stream we opened: above it, streams are idle
         self._settings_seen = False
         self._peer_max_frame = DEFAULT_MAX_FRAME_SIZE
+        self._data_frame = DEFAULT_MAX_FRAME_SIZE  # the DATA we write at once
         self._peer_window = DEFAULT_WINDOW  # the server's INITIAL_WINDOW_SIZE
         self._peer_max_streams = MAX_WINDOW
         self._peer_max_headers = MAX_WINDOW
@@ -247,7 +251,7 @@ class H2Channel(asyncio.Protocol):
         body = len(request).to_bytes(PREFIX, "big") + request  # flag 0: not compressed
         n = len(body)
         if (
-            n <= self._peer_max_frame
+            n <= self._data_frame
             and n <= stream.send_window
             and n <= self._send_window
             and not self._paused
@@ -274,7 +278,7 @@ class H2Channel(asyncio.Protocol):
         """The rest of a request the windows did not let through at once."""
         body = stream.pending
         while body and not stream.done.done():
-            n = min(len(body), self._peer_max_frame, stream.send_window, self._send_window)
+            n = min(len(body), self._data_frame, stream.send_window, self._send_window)
             if n <= 0 or self._paused:
                 waiter = self._loop.create_future()
                 self._senders.append(waiter)
@@ -574,6 +578,7 @@ class H2Channel(asyncio.Protocol):
                 if not DEFAULT_MAX_FRAME_SIZE <= value <= MAX_FRAME_SIZE_LIMIT:
                     raise H2Error(ErrorCode.PROTOCOL_ERROR, f"MAX_FRAME_SIZE {value}")
                 self._peer_max_frame = value
+                self._data_frame = min(value, MAX_DATA_FRAME)
             elif key == Setting.MAX_HEADER_LIST_SIZE:
                 self._peer_max_headers = value
             # HEADER_TABLE_SIZE needs nothing: every block we send starts with a size update
