@@ -696,6 +696,27 @@ async def test_the_server_closing_fails_pending_calls(fake: FakeServer) -> None:
         await channel.unary("/s/M", b"req")
 
 
+async def test_a_server_that_never_reads_cannot_make_us_buffer_answers(socket_dir: str) -> None:
+    path = os.path.join(socket_dir, "s")
+    writers: list[asyncio.StreamWriter] = []
+
+    async def flood(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)  # it reads nothing, and asks for a PING ACK 150,000 times
+        writer.write(settings_frame({}) + frame(FrameType.PING, 0, 0, b"12345678") * 150_000)
+
+    listener = await asyncio.start_unix_server(flood, path)
+    try:
+        channel = await H2Channel.connect(path)
+        with pytest.raises(ProtocolViolation, match="does not read") as caught:
+            await asyncio.wait_for(channel.unary("/s/M", b"req", timeout=30), 10)
+        assert caught.value.code == ErrorCode.ENHANCE_YOUR_CALM
+        await channel.close()
+    finally:
+        listener.close()
+        for writer in writers:
+            writer.close()
+
+
 async def test_max_concurrent_streams_queues_calls(socket_dir: str) -> None:
     server = FakeServer(
         os.path.join(socket_dir, "s"), settings=settings_frame({Setting.MAX_CONCURRENT_STREAMS: 1})

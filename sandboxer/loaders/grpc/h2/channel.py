@@ -108,6 +108,8 @@ class H2Channel(asyncio.Protocol):
         self._slots: deque[asyncio.Future[None]] = deque()  # waiting for a stream slot
         self._prefixes: dict[str, tuple[bytes, int]] = {}  # path -> header block, list size
         self._calls = self._failures = self._peak = 0
+        self._out: list[bytes] = []  # frames for the next write (``_flush``)
+        self._owed = 0  # bytes of control frames queued since the transport paused
 
     # -- the public surface --------------------------------------------------------------
     @classmethod
@@ -286,6 +288,7 @@ class H2Channel(asyncio.Protocol):
                 continue
             flags = Flag.END_STREAM if n == len(body) else 0
             self._write(frame(FrameType.DATA, flags, stream.id, bytes(body[:n])))
+            self._flush()  # now: the transport must get the chance to pause us
             del body[:n]
             stream.send_window -= n
             self._send_window -= n
@@ -327,7 +330,7 @@ class H2Channel(asyncio.Protocol):
     def _reset(self, stream: Stream, code: ErrorCode, error: BaseException | None) -> None:
         """End a stream from our side: RST_STREAM, and the call fails with ``error``."""
         if stream.id in self._streams and self._error is None:
-            self._write(rst_stream_frame(stream.id, code))
+            self._write(rst_stream_frame(stream.id, code), control=True)
         if error is None:
             if stream.id in self._streams:
                 self._close_stream(stream)
@@ -355,10 +358,11 @@ class H2Channel(asyncio.Protocol):
         transport = self._transport
         if transport is not None and not transport.is_closing():
             debug = str(error).encode()[:256] if code else b""
-            transport.write(goaway_frame(0, code, debug))
+            transport.write(b"".join(self._out) + goaway_frame(0, code, debug))
+            self._out.clear()
             transport.close()
-            if transport.get_write_buffer_size() > MAX_OWED:
-                transport.abort()
+            if transport.get_write_buffer_size() > (MAX_OWED if code == ErrorCode.NO_ERROR else 0):
+                transport.abort()  # a server that broke the protocol gets no time to read
         for stream in list(self._streams.values()):
             self._finish(stream, self._lost())
         for waiter in self._slots:
@@ -399,6 +403,7 @@ class H2Channel(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._paused = False
+        self._owed = 0
         self._wake_senders()
 
     def eof_received(self) -> bool | None:
@@ -418,14 +423,26 @@ class H2Channel(asyncio.Protocol):
     def _ended(self) -> bool:
         return self._error is not None
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes, *, control: bool = False) -> None:
+        """Queue ``data``; what a turn of the loop queues goes out in one write (64 calls
+        opened in one turn cost one syscall, not 64). Control frames (answers the server can
+        provoke: acknowledgements, window updates, resets) are counted while the server does
+        not read; past ``MAX_OWED`` of them the connection ends."""
+        if control and self._paused:
+            self._owed += len(data)
+            if self._owed > MAX_OWED:
+                self._violation(H2Error(ErrorCode.ENHANCE_YOUR_CALM, "the server does not read"))
+                return
+        if not self._out:
+            self._loop.call_soon(self._flush)
+        self._out.append(data)
+
+    def _flush(self) -> None:
+        out, self._out = self._out, []
         transport = self._transport
-        if transport is None or transport.is_closing():
+        if not out or transport is None or transport.is_closing():
             return
-        transport.write(data)
-        if self._paused and transport.get_write_buffer_size() > MAX_OWED:
-            # The peer keeps asking (PING, SETTINGS) and never reads the answers.
-            self._violation(H2Error(ErrorCode.ENHANCE_YOUR_CALM, "the server does not read"))
+        transport.write(b"".join(out))
 
     def _wake_slots(self) -> None:
         while self._slots and len(self._streams) < self._peer_max_streams:
@@ -456,7 +473,7 @@ class H2Channel(asyncio.Protocol):
             self._window_update(item)
         elif kind == FrameType.PING:
             if not item.flags & Flag.ACK:
-                self._write(frame(FrameType.PING, Flag.ACK, 0, item.payload))
+                self._write(frame(FrameType.PING, Flag.ACK, 0, item.payload), control=True)
         elif kind == FrameType.RST_STREAM:
             self._rst_stream(item)
         elif kind == FrameType.GOAWAY:
@@ -480,7 +497,7 @@ class H2Channel(asyncio.Protocol):
         self._recv_unacked += item.length
         if self._recv_unacked >= CONNECTION_WINDOW // 2:
             # Data is consumed as it arrives (a stream buffers at most one bounded message).
-            self._write(window_update_frame(0, self._recv_unacked))
+            self._write(window_update_frame(0, self._recv_unacked), control=True)
             self._recv_window += self._recv_unacked
             self._recv_unacked = 0
         stream = self._known(item.stream, "DATA")
@@ -502,7 +519,7 @@ class H2Channel(asyncio.Protocol):
             return
         stream.unacked += item.length
         if stream.unacked >= STREAM_WINDOW // 2:
-            self._write(window_update_frame(stream.id, stream.unacked))
+            self._write(window_update_frame(stream.id, stream.unacked), control=True)
             stream.recv_window += stream.unacked
             stream.unacked = 0
 
@@ -583,7 +600,7 @@ class H2Channel(asyncio.Protocol):
                 self._peer_max_headers = value
             # HEADER_TABLE_SIZE needs nothing: every block we send starts with a size update
             # to 0. Unknown settings are ignored (RFC 9113 6.5.2).
-        self._write(frame(FrameType.SETTINGS, Flag.ACK, 0))
+        self._write(frame(FrameType.SETTINGS, Flag.ACK, 0), control=True)
         self._settings_seen = True
         if not self._ready.done():
             self._ready.set_result(None)

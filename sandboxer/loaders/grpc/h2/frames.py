@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 __all__ = [
     "PREFACE",
@@ -62,7 +62,10 @@ class FrameType(enum.IntEnum):
     CONTINUATION = 0x9
 
 
-class Flag(enum.IntFlag):
+class Flag:
+    """Frame flags, plain ints: they are tested on every frame (enum.IntFlag's ``&`` is a
+    Python-level call)."""
+
     END_STREAM = 0x1
     ACK = 0x1  # SETTINGS and PING
     END_HEADERS = 0x4
@@ -113,6 +116,8 @@ class H2Error(Exception):
         self.code = code
 
 
+_TYPES = tuple(FrameType)  # by code: 0-9, no gaps
+
 # The fixed lengths of the control frames, and whether each lives on stream 0.
 _FIXED_LENGTH = {
     FrameType.PRIORITY: 5,
@@ -133,8 +138,7 @@ _STREAM_ONLY = frozenset(
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Frame:
+class Frame(NamedTuple):
     """One frame; ``payload`` with padding and the priority block already taken off."""
 
     type: int  # a FrameType, or an unknown type to ignore
@@ -217,11 +221,10 @@ class FrameReader:
             payload = bytes(buffer[pos + HEADER_SIZE : end])
             pos = end
             stream &= MAX_WINDOW  # the reserved bit is ignored (4.1)
-            try:
-                type_ = FrameType(type_code)
-            except ValueError:
+            if type_code >= len(_TYPES):
                 frames.append(Frame(type_code, flags, stream, b"", length))  # to be ignored
                 continue
+            type_ = _TYPES[type_code]
             _check(type_, flags, stream, payload)
             if type_ is FrameType.DATA or type_ is FrameType.HEADERS:
                 payload = _unpad(type_, flags, payload)
