@@ -766,6 +766,37 @@ async def test_a_request_waits_for_the_servers_window(socket_dir: str) -> None:
             task.cancel()
 
 
+async def test_an_answer_before_the_whole_request_stops_the_upload(socket_dir: str) -> None:
+    server = FakeServer(
+        os.path.join(socket_dir, "s"), settings=settings_frame({Setting.INITIAL_WINDOW_SIZE: 10})
+    )
+    listener = await asyncio.start_unix_server(server.handler, server.path)
+    try:
+        channel, peer = await connected(server)
+        call = asyncio.ensure_future(channel.unary("/s/M", b"x" * 100, timeout=30))
+        await peer.expect(FrameType.HEADERS)
+        first = await peer.expect(FrameType.DATA)
+        assert not first.flags & Flag.END_STREAM
+        status = encode_literal(b"grpc-status", b"3")
+        peer.send(headers(1, STATUS_200, GRPC_TYPE, status, end=True))
+        with pytest.raises(GrpcStatusError, match="INVALID_ARGUMENT"):
+            await asyncio.wait_for(call, 5)
+        reset = await peer.expect(FrameType.RST_STREAM)
+        assert (reset.stream, parse_u32(reset.payload)) == (1, ErrorCode.CANCEL)
+        peer.send(window_update_frame(1, 1000))  # too late: nothing more is sent on stream 1
+        second = asyncio.ensure_future(channel.unary("/s/M", b"y", timeout=30))
+        assert (await peer.expect(FrameType.HEADERS)).stream == 3
+        data = await peer.expect(FrameType.DATA)
+        assert (data.stream, data.payload) == (3, message(b"y"))
+        peer.send(answer(3, b"ok"))
+        assert await asyncio.wait_for(second, 5) == b"ok"
+        await channel.close()
+    finally:
+        listener.close()
+        for task in server._tasks:
+            task.cancel()
+
+
 # -- the Go KV plugin (grpc-go via go-plugin), unsandboxed -------------------------------------
 
 PLUGIN_ENV = {

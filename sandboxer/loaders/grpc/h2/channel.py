@@ -197,6 +197,8 @@ class H2Channel(asyncio.Protocol):
     def _request_headers(self, path: str) -> tuple[bytes, int]:
         cached = self._prefixes.get(path)
         if cached is None:
+            if len(self._prefixes) >= 1024:
+                self._prefixes.clear()  # a cache of the caller's paths, not a growing one
             fields = (
                 (b":method", b"POST"),
                 (b":scheme", b"http"),
@@ -313,13 +315,17 @@ class H2Channel(asyncio.Protocol):
         if stream.timer is not None:
             stream.timer.cancel()
         self._wake_slots()
-        if stream.pending and self._senders:
-            self._wake_senders()  # its sender is waiting and must see the stream is over
+        if self._senders:
+            self._wake_senders()  # its sender may be waiting and must see the stream is over
         if self._goaway is not None and not self._streams:
             self._end(ConnectionLost("the server said GOAWAY"), ErrorCode.NO_ERROR)
 
     def _finish(self, stream: Stream, result: bytes | BaseException) -> None:
         if stream.id in self._streams:
+            if stream.pending and self._error is None:
+                # Answered before we sent it all (RFC 9113 8.1): stop, and close our half.
+                stream.pending.clear()
+                self._write(rst_stream_frame(stream.id, ErrorCode.CANCEL), control=True)
             self._close_stream(stream)
         if not stream.done.done():
             if isinstance(result, BaseException):
@@ -330,10 +336,13 @@ class H2Channel(asyncio.Protocol):
     def _reset(self, stream: Stream, code: ErrorCode, error: BaseException | None) -> None:
         """End a stream from our side: RST_STREAM, and the call fails with ``error``."""
         if stream.id in self._streams and self._error is None:
+            stream.pending.clear()
             self._write(rst_stream_frame(stream.id, code), control=True)
         if error is None:
             if stream.id in self._streams:
                 self._close_stream(stream)
+            if stream.done.done() and not stream.done.cancelled():
+                stream.done.exception()  # its outcome lost the race with the cancel: consumed
             stream.done.cancel()
         else:
             self._finish(stream, error)
