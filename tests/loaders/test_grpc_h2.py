@@ -482,6 +482,7 @@ VIOLATIONS = [
 @pytest.mark.parametrize(
     ("data", "code"), [c[1:] for c in VIOLATIONS], ids=[c[0] for c in VIOLATIONS]
 )
+@pytest.mark.usefixtures("no_leaks")
 async def test_a_protocol_violation_ends_the_connection_for_every_call(
     fake: FakeServer, data: bytes, code: ErrorCode
 ) -> None:
@@ -682,6 +683,7 @@ async def test_goaway_fails_streams_above_its_last_id_and_refuses_new_calls(
     await channel.close()
 
 
+@pytest.mark.usefixtures("no_leaks")
 async def test_the_server_closing_fails_pending_calls(fake: FakeServer) -> None:
     channel, peer = await connected(fake)
     call = asyncio.ensure_future(channel.unary("/s/M", b"req"))
@@ -874,6 +876,7 @@ async def test_go_plugin_error_status(go_plugin: str) -> None:
         await channel.close()
 
 
+@pytest.mark.usefixtures("no_leaks")
 async def test_go_plugin_64_concurrent_calls(go_plugin: str) -> None:
     channel = await H2Channel.connect(go_plugin)
     try:
