@@ -11,8 +11,13 @@ Per round, for each client in turn (the order swapped every round, so drift hits
 another (calls/s). gc is off while measuring. The machine's load average is recorded before and
 after: figures from a busy machine are only comparable with each other.
 
-``python -m benchmarks.grpc_h2_compare [--rounds N] [--sequential N] [--pipelined N]``
-prints a table and the JSON; ``run()`` returns the dict (the benchmark runner's entry point).
+With ``--go-host``, go-plugin's own Go host (benchmarks/grpc_host, as benchmarks/grpc.py runs
+it) is run once before and once after the Python rounds with the same counts, as the reference
+the targets are set against, taken in the same state of the machine.
+
+``python -m benchmarks.grpc_h2_compare [--rounds N] [--sequential N] [--pipelined N]
+[--go-host]`` prints a table and the JSON; ``run()`` returns the dict (the benchmark runner's
+entry point).
 """
 
 from __future__ import annotations
@@ -50,14 +55,30 @@ PLUGIN_ENV = {
 Call = Callable[[], Awaitable[bytes]]
 
 
-def _build_plugin(dest: Path) -> Path:
+def _grpc_build() -> Any:
     tests = str(ROOT / "tests")
     if tests not in sys.path:
         sys.path.insert(0, tests)
     import grpc_build
 
-    built: Path = grpc_build.build_kv_go(dest)
-    return built / grpc_build.GO_BINARY
+    return grpc_build
+
+
+def _build_plugin(dest: Path) -> Path:
+    build = _grpc_build()
+    built: Path = build.build_kv_go(dest)
+    return built / build.GO_BINARY
+
+
+def _go_host(host: Path, plugin: Path, sequential: int, pipelined: int) -> dict[str, Any]:
+    argv = [str(host), "-plugin", str(plugin), "-starts", "0", "-warmup", "200",
+            "-sequential", str(sequential), "-pipelined", str(pipelined),
+            "-in-flight", str(IN_FLIGHT)]  # fmt: skip
+    proc = subprocess.run(argv, capture_output=True, stdin=subprocess.DEVNULL, timeout=600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the Go host failed: {proc.stderr.decode(errors='replace')}")
+    result: dict[str, Any] = json.loads(proc.stdout)
+    return result
 
 
 def start_plugin(binary: Path, socket_dir: str) -> tuple[subprocess.Popen[bytes], str]:
@@ -163,22 +184,46 @@ async def _measure(path: str, rounds: int, sequential: int, pipelined: int) -> d
 
 
 def run(
-    rounds: int = 5, sequential: int = 1000, pipelined: int = IN_FLIGHT * 100
+    rounds: int = 5,
+    sequential: int = 1000,
+    pipelined: int = IN_FLIGHT * 100,
+    *,
+    go_host: bool = False,
 ) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="h2-bench-"))
+    go_runs: list[dict[str, Any]] = []
     try:
         binary = _build_plugin(work / "built")
+        host = _grpc_build().build_go_host(work / "host") if go_host else None
+        load_before = os.getloadavg()
+        if host is not None:
+            go_runs.append(_go_host(host, binary, sequential * rounds // 2, pipelined))
         sockets = tempfile.mkdtemp(dir=work)
         proc, path = start_plugin(binary, sockets)
         try:
-            load_before = os.getloadavg()
             result = asyncio.run(_measure(path, rounds, sequential, pipelined))
-            load_after = os.getloadavg()
         finally:
             proc.kill()
             proc.wait()
+        if host is not None:
+            go_runs.append(_go_host(host, binary, sequential * rounds // 2, pipelined))
+        load_after = os.getloadavg()
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    if go_runs:
+        samples = [n for r in go_runs for n in r["samples_ns"]]
+        rates = [r["pipelined"]["throughput_calls_per_s"] for r in go_runs]
+        go = result["go_host"] = {
+            "sequential": _summary(samples),
+            "calls_per_s": round(statistics.median(rates)),
+            "calls_per_s_rounds": [round(r) for r in rates],
+        }
+        for name in ("h2", "grpcio"):
+            mine = result[name]
+            mine["p50_ratio_vs_go_host"] = round(
+                mine["sequential"]["p50_us"] / go["sequential"]["p50_us"], 3
+            )
+            mine["throughput_ratio_vs_go_host"] = round(mine["calls_per_s"] / go["calls_per_s"], 3)
     result["machine"] = {
         "cpus": os.cpu_count(),
         "loadavg_before": [round(x, 2) for x in load_before],
@@ -197,7 +242,9 @@ def run(
 
 def format_table(result: dict[str, Any]) -> str:
     lines = [f"{'client':8} {'p50 µs':>8} {'p99 µs':>8} {'calls/s':>9}  rounds (calls/s)"]
-    for name in ("h2", "grpcio"):
+    for name in ("h2", "grpcio", "go_host"):
+        if name not in result:
+            continue
         r = result[name]
         seq = r["sequential"]
         lines.append(
@@ -210,6 +257,12 @@ def format_table(result: dict[str, Any]) -> str:
         f"load average {result['machine']['loadavg_before']} -> "
         f"{result['machine']['loadavg_after']} on {result['machine']['cpus']} CPUs"
     )
+    if "go_host" in result:
+        for name in ("h2", "grpcio"):
+            lines.append(
+                f"{name}/go_host: p50 x{result[name]['p50_ratio_vs_go_host']} (target <= 2.5), "
+                f"throughput x{result[name]['throughput_ratio_vs_go_host']} (target >= 0.5)"
+            )
     return "\n".join(lines)
 
 
@@ -218,8 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--sequential", type=int, default=1000)
     parser.add_argument("--pipelined", type=int, default=IN_FLIGHT * 100)
+    parser.add_argument("--go-host", action="store_true", help="go-plugin's Go host too")
     args = parser.parse_args(argv)
-    result = run(args.rounds, args.sequential, args.pipelined)
+    result = run(args.rounds, args.sequential, args.pipelined, go_host=args.go_host)
     print(format_table(result))
     print(json.dumps(result))
     return 0
