@@ -167,6 +167,39 @@ def test_bad_huffman_is_an_error(data: bytes) -> None:
         huffman_decode(data)
 
 
+def _huffman_encode(data: bytes) -> bytes:
+    bits, count = 0, 0
+    for octet in data:
+        code, length = CODES[octet]
+        bits, count = bits << length | code, count + length
+    pad = -count % 8
+    return (bits << pad | ((1 << pad) - 1)).to_bytes((count + pad) // 8, "big")
+
+
+@given(st.binary(max_size=300))
+def test_huffman_round_trips(data: bytes) -> None:
+    assert huffman_decode(_huffman_encode(data)) == data
+
+
+@given(st.binary(max_size=64))
+def test_any_bytes_decode_or_are_a_huffman_error(data: bytes) -> None:
+    try:
+        huffman_decode(data)
+    except HuffmanError:
+        pass
+
+
+@given(st.binary(max_size=200))
+def test_any_header_block_decodes_or_is_an_hpack_error(block: bytes) -> None:
+    decoder = Decoder(max_header_list_size=4096)
+    try:
+        headers = decoder.decode(block)
+    except HpackError:
+        return
+    assert sum(len(n) + len(v) + 32 for n, v in headers) <= 4096
+    assert decoder.size <= decoder.table_size
+
+
 @pytest.mark.parametrize(
     "block",
     [

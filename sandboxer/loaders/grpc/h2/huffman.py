@@ -53,36 +53,80 @@ def _canonical(lengths: tuple[int, ...]) -> dict[int, tuple[int, int]]:
 
 
 CODES = _canonical((*_LENGTHS, _EOS_LENGTH))
-# (length, code) -> symbol, EOS left out: meeting it is an error.
-_DECODE = {(length, code): symbol for symbol, (code, length) in CODES.items() if symbol != EOS}
-_BY_LENGTH = tuple(sorted({length for length, _ in _DECODE}))
+
+# Decoding walks the code's tree four bits at a time (as nghttp2 does): a state is an inner node
+# (the bits read since the last symbol), and for each state and nibble the table holds the next
+# state and the symbol completed on the way, if any (no code is shorter than 5 bits, so at most
+# one per nibble). Linear in the input whatever it holds.
+_NO_SYMBOL = -1
+_EOS_SEEN = -2
+
+
+def _tree() -> tuple[list[list[int]], dict[int, int]]:
+    """Inner nodes as [child for 0, child for 1] (a child >= 0 is a node, < 0 is ~symbol),
+    and each node's padding status: depth if the path to it is all ones, else -1."""
+    nodes: list[list[int]] = [[0, 0]]
+    ones = {0: 0}
+    empty = 0  # a fresh node's children: 0 never is a child (it is the root)
+    for symbol, (code, length) in CODES.items():
+        node = 0
+        for bit_at in range(length - 1, -1, -1):
+            bit = (code >> bit_at) & 1
+            if bit_at == 0:
+                nodes[node][bit] = ~symbol
+            else:
+                if nodes[node][bit] == empty:
+                    nodes.append([0, 0])
+                    child = len(nodes) - 1
+                    nodes[node][bit] = child
+                    depth = ones[node]
+                    ones[child] = depth + 1 if bit and depth >= 0 else -1
+                node = nodes[node][bit]
+    return nodes, ones
+
+
+def _nibble_table() -> tuple[tuple[tuple[int, int], ...], tuple[bool, ...]]:
+    nodes, ones = _tree()
+    table: list[tuple[int, int]] = []
+    for state in range(len(nodes)):
+        for nibble in range(16):
+            node, emitted = state, _NO_SYMBOL
+            for bit_at in (3, 2, 1, 0):
+                child = nodes[node][(nibble >> bit_at) & 1]
+                if child >= 0:
+                    node = child
+                elif ~child == EOS:
+                    emitted = _EOS_SEEN
+                    break
+                else:
+                    emitted, node = ~child, 0
+            table.append((node, emitted))
+    # Where a string may end: on a symbol's last bit, or in at most 7 bits of EOS's prefix.
+    accept = tuple(0 <= ones[state] <= 7 for state in range(len(nodes)))
+    return tuple(table), accept
+
+
+_TABLE, _ACCEPT = _nibble_table()
 
 
 def huffman_decode(data: bytes | memoryview) -> bytes:
     """The octets a Huffman-coded string literal stands for."""
+    table = _TABLE
     out = bytearray()
-    bits = 0  # unread bits, the last ``count`` of them in ``bits``
-    count = 0
+    state = 0
     for octet in data:
-        bits = (bits << 8) | octet
-        count += 8
-        while count >= _BY_LENGTH[0]:
-            for length in _BY_LENGTH:
-                if length > count:
-                    break
-                symbol = _DECODE.get((length, bits >> (count - length)))
-                if symbol is not None:
-                    out.append(symbol)
-                    count -= length
-                    bits &= (1 << count) - 1
-                    break
-            else:
-                # 30 bits or more and no symbol: only EOS is that long.
-                raise HuffmanError("the Huffman string holds EOS")
-            if symbol is None:
-                break  # a longer code: wait for the next octet
-    if count > 7:
-        raise HuffmanError(f"the Huffman string ends with {count} bits of padding (at most 7)")
-    if bits != (1 << count) - 1:
-        raise HuffmanError("the Huffman string's padding is not the most significant bits of EOS")
+        state, symbol = table[state << 4 | octet >> 4]
+        if symbol >= 0:
+            out.append(symbol)
+        elif symbol == _EOS_SEEN:
+            raise HuffmanError("the Huffman string holds EOS")
+        state, symbol = table[state << 4 | octet & 0xF]
+        if symbol >= 0:
+            out.append(symbol)
+        elif symbol == _EOS_SEEN:
+            raise HuffmanError("the Huffman string holds EOS")
+    if not _ACCEPT[state]:
+        raise HuffmanError(
+            "the Huffman string ends in padding longer than 7 bits or not EOS's first bits"
+        )
     return bytes(out)
