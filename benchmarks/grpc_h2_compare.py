@@ -1,10 +1,12 @@
 """The second gRPC client design (sandboxer/loaders/grpc/h2, a prototype) against grpcio aio.
 
-One unsandboxed process of the Go KV plugin (examples/grpc-kv-go, built by tests/grpc_build.py),
-started with go-plugin's environment; two clients on its socket in one process, on one event
-loop: ``h2`` (H2Channel.unary) and ``grpcio`` (a grpc.aio channel's unary_unary with identity
-serializers, as GrpcHandle calls it). Both send the same encoded GetRequest and take the
-answer's bytes, undecoded, with a 30 s deadline: the transport layers alone, no JSON/protobuf.
+One process of the Go KV plugin (examples/grpc-kv-go, built by tests/grpc_build.py), started
+unsandboxed with go-plugin's environment, or with ``--sandboxed`` loaded by PluginManager under
+the default profile (grpcio is then the loader's own channel); two clients on its socket in one
+process, on one event loop: ``h2`` (H2Channel.unary) and ``grpcio`` (a grpc.aio channel's
+unary_unary with identity serializers, as GrpcHandle calls it). Both send the same encoded
+GetRequest and take the answer's bytes, undecoded, with a 30 s deadline: the transport layers
+alone, no JSON/protobuf.
 
 Per round, for each client in turn (the order swapped every round, so drift hits both alike):
 ``sequential`` Gets timed one by one, then ``IN_FLIGHT`` callers each awaiting Gets one after
@@ -16,8 +18,8 @@ it) is run once before and once after the Python rounds with the same counts, as
 the targets are set against, taken in the same state of the machine.
 
 ``python -m benchmarks.grpc_h2_compare [--rounds N] [--sequential N] [--pipelined N]
-[--go-host]`` prints a table and the JSON; ``run()`` returns the dict (the benchmark runner's
-entry point).
+[--go-host] [--sandboxed]`` prints a table and the JSON; ``run()`` returns the dict (the
+benchmark runner's entry point).
 """
 
 from __future__ import annotations
@@ -129,14 +131,19 @@ async def _pipelined(call: Call, total: int) -> float:
     return per * IN_FLIGHT / ((time.perf_counter_ns() - t0) / 1e9)
 
 
-async def _measure(path: str, rounds: int, sequential: int, pipelined: int) -> dict[str, Any]:
-    import grpc
+async def _measure(
+    path: str, rounds: int, sequential: int, pipelined: int, channel: Any = None
+) -> dict[str, Any]:
+    """Both clients on the socket at ``path``; grpcio's on ``channel`` if given (the loader's:
+    not ours to close), else on a channel of its own."""
     import grpc.aio
 
     from sandboxer.loaders.grpc.h2 import H2Channel
 
     h2 = await H2Channel.connect(path)
-    channel = grpc.aio.insecure_channel(f"unix:{path}")
+    own = channel is None
+    if own:
+        channel = grpc.aio.insecure_channel(f"unix:{path}")
 
     def raw(data: bytes) -> bytes:
         return data
@@ -166,7 +173,8 @@ async def _measure(path: str, rounds: int, sequential: int, pipelined: int) -> d
             gc.enable()
     finally:
         await h2.close()
-        await channel.close()
+        if own:
+            await channel.close()
     out: dict[str, Any] = {}
     for name in calls:
         out[name] = {
@@ -183,12 +191,34 @@ async def _measure(path: str, rounds: int, sequential: int, pipelined: int) -> d
     return out
 
 
+async def _measure_sandboxed(
+    work: Path, rounds: int, sequential: int, pipelined: int
+) -> dict[str, Any]:
+    """The plugin loaded by PluginManager under the default profile; h2 connects to the socket
+    the loader connected to (``/proc/self/fd/N``, the inode opened beneath the plugin's
+    directory: GrpcHandle's private ``_connection``), grpcio is the loader's own channel."""
+    from sandboxer import PluginManager
+
+    from .grpc import _make_plugin_dir
+
+    async with PluginManager() as manager:
+        loaded = await manager.load(_make_plugin_dir(work))
+        if loaded.sandbox is None or not loaded.sandbox.enabled:
+            raise RuntimeError("the plugin was loaded without its sandbox")
+        target: str = loaded.handle._connection.target  # type: ignore[attr-defined]
+        path = target.removeprefix("unix:")
+        result = await _measure(path, rounds, sequential, pipelined, loaded.grpc_channel())
+        await manager.unload(loaded.id)
+    return result
+
+
 def run(
     rounds: int = 5,
     sequential: int = 1000,
     pipelined: int = IN_FLIGHT * 100,
     *,
     go_host: bool = False,
+    sandboxed: bool = False,
 ) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="h2-bench-"))
     go_runs: list[dict[str, Any]] = []
@@ -198,13 +228,16 @@ def run(
         load_before = os.getloadavg()
         if host is not None:
             go_runs.append(_go_host(host, binary, sequential * rounds // 2, pipelined))
-        sockets = tempfile.mkdtemp(dir=work)
-        proc, path = start_plugin(binary, sockets)
-        try:
-            result = asyncio.run(_measure(path, rounds, sequential, pipelined))
-        finally:
-            proc.kill()
-            proc.wait()
+        if sandboxed:
+            result = asyncio.run(_measure_sandboxed(work, rounds, sequential, pipelined))
+        else:
+            sockets = tempfile.mkdtemp(dir=work)
+            proc, path = start_plugin(binary, sockets)
+            try:
+                result = asyncio.run(_measure(path, rounds, sequential, pipelined))
+            finally:
+                proc.kill()
+                proc.wait()
         if host is not None:
             go_runs.append(_go_host(host, binary, sequential * rounds // 2, pipelined))
         load_after = os.getloadavg()
@@ -235,7 +268,8 @@ def run(
         "pipelined_per_round": pipelined,
         "in_flight": IN_FLIGHT,
         "loop": "asyncio default",
-        "plugin": "examples/grpc-kv-go, unsandboxed",
+        "plugin": "examples/grpc-kv-go, "
+        + ("sandboxed (PluginManager, default profile)" if sandboxed else "unsandboxed"),
     }
     return result
 
@@ -272,8 +306,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sequential", type=int, default=1000)
     parser.add_argument("--pipelined", type=int, default=IN_FLIGHT * 100)
     parser.add_argument("--go-host", action="store_true", help="go-plugin's Go host too")
+    parser.add_argument(
+        "--sandboxed", action="store_true", help="the plugin under PluginManager's sandbox"
+    )
     args = parser.parse_args(argv)
-    result = run(args.rounds, args.sequential, args.pipelined, go_host=args.go_host)
+    result = run(
+        args.rounds, args.sequential, args.pipelined, go_host=args.go_host, sandboxed=args.sandboxed
+    )
     print(format_table(result))
     print(json.dumps(result))
     return 0
