@@ -46,6 +46,7 @@ from sandboxer.loaders.grpc.h2.hpack import (
     encode_literal,
 )
 from sandboxer.loaders.grpc.h2.huffman import CODES, HuffmanError, huffman_decode
+from sandboxer.loaders.grpc.h2.stream import grpc_timeout
 
 # -- HPACK: RFC 7541 Appendix C ----------------------------------------------------------------
 
@@ -382,7 +383,7 @@ class FakeServer:
         frames = FrameReader(MAX_WINDOW)
         preface = await reader.readexactly(24)
         assert preface == b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-        await self.peers.put(Peer(queue, writer, Decoder()))
+        await self.peers.put(Peer(queue, writer, Decoder(max_header_list_size=1 << 20)))
         try:
             while data := await reader.read(65536):
                 for item in frames.feed(data):
@@ -830,6 +831,63 @@ async def test_an_answer_before_the_whole_request_stops_the_upload(socket_dir: s
         listener.close()
         for task in server._tasks:
             task.cancel()
+
+
+async def test_a_header_block_split_by_continuation_is_one_block(fake: FakeServer) -> None:
+    channel, peer = await connected(fake)
+    call = asyncio.ensure_future(channel.unary("/s/M", b"req", timeout=30))
+    await peer.expect(FrameType.HEADERS)
+    peer.send(
+        frame(FrameType.HEADERS, 0, 1, STATUS_200)
+        + frame(FrameType.CONTINUATION, 0, 1, GRPC_TYPE[:3])
+        + frame(FrameType.CONTINUATION, Flag.END_HEADERS, 1, GRPC_TYPE[3:])
+        + frame(FrameType.DATA, 0, 1, message(b"split"))
+        + headers(1, OK, end=True)
+    )
+    assert await asyncio.wait_for(call, 5) == b"split"
+    await channel.close()
+
+
+async def test_headers_of_a_stream_we_reset_still_feed_the_hpack_table(fake: FakeServer) -> None:
+    channel, peer = await connected(fake)
+    with pytest.raises(GrpcStatusError, match="DEADLINE_EXCEEDED"):
+        await channel.unary("/s/M", b"req", timeout=0.05)
+    await peer.expect(FrameType.RST_STREAM)
+    # Too late for stream 1, but its block adds "grpc-status: 0" to the table (index 62) ...
+    peer.send(headers(1, STATUS_200, GRPC_TYPE, b"\x40" + OK[1:], end=True))
+    call = asyncio.ensure_future(channel.unary("/s/M", b"req", timeout=30))
+    await peer.expect(FrameType.HEADERS)
+    # ... which stream 3's trailers refer to by index alone.
+    peer.send(
+        headers(3, STATUS_200, GRPC_TYPE)
+        + frame(FrameType.DATA, 0, 3, message(b"indexed"))
+        + headers(3, encode_indexed(62), end=True)
+    )
+    assert await asyncio.wait_for(call, 5) == b"indexed"
+    await channel.close()
+
+
+async def test_long_request_headers_go_out_in_continuation_frames(fake: FakeServer) -> None:
+    channel, peer = await connected(fake)
+    path = "/s/" + "m" * 20_000
+    call = asyncio.ensure_future(channel.unary(path, b"req", timeout=30))
+    first = await peer.expect(FrameType.HEADERS)
+    assert not first.flags & Flag.END_HEADERS
+    rest = await peer.expect(FrameType.CONTINUATION)
+    assert rest.flags & Flag.END_HEADERS
+    assert dict(peer.decoder.decode(first.payload + rest.payload))[b":path"] == path.encode()
+    peer.send(answer(1, b"long"))
+    assert await asyncio.wait_for(call, 5) == b"long"
+    await channel.close()
+
+
+@pytest.mark.parametrize(
+    ("seconds", "value"),
+    [(0.2, b"200000u"), (1e-7, b"1u"), (150.0, b"150000m"), (1e6, b"1000000S"),
+     (1e9, b"16666667M"), (1e12, b"99999999H")],
+)  # fmt: skip
+def test_grpc_timeout_is_eight_digits_rounded_up(seconds: float, value: bytes) -> None:
+    assert grpc_timeout(seconds) == value
 
 
 # -- the Go KV plugin (grpc-go via go-plugin), unsandboxed -------------------------------------
