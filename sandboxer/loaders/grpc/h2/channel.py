@@ -11,7 +11,8 @@ the connection: a GOAWAY with the RFC's code, then every pending call fails with
 missing grpc-status, two messages, a compressed or oversized message) fails that call alone and
 resets its stream. Memory is bounded by our own advertisements: one frame (MAX_FRAME_SIZE), one
 header block (MAX_HEADER_LIST_SIZE), one message per stream (``max_message``), the bytes of
-control frames we owe an unread peer; a call never waits on the server without its deadline.
+control frames we owe an unread peer. A call given a deadline never waits past it (the local
+timer resets the stream whatever the server does); one without waits as long as the server.
 """
 
 from __future__ import annotations
