@@ -227,6 +227,20 @@ def test_the_header_list_is_bounded() -> None:
         decoder.decode(encode_literal(b"a", b"x" * 60) + encode_indexed(8))
 
 
+def test_a_smaller_table_size_evicts_the_oldest_entries_first() -> None:
+    decoder = Decoder()
+    for block in C3:
+        decoder.decode(bytes.fromhex(block))
+    assert decoder.size == 164
+    assert decoder.decode(encode_integer(110, 5, 0x20) + encode_indexed(63)) == [
+        (b"cache-control", b"no-cache")
+    ]
+    assert decoder.entries == ((b"custom-key", b"custom-value"), (b"cache-control", b"no-cache"))
+    assert decoder.size == 107
+    with pytest.raises(HpackError, match="beyond the dynamic table"):
+        decoder.decode(encode_indexed(64))  # :authority was evicted
+
+
 def test_dynamic_table_size_updates_and_oversized_entries_evict() -> None:
     decoder = Decoder()
     decoder.decode(bytes.fromhex(C3[0]))
@@ -546,6 +560,11 @@ async def test_a_first_frame_other_than_settings_fails_connect(socket_dir: str) 
         listener.close()
         for task in server._tasks:
             task.cancel()
+
+
+async def test_no_server_is_connection_lost(socket_dir: str) -> None:
+    with pytest.raises(ConnectionLost, match="cannot connect"):
+        await H2Channel.connect(os.path.join(socket_dir, "nobody"))
 
 
 async def test_a_silent_server_fails_connect_on_time(socket_dir: str) -> None:
