@@ -7,6 +7,7 @@ test, not the sandbox) and grpcio's own Python server, for interop with a second
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import subprocess
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from conftest import IN_CI
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sandboxer.loaders.grpc.h2 import ConnectionLost, GrpcStatusError, H2Channel, ProtocolViolation
@@ -907,6 +908,91 @@ async def test_long_request_headers_go_out_in_continuation_frames(fake: FakeServ
 )  # fmt: skip
 def test_grpc_timeout_is_eight_digits_rounded_up(seconds: float, value: bytes) -> None:
     assert grpc_timeout(seconds) == value
+
+
+class _Sink(asyncio.Transport):
+    """A transport that keeps what is written: the channel driven without a socket."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = bytearray()
+        self.closing = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written += data
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    def abort(self) -> None:
+        self.closing = True
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+
+_STREAMS = st.sampled_from([0, 1, 1, 1, 3, 2, 1 << 31 | 1])
+_FLAGS = st.sampled_from([0, 1, 4, 5, 8, 0x24, 0x25, 0xFF])
+_BLOCKS = st.sampled_from(
+    [
+        STATUS_200 + GRPC_TYPE,
+        OK,
+        STATUS_200 + GRPC_TYPE + OK,
+        b"\x40\x01a\x01b",
+        b"\xbe",
+        b"\x3f\xe1\x1f",
+    ]
+)
+_U32 = st.integers(0, (1 << 32) - 1).map(lambda n: n.to_bytes(4, "big"))
+_PAYLOADS = {
+    FrameType.DATA: st.one_of(st.sampled_from([message(b"m"), b"\0\0"]), st.binary(max_size=20)),
+    FrameType.HEADERS: st.one_of(_BLOCKS, st.binary(max_size=20)),
+    FrameType.CONTINUATION: st.one_of(_BLOCKS, st.binary(max_size=8)),
+    FrameType.RST_STREAM: _U32,
+    FrameType.SETTINGS: st.lists(
+        st.tuples(st.integers(0, 9), st.integers(0, (1 << 32) - 1)), max_size=3
+    ).map(lambda pairs: b"".join(k.to_bytes(2, "big") + v.to_bytes(4, "big") for k, v in pairs)),
+    FrameType.PING: st.binary(min_size=8, max_size=8),
+    FrameType.GOAWAY: st.tuples(_U32, _U32, st.binary(max_size=8)).map(b"".join),
+    FrameType.WINDOW_UPDATE: _U32,
+    FrameType.PRIORITY: st.binary(min_size=5, max_size=5),
+    FrameType.PUSH_PROMISE: st.binary(max_size=8),
+}  # fmt: skip
+SERVER_FRAMES = st.lists(
+    st.one_of(
+        *(st.tuples(st.just(int(t)), _FLAGS, _STREAMS, p) for t, p in _PAYLOADS.items()),
+        st.tuples(st.integers(10, 255), _FLAGS, _STREAMS, st.binary(max_size=8)),
+    ),
+    max_size=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(SERVER_FRAMES)
+def test_whatever_the_server_sends_a_call_ends_in_one_of_our_errors(
+    frames: list[tuple[int, int, int, bytes]],
+) -> None:
+    async def main() -> None:
+        channel = H2Channel(max_message=1024, authority=b"localhost")
+        channel.connection_made(_Sink())
+        channel.data_received(settings_frame({}))
+        call = asyncio.ensure_future(channel.unary("/s/M", b"req", 5))
+        await asyncio.sleep(0)  # stream 1 is open
+        for kind, flags, stream, payload in frames:
+            channel.data_received(frame(kind, flags, stream, payload))  # type: ignore[arg-type]
+        await asyncio.sleep(0)
+        if call.done():
+            error = call.exception()
+            assert error is None or isinstance(error, (ConnectionLost, GrpcStatusError)), error
+        channel.connection_lost(None)
+        with contextlib.suppress(ConnectionLost, GrpcStatusError):
+            await asyncio.wait_for(call, 1)
+        assert channel.statistics().in_flight == 0
+
+    asyncio.run(main())
 
 
 # -- the Go KV plugin (grpc-go via go-plugin), unsandboxed -------------------------------------
