@@ -853,6 +853,42 @@ async def test_an_answer_before_the_whole_request_stops_the_upload(socket_dir: s
             task.cancel()
 
 
+async def test_a_reset_during_the_upload_is_not_answered_with_a_reset(socket_dir: str) -> None:
+    server = FakeServer(
+        os.path.join(socket_dir, "s"), settings=settings_frame({Setting.INITIAL_WINDOW_SIZE: 10})
+    )
+    listener = await asyncio.start_unix_server(server.handler, server.path)
+    try:
+        channel, peer = await connected(server)
+        call = asyncio.ensure_future(channel.unary("/s/M", b"x" * 100, timeout=30))
+        await peer.expect(FrameType.DATA)
+        peer.send(rst_stream_frame(1, ErrorCode.REFUSED_STREAM))
+        with pytest.raises(GrpcStatusError, match="UNAVAILABLE"):
+            await asyncio.wait_for(call, 5)
+        peer.send(frame(FrameType.PING, 0, 0, b"after..."))
+        seen = []
+        while not (seen and seen[-1] == (FrameType.PING, b"after...")):
+            got = await asyncio.wait_for(peer.frames.get(), 5)
+            seen.append((got.type, got.payload))
+        assert FrameType.RST_STREAM not in [kind for kind, _ in seen]
+        await channel.close()
+    finally:
+        listener.close()
+        for task in server._tasks:
+            task.cancel()
+
+
+async def test_goaway_debug_text_is_shown_without_control_characters(fake: FakeServer) -> None:
+    channel, peer = await connected(fake)
+    call = asyncio.ensure_future(channel.unary("/s/M", b"1", timeout=30))
+    await peer.expect(FrameType.HEADERS)
+    peer.send(goaway_frame(0, ErrorCode.ENHANCE_YOUR_CALM, b"bye\x1b[31m\n"))
+    with pytest.raises(ConnectionLost) as caught:
+        await asyncio.wait_for(call, 5)
+    assert "ENHANCE_YOUR_CALM: bye?[31m?" in str(caught.value)
+    await channel.close()
+
+
 async def test_a_header_block_split_by_continuation_is_one_block(fake: FakeServer) -> None:
     channel, peer = await connected(fake)
     call = asyncio.ensure_future(channel.unary("/s/M", b"req", timeout=30))

@@ -644,6 +644,7 @@ class H2Channel(asyncio.Protocol):
         if stream is None:
             return
         code = parse_u32(item.payload)
+        stream.pending.clear()  # no RST_STREAM answers one (RFC 9113 5.4.2)
         self._finish(
             stream,
             GrpcStatusError(
@@ -658,9 +659,13 @@ class H2Channel(asyncio.Protocol):
         if self._goaway is not None and last > self._goaway:
             raise H2Error(ErrorCode.PROTOCOL_ERROR, "a GOAWAY raised its last-stream-id")
         self._goaway = last
-        debug = item.payload[8:200].decode("utf-8", errors="replace")
+        debug = "".join(
+            c if c.isprintable() else "?"
+            for c in item.payload[8:200].decode("utf-8", errors="replace")
+        )  # the server's text, in our message: no control characters
         why = f"the server said GOAWAY ({ErrorCode.describe(code)}{': ' + debug if debug else ''})"
         for stream in [s for s in self._streams.values() if s.id > last]:
+            stream.pending.clear()  # the server dropped the stream: nothing to reset
             self._finish(stream, ConnectionLost(f"{why}; the call was not processed"))
         if not self._streams:
             self._end(ConnectionLost(why), ErrorCode.NO_ERROR)
