@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from dataclasses import dataclass
+from typing import cast
 
 from .frames import (
     DEFAULT_MAX_FRAME_SIZE,
@@ -393,10 +394,9 @@ class H2Channel(asyncio.Protocol):
 
     # -- the asyncio.Protocol side ------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if not isinstance(transport, asyncio.Transport):
-            raise TypeError("H2Channel needs a stream transport")
-        self._transport = transport
-        transport.write(
+        # A stream transport (uvloop's are not asyncio.Transport subclasses, so no isinstance).
+        self._transport = cast(asyncio.Transport, transport)
+        self._transport.write(
             PREFACE
             + settings_frame(_SETTINGS)
             + window_update_frame(0, CONNECTION_WINDOW - DEFAULT_WINDOW)
