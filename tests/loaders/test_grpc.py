@@ -425,3 +425,13 @@ async def test_a_call_past_its_timeout_is_call_timeout(tmp_path: Path, kv_go: Pa
             await p.call("Get", {"key": "slow"}, timeout=0.5)
         assert time.monotonic() - started < 2.5 and caught.value.timeout == 0.5
         assert await p.call("Get", {"key": "fine"}) == {}
+
+
+def test_discovery_sees_a_go_plugin(tmp_path: Path, kv_go: Path) -> None:
+    from sandboxer.discovery import DiscoveredPlugin, scan
+
+    root = plugin_dir(tmp_path, kv_go)
+    (found,) = scan([tmp_path])
+    assert isinstance(found, DiscoveredPlugin) and found.path == root
+    assert found.manifest.protocol.value == "grpc" and found.manifest.grpc is not None
+    assert found.manifest.grpc.service == "proto.KV"
