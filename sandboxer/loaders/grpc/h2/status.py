@@ -4,7 +4,7 @@
 or RST_STREAM code mapped as grpc's PROTOCOL-HTTP2.md and http-grpc-status-mapping.md say, or
 our own deadline and limits). ``ConnectionLost``: the connection under the call is gone (closed,
 refused by GOAWAY, or ended by us because the server broke HTTP/2: ``ProtocolViolation``).
-When this prototype is wired into the loader these map onto sandboxer's error tree.
+The loader (loader.py, GrpcHandle._call_error) maps them onto sandboxer's error tree.
 """
 
 from __future__ import annotations
