@@ -343,10 +343,7 @@ class GrpcLoader:
                     launch,
                     env={**launch.env, **env, "TMPDIR": inside, "PLUGIN_UNIX_SOCKET_DIR": inside},
                     rpc=False,
-                    mounts=(
-                        *launch.mounts,
-                        Mount(sockets, inside, writable=True, exec=False, root="/"),
-                    ),
+                    mounts=(*launch.mounts, _socket_mount(sockets, inside)),
                 )
                 proc, confinement = await launch_confined(
                     launch,
