@@ -16,6 +16,8 @@ from typing import AsyncIterator, Callable
 
 import pytest
 
+from sandboxer.sandbox import forkserver
+
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
 IN_CI = os.environ.get("CI") == "true"
@@ -92,7 +94,9 @@ def _mounts() -> list[str]:
 @pytest.fixture
 def no_leaks():
     """Fails the test if it leaves an fd, a child process, a plugin module, a cgroup or a
-    mount behind."""
+    mount behind. The sandbox launcher's fork server, which lives as long as the process, is
+    started first, so that it counts as there before."""
+    forkserver.prestart()
     fds, kids, mods = _open_fds(), _children(), _plugin_modules()
     groups, mounts = _plugin_cgroups(), _mounts()
     yield

@@ -53,6 +53,7 @@ __all__ = [
     "capset_empty",
     "capget",
     "loopback_up",
+    "fork_sibling",
 ]
 
 if os.uname().machine != "x86_64":  # syscall numbers below are x86-64's
@@ -98,6 +99,7 @@ MOVE_MOUNT_F_EMPTY_PATH = 0x04
 MOVE_MOUNT_T_EMPTY_PATH = 0x40
 
 SYS_pivot_root = 155
+SYS_clone3 = 435
 SYS_open_tree = 428
 SYS_move_mount = 429
 SYS_close_range = 436
@@ -349,3 +351,53 @@ def loopback_up() -> None:
         request = struct.pack("16sh22x", b"lo", 0)
         flags = struct.unpack("16sh22x", fcntl.ioctl(s, SIOCGIFFLAGS, request))[1]
         fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sh22x", b"lo", flags | IFF_UP))
+
+
+CLONE_PARENT = 0x00008000
+
+
+class _CloneArgs(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_uint64)
+        for name in (
+            "flags",
+            "pidfd",
+            "child_tid",
+            "parent_tid",
+            "exit_signal",
+            "stack",
+            "stack_size",
+            "tls",
+            "set_tid",
+            "set_tid_size",
+            "cgroup",
+        )
+    ]
+
+
+# The same C library through ctypes.PyDLL: a call that keeps the interpreter's lock, as a
+# fork must (the child resumes in the middle of this call, holding it).
+_libc_gil = ctypes.PyDLL(None, use_errno=True)
+_libc_gil.syscall.restype = ctypes.c_long
+
+
+def fork_sibling() -> int:
+    """clone3(2) with CLONE_PARENT, wrapped in the interpreter's fork hooks as os.fork() is:
+    a copy of this single-threaded process whose parent is this process's parent (so the
+    caller's parent reaps it, watches it through a pidfd and gets its SIGCHLD). Returns 0 in
+    the child, the child's pid in the caller."""
+    # exit_signal stays 0: with CLONE_PARENT the kernel takes the caller's own (SIGCHLD) and
+    # refuses any other.
+    args = _CloneArgs(flags=CLONE_PARENT)
+    ctypes.pythonapi.PyOS_BeforeFork()
+    pid = _libc_gil.syscall(
+        ctypes.c_long(SYS_clone3), ctypes.byref(args), ctypes.c_size_t(ctypes.sizeof(args))
+    )
+    if pid == 0:
+        ctypes.pythonapi.PyOS_AfterFork_Child()
+        return 0
+    errno = ctypes.get_errno()
+    ctypes.pythonapi.PyOS_AfterFork_Parent()
+    if pid < 0:
+        raise OSError(errno, f"clone3: {os.strerror(errno)}")
+    return int(pid)

@@ -296,10 +296,16 @@ def spawn(
     executable: str | None = None,
     stdin: int | None = None,
     owner: tuple[int, int] | None = None,
+    starter: Callable[[list[int]], int] | None = None,
 ) -> PluginProcess:
     """Start ``argv`` (argv[0] an absolute path, unless ``executable`` names the program)
     with ``rpc_fd`` as its fd 3 and each ``extra_fds`` source at its target number (4 and
     up); ``stdin`` (checked by ``check_stdin``) as its fd 0, else /dev/null.
+
+    ``starter``, when given, starts the process instead of posix_spawn (``argv`` and ``env``
+    are then its business): it gets the fds the process must have as 0, 1, 2, ... in that
+    order (the extra fds' targets must follow 3 without a gap) and returns the pid of a new
+    child of this process (the sandbox launcher's fork server, sandbox/forkserver.py).
 
     ``owner`` (host uid, gid): who the program runs as, made owner of its stdout and stderr
     pipes (and of a pipe given as stdin), so that it can reopen them by name as any program
@@ -324,19 +330,31 @@ def spawn(
     }
     if stdin is not None:
         extra[0] = fcntl.fcntl(stdin, fcntl.F_DUPFD_CLOEXEC, _MIN_FD)
+    elif starter is not None:
+        extra[0] = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
     try:
-        actions = [
-            (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),  # replaced by a stdin
-            (os.POSIX_SPAWN_DUP2, out_w, 1),
-            (os.POSIX_SPAWN_DUP2, err_w, 2),
-            (os.POSIX_SPAWN_DUP2, rpc_copy, RPC_FD),
-        ] + [(os.POSIX_SPAWN_DUP2, source, target) for target, source in extra.items()]
-        # Whatever the supervisor's host application left inheritable must not reach the
-        # plugin: close every such fd in the child (targets 0-5 are set above).
-        actions += [
-            (os.POSIX_SPAWN_CLOSE, fd) for fd in _inheritable_fds() if fd > max([RPC_FD, *extra])
-        ]
-        pid = os.posix_spawn(executable or argv[0], argv, env, file_actions=actions, setsid=True)
+        if starter is not None:
+            targets = {0: extra[0], 1: out_w, 2: err_w, RPC_FD: rpc_copy, **extra}
+            if sorted(targets) != list(range(len(targets))):
+                raise ValueError(f"the fds' targets leave a gap: {sorted(targets)}")
+            pid = starter([targets[n] for n in range(len(targets))])
+        else:
+            actions = [
+                (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),  # replaced by a stdin
+                (os.POSIX_SPAWN_DUP2, out_w, 1),
+                (os.POSIX_SPAWN_DUP2, err_w, 2),
+                (os.POSIX_SPAWN_DUP2, rpc_copy, RPC_FD),
+            ] + [(os.POSIX_SPAWN_DUP2, source, target) for target, source in extra.items()]
+            # Whatever the supervisor's host application left inheritable must not reach the
+            # plugin: close every such fd in the child (targets 0-5 are set above).
+            actions += [
+                (os.POSIX_SPAWN_CLOSE, fd)
+                for fd in _inheritable_fds()
+                if fd > max([RPC_FD, *extra])
+            ]
+            pid = os.posix_spawn(
+                executable or argv[0], argv, env, file_actions=actions, setsid=True
+            )
     except BaseException:
         for fd in (out_r, err_r):
             os.close(fd)

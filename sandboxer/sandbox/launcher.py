@@ -1,12 +1,13 @@
-"""The sandbox launcher: a fresh, single-threaded process that builds the sandbox and execs.
+"""The sandbox launcher: a single-threaded process that builds the sandbox and execs.
 
-Run by the supervisor as ``sandboxer-launcher -I -S -c "...import launcher; launcher.main()"``
-(argv[0] and the code name no host path, since a plugin can read PID 1's command line; the
-script's directory comes in ``SANDBOXER_LAUNCHER_DIR``, so that importing it pulls in nothing
-but the standard library and, by bare name from that directory, ``_syscalls`` and the
-launcher's own ``launcher_steps`` (the steps, and how a failed one is reported) and
-``launcher_mounts`` (the new root); -S: no site-packages, so no .pth file runs code in this
-privileged process) with:
+Forked for each launch from the fork server (``serve()`` below; sandbox/forkserver.py is the
+supervisor's side), which the supervisor runs as ``sandboxer-launcher -I -S -c "...import
+launcher; launcher.serve()"`` (argv[0] and the code name no host path, since a plugin can
+read PID 1's command line; the script's directory comes in ``SANDBOXER_LAUNCHER_DIR``, so
+that importing it pulls in nothing but the standard library and, by bare name from that
+directory, ``_syscalls`` and the launcher's own ``launcher_steps`` (the steps, and how a
+failed one is reported) and ``launcher_mounts`` (the new root); -S: no site-packages, so no
+.pth file runs code in this privileged process). Each launcher starts in ``main()`` with:
 
     fd 0  /dev/null          fd 3  the plugin's end of the RPC socket
     fd 1  stdout pipe        fd 4  control pipe from the supervisor (spec, then "go")
@@ -48,6 +49,9 @@ from __future__ import annotations
 # not be inside (an interpreter outside /usr).
 import base64
 import ctypes
+import errno
+import fcntl
+import gc
 import json
 import os
 import resource
@@ -94,10 +98,12 @@ NAMESPACES = (
 )
 
 
+_libc = ctypes.CDLL(None, use_errno=True)  # once: every CDLL() is a dlopen
+
+
 def _libc_prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
     if (
-        libc.prctl(
+        _libc.prctl(
             ctypes.c_int(option),
             ctypes.c_ulong(arg2),
             ctypes.c_ulong(arg3),
@@ -152,12 +158,25 @@ def drop_supplementary_groups() -> None:
             os.setgroups([])
 
 
+# The supervisor's pid, as the fork server found its parent: a launcher whose parent is
+# anyone else was orphaned before it could arm its parent-death signal.
+SUPERVISOR: int | None = None
+
+
+def die_with_supervisor() -> None:
+    """Arm the parent-death signal, then make sure the supervisor did not die first. The
+    kernel disarms it whenever the euid or egid changes, so it is armed again after each."""
+    _libc_prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if SUPERVISOR is not None and os.getppid() != SUPERVISOR:
+        os._exit(127)  # nobody is left to report to
+
+
 def unshare_namespaces(spec: dict[str, Any]) -> None:
     flags = NAMESPACES
     if spec["network"]["mode"] == "host":  # full network: the host policy allowed it
         flags &= ~sc.CLONE_NEWNET
     with step(Step.NAMESPACES):
-        _libc_prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # die with the supervisor
+        die_with_supervisor()
         sc.unshare(flags)
 
 
@@ -204,6 +223,7 @@ def become_sandbox_ids(spec: dict[str, Any]) -> None:
     with step(Step.IDS):
         os.setresgid(spec["gid"], spec["gid"], spec["gid"])
         os.setresuid(spec["uid"], spec["uid"], spec["uid"])
+        die_with_supervisor()  # the id change disarmed it
 
 
 def proxy(child: int, exit_pipe: int) -> None:
@@ -332,9 +352,8 @@ def load_seccomp(spec: dict[str, Any]) -> None:
 
     with step(Step.SECCOMP):
         prog = SockFprog(len(program) // 8, program)
-        libc = ctypes.CDLL(None, use_errno=True)
         if (
-            libc.prctl(
+            _libc.prctl(
                 ctypes.c_int(22),
                 ctypes.c_ulong(2),
                 ctypes.byref(prog),
@@ -482,6 +501,75 @@ def main() -> None:
             if kind == "f":
                 os.close(int(payload))
     proxy(child, exit_read)
+
+
+# -- the fork server: a launcher started once, forking one launcher per sandbox --------------
+
+REQUEST_FD = 3  # the server's end of its request socket (SOCK_SEQPACKET)
+LAUNCHER_FDS = 6  # what each launcher starts with: fds 0-5 (the table in the docstring)
+
+
+def _become_launcher(fds: list[int]) -> None:
+    """In a forked launcher: the received fds become 0-5, everything else is closed, a new
+    session as posix_spawn's setsid gave; then the launcher runs as if started afresh."""
+    try:
+        os.setsid()
+        high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 16) for fd in fds]
+        for fd in fds:
+            os.close(fd)
+        for target, fd in enumerate(high):
+            os.dup2(fd, target)  # inheritable, as posix_spawn's dup2 leaves them
+        sc.close_range(LAUNCHER_FDS)
+    except BaseException:
+        os._exit(127)
+    main()
+    os._exit(127)  # main() never returns: it execs, reports and exits, or proxies and exits
+
+
+def serve() -> None:
+    """The fork server (sandbox/forkserver.py is the supervisor's side): this process, started
+    like a launcher with its request socket as fd 3, forks a launcher for each request.
+
+    A request is one message, "L" with the new launcher's fds 0-5 (SCM_RIGHTS); the answer
+    is "P<pid>" or "E<errno>". The fork is a clone with CLONE_PARENT: the launcher is the
+    supervisor's own child, watched and reaped by it as one it spawned. The server never
+    reads a spec or touches a sandbox: every launcher is a copy of this pristine process, so
+    nothing of one launch reaches the next. It exits when the supervisor closes the socket."""
+    global SUPERVISOR
+    SUPERVISOR = os.getppid()
+    os.chdir("/")
+    with step(Step.FDS):
+        sc.close_range(REQUEST_FD + 1)
+    requests = socket.socket(fileno=REQUEST_FD)
+    gc.collect()
+    gc.freeze()  # the launchers' copies of these objects stay shared with this process
+    while True:
+        try:
+            message, fds, flags, _ = socket.recv_fds(
+                requests, 16, LAUNCHER_FDS, socket.MSG_CMSG_CLOEXEC
+            )
+        except OSError:
+            os._exit(1)
+        if not message:
+            os._exit(0)
+        if message != b"L" or len(fds) != LAUNCHER_FDS or flags & socket.MSG_CTRUNC:
+            for fd in fds:
+                os.close(fd)
+            requests.send(b"E%d" % errno.EINVAL)
+            continue
+        try:
+            pid = sc.fork_sibling()
+        except OSError as exc:
+            for fd in fds:
+                os.close(fd)
+            requests.send(b"E%d" % (exc.errno or errno.EIO))
+            continue
+        if pid == 0:
+            requests.detach()
+            _become_launcher(fds)
+        for fd in fds:
+            os.close(fd)
+        requests.send(b"P%d" % pid)
 
 
 if __name__ == "__main__":

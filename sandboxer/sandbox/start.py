@@ -16,31 +16,16 @@ import json
 import logging
 import os
 import socket
-import sys
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 from ..errors import SandboxUnavailable
-from . import child
+from . import child, forkserver
 from .egress import EgressEndpoint, network_mode
 from .policy import SETUP_TIMEOUT
 from .sources import Sources
 from .spec import SANDBOX_GID, SANDBOX_UID, LaunchSpec, build_spec
 
-__all__ = ["launch", "SandboxSetupError", "LAUNCHER"]
-
-LAUNCHER = str(Path(__file__).with_name("launcher.py"))
-# The launcher's command line, as the plugin can read it in /proc/1/cmdline: no host path in
-# it. The script's location goes in the environment, which a plugin cannot read (the
-# launcher's processes are not dumpable once they change ids).
-_LAUNCHER_ARGV = [
-    "sandboxer-launcher",
-    "-I",
-    "-S",
-    "-c",
-    "import os, sys; sys.path.insert(0, os.environ['SANDBOXER_LAUNCHER_DIR']); "
-    "import launcher; launcher.main()",
-]
+__all__ = ["launch", "SandboxSetupError"]
 
 
 class SandboxSetupError(SandboxUnavailable):
@@ -189,11 +174,11 @@ async def launch(
     status, status_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         proc = child.spawn(
-            _LAUNCHER_ARGV,
-            {"PATH": "/usr/bin:/bin", "SANDBOXER_LAUNCHER_DIR": os.path.dirname(LAUNCHER)},
+            [],
+            {},
             rpc_fd=rpc_fd,
             logger=logger,
-            executable=sys.executable,
+            starter=forkserver.start_launcher,
             extra_fds={4: control_r, 5: status_w.fileno()},
             sinks=sinks,
             stdin=stdin,
