@@ -2,9 +2,9 @@
 
 ``HostConfig`` is composed of one part per concern, each a frozen dataclass its readers can
 name on its own: the sandbox's policy (``sandbox.policy.SandboxPolicy``: ceilings, path roots,
-profiles, network, fallbacks) and, here, registry trust, supervision timings, the wasm pool and
-the egress proxy's tuning. The parts are combined as bases of one dataclass so that the file
-stays one flat ``[host]`` / ``[limits]`` table and code keeps writing
+profiles, network, fallbacks) and, here, registry trust, supervision timings, the wasm pool, the
+warm sandboxes and the egress proxy's tuning. The parts are combined as bases of one dataclass
+so that the file stays one flat ``[host]`` / ``[limits]`` table and code keeps writing
 ``HostConfig(max_memory_limit=..., wasm_instances=2)``.
 
 Loaded from ``$SANDBOXER_CONFIG`` or ``/etc/sandboxer/sandboxer.toml`` (``HostConfig.load()``).
@@ -30,6 +30,7 @@ __all__ = [
     "RegistryTrust",
     "Supervision",
     "WasmPool",
+    "SandboxWarmPool",
     "EgressTuning",
     "DEFAULT_CONFIG_PATH",
 ]
@@ -67,6 +68,17 @@ class WasmPool:
 
 
 @dataclass(frozen=True)
+class SandboxWarmPool:
+    """Warm sandboxes for the plugin host (sandbox/pool.py): how many wait per shape (0:
+    none; every plugin starts cold), the memory all waiting sandboxes may use, and the host's
+    available memory below which none is made."""
+
+    warm_sandboxes: int = 2
+    warm_memory_budget: int = 128 << 20
+    warm_min_available: int = 512 << 20
+
+
+@dataclass(frozen=True)
 class EgressTuning:
     """The egress proxy (network_allowed with allowed_hosts): names it resolves from this
     hosts file before DNS; connections one plugin may hold at once; how long a client has to
@@ -82,7 +94,9 @@ class EgressTuning:
 
 
 @dataclass(frozen=True)
-class HostConfig(SandboxPolicy, RegistryTrust, Supervision, WasmPool, EgressTuning):
+class HostConfig(
+    SandboxPolicy, RegistryTrust, Supervision, WasmPool, SandboxWarmPool, EgressTuning
+):
     """The host's policy and settings: every part above, and the file it came from."""
 
     source: str = ""
@@ -164,6 +178,9 @@ _HOST_KEYS: dict[str, Callable[[Any], Any]] = {
     "health_failures": _whole(1, 1000, "a whole number of failed checks"),
     "max_frame": parse_size,
     "wasm_instances": _whole(1, 64, "a number of instances per wasm plugin"),
+    "warm_sandboxes": _whole(0, 64, "a number of warm sandboxes per shape"),
+    "warm_memory_budget": parse_size,
+    "warm_min_available": parse_size,
     "egress_hosts_file": parse_denied_path,
     "egress_max_connections": _whole(1, 4096, "a number of connections"),
     "egress_header_timeout": parse_duration,

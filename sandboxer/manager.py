@@ -46,7 +46,8 @@ from .loaders.wasm import WasmEngine, WasmLoader
 from .manifest import LoaderType, Plugin, Protocol, load_plugin, verify_integrity
 from .reload import ReloadHost, reload_generation
 from .sandbox.egress import EgressProxy
-from .sandbox.policy import SandboxConfig, effective_config
+from .sandbox.policy import SandboxConfig, SandboxRequest, effective_config
+from .sandbox.pool import SandboxPool
 
 __all__ = ["PluginManager", "LoadedPlugin", "PluginEvent", "PluginStatistics", "EventStream"]
 
@@ -121,6 +122,13 @@ class LoadedPlugin:
         limited by RLIMIT_AS because no cgroup could be made); empty when fully enforced."""
         gen = self._life.current
         return tuple(getattr(gen.handle, "fallbacks", ())) if gen else ()
+
+    @property
+    def started_warm(self) -> bool:
+        """Whether the current generation started in a warm sandbox, made ahead of time
+        (sandbox/pool.py), rather than cold."""
+        gen = self._life.current
+        return bool(getattr(gen.handle, "started_warm", False)) if gen else False
 
     def grpc_channel(self) -> Any:
         """The ``grpc.aio.Channel`` to the current generation of a go-plugin gRPC plugin, for
@@ -242,6 +250,7 @@ class PluginManager:
         # Tasks the manager owns (health checks, cleanup after a crash); awaited at close.
         self._background: set[asyncio.Task[None]] = set()
         self._health_task: asyncio.Task[None] | None = None
+        self._pool: SandboxPool | None = None  # warm sandboxes: made at the first need
 
     async def __aenter__(self) -> PluginManager:
         return self
@@ -264,6 +273,8 @@ class PluginManager:
                 errors.append(exc)
         if self._health_task is not None:
             self._health_task.cancel()
+        if self._pool is not None:
+            await self._pool.aclose()
         while self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         for subscription in list(self._subscribers):
@@ -328,6 +339,32 @@ class PluginManager:
             return explicit
         return effective_config(plugin.sandbox, self.config, plugin_id=plugin.id)
 
+    def _warm_pool(self) -> SandboxPool | None:
+        """The warm sandboxes of the plugin host (python and native plugins), made on first
+        need and then kept filled: the default shape (a plugin that asks for nothing), and
+        every shape a load started cold. None when the host config keeps none."""
+        if self._pool is None and self.config.warm_sandboxes > 0 and not self._closed:
+            host = self._process_loaders[LoaderType.PYTHON]
+            self._pool = SandboxPool(
+                host.make_warm,
+                size=self.config.warm_sandboxes,
+                memory_budget=self.config.warm_memory_budget,
+                min_available=self.config.warm_min_available,
+            )
+            for kind in (LoaderType.PYTHON, LoaderType.NATIVE):
+                self._process_loaders[kind].pool = self._pool
+            default = host.warm_template_for(effective_config(SandboxRequest(), self.config))
+            if default is not None:
+                self._pool.keep(default)
+        return self._pool
+
+    async def warm_up(self) -> None:
+        """Make the warm sandboxes now and wait until they are ready (otherwise the first
+        python or native load makes them, in the background, and starts cold itself)."""
+        pool = self._warm_pool()
+        if pool is not None:
+            await pool.filled()
+
     def _loader_for(self, plugin: Plugin, sandbox: SandboxConfig) -> Loader:
         if not sandbox.enabled:
             if plugin.type not in (LoaderType.PYTHON, LoaderType.NATIVE):
@@ -357,6 +394,16 @@ class PluginManager:
                 )
             return self._wasm_loader
         loader = self._process_loaders.get(plugin.type)
+        if (
+            loader is not None
+            and loader.pool is None
+            and plugin.type
+            in (
+                LoaderType.PYTHON,
+                LoaderType.NATIVE,
+            )
+        ):
+            self._warm_pool()
         if loader is not None and plugin.protocol is Protocol.GRPC:
             if self._grpc_loader is None:
                 from .loaders.grpc.loader import GrpcLoader  # grpcio: imported when first used

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +24,7 @@ from .._pymodule import PythonModule
 from ..errors import PluginCallError, SandboxerError
 from ..rpc.framing import DEFAULT_MAX_FRAME
 from ..rpc.server import Handlers, Server, socket_from_env
+from . import WARM
 
 
 def _python_handlers(args: argparse.Namespace) -> Handlers:
@@ -87,7 +90,24 @@ def _native_error(plugin_id: str) -> Callable[[BaseException, str], PluginCallEr
     return convert
 
 
+def _handed_over(sock: socket.socket) -> list[str] | None:
+    """In a warm sandbox: the arguments, one JSON line on the RPC socket, which the
+    supervisor sends once the plugin's files are in place (and before anything else: the
+    handshake is ours to begin). None: the sandbox was discarded unused."""
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(1 << 16)
+        if not chunk:
+            return None
+        data += chunk
+    args = json.loads(data)
+    if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+        raise ValueError("the handed-over arguments are not a list of strings")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
+    # The parser first: in a warm sandbox it is made while waiting (making one costs ms).
     parser = argparse.ArgumentParser(prog="python -m sandboxer.host")
     parser.add_argument("--kind", choices=("python", "native"), required=True)
     parser.add_argument("--entrypoint", required=True)
@@ -95,7 +115,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--id", required=True)
     parser.add_argument("--version", required=True)
     parser.add_argument("--methods", default="")
+    argv = sys.argv[1:] if argv is None else argv
+    warm = argv == [WARM]
+    if warm:
+        try:
+            sock, _ = socket_from_env()
+            handed = _handed_over(sock)
+        except (RuntimeError, OSError, ValueError) as exc:
+            print(f"sandboxer.host: {exc}", file=sys.stderr)
+            return 2
+        sock.detach()  # the same fd is the server's socket below
+        if handed is None:
+            return 0
+        argv = handed
     args = parser.parse_args(argv)
+    if warm:  # the plugin's copy was mounted over the directory this process started in
+        os.chdir(args.root)
     try:
         sock, cookie = socket_from_env()
     except RuntimeError as exc:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import os
 import secrets
@@ -42,19 +43,22 @@ from ..errors import (
     PluginStateError,
     SandboxerError,
 )
+from ..host import WARM
 from ..manifest import LoaderType, Plugin
 from ..rpc.client import HandshakeInfo, RpcConnection
 from ..rpc.framing import DEFAULT_MAX_FRAME
 from ..sandbox import cgroups
 from ..sandbox import child as _process
-from ..sandbox.cgroups import CgroupBackend
+from ..sandbox.cgroups import CgroupBackend, CgroupLimits
 from ..sandbox.confinement import Confinement, launch_confined
-from ..sandbox.egress import EgressProxy
+from ..sandbox.egress import EgressProxy, network_mode
 from ..sandbox.policy import SETUP_TIMEOUT, SandboxConfig
+from ..sandbox.pool import SandboxPool, TooLargeForWarm, WarmSandbox, shape_key
 from ..sandbox.runtime import Runtime, runtime
 from ..sandbox.seccomp import compile_filter
 from ..sandbox.spec import PLUGIN_MOUNT, LaunchSpec, Mount, base_mounts, grant_mounts, mask_plan
 from . import NO_STATE, Health, NoState, ResourceUsage, external, native, not_implemented, python
+from .plugin_host import host_args
 
 __all__ = [
     "ProcessLoader",
@@ -191,8 +195,11 @@ class ProcessHandle:
         conn: RpcConnection,
         info: HandshakeInfo,
         confinement: Confinement | None = None,
+        *,
+        started_warm: bool = False,
     ) -> None:
         self.plugin = plugin
+        self.started_warm = started_warm  # in a sandbox made ahead (sandbox/pool.py)
         self._sandbox = sandbox
         self._proc = proc
         self._confinement = confinement
@@ -225,6 +232,12 @@ class ProcessHandle:
     @property
     def pid(self) -> int:
         return self._proc.pid
+
+    @property
+    def cgroup_path(self) -> str | None:
+        """The process's cgroup (v1: its memory hierarchy's directory), if it has one."""
+        group = self._confinement.cgroup if self._confinement is not None else None
+        return group.path if group is not None else None
 
     @property
     def fallbacks(self) -> tuple[str, ...]:
@@ -368,6 +381,8 @@ class ProcessLoader:
         grant_owner: tuple[int, int] | None = None,
     ) -> None:
         self.kind = kind
+        # Warm sandboxes for the plugin host (python and native kinds): set by the manager.
+        self.pool: SandboxPool | None = None
         self.egress = egress if egress is not None else EgressProxy()
         self.handshake_timeout = handshake_timeout
         self.setup_timeout = setup_timeout
@@ -386,6 +401,13 @@ class ProcessLoader:
         if not sandbox.enabled:
             return await self.start_process(plugin, sandbox, plugin_command(plugin))
         spec = self.launch_spec(plugin, sandbox)
+        template = self.warm_template(spec)
+        if template is not None and self.pool is not None:
+            warm = self.pool.take(template)
+            if warm is not None:
+                handle = await self._start_warm(plugin, sandbox, spec, warm)
+                if handle is not None:
+                    return handle
         backend = self.cgroups()
 
         async def spawn(
@@ -404,6 +426,79 @@ class ProcessLoader:
 
         return await self.start_process(plugin, sandbox, spec.argv, spawner=spawn)
 
+    # -- warm sandboxes (sandbox/pool.py) ----------------------------------------------------
+
+    def warm_template(self, spec: LaunchSpec) -> LaunchSpec | None:
+        """The shape of warm sandbox ``spec`` could start in (the plugin host waiting, the
+        copies to come at take time), or None when it cannot start warm: not the plugin host,
+        or its egress goes through a proxy endpoint made for one plugin."""
+        if self.kind not in (LoaderType.PYTHON, LoaderType.NATIVE):
+            return None
+        if network_mode(spec.sandbox) == "proxy":
+            return None
+        return dataclasses.replace(
+            spec, argv=runtime().host_argv(WARM), copies=(), warm=(PLUGIN_MOUNT,)
+        )
+
+    def warm_template_for(self, sandbox: SandboxConfig) -> LaunchSpec | None:
+        """The shape of warm sandbox a plugin run with ``sandbox`` takes (whatever its files:
+        they come at take time)."""
+        return self.warm_template(self._host_spec(sandbox, argv=[], copies=(), plugin_root=None))
+
+    async def make_warm(self, template: LaunchSpec) -> WarmSandbox:
+        """A sandbox of ``template``'s shape, its plugin host started and waiting."""
+        cookie = secrets.token_hex(16)
+        env = plugin_environment(cookie, self.max_frame)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        kept: list[socket.socket] = []
+        try:
+            proc, confinement = await launch_confined(
+                dataclasses.replace(template, env={**env, **template.env}),
+                backend=self.cgroups(),
+                rpc_fd=theirs.fileno(),
+                logger=logging.getLogger("sandboxer.pool"),
+                fallbacks=self.fallbacks,
+                plugin_id="-",
+                setup_timeout=self.setup_timeout,
+                handover=kept.append,
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        return WarmSandbox(proc, confinement, ours, cookie, kept[0], shape_key(template))
+
+    async def _start_warm(
+        self, plugin: Plugin, sandbox: SandboxConfig, spec: LaunchSpec, warm: WarmSandbox
+    ) -> ProcessHandle | None:
+        """``plugin`` in the warm sandbox ``warm``: its files handed over, its limits set,
+        the host told what to load. None: the plugin directory is too large to hand over,
+        start it cold."""
+        limits = CgroupLimits(
+            memory=sandbox.memory_limit, cpu=sandbox.cpu_limit, pids=sandbox.pids_limit
+        )
+        try:
+            await warm.take(spec.copies, limits, plugin.id)
+            entry, root = self._inside(plugin)
+            args = host_args(self.kind, plugin, entrypoint=entry, root=root)
+            warm.rpc.sendall(json.dumps(args).encode() + b"\n")
+        except TooLargeForWarm:
+            await warm.discard()
+            return None
+        except BaseException:
+            await warm.discard()
+            raise
+        return await self.start_process(plugin, sandbox, spec.argv, warm=warm)
+
+    @staticmethod
+    def _inside(plugin: Plugin) -> tuple[str, str]:
+        """The plugin's entrypoint and root as the sandbox shows them."""
+        root = plugin.root
+        if root.is_dir():
+            return f"{PLUGIN_MOUNT}/{plugin.entrypoint.relative_to(root).as_posix()}", PLUGIN_MOUNT
+        return f"{PLUGIN_MOUNT}/{root.name}", PLUGIN_MOUNT  # a bare file is its own root
+
     def cgroups(self) -> CgroupBackend:
         if self._cgroup_backend is None:
             self._cgroup_backend = cgroups.detect()
@@ -413,33 +508,42 @@ class ProcessLoader:
         """Mounts, masks, argv and seccomp filter for ``plugin``, all checked before any
         process exists."""
         root = plugin.root
-        if root.is_dir():
-            plugin_mount = Mount(str(root), PLUGIN_MOUNT)
-            entry = f"{PLUGIN_MOUNT}/{plugin.entrypoint.relative_to(root).as_posix()}"
-        else:  # a bare file is its own root, copied into /plugin under its own name
-            plugin_mount = Mount(str(root), PLUGIN_MOUNT)
-            entry = f"{PLUGIN_MOUNT}/{root.name}"
+        entry, _ = self._inside(plugin)
+        return self._host_spec(
+            sandbox,
+            argv=plugin_command(plugin, entrypoint=entry, root=PLUGIN_MOUNT, runtime=runtime()),
+            # The directory (or a bare file, its own root) is copied into /plugin.
+            copies=(Mount(str(root), PLUGIN_MOUNT),),
+            plugin_root=str(root) if root.is_dir() else None,
+        )
+
+    def _host_spec(
+        self,
+        sandbox: SandboxConfig,
+        *,
+        argv: list[str],
+        copies: tuple[Mount, ...],
+        plugin_root: str | None,
+    ) -> LaunchSpec:
         grants = grant_mounts(sandbox.allowed_paths)
         plugin_runtime = runtime()
         mounts = base_mounts() + list(plugin_runtime.mounts) + grants
         masks, pins = mask_plan(
-            sandbox.denied_paths, grants, {str(root): PLUGIN_MOUNT} if root.is_dir() else None
+            sandbox.denied_paths, grants, {plugin_root: PLUGIN_MOUNT} if plugin_root else None
         )
         env = {
             **plugin_runtime.env,
             "PATH": f"{plugin_runtime.bin_dir}:/usr/local/bin:/usr/bin:/bin",
         }
         return LaunchSpec(
-            argv=plugin_command(
-                plugin, entrypoint=entry, root=PLUGIN_MOUNT, runtime=plugin_runtime
-            ),
+            argv=argv,
             env=env,
             sandbox=sandbox,
             mounts=tuple(mounts),
             cwd=PLUGIN_MOUNT,
             masks=masks,
             pins=pins,
-            copies=(plugin_mount,),
+            copies=copies,
             seccomp_bpf=compile_filter(
                 sandbox.profile, network=sandbox.network_allowed, extra_dirs=self.profile_dirs
             ),
@@ -454,28 +558,18 @@ class ProcessLoader:
         argv: list[str],
         *,
         spawner: Spawner | None = None,
+        warm: WarmSandbox | None = None,
     ) -> ProcessHandle:
+        """``argv`` started by ``spawner`` (else unsandboxed), or the plugin host already
+        running in ``warm`` (taken); then the handshake, and the handle."""
         loop = asyncio.get_running_loop()
         logger = logging.getLogger(f"sandboxer.plugin.{plugin.id}")
-        cookie = secrets.token_hex(16)
-        env = plugin_environment(cookie, self.max_frame)
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        confinement: Confinement | None = None
-        try:
-            if spawner is None:
-                proc = _process.spawn(argv, env, rpc_fd=theirs.fileno(), logger=logger)
-            else:
-                proc, confinement = await spawner(env, theirs.fileno(), logger)
-        except OSError as exc:
-            ours.close()
-            raise PluginLoadError(
-                f"plugin {plugin.id}: cannot start {argv[0]}: {exc.strerror}", plugin_id=plugin.id
-            ) from exc
-        except BaseException:
-            ours.close()
-            raise
-        finally:
-            theirs.close()
+        confinement: Confinement | None
+        if warm is not None:
+            proc, confinement, ours, cookie = warm.proc, warm.confinement, warm.rpc, warm.cookie
+            proc.set_logger(logger)
+        else:
+            proc, confinement, ours, cookie = await self._spawn(plugin, argv, spawner, logger)
         handle: ProcessHandle | None = None
 
         def failed(error: SandboxerError) -> None:
@@ -521,7 +615,9 @@ class ProcessLoader:
         try:
             async with asyncio.timeout(self.handshake_timeout):
                 info = await conn.handshake
-            handle = ProcessHandle(plugin, sandbox, proc, conn, info, confinement)
+            handle = ProcessHandle(
+                plugin, sandbox, proc, conn, info, confinement, started_warm=warm is not None
+            )
         except TimeoutError:
             conn.fail(
                 HandshakeError(
@@ -544,6 +640,32 @@ class ProcessLoader:
             raise
         watcher.cancel()
         return handle
+
+    async def _spawn(
+        self, plugin: Plugin, argv: list[str], spawner: Spawner | None, logger: logging.Logger
+    ) -> tuple[_process.PluginProcess, Confinement | None, socket.socket, str]:
+        """A new process for ``plugin``: it, its confinement, our end of its RPC socket and
+        the cookie it will present."""
+        cookie = secrets.token_hex(16)
+        env = plugin_environment(cookie, self.max_frame)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        confinement: Confinement | None = None
+        try:
+            if spawner is None:
+                proc = _process.spawn(argv, env, rpc_fd=theirs.fileno(), logger=logger)
+            else:
+                proc, confinement = await spawner(env, theirs.fileno(), logger)
+        except OSError as exc:
+            ours.close()
+            raise PluginLoadError(
+                f"plugin {plugin.id}: cannot start {argv[0]}: {exc.strerror}", plugin_id=plugin.id
+            ) from exc
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        return proc, confinement, ours, cookie
 
     @staticmethod
     def _stderr_note(exc: PluginCrashed) -> str:

@@ -16,7 +16,7 @@ from ..manifest import LoaderType, Plugin
 if TYPE_CHECKING:  # a type only: out_of_process passes the runtime in
     from ..sandbox.runtime import Runtime
 
-__all__ = ["host_command"]
+__all__ = ["host_command", "host_args"]
 
 
 def host_command(
@@ -25,6 +25,14 @@ def host_command(
     """``sandboxer.host`` serving ``plugin`` as ``kind``. ``entrypoint`` and ``root`` are
     the paths as the process sees them; ``runtime`` is what it runs on inside the sandbox
     (None: this process's own interpreter, unsandboxed)."""
+    args = host_args(kind, plugin, entrypoint=entrypoint, root=root)
+    if runtime is not None:
+        return runtime.host_argv(*args)
+    return [sys.executable, "-I", "-m", "sandboxer.host", *args]
+
+
+def host_args(kind: LoaderType, plugin: Plugin, *, entrypoint: str, root: str) -> list[str]:
+    """The plugin host's arguments for ``plugin`` (after the interpreter and its boot)."""
     args = [
         "--kind",
         kind.value,
@@ -37,11 +45,6 @@ def host_command(
         "--version",
         plugin.version,
     ]
-    argv = (
-        runtime.host_argv(*args)
-        if runtime is not None
-        else [sys.executable, "-I", "-m", "sandboxer.host", *args]
-    )
     if plugin.methods is not None:
-        argv += ["--methods", ",".join(plugin.methods)]
-    return argv
+        args += ["--methods", ",".join(plugin.methods)]
+    return args

@@ -72,6 +72,8 @@ class Cgroup(Protocol):
 
     def remove(self) -> None: ...
 
+    def limit(self, limits: CgroupLimits) -> None: ...
+
 
 class CgroupBackend(Protocol):
     version: int
@@ -187,6 +189,21 @@ class _V1Group:
     def kill(self) -> None:
         _kill_until_empty(f"{self.dirs['pids']}/cgroup.procs")
 
+    def limit(self, limits: CgroupLimits) -> None:
+        """Set the limits (at creation, or again when a warm sandbox is taken). memsw may
+        never be below memory's limit: raised first when raising, lowered last."""
+        mem = self.dirs["memory"]
+        memsw = f"{mem}/memory.memsw.limit_in_bytes"
+        order = [f"{mem}/memory.limit_in_bytes"]
+        if os.path.exists(memsw):
+            raising = limits.memory > int(_read(f"{mem}/memory.limit_in_bytes"))
+            order = [memsw, *order] if raising else [*order, memsw]
+        for path in order:
+            _write(path, str(limits.memory))
+        _write(f"{self.dirs['cpu']}/cpu.cfs_period_us", str(CPU_PERIOD_US))
+        _write(f"{self.dirs['cpu']}/cpu.cfs_quota_us", str(_quota_us(limits.cpu)))
+        _write(f"{self.dirs['pids']}/pids.max", str(limits.pids))
+
     def remove(self) -> None:
         self.kill()
         for directory in self.dirs.values():
@@ -226,13 +243,8 @@ class CgroupV1:
             for directory in dict.fromkeys(dirs.values()):
                 os.makedirs(directory, exist_ok=False)
                 made.append(directory)
-            mem = dirs["memory"]
-            _write(f"{mem}/memory.limit_in_bytes", str(limits.memory))
-            if os.path.exists(f"{mem}/memory.memsw.limit_in_bytes"):
-                _write(f"{mem}/memory.memsw.limit_in_bytes", str(limits.memory))
-            _write(f"{dirs['cpu']}/cpu.cfs_period_us", str(CPU_PERIOD_US))
-            _write(f"{dirs['cpu']}/cpu.cfs_quota_us", str(_quota_us(limits.cpu)))
-            _write(f"{dirs['pids']}/pids.max", str(limits.pids))
+            group = _V1Group(dirs)
+            group.limit(limits)
         except OSError as exc:
             for directory in reversed(made):  # undo what we created, as runc does
                 try:
@@ -240,7 +252,7 @@ class CgroupV1:
                 except OSError:
                     pass
             raise _unavailable(f"creating {name}", exc) from exc
-        return _V1Group(dirs)
+        return group
 
 
 # -- v2 ------------------------------------------------------------------------------------------
@@ -249,6 +261,12 @@ class CgroupV1:
 class _V2Group:
     def __init__(self, path: str) -> None:
         self.path = path
+
+    def limit(self, limits: CgroupLimits) -> None:
+        """Set the limits (at creation, or again when a warm sandbox is taken)."""
+        _write(f"{self.path}/memory.max", str(limits.memory))
+        _write(f"{self.path}/cpu.max", f"{_quota_us(limits.cpu)} {CPU_PERIOD_US}")
+        _write(f"{self.path}/pids.max", str(limits.pids))
 
     def add(self, pid: int) -> None:
         try:
@@ -337,20 +355,19 @@ class CgroupV2:
             os.mkdir(path)
         except OSError as exc:
             raise _unavailable(f"creating {name}", exc) from exc
+        group = _V2Group(path)
         try:
-            _write(f"{path}/memory.max", str(limits.memory))
             if os.path.exists(f"{path}/memory.swap.max"):  # absent without swap accounting
                 _write(f"{path}/memory.swap.max", "0")
             _write(f"{path}/memory.oom.group", "1")
-            _write(f"{path}/cpu.max", f"{_quota_us(limits.cpu)} {CPU_PERIOD_US}")
-            _write(f"{path}/pids.max", str(limits.pids))
+            group.limit(limits)
         except OSError as exc:
             try:
                 os.rmdir(path)
             except OSError:
                 pass
             raise _unavailable(f"limiting {name}", exc) from exc
-        return _V2Group(path)
+        return group
 
 
 _detected: dict[str, CgroupBackend] = {}

@@ -202,6 +202,10 @@ class PluginProcess:
         if not self.exited.done():
             self.exited.set_result(self.returncode)
 
+    def set_logger(self, logger: logging.Logger) -> None:
+        """Log its output to ``logger`` from now on (a warm sandbox's, once a plugin took it)."""
+        self.stdout._log = self.stderr._log = logger
+
     @property
     def exit_status(self) -> int | None:
         rc = self.returncode

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import socket
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -25,7 +26,7 @@ from .sources import Sources, release_uid
 from .spec import LaunchSpec, Mount
 from .start import launch
 
-__all__ = ["Confinement", "launch_confined"]
+__all__ = ["Confinement", "launch_confined", "off_loop"]
 
 T = TypeVar("T")
 
@@ -72,7 +73,7 @@ class Confinement:
             self.egress.close()
         group, self.cgroup = self.cgroup, None  # stats() keeps its last reading meanwhile
         if group is not None:
-            await _off_loop(group.remove)
+            await off_loop(group.remove)
         self.release()
 
     def release(self) -> None:
@@ -101,6 +102,7 @@ async def launch_confined(
     plugin_id: str = "-",
     setup_timeout: float = SETUP_TIMEOUT,
     stdin: int | None = None,
+    handover: Callable[[socket.socket], None] | None = None,
 ) -> tuple[child.PluginProcess, Confinement]:
     """``start.launch`` inside a fresh cgroup limited as ``spec.sandbox`` says, and, when it lists
     allowed hosts, with an endpoint of ``egress`` (the proxy's socket bound in, the proxy
@@ -129,6 +131,7 @@ async def launch_confined(
             setup_timeout=setup_timeout,
             plugin_id=plugin_id,
             stdin=stdin,
+            handover=handover,
         )
     except BaseException:
         if endpoint is not None:
@@ -148,6 +151,7 @@ async def _launch_in_cgroup(
     setup_timeout: float,
     plugin_id: str,
     stdin: int | None,
+    handover: Callable[[socket.socket], None] | None,
 ) -> tuple[child.PluginProcess, Confinement]:
     sandbox = spec.sandbox
     limits = CgroupLimits(
@@ -156,7 +160,7 @@ async def _launch_in_cgroup(
     # A path that cannot be opened: no cgroup
     sources = Sources(spec, plugin_id=plugin_id, fallbacks=fallbacks)
     try:
-        group = await _off_loop(_create_cgroup, backend, limits)
+        group = await off_loop(_create_cgroup, backend, limits)
     except SandboxUnavailable as exc:
         if "rlimit" not in fallbacks or not exc.missing.startswith("cgroup"):
             sources.discard()
@@ -176,6 +180,7 @@ async def _launch_in_cgroup(
             setup_timeout=setup_timeout,
             sources=sources,
             stdin=stdin,
+            handover=handover,
         )
         return proc, Confinement(
             None,
@@ -192,15 +197,16 @@ async def _launch_in_cgroup(
             spec,
             rpc_fd=rpc_fd,
             logger=logger,
-            on_spawn=lambda pid: _off_loop(group.add, pid),
+            on_spawn=lambda pid: off_loop(group.add, pid),
             sinks=sinks,
             egress=egress,
             setup_timeout=setup_timeout,
             sources=sources,
             stdin=stdin,
+            handover=handover,
         )
     except BaseException:
-        await _off_loop(group.remove)
+        await off_loop(group.remove)
         raise
     return proc, Confinement(
         group, uid, sandbox.memory_limit, egress=egress, fallbacks=tuple(sorted(sources.fallbacks))
@@ -218,7 +224,7 @@ def _create_cgroup(backend: CgroupBackend, limits: CgroupLimits) -> Cgroup:
         return backend.create(new_cgroup_name(), limits)
 
 
-async def _off_loop(function: Callable[..., T], *args: Any) -> T:
+async def off_loop(function: Callable[..., T], *args: Any) -> T:
     """``function(*args)`` on a worker thread; it finishes even if the caller is cancelled
     (a cgroup half made or half removed is worse than a late one)."""
     return await asyncio.shield(asyncio.to_thread(function, *args))

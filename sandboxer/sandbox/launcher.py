@@ -285,13 +285,18 @@ def set_rlimits(spec: dict[str, Any]) -> None:
             resource.setrlimit(names[name], (new, new))
 
 
+# In a warm sandbox's plugin process, the exec pipe (see wait_for_handover) until the exec
+# closes it.
+EXEC_FD = STATUS_FD + 1
+
+
 def close_fds(spec: dict[str, Any]) -> None:
     with step(Step.FDS):
         # 0-2 and the RPC socket (3) stay; a program without RPC (exec) keeps only 0-2. The
-        # status fd stays open until exec closes it (close-on-exec), so a failure in a later
-        # step can still be reported.
+        # status fd (and a warm sandbox's exec pipe) stays open until exec closes it
+        # (close-on-exec), so a failure in a later step can still be reported.
         os.close(CONTROL_FD)
-        sc.close_range(STATUS_FD + 1)
+        sc.close_range((EXEC_FD if spec["warm"] else STATUS_FD) + 1)
         os.set_inheritable(STATUS_FD, False)
         if not spec["rpc"]:
             os.close(RPC_FD)
@@ -450,22 +455,87 @@ def pid1(
     fs.write_files(spec)
     for fd in set(sources + mounts):
         os.close(fd)
+    warm = bool(spec["warm"])
+    if warm:  # mount points for what comes at the handover: made now, while / is writable
+        for target in spec["warm"]:
+            fs.make_dirs(fs.NEW_ROOT + target)
     fs.pivot()
     signal.pthread_sigmask(signal.SIG_BLOCK, PID1_SIGNALS)
+    exec_r, exec_w = os.pipe2(os.O_CLOEXEC) if warm else (-1, -1)
     plugin = os.fork()
     if plugin == 0:
         os.close(exit_pipe)
         try:
+            if warm:
+                os.close(exec_r)
+                os.dup2(exec_w, EXEC_FD, inheritable=False)  # closed by the exec itself
             plugin_process(spec)
         except BaseException as error:
+            if warm:  # PID 1 must not say "ready" (the report goes ahead of it anyway)
+                for fd in (EXEC_FD, exec_w):
+                    try:
+                        os.write(fd, b"F")
+                        break
+                    except OSError:
+                        pass
             fail(error)
         os._exit(127)
-    os.close(STATUS_FD)
     os.close(CONTROL_FD)
     os.close(RPC_FD)
+    if warm:
+        os.close(exec_w)
+        wait_for_handover(plugin, exec_r)
+    os.close(STATUS_FD)
     drop_pid1_privileges()
     serve_as_pid1(plugin, exit_pipe)
     os._exit(0)  # the plugin's own status went up the exit pipe
+
+
+# -- a warm sandbox: made ahead, its plugin's files handed over later ----------------------
+
+
+def wait_for_handover(plugin: int, exec_r: int) -> None:
+    """PID 1 of a warm sandbox (spec["warm"] names the copies still to come): once the
+    process it forked has exec'd (its end of the exec pipe closed with nothing written),
+    say "R" to the supervisor and wait, keeping the capabilities that building the copies
+    needs, for the handover: one JSON line ``{"copies": [...], "fd_count": N}`` and the N
+    fds it names, a file's entry naming its fd by index. Then the copies are made as the
+    launcher makes them, "K" is the answer, and PID 1 goes on as in any sandbox. Nothing of
+    the plugin runs before that: the process waiting is the plugin host, which starts the
+    plugin only when the supervisor says so, after "K"."""
+    failed = os.read(exec_r, 1)
+    os.close(exec_r)
+    if failed:  # its report is on the status socket already
+        os._exit(127)
+    with step(Step.COPY, "the handover"):
+        os.write(STATUS_FD, b"R\n")
+        status = socket.socket(fileno=STATUS_FD)
+        try:
+            data, fds = b"", []
+            while True:
+                chunk, got, _, _ = socket.recv_fds(status, 1 << 16, 253, socket.MSG_CMSG_CLOEXEC)
+                data += chunk
+                fds += got
+                if not chunk:
+                    raise SetupFailed(Step.COPY, "the supervisor closed the handover")
+                if b"\n" in data:
+                    handover = json.loads(data[: data.index(b"\n")])
+                    if len(fds) >= handover["fd_count"]:
+                        break
+        finally:
+            status.detach()
+    trees = [
+        (
+            copy["target"],
+            [
+                (rel, kind, mode, fds[payload] if kind == "f" else payload)
+                for rel, kind, mode, payload in copy["entries"]
+            ],
+        )
+        for copy in handover["copies"]
+    ]
+    fs.copy_trees(handover, trees, root="")
+    os.write(STATUS_FD, b"K\n")
 
 
 def main() -> None:
@@ -479,6 +549,7 @@ def main() -> None:
         unshare_namespaces(spec)
         wait_for_id_maps(set_up_network(spec))
         mounts = fs.mount_trees(spec, sources)
+        fs.raise_nofile()
         copies = fs.open_copies(spec, sources)
         become_sandbox_ids(spec)
         with step(Step.PID1):

@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 
     from . import _syscalls as sc
     from .launcher_steps import SetupFailed, Step, step
+elif __package__:  # imported by the supervisor, for a warm sandbox's handover (sandbox/pool.py)
+    from . import _syscalls as sc
+    from .launcher_steps import SetupFailed, Step, step
 else:
     import _syscalls as sc
     from launcher_steps import SetupFailed, Step, step
@@ -44,6 +47,8 @@ __all__ = [
     "mask_denied",
     "write_files",
     "pivot",
+    "make_dirs",
+    "raise_nofile",
 ]
 
 NEW_ROOT = "/tmp"  # the new root is a tmpfs mounted over /tmp in the private mount namespace
@@ -53,7 +58,7 @@ NEW_ROOT = "/tmp"  # the new root is a tmpfs mounted over /tmp in the private mo
 # open_copies), the new root built in PID 1 (the rest) ------------------------------------
 
 
-def _mkdirs(path: str) -> None:
+def make_dirs(path: str) -> None:
     os.makedirs(path, mode=0o755, exist_ok=True)
 
 
@@ -191,29 +196,45 @@ def open_copies(spec: dict[str, Any], fds: list[int]) -> list[tuple[str, list[En
     """For each copied tree (the plugin directory, or a bare file): every entry, its files
     opened for reading while still the supervisor's host identity, walked from the fd the
     supervisor opened and through no link. Copied rather than bound, the plugin's directory
-    shows no host path anywhere, not even as a mount's root in mountinfo."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    trees = []
+    shows no host path anywhere, not even as a mount's root in mountinfo. (Every file is open
+    at once: the caller makes room for that, ``raise_nofile``.)"""
+    trees: list[tuple[str, list[Entry]]] = []
     for copy in spec["copies"]:
         source = fds[copy["fd"]]
         entries: list[Entry] = []
-        with step(Step.COPY, copy["target"]):
-            st = os.fstat(source)
-            if stat.S_ISDIR(st.st_mode):
-                _walk_copy(source, "", entries, copy["max_entries"])
-            else:  # a bare file: the supervisor checked it is a regular file
-                entries.append((copy["name"], "f", st.st_mode & 0o7777, os.dup(source)))
+        try:
+            with step(Step.COPY, copy["target"]):
+                st = os.fstat(source)
+                if stat.S_ISDIR(st.st_mode):
+                    _walk_copy(source, "", entries, copy["max_entries"])
+                else:  # a bare file: the supervisor checked it is a regular file
+                    entries.append((copy["name"], "f", st.st_mode & 0o7777, os.dup(source)))
+        except BaseException:  # the files opened so far (the supervisor outlives a failure)
+            for _, tree in [*trees, (copy["target"], entries)]:
+                for _, kind, _, payload in tree:
+                    if kind == "f":
+                        os.close(int(payload))
+            raise
         trees.append((copy["target"], entries))
     return trees
 
 
-def copy_trees(spec: dict[str, Any], trees: list[tuple[str, list[Entry]]]) -> None:
+def raise_nofile() -> None:
+    """The soft limit on open fds up to the hard one: ``open_copies`` opens every file."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def copy_trees(
+    spec: dict[str, Any], trees: list[tuple[str, list[Entry]]], *, root: str = NEW_ROOT
+) -> None:
+    """Each tree into a tmpfs of its own at its target under ``root`` (the new root before
+    pivot_root; "" after it, in a warm sandbox's handover), read-only once filled."""
     for (target, entries), copy in zip(trees, spec["copies"], strict=True):
-        full_target = NEW_ROOT + target
+        full_target = root + target
         with step(Step.COPY, target):
-            _mkdirs(full_target)
+            make_dirs(full_target)
             sc.mount(
                 "tmpfs",
                 full_target,
@@ -276,7 +297,7 @@ def mount_tmp(spec: dict[str, Any]) -> None:
     # they build there); strict's /tmp is noexec like every other writable mount.
     noexec = 0 if spec["tmp_exec"] else sc.MS_NOEXEC
     with step(Step.ROOT, "/tmp"):
-        _mkdirs(target)
+        make_dirs(target)
         sc.mount(
             "tmpfs",
             target,
@@ -289,7 +310,7 @@ def mount_tmp(spec: dict[str, Any]) -> None:
 def mount_proc(spec: dict[str, Any]) -> None:
     target = NEW_ROOT + "/proc"
     with step(Step.PROC, "/proc"):
-        _mkdirs(target)
+        make_dirs(target)
         sc.mount("proc", target, "proc", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC)
     # As Docker does: files that leak kernel state or act on the host are masked, trees
     # that are writable in a fresh procfs are made read-only.
@@ -334,7 +355,7 @@ def mount_proc(spec: dict[str, Any]) -> None:
 def build_dev(spec: dict[str, Any], trees: list[int]) -> None:
     dev = NEW_ROOT + "/dev"
     with step(Step.DEV, "/dev"):
-        _mkdirs(dev)
+        make_dirs(dev)
         sc.mount("tmpfs", dev, "tmpfs", sc.MS_NOSUID | sc.MS_NOEXEC, "mode=0755,size=64k")
         for bind, tree in zip(spec["binds"], trees, strict=True):
             if not bind["device"]:
@@ -352,7 +373,7 @@ def build_dev(spec: dict[str, Any], trees: list[int]) -> None:
             ("stderr", "/proc/self/fd/2"),
         ):
             os.symlink(link, f"{dev}/{name}")
-        _mkdirs(dev + "/shm")
+        make_dirs(dev + "/shm")
         sc.mount(
             "tmpfs",
             dev + "/shm",
@@ -363,7 +384,7 @@ def build_dev(spec: dict[str, Any], trees: list[int]) -> None:
     with step(Step.DEV, "/dev/pts"):
         # A devpts of the sandbox's own (newinstance): programs may make pseudo-terminals
         # (openpty, script, expect, terminal test suites) and see none of the host's.
-        _mkdirs(dev + "/pts")
+        make_dirs(dev + "/pts")
         sc.mount(
             "devpts",
             dev + "/pts",
@@ -434,12 +455,12 @@ def write_files(spec: dict[str, Any]) -> None:
     with step(Step.ROOT, "/etc"):
         for path, content in spec["files"].items():
             full = NEW_ROOT + path
-            _mkdirs(os.path.dirname(full))
+            make_dirs(os.path.dirname(full))
             with open(full, "w") as f:
                 f.write(content)
         for link, target in spec["symlinks"].items():
             full = NEW_ROOT + link
-            _mkdirs(os.path.dirname(full))
+            make_dirs(os.path.dirname(full))
             os.symlink(target, full)
 
 

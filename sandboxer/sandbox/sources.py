@@ -20,7 +20,14 @@ from .paths import OpenedPath, open_grant, open_path
 from .policy import PathGrant
 from .spec import DEVICES, LaunchSpec, Mount
 
-__all__ = ["Sources", "release_uid", "MAX_COPY_BYTES", "MAX_COPY_ENTRIES"]
+__all__ = [
+    "Sources",
+    "release_uid",
+    "MAX_COPY_BYTES",
+    "MAX_COPY_ENTRIES",
+    "open_copy_source",
+    "tree_size",
+]
 
 # Host uids for rootful plugins: one per running sandbox, unique host-wide (sandbox/ids.py).
 _ids = HostIds()
@@ -29,7 +36,7 @@ MAX_COPY_BYTES = 512 << 20
 MAX_COPY_ENTRIES = 20_000
 
 
-def _tree_size(path: str) -> int:
+def tree_size(path: str) -> int:
     """Bytes a copy of ``path`` needs in a tmpfs (with room for inodes), or PluginLoadError
     when the tree is too large to copy."""
     total, entries = 0, 0
@@ -124,11 +131,11 @@ class Sources:
                         "target": copy.target,
                         "fd": len(self.fds),
                         "name": os.path.basename(copy.source),
-                        "size": _tree_size(copy.source),
+                        "size": tree_size(copy.source),
                         "max_entries": MAX_COPY_ENTRIES,
                     }
                 )
-                self._keep(_open_copy_source(copy.source, plugin_id))
+                self._keep(open_copy_source(copy.source, plugin_id))
         except BaseException:
             self.close()
             release_uid(self.host_uid)
@@ -160,7 +167,7 @@ def _open_system_path(path: str, plugin_id: str | None) -> OpenedPath:
         ) from None
 
 
-def _open_copy_source(path: str, plugin_id: str | None) -> int:
+def open_copy_source(path: str, plugin_id: str | None) -> int:
     """The plugin directory (or bare file) to copy, opened for reading as the host program
     named it; the launcher walks it from this fd, through no link."""
     try:

@@ -121,6 +121,9 @@ class LaunchSpec:
     program: str | None = None  # the file to exec, when argv[0] is only its name
     files: dict[str, str] = field(default_factory=dict)
     profile_dirs: tuple[str, ...] = ()  # where sandbox.profile is found (HostConfig's)
+    # A warm sandbox (sandbox/pool.py): the targets of the copies handed over later, at
+    # take time, instead of ``copies`` now.
+    warm: tuple[str, ...] = ()
 
 
 def base_mounts() -> list[Mount]:
@@ -221,6 +224,7 @@ def build_spec(spec: LaunchSpec, sources: Sources) -> dict[str, object]:
             for m in spec.masks
         ],
         "pins": list(spec.pins),
+        "warm": list(spec.warm),
         "proc_masked": list(PROC_MASKED),
         "proc_readonly": list(PROC_READONLY),
         "tmp_size": sandbox.tmp_size,

@@ -25,7 +25,7 @@ from .policy import SETUP_TIMEOUT
 from .sources import Sources
 from .spec import SANDBOX_GID, SANDBOX_UID, LaunchSpec, build_spec
 
-__all__ = ["launch", "SandboxSetupError"]
+__all__ = ["launch", "hand_over", "SandboxSetupError", "READY"]
 
 
 class SandboxSetupError(SandboxUnavailable):
@@ -117,6 +117,9 @@ def _setup_error(report: bytes) -> SandboxSetupError:
     )
 
 
+READY = b"R\n"  # a warm sandbox's PID 1: its plugin host is running, waiting for the handover
+
+
 def _write_id_maps(pid: int, host_uid: int, host_gid: int) -> None:
     with open(f"/proc/{pid}/setgroups", "w") as f:
         f.write("deny")
@@ -144,6 +147,7 @@ async def launch(
     plugin_id: str | None = None,
     sources: Sources | None = None,
     stdin: int | None = None,
+    handover: Callable[[socket.socket], None] | None = None,
 ) -> tuple[child.PluginProcess, int]:
     """Start ``spec`` sandboxed; returns the process (the launcher, whose exit status is the
     plugin's) and the host uid it maps to (release it with ``sources.release_uid`` when it is gone).
@@ -151,7 +155,11 @@ async def launch(
     In "proxy" network mode ``egress`` gets the listener made in the plugin's namespace.
     ``sources``: the spec's paths already opened (``Sources(spec)``); closed here either way.
     ``stdin``: the program's fd 0 (``child.check_stdin``), else /dev/null.
+    A warm spec (``spec.warm``, sandbox/pool.py) is started until PID 1 says it is ready;
+    its status socket then goes to ``handover``, through which its copies come later.
     """
+    if spec.warm and handover is None:
+        raise ValueError("a warm sandbox needs somewhere to hand its status socket")
     if network_mode(spec.sandbox) == "proxy" and egress is None:
         if sources is not None:
             sources.discard()
@@ -172,6 +180,7 @@ async def launch(
     # A socket rather than a pipe: the sources go down it, the proxy port's listener comes
     # back over it.
     status, status_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    kept = False  # the status socket, handed over (a warm sandbox)
     try:
         proc = child.spawn(
             [],
@@ -231,8 +240,19 @@ async def launch(
                 if not chunk:
                     break
                 report += chunk
-            if report:
+                if spec.warm and report == READY:
+                    break
+            if report and report != READY:
                 raise _setup_error(report)
+            if spec.warm:
+                if report != READY:
+                    raise SandboxSetupError(
+                        f"the sandbox launcher exited during setup ({proc.describe_exit()})",
+                        missing="sandbox launcher",
+                    )
+                assert handover is not None
+                handover(status)
+                kept = True
     except BaseException as exc:
         await proc.close()
         sources.discard()
@@ -244,5 +264,52 @@ async def launch(
         raise
     finally:
         os.close(control_w)
-        status.close()
+        if not kept:
+            status.close()
     return proc, host_uid
+
+
+HANDED_OVER = b"K\n"  # a warm sandbox's PID 1: the copies are made, its capabilities gone
+# A handover this small goes in one sendmsg on the loop, far below a Unix socket's buffer.
+_SMALL_HANDOVER = 32 << 10
+
+
+async def hand_over(status: socket.socket, message: bytes, fds: list[int]) -> None:
+    """Give a warm sandbox's PID 1 its copies over its status socket (``launch`` kept it
+    for ``handover``): ``message`` is the JSON line that lists them (launcher.py,
+    ``wait_for_handover``), ``fds`` the files it names, sent after it. Returns once PID 1 has
+    made them and dropped its capabilities; its failure is a SandboxSetupError naming the
+    step. The socket is closed either way; the fds stay the caller's."""
+    try:
+        if len(message) <= _SMALL_HANDOVER and len(fds) <= 253:
+            socket.send_fds(status, [message], fds)  # one message: the buffer takes it whole
+        else:
+            await asyncio.to_thread(_send_handover, status, message, fds)
+        reply = b""
+        while reply != HANDED_OVER:
+            chunk, got = await _read_status(status)
+            _proxy_listener(got, "none")  # nothing may come with it: closed if it does
+            if not chunk:
+                raise (
+                    _setup_error(reply)
+                    if reply
+                    else SandboxSetupError(
+                        "the warm sandbox's PID 1 exited during the handover",
+                        missing="sandbox launcher",
+                    )
+                )
+            reply += chunk
+            if not HANDED_OVER.startswith(reply) and b"\n" in reply:
+                raise _setup_error(reply)
+    finally:
+        status.close()
+
+
+def _send_handover(status: socket.socket, message: bytes, fds: list[int]) -> None:
+    # Blocking, on a worker thread: the listing may be larger than the socket's buffer.
+    status.setblocking(True)
+    try:
+        status.sendall(message)
+        _send_fds(status, fds)
+    finally:
+        status.setblocking(False)

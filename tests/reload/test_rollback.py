@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import _plugin_cgroups
 from sandboxer import PluginCrashed, PluginManager, PluginState, ReloadError
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
@@ -46,12 +45,13 @@ async def test_unload_after_a_failed_reload_whose_old_generation_died_leaves_not
         tmp_path: Path) -> None:
     root = tmp_path / "p"
     write(root, OLD, "1.0.0")
-    before = _plugin_cgroups()
     async with PluginManager() as mgr:
         events = mgr.events()
         p = await mgr.load(root)
         assert p.sandbox is not None and p.sandbox.enabled
         old_pid = p.handle.pid  # type: ignore[union-attr]
+        old_group = p.handle.cgroup_path  # type: ignore[union-attr]
+        assert old_group is not None and os.path.isdir(old_group)
         write(root, NEW, "2.0.0")
         reload = asyncio.ensure_future(mgr.reload(p.id))
         async with asyncio.timeout(10):
@@ -67,4 +67,4 @@ async def test_unload_after_a_failed_reload_whose_old_generation_died_leaves_not
         await mgr.unload(p.id)
         # unload returns once generation 1 is closed: its process reaped, its cgroup removed
         assert not os.path.exists(f"/proc/{old_pid}"), "generation 1's process outlived unload"
-        assert _plugin_cgroups() - before == set(), "generation 1's cgroup outlived unload"
+        assert not os.path.exists(old_group), "generation 1's cgroup outlived unload"
