@@ -1,7 +1,7 @@
 """Start-up benchmark (issue 20): how long a sandbox, a plugin and a reload take to be ready,
 and what an idle plugin costs in memory, against go-plugin and bubblewrap, in one run.
 
-Every figure is the median of ``rounds`` samples (30 by default), taken in rounds: each round
+Every figure is the median of ``rounds`` samples (50 by default), taken in rounds: each round
 takes one sample of every configuration, in an order rotated by one each round, so a burst of
 other work on the machine hits the baselines and ours alike. Before the rounds every
 configuration runs once untimed (its first start pays for the page cache and, in ours, lazy
@@ -74,7 +74,7 @@ LOAD_CONCURRENCY = 4  # the 50 plugins are loaded (and unloaded) this many at a 
 
 def _counts() -> dict[str, int]:
     s = scale()
-    return {"rounds": max(3, round(30 * s)),
+    return {"rounds": max(3, round(50 * s)),
             "pss_plugins": max(5, round(PSS_PLUGINS * s))}
 
 
