@@ -111,7 +111,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 # -- the binaries ----------------------------------------------------------------------------
 
-def _grpc_build() -> Any:
+def grpc_build_module() -> Any:
     """tests/grpc_build.py, the module the tests build the example with."""
     tests = str(ROOT / "tests")
     if tests not in sys.path:
@@ -120,9 +120,9 @@ def _grpc_build() -> Any:
     return grpc_build
 
 
-def _make_plugin_dir(dest: Path) -> Path:
+def make_plugin_dir(dest: Path) -> Path:
     """The KV plugin as a plugin directory: the binary, its descriptor set and the manifest."""
-    build = _grpc_build()
+    build = grpc_build_module()
     built = build.build_kv_go(dest / "built")
     subprocess.run(["protoc", "--include_imports", "--descriptor_set_out=kv.pb", "kv.proto"],
                    cwd=built, check=True, capture_output=True)
@@ -185,8 +185,9 @@ class _Config:
                 "pipelined_calls": calls}
 
 
-async def _first_call_ms(mgr: Any, plugin_dir: Path) -> float:
-    """load() until a Put and then a Get are answered, sandboxed; the plugin unloaded after."""
+async def first_answered_get_ms(mgr: Any, plugin_dir: Path) -> float:
+    """load() until a Put and then a Get are answered, sandboxed; the plugin unloaded after.
+    (benchmarks/startup.py's grpc_first_call_cold_ms is this too.)"""
     t0 = time.perf_counter_ns()
     p = await mgr.load(plugin_dir)
     await p.call("Put", PUT)
@@ -210,7 +211,7 @@ async def _child_main(plugin_dir: Path, rounds: int) -> dict[str, Any]:
     async with PluginManager() as mgr:
         # The first start is not timed: it pays for grpcio's engine on this loop and the
         # page cache, once per process (the Go host skips its first likewise).
-        starts = [await _first_call_ms(mgr, plugin_dir) for _ in range(1 + c["starts"])][1:]
+        starts = [await first_answered_get_ms(mgr, plugin_dir) for _ in range(1 + c["starts"])][1:]
         out["first_call_ms"] = [round(ms, 3) for ms in starts]
 
         p = await mgr.load(plugin_dir)
@@ -424,8 +425,8 @@ def run() -> dict[str, Any]:
     c = _counts()
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="sandboxer-bench-grpc-") as tmp:
-        plugin_dir = _make_plugin_dir(Path(tmp))
-        host = _grpc_build().build_go_host(Path(tmp) / "host")
+        plugin_dir = make_plugin_dir(Path(tmp))
+        host = grpc_build_module().build_go_host(Path(tmp) / "host")
         build_seconds = time.monotonic() - started
         go_runs, asyncio_children = [], []
         for _ in range(c["rounds"]):
@@ -647,7 +648,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.profile:
         with tempfile.TemporaryDirectory(prefix="sandboxer-bench-grpc-") as tmp:
-            plugin_dir = args.plugin_dir or _make_plugin_dir(Path(tmp))
+            plugin_dir = args.plugin_dir or make_plugin_dir(Path(tmp))
             with asyncio.Runner(loop_factory=_loop_factory(args.loop)) as runner:
                 runner.run(_profile_main(plugin_dir, args.calls, args.top))
         return 0

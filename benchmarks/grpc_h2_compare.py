@@ -199,10 +199,10 @@ async def _measure_sandboxed(
     directory: GrpcHandle's private ``_connection``), grpcio is the loader's own channel."""
     from sandboxer import PluginManager
 
-    from .grpc import _make_plugin_dir
+    from .grpc import make_plugin_dir
 
     async with PluginManager() as manager:
-        loaded = await manager.load(_make_plugin_dir(work))
+        loaded = await manager.load(make_plugin_dir(work))
         if loaded.sandbox is None or not loaded.sandbox.enabled:
             raise RuntimeError("the plugin was loaded without its sandbox")
         target: str = loaded.handle._connection.target  # type: ignore[attr-defined]

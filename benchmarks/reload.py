@@ -159,7 +159,7 @@ def _call_stats(latencies_ns: list[int]) -> dict[str, Any]:
             "max_ms": _ms(s[-1])}
 
 
-class _Events:
+class Events:
     """Every event of one manager, pumped into a list as it comes."""
 
     def __init__(self, mgr: Any) -> None:
@@ -200,7 +200,7 @@ async def _until_idle(mgr: Any, plugin_id: str) -> None:
             await asyncio.sleep(0.002)
 
 
-class _Files:
+class Files:
     """The example's replaced file in one copy: ``stage(i)`` writes replacement i to a staging
     dir on the same filesystem (outside the plugin's tree, so the watcher sees nothing), and
     ``swap()`` renames it into place."""
@@ -221,7 +221,7 @@ class _Files:
         os.replace(self.staging, self.target)
 
 
-async def _watched(mgr: Any, events: _Events, plugin: Any, files: _Files, i: int
+async def _watched(mgr: Any, events: Events, plugin: Any, files: Files, i: int
                    ) -> dict[str, Any]:
     """Rename replacement i into place; wait for its reload to finish (switch and retire)."""
     from sandboxer import PluginState
@@ -248,11 +248,13 @@ async def _watched(mgr: Any, events: _Events, plugin: Any, files: _Files, i: int
             "done_ms": (t1 - t0) / 1e6, "interval_ns": (t0, t1), "version": f"1.0.0+r{i}"}
 
 
-async def _direct(mgr: Any, events: _Events, plugin: Any, files: _Files | None, i: int
-                  ) -> dict[str, Any]:
+async def direct_reload(mgr: Any, events: Events, plugin: Any, files: Files | None, i: int
+                        ) -> dict[str, Any]:
     """``await mgr.reload(id)`` timed; with ``files``, replacement i is renamed into place
     first (untimed; nothing watches this copy), so the reload loads new code as a watched one
-    does; without, the files are unchanged."""
+    does; without, the files are unchanged. Returns ``call_ms`` (the call to its return) and
+    ``switch_ms`` (the call to its ``reloaded`` event). benchmarks/startup.py measures its
+    ``reload_switch_ms`` with this too."""
     if files is not None:
         files.stage(i)
         files.swap()
@@ -267,7 +269,7 @@ async def _direct(mgr: Any, events: _Events, plugin: Any, files: _Files | None, 
     return {"call_ms": (t1 - t0) / 1e6, "switch_ms": (event.at.timestamp() - wall) * 1000}
 
 
-def _copy(example: Path, dest: Path) -> Path:
+def copy_example(example: Path, dest: Path) -> Path:
     shutil.copytree(example, dest, ignore=shutil.ignore_patterns("__pycache__"))
     return dest
 
@@ -347,12 +349,12 @@ async def _run_kind(name: str, kind: Kind, tmp: Path, c: dict[str, int]) -> dict
     from sandboxer import PluginManager
 
     example = EXAMPLES / kind.example
-    watched_dir = _copy(example, tmp / "watched" / kind.example)
-    direct_dir = _copy(example, tmp / "direct" / kind.example)
+    watched_dir = copy_example(example, tmp / "watched" / kind.example)
+    direct_dir = copy_example(example, tmp / "direct" / kind.example)
 
     async with PluginManager(hot_reload=True, reload_debounce=DEBOUNCE_S) as mgr, \
             PluginManager() as direct_mgr:
-        events, direct_events = _Events(mgr), _Events(direct_mgr)
+        events, direct_events = Events(mgr), Events(direct_mgr)
         try:
             plugin = await mgr.load(watched_dir)
             direct_plugin = await direct_mgr.load(direct_dir)
@@ -363,8 +365,8 @@ async def _run_kind(name: str, kind: Kind, tmp: Path, c: dict[str, int]) -> dict
             facts = {"plugin_id": plugin.id, "sandboxed": bool(sandbox and sandbox.enabled),
                      "fallbacks": list(plugin.fallbacks)}
             await asyncio.sleep(0.3)  # the watcher is up and has reported the plugin as added
-            w = _Files(kind, watched_dir, tmp / "staging-watched")
-            d = _Files(kind, direct_dir, tmp / "staging-direct")
+            w = Files(kind, watched_dir, tmp / "staging-watched")
+            d = Files(kind, direct_dir, tmp / "staging-direct")
 
             # 1. idle: watched, direct (new code), direct (unchanged files; fewer), in turn
             gc.collect()
@@ -374,10 +376,10 @@ async def _run_kind(name: str, kind: Kind, tmp: Path, c: dict[str, int]) -> dict
                 n += 1
                 watched.append(await _watched(mgr, events, plugin, w, n))
                 await asyncio.sleep(GAP_S)
-                direct.append(await _direct(direct_mgr, direct_events, direct_plugin, d, n))
+                direct.append(await direct_reload(direct_mgr, direct_events, direct_plugin, d, n))
                 await asyncio.sleep(GAP_S)
                 if i < c["unchanged_reloads"]:
-                    unchanged.append(await _direct(direct_mgr, direct_events, direct_plugin,
+                    unchanged.append(await direct_reload(direct_mgr, direct_events, direct_plugin,
                                                    None, n))
                     await asyncio.sleep(GAP_S)
             if kind.answer_is_version:

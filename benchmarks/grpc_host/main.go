@@ -7,12 +7,20 @@
 // throughput with -in-flight goroutines each calling one after another. It prints one JSON
 // line on stdout and nothing else there; any error exits 1 with the reason on stderr.
 //
+// With -serve-starts (benchmarks/startup.py) it measures only the start, one per line read
+// from stdin, each answered with one JSON line, so the parent can interleave them with its own
+// measurements in one long-lived process; it exits at the end of its input.
+//
+// Arguments after the flags are a wrapper the plugin runs under: the plugin's command is
+// WRAPPER... BINARY (benchmarks/startup.py runs it under bwrap that way).
+//
 // Built offline in GOPATH mode beside the example (tests/grpc_build.py, build_go_host), so
 // it imports the example's shared package and the same go-plugin, grpc and protobuf sources
 // the plugin is built from.
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"encoding/json"
 	"flag"
@@ -40,12 +48,14 @@ type started struct {
 }
 
 // start is the span measured as "start to first answered call": the process started and its
-// handshake read (Client), the KV dispensed, then one Put and one Get answered.
-func start(binary string) (*started, error) {
+// handshake read (Client), the KV dispensed, then one Put and one Get answered. The plugin's
+// command is argv: its binary, or a wrapper's argv ending with the binary.
+func start(argv []string) (*started, error) {
+	binary := argv[len(argv)-1]
 	client := plugin.NewClient(&plugin.ClientConfig{
 		HandshakeConfig:  shared.Handshake,
 		Plugins:          shared.PluginMap,
-		Cmd:              exec.Command(binary),
+		Cmd:              exec.Command(argv[0], argv[1:]...),
 		AllowedProtocols: []plugin.Protocol{plugin.ProtocolGRPC},
 		// go-plugin's default logger writes every line at trace level to stderr; only
 		// warnings here (none per call either way).
@@ -113,24 +123,51 @@ func cpuNs() int64 {
 	return ru.Utime.Nano() + ru.Stime.Nano()
 }
 
-func run(binary string, starts, warmup, sequential, pipelined, inFlight int) (map[string]interface{}, error) {
+// timedStart is one start to the first answered call, in milliseconds; the plugin is killed
+// after (not timed).
+func timedStart(argv []string) (float64, error) {
+	t0 := time.Now()
+	s, err := start(argv)
+	if err != nil {
+		return 0, err
+	}
+	elapsed := time.Since(t0)
+	s.client.Kill()
+	return float64(elapsed.Microseconds()) / 1000, nil
+}
+
+// serveStarts answers each line of stdin with one timed start, as {"first_call_ms": ms}; the
+// parent decides which starts count (it discards the first, as run does).
+func serveStarts(argv []string) error {
+	in := bufio.NewScanner(os.Stdin)
+	out := json.NewEncoder(os.Stdout)
+	for in.Scan() {
+		ms, err := timedStart(argv)
+		if err != nil {
+			return err
+		}
+		if err := out.Encode(map[string]float64{"first_call_ms": ms}); err != nil {
+			return err
+		}
+	}
+	return in.Err()
+}
+
+func run(argv []string, starts, warmup, sequential, pipelined, inFlight int) (map[string]interface{}, error) {
 	// Start to first answered call: the first start is not timed (it pays for the page cache
 	// and this process's first gRPC connection), as on the Python side.
 	var firstCall []float64
 	for i := 0; i <= starts; i++ {
-		t0 := time.Now()
-		s, err := start(binary)
+		ms, err := timedStart(argv)
 		if err != nil {
 			return nil, err
 		}
-		elapsed := time.Since(t0)
-		s.client.Kill()
 		if i > 0 {
-			firstCall = append(firstCall, float64(elapsed.Microseconds())/1000)
+			firstCall = append(firstCall, ms)
 		}
 	}
 
-	s, err := start(binary)
+	s, err := start(argv)
 	if err != nil {
 		return nil, err
 	}
@@ -203,12 +240,22 @@ func main() {
 	sequential := flag.Int("sequential", 2000, "Gets timed one by one")
 	pipelined := flag.Int("pipelined", 20000, "Gets with -in-flight goroutines")
 	inFlight := flag.Int("in-flight", 64, "goroutines calling at once")
+	serve := flag.Bool("serve-starts", false, "only timed starts, one per line of stdin, each answered with a JSON line")
 	flag.Parse()
-	if *binary == "" || flag.NArg() != 0 || *sequential < 1 || *inFlight < 1 || *pipelined < *inFlight {
-		fmt.Fprintln(os.Stderr, "usage: grpc-host -plugin BINARY [-starts N] [-warmup N] [-sequential N] [-pipelined N] [-in-flight N]")
+	if *binary == "" || *sequential < 1 || *inFlight < 1 || *pipelined < *inFlight {
+		fmt.Fprintln(os.Stderr, "usage: grpc-host -plugin BINARY [-starts N] [-warmup N] [-sequential N] [-pipelined N] [-in-flight N] [WRAPPER...]\n"+
+			"       grpc-host -plugin BINARY -serve-starts [WRAPPER...]")
 		os.Exit(2)
 	}
-	result, err := run(*binary, *starts, *warmup, *sequential, *pipelined, *inFlight)
+	argv := append(append([]string(nil), flag.Args()...), *binary)
+	if *serve {
+		if err := serveStarts(argv); err != nil {
+			fmt.Fprintln(os.Stderr, "grpc-host:", err)
+			os.Exit(1)
+		}
+		return
+	}
+	result, err := run(argv, *starts, *warmup, *sequential, *pipelined, *inFlight)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "grpc-host:", err)
 		os.Exit(1)
