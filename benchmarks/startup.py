@@ -92,7 +92,9 @@ class Target:
 
 
 TARGETS = (
+    Target("python_first_call_warm_ms", 1.0, "go_plugin_first_call_ms"),
     Target("python_first_call_cold_ms", 3.0, "go_plugin_bwrap_first_call_ms"),
+    Target("reload_switch_ms", 30.0),
     Target("exec_true_ms", 1.5, "bwrap_true_ms"),
     Target("cli_exec_true_ms", 60.0),
     Target("pss_per_plugin_mib", 10.0),
@@ -227,10 +229,14 @@ def _exec_true_sample() -> Callable[[], Awaitable[float]]:
 
 
 def _first_call_sample(mgr: Any, path: Path, method: str, args: tuple[Any, ...],
-                       expect: Any) -> Callable[[], Awaitable[float]]:
-    """``await mgr.load(path)`` until ``method(*args)`` has answered; unloaded after, untimed."""
+                       expect: Any, *, warm: bool = False) -> Callable[[], Awaitable[float]]:
+    """``await mgr.load(path)`` until ``method(*args)`` has answered; unloaded after, untimed.
+    ``warm``: the manager's warm sandboxes are made ready first (untimed), and the plugin must
+    have started in one; else it must have started cold."""
 
     async def sample() -> float:
+        if warm:
+            await mgr.warm_up()
         t0 = time.perf_counter_ns()
         plugin = await mgr.load(path)
         answer = await plugin.call(method, *args)
@@ -238,6 +244,8 @@ def _first_call_sample(mgr: Any, path: Path, method: str, args: tuple[Any, ...],
         try:
             if plugin.sandbox is None or not plugin.sandbox.enabled:
                 raise RuntimeError(f"{path} was loaded without its sandbox")
+            if plugin.started_warm != warm:
+                raise RuntimeError(f"{path} started {'warm' if plugin.started_warm else 'cold'}")
             if answer != expect:
                 raise RuntimeError(f"{path}: {method} answered {answer!r}, not {expect!r}")
         finally:
@@ -248,14 +256,20 @@ def _first_call_sample(mgr: Any, path: Path, method: str, args: tuple[Any, ...],
 
 
 def _reload_switch_sample(mgr: Any, events: Events, plugin: Any, files: Files,
-                          call_ms: list[float]) -> Callable[[], Awaitable[float]]:
+                          call_ms: list[float], *, warm: bool) -> Callable[[], Awaitable[float]]:
     """benchmarks/reload.py's ``direct_reload``: new code renamed into place (untimed), then
     ``await mgr.reload(id)``; the sample is the call to its ``reloaded`` event (the switch),
-    and the call to its return (the old generation retired too) goes to ``call_ms``."""
+    and the call to its return (the old generation retired too) goes to ``call_ms``.
+    ``warm``: the new generation must start in a warm sandbox (made ready first, untimed)."""
     counter = iter(range(1, 1_000_000))
 
     async def sample() -> float:
+        if warm:
+            await mgr.warm_up()
         r = await direct_reload(mgr, events, plugin, files, next(counter))
+        if plugin.started_warm != warm:
+            raise RuntimeError(f"the reloaded generation started "
+                               f"{'warm' if plugin.started_warm else 'cold'}")
         call_ms.append(r["call_ms"])
         return float(r["switch_ms"])
 
@@ -264,8 +278,9 @@ def _reload_switch_sample(mgr: Any, events: Events, plugin: Any, files: Files,
 
 # -- the rounds ------------------------------------------------------------------------------
 
-def _measurements(stack: AsyncExitStack, mgr: Any, tmp: Path, *, bwrap: str, go_host: Path,
-                  kv_dir: Path, reload_sample: Callable[[], Awaitable[float]], loop: str
+def _measurements(stack: AsyncExitStack, mgr: Any, warm_mgr: Any, tmp: Path, *, bwrap: str,
+                  go_host: Path, kv_dir: Path,
+                  reload_samples: dict[str, Callable[[], Awaitable[float]]], loop: str
                   ) -> list[Measurement]:
     """Every configuration, in the order of the first round; the Go hosts are started here
     and closed by ``stack``."""
@@ -295,9 +310,15 @@ def _measurements(stack: AsyncExitStack, mgr: Any, tmp: Path, *, bwrap: str, go_
         "supervisor's is not in ours; the plugin stopped after (client.Kill(), untimed)"
     )
     hello, node = EXAMPLES / "hello", EXAMPLES / "external-node"
-    loaded_by = (f"on one PluginManager() in this process, default profile (sandboxed: "
-                 f"namespaces, seccomp filter, cgroup), no warm pool, on {loop}; timed with "
+    loaded_by = (f"on one PluginManager(config=HostConfig(warm_sandboxes=0)) in this process "
+                 f"(no warm sandboxes: every start cold, checked), default profile (sandboxed: "
+                 f"namespaces, seccomp filter, cgroup), on {loop}; timed with "
                  f"perf_counter_ns; unloaded after, untimed")
+    loaded_warm = (f"on one PluginManager() in this process (warm sandboxes on, the default: "
+                   f"before each sample, untimed, `await mgr.warm_up()` until one waits; the "
+                   f"plugin checked to have started in it), default profile (sandboxed: "
+                   f"namespaces, seccomp filter, cgroup), on {loop}; timed with "
+                   f"perf_counter_ns; unloaded after, untimed")
     return [
         Measurement(
             "go_plugin_first_call_ms", "baseline",
@@ -334,6 +355,13 @@ def _measurements(stack: AsyncExitStack, mgr: Any, tmp: Path, *, bwrap: str, go_
             f"'Hello, bench!' (python kind: the plugin host in the sandbox) {loaded_by}",
             _first_call_sample(mgr, hello, "greet", ("bench",), "Hello, bench!")),
         Measurement(
+            "python_first_call_warm_ms", "ours",
+            f"await mgr.load('examples/hello') then await p.call('greet', 'bench') answered "
+            f"'Hello, bench!' (python kind: the plugin host already waiting in a sandbox made "
+            f"ahead; its files handed over, its limits set) {loaded_warm}",
+            _first_call_sample(warm_mgr, hello, "greet", ("bench",), "Hello, bench!",
+                               warm=True)),
+        Measurement(
             "node_first_call_cold_ms", "ours",
             f"await mgr.load('examples/external-node') then await p.call('greet', 'bench') "
             f"answered 'Hello, bench!' (external kind, node on PATH in the sandbox) {loaded_by}",
@@ -345,38 +373,54 @@ def _measurements(stack: AsyncExitStack, mgr: Any, tmp: Path, *, bwrap: str, go_
             "{'key': 'a', 'value': 'aGk='} and Get {'key': 'a'} answered {'value': 'aGk='} "
             f"(grpc kind, go-plugin handshake, HTTP/2 over the plugin's Unix socket) {loaded_by}",
             lambda: first_answered_get_ms(mgr, kv_dir)),
-        Measurement(
-            "reload_switch_ms", "ours",
-            "benchmarks/reload.py's direct_reload on examples/counter (python kind, sandboxed, "
-            "stateful) loaded once on the same PluginManager (no hot reload): its "
-            "counter/__init__.py replaced by a new version (renamed into place, untimed), then "
-            "`await mgr.reload(id)` until its `reloaded` event (a new generation prepared, the "
-            "state moved, routing switched: reload's reload_call_switch_p50_ms); the old "
-            "generation's drain and retirement come after the switch (reload_call_ms has the "
-            f"call to its return); time.time() to the event's `at`; on {loop}",
-            reload_sample),
+        *(
+            Measurement(
+                key, "ours",
+                "benchmarks/reload.py's direct_reload on examples/counter (python kind, "
+                "sandboxed, stateful), loaded once on " + manager + " (no hot reload): its "
+                "counter/__init__.py replaced by a new version (renamed into place, untimed), "
+                "then `await mgr.reload(id)` until its `reloaded` event (a new generation "
+                "prepared, the state moved, routing switched: reload's "
+                "reload_call_switch_p50_ms); the old generation's drain and retirement come "
+                "after the switch (reload_call_ms has the call to its return); time.time() to "
+                f"the event's `at`; on {loop}",
+                reload_samples[key])
+            for key, manager in (
+                ("reload_switch_ms", "the PluginManager() with warm sandboxes (before each "
+                 "sample, untimed, warm_up(); the new generation checked to have started "
+                 "warm)"),
+                ("reload_switch_cold_ms", "the PluginManager(config=HostConfig("
+                 "warm_sandboxes=0)) (every generation cold)"),
+            )
+        ),
     ]
 
 
 async def _rounds(tmp: Path, rounds: int, *, bwrap: str, go_host: Path, kv_dir: Path
                   ) -> dict[str, Any]:
-    from sandboxer import PluginManager
+    from sandboxer import HostConfig, PluginManager
 
     loop = describe_loop(asyncio.get_running_loop())
     async with AsyncExitStack() as stack:
-        mgr = await stack.enter_async_context(PluginManager())
-        events = Events(mgr)
-        stack.push_async_callback(events.aclose)
-        counter_dir = copy_example(EXAMPLES / "counter", tmp / "counter")
-        counter = await mgr.load(counter_dir)
-        stack.push_async_callback(mgr.unload, counter.id)
-        if counter.sandbox is None or not counter.sandbox.enabled:
-            raise RuntimeError("examples/counter was loaded without its sandbox")
-        files = Files(RELOAD_KINDS["python"], counter_dir, tmp / "counter-staging")
+        mgr = await stack.enter_async_context(
+            PluginManager(config=HostConfig(warm_sandboxes=0)))
+        warm_mgr = await stack.enter_async_context(PluginManager())
         reload_call_ms: list[float] = []
-        reload_sample = _reload_switch_sample(mgr, events, counter, files, reload_call_ms)
-        measurements = _measurements(stack, mgr, tmp, bwrap=bwrap, go_host=go_host,
-                                     kv_dir=kv_dir, reload_sample=reload_sample, loop=loop)
+        reload_samples = {}
+        for key, manager, warm in (("reload_switch_ms", warm_mgr, True),
+                                   ("reload_switch_cold_ms", mgr, False)):
+            events = Events(manager)
+            stack.push_async_callback(events.aclose)
+            counter_dir = copy_example(EXAMPLES / "counter", tmp / f"counter-{key}")
+            counter = await manager.load(counter_dir)
+            stack.push_async_callback(manager.unload, counter.id)
+            if counter.sandbox is None or not counter.sandbox.enabled:
+                raise RuntimeError("examples/counter was loaded without its sandbox")
+            files = Files(RELOAD_KINDS["python"], counter_dir, tmp / f"counter-staging-{key}")
+            reload_samples[key] = _reload_switch_sample(
+                manager, events, counter, files, reload_call_ms if warm else [], warm=warm)
+        measurements = _measurements(stack, mgr, warm_mgr, tmp, bwrap=bwrap, go_host=go_host,
+                                     kv_dir=kv_dir, reload_samples=reload_samples, loop=loop)
         for m in measurements:
             m.first_untimed_ms = await m.sample()
         reload_call_ms.clear()
@@ -526,11 +570,14 @@ def _plugin_processes(plugin: Any, mounts: dict[str, str], own: dict[str, str]
             "start_times": {pid: _start_time(pid) for pid in tree}}
 
 
-async def _pss(tmp: Path, n: int) -> dict[str, Any]:
+async def _pss(tmp: Path, n: int, *, warm: bool) -> dict[str, Any]:
     """Load ``n`` copies of examples/hello (ids bench.hello-NN), call each once, wait
     ``IDLE_S``, then read the PSS of every process of every plugin; unload all and check that
-    none of their processes and cgroups is left."""
-    from sandboxer import PluginManager
+    none of their processes and cgroups is left. ``warm``: each plugin starts in a warm
+    sandbox (loaded one at a time, the pool made ready before each); else every start is
+    cold (no warm sandboxes)."""
+    from sandboxer import HostConfig, PluginManager
+    from sandboxer.sandbox import forkserver
 
     source = (EXAMPLES / "hello" / "plugin.toml").read_text()
     if 'id = "example.hello"' not in source:
@@ -542,20 +589,35 @@ async def _pss(tmp: Path, n: int) -> dict[str, Any]:
             source.replace('id = "example.hello"', f'id = "bench.hello-{i:02d}"'))
         dirs.append(d)
     mounts, own = _cgroup_mounts(), _cgroup_lines(os.getpid())
-    gate = asyncio.Semaphore(LOAD_CONCURRENCY)
 
     async def load(d: Path) -> Any:
         async with gate:
-            return await mgr.load(d)
+            if warm:
+                await mgr.warm_up()
+            plugin = await mgr.load(d)
+            if plugin.started_warm != warm:
+                raise RuntimeError(f"{plugin.id} did not start {'warm' if warm else 'cold'}")
+            return plugin
 
     async def unload(plugin_id: str) -> None:
         async with gate:
             await mgr.unload(plugin_id)
 
-    if _descendants(os.getpid()):
+    def others() -> set[int]:
+        """This process's descendants that are no plugin's: the launcher fork server, which
+        lives as long as the process, and the warm sandboxes waiting (not plugins yet)."""
+        pool = mgr.warm_pool if mgr is not None else None
+        roots = [*([pid] if (pid := forkserver.server_pid()) else []),
+                 *(pool.pids() if pool is not None else [])]
+        return {*roots, *(d for r in roots for d in _descendants(r))}
+
+    mgr = None
+    if _descendants(os.getpid()) - others():
         raise RuntimeError(f"this process has child processes before the PSS phase: "
-                           f"{sorted(_descendants(os.getpid()))}")
-    async with PluginManager() as mgr:
+                           f"{sorted(_descendants(os.getpid()) - others())}")
+    gate = asyncio.Semaphore(1 if warm else LOAD_CONCURRENCY)
+    config = HostConfig() if warm else HostConfig(warm_sandboxes=0)
+    async with PluginManager(config=config) as mgr:
         t0 = time.monotonic()
         plugins = await asyncio.gather(*(load(d) for d in dirs))
         load_s = time.monotonic() - t0
@@ -574,7 +636,7 @@ async def _pss(tmp: Path, n: int) -> dict[str, Any]:
                 if pid in counted:
                     raise RuntimeError(f"process {pid} belongs to two plugins")
             counted.update(pid_map)
-        everything = _descendants(os.getpid())
+        everything = _descendants(os.getpid()) - others()
         if set(counted) != everything:
             raise RuntimeError(f"this process's descendants {sorted(everything)} are not the "
                                f"plugins' processes {sorted(counted)}")
@@ -588,7 +650,8 @@ async def _pss(tmp: Path, n: int) -> dict[str, Any]:
     left = [pid for f in found.values() for pid, started in f["start_times"].items()
             if started is not None and _start_time(pid) == started]
     dirs_left = [d for f in found.values() for d in f["cgroup_dirs"] if os.path.exists(d)]
-    if left or dirs_left or _descendants(os.getpid()):
+    mgr = None  # closed: its warm sandboxes are gone too
+    if left or dirs_left or _descendants(os.getpid()) - others():
         raise RuntimeError(f"after unloading every plugin: processes left {left}, cgroups left "
                            f"{dirs_left}, children {sorted(_descendants(os.getpid()))}")
 
@@ -666,11 +729,14 @@ def run() -> dict[str, Any]:
             timed = runner.run(_rounds(tmp / "rounds", c["rounds"], bwrap=bwrap,
                                        go_host=go_host, kv_dir=kv_dir))
             rounds_s = time.monotonic() - started - build_s
-            pss = runner.run(_pss(tmp / "pss", c["pss_plugins"]))
+            pss = runner.run(_pss(tmp / "pss", c["pss_plugins"], warm=False))
+            (tmp / "pss-warm").mkdir()
+            pss_warm = runner.run(_pss(tmp / "pss-warm", c["pss_plugins"], warm=True))
     measurements: list[Measurement] = timed["measurements"]
     figures: dict[str, float] = {m.key: round(statistics.median(m.samples), 2)
                                  for m in measurements}
     figures["pss_per_plugin_mib"] = pss["pss_per_plugin_mib"]
+    figures["pss_per_plugin_warm_mib"] = pss_warm["pss_per_plugin_mib"]
     targets, met = _targets(figures)
     result: dict[str, Any] = {
         **figures,
@@ -683,7 +749,8 @@ def run() -> dict[str, Any]:
         "baselines": {**{m.key: m.what for m in measurements},
                       "pss_per_plugin_mib": (
                           f"{pss['plugins']} copies of examples/hello (ids bench.hello-NN), "
-                          f"loaded sandboxed (default profile) on a fresh PluginManager() "
+                          f"loaded sandboxed (default profile), every one cold, on a fresh "
+                          f"PluginManager(config=HostConfig(warm_sandboxes=0)) "
                           f"{LOAD_CONCURRENCY} at a time, one greet call each, then "
                           f"{IDLE_S:g} s idle; the Pss line of /proc/PID/smaps_rollup summed "
                           "over every process of every plugin (found through each plugin's "
@@ -691,13 +758,21 @@ def run() -> dict[str, Any]:
                           f"divided by {pss['plugins']}. PSS splits each shared page among "
                           "every process mapping it, this benchmark's and others' on the "
                           "machine included, so what the plugins share with the rest counts "
-                          "only in part")},
+                          "only in part. The launcher fork server, one per supervisor, is "
+                          "not a plugin's and is not counted"),
+                      "pss_per_plugin_warm_mib": (
+                          "the same, every plugin started warm: loaded one at a time on a "
+                          "fresh PluginManager() (warm sandboxes on), `await mgr.warm_up()` "
+                          "before each load; the sandboxes still waiting in the pool are not "
+                          "plugins and are not counted (they count against the pool's memory "
+                          "budget)")},
         "measurements": {m.key: m.summary() for m in measurements},
         "reload_call_ms": {"median_ms": round(statistics.median(timed["reload_call_ms"]), 2),
                            "samples_ms": timed["reload_call_ms"],
                            "what": "the same reloads as reload_switch_ms, from the call to "
                                    "its return (the old generation drained and retired too)"},
         "pss": pss,
+        "pss_warm": pss_warm,
         "meta": {"load_average_1m_after": round(os.getloadavg()[0], 2)},
         "config": {
             **c,

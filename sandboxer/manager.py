@@ -358,6 +358,12 @@ class PluginManager:
                 self._pool.keep(default)
         return self._pool
 
+    @property
+    def warm_pool(self) -> SandboxPool | None:
+        """The warm sandboxes, once made (None before the first need, or when the host config
+        keeps none)."""
+        return self._pool
+
     async def warm_up(self) -> None:
         """Make the warm sandboxes now and wait until they are ready (otherwise the first
         python or native load makes them, in the background, and starts cold itself)."""

@@ -226,6 +226,10 @@ class SandboxPool:
             return len(self._ready.get(shape_key(template), []))
         return sum(len(v) for v in self._ready.values())
 
+    def pids(self) -> list[int]:
+        """The launcher pid of every waiting sandbox (its PID 1 and host are below it)."""
+        return [warm.proc.pid for ready in self._ready.values() for warm in ready]
+
     async def filled(self) -> None:
         """Wait until no refill is running (tests and benchmarks)."""
         while self._fillers:
