@@ -36,7 +36,7 @@ import pytest
 import pytest_asyncio
 
 from conftest import EXAMPLES
-from sandboxer import LoadedPlugin, PluginManager, PluginState, SandboxConfig
+from sandboxer import HostConfig, LoadedPlugin, PluginManager, PluginState, SandboxConfig
 
 HOSTILE_SOURCE = Path(__file__).resolve().parent / "hostile"
 SIGSYS = -int(signal.SIGSYS)
@@ -153,19 +153,33 @@ class Fleet:
             check()
 
 
+# How the fleets' plugins start: every probe that uses a fleet runs against both.
+STARTS = ("cold", "warm")
+
+
 async def start_fleet(canaries: Canaries, hostile_dir: Path, *,
                       sandbox: SandboxConfig | None = None,
-                      manager: PluginManager | None = None) -> tuple[PluginManager, Fleet]:
-    """Load the neighbour, then the hostile plugin (with ``sandbox`` if given)."""
-    manager = manager or PluginManager()
+                      manager: PluginManager | None = None,
+                      start: str = "cold") -> tuple[PluginManager, Fleet]:
+    """Load the neighbour, then the hostile plugin (with ``sandbox`` if given). ``start``
+    "warm": both start in warm sandboxes made ahead (sandbox/pool.py), the hostile plugin's
+    shape taught to the pool by one load first; "cold": no warm sandboxes at all."""
+    if manager is None:
+        manager = PluginManager(config=HostConfig(warm_sandboxes=2 if start == "warm" else 0))
     try:
+        if start == "warm":
+            await manager.unload((await manager.load(hostile_dir, sandbox=sandbox)).id)
+            await manager.warm_up()
         neighbour = await manager.load(EXAMPLES / "hello")
         hostile = await manager.load(hostile_dir, sandbox=sandbox)
+        if start == "warm":  # the refill done: no sandbox half made while a probe runs
+            await manager.warm_up()
     except BaseException:
         await manager.aclose()
         raise
     assert hostile.sandbox is not None and hostile.sandbox.enabled
     assert neighbour.sandbox is not None and neighbour.sandbox.enabled
+    assert hostile.started_warm == neighbour.started_warm == (start == "warm"), start
     return manager, Fleet(manager, hostile, neighbour, canaries)
 
 
@@ -176,10 +190,11 @@ async def _module_event_loop() -> AsyncIterator[None]:
     yield
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def fleet(canaries: Canaries, hostile_dir: Path) -> AsyncIterator[Fleet]:
+@pytest_asyncio.fixture(scope="module", loop_scope="module", params=STARTS)
+async def fleet(request: pytest.FixtureRequest, canaries: Canaries,
+                hostile_dir: Path) -> AsyncIterator[Fleet]:
     """One fleet for a module's probes that leave the plugin running (most of them)."""
-    manager, found = await start_fleet(canaries, hostile_dir)
+    manager, found = await start_fleet(canaries, hostile_dir, start=request.param)
     try:
         yield found
     finally:
@@ -187,10 +202,11 @@ async def fleet(canaries: Canaries, hostile_dir: Path) -> AsyncIterator[Fleet]:
     canaries.check()
 
 
-@pytest_asyncio.fixture(loop_scope="module")
-async def fresh_fleet(canaries: Canaries, hostile_dir: Path) -> AsyncIterator[Fleet]:
+@pytest_asyncio.fixture(loop_scope="module", params=STARTS)
+async def fresh_fleet(request: pytest.FixtureRequest, canaries: Canaries,
+                      hostile_dir: Path) -> AsyncIterator[Fleet]:
     """A fleet of its own, for a probe that may take the hostile plugin down."""
-    manager, found = await start_fleet(canaries, hostile_dir)
+    manager, found = await start_fleet(canaries, hostile_dir, start=request.param)
     try:
         yield found
     finally:

@@ -24,10 +24,10 @@ import pytest
 import pytest_asyncio
 
 from conftest import EXAMPLES, REPO
-from sandboxer import PluginLoadError, PathGrant, PluginManager, load_plugin
+from sandboxer import HostConfig, PluginLoadError, PathGrant, PluginManager, load_plugin
 from sandboxer.sandbox.runtime import SITE, runtime
 
-from .conftest import Canaries, Fleet, start_fleet
+from .conftest import STARTS, Canaries, Fleet, start_fleet
 
 pytestmark = [pytest.mark.usefixtures("no_leaks"), pytest.mark.asyncio(loop_scope="module")]
 
@@ -88,16 +88,17 @@ def make_grants(base: Path, canaries: Canaries) -> Grants:
     return Grants(base, ro, rw, other)
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def fs(canaries: Canaries, hostile_dir: Path,
+@pytest_asyncio.fixture(scope="module", loop_scope="module", params=STARTS)
+async def fs(request: pytest.FixtureRequest, canaries: Canaries, hostile_dir: Path,
              tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tuple[Fleet, Grants]]:
     grants = make_grants(tmp_path_factory.mktemp("grants"), canaries)
-    manager = PluginManager()
+    manager = PluginManager(config=HostConfig(warm_sandboxes=2 if request.param == "warm" else 0))
     other = await manager.load(grants.other)
     sandbox = manager.resolve_sandbox(load_plugin(hostile_dir)).replace(
         allowed_paths=(PathGrant(str(grants.ro)), PathGrant(str(grants.rw), writable=True)),
         denied_paths=(str(grants.rw / "secret"), str(grants.rw / "private")))
-    manager, fleet = await start_fleet(canaries, hostile_dir, sandbox=sandbox, manager=manager)
+    manager, fleet = await start_fleet(canaries, hostile_dir, sandbox=sandbox, manager=manager,
+                                       start=request.param)
     fleet.checks.append(grants.check)
     plugin_files = {p.name: p.read_bytes() for p in hostile_dir.iterdir()}
     fleet.checks.append(lambda: _unchanged(hostile_dir, plugin_files))
@@ -431,7 +432,7 @@ async def test_cgroups_cannot_be_escaped(fs, method, args, expect) -> None:  # t
 
 async def _fleet_with_grant(canaries: Canaries, hostile_dir: Path, rw: Path,
                             denied: Path) -> Fleet:
-    manager = PluginManager()
+    manager = PluginManager(config=HostConfig(warm_sandboxes=0))
     sandbox = manager.resolve_sandbox(load_plugin(hostile_dir)).replace(
         allowed_paths=(PathGrant(str(rw), writable=True),), denied_paths=(str(denied),))
     _, fleet = await start_fleet(canaries, hostile_dir, sandbox=sandbox, manager=manager)

@@ -18,7 +18,7 @@ from conftest import REPO
 from sandboxer import PluginManager
 from sandboxer.sandbox.runtime import SITE, runtime
 
-from .conftest import Canaries, Fleet, start_fleet
+from .conftest import STARTS, Canaries, Fleet, start_fleet
 
 pytestmark = [pytest.mark.usefixtures("no_leaks"), pytest.mark.asyncio(loop_scope="module")]
 
@@ -69,14 +69,15 @@ async def test_no_namespace_is_shared_with_the_host(fleet: Fleet) -> None:
         assert inside["ok"] != os.readlink(f"/proc/self/ns/{kind}"), kind
 
 
+@pytest.mark.parametrize("start", STARTS)
 async def test_the_environment_is_clean(canaries: Canaries, hostile_dir: Path,
-                                        monkeypatch: pytest.MonkeyPatch) -> None:
+                                        monkeypatch: pytest.MonkeyPatch, start: str) -> None:
     """Nothing of the supervisor's environment, however it is spelled, reaches the plugin."""
     sentinel = os.urandom(8).hex()
     for name in ("SANDBOXER_ESCAPE_SENTINEL", "AWS_SECRET_ACCESS_KEY", "LD_PRELOAD",
                  "PYTHONPATH", "SANDBOXER_CONFIG"):
         monkeypatch.setenv(name, f"/nonexistent/{sentinel}")
-    manager, fleet = await start_fleet(canaries, hostile_dir, manager=PluginManager())
+    manager, fleet = await start_fleet(canaries, hostile_dir, start=start)
     try:
         env = await fleet.probe("environment")
     finally:

@@ -19,7 +19,7 @@ from typing import Any, AsyncIterator
 import pytest
 import pytest_asyncio
 
-from sandboxer import PluginManager, load_plugin
+from sandboxer import HostConfig, PluginManager, load_plugin
 from sandboxer.sandbox.policy import effective_config
 
 from .conftest import Canaries, Fleet, start_fleet
@@ -201,8 +201,10 @@ async def test_unix_sockets_still_work(fleet: Fleet) -> None:
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def network_fleet(canaries: Canaries, hostile_dir: Path) -> AsyncIterator[Fleet]:
     """The hostile plugin with network on (one allowed host, so through the egress proxy:
-    its own net namespace still), as the manager loads it: the filter's network variant."""
-    manager = PluginManager()
+    its own net namespace still), as the manager loads it: the filter's network variant.
+    Cold only: a sandbox whose egress goes through a proxy endpoint made for one plugin is
+    never made ahead."""
+    manager = PluginManager(config=HostConfig(warm_sandboxes=0))
     request = load_plugin(hostile_dir).sandbox
     sandbox = effective_config(request, manager.config).replace(
         network_allowed=True, allowed_hosts=("allowed.test",))

@@ -24,13 +24,13 @@ from typing import Any, AsyncIterator
 import pytest
 import pytest_asyncio
 
-from sandboxer import PathGrant, PluginManager, load_plugin
+from sandboxer import HostConfig, PathGrant, PluginManager, load_plugin
 from sandboxer.config import HostConfig
 from sandboxer.sandbox import cgroups, program
 from sandboxer.sandbox.policy import SandboxConfig, SandboxRequest, effective_config
 from sandboxer.sandbox.seccomp import compile_filter
 
-from .conftest import Canaries, Fleet, start_fleet
+from .conftest import STARTS, Canaries, Fleet, start_fleet
 
 pytestmark = [pytest.mark.usefixtures("no_leaks"), pytest.mark.asyncio(loop_scope="module")]
 
@@ -101,15 +101,18 @@ async def test_strict_the_dynamic_loader_cannot_map_a_copy_in_tmp(canaries: Cana
 
 # -- through the hostile plugin, loaded under strict ------------------------------------------
 
-@pytest_asyncio.fixture(loop_scope="module")
-async def strict_fleet(canaries: Canaries, hostile_dir: Path) -> AsyncIterator[Fleet]:
+@pytest_asyncio.fixture(loop_scope="module", params=STARTS)
+async def strict_fleet(request: pytest.FixtureRequest, canaries: Canaries,
+                       hostile_dir: Path) -> AsyncIterator[Fleet]:
     """The hostile plugin under strict as the manager loads it (its own limits and filter),
     beside the neighbour under default; a fleet per test, as a probe that works on a broken
     sandbox replaces the plugin."""
-    manager = PluginManager()
-    request = dataclasses.replace(load_plugin(hostile_dir).sandbox, profile="strict")
-    sandbox = effective_config(request, manager.config)
-    manager, fleet = await start_fleet(canaries, hostile_dir, sandbox=sandbox, manager=manager)
+    start = request.param
+    manager = PluginManager(config=HostConfig(warm_sandboxes=2 if start == "warm" else 0))
+    asked = dataclasses.replace(load_plugin(hostile_dir).sandbox, profile="strict")
+    sandbox = effective_config(asked, manager.config)
+    manager, fleet = await start_fleet(canaries, hostile_dir, sandbox=sandbox, manager=manager,
+                                       start=start)
     try:
         assert fleet.hostile.sandbox is not None and fleet.hostile.sandbox.profile == "strict"
         yield fleet
