@@ -12,7 +12,6 @@ raises ProtocolError naming what was wrong.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from .. import _json
 from ..errors import (
@@ -23,6 +22,11 @@ from ..errors import (
     PARSE_ERROR,
     ProtocolError,
 )
+
+# typing only for the type checker: the plugin host starts without it (docs/architecture.md)
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = [
     "DEFAULT_MAX_FRAME",
