@@ -52,7 +52,7 @@ from ..sandbox.confinement import Confinement, launch_confined
 from ..sandbox.egress import EgressProxy
 from ..sandbox.policy import SETUP_TIMEOUT, SandboxConfig
 from ..sandbox.runtime import Runtime, runtime
-from ..sandbox.seccomp import compile_filter
+from ..sandbox.seccomp_cache import filter_for
 from ..sandbox.spec import PLUGIN_MOUNT, LaunchSpec, Mount, base_mounts, grant_mounts, mask_plan
 from . import NO_STATE, Health, NoState, ResourceUsage, external, native, not_implemented, python
 
@@ -440,7 +440,7 @@ class ProcessLoader:
             masks=masks,
             pins=pins,
             copies=(plugin_mount,),
-            seccomp_bpf=compile_filter(
+            seccomp_bpf=filter_for(
                 sandbox.profile, network=sandbox.network_allowed, extra_dirs=self.profile_dirs
             ),
             profile_dirs=self.profile_dirs,
