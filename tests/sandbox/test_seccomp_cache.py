@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -204,3 +205,21 @@ def test_old_entries_are_pruned(cache: Path) -> None:
     assert any(p.read_bytes().endswith(program) for p in kept)
     assert not (cache / f"{0:064x}.bpf").exists()
 
+
+def test_the_launcher_runs_with_a_program_from_the_cache(cache: Path) -> None:
+    """End to end: `sandboxer exec` twice; the second finds the program on disk."""
+    env = {**os.environ, "XDG_RUNTIME_DIR": ""}
+    script = textwrap.dedent(f"""\
+        import sys
+        from sandboxer.sandbox import seccomp_cache
+        seccomp_cache._directory = lambda: {str(cache)!r}
+        from sandboxer.cli import main
+        code = main(["exec", "--", "/bin/sh", "-c", "echo inside"])
+        print("compiler loaded" if "pyseccomp" in sys.modules else "from the cache")
+        sys.exit(code)
+        """)
+    outputs = [subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                              timeout=60, cwd=REPO, env=env, stdin=subprocess.DEVNULL)
+               for _ in range(2)]
+    assert [(r.returncode, r.stdout) for r in outputs] == [
+        (0, "inside\ncompiler loaded\n"), (0, "inside\nfrom the cache\n")]
