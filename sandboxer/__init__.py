@@ -7,10 +7,6 @@
 Public names are re-exported here; everything else is private.
 """
 
-import importlib as _importlib
-from typing import TYPE_CHECKING as _TYPE_CHECKING
-from typing import Any as _Any
-
 from .errors import (
     CallTimeout,
     ConfigError,
@@ -33,7 +29,12 @@ from .errors import (
     SandboxUnavailable,
 )
 
+# Neither typing nor importlib is imported at run time: the plugin host, which imports this
+# package first, starts without them (docs/architecture.md, "Start-up imports").
+_TYPE_CHECKING = False
 if _TYPE_CHECKING:
+    from typing import Any as _Any
+
     from ._digest import tree_checksum as checksum
     from ._lifecycle import PluginState
     from .config import HostConfig
@@ -87,12 +88,14 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> _Any:
+def __getattr__(name: str) -> "_Any":
     try:
         module, attribute = _LAZY[name]
     except KeyError:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
-    value = getattr(_importlib.import_module(module, __name__), attribute)
+    from importlib import import_module
+
+    value = getattr(import_module(module, __name__), attribute)
     globals()[name] = value
     return value
 

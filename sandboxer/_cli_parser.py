@@ -12,12 +12,12 @@ from typing import Any
 from ._trusted_keys import parse_trusted_key_option
 from ._units import parse_duration, parse_size
 from .sandbox.policy import (
+    KILL_GRACE,
     parse_cpu,
     parse_denied_path,
     parse_host_pattern,
     parse_path_grant,
 )
-from .sandbox.program import KILL_GRACE
 
 __all__ = ["build_parser", "UsageError", "EXIT_USAGE"]
 

@@ -7,10 +7,12 @@ out-of-process one would: no shared mutable objects, no sets or custom classes.
 
 from __future__ import annotations
 
-import base64
-from typing import Any
-
 import orjson
+
+# typing only for the type checker: the plugin host starts without it (docs/architecture.md)
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["dumps", "loads", "normalize", "JSONError"]
 
@@ -20,6 +22,8 @@ _OPTIONS = orjson.OPT_NON_STR_KEYS
 
 def _default(value: Any) -> Any:
     if isinstance(value, (bytes, bytearray, memoryview)):
+        import base64  # only when bytes are sent: not at every plugin's start
+
         return base64.b64encode(bytes(value)).decode("ascii")
     if isinstance(value, (set, frozenset)):
         raise TypeError("a set is not a JSON value; return a list")

@@ -12,14 +12,17 @@ import inspect
 import os
 import re
 import sys
-import traceback
 from collections.abc import Callable
-from pathlib import Path
 from types import ModuleType
-from typing import Any
 
 from ._hooks import EXPORT_STATE, IMPORT_STATE, LIFECYCLE_HOOKS
 from .errors import INVALID_PARAMS, PluginCallError, PluginLoadError
+
+# typing only for the type checker: the plugin host starts without it, and without traceback
+# and pathlib, imported where a plugin's error is reported (docs/architecture.md)
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["LIFECYCLE_NAMES", "PythonModule"]
 
@@ -37,11 +40,11 @@ def _forget_module(name: str) -> None:
         del sys.modules[key]
 
 
-def _import_fresh(entry: Path, name: str, plugin_id: str) -> ModuleType:
+def _import_fresh(entry: str, name: str, plugin_id: str) -> ModuleType:
     """Import ``entry`` as a new module ``name`` (a package if it is a directory)."""
-    if entry.is_dir():
+    if os.path.isdir(entry):
         spec = importlib.util.spec_from_file_location(
-            name, entry / "__init__.py", submodule_search_locations=[str(entry)]
+            name, os.path.join(entry, "__init__.py"), submodule_search_locations=[entry]
         )
     else:
         spec = importlib.util.spec_from_file_location(name, entry)
@@ -56,6 +59,8 @@ def _import_fresh(entry: Path, name: str, plugin_id: str) -> ModuleType:
         _forget_module(name)
         raise
     except BaseException as exc:  # SystemExit too: a plugin may not end its host that way
+        import traceback
+
         _forget_module(name)
         detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
         raise PluginLoadError(
@@ -117,17 +122,17 @@ class PythonModule:
 
     def __init__(
         self,
-        entry: Path,
+        entry: str | os.PathLike[str],
         *,
         plugin_id: str,
         generation: int,
-        root: Path,
+        root: str | os.PathLike[str],
         methods: tuple[str, ...] | None,
     ) -> None:
         self.plugin_id = plugin_id
-        self.root = root
+        self.root = os.fspath(root)
         self.name = _module_name(plugin_id, generation)
-        self.module = _import_fresh(entry, self.name, plugin_id)
+        self.module = _import_fresh(os.fspath(entry), self.name, plugin_id)
         self._arity: dict[Callable[..., Any], tuple[float, float]] = {}
         try:
             self.methods = _public_methods(self.module, methods, plugin_id)
@@ -168,6 +173,9 @@ class PythonModule:
 
     def _traceback(self, exc: BaseException) -> str:
         """The traceback from the plugin's own frames only (not sandboxer's or asyncio's)."""
+        import traceback
+        from pathlib import Path
+
         frames = [
             f
             for f in traceback.extract_tb(exc.__traceback__)

@@ -19,23 +19,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import _json
 from ._cli_parser import EXIT_USAGE, UsageError, build_parser
-from ._digest import tree_checksum
 from ._units import format_duration, format_size
 from .config import HostConfig
 from .errors import CallTimeout, MemoryLimitExceeded, PluginLoadError, SandboxerError, exit_code
-from .loaders import run_mode
-from .manager import PluginManager
-from .manifest import Plugin, load_plugin, verify_integrity
-from .sandbox.egress import EgressProxy
 from .sandbox.policy import (
     SandboxConfig,
     SandboxRequest,
     effective_config,
 )
 
+# Each command imports what only it uses (the manager, the loaders, the manifest parser, the
+# registry, the sandbox's launch): `sandboxer exec` must not pay for wasmtime or grpc, nor
+# `--help` for any of them (docs/architecture.md, "Start-up imports").
 if TYPE_CHECKING:
+    from .manifest import Plugin
     from .registry import Registry, TrustedPublicKey
 
 __all__ = ["main"]
@@ -44,6 +42,8 @@ __all__ = ["main"]
 
 
 def _parse_call_arg(text: str) -> Any:
+    from . import _json
+
     try:
         return _json.loads(text)
     except _json.JSONError:
@@ -53,6 +53,8 @@ def _parse_call_arg(text: str) -> Any:
 def _config_override(args: argparse.Namespace) -> dict[str, Any]:
     if args.config is None:
         return {}
+    from . import _json
+
     try:
         value = _json.loads(args.config)
     except _json.JSONError as exc:
@@ -112,15 +114,23 @@ def _sandbox_from(
     return config.replace(**changes) if changes else config
 
 
+def _dumps(value: Any) -> str:
+    # orjson (with the uuid, datetime and platform modules it loads) only for JSON output:
+    # not for a plain `sandboxer exec`
+    from . import _json
+
+    return _json.dumps(value).decode()
+
+
 def _print_json(value: Any) -> None:
-    sys.stdout.write(_json.dumps(value).decode() + "\n")
+    sys.stdout.write(_dumps(value) + "\n")
 
 
 def _print_result(value: Any) -> None:
     if isinstance(value, str):
         print(value)
     else:
-        print(_json.dumps(value).decode())
+        print(_dumps(value))
 
 
 def _report_error(
@@ -180,6 +190,9 @@ def _registry_fetch(target: str, args: argparse.Namespace, host: HostConfig) -> 
 
 
 async def _cmd_call(args: argparse.Namespace) -> int:
+    from .manager import PluginManager
+    from .manifest import load_plugin
+
     host = HostConfig.load()
     config = _config_override(args)
     call_args = [_parse_call_arg(a) for a in args.args]
@@ -219,6 +232,10 @@ def _stats(loaded: Any, start: float) -> dict[str, Any]:
 
 
 async def _cmd_inspect(args: argparse.Namespace) -> int:
+    from ._digest import tree_checksum
+    from .loaders import run_mode
+    from .manifest import load_plugin, verify_integrity
+
     host = HostConfig.load()
     plugin = load_plugin(args.target)
     sandbox = _sandbox_for(plugin, host, args)
@@ -255,7 +272,7 @@ async def _cmd_inspect(args: argparse.Namespace) -> int:
         ("mode", report["mode"]),
     ]
     rows += [
-        (f"sandbox.{k}", _json.dumps(v).decode() if not isinstance(v, str) else v)
+        (f"sandbox.{k}", _dumps(v) if not isinstance(v, str) else v)
         for k, v in sandbox.to_json().items()
     ]
     width = max(len(k) for k, _ in rows)
@@ -316,7 +333,8 @@ async def _cmd_exec(args: argparse.Namespace) -> int:
     host cannot enforce the sandbox. Those collide with a program's own 2-4, so each of
     sandboxer's is said on stderr ("sandboxer: ...") and, with --json, as ``error``."""
     from .sandbox import cgroups, program
-    from .sandbox.seccomp import compile_filter
+    from .sandbox.egress import EgressProxy
+    from .sandbox.seccomp_cache import filter_for
 
     command = args.program[1:] if args.program[:1] == ["--"] else args.program
     if not command:
@@ -345,7 +363,7 @@ async def _cmd_exec(args: argparse.Namespace) -> int:
             command,
             sandbox,
             backend=cgroups.detect(),
-            seccomp_bpf=compile_filter(
+            seccomp_bpf=filter_for(
                 sandbox.profile, network=sandbox.network_allowed, extra_dirs=host.profile_dirs
             ),
             sinks=sinks,
@@ -431,6 +449,8 @@ async def _cmd_exec(args: argparse.Namespace) -> int:
 
 async def _cmd_doctor(args: argparse.Namespace) -> int:
     from ._doctor import diagnose
+    from .loaders import run_mode
+    from .manifest import load_plugin
 
     host = HostConfig.load()
     report = diagnose(host)
@@ -450,7 +470,7 @@ async def _cmd_doctor(args: argparse.Namespace) -> int:
             if isinstance(value, dict):
                 print(f"{key}:")
                 for k, v in value.items():
-                    shown = _json.dumps(v).decode() if isinstance(v, (dict, list)) else v
+                    shown = _dumps(v) if isinstance(v, (dict, list)) else v
                     print(f"  {k:<22} {shown}")
             else:
                 print(f"{key:<24} {value}")
@@ -503,6 +523,7 @@ async def _cmd_scan(args: argparse.Namespace) -> int:
 
 async def _cmd_watch(args: argparse.Namespace) -> int:
     from .discovery import watch
+    from .manager import PluginManager
 
     def show(record: dict[str, Any], line: str) -> None:
         if args.json:

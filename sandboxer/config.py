@@ -22,7 +22,7 @@ from typing import Any
 from ._trusted_keys import TrustedKey, parse_trusted_keys
 from ._units import parse_duration, parse_size
 from .errors import ConfigError
-from .rpc.framing import DEFAULT_MAX_FRAME
+from .rpc import DEFAULT_MAX_FRAME
 from .sandbox.policy import HOST_KEYS, LIMIT_KEYS, SandboxPolicy, parse_denied_path
 
 __all__ = [

@@ -31,7 +31,10 @@ invalid plugins, 3 for limits and crashes, 4 for SandboxUnavailable.
 
 from __future__ import annotations
 
-from typing import Any
+# typing only for the type checker: the plugin host starts without it (docs/architecture.md)
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = [
     "SandboxerError",

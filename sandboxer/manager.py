@@ -23,7 +23,7 @@ import os
 from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._digest import tree_checksum
 from ._lifecycle import SERVING, Generation, Lifecycle, PluginState
@@ -42,12 +42,14 @@ from .events import EventStream, PluginEvent, PluginStatistics, Subscription
 from .loaders import Loader, PluginHandle
 from .loaders.out_of_process import COMMANDS, ProcessLoader
 from .loaders.python import InProcessPythonLoader
-from .loaders.wasm import WasmEngine, WasmLoader
 from .manifest import LoaderType, Plugin, Protocol, load_plugin, verify_integrity
 from .reload import ReloadHost, reload_generation
 from .sandbox.egress import EgressProxy
 from .sandbox.policy import SandboxConfig, SandboxRequest, effective_config
 from .sandbox.pool import SandboxPool
+
+if TYPE_CHECKING:  # wasmtime, like grpcio, is imported with the first plugin of its kind
+    from .loaders.wasm import WasmEngine, WasmLoader
 
 __all__ = ["PluginManager", "LoadedPlugin", "PluginEvent", "PluginStatistics", "EventStream"]
 
@@ -389,6 +391,8 @@ class PluginManager:
                 return self._in_process_python
         if plugin.type is LoaderType.WASM:
             if self._wasm_loader is None:
+                from .loaders.wasm import WasmEngine, WasmLoader
+
                 self._wasm_engine = WasmEngine()
                 self._wasm_loader = WasmLoader(
                     self._wasm_engine,

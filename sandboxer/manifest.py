@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _digest
+from ._hooks import METHOD_RE
 from ._plugin_id import ID_RE
 from ._units import parse_duration, parse_size
 from .errors import IntegrityError, ManifestError
@@ -63,7 +64,6 @@ SEMVER_RE = re.compile(
     r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
     r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?"
 )
-METHOD_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 SHA256_RE = re.compile(r"(?:sha256:)?([0-9a-f]{64})")
 WASM_MAGIC = b"\0asm"
 ELF_MAGIC = b"\x7fELF"

@@ -25,11 +25,15 @@ import os
 import sys
 from collections.abc import Callable, Mapping
 from types import ModuleType
-from typing import Any, NoReturn
 
 from ._hooks import LIFECYCLE_HOOKS
 from .rpc.framing import DEFAULT_MAX_FRAME
 from .rpc.server import Handlers, Server, socket_from_env
+
+# typing only for the type checker: a plugin starts without it (docs/architecture.md)
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, NoReturn
 
 __all__ = ["serve", "log"]
 
@@ -64,7 +68,8 @@ def serve(
     """Serve ``handlers`` (default: the caller's module) to the host, then exit."""
     global _server
     if handlers is None:
-        caller = inspect.stack()[1].frame.f_globals
+        # the caller's frame only: inspect.stack() would read the source of every frame
+        caller = sys._getframe(1).f_globals
         handlers = sys.modules.get(caller.get("__name__", "__main__")) or caller
     found = _collect(handlers)
     sock, cookie = socket_from_env()

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import EXAMPLES
+from conftest import EXAMPLES, REPO
+from sandboxer.sandbox import seccomp_cache
 
 HELLO = str(EXAMPLES / "hello")
 
@@ -381,3 +382,55 @@ def test_demo_runs_the_examples():
     assert run.returncode == 0, run.stderr
     assert "Hello, world!" in run.stdout
     assert "trusted in-process" in run.stdout
+
+
+# -- what a command imports ----------------------------------------------------------------------
+# Each command imports what it uses (docs/architecture.md, "Start-up imports"): the manager,
+# the loaders, the manifest parser, the registry and the third-party engines are not for
+# `exec`, and `--help` needs none of them, nor the sandbox's launch.
+NOT_FOR_EXEC = ("grpc", "google", "wasmtime", "cryptography", "inotify_simple",
+                "sandboxer.manager", "sandboxer.loaders", "sandboxer.manifest",
+                "sandboxer.registry", "sandboxer.discovery", "sandboxer._minisign",
+                "sandboxer.rpc.client", "sandboxer.sandbox.runtime",
+                "orjson")  # JSON only with --json
+NOT_FOR_HELP = (*NOT_FOR_EXEC, "sandboxer.sandbox.program", "sandboxer.sandbox.seccomp",
+                "pyseccomp")
+
+MODULES_AFTER = """\
+import json, sys
+from sandboxer.cli import main
+try:
+    main(sys.argv[2:])
+except SystemExit:
+    pass
+with open(sys.argv[1], "w") as f:
+    json.dump(sorted(sys.modules), f)
+"""
+
+
+def _modules_after(tmp_path: Path, *argv: str) -> list[str]:
+    out = tmp_path / "modules.json"
+    subprocess.run([sys.executable, "-c", MODULES_AFTER, str(out), *argv], capture_output=True,
+                   text=True, timeout=60, cwd=REPO, stdin=subprocess.DEVNULL, check=True)
+    return json.loads(out.read_text())
+
+
+def _among(modules: list[str], unwanted: tuple[str, ...]) -> list[str]:
+    return sorted(m for m in modules for bad in unwanted if m == bad or m.startswith(bad + "."))
+
+
+def test_exec_imports_only_what_it_runs(tmp_path):
+    modules = _modules_after(tmp_path, "exec", "--", "/bin/true")
+    assert "sandboxer.sandbox.program" in modules  # the check sees what exec imported
+    assert _among(modules, NOT_FOR_EXEC) == []
+    # The second run finds the seccomp program compiled by the first (as root, or with a
+    # private $XDG_RUNTIME_DIR): libseccomp's compiler is not loaded at all.
+    again = _modules_after(tmp_path, "exec", "--", "/bin/true")
+    if seccomp_cache._directory() is not None:
+        assert _among(again, ("pyseccomp", "sandboxer.sandbox.seccomp")) == []
+
+
+def test_help_imports_no_command(tmp_path):
+    modules = _modules_after(tmp_path, "--help")
+    assert "sandboxer._cli_parser" in modules
+    assert _among(modules, NOT_FOR_HELP) == []

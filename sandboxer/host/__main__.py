@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import socket
 import sys
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any
 
+from .. import _json
 from .._hooks import (
     EXPORT_STATE,
     HEALTH_CHECK,
@@ -26,14 +23,56 @@ from ..rpc.framing import DEFAULT_MAX_FRAME
 from ..rpc.server import Handlers, Server, socket_from_env
 from . import WARM
 
+# typing only for the type checker: the plugin host starts without it (docs/architecture.md)
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
-def _python_handlers(args: argparse.Namespace) -> Handlers:
-    methods = tuple(args.methods.split(",")) if args.methods else None
+_USAGE = (
+    "usage: python -m sandboxer.host --kind {python,native} --entrypoint PATH --root DIR "
+    "--id ID --version VERSION [--methods NAME,...]"
+)
+_REQUIRED = ("kind", "entrypoint", "root", "id", "version")
+_OPTIONS = (*_REQUIRED, "methods")
+_KINDS = ("python", "native")
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _parse_args(argv: list[str]) -> dict[str, str]:
+    """The options ``loaders.plugin_host`` passes, each ``--name VALUE``, by name. Not
+    argparse: the supervisor writes this argv, not a person, and argparse (with gettext) would
+    add its import to every plugin's start."""
+    values: dict[str, str] = {}
+    words = iter(argv)
+    for word in words:
+        name = word[2:] if word.startswith("--") else ""
+        if name not in _OPTIONS:
+            raise _UsageError(f"unrecognized argument: {word}")
+        value = next(words, None)
+        if value is None:
+            raise _UsageError(f"argument {word}: expected one argument")
+        values[name] = value
+    missing = [f"--{name}" for name in _REQUIRED if name not in values]
+    if missing:
+        raise _UsageError(f"the following arguments are required: {', '.join(missing)}")
+    if values["kind"] not in _KINDS:
+        raise _UsageError(
+            f"argument --kind: invalid choice: {values['kind']!r} (choose from 'python', 'native')"
+        )
+    return values
+
+
+def _python_handlers(
+    entrypoint: str, root: str, plugin_id: str, methods: tuple[str, ...] | None
+) -> Handlers:
     module = PythonModule(
-        Path(args.entrypoint),
-        plugin_id=args.id,
+        entrypoint,
+        plugin_id=plugin_id,
         generation=1,
-        root=Path(args.root),
+        root=root,
         methods=methods,
     )
     lifecycle = {name: fn for name in LIFECYCLE_HOOKS if (fn := module.lifecycle(name)) is not None}
@@ -45,11 +84,11 @@ def _python_handlers(args: argparse.Namespace) -> Handlers:
     )
 
 
-def _native_handlers(args: argparse.Namespace) -> Handlers:
+def _native_handlers(entrypoint: str, plugin_id: str, methods: tuple[str, ...] | None) -> Handlers:
     from .native import NativeLibrary
 
-    lib = NativeLibrary(args.entrypoint)
-    names = tuple(args.methods.split(",")) if args.methods else (lib.methods or ())
+    lib = NativeLibrary(entrypoint)
+    names = methods if methods is not None else (lib.methods or ())
 
     def method(name: str) -> Callable[..., Any]:
         return lambda *call_args: lib.call(name, list(call_args))
@@ -71,7 +110,7 @@ def _native_handlers(args: argparse.Namespace) -> Handlers:
     return Handlers(
         methods={n: method(n) for n in names if n not in STATE_HOOKS},
         lifecycle=lifecycle,
-        error=_native_error(args.id),
+        error=_native_error(plugin_id),
         any_method=None if names else lambda name, *call_args: lib.call(name, list(call_args)),
     )
 
@@ -100,22 +139,17 @@ def _handed_over(sock: socket.socket) -> list[str] | None:
         if not chunk:
             return None
         data += chunk
-    args = json.loads(data)
+    args = _json.loads(data)
     if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
         raise ValueError("the handed-over arguments are not a list of strings")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    # The parser first: in a warm sandbox it is made while waiting (making one costs ms).
-    parser = argparse.ArgumentParser(prog="python -m sandboxer.host")
-    parser.add_argument("--kind", choices=("python", "native"), required=True)
-    parser.add_argument("--entrypoint", required=True)
-    parser.add_argument("--root", required=True)
-    parser.add_argument("--id", required=True)
-    parser.add_argument("--version", required=True)
-    parser.add_argument("--methods", default="")
     argv = sys.argv[1:] if argv is None else argv
+    if argv in (["-h"], ["--help"]):
+        print(_USAGE)
+        return 0
     warm = argv == [WARM]
     if warm:
         try:
@@ -128,22 +162,32 @@ def main(argv: list[str] | None = None) -> int:
         if handed is None:
             return 0
         argv = handed
-    args = parser.parse_args(argv)
+    try:
+        args = _parse_args(argv)
+    except _UsageError as exc:
+        print(f"{_USAGE}\npython -m sandboxer.host: error: {exc}", file=sys.stderr)
+        return 2
     if warm:  # the plugin's copy was mounted over the directory this process started in
-        os.chdir(args.root)
+        os.chdir(args["root"])
     try:
         sock, cookie = socket_from_env()
     except RuntimeError as exc:
         print(f"sandboxer.host: {exc}", file=sys.stderr)
         return 2
+    plugin_id = args["id"]
+    methods = tuple(args["methods"].split(",")) if args.get("methods") else None
     try:
-        handlers = _python_handlers(args) if args.kind == "python" else _native_handlers(args)
+        handlers = (
+            _python_handlers(args["entrypoint"], args["root"], plugin_id, methods)
+            if args["kind"] == "python"
+            else _native_handlers(args["entrypoint"], plugin_id, methods)
+        )
     except SandboxerError as exc:
         print(f"sandboxer.host: {exc}", file=sys.stderr)
         return 1
     max_frame = int(os.environ.get("SANDBOXER_MAX_FRAME", DEFAULT_MAX_FRAME))
     server = Server(
-        handlers, sock, cookie=cookie, name=args.id, version=args.version, max_frame=max_frame
+        handlers, sock, cookie=cookie, name=plugin_id, version=args["version"], max_frame=max_frame
     )
     return server.run()
 

@@ -43,10 +43,9 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
-from typing import Any
 
 from .. import _json
-from .._hooks import EXPORT_STATE, IMPORT_STATE, STATE_HOOKS
+from .._hooks import EXPORT_STATE, IMPORT_STATE, METHOD_RE, STATE_HOOKS
 from ..errors import (
     INTERNAL_ERROR,
     INVALID_PARAMS,
@@ -55,7 +54,11 @@ from ..errors import (
     PluginLoadError,
     PluginStateError,
 )
-from ..manifest import METHOD_RE
+
+# typing only for the type checker: the plugin host starts without it (docs/architecture.md)
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["NativeLibrary", "MAX_OUT_BYTES", "STATE_HOOKS"]
 

@@ -55,7 +55,7 @@ from ..sandbox.egress import EgressProxy, network_mode
 from ..sandbox.policy import SETUP_TIMEOUT, SandboxConfig
 from ..sandbox.pool import SandboxPool, TooLargeForWarm, WarmSandbox, shape_key
 from ..sandbox.runtime import Runtime, runtime
-from ..sandbox.seccomp import compile_filter
+from ..sandbox.seccomp_cache import filter_for
 from ..sandbox.spec import PLUGIN_MOUNT, LaunchSpec, Mount, base_mounts, grant_mounts, mask_plan
 from . import NO_STATE, Health, NoState, ResourceUsage, external, native, not_implemented, python
 from .plugin_host import host_args
@@ -544,7 +544,7 @@ class ProcessLoader:
             masks=masks,
             pins=pins,
             copies=copies,
-            seccomp_bpf=compile_filter(
+            seccomp_bpf=filter_for(
                 sandbox.profile, network=sandbox.network_allowed, extra_dirs=self.profile_dirs
             ),
             profile_dirs=self.profile_dirs,

@@ -12,7 +12,6 @@ raises ProtocolError naming what was wrong.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from .. import _json
 from ..errors import (
@@ -23,6 +22,12 @@ from ..errors import (
     PARSE_ERROR,
     ProtocolError,
 )
+from . import DEFAULT_MAX_FRAME
+
+# typing only for the type checker: the plugin host starts without it (docs/architecture.md)
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = [
     "DEFAULT_MAX_FRAME",
@@ -42,9 +47,8 @@ __all__ = [
     "encode_error",
 ]
 
-# The largest frame either side accepts unless the host config says otherwise
-# (HostConfig.max_frame); the JSON-RPC error codes are re-exported from sandboxer.errors.
-DEFAULT_MAX_FRAME = 16 << 20
+# The JSON-RPC error codes are re-exported from sandboxer.errors, DEFAULT_MAX_FRAME from
+# sandboxer.rpc.
 
 
 class LineBuffer:

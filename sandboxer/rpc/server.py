@@ -26,7 +26,6 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
 
 from .. import _json
 from .._hooks import RESERVED, STATE_HOOKS
@@ -48,8 +47,12 @@ from .framing import (
     parse_message,
 )
 
+# typing and asyncio only for the type checker: the plugin host starts without them; the loop
+# for async handlers imports asyncio when first needed (docs/architecture.md)
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     import asyncio
+    from typing import Any
 
 __all__ = ["Handlers", "Server", "PROTOCOL_VERSION", "RESERVED"]
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import errno
 import os
-import secrets
 import signal
 import time
 from dataclasses import dataclass
@@ -407,4 +406,6 @@ def _is_cgroup2(path: str) -> bool:
 
 def new_name() -> str:
     """A cgroup name no other supervisor or plugin will pick."""
-    return f"sandboxer-{os.getpid()}-{secrets.token_hex(6)}"
+    # os.urandom, as secrets.token_hex is, without the secrets module's imports (hmac, hashlib
+    # and libcrypto) at every start of the CLI
+    return f"sandboxer-{os.getpid()}-{os.urandom(6).hex()}"

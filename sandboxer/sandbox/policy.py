@@ -36,6 +36,7 @@ __all__ = [
     "parse_path_grant",
     "parse_host_pattern",
     "SETUP_TIMEOUT",
+    "KILL_GRACE",
 ]
 
 
@@ -147,6 +148,9 @@ class SandboxConfig:
 
 # The sandbox launcher's steps, from spawn to exec: SandboxPolicy's default and launch's.
 SETUP_TIMEOUT = 10.0
+# How long a program past its deadline (``sandboxer exec --timeout``) has between SIGTERM and
+# SIGKILL: a short grace, enough to flush and exit, not to go on working.
+KILL_GRACE = 2.0
 
 
 @dataclass(frozen=True)

@@ -13,14 +13,21 @@ import re
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from .._units import parse_duration, parse_size
 from ..errors import PluginLoadError
 
-__all__ = ["Profile", "ProfileLimits", "load_profile", "profile_names", "NAME_RE"]
+__all__ = [
+    "Profile",
+    "ProfileLimits",
+    "load_profile",
+    "profile_names",
+    "groups_path",
+    "NAME_RE",
+    "GROUPS_FILE",
+]
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 
@@ -51,7 +58,10 @@ class Profile:
 
 
 def builtin_dir() -> Path:
-    return Path(str(resources.files("sandboxer.profiles")))
+    """The package's own profiles (``sandboxer/profiles``), beside this file's package: what
+    ``importlib.resources.files`` gives for a package on disk, without its imports (zipfile,
+    shutil, bz2, lzma), which every command that reads a profile would pay for."""
+    return Path(__file__).parent.parent / "profiles"
 
 
 def _search_dirs(extra: tuple[str, ...]) -> list[Path]:
@@ -59,7 +69,16 @@ def _search_dirs(extra: tuple[str, ...]) -> list[Path]:
 
 
 # profiles/seccomp.toml holds the named syscall groups that profiles refer to; not a profile.
+GROUPS_FILE = "seccomp.toml"
 _NOT_PROFILES = frozenset({"seccomp"})
+
+
+def groups_path(profile_path: str) -> str:
+    """The seccomp groups file for the profile at ``profile_path``: the seccomp.toml beside
+    it (a host's profile dir may bring its own groups), else the one shipped with the
+    package."""
+    beside = Path(profile_path).with_name(GROUPS_FILE)
+    return str(beside if beside.is_file() else builtin_dir() / GROUPS_FILE)
 
 
 def profile_names(extra_dirs: tuple[str, ...] = ()) -> list[str]:

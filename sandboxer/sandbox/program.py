@@ -22,7 +22,7 @@ from . import child
 from .cgroups import CgroupBackend, CgroupStats
 from .confinement import launch_confined
 from .egress import EgressProxy
-from .policy import SETUP_TIMEOUT, SandboxConfig
+from .policy import KILL_GRACE, SETUP_TIMEOUT, SandboxConfig
 from .spec import MERGED_USR, LaunchSpec, Mount, base_mounts, grant_mounts, mask_plan
 from .start import SandboxSetupError
 
@@ -40,10 +40,9 @@ class RunResult:
     timed_out: bool = False
 
 
-# The PATH a program finds inside the sandbox; and how long one past its deadline has between
-# SIGTERM and SIGKILL (a short grace: enough to flush and exit, not to go on working).
+# The PATH a program finds inside the sandbox (KILL_GRACE, the grace after its deadline, is
+# the policy's: the CLI's help names it without importing the launch).
 EXEC_PATH = ("/usr/local/bin", "/usr/bin", "/bin")
-KILL_GRACE = 2.0
 
 
 def _not_found(path: str, why: str = "") -> PluginLoadError:

@@ -64,12 +64,14 @@ class Runtime:
 
     def host_argv(self, *args: str) -> list[str]:
         """The plugin host (``sandboxer.host``) run from the copy at ``SITE``: -I keeps the
-        environment and the user's site out, so the path is given here."""
+        environment and the user's site out, so the path is given here; -S keeps out the
+        ``site`` module, the interpreter's site-packages and the code its ``.pth`` files
+        run, which are not the plugin's (and cost every start)."""
         boot = (
             f"import sys; sys.path.insert(0, {SITE!r}); import runpy; "
             "runpy.run_module('sandboxer.host', run_name='__main__', alter_sys=True)"
         )
-        return [self.python, "-I", "-c", boot, *args]
+        return [self.python, "-I", "-S", "-c", boot, *args]
 
 
 def _package_dirs() -> list[Path]:

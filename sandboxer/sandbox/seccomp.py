@@ -5,7 +5,8 @@ groups of ``seccomp.toml``, validated, flattened into rules and compiled by libs
 The filter is an allow-list for the native x86_64 ABI only: whatever no group or rule allows
 is answered EPERM, and a call through the i386 (``int 0x80``) or x32 ABI kills the process
 (libseccomp's bad-architecture action, which it also applies to x32 syscall numbers).
-Compiled programs are cached per profile file, groups file (both by mtime) and network flag.
+Compiled programs are cached per profile file, groups file (both by mtime) and network flag,
+in this process; ``seccomp_cache`` keeps them on disk for the next one.
 
 This module must never fail open: a profile or groups file that cannot be read, names an
 unknown group, syscall, errno or constant, lacks a comment, asks for something libseccomp
@@ -24,17 +25,15 @@ import socket
 import tempfile
 import tomllib
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pyseccomp
 
 from ..errors import PluginLoadError, SandboxUnavailable
-from .profiles import builtin_dir, load_profile
+from .profiles import GROUPS_FILE, groups_path, load_profile
 
 __all__ = ["compile_filter", "filter_within", "has_network", "GROUPS_FILE"]
 
-GROUPS_FILE = "seccomp.toml"
 DEFAULT_ERRNO = _errno.EPERM
 # What the filter answers for every call no rule allows. Docker answers EPERM too: programs
 # treat it as "not permitted here" and carry on, where ENOSYS would make some of them try an
@@ -559,13 +558,6 @@ def _compile(
     return _build(rules)
 
 
-def _groups_path(profile_path: str) -> str:
-    """The seccomp.toml beside the profile (a host's profile dir may bring its own groups),
-    else the one shipped with the package."""
-    beside = Path(profile_path).with_name(GROUPS_FILE)
-    return str(beside if beside.is_file() else builtin_dir() / GROUPS_FILE)
-
-
 def _mtime_ns(path: str, what: str) -> int:
     try:
         return os.stat(path).st_mtime_ns
@@ -589,19 +581,19 @@ def compile_filter(profile: str, *, network: bool, extra_dirs: tuple[str, ...] =
             missing="seccomp filter for this architecture",
         )
     path = load_profile(profile, extra_dirs).path
-    groups_path = _groups_path(path)
+    groups_file = groups_path(path)
     return _compile(
         path,
         _mtime_ns(path, "sandbox profile"),
-        groups_path,
-        _mtime_ns(groups_path, "seccomp groups"),
+        groups_file,
+        _mtime_ns(groups_file, "seccomp groups"),
         bool(network),
     )
 
 
 def _allowed(profile_path: str, network: bool) -> frozenset[_Rule]:
-    groups_path = _groups_path(profile_path)
-    groups = _parse_groups(groups_path, _mtime_ns(groups_path, "seccomp groups"))
+    groups_file = groups_path(profile_path)
+    groups = _parse_groups(groups_file, _mtime_ns(groups_file, "seccomp groups"))
     return frozenset(
         r for r in _plan(_profile_rules(profile_path, groups, network)) if r.action == "allow"
     )
@@ -610,8 +602,8 @@ def _allowed(profile_path: str, network: bool) -> frozenset[_Rule]:
 def has_network(profile: str, extra_dirs: tuple[str, ...] = ()) -> bool:
     """Whether the profile named ``profile`` ever allows inet sockets (has network_groups)."""
     path = load_profile(profile, extra_dirs).path
-    groups_path = _groups_path(path)
-    groups = _parse_groups(groups_path, _mtime_ns(groups_path, "seccomp groups"))
+    groups_file = groups_path(path)
+    groups = _parse_groups(groups_file, _mtime_ns(groups_file, "seccomp groups"))
     table = _read_toml(path, "sandbox profile").get("seccomp")
     try:
         return bool(

@@ -42,7 +42,7 @@ from ...sandbox.confinement import launch_confined
 from ...sandbox.paths import open_beneath
 from ...sandbox.policy import SandboxConfig
 from ...sandbox.program import EXEC_PATH, KILL_GRACE, find_program
-from ...sandbox.seccomp import compile_filter
+from ...sandbox.seccomp_cache import filter_for
 from ...sandbox.spec import PLUGIN_MOUNT, LaunchSpec, Mount, base_mounts
 from ..out_of_process import ProcessLoader
 
@@ -437,7 +437,7 @@ async def _run(
         sandbox=sandbox,
         mounts=tuple(mounts),
         cwd=PLUGIN_MOUNT if tree is not None else "/tmp",
-        seccomp_bpf=compile_filter(sandbox.profile, network=False, extra_dirs=loader.profile_dirs),
+        seccomp_bpf=filter_for(sandbox.profile, network=False, extra_dirs=loader.profile_dirs),
         rpc=False,
         profile_dirs=loader.profile_dirs,
     )

@@ -23,13 +23,11 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import socket
-import tempfile
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
-from ...rpc.framing import DEFAULT_MAX_FRAME
+from ...rpc import DEFAULT_MAX_FRAME
 from .decisions import Checkpoint, EgressFailed, Rejected, log
 from .http import HEAD_LIMIT, read_http
 from .rules import AllowList, EgressRefused, IPAddress, show_address, show_target, usable_addresses
@@ -131,6 +129,10 @@ class EgressProxy(Checkpoint):
         """A new endpoint for one plugin process: its Unix socket exists (bind-mount it at
         EGRESS_SOCKET); ``start()`` it with the listener from the plugin's namespace."""
         if self._dir is None:
+            # tempfile and shutil (bz2, lzma, random) only once a sandbox has egress: every
+            # launch imports this module, few need a proxy
+            import tempfile
+
             self._dir = tempfile.mkdtemp(prefix="sandboxer-egress-")  # 0700, the supervisor's
         self._serial += 1
         path = os.path.join(self._dir, f"{self._serial}.sock")
@@ -153,6 +155,8 @@ class EgressProxy(Checkpoint):
     def _forget(self, point: EgressEndpoint) -> None:
         self._endpoints.discard(point)
         if not self._endpoints and self._dir is not None:
+            import shutil
+
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
 
