@@ -421,7 +421,10 @@ def plugin_dirs(tmp_path_factory: pytest.TempPathFactory,
 
 
 def host_config(servers: LoopbackServers, **changes: Any) -> HostConfig:
-    return HostConfig(**{"egress_hosts_file": str(servers.hosts_file),
+    # No warm sandboxes: plugins behind the proxy never start warm, and the tests count the
+    # supervisor's fds while the manager runs.
+    return HostConfig(**{"warm_sandboxes": 0,
+                         "egress_hosts_file": str(servers.hosts_file),
                          "allowed_hosts": HOST_ALLOWED_HOSTS,
                          "egress_max_connections": MAX_CONNECTIONS,
                          "egress_header_timeout": HEADER_TIMEOUT,

@@ -779,24 +779,36 @@ def test_doctor_human_output_names_each_check():
 # -- no leaks over many cycles ---------------------------------------------------------------
 
 @pytest.mark.timeout(300)
-async def test_200_load_unload_cycles_leave_nothing_behind(tmp_path, no_leaks):
+@pytest.mark.parametrize("warm,cycles", [(False, 200), (True, 100)], ids=["cold", "warm"])
+async def test_load_unload_cycles_leave_nothing_behind(tmp_path, no_leaks, warm, cycles):
+    """Cold: nothing of the plugin outlives each unload. Warm: each load takes a sandbox made
+    ahead; once the pool has refilled, only the sandboxes waiting in it hold anything (a
+    host uid each), and the pool's fds stay the same from cycle to cycle."""
     root = python_plugin(tmp_path / "p", "def f():\n    return 1\n")
     fds_after_first: int | None = None
     start = time.monotonic()
-    async with PluginManager(HostConfig()) as mgr:
-        for cycle in range(200):
+    async with PluginManager(HostConfig(warm_sandboxes=2 if warm else 0)) as mgr:
+        for cycle in range(cycles):
+            if warm:
+                await mgr.warm_up()
+            waiting = len(mgr.warm_pool.pids()) if mgr.warm_pool is not None else 0
             p = await mgr.load(root)
-            assert len(sources._ids.held()) == 1  # one host uid while it runs
+            assert p.started_warm == warm
+            # one host uid while it runs, and one for each sandbox still waiting
+            assert len(sources._ids.held()) == (waiting if warm else 1)
             assert await p.call("f") == 1
             await mgr.unload(p.id)
-            assert not sources._ids.held(), f"cycle {cycle}: uid not released"
+            if warm:
+                await mgr.warm_up()
+                waiting = len(mgr.warm_pool.pids())  # type: ignore[union-attr]
+            assert len(sources._ids.held()) == waiting, f"cycle {cycle}: uid not released"
             if cycle == 0:
                 fds_after_first = len(os.listdir("/proc/self/fd"))
         assert len(os.listdir("/proc/self/fd")) == fds_after_first
     elapsed = time.monotonic() - start
     assert not sources._ids.held()
     assert _cgroups_named(f"sandboxer-{os.getpid()}-") == []
-    print(f"\n200 load/unload cycles: {elapsed:.1f}s ({elapsed / 200 * 1000:.0f} ms/cycle)")
+    print(f"\n{cycles} load/unload cycles: {elapsed:.1f}s ({elapsed / cycles * 1000:.0f} ms/cycle)")
 
 
 ROOTLESS_FALLBACK_LOAD = """\
