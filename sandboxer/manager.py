@@ -353,7 +353,7 @@ class PluginManager:
                 memory_budget=self.config.warm_memory_budget,
                 min_available=self.config.warm_min_available,
             )
-            for kind in (LoaderType.PYTHON, LoaderType.NATIVE):
+            for kind in (LoaderType.PYTHON, LoaderType.NATIVE, LoaderType.EXTERNAL):
                 self._process_loaders[kind].pool = self._pool
             default = host.warm_template_for(effective_config(SandboxRequest(), self.config))
             if default is not None:
@@ -404,15 +404,7 @@ class PluginManager:
                 )
             return self._wasm_loader
         loader = self._process_loaders.get(plugin.type)
-        if (
-            loader is not None
-            and loader.pool is None
-            and plugin.type
-            in (
-                LoaderType.PYTHON,
-                LoaderType.NATIVE,
-            )
-        ):
+        if loader is not None and loader.pool is None:
             self._warm_pool()
         if loader is not None and plugin.protocol is Protocol.GRPC:
             if self._grpc_loader is None:

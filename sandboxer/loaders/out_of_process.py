@@ -432,10 +432,18 @@ class ProcessLoader:
         """The shape of warm sandbox ``spec`` could start in (the plugin host waiting, the
         copies to come at take time), or None when it cannot start warm: not the plugin host,
         or its egress goes through a proxy endpoint made for one plugin."""
-        if self.kind not in (LoaderType.PYTHON, LoaderType.NATIVE):
-            return None
         if network_mode(spec.sandbox) == "proxy":
             return None
+        if self.kind is LoaderType.EXTERNAL:  # its program is exec'd at take time
+            return dataclasses.replace(
+                spec,
+                argv=["-"],
+                program=None,
+                env={},
+                copies=(),
+                warm=(PLUGIN_MOUNT,),
+                warm_exec=True,
+            )
         return dataclasses.replace(
             spec, argv=runtime().host_argv(WARM), copies=(), warm=(PLUGIN_MOUNT,)
         )
@@ -479,10 +487,19 @@ class ProcessLoader:
             memory=sandbox.memory_limit, cpu=sandbox.cpu_limit, pids=sandbox.pids_limit
         )
         try:
-            await warm.take(spec.copies, limits, plugin.id)
-            entry, root = self._inside(plugin)
-            args = host_args(self.kind, plugin, entrypoint=entry, root=root)
-            warm.rpc.sendall(json.dumps(args).encode() + b"\n")
+            if self.kind is LoaderType.EXTERNAL:
+                program = {
+                    "program": spec.program or spec.argv[0],
+                    "argv": spec.argv,
+                    "env": {**plugin_environment(warm.cookie, self.max_frame), **spec.env},
+                    "cwd": spec.cwd,
+                }
+                await warm.take(spec.copies, limits, plugin.id, program)
+            else:
+                await warm.take(spec.copies, limits, plugin.id)
+                entry, root = self._inside(plugin)
+                args = host_args(self.kind, plugin, entrypoint=entry, root=root)
+                warm.rpc.sendall(json.dumps(args).encode() + b"\n")
         except TooLargeForWarm:
             await warm.discard()
             return None

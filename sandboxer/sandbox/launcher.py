@@ -286,8 +286,9 @@ def set_rlimits(spec: dict[str, Any]) -> None:
 
 
 # In a warm sandbox's plugin process, the exec pipe (see wait_for_handover) until the exec
-# closes it.
+# closes it, and where a warm sandbox for any program reads what to run (await_exec).
 EXEC_FD = STATUS_FD + 1
+GO_FD = EXEC_FD + 1
 
 
 def close_fds(spec: dict[str, Any]) -> None:
@@ -296,7 +297,7 @@ def close_fds(spec: dict[str, Any]) -> None:
         # status fd (and a warm sandbox's exec pipe) stays open until exec closes it
         # (close-on-exec), so a failure in a later step can still be reported.
         os.close(CONTROL_FD)
-        sc.close_range((EXEC_FD if spec["warm"] else STATUS_FD) + 1)
+        sc.close_range((GO_FD if spec["warm"] else STATUS_FD) + 1)
         os.set_inheritable(STATUS_FD, False)
         if not spec["rpc"]:
             os.close(RPC_FD)
@@ -390,7 +391,28 @@ def plugin_process(spec: dict[str, Any]) -> None:
     drop_capabilities()
     set_no_new_privs()
     load_seccomp(spec)
+    if spec["warm_exec"]:  # a warm sandbox whose program is named at the handover
+        spec = {**spec, **await_exec()}
     exec_plugin(spec)
+
+
+def await_exec() -> dict[str, Any]:
+    """In a warm sandbox for any program: the process is what it will exec as (ids,
+    capabilities, no_new_privs, seccomp); it says so to PID 1 ("W" on the exec pipe) and
+    reads what to run from PID 1 (one JSON object: program, argv, env, cwd)."""
+    with step(Step.EXEC, "the program to run"):
+        os.write(EXEC_FD, b"W")
+        data = b""
+        while True:
+            chunk = os.read(GO_FD, 1 << 16)
+            if not chunk:
+                break
+            data += chunk
+        os.close(GO_FD)
+        if not data:
+            raise SetupFailed(Step.EXEC, "the warm sandbox was given no program")
+        request: dict[str, Any] = json.loads(data)
+    return {key: request[key] for key in ("program", "argv", "env", "cwd")}
 
 
 # PID 1 takes these synchronously (sigwaitinfo), so it knows who sent each; they stay
@@ -462,13 +484,16 @@ def pid1(
     fs.pivot()
     signal.pthread_sigmask(signal.SIG_BLOCK, PID1_SIGNALS)
     exec_r, exec_w = os.pipe2(os.O_CLOEXEC) if warm else (-1, -1)
+    go_r, go_w = os.pipe2(os.O_CLOEXEC) if warm else (-1, -1)
     plugin = os.fork()
     if plugin == 0:
         os.close(exit_pipe)
         try:
             if warm:
                 os.close(exec_r)
+                os.close(go_w)
                 os.dup2(exec_w, EXEC_FD, inheritable=False)  # closed by the exec itself
+                os.dup2(go_r, GO_FD, inheritable=False)
             plugin_process(spec)
         except BaseException as error:
             if warm:  # PID 1 must not say "ready" (the report goes ahead of it anyway)
@@ -484,9 +509,11 @@ def pid1(
     os.close(RPC_FD)
     if warm:
         os.close(exec_w)
-        wait_for_handover(plugin, exec_r)
+        os.close(go_r)
+        wait_for_handover(spec, exec_r, go_w)
     os.close(STATUS_FD)
-    drop_pid1_privileges()
+    if not warm:
+        drop_pid1_privileges()
     serve_as_pid1(plugin, exit_pipe)
     os._exit(0)  # the plugin's own status went up the exit pipe
 
@@ -494,18 +521,20 @@ def pid1(
 # -- a warm sandbox: made ahead, its plugin's files handed over later ----------------------
 
 
-def wait_for_handover(plugin: int, exec_r: int) -> None:
-    """PID 1 of a warm sandbox (spec["warm"] names the copies still to come): once the
-    process it forked has exec'd (its end of the exec pipe closed with nothing written),
-    say "R" to the supervisor and wait, keeping the capabilities that building the copies
-    needs, for the handover: one JSON line ``{"copies": [...], "fd_count": N}`` and the N
-    fds it names, a file's entry naming its fd by index. Then the copies are made as the
-    launcher makes them, "K" is the answer, and PID 1 goes on as in any sandbox. Nothing of
-    the plugin runs before that: the process waiting is the plugin host, which starts the
-    plugin only when the supervisor says so, after "K"."""
-    failed = os.read(exec_r, 1)
-    os.close(exec_r)
-    if failed:  # its report is on the status socket already
+def wait_for_handover(spec: dict[str, Any], exec_r: int, go_w: int) -> None:
+    """PID 1 of a warm sandbox (spec["warm"] names the copies still to come). Once the
+    process it forked is ready (its plugin host exec'd: its end of the exec pipe closed with
+    nothing written; or, with spec["warm_exec"], waiting to be told what to exec: "W"), say
+    "R" to the supervisor and wait, keeping the capabilities that building the copies needs,
+    for the handover: one JSON line ``{"copies": [...], "fd_count": N, "exec": {...}}`` and
+    the N fds it names, a file's entry naming its fd by index. The copies are made as the
+    launcher makes them, every capability goes, the program to run (with warm_exec) goes to
+    the waiting process, and once it has exec'd, "K" is the answer; PID 1 goes on as in any
+    sandbox. Nothing of the plugin runs before that: a plugin host started ahead waits for
+    the supervisor to say what to load, which it does only after "K"."""
+    warm_exec = spec["warm_exec"]
+    said = os.read(exec_r, 1)
+    if said != (b"W" if warm_exec else b""):  # it failed: its report is on the status socket
         os._exit(127)
     with step(Step.COPY, "the handover"):
         os.write(STATUS_FD, b"R\n")
@@ -535,6 +564,14 @@ def wait_for_handover(plugin: int, exec_r: int) -> None:
         for copy in handover["copies"]
     ]
     fs.copy_trees(handover, trees, root="")
+    drop_pid1_privileges()
+    if warm_exec:
+        with step(Step.EXEC, "the program to run"):
+            os.write(go_w, json.dumps(handover["exec"]).encode())
+    os.close(go_w)
+    if warm_exec and os.read(exec_r, 1):  # its exec failed: its report went ahead of this
+        os._exit(127)
+    os.close(exec_r)
     os.write(STATUS_FD, b"K\n")
 
 

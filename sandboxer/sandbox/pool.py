@@ -30,7 +30,7 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from ..errors import PluginLoadError, SandboxerError
@@ -67,6 +67,8 @@ def shape_key(spec: LaunchSpec) -> str:
     set on the cgroup when a sandbox is taken."""
     sandbox = spec.sandbox.replace(memory_limit=0, cpu_limit=0.0, timeout=0.0, fuel=None)
     shape = dataclasses.replace(spec, argv=[], copies=(), sandbox=sandbox)
+    if spec.warm_exec:  # the program, its environment and directory come at take time
+        shape = dataclasses.replace(shape, program=None, env={}, cwd="")
     return hashlib.sha256(repr(shape).encode()).hexdigest()
 
 
@@ -86,14 +88,22 @@ class WarmSandbox:
     def alive(self) -> bool:
         return self.proc.returncode is None
 
-    async def take(self, copies: tuple[Mount, ...], limits: CgroupLimits, plugin_id: str) -> None:
+    async def take(
+        self,
+        copies: tuple[Mount, ...],
+        limits: CgroupLimits,
+        plugin_id: str,
+        program: Mapping[str, object] | None = None,
+    ) -> None:
         """Make it the sandbox of one plugin: its limits on the cgroup, its ``copies`` made
-        by PID 1. ``TooLargeForWarm``: the caller starts the plugin cold instead (this
-        sandbox is then of no more use: discard it). A plugin's files that cannot be opened
-        are the PluginLoadError a cold start gives."""
+        by PID 1, and in a sandbox made for any program (``warm_exec``) the ``program`` to
+        run (program, argv, env, cwd), exec'd before this returns. ``TooLargeForWarm``: the
+        caller starts the plugin cold instead (this sandbox is then of no more use: discard
+        it). A plugin's files that cannot be opened are the PluginLoadError a cold start
+        gives; a program that cannot be exec'd, the SandboxSetupError."""
         # On the loop, not a worker thread: a directory that can be handed over is small (a
         # few hundred entries at most), and a thread's round trip costs more than the walk.
-        message, fds = _open_copies(copies, plugin_id)
+        message, fds = _open_copies(copies, plugin_id, program)
         try:
             if self.confinement.cgroup is not None:
                 self.confinement.cgroup.limit(limits)
@@ -110,7 +120,9 @@ class WarmSandbox:
         await self.confinement.aclose()
 
 
-def _open_copies(copies: tuple[Mount, ...], plugin_id: str) -> tuple[bytes, list[int]]:
+def _open_copies(
+    copies: tuple[Mount, ...], plugin_id: str, program: Mapping[str, object] | None
+) -> tuple[bytes, list[int]]:
     """The handover's JSON line and its fds: every entry of each copied tree, walked as the
     launcher walks it (launcher_mounts.open_copies: from the directory's fd, through no
     link, each file checked to be the inode its name showed), here, as the supervisor."""
@@ -158,7 +170,8 @@ def _open_copies(copies: tuple[Mount, ...], plugin_id: str) -> tuple[bytes, list
         for fd in fds:
             os.close(fd)
         raise
-    message = json.dumps({"copies": listed, "fd_count": len(fds)}).encode() + b"\n"
+    handover = {"copies": listed, "fd_count": len(fds), "exec": program}
+    message = json.dumps(handover).encode() + b"\n"
     return message, fds
 
 

@@ -122,8 +122,10 @@ class LaunchSpec:
     files: dict[str, str] = field(default_factory=dict)
     profile_dirs: tuple[str, ...] = ()  # where sandbox.profile is found (HostConfig's)
     # A warm sandbox (sandbox/pool.py): the targets of the copies handed over later, at
-    # take time, instead of ``copies`` now.
+    # take time, instead of ``copies`` now; with ``warm_exec`` the program too (its argv,
+    # environment and directory come then, and nothing is exec'd before).
     warm: tuple[str, ...] = ()
+    warm_exec: bool = False
 
 
 def base_mounts() -> list[Mount]:
@@ -225,6 +227,7 @@ def build_spec(spec: LaunchSpec, sources: Sources) -> dict[str, object]:
         ],
         "pins": list(spec.pins),
         "warm": list(spec.warm),
+        "warm_exec": spec.warm_exec,
         "proc_masked": list(PROC_MASKED),
         "proc_readonly": list(PROC_READONLY),
         "tmp_size": sandbox.tmp_size,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from sandboxer import HostConfig, MemoryLimitExceeded, PluginManager
+from sandboxer import HostConfig, MemoryLimitExceeded, PluginManager, SandboxUnavailable
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="sandboxed plugins need root here"),
@@ -236,3 +236,44 @@ async def test_a_broken_plugin_fails_its_warm_start_cleanly(tmp_path):
         assert "broken" in str(info.value) or "SyntaxError" in str(info.value)
         plugin = await mgr.load(good)
         assert plugin.started_warm and await plugin.call("ok") == "ok"
+
+
+# -- any program: the sandbox made ahead, the program exec'd at take time ----------------------
+
+def readme_sh_plugin(root: Path, plugin_id: str) -> Path:
+    """The README's minimal sh plugin, as a stranger copies it."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    start = readme.index("#!/bin/sh\n# add(a, b)")
+    root.mkdir(parents=True)
+    (root / "adder.sh").write_text(readme[start:readme.index("```", start)])
+    (root / "adder.sh").chmod(0o755)
+    (root / "plugin.toml").write_text(
+        f'[plugin]\nid = "{plugin_id}"\nversion = "1.0.0"\ntype = "external"\n'
+        'entrypoint = "adder.sh"\n')
+    return root
+
+
+async def test_the_readme_sh_plugin_starts_warm(tmp_path):
+    async with PluginManager() as mgr:
+        first = await mgr.load(readme_sh_plugin(tmp_path / "a", "stranger.adder1"))
+        assert not first.started_warm  # the first of its kind teaches the pool its shape
+        await mgr.warm_up()
+        second = await mgr.load(readme_sh_plugin(tmp_path / "b", "stranger.adder2"))
+        assert second.started_warm
+        assert await first.call("add", 2, 40) == await second.call("add", 40, 2) == 42
+        await mgr.reload(second.id)  # its next generation takes one too
+        assert second.started_warm and await second.call("add", 1, 1) == 2
+
+
+async def test_a_program_that_cannot_run_fails_its_warm_start_cleanly(tmp_path):
+    good = readme_sh_plugin(tmp_path / "good", "stranger.good")
+    bad = readme_sh_plugin(tmp_path / "bad", "stranger.bad")
+    (bad / "adder.sh").write_text("#!/nonexistent/interpreter\n")
+    async with PluginManager() as mgr:
+        await mgr.unload((await mgr.load(good)).id)
+        await mgr.warm_up()
+        with pytest.raises(SandboxUnavailable) as info:
+            await mgr.load(bad)
+        assert "exec" in str(info.value)
+        plugin = await mgr.load(good)
+        assert plugin.started_warm and await plugin.call("add", 1, 2) == 3
