@@ -277,3 +277,59 @@ async def test_a_program_that_cannot_run_fails_its_warm_start_cleanly(tmp_path):
         assert "exec" in str(info.value)
         plugin = await mgr.load(good)
         assert plugin.started_warm and await plugin.call("add", 1, 2) == 3
+
+
+STATUS_PLUGIN = r'''#!/usr/bin/python3
+# An external plugin written from the README's protocol table, without the SDK: it answers
+# "status" with what the kernel says of it and of PID 1, and null to the reserved methods.
+import json, os
+rpc = os.fdopen(int(os.environ.get("SANDBOXER_RPC_FD", "3")), "r+b", buffering=0)
+def send(message):
+    rpc.write(json.dumps(message).encode() + b"\n")
+send({"jsonrpc": "2.0", "id": 0, "method": "sandboxer.handshake",
+      "params": {"cookie": os.environ["SANDBOXER_MAGIC_COOKIE"], "protocols": [1],
+                 "methods": ["status"]}})
+rpc.readline()
+FIELDS = ("Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb",
+          "NoNewPrivs", "Seccomp")
+def status(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return {k: v.strip() for k, v in (line.split(":", 1) for line in f) if k in FIELDS}
+for line in rpc:
+    request = json.loads(line)
+    if "id" not in request:
+        continue
+    result = ({"self": status("self"), "pid1": status(1), "cwd": os.getcwd(),
+               "listing": sorted(os.listdir("/plugin"))}
+              if request["method"] == "status" else None)
+    send({"jsonrpc": "2.0", "id": request["id"], "result": result})
+'''
+
+
+async def test_a_warm_program_runs_exactly_as_a_cold_one(tmp_path):
+    """Ids, capabilities (none, PID 1's too), no_new_privs and seccomp of a program that
+    started warm are those of a cold start."""
+    def plugin(name: str) -> Path:
+        root = tmp_path / name
+        root.mkdir()
+        (root / "status.py").write_text(STATUS_PLUGIN)
+        (root / "status.py").chmod(0o755)
+        (root / "plugin.toml").write_text(
+            f'[plugin]\nid = "stranger.{name}"\nversion = "1.0.0"\ntype = "external"\n'
+            'entrypoint = "status.py"\n')
+        return root
+
+    async with PluginManager() as mgr:
+        cold = await mgr.load(plugin("cold"))
+        await mgr.warm_up()
+        warm = await mgr.load(plugin("warm"))
+        assert not cold.started_warm and warm.started_warm
+        seen = {p.id: await p.call("status") for p in (cold, warm)}
+    assert seen["stranger.cold"] == seen["stranger.warm"]
+    for what in ("self", "pid1"):
+        caps = seen["stranger.warm"][what]
+        assert all(int(caps[c], 16) == 0 for c in ("CapInh", "CapPrm", "CapEff", "CapAmb")), caps
+        assert caps["NoNewPrivs"] == "1", caps
+    assert seen["stranger.warm"]["self"]["Seccomp"] == "2"
+    assert seen["stranger.warm"]["cwd"] == "/plugin"
+    assert seen["stranger.warm"]["listing"] == ["plugin.toml", "status.py"]
