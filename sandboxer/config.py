@@ -23,7 +23,14 @@ from ._trusted_keys import TrustedKey, parse_trusted_keys
 from ._units import parse_duration, parse_size
 from .errors import ConfigError
 from .rpc import DEFAULT_MAX_FRAME
-from .sandbox.policy import HOST_KEYS, LIMIT_KEYS, SandboxPolicy, parse_denied_path
+from .sandbox.policy import (
+    HOST_KEYS,
+    LIMIT_KEYS,
+    SandboxPolicy,
+    parse_bool,
+    parse_denied_path,
+    parse_profile_list,
+)
 
 __all__ = [
     "HostConfig",
@@ -69,11 +76,14 @@ class WasmPool:
 
 @dataclass(frozen=True)
 class SandboxWarmPool:
-    """Warm sandboxes for the plugin host (sandbox/pool.py): how many wait per shape (0:
-    none; every plugin starts cold), the memory all waiting sandboxes may use, and the host's
-    available memory below which none is made."""
+    """Warm sandboxes (sandbox/pool.py): how many wait per shape (0: none; every plugin
+    starts cold); which shapes: that of a python plugin asking for nothing but each profile
+    of ``warm_profiles``, and (``warm_learn``) each shape a load started cold; the memory all
+    waiting sandboxes may use, and the host's available memory below which none is made."""
 
     warm_sandboxes: int = 2
+    warm_profiles: tuple[str, ...] = ("default",)
+    warm_learn: bool = True
     warm_memory_budget: int = 128 << 20
     warm_min_available: int = 512 << 20
 
@@ -179,6 +189,8 @@ _HOST_KEYS: dict[str, Callable[[Any], Any]] = {
     "max_frame": parse_size,
     "wasm_instances": _whole(1, 64, "a number of instances per wasm plugin"),
     "warm_sandboxes": _whole(0, 64, "a number of warm sandboxes per shape"),
+    "warm_profiles": parse_profile_list,
+    "warm_learn": parse_bool,
     "warm_memory_budget": parse_size,
     "warm_min_available": parse_size,
     "egress_hosts_file": parse_denied_path,

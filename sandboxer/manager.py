@@ -342,9 +342,10 @@ class PluginManager:
         return effective_config(plugin.sandbox, self.config, plugin_id=plugin.id)
 
     def _warm_pool(self) -> SandboxPool | None:
-        """The warm sandboxes of the plugin host (python and native plugins), made on first
-        need and then kept filled: the default shape (a plugin that asks for nothing), and
-        every shape a load started cold. None when the host config keeps none."""
+        """The warm sandboxes (python, native and external plugins), made on first need and
+        then kept filled: the shape of a python plugin that asks for nothing but a profile of
+        ``warm_profiles``, and (``warm_learn``) every shape a load started cold. None when
+        the host config keeps none."""
         if self._pool is None and self.config.warm_sandboxes > 0 and not self._closed:
             host = self._process_loaders[LoaderType.PYTHON]
             self._pool = SandboxPool(
@@ -352,12 +353,19 @@ class PluginManager:
                 size=self.config.warm_sandboxes,
                 memory_budget=self.config.warm_memory_budget,
                 min_available=self.config.warm_min_available,
+                learn=self.config.warm_learn,
             )
             for kind in (LoaderType.PYTHON, LoaderType.NATIVE, LoaderType.EXTERNAL):
                 self._process_loaders[kind].pool = self._pool
-            default = host.warm_template_for(effective_config(SandboxRequest(), self.config))
-            if default is not None:
-                self._pool.keep(default)
+            for profile in self.config.warm_profiles:
+                try:
+                    sandbox = effective_config(SandboxRequest(profile=profile), self.config)
+                except PluginLoadError as exc:  # a profile the host policy does not allow
+                    log.warning("warm_profiles: %s: no sandboxes of it are made ahead", exc)
+                    continue
+                template = host.warm_template_for(sandbox)
+                if template is not None:
+                    self._pool.keep(template)
         return self._pool
 
     @property

@@ -35,6 +35,8 @@ __all__ = [
     "effective_config",
     "parse_path_grant",
     "parse_host_pattern",
+    "parse_profile_list",
+    "parse_bool",
     "SETUP_TIMEOUT",
     "KILL_GRACE",
 ]
@@ -185,7 +187,7 @@ class SandboxPolicy:
     profile_dirs: tuple[str, ...] = field(default_factory=tuple)
 
 
-def _parse_bool(value: object) -> bool:
+def parse_bool(value: object) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"true or false, not {value!r}")
     return value
@@ -197,7 +199,7 @@ def _parse_profile_name(value: object) -> str:
     return value
 
 
-def _parse_profile_list(value: object) -> tuple[str, ...]:
+def parse_profile_list(value: object) -> tuple[str, ...]:
     if not isinstance(value, list):
         raise ValueError('a list of profile names such as ["default", "strict"]')
     return tuple(_parse_profile_name(v) for v in value)
@@ -260,11 +262,11 @@ def parse_pids(value: object) -> int:
 
 # sandboxer.toml's keys for the sandbox policy: [host] and [limits].
 HOST_KEYS: dict[str, Callable[[Any], Any]] = {
-    "allow_unsandboxed": _parse_bool,
-    "allow_full_network": _parse_bool,
+    "allow_unsandboxed": parse_bool,
+    "allow_full_network": parse_bool,
     "allowed_hosts": _parse_host_list,
     "default_profile": _parse_profile_name,
-    "allowed_profiles": _parse_profile_list,
+    "allowed_profiles": parse_profile_list,
     "path_roots": _parse_path_list,
     "profile_dirs": _parse_path_list,
     "setup_timeout": parse_duration,

@@ -194,9 +194,11 @@ class SandboxPool:
         size: int,
         memory_budget: int,
         min_available: int,
+        learn: bool = True,
     ) -> None:
         self._make = make
         self.size = size
+        self.learn = learn
         self.memory_budget = memory_budget
         self.min_available = min_available
         self._templates: dict[str, LaunchSpec] = {}
@@ -211,8 +213,8 @@ class SandboxPool:
         return self._keep(template, delay=0.0)
 
     def take(self, template: LaunchSpec) -> WarmSandbox | None:
-        """A ready sandbox of ``template``'s shape, if there is one (the shape is kept
-        from now on either way; the refill waits ``REFILL_DELAY``)."""
+        """A ready sandbox of ``template``'s shape, if there is one (with ``learn``, the
+        shape is kept from now on either way; the refill waits ``REFILL_DELAY``)."""
         key = shape_key(template)
         ready = self._ready.get(key, [])
         taken = None
@@ -222,7 +224,8 @@ class SandboxPool:
                 taken = warm
             else:
                 self._discard_later(warm)
-        self._keep(template, delay=REFILL_DELAY)
+        if self.learn or key in self._templates:
+            self._keep(template, delay=REFILL_DELAY)
         return taken
 
     def _keep(self, template: LaunchSpec, *, delay: float) -> str:

@@ -333,3 +333,33 @@ async def test_a_warm_program_runs_exactly_as_a_cold_one(tmp_path):
     assert seen["stranger.warm"]["self"]["Seccomp"] == "2"
     assert seen["stranger.warm"]["cwd"] == "/plugin"
     assert seen["stranger.warm"]["listing"] == ["plugin.toml", "status.py"]
+
+
+async def test_the_host_config_says_which_shapes_wait(tmp_path):
+    """warm_profiles: a plugin asking for strict finds a sandbox waiting from the start;
+    warm_learn false: a shape that started cold is not kept afterwards."""
+    config = HostConfig.from_mapping(
+        {"host": {"warm_profiles": ["strict"], "warm_learn": False, "warm_sandboxes": 1}})
+    assert config.warm_profiles == ("strict",) and not config.warm_learn
+    strict = plain_plugin(tmp_path / "s", "stranger.strict", "def hi():\n    return 'hi'\n",
+                          extra='[sandbox]\nprofile = "strict"\n')
+    plain = [plain_plugin(tmp_path / f"p{n}", f"stranger.plain{n}",
+                          "def hi():\n    return 'hi'\n") for n in range(2)]
+    async with PluginManager(config=config) as mgr:
+        await mgr.warm_up()
+        p = await mgr.load(strict)
+        assert p.started_warm and p.sandbox.profile == "strict"
+        assert await p.call("hi") == "hi"
+        for root in plain:  # the default profile's shape is not kept, nor learnt
+            q = await mgr.load(root)
+            assert not q.started_warm
+            await mgr.warm_up()
+
+
+def test_bad_warm_settings_are_config_errors():
+    from sandboxer import ConfigError
+
+    for host in ({"warm_profiles": "default"}, {"warm_profiles": ["no such!"]},
+                 {"warm_learn": "yes"}, {"warm_sandboxes": -1}, {"warm_memory_budget": "lots"}):
+        with pytest.raises(ConfigError):
+            HostConfig.from_mapping({"host": host})
