@@ -70,11 +70,31 @@ if TYPE_CHECKING:
 
     from . import _syscalls as sc
     from . import launcher_mounts as fs
-    from .launcher_steps import CONTROL_FD, RPC_FD, STATUS_FD, SetupFailed, Step, fail, step
+    from .launcher_steps import (
+        CONTROL_FD,
+        RPC_FD,
+        STATUS_FD,
+        SetupFailed,
+        Step,
+        fail,
+        failure,
+        report,
+        step,
+    )
 else:
     import _syscalls as sc
     import launcher_mounts as fs
-    from launcher_steps import CONTROL_FD, RPC_FD, STATUS_FD, SetupFailed, Step, fail, step
+    from launcher_steps import (
+        CONTROL_FD,
+        RPC_FD,
+        STATUS_FD,
+        SetupFailed,
+        Step,
+        fail,
+        failure,
+        report,
+        step,
+    )
 
 PR_SET_PDEATHSIG = 1
 PR_SET_NO_NEW_PRIVS = 38
@@ -496,13 +516,17 @@ def pid1(
                 os.dup2(go_r, GO_FD, inheritable=False)
             plugin_process(spec)
         except BaseException as error:
-            if warm:  # PID 1 must not say "ready" (the report goes ahead of it anyway)
+            if warm:
+                # The report first: PID 1 exits when it reads "F", and with it every process
+                # of the namespace, this one included.
+                report(failure(error))
                 for fd in (EXEC_FD, exec_w):
                     try:
                         os.write(fd, b"F")
                         break
                     except OSError:
                         pass
+                os._exit(127)
             fail(error)
         os._exit(127)
     os.close(CONTROL_FD)

@@ -15,7 +15,17 @@ import json
 import os
 from types import TracebackType
 
-__all__ = ["RPC_FD", "CONTROL_FD", "STATUS_FD", "Step", "SetupFailed", "report", "step", "fail"]
+__all__ = [
+    "RPC_FD",
+    "CONTROL_FD",
+    "STATUS_FD",
+    "Step",
+    "SetupFailed",
+    "report",
+    "step",
+    "failure",
+    "fail",
+]
 
 # The fds the launcher starts with (the table is in launcher.py's docstring).
 RPC_FD, CONTROL_FD, STATUS_FD = 3, 4, 5
@@ -95,10 +105,15 @@ class step:  # lower case: read as a verb, ``with step(Step.X):``
             ) from exc
 
 
+def failure(error: BaseException) -> SetupFailed:
+    """``error`` as the step that failed (any other exception: the launcher's own)."""
+    if isinstance(error, SetupFailed):
+        return error
+    return SetupFailed(Step.LAUNCHER, f"{type(error).__name__}: {error}")
+
+
 def fail(error: BaseException) -> None:
     """Report ``error`` and exit 127, never printing a traceback (it would name host paths
     in the plugin's log)."""
-    if not isinstance(error, SetupFailed):
-        error = SetupFailed(Step.LAUNCHER, f"{type(error).__name__}: {error}")
-    report(error)
+    report(failure(error))
     os._exit(127)

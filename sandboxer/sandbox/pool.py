@@ -23,7 +23,6 @@ while the host's available memory is below ``min_available``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -207,6 +206,7 @@ class SandboxPool:
         self._failed: dict[str, str] = {}
         self._discarding: set[asyncio.Task[None]] = set()
         self._closed = False
+        self._closing = asyncio.Event()
 
     def keep(self, template: LaunchSpec) -> str:
         """Keep sandboxes of ``template``'s shape ready from now on; returns the shape."""
@@ -260,7 +260,11 @@ class SandboxPool:
 
     async def _fill(self, key: str, delay: float = 0.0) -> None:
         if delay:
-            await asyncio.sleep(delay)
+            try:
+                await asyncio.wait_for(self._closing.wait(), delay)
+                return  # the pool is closing
+            except TimeoutError:
+                pass
         ready = self._ready.setdefault(key, [])
         while not self._closed and len(ready) < self.size and self._room():
             try:
@@ -297,13 +301,12 @@ class SandboxPool:
         task.add_done_callback(self._discarding.discard)
 
     async def aclose(self) -> None:
-        """Stop refilling and discard every waiting sandbox."""
+        """Stop refilling and discard every waiting sandbox. A sandbox being made is let
+        finish and then discarded: a launch cut short by a cancel could leave half of it
+        (a cgroup made on a worker thread) behind."""
         self._closed = True
-        for task in list(self._fillers.values()):
-            task.cancel()
-        for task in list(self._fillers.values()):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        self._closing.set()
+        await asyncio.gather(*self._fillers.values(), return_exceptions=True)
         warms = [warm for ready in self._ready.values() for warm in ready]
         self._ready.clear()
         for warm in warms:
