@@ -42,7 +42,9 @@ __all__ = [
 
 CGROUP2_SUPER_MAGIC = 0x63677270
 CPU_PERIOD_US = 100_000
-_RMDIR_TRIES = 50
+# How long rmdir may keep finding a killed cgroup busy: its processes' exits take their time
+# (a warm sandbox's three die at once; seconds under an emulated CPU, the VM stage's).
+_RMDIR_SECONDS = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +112,8 @@ def _unavailable(what: str, exc: OSError) -> SandboxUnavailable:
 
 def _remove_dir(path: str) -> None:
     # rmdir fails with EBUSY while the last tasks are still exiting; retry a bounded time.
-    for _ in range(_RMDIR_TRIES):
+    deadline = time.monotonic() + _RMDIR_SECONDS
+    while time.monotonic() < deadline:
         try:
             os.rmdir(path)
             return

@@ -249,16 +249,15 @@ def test_v2_remove_retries_while_the_last_tasks_exit(fake_v2):
     assert fake_v2.rmdirs == [path] * 4 and not os.path.exists(path)
 
 
-def test_v2_remove_gives_up_after_bounded_retries(fake_v2):
+def test_v2_remove_gives_up_after_bounded_retries(fake_v2, monkeypatch):
+    monkeypatch.setattr(cgroups, "_RMDIR_SECONDS", 0.3)
     group = fake_v2.backend().create("plugin-a", LIMITS)
     path = str(fake_v2.parent / "plugin-a")
-    fake_v2.busy[path] = 1_000
-    start = time.monotonic()
+    fake_v2.busy[path] = 1_000_000
     with pytest.raises(OSError) as info:
         group.remove()
     assert info.value.errno == errno.EBUSY
-    assert len(fake_v2.rmdirs) == cgroups._RMDIR_TRIES + 1
-    assert time.monotonic() - start < 5
+    assert 1 < len(fake_v2.rmdirs) < 1_000_000  # retried, then gave up
 
 
 def test_v2_remove_of_a_vanished_group_is_quiet(fake_v2):
