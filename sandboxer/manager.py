@@ -412,8 +412,6 @@ class PluginManager:
                 )
             return self._wasm_loader
         loader = self._process_loaders.get(plugin.type)
-        if loader is not None and loader.pool is None:
-            self._warm_pool()
         if loader is not None and plugin.protocol is Protocol.GRPC:
             if self._grpc_loader is None:
                 from .loaders.grpc.loader import GrpcLoader  # grpcio: imported when first used
@@ -426,6 +424,8 @@ class PluginManager:
                 f"plugins yet",
                 plugin_id=plugin.id,
             )
+        if loader.pool is None:  # the kinds that take warm sandboxes (gRPC's never does)
+            self._warm_pool()
         return loader
 
     async def _start_generation(

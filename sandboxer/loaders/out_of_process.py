@@ -53,7 +53,7 @@ from ..sandbox.cgroups import CgroupBackend, CgroupLimits
 from ..sandbox.confinement import Confinement, launch_confined
 from ..sandbox.egress import EgressProxy, network_mode
 from ..sandbox.policy import SETUP_TIMEOUT, SandboxConfig
-from ..sandbox.pool import SandboxPool, TooLargeForWarm, WarmSandbox, shape_key
+from ..sandbox.pool import SandboxPool, TooLargeForWarm, WarmSandbox
 from ..sandbox.runtime import Runtime, runtime
 from ..sandbox.seccomp_cache import filter_for
 from ..sandbox.spec import PLUGIN_MOUNT, LaunchSpec, Mount, base_mounts, grant_mounts, mask_plan
@@ -475,7 +475,7 @@ class ProcessLoader:
             raise
         finally:
             theirs.close()
-        return WarmSandbox(proc, confinement, ours, cookie, kept[0], shape_key(template))
+        return WarmSandbox(proc, confinement, ours, cookie, kept[0])
 
     async def _start_warm(
         self, plugin: Plugin, sandbox: SandboxConfig, spec: LaunchSpec, warm: WarmSandbox

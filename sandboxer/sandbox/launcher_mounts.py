@@ -49,6 +49,7 @@ __all__ = [
     "pivot",
     "make_dirs",
     "raise_nofile",
+    "TooManyEntries",
 ]
 
 NEW_ROOT = "/tmp"  # the new root is a tmpfs mounted over /tmp in the private mount namespace
@@ -155,6 +156,11 @@ def mount_trees(spec: dict[str, Any], fds: list[int]) -> list[int]:
     return trees
 
 
+class TooManyEntries(SetupFailed):
+    """A copied tree has more entries than its limit (a warm sandbox's handover, which has a
+    lower one, then starts the plugin cold instead)."""
+
+
 def _same_inode(fd: int, expected: os.stat_result, rel: str) -> None:
     st = os.fstat(fd)
     if (st.st_dev, st.st_ino) != (expected.st_dev, expected.st_ino):
@@ -168,7 +174,7 @@ def _walk_copy(dir_fd: int, prefix: str, entries: list[Entry], limit: int) -> No
     named; links copied as links, never followed; anything else left out."""
     for name in sorted(os.listdir(dir_fd)):
         if len(entries) >= limit:
-            raise SetupFailed(Step.COPY, f"the plugin directory has more than {limit} entries")
+            raise TooManyEntries(Step.COPY, f"the plugin directory has more than {limit} entries")
         rel = prefix + name
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         mode = st.st_mode & 0o7777

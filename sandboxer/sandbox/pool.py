@@ -82,7 +82,6 @@ class WarmSandbox:
     rpc: socket.socket
     cookie: str
     status: socket.socket
-    key: str
 
     def alive(self) -> bool:
         return self.proc.returncode is None
@@ -143,9 +142,9 @@ def _open_copies(
                 }
                 try:
                     ((target, entries),) = fs.open_copies(spec, [source])
+                except fs.TooManyEntries as exc:
+                    raise TooLargeForWarm(exc.error) from None
                 except SetupFailed as exc:
-                    if exc.error and "entries" in exc.error:
-                        raise TooLargeForWarm(exc.error) from None
                     raise PluginLoadError(
                         f"plugin {plugin_id}: its directory cannot be copied into the sandbox: "
                         f"{exc.error}" + (f" ({exc.path})" if exc.path else ""),
@@ -235,12 +234,6 @@ class SandboxPool:
         self._templates.setdefault(key, template)
         self._refill(key, delay)
         return key
-
-    def ready(self, template: LaunchSpec | None = None) -> int:
-        """How many sandboxes wait (of ``template``'s shape, or in all)."""
-        if template is not None:
-            return len(self._ready.get(shape_key(template), []))
-        return sum(len(v) for v in self._ready.values())
 
     def pids(self) -> list[int]:
         """The launcher pid of every waiting sandbox (its PID 1 and host are below it)."""
