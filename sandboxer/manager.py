@@ -253,6 +253,7 @@ class PluginManager:
         self._background: set[asyncio.Task[None]] = set()
         self._health_task: asyncio.Task[None] | None = None
         self._pool: SandboxPool | None = None  # warm sandboxes: made at the first need
+        self._defaults_kept = False  # the warm_profiles shapes, kept from the first load of one
 
     async def __aenter__(self) -> PluginManager:
         return self
@@ -341,15 +342,15 @@ class PluginManager:
             return explicit
         return effective_config(plugin.sandbox, self.config, plugin_id=plugin.id)
 
-    def _warm_pool(self) -> SandboxPool | None:
-        """The warm sandboxes (python, native and external plugins), made on first need and
-        then kept filled: the shape of a python plugin that asks for nothing but a profile of
-        ``warm_profiles``, and (``warm_learn``) every shape a load started cold. None when
+    def _warm_pool(self, *, defaults: bool = True) -> SandboxPool | None:
+        """The warm sandboxes (python, native, external and gRPC plugins), made on first need
+        and then kept filled: with ``defaults`` (the first python, native or external load),
+        the shape of a python plugin that asks for nothing but a profile of
+        ``warm_profiles``; and (``warm_learn``) every shape a load started cold. None when
         the host config keeps none."""
         if self._pool is None and self.config.warm_sandboxes > 0 and not self._closed:
-            host = self._process_loaders[LoaderType.PYTHON]
             self._pool = SandboxPool(
-                host.make_warm,
+                self._process_loaders[LoaderType.PYTHON].make_warm,
                 size=self.config.warm_sandboxes,
                 memory_budget=self.config.warm_memory_budget,
                 min_available=self.config.warm_min_available,
@@ -357,6 +358,9 @@ class PluginManager:
             )
             for kind in (LoaderType.PYTHON, LoaderType.NATIVE, LoaderType.EXTERNAL):
                 self._process_loaders[kind].pool = self._pool
+        if self._pool is not None and defaults and not self._defaults_kept:
+            self._defaults_kept = True
+            host = self._process_loaders[LoaderType.PYTHON]
             for profile in self.config.warm_profiles:
                 try:
                     sandbox = effective_config(SandboxRequest(profile=profile), self.config)
@@ -413,6 +417,7 @@ class PluginManager:
             return self._wasm_loader
         loader = self._process_loaders.get(plugin.type)
         if loader is not None and plugin.protocol is Protocol.GRPC:
+            self._warm_pool(defaults=False)  # its shapes are learnt: no python ones for it
             if self._grpc_loader is None:
                 from .loaders.grpc.loader import GrpcLoader  # grpcio: imported when first used
 
@@ -424,7 +429,7 @@ class PluginManager:
                 f"plugins yet",
                 plugin_id=plugin.id,
             )
-        if loader.pool is None:  # the kinds that take warm sandboxes (gRPC's never does)
+        if not self._defaults_kept:
             self._warm_pool()
         return loader
 

@@ -401,13 +401,11 @@ class ProcessLoader:
         if not sandbox.enabled:
             return await self.start_process(plugin, sandbox, plugin_command(plugin))
         spec = self.launch_spec(plugin, sandbox)
-        template = self.warm_template(spec)
-        if template is not None and self.pool is not None:
-            warm = self.pool.take(template)
-            if warm is not None:
-                handle = await self._start_warm(plugin, sandbox, spec, warm)
-                if handle is not None:
-                    return handle
+        warm = self.take_warm(spec)
+        if warm is not None:
+            handle = await self._start_warm(plugin, sandbox, spec, warm)
+            if handle is not None:
+                return handle
         backend = self.cgroups()
 
         async def spawn(
@@ -477,35 +475,66 @@ class ProcessLoader:
             theirs.close()
         return WarmSandbox(proc, confinement, ours, cookie, kept[0])
 
+    def take_warm(self, spec: LaunchSpec) -> WarmSandbox | None:
+        """A ready warm sandbox ``spec`` can start in, if the pool has one."""
+        template = self.warm_template(spec)
+        if template is None or self.pool is None:
+            return None
+        return self.pool.take(template)
+
+    async def hand_over(
+        self,
+        plugin: Plugin,
+        sandbox: SandboxConfig,
+        spec: LaunchSpec,
+        warm: WarmSandbox,
+        env: dict[str, str] | None = None,
+    ) -> bool:
+        """Make the taken ``warm`` the sandbox of ``plugin``: its limits on the cgroup, its
+        files in /plugin, and with ``env`` (a sandbox for any program) ``spec``'s program
+        exec'd with that environment. False: the plugin directory is too large to hand over,
+        start it cold. The sandbox is discarded on False and on failure."""
+        limits = CgroupLimits(
+            memory=sandbox.memory_limit, cpu=sandbox.cpu_limit, pids=sandbox.pids_limit
+        )
+        program = None
+        if env is not None:
+            program = {
+                "program": spec.program or spec.argv[0],
+                "argv": spec.argv,
+                "env": env,
+                "cwd": spec.cwd,
+            }
+        try:
+            await warm.take(spec.copies, limits, plugin.id, program)
+        except TooLargeForWarm:
+            await warm.discard()
+            return False
+        except BaseException:
+            await warm.discard()
+            raise
+        return True
+
     async def _start_warm(
         self, plugin: Plugin, sandbox: SandboxConfig, spec: LaunchSpec, warm: WarmSandbox
     ) -> ProcessHandle | None:
         """``plugin`` in the warm sandbox ``warm``: its files handed over, its limits set,
         the host told what to load. None: the plugin directory is too large to hand over,
         start it cold."""
-        limits = CgroupLimits(
-            memory=sandbox.memory_limit, cpu=sandbox.cpu_limit, pids=sandbox.pids_limit
-        )
-        try:
-            if self.kind is LoaderType.EXTERNAL:
-                program = {
-                    "program": spec.program or spec.argv[0],
-                    "argv": spec.argv,
-                    "env": {**plugin_environment(warm.cookie, self.max_frame), **spec.env},
-                    "cwd": spec.cwd,
-                }
-                await warm.take(spec.copies, limits, plugin.id, program)
-            else:
-                await warm.take(spec.copies, limits, plugin.id)
-                entry, root = self._inside(plugin)
-                args = host_args(self.kind, plugin, entrypoint=entry, root=root)
+        if self.kind is LoaderType.EXTERNAL:
+            env = {**plugin_environment(warm.cookie, self.max_frame), **spec.env}
+            if not await self.hand_over(plugin, sandbox, spec, warm, env):
+                return None
+        else:
+            if not await self.hand_over(plugin, sandbox, spec, warm):
+                return None
+            entry, root = self._inside(plugin)
+            args = host_args(self.kind, plugin, entrypoint=entry, root=root)
+            try:
                 warm.rpc.sendall(json.dumps(args).encode() + b"\n")
-        except TooLargeForWarm:
-            await warm.discard()
-            return None
-        except BaseException:
-            await warm.discard()
-            raise
+            except BaseException:
+                await warm.discard()
+                raise
         return await self.start_process(plugin, sandbox, spec.argv, warm=warm)
 
     @staticmethod
@@ -584,7 +613,7 @@ class ProcessLoader:
         confinement: Confinement | None
         if warm is not None:
             proc, confinement, ours, cookie = warm.proc, warm.confinement, warm.rpc, warm.cookie
-            proc.set_logger(logger)
+            proc.set_output(logger)
         else:
             proc, confinement, ours, cookie = await self._spawn(plugin, argv, spawner, logger)
         handle: ProcessHandle | None = None

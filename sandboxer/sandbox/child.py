@@ -202,9 +202,11 @@ class PluginProcess:
         if not self.exited.done():
             self.exited.set_result(self.returncode)
 
-    def set_logger(self, logger: logging.Logger) -> None:
-        """Log its output to ``logger`` from now on (a warm sandbox's, once a plugin took it)."""
+    def set_output(self, logger: logging.Logger, sinks: Sinks | None = None) -> None:
+        """Log its output to ``logger``, or pass it to ``sinks``, from now on (a warm
+        sandbox's, once a plugin took it)."""
         self.stdout._log = self.stderr._log = logger
+        self.stdout._sink, self.stderr._sink = sinks or (None, None)
 
     @property
     def exit_status(self) -> int | None:

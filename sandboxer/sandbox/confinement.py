@@ -1,5 +1,6 @@
 """A sandboxed launch in its own cgroup, and what the process holds besides itself
-(``Confinement``: the cgroup, the host uid, the egress endpoint) until it is released.
+(``Confinement``: the cgroup, the host uid, the egress endpoint, its scratch directories)
+until it is released.
 
 The supervisor's side: ``start.launch`` starts the launcher; this module creates and limits
 the cgroup first, puts the launcher in it before it may go on, and never leaves a cgroup, a
@@ -11,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import shutil
 import socket
+import tempfile
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -32,9 +35,10 @@ T = TypeVar("T")
 
 
 class Confinement:
-    """What a sandboxed process holds besides itself: its cgroup, its host uid and its egress
-    proxy endpoint. ``release()`` (idempotent) kills anything left in the cgroup, removes it,
-    closes the endpoint, frees the uid."""
+    """What a sandboxed process holds besides itself: its cgroup, its host uid, its egress
+    proxy endpoint and its scratch directories (``scratch``: target inside → path on the
+    host). ``release()`` (idempotent) kills anything left in the cgroup, removes it, closes
+    the endpoint, removes the scratch directories, frees the uid."""
 
     def __init__(
         self,
@@ -49,6 +53,7 @@ class Confinement:
         self.fallbacks = fallbacks
         self.host_uid = host_uid
         self.memory_limit = memory_limit
+        self.scratch: dict[str, str] = {}
         self._last: CgroupStats | None = None
         self._released = False
 
@@ -74,6 +79,8 @@ class Confinement:
         group, self.cgroup = self.cgroup, None  # stats() keeps its last reading meanwhile
         if group is not None:
             await off_loop(group.remove)
+        if self.scratch:
+            await off_loop(_remove_scratch, self.scratch)
         self.release()
 
     def release(self) -> None:
@@ -87,7 +94,32 @@ class Confinement:
             if self.cgroup is not None:
                 self.cgroup.remove()
         finally:
+            _remove_scratch(self.scratch)
             release_uid(self.host_uid)
+
+
+def _make_scratch(spec: LaunchSpec) -> tuple[LaunchSpec, dict[str, str]]:
+    """``spec`` with a fresh directory bound at each of its scratch targets, and those
+    directories (0700, the supervisor's; writable inside through an idmapped bind, as a
+    writable grant of the operator's is)."""
+    made: dict[str, str] = {}
+    try:
+        for target in spec.scratch:
+            made[target] = tempfile.mkdtemp(prefix="sandboxer-scratch-")
+    except BaseException:
+        _remove_scratch(made)
+        raise
+    binds = tuple(
+        Mount(path, target, writable=True, exec=False, root="/") for target, path in made.items()
+    )
+    return dataclasses.replace(spec, scratch=(), mounts=(*spec.mounts, *binds)), made
+
+
+def _remove_scratch(scratch: dict[str, str]) -> None:
+    # rmtree never follows a link the plugin made there (it walks by fd, without following).
+    for path in scratch.values():
+        shutil.rmtree(path, ignore_errors=True)
+    scratch.clear()
 
 
 async def launch_confined(
@@ -111,6 +143,7 @@ async def launch_confined(
     With ``fallbacks`` naming "rlimit" and no cgroup to be had, the process is limited by
     RLIMIT_AS instead, and the returned Confinement says so."""
     sandbox = spec.sandbox
+    spec, scratch = _make_scratch(spec)
     endpoint = None
     if network_mode(sandbox) == "proxy" and egress is not None:  # without one, launch refuses
         endpoint = egress.endpoint(plugin_id, sandbox.allowed_hosts)
@@ -120,7 +153,7 @@ async def launch_confined(
             mounts=(*spec.mounts, Mount(endpoint.socket_path, EGRESS_SOCKET, exec=False)),
         )
     try:
-        return await _launch_in_cgroup(
+        proc, confinement = await _launch_in_cgroup(
             spec,
             backend=backend,
             rpc_fd=rpc_fd,
@@ -136,7 +169,10 @@ async def launch_confined(
     except BaseException:
         if endpoint is not None:
             endpoint.close()
+        _remove_scratch(scratch)
         raise
+    confinement.scratch = scratch
+    return proc, confinement
 
 
 async def _launch_in_cgroup(

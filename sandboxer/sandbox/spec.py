@@ -126,6 +126,10 @@ class LaunchSpec:
     # environment and directory come then, and nothing is exec'd before).
     warm: tuple[str, ...] = ()
     warm_exec: bool = False
+    # Empty directories made for this sandbox alone (confinement.py: private to the
+    # supervisor, bound writable and without exec at these targets, gone with the sandbox);
+    # ``Confinement.scratch`` names them on the host. A warm sandbox gets its own.
+    scratch: tuple[str, ...] = ()
 
 
 def base_mounts() -> list[Mount]:

@@ -29,6 +29,7 @@ from sandboxer import (
     PluginState,
     PluginStateError,
 )
+from sandboxer.sandbox import forkserver
 
 pytestmark = pytest.mark.usefixtures("no_leaks_but_grpc_engine")
 
@@ -42,6 +43,7 @@ ENGINE_KINDS = ("anon_inode:[eventfd]", "anon_inode:[eventpoll]", "socket:[")
 def no_leaks_but_grpc_engine() -> Iterator[None]:
     """conftest's no_leaks, but for grpcio's own engine (bounded; test_no_fd_grows_with_use
     shows it does not grow with use): no process, cgroup, mount or other fd left behind."""
+    forkserver.prestart()  # as no_leaks does: it lives as long as the process
     fds, kids = conftest._open_fds(), conftest._children()
     groups, mounts = conftest._plugin_cgroups(), conftest._mounts()
     yield
@@ -241,8 +243,9 @@ async def test_python_plugins_on_their_own_port_1234_sandboxed(kv_python: Path) 
 
 
 async def test_no_fd_grows_with_use(tmp_path: Path, kv_go: Path) -> None:
-    """Loads, calls, failed calls, health checks, crashes and unloads, many times over: after
-    the first round the process's fds are the same in number every round."""
+    """Loads, calls, failed calls, health checks, crashes and unloads, many times over (the
+    first load cold, the others warm): after the first rounds the process's fds are the same
+    in number every round."""
     counts = []
     async with PluginManager() as mgr:
         for round_ in range(6):
@@ -259,6 +262,8 @@ async def test_no_fd_grows_with_use(tmp_path: Path, kv_go: Path) -> None:
                     while p.state is not PluginState.FAILED:
                         await asyncio.sleep(0.02)
             await mgr.unload(p.id)
+            if mgr.warm_pool is not None:  # its waiting sandboxes hold fds too: a full pool
+                await mgr.warm_pool.filled()
             counts.append(len(conftest._open_fds()))
     assert len(set(counts[2:])) == 1, f"fds after each round: {counts}"
 
@@ -435,3 +440,94 @@ def test_discovery_sees_a_go_plugin(tmp_path: Path, kv_go: Path) -> None:
     assert isinstance(found, DiscoveredPlugin) and found.path == root
     assert found.manifest.protocol.value == "grpc" and found.manifest.grpc is not None
     assert found.manifest.grpc.service == "proto.KV"
+
+
+# A gRPC plugin as a stranger writes it: grpcio with raw bytes on a Unix socket in the
+# directory go-plugin names, leaving a file of its own there; Get answers with what it sees
+# in that directory.
+LOOKING_PLUGIN = """\
+#!/usr/bin/python3
+import os
+from concurrent import futures
+import grpc
+
+here = os.environ["PLUGIN_UNIX_SOCKET_DIR"]
+with open(os.path.join(here, "left-by-" + os.urandom(8).hex()), "w") as f:
+    f.write("secret")
+
+def get(request, context):
+    names = ",".join(sorted(os.listdir(here))).encode()
+    return b"\\x0a" + bytes([len(names)]) + names  # GetResponse{value}
+
+def check(request, context):
+    return b"\\x08\\x01"  # HealthCheckResponse{status: SERVING}
+
+def shutdown(request, context):
+    os._exit(0)
+
+raw = dict(request_deserializer=None, response_serializer=None)
+server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+server.add_generic_rpc_handlers([
+    grpc.method_handlers_generic_handler("proto.KV", {"Get": grpc.unary_unary_rpc_method_handler(get, **raw)}),
+    grpc.method_handlers_generic_handler("grpc.health.v1.Health", {"Check": grpc.unary_unary_rpc_method_handler(check, **raw)}),
+    grpc.method_handlers_generic_handler("plugin.GRPCController", {"Shutdown": grpc.unary_unary_rpc_method_handler(shutdown, **raw)}),
+])
+path = os.path.join(here, "plugin.sock")
+server.add_insecure_port("unix:" + path)
+server.start()
+print("1|1|unix|%s|grpc" % path, flush=True)
+server.wait_for_termination()
+"""
+
+
+def _scratch_dirs() -> set[str]:
+    import tempfile
+
+    return {p.name for p in Path(tempfile.gettempdir()).glob("sandboxer-scratch-*")}
+
+
+async def test_grpc_plugins_start_warm_each_in_a_socket_directory_of_its_own(
+    tmp_path: Path, kv_go: Path
+) -> None:
+    """The first load of a shape starts cold and teaches the pool the shape; the next ones
+    take sandboxes made ahead, each with a fresh socket directory: a stranger's plugin sees
+    only what it put there, never what the plugin before it left in its own."""
+    import base64
+
+    scratch_before = _scratch_dirs()
+    roots = []
+    for name in ("a", "b", "c", "go"):
+        (tmp_path / name).mkdir()
+    for name in ("a", "b", "c"):
+        root = plugin_dir(tmp_path / name, kv_go, script="")
+        (root / "plugin.sh").write_text(LOOKING_PLUGIN)
+        manifest = root / "plugin.toml"
+        manifest.write_text(manifest.read_text().replace("acme.kv", f"acme.kv{name}"))
+        roots.append(root)
+    go_root = plugin_dir(tmp_path / "go", kv_go)
+    async with PluginManager(config=HostConfig(warm_sandboxes=1)) as mgr:
+        first = await mgr.load(roots[0])
+        assert not first.started_warm
+        pool = mgr.warm_pool
+        assert pool is not None
+        await pool.filled()
+        seen = []
+        for root in roots[1:]:
+            p = await mgr.load(root)
+            assert p.started_warm
+            listing = base64.b64decode((await p.call("Get", {"key": "x"}))["value"]).decode()
+            seen.append(listing.split(","))
+            await pool.filled()
+        for names in seen:
+            assert sorted(names)[1] == "plugin.sock" and len(names) == 2, names
+        assert seen[0][0] != seen[1][0]  # each its own file, nobody else's
+        # go-plugin's own KV example, warm in a sandbox of the same shape
+        kv = await mgr.load(go_root)
+        assert kv.started_warm
+        assert await kv.call("Put", {"key": "a", "value": "aGk="}) == {}
+        assert await kv.call("Get", {"key": "a"}) == {"value": "aGk="}
+        await pool.filled()
+        assert len(_scratch_dirs() - scratch_before) == 4 + 1  # four plugins, one waiting
+        for plugin_id in ["acme.kva", "acme.kvb", "acme.kvc", "acme.kv"]:
+            await mgr.unload(plugin_id)
+    assert _scratch_dirs() == scratch_before  # each sandbox's directory went with it

@@ -45,7 +45,7 @@ from ...sandbox import child
 from ...sandbox.child import LineLog
 from ...sandbox.confinement import Confinement, launch_confined
 from ...sandbox.policy import SandboxConfig
-from ...sandbox.spec import Mount
+from ...sandbox.spec import LaunchSpec
 from .. import NO_STATE, Health, NoState, ResourceUsage
 from ..out_of_process import (
     SHUTDOWN_GRACE,
@@ -124,9 +124,10 @@ class GrpcHandle:
         *,
         connection: _Connection,
         h2: H2Channel,
-        socket_dir: str,
+        socket_dir: str | None,
         stderr: LineLog,
         confinement: Confinement | None,
+        started_warm: bool = False,
     ) -> None:
         self.plugin = plugin
         self._sandbox = sandbox
@@ -135,7 +136,8 @@ class GrpcHandle:
         self._channel = channel
         self._connection = connection
         self._h2 = h2
-        self._socket_dir = socket_dir
+        self._socket_dir = socket_dir  # an unsandboxed plugin's: its sandbox has its own
+        self.started_warm = started_warm  # in a sandbox made ahead (sandbox/pool.py)
         self._stderr = stderr
         self._confinement = confinement
         names = tuple(sorted(schema.methods))
@@ -290,7 +292,8 @@ class GrpcHandle:
         if self._confinement is not None:
             await self._confinement.aclose()
         await self._connection.close()
-        shutil.rmtree(self._socket_dir, ignore_errors=True)
+        if self._socket_dir is not None:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
 
     # -- failure -----------------------------------------------------------------------------
     def _crash_error(self) -> SandboxerError:
@@ -324,7 +327,6 @@ class GrpcLoader:
             )
         schema = await self._schema(plugin)
         logger = logging.getLogger(f"sandboxer.plugin.{plugin.id}")
-        sockets = tempfile.mkdtemp(prefix="sandboxer-grpc-")  # 0700: the supervisor's
         env = {
             "PATH": "/usr/local/bin:/usr/bin:/bin",
             "HOME": "/tmp",
@@ -333,44 +335,36 @@ class GrpcLoader:
         }
         first = _Handshake(logger)
         stderr = HclogLines(name="stderr", logger=logger, level=logging.WARNING)
-        null = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
+        sinks: child.Sinks = (first, stderr.feed)
         confinement: Confinement | None = None
-        try:
-            if sandbox.enabled:
-                inside = SOCKET_DIR
-                launch = self.processes.launch_spec(plugin, sandbox)
-                launch = dataclasses.replace(
-                    launch,
-                    env={**launch.env, **env, "TMPDIR": inside, "PLUGIN_UNIX_SOCKET_DIR": inside},
-                    rpc=False,
-                    mounts=(*launch.mounts, _socket_mount(sockets, inside)),
-                )
-                proc, confinement = await launch_confined(
-                    launch,
-                    backend=self.processes.cgroups(),
-                    rpc_fd=null,
-                    logger=logger,
-                    sinks=(first, stderr.feed),
-                    fallbacks=self.processes.fallbacks,
-                    egress=self.processes.egress,
-                    plugin_id=plugin.id,
-                    setup_timeout=self.processes.setup_timeout,
-                )
-            else:
-                inside = sockets
-                env.update(TMPDIR=sockets, PLUGIN_UNIX_SOCKET_DIR=sockets)
+        own_dir: str | None = None  # the socket directory of an unsandboxed plugin
+        warm = False
+        if sandbox.enabled:
+            inside = SOCKET_DIR
+            launch = self.processes.launch_spec(plugin, sandbox)
+            launch = dataclasses.replace(
+                launch,
+                env={**launch.env, **env, "TMPDIR": inside, "PLUGIN_UNIX_SOCKET_DIR": inside},
+                rpc=False,
+                scratch=(*launch.scratch, inside),
+            )
+            started = await self._start_warm(plugin, sandbox, launch, logger, sinks)
+            warm = started is not None
+            proc, confinement = started or await self._start_cold(plugin, launch, logger, sinks)
+            sockets = confinement.scratch[inside]
+        else:
+            own_dir = sockets = inside = tempfile.mkdtemp(prefix="sandboxer-grpc-")  # 0700
+            env.update(TMPDIR=sockets, PLUGIN_UNIX_SOCKET_DIR=sockets)
+            null = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
+            try:
                 proc = child.spawn(
-                    plugin_command(plugin),
-                    env,
-                    rpc_fd=null,
-                    logger=logger,
-                    sinks=(first, stderr.feed),
+                    plugin_command(plugin), env, rpc_fd=null, logger=logger, sinks=sinks
                 )
-        except BaseException:
-            shutil.rmtree(sockets, ignore_errors=True)
-            raise
-        finally:
-            os.close(null)
+            except BaseException:
+                shutil.rmtree(own_dir, ignore_errors=True)
+                raise
+            finally:
+                os.close(null)
         connection: _Connection | None = None
         try:
             line = await self._first_line(plugin, proc, first, stderr)
@@ -400,9 +394,10 @@ class GrpcLoader:
                     channel,
                     connection=connection,
                     h2=h2,
-                    socket_dir=sockets,
+                    socket_dir=own_dir,
                     stderr=stderr,
                     confinement=confinement,
+                    started_warm=warm,
                 )
             except BaseException:
                 if h2 is not None:
@@ -416,8 +411,48 @@ class GrpcLoader:
             await proc.close()
             if confinement is not None:
                 await confinement.aclose()
-            shutil.rmtree(sockets, ignore_errors=True)
+            if own_dir is not None:
+                shutil.rmtree(own_dir, ignore_errors=True)
             raise
+
+    async def _start_warm(
+        self,
+        plugin: Plugin,
+        sandbox: SandboxConfig,
+        launch: LaunchSpec,
+        logger: logging.Logger,
+        sinks: child.Sinks,
+    ) -> tuple[child.PluginProcess, Confinement] | None:
+        """``launch``'s program exec'd in a warm sandbox of its shape (its own socket
+        directory made with it), or None: there was none ready, or the plugin directory is
+        too large to hand over."""
+        warm = self.processes.take_warm(launch)
+        if warm is None:
+            return None
+        warm.proc.set_output(logger, sinks)  # before the exec: the handshake may come at once
+        if not await self.processes.hand_over(plugin, sandbox, launch, warm, launch.env):
+            return None
+        warm.rpc.close()  # fd 3 is not the wire here (``rpc=False``): the plugin never had it
+        return warm.proc, warm.confinement
+
+    async def _start_cold(
+        self, plugin: Plugin, launch: LaunchSpec, logger: logging.Logger, sinks: child.Sinks
+    ) -> tuple[child.PluginProcess, Confinement]:
+        null = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            return await launch_confined(
+                launch,
+                backend=self.processes.cgroups(),
+                rpc_fd=null,
+                logger=logger,
+                sinks=sinks,
+                fallbacks=self.processes.fallbacks,
+                egress=self.processes.egress,
+                plugin_id=plugin.id,
+                setup_timeout=self.processes.setup_timeout,
+            )
+        finally:
+            os.close(null)
 
     async def _schema(self, plugin: Plugin) -> GrpcSchema:
         """The service's methods, from the plugin's descriptor sets or its .proto files
@@ -533,11 +568,6 @@ async def _connect(
         await relay.close()
         raise
     return _Connection(f"unix:{relay.path}", relay.path, relay=relay)
-
-
-def _socket_mount(sockets: str, inside: str) -> Mount:
-    """The plugin's socket directory: writable (go-plugin makes its socket there), no exec."""
-    return Mount(sockets, inside, writable=True, exec=False, root="/")
 
 
 def _raw(data: bytes) -> bytes:
