@@ -18,6 +18,7 @@ imports; the Go hosts skip their first start likewise); that sample is kept as
               python_first_call_cold_ms      load(examples/hello) + greet, sandboxed
               node_first_call_cold_ms        load(examples/external-node) + greet
               grpc_first_call_cold_ms        load(examples/grpc-kv-go) + Put + Get
+              grpc_first_call_warm_ms        the same in a sandbox made ahead
               reload_switch_ms               mgr.reload(id) -> its `reloaded` event
                                              (benchmarks/reload.py's direct_reload)
               pss_per_plugin_mib             50 idle examples/hello plugins: the PSS of all
@@ -53,7 +54,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from ._results import describe_loop, scale
-from .grpc import first_answered_get_ms, grpc_build_module, make_plugin_dir
+from .grpc import ANSWER, GET, PUT, grpc_build_module, make_plugin_dir
 from .reload import KINDS as RELOAD_KINDS
 from .reload import Events, Files, copy_example, direct_reload
 
@@ -66,6 +67,9 @@ BWRAP_BASE = ["--unshare-all", "--die-with-parent", "--ro-bind", "/usr", "/usr",
               "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib",
               "--symlink", "usr/lib64", "/lib64", "--proc", "/proc", "--dev", "/dev",
               "--tmpfs", "/tmp"]
+
+GREET = [("greet", ("bench",), "Hello, bench!")]
+PUT_GET = [("Put", (PUT,), {}), ("Get", (GET,), ANSWER)]
 
 PSS_PLUGINS = 50
 IDLE_S = 1.0          # after the last plugin's call, before PSS is read
@@ -228,26 +232,28 @@ def _exec_true_sample() -> Callable[[], Awaitable[float]]:
     return sample
 
 
-def _first_call_sample(mgr: Any, path: Path, method: str, args: tuple[Any, ...],
-                       expect: Any, *, warm: bool = False) -> Callable[[], Awaitable[float]]:
-    """``await mgr.load(path)`` until ``method(*args)`` has answered; unloaded after, untimed.
-    ``warm``: the manager's warm sandboxes are made ready first (untimed), and the plugin must
-    have started in one; else it must have started cold."""
+def _first_call_sample(mgr: Any, path: Path, calls: list[tuple[str, tuple[Any, ...], Any]],
+                       *, warm: bool = False) -> Callable[[], Awaitable[float]]:
+    """``await mgr.load(path)`` until each of ``calls`` (method, args, expected answer), in
+    turn, has answered; unloaded after, untimed. ``warm``: the manager's warm sandboxes are
+    made ready first (untimed), and the plugin must have started in one; else it must have
+    started cold."""
 
     async def sample() -> float:
         if warm:
             await mgr.warm_up()
         t0 = time.perf_counter_ns()
         plugin = await mgr.load(path)
-        answer = await plugin.call(method, *args)
+        answers = [await plugin.call(method, *args) for method, args, _ in calls]
         elapsed = _ms_since(t0)
         try:
             if plugin.sandbox is None or not plugin.sandbox.enabled:
                 raise RuntimeError(f"{path} was loaded without its sandbox")
             if plugin.started_warm != warm:
                 raise RuntimeError(f"{path} started {'warm' if plugin.started_warm else 'cold'}")
-            if answer != expect:
-                raise RuntimeError(f"{path}: {method} answered {answer!r}, not {expect!r}")
+            for (method, _, expect), answer in zip(calls, answers):
+                if answer != expect:
+                    raise RuntimeError(f"{path}: {method} answered {answer!r}, not {expect!r}")
         finally:
             await mgr.unload(plugin.id)
             if warm:  # the refill done before the next sample, whatever it measures
@@ -314,6 +320,12 @@ def _measurements(stack: AsyncExitStack, mgr: Any, warm_mgr: Any, tmp: Path, *, 
         "supervisor's is not in ours; the plugin stopped after (client.Kill(), untimed)"
     )
     hello, node = EXAMPLES / "hello", EXAMPLES / "external-node"
+    grpc_what = (
+        "await mgr.load(<examples/grpc-kv-go: the same binary the Go hosts start, with its "
+        "descriptor set>) then Put {'key': 'a', 'value': 'aGk='} and Get {'key': 'a'} "
+        "answered {} and {'value': 'aGk='} (grpc kind, go-plugin handshake, HTTP/2 over the "
+        "plugin's Unix socket)"
+    )
     loaded_by = (f"on one PluginManager(config=HostConfig(warm_sandboxes=0)) in this process "
                  f"(no warm sandboxes: every start cold, checked), default profile (sandboxed: "
                  f"namespaces, seccomp filter, cgroup), on {loop}; timed with "
@@ -357,34 +369,35 @@ def _measurements(stack: AsyncExitStack, mgr: Any, warm_mgr: Any, tmp: Path, *, 
             "python_first_call_cold_ms", "ours",
             f"await mgr.load('examples/hello') then await p.call('greet', 'bench') answered "
             f"'Hello, bench!' (python kind: the plugin host in the sandbox) {loaded_by}",
-            _first_call_sample(mgr, hello, "greet", ("bench",), "Hello, bench!")),
+            _first_call_sample(mgr, hello, GREET)),
         Measurement(
             "python_first_call_warm_ms", "ours",
             f"await mgr.load('examples/hello') then await p.call('greet', 'bench') answered "
             f"'Hello, bench!' (python kind: the plugin host already waiting in a sandbox made "
             f"ahead; its files handed over, its limits set) {loaded_warm}",
-            _first_call_sample(warm_mgr, hello, "greet", ("bench",), "Hello, bench!",
-                               warm=True)),
+            _first_call_sample(warm_mgr, hello, GREET, warm=True)),
         Measurement(
             "node_first_call_cold_ms", "ours",
             f"await mgr.load('examples/external-node') then await p.call('greet', 'bench') "
             f"answered 'Hello, bench!' (external kind, node on PATH in the sandbox) {loaded_by}",
-            _first_call_sample(mgr, node, "greet", ("bench",), "Hello, bench!")),
+            _first_call_sample(mgr, node, GREET)),
         Measurement(
             "node_first_call_warm_ms", "ours",
             f"await mgr.load('examples/external-node') then await p.call('greet', 'bench') "
             f"answered 'Hello, bench!' (external kind: the sandbox made ahead, node exec'd in "
             f"it at take time; the pool taught the example's shape by one load before the "
             f"rounds) {loaded_warm}",
-            _first_call_sample(warm_mgr, node, "greet", ("bench",), "Hello, bench!",
-                               warm=True)),
+            _first_call_sample(warm_mgr, node, GREET, warm=True)),
         Measurement(
             "grpc_first_call_cold_ms", "ours",
-            "benchmarks/grpc.py's first_answered_get_ms: await mgr.load(<examples/grpc-kv-go: "
-            "the same binary the Go hosts start, with its descriptor set>) then Put "
-            "{'key': 'a', 'value': 'aGk='} and Get {'key': 'a'} answered {'value': 'aGk='} "
-            f"(grpc kind, go-plugin handshake, HTTP/2 over the plugin's Unix socket) {loaded_by}",
-            lambda: first_answered_get_ms(mgr, kv_dir)),
+            f"{grpc_what} {loaded_by}",
+            _first_call_sample(mgr, kv_dir, PUT_GET)),
+        Measurement(
+            "grpc_first_call_warm_ms", "ours",
+            f"{grpc_what[:-1]}; the sandbox made ahead (with its own socket directory), the plugin "
+            f"exec'd in it at take time; the pool taught the shape by one load before the "
+            f"rounds) {loaded_warm}",
+            _first_call_sample(warm_mgr, kv_dir, PUT_GET, warm=True)),
         *(
             Measurement(
                 key, "ours",
@@ -431,8 +444,10 @@ async def _rounds(tmp: Path, rounds: int, *, bwrap: str, go_host: Path, kv_dir: 
             files = Files(RELOAD_KINDS["python"], counter_dir, tmp / f"counter-staging-{key}")
             reload_samples[key] = _reload_switch_sample(
                 manager, events, counter, files, reload_call_ms if warm else [], warm=warm)
-        # The warm manager learns the external example's shape (its first load is cold).
-        await warm_mgr.unload((await warm_mgr.load(EXAMPLES / "external-node")).id)
+        # The warm manager learns the external and gRPC examples' shapes (their first loads
+        # are cold).
+        for taught in (EXAMPLES / "external-node", kv_dir):
+            await warm_mgr.unload((await warm_mgr.load(taught)).id)
         measurements = _measurements(stack, mgr, warm_mgr, tmp, bwrap=bwrap, go_host=go_host,
                                      kv_dir=kv_dir, reload_samples=reload_samples, loop=loop)
         for m in measurements:
