@@ -434,3 +434,35 @@ def test_help_imports_no_command(tmp_path):
     modules = _modules_after(tmp_path, "--help")
     assert "sandboxer._cli_parser" in modules
     assert _among(modules, NOT_FOR_HELP) == []
+
+
+LAUNCH_ORDER = """\
+import sys
+events = []
+def hook(event, args):
+    if event == "import" and args[0] in ("asyncio", "sandboxer.sandbox.policy"):
+        events.append(args[0])
+    elif event == "os.posix_spawn" and "sandboxer-launcher" in args[1]:
+        events.append("fork server")
+sys.addaudithook(hook)
+from sandboxer.cli import main
+code = main(sys.argv[1:])
+print(",".join(dict.fromkeys(events)))
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("argv", [["exec", "--", "/bin/true"], ["-v", "exec", "--", "/bin/true"]])
+def test_exec_starts_the_fork_server_before_its_imports(argv):
+    """Its interpreter start then runs beside the CLI's imports, not after them."""
+    run = subprocess.run([sys.executable, "-c", LAUNCH_ORDER, *argv], capture_output=True,
+                         text=True, timeout=60, cwd=REPO, stdin=subprocess.DEVNULL)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[-1].split(",")[:2] == ["fork server", "asyncio"], run.stdout
+
+
+def test_help_starts_no_fork_server():
+    run = subprocess.run([sys.executable, "-c", LAUNCH_ORDER, "--help"], capture_output=True,
+                         text=True, timeout=60, cwd=REPO, stdin=subprocess.DEVNULL)
+    assert run.returncode == 0, run.stderr
+    assert "fork server" not in run.stdout.splitlines()[-1], run.stdout
