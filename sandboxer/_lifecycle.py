@@ -4,6 +4,8 @@ plugin runs through (DESIGN section 8).
     loading → initializing → ready ⇄ degraded → draining → stopping → stopped
     ready/degraded → reloading → ready/degraded (switched or rolled back)
     any live state → failed;  failed → loading (restart) or stopping (unload)
+    failed → quarantined (too many failures: no more restarts, _restart.py)
+    quarantined → loading (PluginManager.restart) or stopping (unload)
 
 ``Lifecycle`` is one plugin's place in that machine: its state, its current generation, and a
 failed generation still being closed. Its state changes only through its own methods, each
@@ -51,6 +53,7 @@ class PluginState(enum.Enum):
     STOPPING = "stopping"
     STOPPED = "stopped"
     FAILED = "failed"
+    QUARANTINED = "quarantined"
 
 
 S = PluginState
@@ -64,7 +67,8 @@ TRANSITIONS: dict[S, frozenset[S]] = {
     S.DRAINING: frozenset({S.STOPPING}),
     S.STOPPING: frozenset({S.STOPPED}),
     S.STOPPED: frozenset(),
-    S.FAILED: frozenset({S.LOADING, S.STOPPING}),
+    S.FAILED: frozenset({S.LOADING, S.STOPPING, S.QUARANTINED}),
+    S.QUARANTINED: frozenset({S.LOADING, S.STOPPING}),
 }
 
 # States in which a plugin takes new calls (the current generation serves during a reload).
@@ -163,6 +167,9 @@ EventCallback = Callable[["Lifecycle", str, PluginState | None, str | None], Non
 # close_failed(lifecycle, generation): close a generation that failed, in the background; the
 # task is kept so that unload can wait for it.
 CloseCallback = Callable[["Lifecycle", Generation], asyncio.Task[None]]
+# on_failed(lifecycle): the plugin failed on its own (its generation crashed, broke the
+# protocol, failed its health checks): the owner's restart policy decides what follows.
+FailedCallback = Callable[["Lifecycle"], None]
 
 
 class Lifecycle:
@@ -174,11 +181,17 @@ class Lifecycle:
     """
 
     def __init__(
-        self, plugin: Plugin, *, on_event: EventCallback, close_failed: CloseCallback
+        self,
+        plugin: Plugin,
+        *,
+        on_event: EventCallback,
+        close_failed: CloseCallback,
+        on_failed: FailedCallback | None = None,
     ) -> None:
         self._plugin = plugin
         self._on_event = on_event
         self._close_failed = close_failed
+        self._on_failed = on_failed
         self._state = S.LOADING
         self._accepting = False  # state in ACCEPTS_CALLS, kept in step by transition()
         self._error: SandboxerError | None = None
@@ -271,12 +284,19 @@ class Lifecycle:
 
     def fail_current(self, error: SandboxerError) -> None:
         """The current generation is done for: the plugin fails and the generation is closed
-        in the background, a close that ``wait_retired`` (so unload) waits for."""
+        in the background, a close that ``wait_retired`` (so unload) waits for; then the
+        owner hears of it (``on_failed``)."""
         gen = self._current
         self._current = None
         self.transition(S.FAILED, error=error)
         if gen is not None:
             self._retiring = self._close_failed(self, gen)
+        if self._on_failed is not None:
+            self._on_failed(self)
+
+    def quarantine(self, error: SandboxerError) -> None:
+        """Failed too often: no restart until the owner is told to (failed → quarantined)."""
+        self.transition(S.QUARANTINED, error=error)
 
     def generation_died(self, gen: Generation, error: SandboxerError) -> None:
         """``gen`` died on its own (crash, protocol error); its handle reports it here."""

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ._restart import parse_restart
 from ._trusted_keys import TrustedKey, parse_trusted_keys
 from ._units import parse_duration, parse_size
 from .errors import ConfigError
@@ -58,13 +59,22 @@ class RegistryTrust:
 
 @dataclass(frozen=True)
 class Supervision:
-    """How the supervisor waits on plugins: handshake, drain, health checks, frame size."""
+    """How the supervisor waits on plugins: handshake, drain, health checks, frame size; and
+    what it does when one fails on its own (_restart.py): ``restart`` ("never" or
+    "on-failure", for plugins whose manifest names none), the backoff before a restart
+    (doubling from ``restart_backoff`` up to ``restart_backoff_max``), and the quarantine
+    (``quarantine_after`` failures within ``quarantine_window`` seconds: no more restarts)."""
 
     drain_timeout: float = 10.0
     handshake_timeout: float = 10.0
     health_interval: float = 30.0
     health_failures: int = 3
     max_frame: int = DEFAULT_MAX_FRAME
+    restart: str = "never"
+    restart_backoff: float = 0.5
+    restart_backoff_max: float = 30.0
+    quarantine_after: int = 5
+    quarantine_window: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -187,6 +197,11 @@ _HOST_KEYS: dict[str, Callable[[Any], Any]] = {
     "health_interval": parse_duration,
     "health_failures": _whole(1, 1000, "a whole number of failed checks"),
     "max_frame": parse_size,
+    "restart": lambda value: parse_restart(value).value,
+    "restart_backoff": parse_duration,
+    "restart_backoff_max": parse_duration,
+    "quarantine_after": _whole(1, 1000, "a whole number of failures"),
+    "quarantine_window": parse_duration,
     "wasm_instances": _whole(1, 64, "a number of instances per wasm plugin"),
     "warm_sandboxes": _whole(0, 64, "a number of warm sandboxes per shape"),
     "warm_profiles": parse_profile_list,

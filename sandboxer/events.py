@@ -14,7 +14,20 @@ from typing import Any
 from ._lifecycle import PluginState
 from .errors import SandboxerError
 
-__all__ = ["PluginEvent", "PluginStatistics", "EventStream", "Subscription", "EVENT_BUFFER"]
+
+def utc_now() -> _dt.datetime:
+    """The time an event or a load is stamped with."""
+    return _dt.datetime.now(_dt.UTC)
+
+
+__all__ = [
+    "PluginEvent",
+    "PluginStatistics",
+    "EventStream",
+    "Subscription",
+    "EVENT_BUFFER",
+    "utc_now",
+]
 
 # How many events a subscriber may fall behind before it is dropped.
 EVENT_BUFFER = 10_000

@@ -16,7 +16,6 @@ refused; a second unload of the same id waits for the first and returns.
 from __future__ import annotations
 
 import asyncio
-import datetime as _dt
 import functools
 import logging
 import os
@@ -27,23 +26,25 @@ from typing import TYPE_CHECKING, Any
 
 from ._digest import tree_checksum
 from ._lifecycle import SERVING, Generation, Lifecycle, PluginState
+from ._loaded import LoadedPlugin
+from ._restart import RestartPolicy, Restarts, parse_restart
 from ._trusted_keys import TrustedKey
 from .config import HostConfig
 from .errors import (
+    ConfigError,
     PluginCallError,
     PluginLoadError,
     PluginNotFound,
     PluginStateError,
     RegistryError,
-    ReloadError,
     SandboxerError,
 )
-from .events import EventStream, PluginEvent, PluginStatistics, Subscription
-from .loaders import Loader, PluginHandle
+from .events import EventStream, PluginEvent, PluginStatistics, Subscription, utc_now
+from .loaders import Loader
 from .loaders.out_of_process import COMMANDS, ProcessLoader
 from .loaders.python import InProcessPythonLoader
 from .manifest import LoaderType, Plugin, Protocol, load_plugin, verify_integrity
-from .reload import ReloadHost, reload_generation
+from .reload import ReloadHost, reload_generation, reload_on_change
 from .sandbox.egress import EgressProxy
 from .sandbox.policy import SandboxConfig, SandboxRequest, effective_config
 from .sandbox.pool import SandboxPool
@@ -54,144 +55,6 @@ if TYPE_CHECKING:  # wasmtime, like grpcio, is imported with the first plugin of
 __all__ = ["PluginManager", "LoadedPlugin", "PluginEvent", "PluginStatistics", "EventStream"]
 
 log = logging.getLogger("sandboxer")
-
-
-def _now() -> _dt.datetime:
-    return _dt.datetime.now(_dt.UTC)
-
-
-class LoadedPlugin:
-    """A plugin under the manager's care; its identity is stable across reloads.
-
-    ``call`` routes to the current generation. ``plugin`` is the current generation's
-    manifest, ``handle`` its handle, ``instance`` the same handle (the spec's name),
-    ``error`` the last error (a failed reload included).
-    """
-
-    def __init__(self, life: Lifecycle, source: str, egress: EgressProxy) -> None:
-        self._life = life
-        self._egress = egress
-        self.source = source
-        self.loaded_at = _now()
-        self._calls = 0
-        self._failures = 0
-
-    # -- identity and views ------------------------------------------------------------------
-    @property
-    def id(self) -> str:
-        return self._life.id
-
-    @property
-    def plugin(self) -> Plugin:
-        return self._life.plugin
-
-    @property
-    def version(self) -> str:
-        return self._life.plugin.version
-
-    @property
-    def state(self) -> PluginState:
-        return self._life.state
-
-    @property
-    def error(self) -> SandboxerError | None:
-        return self._life.error
-
-    @property
-    def generation(self) -> int:
-        return self._life.generation
-
-    @property
-    def handle(self) -> PluginHandle | None:
-        gen = self._life.current
-        return gen.handle if gen else None
-
-    instance = handle
-
-    @property
-    def sandbox(self) -> SandboxConfig | None:
-        gen = self._life.current
-        return gen.sandbox if gen else None
-
-    @property
-    def methods(self) -> tuple[str, ...]:
-        gen = self._life.current
-        return gen.handle.methods if gen else ()
-
-    @property
-    def fallbacks(self) -> tuple[str, ...]:
-        """Host-policy fallbacks in force for the current generation (e.g. "rlimit": memory
-        limited by RLIMIT_AS because no cgroup could be made); empty when fully enforced."""
-        gen = self._life.current
-        return tuple(getattr(gen.handle, "fallbacks", ())) if gen else ()
-
-    @property
-    def started_warm(self) -> bool:
-        """Whether the current generation started in a warm sandbox, made ahead of time
-        (sandbox/pool.py), rather than cold."""
-        gen = self._life.current
-        return bool(getattr(gen.handle, "started_warm", False)) if gen else False
-
-    def grpc_channel(self) -> Any:
-        """The ``grpc.aio.Channel`` to the current generation of a go-plugin gRPC plugin, for
-        callers with generated stubs. It belongs to that generation: after a reload, ask again
-        (it is closed with its generation). PluginStateError for any other plugin, or when no
-        generation runs."""
-        channel = getattr(self.handle, "channel", None)
-        if channel is None:
-            raise PluginStateError(
-                f"plugin {self.id} has no gRPC channel"
-                + ("" if self.plugin.protocol.value == "grpc" else " (it is not a grpc plugin)"),
-                plugin_id=self.id,
-            )
-        return channel
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "plugin": self.plugin.to_json(),
-            "state": self.state.value,
-            "loadedAt": self.loaded_at.isoformat(),
-            "error": self.error.to_json() if self.error else None,
-            "generation": self.generation,
-            "sandbox": self.sandbox.to_json() if self.sandbox else None,
-            "methods": list(self.methods),
-            "fallbacks": list(self.fallbacks),
-        }
-
-    def statistics(self) -> PluginStatistics:
-        usage = self._life.resource_usage()
-        gen = self._life.current
-        return PluginStatistics(
-            calls=self._calls,
-            in_flight=gen.in_flight if gen else 0,
-            failures=self._failures,
-            generation=self.generation,
-            peak_memory_bytes=usage.peak_memory_bytes,
-            cpu_time_s=usage.cpu_time_s,
-            network=egress.to_json() if (egress := self._egress.statistics(self.id)) else None,
-        )
-
-    def __repr__(self) -> str:
-        return f"<LoadedPlugin {self.id} {self.version} gen={self.generation} {self.state.value}>"
-
-    # -- calls -------------------------------------------------------------------------------
-    async def call(self, method: str, *args: Any, timeout: float | None = None) -> Any:
-        """Call ``method`` with JSON ``args`` on the current generation; returns JSON.
-
-        ``timeout`` (seconds) defaults to the effective sandbox's per-call timeout.
-        """
-        gen = self._life.admit_now()
-        if gen is None:
-            gen = await self._life.admit()
-        gen.enter()
-        self._calls += 1
-        try:
-            return await gen.handle.call(method, *args, timeout=timeout)
-        except BaseException:
-            self._failures += 1
-            raise
-        finally:
-            gen.leave()
 
 
 @dataclass(slots=True)
@@ -253,6 +116,17 @@ class PluginManager:
         self._background: set[asyncio.Task[None]] = set()
         self._health_task: asyncio.Task[None] | None = None
         self._pool: SandboxPool | None = None  # warm sandboxes: made at the first need
+        try:
+            policy = RestartPolicy(
+                parse_restart(self.config.restart),
+                self.config.restart_backoff,
+                self.config.restart_backoff_max,
+                self.config.quarantine_after,
+                self.config.quarantine_window,
+            )
+        except ValueError as exc:
+            raise ConfigError(self.config.source or "HostConfig", "restart", str(exc)) from None
+        self._restarts = Restarts(policy, self._restart_due)
         self._defaults_kept = False  # the warm_profiles shapes, kept from the first load of one
 
     async def __aenter__(self) -> PluginManager:
@@ -306,7 +180,7 @@ class PluginManager:
             previous=previous,
             generation=life.generation,
             version=life.plugin.version,
-            at=_now(),
+            at=utc_now(),
             error=error,
         )
         log.debug("plugin %s: %s %s", life.id, type_, life.state.value)
@@ -494,7 +368,12 @@ class PluginManager:
                     f"{self._plugins[plugin.id].life.generation}); reload or unload it first",
                     plugin_id=plugin.id,
                 )
-            life = Lifecycle(plugin, on_event=self._emit, close_failed=self._close_failed)
+            life = Lifecycle(
+                plugin,
+                on_event=self._emit,
+                close_failed=self._close_failed,
+                on_failed=self._failed_on_its_own,
+            )
             entry = _Entry(
                 LoadedPlugin(life, os.fspath(path), self._egress), life, sandbox, dict(config or {})
             )
@@ -626,6 +505,8 @@ class PluginManager:
             await entry.unloaded.wait()
             return
         entry.unloading = True
+        await self._restarts.cancel(plugin_id)
+        self._restarts.forget(plugin_id)
         watcher = self._watchers.pop(plugin_id, None)
         if watcher is not None:
             watcher.cancel()
@@ -642,7 +523,7 @@ class PluginManager:
         # A failed generation may still be being closed: unload returns once it is (its
         # process reaped, its cgroup removed), not before.
         await life.wait_retired()
-        if life.state is PluginState.FAILED:
+        if life.state in (PluginState.FAILED, PluginState.QUARANTINED):
             life.transition(PluginState.STOPPING)
         else:
             life.transition(PluginState.DRAINING)
@@ -671,6 +552,73 @@ class PluginManager:
             life.retired(gen)
             await gen.handle.close()
 
+    # -- restart (_restart.py) ---------------------------------------------------------------
+    async def restart(self, plugin_id: str) -> LoadedPlugin:
+        """Start a failed or quarantined plugin again now, from its files, forgetting its
+        past failures (a running one is reloaded instead). A restart that fails raises, and
+        counts as a failure for the restart policy."""
+        entry = self._entry(plugin_id)
+        await self._restarts.cancel(plugin_id)
+        async with self._lock(plugin_id):
+            life = entry.life
+            if entry.unloading or plugin_id not in self._plugins:
+                raise PluginStateError(f"plugin {plugin_id} is being unloaded", plugin_id=plugin_id)
+            if life.state not in (PluginState.FAILED, PluginState.QUARANTINED):
+                raise PluginStateError(
+                    f"plugin {plugin_id} is {life.state.value}; only a failed or quarantined "
+                    "plugin can be restarted (reload a running one)",
+                    plugin_id=plugin_id,
+                )
+            self._restarts.forget(plugin_id)
+            try:
+                await self._restart_now(entry)
+            except SandboxerError:
+                self._failed_on_its_own(life)
+                raise
+        return entry.loaded
+
+    def _failed_on_its_own(self, life: Lifecycle) -> None:
+        """Its generation crashed, broke the protocol or failed its health checks, or a
+        restart failed: the restart policy decides what follows."""
+        entry = self._plugins.get(life.id)
+        if entry is not None and entry.life is life and not entry.unloading and not self._closed:
+            self._restarts.failed(life)
+
+    async def _restart_due(self, plugin_id: str) -> None:
+        """A scheduled restart, once its backoff is over: if the plugin is still failed."""
+        entry = self._plugins.get(plugin_id)
+        if entry is None:
+            return
+        async with self._lock(plugin_id):
+            if entry.unloading or entry.life.state is not PluginState.FAILED:
+                return
+            try:
+                await self._restart_now(entry)
+            except SandboxerError as exc:
+                log.warning("plugin %s: restart failed: %s", plugin_id, exc)
+                self._failed_on_its_own(entry.life)
+
+    async def _restart_now(self, entry: _Entry) -> None:
+        """A new generation of the plugin as it last ran (its manifest; its files as they
+        are now, checked again); the caller holds the plugin's lock."""
+        life = entry.life
+        await life.wait_retired()
+        life.transition(PluginState.LOADING)
+        plugin = life.plugin
+        try:
+            await asyncio.to_thread(verify_integrity, plugin)
+            sandbox = self.resolve_sandbox(plugin, entry.sandbox)
+            life.transition(PluginState.INITIALIZING)
+            gen = await self._start_generation(entry, plugin, sandbox, life.next_number())
+        except BaseException as exc:
+            life.fail(
+                exc
+                if isinstance(exc, SandboxerError)
+                else PluginLoadError(f"plugin {life.id}: restart: {exc!r}", plugin_id=life.id)
+            )
+            raise
+        life.serve(gen)
+
     # -- reload ------------------------------------------------------------------------------
     async def reload(self, plugin_id: str) -> LoadedPlugin:
         """Replace the plugin with a fresh generation from its source, migrating state.
@@ -693,51 +641,16 @@ class PluginManager:
         return entry.loaded
 
     async def _watch_files(self, entry: _Entry) -> None:
-        """Hot reload: reload the plugin whenever its files change to something new.
-
-        Files whose checksum differs from the running generation's are reloaded (the watch's
-        first event included: it catches a change made while the watch was starting). A
-        change whose reload fails is remembered by its checksum and not retried until the
-        files change again; a manifest that does not
-        parse is reported (``reload_failed``) without touching the running generation, and
-        removed files leave the last good generation serving."""
-        from .discovery import watch
-
+        """Hot reload: reload the plugin whenever its files change (reload.py)."""
         life = entry.life
-        failed: str | None = None
-        try:
-            async with watch([entry.loaded.source], debounce=self.reload_debounce) as events:
-                async for event in events:
-                    if event.kind == "error" and event.error is not None:
-                        life.reload_refused(
-                            PluginLoadError(
-                                f"plugin {life.id}: its files cannot be loaded: "
-                                f"{event.error.message}",
-                                plugin_id=life.id,
-                            )
-                        )
-                        continue
-                    if event.plugin is None:
-                        if event.kind == "removed":
-                            log.warning(
-                                "plugin %s: its files were removed; the running "
-                                "generation keeps serving",
-                                life.id,
-                            )
-                        continue
-                    checksum = event.plugin.checksum
-                    if checksum in (entry.files_checksum, failed):
-                        continue
-                    try:
-                        await self.reload(life.id)
-                        failed = None
-                    except ReloadError:
-                        failed = checksum  # reload_failed was emitted; wait for a change
-                    except (PluginStateError, PluginNotFound):
-                        return
-        except Exception as exc:  # the watch itself failed (e.g. no inotify instance left)
-            log.warning("plugin %s: hot reload stopped: %s", life.id, exc)
-            self._emit(life, "reload_failed", life.state, f"hot reload stopped: {exc}")
+        await reload_on_change(
+            life,
+            entry.loaded.source,
+            debounce=self.reload_debounce,
+            running=lambda: entry.files_checksum,
+            reload=functools.partial(self.reload, life.id),
+            stopped=lambda why: self._emit(life, "reload_failed", life.state, why),
+        )
 
     async def _prepare_generation(self, entry: _Entry) -> Generation:
         life = entry.life

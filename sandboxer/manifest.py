@@ -30,6 +30,7 @@ from typing import Any
 from . import _digest
 from ._hooks import METHOD_RE
 from ._plugin_id import ID_RE
+from ._restart import RestartMode, parse_restart
 from ._units import parse_duration, parse_size
 from .errors import IntegrityError, ManifestError
 from .sandbox import profiles as _profiles
@@ -187,6 +188,7 @@ class Plugin:
     manifest_path: Path | None = None
     protocol: Protocol = Protocol.JSONRPC
     grpc: GrpcSpec | None = None
+    restart: RestartMode | None = None  # None: the host config's
 
     @property
     def is_bare_file(self) -> bool:
@@ -207,6 +209,7 @@ class Plugin:
             "manifest": str(self.manifest_path) if self.manifest_path else None,
             "protocol": self.protocol.value,
             "grpc": self.grpc.to_json() if self.grpc is not None else None,
+            "restart": self.restart.value if self.restart is not None else None,
         }
 
 
@@ -496,6 +499,7 @@ _PLUGIN_FIELDS = {
     "description",
     "methods",
     "sha256",
+    "restart",
 }
 _GRPC_FIELDS = {"proto", "service", "handshake"}
 _HANDSHAKE_FIELDS = {"protocol_version", "magic_cookie_key", "magic_cookie_value"}
@@ -618,6 +622,7 @@ def parse_manifest(text: str | bytes, *, path: str | os.PathLike[str], root: Pat
         manifest_path=Path(path).resolve() if Path(path).exists() else Path(path),
         protocol=protocol,
         grpc=grpc,
+        restart=p.get("restart", parse_restart),
     )
 
 

@@ -24,10 +24,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from ._lifecycle import SERVING, Generation, Lifecycle, PluginState
-from .errors import PluginLoadError, PluginStateError, ReloadError, SandboxerError
+from .errors import PluginLoadError, PluginNotFound, PluginStateError, ReloadError, SandboxerError
 from .loaders import NO_STATE
 
-__all__ = ["ReloadHost", "reload_generation"]
+__all__ = ["ReloadHost", "reload_generation", "reload_on_change"]
 
 log = logging.getLogger("sandboxer")
 
@@ -71,7 +71,7 @@ async def reload_generation(life: Lifecycle, host: ReloadHost) -> None:
     if old is None or life.state not in SERVING:
         raise PluginStateError(
             f"plugin {life.id} is {life.state.value}; only a ready or degraded plugin can "
-            "be hot-reloaded (unload and load a failed one)",
+            "be hot-reloaded (restart a failed one: PluginManager.restart)",
             plugin_id=life.id,
         )
     resume = life.state
@@ -119,3 +119,59 @@ async def reload_generation(life: Lifecycle, host: ReloadHost) -> None:
             host.drain_timeout,
         )
     await host.retire(old)
+
+
+async def reload_on_change(
+    life: Lifecycle,
+    source: str,
+    *,
+    debounce: float,
+    running: Callable[[], str | None],
+    reload: Callable[[], Awaitable[object]],
+    stopped: Callable[[str], None],
+) -> None:
+    """Hot reload: ``reload()`` the plugin whenever its files at ``source`` change to
+    something new, until the plugin is gone (or ``stopped(why)``, when the watch itself
+    fails).
+
+    Files whose checksum differs from the running generation's (``running()``) are reloaded
+    (the watch's first event included: it catches a change made while the watch was
+    starting). A change whose reload fails is remembered by its checksum and not retried
+    until the files change again; a manifest that does not parse is reported
+    (``reload_failed``) without touching the running generation, and removed files leave the
+    last good generation serving."""
+    from .discovery import watch
+
+    failed: str | None = None
+    try:
+        async with watch([source], debounce=debounce) as events:
+            async for event in events:
+                if event.kind == "error" and event.error is not None:
+                    life.reload_refused(
+                        PluginLoadError(
+                            f"plugin {life.id}: its files cannot be loaded: {event.error.message}",
+                            plugin_id=life.id,
+                        )
+                    )
+                    continue
+                if event.plugin is None:
+                    if event.kind == "removed":
+                        log.warning(
+                            "plugin %s: its files were removed; the running generation keeps "
+                            "serving",
+                            life.id,
+                        )
+                    continue
+                checksum = event.plugin.checksum
+                if checksum in (running(), failed):
+                    continue
+                try:
+                    await reload()
+                    failed = None
+                except ReloadError:
+                    failed = checksum  # reload_failed was emitted; wait for a change
+                except (PluginStateError, PluginNotFound):
+                    return
+    except Exception as exc:  # the watch itself failed (e.g. no inotify instance left)
+        log.warning("plugin %s: hot reload stopped: %s", life.id, exc)
+        stopped(f"hot reload stopped: {exc}")

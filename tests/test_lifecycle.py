@@ -16,6 +16,8 @@ S = PluginState
 #   loading → initializing → ready ⇄ degraded → draining → stopping → stopped
 #   ready/degraded → reloading → ready/degraded;  any live state → failed;
 #   failed → loading (restart) or stopping (unload)
+# and issue 21's quarantine, which ends a crash loop:
+#   failed → quarantined;  quarantined → loading (an explicit restart) or stopping (unload)
 ALLOWED = {
     (S.LOADING, S.INITIALIZING), (S.LOADING, S.FAILED),
     (S.INITIALIZING, S.READY), (S.INITIALIZING, S.FAILED),
@@ -25,7 +27,8 @@ ALLOWED = {
     (S.RELOADING, S.READY), (S.RELOADING, S.DEGRADED), (S.RELOADING, S.FAILED),
     (S.DRAINING, S.STOPPING),
     (S.STOPPING, S.STOPPED),
-    (S.FAILED, S.LOADING), (S.FAILED, S.STOPPING),
+    (S.FAILED, S.LOADING), (S.FAILED, S.STOPPING), (S.FAILED, S.QUARANTINED),
+    (S.QUARANTINED, S.LOADING), (S.QUARANTINED, S.STOPPING),
 }
 
 # How a plugin gets to each state from loading, one allowed step at a time.
@@ -39,6 +42,7 @@ ROUTE = {
     S.STOPPING: [S.INITIALIZING, S.READY, S.DRAINING, S.STOPPING],
     S.STOPPED: [S.INITIALIZING, S.READY, S.DRAINING, S.STOPPING, S.STOPPED],
     S.FAILED: [S.FAILED],
+    S.QUARANTINED: [S.FAILED, S.QUARANTINED],
 }
 
 CASES = [pytest.param(source, target, (source, target) in ALLOWED,
