@@ -128,8 +128,10 @@ class PluginManager:
             raise ConfigError(self.config.source or "HostConfig", "restart", str(exc)) from None
         self._restarts = Restarts(policy, self._restart_due)
         self._defaults_kept = False  # the warm_profiles shapes, kept from the first load of one
+        self._sweep: asyncio.Task[None] | None = None  # dead supervisors' cgroups, removed once
 
     async def __aenter__(self) -> PluginManager:
+        self._sweep_once()
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -163,6 +165,26 @@ class PluginManager:
         self._egress.close()
         if errors:
             raise errors[0]
+
+    def _sweep_once(self) -> None:
+        """Once per manager, in the background: remove the plugin cgroups that supervisors
+        killed before they could (SIGKILL) left behind (``CgroupBackend.sweep``)."""
+        if self._sweep is None and not self._closed:
+            self._sweep = self._spawn(asyncio.to_thread(self._swept))
+
+    def _swept(self) -> None:
+        try:
+            removed = self._process_loaders[LoaderType.PYTHON].cgroups().sweep()
+        except SandboxerError:
+            return  # no cgroups here: the first sandboxed load says so
+        if removed:
+            log.info("removed %d cgroup(s) left by supervisors now gone", len(removed))
+
+    async def swept(self) -> None:
+        """Wait until that removal is done (tests and the daemon's start)."""
+        self._sweep_once()
+        if self._sweep is not None:
+            await asyncio.shield(self._sweep)
 
     # -- events ------------------------------------------------------------------------------
     def events(self) -> EventStream:
@@ -359,6 +381,7 @@ class PluginManager:
         """
         if self._closed:
             raise PluginStateError("the plugin manager is closed")
+        self._sweep_once()
         checksum = await asyncio.to_thread(tree_checksum, path) if self.hot_reload else None
         plugin = await asyncio.to_thread(load_plugin, path)
         async with self._lock(plugin.id):

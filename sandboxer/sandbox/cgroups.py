@@ -20,7 +20,9 @@ left (they are all in one pid namespace whose init dies first, so this converges
 from __future__ import annotations
 
 import errno
+import logging
 import os
+import re
 import signal
 import time
 from dataclasses import dataclass
@@ -39,6 +41,8 @@ __all__ = [
     "detect",
     "CGROUP2_SUPER_MAGIC",
 ]
+
+log = logging.getLogger("sandboxer")
 
 CGROUP2_SUPER_MAGIC = 0x63677270
 CPU_PERIOD_US = 100_000
@@ -80,6 +84,10 @@ class CgroupBackend(Protocol):
     version: int
 
     def create(self, name: str, limits: CgroupLimits) -> Cgroup: ...
+
+    def homes(self) -> list[str]: ...
+
+    def sweep(self) -> list[str]: ...
 
 
 def _write(path: str, value: str) -> None:
@@ -162,6 +170,60 @@ def own_cgroups(proc_cgroup: str = "/proc/self/cgroup") -> dict[str, str]:
     return out
 
 
+# A plugin's cgroup: ``new_name()``'s "sandboxer-<supervisor pid>-<12 hex digits>".
+_NAME_RE = re.compile(r"sandboxer-([0-9]+)-[0-9a-f]{12}")
+# A cgroup younger than this is never swept: its supervisor may be about to add the launcher.
+_SWEEP_MIN_AGE = 5.0
+
+
+def _sweep(bases: list[str]) -> list[str]:
+    """Remove the plugin cgroups under ``bases`` that a supervisor now gone left behind (a
+    supervisor killed with SIGKILL removes nothing; its plugins die with it, their cgroups
+    stay): named for a pid that no longer exists, holding no process, and older than
+    ``_SWEEP_MIN_AGE``. A cgroup that still holds processes is left alone and logged: its
+    supervisor may live in another pid namespace, where its pid means nothing here. Returns
+    the paths removed."""
+    removed = []
+    for base in bases:
+        try:
+            names = os.listdir(base)
+        except OSError:
+            continue
+        for name in names:
+            found = _NAME_RE.fullmatch(name)
+            if found is None or _alive(int(found.group(1))):
+                continue
+            path = os.path.join(base, name)
+            try:
+                if time.time() - os.stat(path).st_mtime < _SWEEP_MIN_AGE:
+                    continue
+                if _read(f"{path}/cgroup.procs").split():
+                    log.warning(
+                        "cgroup %s outlived its supervisor with processes in it; left", path
+                    )
+                    continue
+                os.rmdir(path)
+            except FileNotFoundError:
+                continue  # swept by another supervisor meanwhile
+            except OSError as exc:
+                log.warning(
+                    "cgroup %s outlived its supervisor and cannot be removed: %s", path, exc
+                )
+                continue
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 # -- v1 ------------------------------------------------------------------------------------------
 
 
@@ -237,6 +299,14 @@ class CgroupV1:
                 # systemd links cpu and cpuacct to cpu,cpuacct: one hierarchy, one path
                 return os.path.realpath(candidate)
         return None
+
+    def homes(self) -> list[str]:
+        """The directories plugin cgroups are made in: one per hierarchy."""
+        return list(dict.fromkeys(self.bases.values()))
+
+    def sweep(self) -> list[str]:
+        """Remove what dead supervisors left in our hierarchies (``_sweep``)."""
+        return _sweep(self.homes())
 
     def create(self, name: str, limits: CgroupLimits) -> _V1Group:
         dirs = {c: f"{self.bases[c]}/{name}" for c in self.CONTROLLERS}
@@ -348,6 +418,14 @@ class CgroupV2:
                 _write(f"{leaf}/cgroup.procs", pid)
             _write(f"{self.parent}/cgroup.subtree_control", enable)
         self._prepared = True
+
+    def homes(self) -> list[str]:
+        """The directory plugin cgroups are made in."""
+        return [self.base]
+
+    def sweep(self) -> list[str]:
+        """Remove what dead supervisors left in our subtree (``_sweep``)."""
+        return _sweep(self.homes())
 
     def create(self, name: str, limits: CgroupLimits) -> _V2Group:
         try:
