@@ -1,0 +1,1 @@
+"""The daemon (issue 21): `sandboxer serve`, its clients and its tenants."""
