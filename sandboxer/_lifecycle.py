@@ -200,6 +200,7 @@ class Lifecycle:
         self._retiring: asyncio.Task[None] | None = None  # a failed generation being closed
         self._usage_of_retired = ResourceUsage()
         self._health_failures = 0
+        self.restarts = 0  # times it was started again after failing (failed → loading)
 
     # -- views -------------------------------------------------------------------------------
     @property
@@ -261,6 +262,8 @@ class Lifecycle:
         """Move to ``target`` (raises PluginStateError if the table forbids it) and report it;
         ``error``, if given, becomes the plugin's last error."""
         check_transition(self.id, self._state, target)
+        if target is S.LOADING and self._state in (S.FAILED, S.QUARANTINED):
+            self.restarts += 1
         previous, self._state = self._state, target
         self._accepting = target in ACCEPTS_CALLS
         if error is not None:

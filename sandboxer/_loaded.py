@@ -127,6 +127,7 @@ class LoadedPlugin:
             peak_memory_bytes=usage.peak_memory_bytes,
             cpu_time_s=usage.cpu_time_s,
             network=egress.to_json() if (egress := self._egress.statistics(self.id)) else None,
+            restarts=self._life.restarts,
         )
 
     def __repr__(self) -> str:

@@ -75,10 +75,12 @@ class PluginStatistics:
     peak_memory_bytes: int | None
     cpu_time_s: float | None
     network: dict[str, int] | None = None  # egress counters, if it ever had network access
+    restarts: int = 0  # times it was started again after failing
 
     def to_json(self) -> dict[str, Any]:
         return {
             "calls": self.calls,
+            "restarts": self.restarts,
             "inFlight": self.in_flight,
             "failures": self.failures,
             "generation": self.generation,

@@ -114,6 +114,7 @@ async def test_a_crashed_bare_file_comes_back_under_on_failure(tmp_path: Path) -
         os.kill(p.handle.pid, signal.SIGKILL)
         await watch.until(lambda seen: seen.count(S.READY) == 3)
         assert p.generation == 3 and await p.call("ping") == "pong"
+        assert p.statistics().restarts == 2
         await watch.close()
 
 
