@@ -12,6 +12,7 @@ Loaded from ``$SANDBOXER_CONFIG`` or ``/etc/sandboxer/sandboxer.toml`` (``HostCo
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tomllib
 from collections.abc import Callable, Mapping
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ._restart import parse_restart
+from ._tenants import Tenant, parse_tenants
 from ._trusted_keys import TrustedKey, parse_trusted_keys
 from ._units import parse_duration, parse_size
 from .errors import ConfigError
@@ -114,8 +116,15 @@ class EgressTuning:
 
 
 @dataclass(frozen=True)
+class Tenancy:
+    """The daemon's tenants (``[tenants.NAME]``, _tenants.py); a library ignores them."""
+
+    tenants: tuple[Tenant, ...] = ()
+
+
+@dataclass(frozen=True)
 class HostConfig(
-    SandboxPolicy, RegistryTrust, Supervision, WasmPool, SandboxWarmPool, EgressTuning
+    SandboxPolicy, RegistryTrust, Supervision, WasmPool, SandboxWarmPool, EgressTuning, Tenancy
 ):
     """The host's policy and settings: every part above, and the file it came from."""
 
@@ -146,10 +155,13 @@ class HostConfig(
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], *, source: str = "") -> HostConfig:
-        """Build from the ``[host]`` and ``[limits]`` tables of a parsed sandboxer.toml."""
-        unknown = set(data) - {"host", "limits"}
+        """Build from the ``[host]``, ``[limits]`` and ``[tenants]`` tables of a parsed
+        sandboxer.toml."""
+        unknown = set(data) - {"host", "limits", "tenants"}
         if unknown:
-            raise ConfigError(source, sorted(unknown)[0], "one of the tables [host], [limits]")
+            raise ConfigError(
+                source, sorted(unknown)[0], "one of the tables [host], [limits], [tenants]"
+            )
         tables = {table: data.get(table, {}) for table in ("host", "limits")}
         for table, given in tables.items():
             if not isinstance(given, dict):
@@ -164,6 +176,9 @@ class HostConfig(
                     values[key] = parsers[key](value)
                 except ValueError as exc:
                     raise ConfigError(source, name, str(exc)) from None
+        if "tenants" in data:
+            host = SandboxPolicy(**{k: v for k, v in values.items() if k in _POLICY_FIELDS})
+            values["tenants"] = parse_tenants(data["tenants"], host, ConfigError, source)
         return cls(**values)
 
 
@@ -186,6 +201,8 @@ def _whole(low: int, high: int, what: str) -> Callable[[object], int]:
 
     return parse
 
+
+_POLICY_FIELDS = {f.name for f in dataclasses.fields(SandboxPolicy)}
 
 _HOST_KEYS: dict[str, Callable[[Any], Any]] = {
     **HOST_KEYS,

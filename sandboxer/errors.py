@@ -57,6 +57,7 @@ __all__ = [
     "RegistryError",
     "ReloadError",
     "exit_code",
+    "from_json",
 ]
 
 
@@ -322,3 +323,55 @@ def exit_code(error: BaseException) -> int:
     if isinstance(error, PluginCallError):
         return 1
     return 2
+
+
+# What ``to_json`` writes for each error's own attributes, and the attribute it comes back to.
+_FIELDS = {
+    "code": "code",
+    "data": "data",
+    "method": "method",
+    "path": "path",
+    "field": "field",
+    "missing": "missing",
+    "exitStatus": "exit_status",
+    "signal": "signal",
+    "stderrTail": "stderr_tail",
+    "limit": "limit",
+    "peak": "peak",
+    "timeout": "timeout",
+}
+
+
+def from_json(data: Any) -> SandboxerError:
+    """The error ``to_json`` described, rebuilt on the other side of a connection (the
+    daemon's clients): its class if it is one of ours, else SandboxerError; its message,
+    plugin and own attributes. The cause of a limit is not rebuilt."""
+    if not isinstance(data, dict):
+        return SandboxerError(f"an error the daemon did not describe: {data!r}")
+    names = {cls.__name__: cls for cls in _error_classes(SandboxerError)}
+    cls = names.get(str(data.get("type")), SandboxerError)
+    error = cls.__new__(cls)
+    plugin = data.get("plugin")
+    SandboxerError.__init__(
+        error, str(data.get("message", "")), plugin_id=plugin if isinstance(plugin, str) else None
+    )
+    for key, attribute in _FIELDS.items():
+        if key in data:
+            setattr(error, attribute, data[key])
+    if isinstance(error, PluginCallError):
+        error.code = data.get("code", 1) if isinstance(data.get("code"), int) else 1
+        error.data = data.get("data")
+        error.method = data.get("method")
+    if isinstance(error, PluginCrashed):
+        error.stderr_tail = list(data.get("stderrTail") or [])
+    if isinstance(error, ReloadError):
+        cause = data.get("cause")
+        error.cause = from_json(cause) if isinstance(cause, dict) else SandboxerError("")
+    return error
+
+
+def _error_classes(base: type[SandboxerError]) -> list[type[SandboxerError]]:
+    found = [base]
+    for sub in base.__subclasses__():
+        found += _error_classes(sub)
+    return found
