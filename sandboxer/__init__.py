@@ -38,6 +38,7 @@ if _TYPE_CHECKING:
     from ._digest import tree_checksum as checksum
     from ._lifecycle import PluginState
     from .config import HostConfig
+    from .daemon.client import connect
     from .loaders import Health, PluginHandle, ResourceUsage
     from .manager import EventStream, LoadedPlugin, PluginEvent, PluginManager, PluginStatistics
     from .manifest import (
@@ -82,6 +83,7 @@ _LAZY = {
         )
     },
     "HostConfig": (".config", "HostConfig"),
+    "connect": (".daemon.client", "connect"),
     **{
         name: (".sandbox.policy", name) for name in ("PathGrant", "SandboxConfig", "SandboxRequest")
     },
@@ -108,6 +110,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CallTimeout",
+    "connect",
     "ConfigError",
     "CpuLimitExceeded",
     "EventStream",

@@ -148,6 +148,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_registry_options(call)
     _add_sandbox_options(call)
+    call.add_argument(
+        "--connect",
+        metavar="SOCKET",
+        help="call through the sandboxer daemon listening there (also: $SANDBOXER_SOCKET); "
+        "it runs the plugin under its tenant's policy",
+    )
+
+    serve = sub.add_parser(
+        "serve", help="run the privileged supervisor as a daemon for many tenants"
+    )
+    serve.add_argument(
+        "--socket",
+        metavar="PATH",
+        default="/run/sandboxer/sandboxer.sock",
+        help="the Unix socket clients connect to (default: /run/sandboxer/sandboxer.sock)",
+    )
+    serve.add_argument(
+        "--config",
+        metavar="FILE",
+        help="the host config, [tenants] included (SIGHUP reads it again)",
+    )
+    serve.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="also answer GET /metrics there, in Prometheus' text format (e.g. 127.0.0.1:9464)",
+    )
+
+    status = sub.add_parser(
+        "status", help="the daemon's tenants and plugins: states, restarts, memory, CPU, calls"
+    )
+    status.add_argument(
+        "--connect", metavar="SOCKET", help="the daemon's socket (also: $SANDBOXER_SOCKET)"
+    )
+    status.add_argument("--json", action="store_true", help="print one JSON object")
 
     scan = sub.add_parser("scan", help="find plugins under paths (errors included)")
     scan.add_argument("paths", metavar="PATH", nargs="+", type=Path)

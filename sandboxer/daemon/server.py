@@ -1,0 +1,758 @@
+"""``sandboxer serve``: the supervisor as one privileged daemon for many tenants (DESIGN
+section 10b).
+
+Clients connect to its Unix socket and speak newline-delimited JSON-RPC 2.0 (the framing of
+DESIGN section 7). Who a client is comes from the kernel (SO_PEERCRED: uid, gid, pid;
+SO_PEERGROUPS), never from anything it says: root is the administrator and sees every
+plugin; any other caller must belong to a tenant of the host config, or its connection is
+refused. Each tenant has a PluginManager of its own, run under the host config narrowed by
+the tenant's ceilings (``_tenants.Tenant.policy``), so its plugin ids are its own and its
+plugins can never be told apart from, or reach, another tenant's.
+
+A tenant's plugin is loaded from a snapshot (``snapshot.snapshot_as``): its files read by a
+walker running with the caller's own uid and groups, copied into a directory of the
+daemon's; the daemon never reads a tenant's path with root's rights. The path must lie under
+one of the tenant's ``path_roots``.
+
+Methods (params by name): load {path, config?}, call {plugin, method, args?, timeout?},
+reload {plugin}, unload {plugin}, restart {plugin}, list {}, stats {plugin}, subscribe {}
+(then "event" notifications). The administrator may add ``tenant`` to act on a tenant's
+plugins. Every load, reload, unload, restart and refusal is an audit line
+(logger ``sandboxer.audit``) with the caller's uid and pid.
+
+Bounds on clients (``Limits``): connections in all and per uid, requests in flight per
+connection, the frame size, the time a frame may take to arrive once begun (a slow client
+cannot hold a connection half-sent), and the time a reply may wait for a client that does
+not read (then it is cut off; an event subscriber that falls behind the event buffer too).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import struct
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .._tenants import Tenant, as_mapping, identify
+from ..config import HostConfig
+from ..errors import (
+    INTERNAL_ERROR,
+    INVALID_PARAMS,
+    INVALID_REQUEST,
+    METHOD_NOT_FOUND,
+    PARSE_ERROR,
+    SERVER_ERROR,
+    PluginLoadError,
+    PluginNotFound,
+    PluginStateError,
+    ProtocolError,
+    SandboxerError,
+)
+from ..manager import LoadedPlugin, PluginManager
+from ..rpc.framing import (
+    LineBuffer,
+    Request,
+    encode_error,
+    encode_notification,
+    encode_result,
+    parse_message,
+)
+from .snapshot import Caller, snapshot_as
+
+__all__ = ["Daemon", "Limits", "DEFAULT_SOCKET", "peer_credentials"]
+
+log = logging.getLogger("sandboxer.daemon")
+audit = logging.getLogger("sandboxer.audit")
+
+DEFAULT_SOCKET = "/run/sandboxer/sandboxer.sock"
+STAGING = "/run/sandboxer/staging"  # tenants' snapshots, root's alone
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
+ADMIN = "root"
+LATENCY_WINDOW = 1024  # calls per plugin whose durations status reports quantiles of
+_HIGH_WATER = 64 << 10
+_ROOT_CALLER = Caller(
+    uid=0, gid=0, groups=()
+)  # replies buffered for a client before one waits for it to read
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    connections: int = 512
+    connections_per_uid: int = 64
+    in_flight: int = 64  # requests of one connection at once
+    frame_seconds: float = 10.0  # a frame begun must end within this
+    write_seconds: float = 10.0  # a reply may wait this long for a client that does not read
+    garbage_frames: int = 8  # frames that are not requests before the connection is cut
+
+
+def peer_credentials(sock: socket.socket) -> Caller:
+    """Who is at the other end, as the kernel says (SO_PEERCRED, SO_PEERGROUPS)."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    try:
+        listed = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * 1024)
+        groups = struct.unpack(f"{len(listed) // 4}I", listed)
+    except OSError:
+        groups = ()
+    return Caller(uid=uid, gid=gid, groups=tuple(groups), pid=pid)
+
+
+class _Refused(Exception):
+    """A request this caller may not make: a JSON-RPC error, and an audit line."""
+
+    def __init__(self, message: str, code: int = SERVER_ERROR) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(eq=False)
+class _Space:
+    """One tenant's plugins (the administrator's too): its manager and what it holds."""
+
+    tenant: Tenant | None  # None: the administrator's own
+    manager: PluginManager
+    sources: dict[str, str] = field(default_factory=dict)  # plugin id -> the path asked for
+    staged: dict[str, str] = field(default_factory=dict)  # plugin id -> its snapshot dir
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # plugin id -> the durations (s) of its last calls through the daemon, for status
+    latency: dict[str, collections.deque[float]] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.tenant.name if self.tenant is not None else ADMIN
+
+
+class Daemon:
+    """The daemon: ``await start()``, then ``await serve_until_stopped()``; SIGTERM (or
+    ``stop()``) drains and unloads everything."""
+
+    def __init__(
+        self,
+        config: HostConfig,
+        socket_path: str = DEFAULT_SOCKET,
+        *,
+        limits: Limits = Limits(),
+        config_path: str | None = None,
+        staging: str = STAGING,
+        metrics: str | None = None,
+    ) -> None:
+        self.config = config
+        self.socket_path = socket_path
+        self.limits = limits
+        self.config_path = config_path
+        self.staging = staging
+        self._spaces: dict[str, _Space] = {}
+        self._server: asyncio.Server | None = None
+        self._connections: dict[asyncio.Task[None], int] = {}  # connection -> uid
+        self._stopped = asyncio.Event()
+        self._own_socket = True
+        self.metrics = metrics  # HOST:PORT of the Prometheus listener, if any
+        self._metrics: asyncio.Server | None = None
+
+    # -- start and stop ----------------------------------------------------------------------
+    async def start(self, sock: socket.socket | None = None) -> None:
+        """Listen (on ``sock`` when systemd passed one), remove what a dead daemon left, and
+        tell systemd we are ready. SIGTERM and SIGINT stop it from now on, SIGHUP reads
+        the config again."""
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.stop)
+        loop.add_signal_handler(signal.SIGINT, self.stop)
+        loop.add_signal_handler(signal.SIGHUP, self.reload_config)
+        os.makedirs(self.staging, mode=0o700, exist_ok=True)
+        os.chmod(self.staging, 0o700)
+        for leftover in os.listdir(self.staging):  # a dead daemon's snapshots
+            shutil.rmtree(os.path.join(self.staging, leftover), ignore_errors=True)
+        self._own_socket = sock is None  # systemd's stays, for the next start
+        if sock is None:
+            sock = _bind(self.socket_path)
+        self._server = await asyncio.start_unix_server(self._accept, sock=sock)
+        if self.metrics is not None:
+            from .metrics import serve_metrics
+
+            self._metrics = await serve_metrics(
+                self.metrics, lambda: self.status(_ROOT_CALLER, None, {})
+            )
+        admin = self._space(None)
+        await admin.manager.swept()
+        _notify("READY=1")
+        log.info("sandboxer serve: listening on %s", self.socket_path)
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def reload_config(self) -> None:
+        """SIGHUP: read the host config again. Tenants added, changed or removed take effect
+        for new requests; plugins already running keep the sandbox they started with."""
+        if self.config_path is None:
+            log.warning("SIGHUP: no config file to read again (started without --config)")
+            return
+        _notify("RELOADING=1")
+        try:
+            self.config = HostConfig.load(self.config_path)
+            for space in self._spaces.values():
+                if space.tenant is not None:
+                    space.tenant = next(
+                        (t for t in self.config.tenants if t.name == space.tenant.name),
+                        space.tenant,
+                    )
+            log.info(
+                "SIGHUP: %s read again (%d tenants)", self.config_path, len(self.config.tenants)
+            )
+        except SandboxerError as exc:
+            log.error("SIGHUP: %s kept as it was: %s", self.config_path, exc)
+        _notify("READY=1")
+
+    async def serve_until_stopped(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await self._stopped.wait()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop listening, cut every client, unload every plugin (each drained), exit."""
+        _notify("STOPPING=1")
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+            if self._own_socket:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.socket_path)
+        for task in list(self._connections):
+            task.cancel()
+        await asyncio.gather(*self._connections, return_exceptions=True)
+        for space in list(self._spaces.values()):
+            await space.manager.aclose()
+            for staged in space.staged.values():
+                shutil.rmtree(staged, ignore_errors=True)
+        self._spaces.clear()
+
+    # -- tenants -----------------------------------------------------------------------------
+    def _space(self, tenant: Tenant | None) -> _Space:
+        name = tenant.name if tenant is not None else ADMIN
+        space = self._spaces.get(name)
+        if space is None:
+            config = tenant.policy(self.config) if tenant is not None else self.config
+            space = self._spaces[name] = _Space(tenant, PluginManager(config=config))
+        return space
+
+    def _who(self, caller: Caller) -> Tenant | None:
+        """The caller's tenant; None for the administrator; _Refused for anyone else."""
+        if caller.uid == 0:
+            return None
+        tenant = identify(self.config.tenants, caller.uid, caller.gid, caller.groups)
+        if tenant is None:
+            raise _Refused(f"uid {caller.uid} belongs to no tenant of this daemon")
+        return tenant
+
+    # -- connections -------------------------------------------------------------------------
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        sock: socket.socket = writer.get_extra_info("socket")
+        caller = peer_credentials(sock)
+        uid_connections = sum(1 for uid in self._connections.values() if uid == caller.uid)
+        try:
+            if len(self._connections) >= self.limits.connections:
+                raise _Refused(f"the daemon holds {self.limits.connections} connections")
+            if uid_connections >= self.limits.connections_per_uid:
+                raise _Refused(f"uid {caller.uid} holds {uid_connections} connections already")
+            tenant = self._who(caller)
+        except _Refused as exc:
+            audit.warning("refused uid=%d pid=%d: %s", caller.uid, caller.pid, exc)
+            await _turn_away(reader, writer, encode_error(None, exc.code, str(exc)))
+            return
+        self._connections[task] = caller.uid
+        try:
+            await _Connection(self, caller, tenant, reader, writer).run()
+        finally:
+            del self._connections[task]
+            writer.close()
+
+    # -- the methods -------------------------------------------------------------------------
+    def _target(self, caller: Tenant | None, params: dict[str, Any]) -> _Space:
+        """The space a request acts in: the caller's, or (the administrator) the one named."""
+        named = params.get("tenant")
+        if named is None:
+            return self._space(caller)
+        if caller is not None:
+            raise _Refused("only the administrator names a tenant", INVALID_PARAMS)
+        tenant = next((t for t in self.config.tenants if t.name == named), None)
+        if tenant is None and named != ADMIN:
+            raise _Refused(f"no tenant {named!r}", INVALID_PARAMS)
+        return self._space(tenant)
+
+    async def load(self, who: Caller, tenant: Tenant | None, params: dict[str, Any]) -> Any:
+        path = _text(params, "path")
+        config = params.get("config")
+        if config is not None and not isinstance(config, dict):
+            raise _Refused("config must be an object", INVALID_PARAMS)
+        if not os.path.isabs(path):
+            raise _Refused(f"path must be absolute, not {path!r}", INVALID_PARAMS)
+        space = self._target(tenant, params)
+        async with space.lock:
+            if space.tenant is None:
+                plugin = await space.manager.load(path, config=config)
+            else:
+                plugin = await self._load_for(space, who, path, config)
+        audit.info(
+            "load uid=%d pid=%d tenant=%s plugin=%s path=%s",
+            who.uid,
+            who.pid,
+            space.name,
+            plugin.id,
+            path,
+        )
+        return _describe(plugin, space)
+
+    async def _load_for(
+        self, space: _Space, who: Caller, path: str, config: dict[str, Any] | None
+    ) -> LoadedPlugin:
+        tenant = space.tenant
+        assert tenant is not None
+        normal = os.path.normpath(path)
+        if not any(_under(normal, root) for root in tenant.path_roots):
+            raise _Refused(
+                f"{path} is not under the path_roots of tenant {tenant.name} "
+                f"({', '.join(tenant.path_roots)})"
+            )
+        loaded = await space.manager.list()
+        if len(loaded) >= tenant.max_plugins:
+            raise _Refused(f"tenant {tenant.name} runs {len(loaded)} plugins: its max_plugins")
+        staged = os.path.join(self.staging, f"{space.name}-{os.urandom(8).hex()}")
+        os.mkdir(staged, 0o700)
+        try:
+            copy = await snapshot_as(who, normal, staged)
+            from ..manifest import load_plugin
+
+            plugin = await asyncio.to_thread(load_plugin, copy)
+            if tenant.max_memory is not None:
+                used = sum(p.sandbox.memory_limit for p in loaded if p.sandbox is not None)
+                wanted = space.manager.resolve_sandbox(plugin).memory_limit
+                if used + wanted > tenant.max_memory:
+                    raise _Refused(
+                        f"tenant {tenant.name}: its plugins' memory limits would come to "
+                        f"{used + wanted} bytes, over its max_memory of {tenant.max_memory}"
+                    )
+            loaded_plugin = await space.manager.load(copy, config=config)
+        except BaseException:
+            shutil.rmtree(staged, ignore_errors=True)
+            raise
+        space.sources[loaded_plugin.id] = normal
+        space.staged[loaded_plugin.id] = staged
+        return loaded_plugin
+
+    async def call(self, who: Caller, tenant: Tenant | None, params: dict[str, Any]) -> Any:
+        space = self._target(tenant, params)
+        plugin = space.manager.get(_text(params, "plugin"))
+        args = params.get("args", [])
+        timeout = params.get("timeout")
+        if not isinstance(args, list):
+            raise _Refused("args must be an array", INVALID_PARAMS)
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0
+        ):
+            raise _Refused("timeout must be a positive number of seconds", INVALID_PARAMS)
+        t0 = time.perf_counter()
+        try:
+            return await plugin.call(_text(params, "method"), *args, timeout=timeout)
+        finally:
+            latency = space.latency.get(plugin.id)
+            if latency is None:
+                latency = space.latency[plugin.id] = collections.deque(maxlen=LATENCY_WINDOW)
+            latency.append(time.perf_counter() - t0)
+
+    async def unload(self, who: Caller, tenant: Tenant | None, params: dict[str, Any]) -> Any:
+        space = self._target(tenant, params)
+        plugin_id = _text(params, "plugin")
+        await space.manager.unload(plugin_id)
+        space.sources.pop(plugin_id, None)
+        space.latency.pop(plugin_id, None)
+        staged = space.staged.pop(plugin_id, None)
+        if staged is not None:
+            shutil.rmtree(staged, ignore_errors=True)
+        audit.info(
+            "unload uid=%d pid=%d tenant=%s plugin=%s", who.uid, who.pid, space.name, plugin_id
+        )
+        return {"unloaded": plugin_id}
+
+    async def reload(self, who: Caller, tenant: Tenant | None, params: dict[str, Any]) -> Any:
+        space = self._target(tenant, params)
+        plugin_id = _text(params, "plugin")
+        plugin = space.manager.get(plugin_id)
+        if space.tenant is not None:  # a fresh snapshot, read as this caller, swapped in
+            async with space.lock:
+                await self._restage(space, who, plugin_id)
+        await space.manager.reload(plugin_id)
+        audit.info(
+            "reload uid=%d pid=%d tenant=%s plugin=%s", who.uid, who.pid, space.name, plugin_id
+        )
+        return _describe(plugin, space)
+
+    async def _restage(self, space: _Space, who: Caller, plugin_id: str) -> None:
+        staged = space.staged[plugin_id]
+        fresh = f"{staged}.next"
+        shutil.rmtree(fresh, ignore_errors=True)
+        os.mkdir(fresh, 0o700)
+        try:
+            copy = await snapshot_as(who, space.sources[plugin_id], fresh)
+            current = os.path.join(staged, os.path.basename(copy))
+            old = f"{staged}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(current, old)
+            os.rename(copy, current)
+            shutil.rmtree(old, ignore_errors=True)
+        finally:
+            shutil.rmtree(fresh, ignore_errors=True)
+
+    async def restart(self, who: Caller, tenant: Tenant | None, params: dict[str, Any]) -> Any:
+        space = self._target(tenant, params)
+        plugin_id = _text(params, "plugin")
+        plugin = await space.manager.restart(plugin_id)
+        audit.info(
+            "restart uid=%d pid=%d tenant=%s plugin=%s", who.uid, who.pid, space.name, plugin_id
+        )
+        return _describe(plugin, space)
+
+    async def list(self, who: Caller, tenant: Tenant | None, params: dict[str, Any]) -> Any:
+        spaces = (
+            list(self._spaces.values())
+            if tenant is None and "tenant" not in params
+            else [self._target(tenant, params)]
+        )
+        return [_describe(p, space) for space in spaces for p in await space.manager.list()]
+
+    async def status(self, who: Caller, tenant: Tenant | None, params: dict[str, Any]) -> Any:
+        """Tenants and plugins as ``sandboxer status`` shows them (the administrator: all)."""
+        spaces = list(self._spaces.values()) if tenant is None else [self._space(tenant)]
+        plugins = []
+        for space in spaces:
+            for plugin in await space.manager.list():
+                stats = plugin.statistics()
+                latency = sorted(space.latency.get(plugin.id, ()))
+                plugins.append(
+                    {
+                        "tenant": space.name,
+                        "id": plugin.id,
+                        "version": plugin.version,
+                        "state": plugin.state.value,
+                        "generation": plugin.generation,
+                        "restarts": stats.restarts,
+                        "calls": stats.calls,
+                        "failures": stats.failures,
+                        "in_flight": stats.in_flight,
+                        "memory_peak_bytes": stats.peak_memory_bytes,
+                        "memory_limit_bytes": plugin.sandbox.memory_limit
+                        if plugin.sandbox
+                        else None,
+                        "cpu_time_s": stats.cpu_time_s,
+                        "p50_s": _quantile(latency, 0.5),
+                        "p99_s": _quantile(latency, 0.99),
+                    }
+                )
+        tenants = self.config.tenants if tenant is None else (tenant,)
+        return {"tenants": [as_mapping(t) for t in tenants], "plugins": plugins}
+
+    async def stats(self, who: Caller, tenant: Tenant | None, params: dict[str, Any]) -> Any:
+        space = self._target(tenant, params)
+        plugin = space.manager.get(_text(params, "plugin"))
+        return {**_describe(plugin, space), "statistics": plugin.statistics().to_json()}
+
+
+class _Connection:
+    """One client: its requests, each run as it comes (calls are multiplexed by id)."""
+
+    METHODS = ("load", "call", "unload", "reload", "restart", "list", "stats", "status")
+
+    def __init__(
+        self,
+        daemon: Daemon,
+        caller: Caller,
+        tenant: Tenant | None,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        self.daemon = daemon
+        self.caller = caller
+        self.tenant = tenant
+        self.reader = reader
+        self.writer = writer
+        self.limits = daemon.limits
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._garbage = 0
+        self._closed = False
+
+    def _who(self) -> str:
+        return f"uid {self.caller.uid} (pid {self.caller.pid})"
+
+    async def run(self) -> None:
+        frames = LineBuffer(self.daemon.config.max_frame)
+        try:
+            while not self._closed:
+                data = await self._read(frames.pending > 0)
+                if not data:
+                    return
+                try:
+                    lines = frames.feed(data)
+                except ProtocolError as exc:
+                    log.warning("client %s cut off: %s", self._who(), exc)
+                    await self._send(encode_error(None, INVALID_REQUEST, str(exc)))
+                    return
+                for line in lines:
+                    if line.strip():
+                        self._frame(line)
+        finally:
+            self._closed = True
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _read(self, partial: bool) -> bytes:
+        """The next bytes; a frame begun must be finished within ``frame_seconds``."""
+        if not partial:
+            return await self.reader.read(65536)
+        try:
+            return await asyncio.wait_for(self.reader.read(65536), self.limits.frame_seconds)
+        except TimeoutError:
+            log.warning(
+                "client %s cut off: a frame begun was not finished within %gs",
+                self._who(),
+                self.limits.frame_seconds,
+            )
+            return b""
+
+    def _frame(self, line: bytes) -> None:
+        try:
+            message = parse_message(line)
+            if not isinstance(message, Request):
+                raise ProtocolError("the daemon takes requests only (a method and an id)")
+        except ProtocolError as exc:
+            self._garbage += 1
+            code = PARSE_ERROR if "invalid JSON" in str(exc) else INVALID_REQUEST
+            # Written at once (a whole line, bounded by garbage_frames), so that it goes out
+            # even when this frame ends the connection.
+            self.writer.write(encode_error(None, code, str(exc)))
+            if self._garbage >= self.limits.garbage_frames:
+                log.warning(
+                    "client %s cut off: %d frames that were no requests", self._who(), self._garbage
+                )
+                self._closed = True
+            return
+        if len(self._tasks) >= self.limits.in_flight:
+            self._spawn(
+                self._send(
+                    encode_error(
+                        message.id,
+                        SERVER_ERROR,
+                        f"{self.limits.in_flight} requests of this connection are in flight",
+                    )
+                )
+            )
+            return
+        self._spawn(self._answer(message))
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _answer(self, request: Request) -> None:
+        params = request.params if request.params is not None else {}
+        try:
+            if not isinstance(params, dict):
+                raise _Refused("params must be an object (by name)", INVALID_PARAMS)
+            if request.method == "subscribe":
+                await self._subscribe(request)
+                return
+            if request.method not in self.METHODS:
+                raise _Refused(f"no method {request.method!r}", METHOD_NOT_FOUND)
+            method: Callable[..., Awaitable[Any]] = getattr(self.daemon, request.method)
+            result = await method(self.caller, self.tenant, params)
+        except _Refused as exc:
+            audit.warning(
+                "refused %s uid=%d pid=%d: %s",
+                request.method,
+                self.caller.uid,
+                self.caller.pid,
+                exc,
+            )
+            await self._send(encode_error(request.id, exc.code, str(exc)))
+            return
+        except SandboxerError as exc:
+            if isinstance(exc, (PluginLoadError, PluginStateError, PluginNotFound)):
+                audit.info(
+                    "failed %s uid=%d pid=%d: %s",
+                    request.method,
+                    self.caller.uid,
+                    self.caller.pid,
+                    exc,
+                )
+            await self._send(encode_error(request.id, SERVER_ERROR, exc.message, exc.to_json()))
+            return
+        except Exception as exc:  # a bug of ours: the client hears of it, the daemon goes on
+            log.exception("request %s of %s failed", request.method, self._who())
+            await self._send(
+                encode_error(request.id, INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
+            )
+            return
+        await self._send(encode_result(request.id, result))
+
+    async def _subscribe(self, request: Request) -> None:
+        """Events of the caller's plugins (the administrator: everyone's) as notifications,
+        until the client goes; one that falls behind the buffer is cut off."""
+        spaces = (
+            list(self.daemon._spaces.values())
+            if self.tenant is None
+            else [self.daemon._space(self.tenant)]
+        )
+        streams = [space.manager.events() for space in spaces]
+        await self._send(encode_result(request.id, {"subscribed": True}))
+
+        async def forward(space: _Space, stream: Any) -> None:
+            async for event in stream:
+                await self._send(
+                    encode_notification("event", {**event.to_json(), "tenant": space.name})
+                )
+            if stream.overflowed:
+                log.warning("client %s cut off: it fell behind its events", self._who())
+                self._closed = True
+                self.writer.close()
+
+        try:
+            await asyncio.gather(*(forward(s, st) for s, st in zip(spaces, streams, strict=True)))
+        finally:
+            for stream in streams:
+                await stream.aclose()
+
+    async def _send(self, data: bytes) -> None:
+        """Write one reply; wait only when the client is not keeping up (then at most
+        ``write_seconds``, after which it is cut off)."""
+        if self.writer.is_closing():
+            return
+        self.writer.write(data)
+        if self.writer.transport.get_write_buffer_size() <= _HIGH_WATER:
+            return
+        try:
+            async with asyncio.timeout(self.limits.write_seconds):
+                await self.writer.drain()
+        except TimeoutError:
+            log.warning(
+                "client %s cut off: it read nothing for %gs", self._who(), self.limits.write_seconds
+            )
+            self._closed = True
+            self.writer.transport.abort()
+        except ConnectionError:
+            self._closed = True
+
+
+async def _turn_away(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, refusal: bytes
+) -> None:
+    """Say why, stop writing, and let the client's first request arrive (for a second at
+    most) before closing: a client whose request met a closed socket would lose the reason."""
+    try:
+        writer.write(refusal)
+        writer.write_eof()
+        async with asyncio.timeout(1.0):
+            while await reader.read(65536):
+                pass
+    except (OSError, TimeoutError):
+        pass
+    finally:
+        writer.close()
+
+
+def _describe(plugin: LoadedPlugin, space: _Space) -> dict[str, Any]:
+    return {
+        "id": plugin.id,
+        "version": plugin.version,
+        "state": plugin.state.value,
+        "generation": plugin.generation,
+        "methods": list(plugin.methods),
+        "tenant": space.name,
+        "started_warm": plugin.started_warm,
+        "error": plugin.error.to_json() if plugin.error else None,
+    }
+
+
+def _quantile(ordered: list[float], q: float) -> float | None:
+    if not ordered:
+        return None
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _text(params: dict[str, Any], key: str) -> str:
+    value = params.get(key)
+    if not isinstance(value, str) or not value:
+        raise _Refused(f"{key} must be a non-empty string", INVALID_PARAMS)
+    return value
+
+
+def _under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def _bind(path: str) -> socket.socket:
+    """The listening socket at ``path``: any local user may connect (who they are comes from
+    the kernel). A socket left by a dead daemon is replaced; one that answers is not."""
+    os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        try:
+            sock.bind(path)
+        except OSError as exc:
+            if exc.errno != 98:  # EADDRINUSE
+                raise
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(path)
+                raise OSError(exc.errno, f"another daemon answers on {path}") from None
+            except ConnectionRefusedError:
+                os.unlink(path)  # stale
+            finally:
+                probe.close()
+            sock.bind(path)
+        os.chmod(path, 0o666)
+        sock.listen(128)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _notify(state: str) -> None:
+    """sd_notify(3) without libsystemd: one datagram to $NOTIFY_SOCKET, if there is one."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.connect(address)
+        s.sendall(state.encode())
+
+
+def systemd_socket() -> socket.socket | None:
+    """The listening socket systemd passed (socket activation: LISTEN_PID, LISTEN_FDS)."""
+    if (
+        os.environ.get("LISTEN_PID") != str(os.getpid())
+        or int(os.environ.get("LISTEN_FDS", "0")) < 1
+    ):
+        return None
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)
+    return socket.socket(fileno=3)
