@@ -6,7 +6,8 @@ plugins' memory limits), and its ceilings on top of the host policy.
 A ceiling only narrows: the ``max_*`` limits are the smaller of the host's and the
 tenant's, ``allow_full_network`` holds only if both allow it, a tenant's ``allowed_hosts``
 must be among the host's, and ``allow_network = false`` takes every network away. A tenant's
-plugins never run unsandboxed, whatever the host allows its own callers.
+plugins never run unsandboxed, whatever the host allows its own callers, and are granted no
+host path (``allowed_paths``): the daemon would open it with root's rights.
 """
 
 from __future__ import annotations
@@ -43,7 +44,11 @@ class Tenant:
 
     def policy(self, host: HostConfig) -> HostConfig:
         """The host config this tenant's plugins run under: the host's, narrowed."""
-        values: dict[str, Any] = {"allow_unsandboxed": False, "path_roots": self.path_roots}
+        # No grant at all (path_roots empty refuses every allowed_paths): the sandbox opens a
+        # grant with the supervisor's rights, root's here, so a tenant's plugin could be
+        # given what the tenant itself could not open. A tenant's path_roots say where its
+        # plugins may be loaded from, which the daemon reads with the tenant's own rights.
+        values: dict[str, Any] = {"allow_unsandboxed": False, "path_roots": ()}
         for key, value in self.ceilings:
             current = getattr(host, key)
             if key in CEILINGS:

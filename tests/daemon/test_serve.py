@@ -478,3 +478,17 @@ asyncio.run(main())
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
     assert _theirs(proc.pid) == []
+
+
+def test_a_tenants_plugin_is_granted_no_host_path(served: Served) -> None:
+    """A grant is opened with the daemon's rights, root's: a tenant could be given what it
+    cannot open itself (a root-only directory under its own root), so none is given."""
+    secret = served.root / "alice" / "private"
+    secret.mkdir(mode=0o700)  # root's, under alice's path root
+    (secret / "data").write_text("root only")
+    root = _plugin(served.root / "alice" / "granted", ALICE)
+    toml = root / "plugin.toml"
+    toml.write_text(toml.read_text() + f'\n[sandbox]\nallowed_paths = ["{secret}"]\n')
+    run = served.as_user(ALICE, "call", str(root), "greet", "x")
+    assert run.returncode == 2
+    assert f"does not allow path {secret}" in run.stderr, run.stderr
