@@ -253,7 +253,10 @@ async def _call_through_daemon(args: argparse.Namespace) -> int:
     call_args = [_parse_call_arg(a) for a in args.args]
     async with await connect(args.connect) as daemon:
         plugin = await daemon.load(args.target, config=config)
-        extra: dict[str, Any] = {"plugin": {"id": plugin.id, "version": plugin.version}}
+        extra: dict[str, Any] = {
+            "plugin": {"id": plugin.id, "version": plugin.version},
+            "startedWarm": plugin.started_warm,
+        }
         try:
             result = await plugin.call(args.method, *call_args, timeout=args.timeout)
         except SandboxerError as exc:
@@ -281,6 +284,19 @@ async def _cmd_serve(args: argparse.Namespace) -> int:
     )
     await daemon.start(systemd_socket())
     await daemon.serve_until_stopped()
+    return 0
+
+
+async def _cmd_restart(args: argparse.Namespace) -> int:
+    """``restart ID``: the daemon starts the caller's failed or quarantined plugin again."""
+    from .daemon.client import connect
+
+    async with await connect(args.connect) as daemon:
+        plugin = await daemon.restart(args.plugin)
+    if args.json:
+        _print_json({"ok": True, "plugin": plugin.description})
+    else:
+        print(f"{plugin.id} {plugin.version}: {plugin.description['state']}")
     return 0
 
 
@@ -740,6 +756,7 @@ _COMMANDS = {
     "exec": _cmd_exec,
     "serve": _cmd_serve,
     "status": _cmd_status,
+    "restart": _cmd_restart,
     "doctor": _cmd_doctor,
     "demo": _cmd_demo,
     "registry": _cmd_registry,

@@ -175,6 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="also answer GET /metrics there, in Prometheus' text format (e.g. 127.0.0.1:9464)",
     )
 
+    restart = sub.add_parser(
+        "restart", help="start a failed or quarantined plugin of the daemon's again"
+    )
+    restart.add_argument("plugin", metavar="ID")
+    restart.add_argument(
+        "--connect", metavar="SOCKET", help="the daemon's socket (also: $SANDBOXER_SOCKET)"
+    )
+    restart.add_argument("--json", action="store_true", help="print one JSON object")
+
     status = sub.add_parser(
         "status", help="the daemon's tenants and plugins: states, restarts, memory, CPU, calls"
     )

@@ -492,3 +492,44 @@ def test_a_tenants_plugin_is_granted_no_host_path(served: Served) -> None:
     run = served.as_user(ALICE, "call", str(root), "greet", "x")
     assert run.returncode == 2
     assert f"does not allow path {secret}" in run.stderr, run.stderr
+
+
+def test_sandboxer_call_through_the_daemon_starts_warm(served: Served) -> None:
+    """Issue 20's last start: a one-shot `sandboxer call` has no pool of its own, the daemon
+    has; after the first load of a shape, the next calls take sandboxes made ahead."""
+    _plugin(served.root / "alice" / "hello", ALICE)
+    warm = []
+    for _ in range(4):
+        run = served.as_user(ALICE, "call", "--json", str(served.root / "alice" / "hello"),
+                             "greet", "w")
+        doc = json.loads(run.stdout)
+        assert doc["ok"] and doc["result"] == "Hello, w!", run.stderr
+        warm.append(doc["startedWarm"])
+    assert warm[0] is False and any(warm[1:]), warm
+
+
+def test_a_tenant_restarts_its_crashed_plugin(served: Served) -> None:
+    root = _plugin(served.root / "alice" / "hello", ALICE)
+    (root / "hello.py").write_text(HELLO + "\ndef die():\n    import os\n    os._exit(9)\n")
+    run = served.client(ALICE, f"""\
+        import asyncio, sandboxer
+        async def main():
+            async with await sandboxer.connect() as d:
+                p = await d.load("{root}")
+                try:
+                    await p.call("die")
+                except sandboxer.PluginCrashed as exc:
+                    print("crashed", exc.exit_status)
+                await asyncio.sleep(0.3)
+                print((await d.stats(p.id))["state"])
+        asyncio.run(main())
+    """)
+    assert run.stdout.split() == ["crashed", "9", "failed"], run.stderr
+    run = served.as_user(ALICE, "restart", "acme.hello")
+    assert run.returncode == 0 and "ready" in run.stdout, run.stderr
+    run = served.as_user(BOB, "restart", "acme.hello")  # not bob's
+    assert run.returncode == 2 and "PluginNotFound" in run.stderr
+    run = served.as_user(ALICE, "status", "--json")
+    (plugin,) = json.loads(run.stdout)["plugins"]
+    assert plugin["restarts"] == 1 and plugin["state"] == "ready"
+    assert "restart uid=1001" in served.log.read_text()
