@@ -13,6 +13,7 @@ of each phase are printed at the end of the run. With CI=true nothing here may s
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -174,6 +175,11 @@ def test_a_rootless_supervisor_in_a_user_slice_gets_real_limits(v2: Stage) -> No
 
 def test_fifty_load_unload_cycles_leave_no_cgroup(v2: Stage) -> None:
     v2.passed(V2 + "test_fifty_load_unload_cycles_leave_no_cgroup")
+
+
+def test_the_daemon_unit_serves_a_tenant_and_a_kill_9_leaves_nothing(v2: Stage) -> None:
+    case = v2.passed(V2 + "test_the_daemon_unit_serves_a_tenant_and_a_kill_9_leaves_nothing")
+    assert json.loads(case.figures["report"])["plugins_gone_s"] <= 2.0
 
 
 def test_the_escape_probes_hold_in_the_guest(v2: Stage) -> None:
