@@ -238,7 +238,8 @@ async def _call_through_daemon(args: argparse.Namespace) -> int:
             ("--network", args.network),
             ("--allow-host", args.allow_host),
             ("--no-sandbox", args.no_sandbox),
-            ("--registry", getattr(args, "registry", None)),
+            ("--registry", args.registry),
+            ("--trusted-key", args.trusted_key),
         )
         if given
     ]
@@ -247,12 +248,14 @@ async def _call_through_daemon(args: argparse.Namespace) -> int:
             f"{', '.join(chosen)}: through the daemon a plugin runs under its tenant's policy, "
             "which the caller does not choose"
         )
-    if "@" in args.target and not Path(args.target).exists():
-        raise UsageError(f"through the daemon, TARGET is a plugin's path, not {args.target!r}")
     config = _config_override(args)
     call_args = [_parse_call_arg(a) for a in args.args]
     async with await connect(args.connect) as daemon:
-        plugin = await daemon.load(args.target, config=config)
+        if "@" in args.target and not Path(args.target).exists():
+            plugin_id, wanted = _split_target(args.target)
+            plugin = await daemon.load_from_registry(plugin_id, wanted, config=config)
+        else:
+            plugin = await daemon.load(args.target, config=config)
         extra: dict[str, Any] = {
             "plugin": {"id": plugin.id, "version": plugin.version},
             "startedWarm": plugin.started_warm,

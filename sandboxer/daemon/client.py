@@ -113,6 +113,16 @@ class DaemonClient:
             params["config"] = config
         return RemotePlugin(self, await self._request("load", params))
 
+    async def load_from_registry(
+        self, plugin_id: str, version: str = "latest", *, config: dict[str, Any] | None = None
+    ) -> RemotePlugin:
+        """``plugin_id`` at ``version`` (exact, ``latest`` or a semver range) from the
+        daemon's registry, verified against its trusted keys."""
+        params: dict[str, Any] = {"registry_id": plugin_id, "version": version}
+        if config is not None:
+            params["config"] = config
+        return RemotePlugin(self, await self._request("load", params))
+
     async def call(
         self, plugin_id: str, method: str, *args: Any, timeout: float | None = None
     ) -> Any:

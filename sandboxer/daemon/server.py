@@ -14,7 +14,8 @@ walker running with the caller's own uid and groups, copied into a directory of 
 daemon's; the daemon never reads a tenant's path with root's rights. The path must lie under
 one of the tenant's ``path_roots``.
 
-Methods (params by name): load {path, config?}, call {plugin, method, args?, timeout?},
+Methods (params by name): load {path, config?} (or {registry_id, version?, config?}: from the
+host's registry, verified with the host's keys), call {plugin, method, args?, timeout?},
 reload {plugin}, unload {plugin}, restart {plugin}, list {}, stats {plugin}, subscribe {}
 (then "event" notifications). The administrator may add ``tenant`` to act on a tenant's
 plugins. Every load, reload, unload, restart and refusal is an audit line
@@ -297,10 +298,12 @@ class Daemon:
         return self._space(tenant)
 
     async def load(self, who: Caller, tenant: Tenant | None, params: dict[str, Any]) -> Any:
-        path = _text(params, "path")
         config = params.get("config")
         if config is not None and not isinstance(config, dict):
             raise _Refused("config must be an object", INVALID_PARAMS)
+        if "registry_id" in params:
+            return await self._load_from_registry(who, tenant, params, config)
+        path = _text(params, "path")
         if not os.path.isabs(path):
             raise _Refused(f"path must be absolute, not {path!r}", INVALID_PARAMS)
         space = self._target(tenant, params)
@@ -316,6 +319,40 @@ class Daemon:
             space.name,
             plugin.id,
             path,
+        )
+        return _describe(plugin, space)
+
+    async def _load_from_registry(
+        self,
+        who: Caller,
+        tenant: Tenant | None,
+        params: dict[str, Any],
+        config: dict[str, Any] | None,
+    ) -> Any:
+        """``registry_id`` at ``version`` from the host's registry, verified against the host's
+        trusted keys: the operator's registry, fetched into the operator's cache, so no path
+        of the caller's is read (and a caller names neither registry nor keys)."""
+        space = self._target(tenant, params)
+        plugin_id = _text(params, "registry_id")
+        version = params.get("version", "latest")
+        if not isinstance(version, str) or not version:
+            raise _Refused("version must be a non-empty string", INVALID_PARAMS)
+        async with space.lock:
+            if space.tenant is not None:
+                loaded = await space.manager.list()
+                if len(loaded) >= space.tenant.max_plugins:
+                    raise _Refused(
+                        f"tenant {space.name} runs {len(loaded)} plugins: its max_plugins"
+                    )
+            plugin = await space.manager.load_from_registry(plugin_id, version, config=config)
+        audit.info(
+            "load uid=%d pid=%d tenant=%s plugin=%s registry=%s@%s",
+            who.uid,
+            who.pid,
+            space.name,
+            plugin.id,
+            plugin_id,
+            version,
         )
         return _describe(plugin, space)
 

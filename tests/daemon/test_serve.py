@@ -106,8 +106,20 @@ def served() -> Iterator[Served]:
     for name, uid in (("alice", ALICE), ("bob", BOB)):
         (root / name).mkdir()
         os.chown(root / name, uid, uid)
+    from sandboxer import _minisign
+    from sandboxer.registry import publish
+
+    public, secret = _minisign.generate_keypair()
+    (root / "trusted.pub").write_text(public.to_file_text())
+    published = _plugin(root / "published" / "hello", 0, plugin_id="acme.published")
+    publish(published, root / "registry", secret)
     config = root / "sandboxer.toml"
     config.write_text(textwrap.dedent(f"""\
+        [host]
+        registry = "{root}/registry"
+        trusted_keys = ["{root}/trusted.pub"]
+        cache_dir = "{root}/cache"
+
         [tenants.alice]
         uids = [{ALICE}]
         path_roots = ["{root}/alice"]
@@ -533,3 +545,13 @@ def test_a_tenant_restarts_its_crashed_plugin(served: Served) -> None:
     (plugin,) = json.loads(run.stdout)["plugins"]
     assert plugin["restarts"] == 1 and plugin["state"] == "ready"
     assert "restart uid=1001" in served.log.read_text()
+
+
+def test_a_tenant_loads_from_the_operators_registry(served: Served) -> None:
+    run = served.as_user(ALICE, "call", "acme.published@^1", "greet", "signed")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "Hello, signed!"
+    run = served.as_user(ALICE, "call", "--registry", "/tmp/mine", "acme.published@^1", "greet",
+                         "x")
+    assert run.returncode == 2 and "--registry" in run.stderr  # the operator's registry only
+    assert "registry=acme.published@^1" in served.log.read_text()
