@@ -154,6 +154,7 @@ class Daemon:
         self._spaces: dict[str, _Space] = {}
         self._server: asyncio.Server | None = None
         self._connections: dict[asyncio.Task[None], int] = {}  # connection -> uid
+        self._followers: set[Callable[[_Space], None]] = set()  # administrator subscriptions
         self._stopped = asyncio.Event()
         self._own_socket = True
         self.metrics = metrics  # HOST:PORT of the Prometheus listener, if any
@@ -249,6 +250,8 @@ class Daemon:
         if space is None:
             config = tenant.policy(self.config) if tenant is not None else self.config
             space = self._spaces[name] = _Space(tenant, PluginManager(config=config))
+            for follow in list(self._followers):  # the administrator's event subscriptions
+                follow(space)
         return space
 
     def _who(self, caller: Caller) -> Tenant | None:
@@ -649,31 +652,41 @@ class _Connection:
         await self._send(encode_result(request.id, result))
 
     async def _subscribe(self, request: Request) -> None:
-        """Events of the caller's plugins (the administrator: everyone's) as notifications,
-        until the client goes; one that falls behind the buffer is cut off."""
-        spaces = (
-            list(self.daemon._spaces.values())
-            if self.tenant is None
-            else [self.daemon._space(self.tenant)]
-        )
-        streams = [space.manager.events() for space in spaces]
+        """Events of the caller's plugins (the administrator: everyone's, tenants that come
+        later included) as notifications, until the client goes; one that falls behind the
+        event buffer is cut off."""
         await self._send(encode_result(request.id, {"subscribed": True}))
+        forwarders: set[asyncio.Task[None]] = set()
 
-        async def forward(space: _Space, stream: Any) -> None:
-            async for event in stream:
-                await self._send(
-                    encode_notification("event", {**event.to_json(), "tenant": space.name})
-                )
-            if stream.overflowed:
-                log.warning("client %s cut off: it fell behind its events", self._who())
-                self._closed = True
-                self.writer.close()
-
-        try:
-            await asyncio.gather(*(forward(s, st) for s, st in zip(spaces, streams, strict=True)))
-        finally:
-            for stream in streams:
+        async def forward(space: _Space) -> None:
+            stream = space.manager.events()
+            try:
+                async for event in stream:
+                    notice = {**event.to_json(), "tenant": space.name}
+                    await self._send(encode_notification("event", notice))
+                if stream.overflowed:
+                    log.warning("client %s cut off: it fell behind its events", self._who())
+                    self._closed = True
+                    self.writer.transport.abort()
+            finally:
                 await stream.aclose()
+
+        def follow(space: _Space) -> None:
+            forwarders.add(asyncio.ensure_future(forward(space)))
+
+        if self.tenant is None:
+            for space in list(self.daemon._spaces.values()):
+                follow(space)
+            self.daemon._followers.add(follow)
+        else:
+            follow(self.daemon._space(self.tenant))
+        try:
+            await asyncio.get_running_loop().create_future()  # until the connection ends
+        finally:
+            self.daemon._followers.discard(follow)
+            for task in forwarders:
+                task.cancel()
+            await asyncio.gather(*forwarders, return_exceptions=True)
 
     async def _send(self, data: bytes) -> None:
         """Write one reply; wait only when the client is not keeping up (then at most

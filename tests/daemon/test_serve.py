@@ -555,3 +555,77 @@ def test_a_tenant_loads_from_the_operators_registry(served: Served) -> None:
                          "x")
     assert run.returncode == 2 and "--registry" in run.stderr  # the operator's registry only
     assert "registry=acme.published@^1" in served.log.read_text()
+
+
+def test_events_reach_their_tenant_and_the_administrator(served: Served) -> None:
+    _plugin(served.root / "alice" / "hello", ALICE)
+    _plugin(served.root / "bob" / "hello", BOB)
+    watcher = """\
+        import asyncio, json, sys, sandboxer
+        async def main():
+            async with await sandboxer.connect(%r) as d:
+                seen = []
+                async def watch():
+                    async for event in d.events():
+                        seen.append((event["tenant"], event["plugin"], event["state"]))
+                        if len(seen) >= %d:
+                            return
+                task = asyncio.ensure_future(watch())
+                print("subscribed", flush=True)
+                await asyncio.wait_for(task, 60)
+                print(json.dumps(seen))
+        asyncio.run(main())
+    """
+    admin = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(watcher % (served.socket, 6))],
+        stdout=subprocess.PIPE, text=True, cwd=REPO)
+    alice = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(watcher % (served.socket, 3))],
+        stdout=subprocess.PIPE, text=True, cwd=REPO, user=ALICE, group=ALICE, extra_groups=[],
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)})
+    try:
+        for proc in (admin, alice):
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "subscribed"
+        time.sleep(0.3)  # the subscriptions are in place once the daemon has answered them
+        load = """\
+            import asyncio, sandboxer
+            async def main():
+                async with await sandboxer.connect() as d:
+                    await d.load("{path}")
+            asyncio.run(main())
+        """
+        for uid, name in ((BOB, "bob"), (ALICE, "alice")):  # bob's space is new to the daemon
+            run = served.client(uid, load.format(path=served.root / name / "hello"))
+            assert run.returncode == 0, run.stderr
+        mine = json.loads(alice.communicate(timeout=60)[0].splitlines()[-1])
+        everyone = json.loads(admin.communicate(timeout=60)[0].splitlines()[-1])
+    finally:
+        for proc in (admin, alice):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert mine == [["alice", "acme.hello", s] for s in ("loading", "initializing", "ready")]
+    assert sorted({(t, s) for t, _, s in everyone}) == sorted(
+        {(t, s) for t in ("alice", "bob") for s in ("loading", "initializing", "ready")})
+
+
+def test_sighup_reads_the_tenants_again(served: Served) -> None:
+    carols = served.root / "carol"
+    carols.mkdir()
+    os.chown(carols, STRANGER, STRANGER)
+    _plugin(carols / "hello", STRANGER)
+    run = served.as_user(STRANGER, "call", str(carols / "hello"), "greet", "c")
+    assert run.returncode == 2 and "no tenant" in run.stderr
+    config = served.root / "sandboxer.toml"
+    config.write_text(config.read_text() + textwrap.dedent(f"""
+        [tenants.carol]
+        uids = [{STRANGER}]
+        path_roots = ["{carols}"]
+        """))
+    served.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "read again (3 tenants)" not in served.log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    run = served.as_user(STRANGER, "call", str(carols / "hello"), "greet", "c")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "Hello, c!"
