@@ -34,6 +34,7 @@ import collections
 import contextlib
 import logging
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -75,7 +76,8 @@ log = logging.getLogger("sandboxer.daemon")
 audit = logging.getLogger("sandboxer.audit")
 
 DEFAULT_SOCKET = "/run/sandboxer/sandboxer.sock"
-STAGING = "/run/sandboxer/staging"  # tenants' snapshots, root's alone
+# Tenants' snapshots, root's alone: on disk, not in /run's tmpfs (a copy may be 512 MiB).
+STAGING = "/var/lib/sandboxer/staging"
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
 ADMIN = "root"
 LATENCY_WINDOW = 1024  # calls per plugin whose durations status reports quantiles of
@@ -169,6 +171,9 @@ class Daemon:
         loop.add_signal_handler(signal.SIGTERM, self.stop)
         loop.add_signal_handler(signal.SIGINT, self.stop)
         loop.add_signal_handler(signal.SIGHUP, self.reload_config)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:  # connections, and the plugins' sockets and pipes
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         os.makedirs(self.staging, mode=0o700, exist_ok=True)
         os.chmod(self.staging, 0o700)
         for leftover in os.listdir(self.staging):  # a dead daemon's snapshots
@@ -533,6 +538,7 @@ class _Connection:
         self.writer = writer
         self.limits = daemon.limits
         self._tasks: set[asyncio.Task[None]] = set()
+        self._subscriptions: set[asyncio.Task[None]] = set()  # of _tasks: they never end
         self._garbage = 0
         self._closed = False
 
@@ -544,7 +550,12 @@ class _Connection:
         try:
             while not self._closed:
                 data = await self._read(frames.pending > 0)
-                if not data:
+                if data is None:  # cut off
+                    return
+                if not data:  # the client is done sending: what it asked is answered first
+                    answering = self._tasks - self._subscriptions
+                    if answering:
+                        await asyncio.wait(answering)
                     return
                 try:
                     lines = frames.feed(data)
@@ -561,8 +572,9 @@ class _Connection:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def _read(self, partial: bool) -> bytes:
-        """The next bytes; a frame begun must be finished within ``frame_seconds``."""
+    async def _read(self, partial: bool) -> bytes | None:
+        """The next bytes (b"" at the end), or None when the client is cut off: a frame
+        begun must be finished within ``frame_seconds``."""
         if not partial:
             return await self.reader.read(65536)
         try:
@@ -573,7 +585,7 @@ class _Connection:
                 self._who(),
                 self.limits.frame_seconds,
             )
-            return b""
+            return None
 
     def _frame(self, line: bytes) -> None:
         try:
@@ -616,6 +628,9 @@ class _Connection:
             if not isinstance(params, dict):
                 raise _Refused("params must be an object (by name)", INVALID_PARAMS)
             if request.method == "subscribe":
+                task = asyncio.current_task()
+                assert task is not None
+                self._subscriptions.add(task)
                 await self._subscribe(request)
                 return
             if request.method not in self.METHODS:

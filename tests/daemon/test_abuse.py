@@ -166,3 +166,21 @@ async def test_requests_in_flight_are_bounded(daemon: Daemon, tmp_path: Path) ->
         assert len(refused) >= 12 - LIMITS.in_flight
         assert all("in flight" in str(r) for r in refused)
         assert await p.call("nap") == "ok"
+
+
+async def test_a_client_that_stops_sending_still_gets_its_answers(
+    daemon: Daemon, plugin: Path
+) -> None:
+    """As `printf '...' | socat - UNIX:sock` does: requests, then EOF."""
+    async with await connect(daemon.socket_path) as client:
+        p = await client.load(plugin)
+        raw = _raw(daemon)
+        raw.sendall(
+            b'{"jsonrpc": "2.0", "id": 1, "method": "call", "params": '
+            b'{"plugin": "echo", "method": "echo", "args": ["one"]}}\n'
+            b'{"jsonrpc": "2.0", "id": 2, "method": "list", "params": {}}\n'
+        )
+        raw.shutdown(socket.SHUT_WR)
+        replies = {r["id"]: r for r in map(json.loads, (await _closed_by_daemon(raw)).splitlines())}
+        assert replies[1]["result"] == "one" and replies[2]["result"][0]["id"] == "echo"
+        assert await p.call("echo", "still") == "still"
