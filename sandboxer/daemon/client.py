@@ -13,7 +13,6 @@ from the kernel: nothing here says it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import os
 from collections.abc import AsyncIterator
@@ -39,11 +38,12 @@ def socket_path(path: str | os.PathLike[str] | None = None) -> str:
 async def connect(path: str | os.PathLike[str] | None = None) -> DaemonClient:
     """A connection to the daemon listening at ``socket_path(path)``."""
     where = socket_path(path)
+    loop = asyncio.get_running_loop()
     try:
-        reader, writer = await asyncio.open_unix_connection(where, limit=_MAX_FRAME)
+        _, protocol = await loop.create_unix_connection(lambda: _Wire(where), where)
     except OSError as exc:
         raise SandboxerError(f"no sandboxer daemon answers on {where}: {exc.strerror}") from None
-    return DaemonClient(reader, writer, where)
+    return DaemonClient(protocol)
 
 
 class RemotePlugin:
@@ -76,20 +76,91 @@ class RemotePlugin:
         return f"<RemotePlugin {self.id} {self.version}>"
 
 
+class _Wire(asyncio.Protocol):
+    """The connection itself: frames in, replies matched to requests by id, events queued."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.transport: asyncio.Transport | None = None
+        self.pending: dict[int | str, asyncio.Future[Any]] = {}
+        self.events: asyncio.Queue[dict[str, Any] | None] | None = None
+        self.error: SandboxerError | None = None
+        self.closed = asyncio.get_running_loop().create_future()
+        self._frames = LineBuffer(_MAX_FRAME)
+        self._writable: asyncio.Future[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            for line in self._frames.feed(data):
+                self._dispatch(parse_message(line))
+        except ProtocolError as exc:
+            self.fail(SandboxerError(f"the daemon at {self.path} sent garbage: {exc}"))
+            assert self.transport is not None
+            self.transport.abort()
+
+    def eof_received(self) -> bool:
+        self.fail(SandboxerError(f"the daemon at {self.path} closed the connection"))
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.fail(SandboxerError(f"the connection to the daemon at {self.path} ended: {exc!r}"))
+        if not self.closed.done():
+            self.closed.set_result(None)
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._writable = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+        self._writable = None
+
+    async def send(self, frame: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(frame)
+        if self._writable is not None:  # the daemon is not reading fast enough: wait
+            await self._writable
+
+    def _dispatch(self, message: Any) -> None:
+        if isinstance(message, Notification):
+            if message.method == "event" and self.events is not None:
+                self.events.put_nowait(message.params)
+            return
+        if not isinstance(message, Response):
+            return
+        future = self.pending.get(message.id) if message.id is not None else None
+        if message.error is not None:
+            error = _error(message.error)
+            if future is None:  # about no request of ours: the connection is done for
+                self.fail(error)
+            elif not future.done():
+                future.set_exception(error)
+        elif future is not None and not future.done():
+            future.set_result(message.result)
+
+    def fail(self, error: SandboxerError) -> None:
+        if self.error is None:
+            self.error = error
+        for future in self.pending.values():
+            if not future.done():
+                future.set_exception(self.error)
+        if self.events is not None:
+            self.events.put_nowait(None)
+
+
 class DaemonClient:
     """One connection to the daemon."""
 
-    def __init__(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str
-    ) -> None:
-        self.path = path
-        self._reader = reader
-        self._writer = writer
+    def __init__(self, wire: _Wire) -> None:
+        self.path = wire.path
+        self._wire = wire
         self._ids = itertools.count(1)
-        self._pending: dict[int | str, asyncio.Future[Any]] = {}
-        self._events: asyncio.Queue[dict[str, Any] | None] | None = None
-        self._error: SandboxerError | None = None
-        self._task = asyncio.ensure_future(self._read())
 
     async def __aenter__(self) -> DaemonClient:
         return self
@@ -98,11 +169,9 @@ class DaemonClient:
         await self.aclose()
 
     async def aclose(self) -> None:
-        self._writer.close()
-        with contextlib.suppress(ConnectionError):
-            await self._writer.wait_closed()
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
+        if self._wire.transport is not None:
+            self._wire.transport.close()
+        await self._wire.closed
 
     # -- PluginManager's verbs ---------------------------------------------------------------
     async def load(
@@ -153,81 +222,28 @@ class DaemonClient:
     async def events(self) -> AsyncIterator[dict[str, Any]]:
         """The caller's plugins' events, as the daemon sends them (PluginEvent.to_json, with
         the tenant), until the connection ends."""
-        if self._events is None:
-            self._events = asyncio.Queue()
+        if self._wire.events is None:
+            self._wire.events = asyncio.Queue()
             await self._request("subscribe", {})
         while True:
-            event = await self._events.get()
+            event = await self._wire.events.get()
             if event is None:
                 return
             yield event
 
     # -- the wire ----------------------------------------------------------------------------
     async def _request(self, method: str, params: dict[str, Any]) -> Any:
-        if self._error is not None:
-            raise self._error
+        wire = self._wire
+        if wire.error is not None:
+            raise wire.error
         request_id = next(self._ids)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending[request_id] = future
+        wire.pending[request_id] = future
         try:
-            try:
-                self._writer.write(encode_request(request_id, method, params))
-                await self._writer.drain()
-            except ConnectionError:
-                # The daemon hung up (a refusal says why, and may be still on its way).
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(self._task), 1.0)
-                raise self._error or SandboxerError(
-                    f"the daemon at {self.path} closed the connection"
-                ) from None
+            await wire.send(encode_request(request_id, method, params))
             return await future
         finally:
-            self._pending.pop(request_id, None)
-
-    async def _read(self) -> None:
-        frames = LineBuffer(_MAX_FRAME)
-        try:
-            while True:
-                data = await self._reader.read(65536)
-                if not data:
-                    break
-                for line in frames.feed(data):
-                    self._dispatch(parse_message(line))
-            self._fail(SandboxerError(f"the daemon at {self.path} closed the connection"))
-        except ProtocolError as exc:
-            self._fail(SandboxerError(f"the daemon at {self.path} sent garbage: {exc}"))
-        except (OSError, asyncio.CancelledError) as exc:
-            self._fail(
-                SandboxerError(f"the connection to the daemon at {self.path} ended: {exc!r}")
-            )
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-
-    def _dispatch(self, message: Any) -> None:
-        if isinstance(message, Notification):
-            if message.method == "event" and self._events is not None:
-                self._events.put_nowait(message.params)
-            return
-        if not isinstance(message, Response):
-            return
-        future = self._pending.get(message.id) if message.id is not None else None
-        if message.error is not None:
-            error = _error(message.error)
-            if future is None:  # about no request of ours: the connection is done for
-                self._fail(error)
-            elif not future.done():
-                future.set_exception(error)
-        elif future is not None and not future.done():
-            future.set_result(message.result)
-
-    def _fail(self, error: SandboxerError) -> None:
-        if self._error is None:
-            self._error = error
-        for future in self._pending.values():
-            if not future.done():
-                future.set_exception(error)
-        if self._events is not None:
-            self._events.put_nowait(None)
+            del wire.pending[request_id]
 
 
 def _error(error: dict[str, Any]) -> SandboxerError:

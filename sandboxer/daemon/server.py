@@ -155,7 +155,7 @@ class Daemon:
         self.staging = staging
         self._spaces: dict[str, _Space] = {}
         self._server: asyncio.Server | None = None
-        self._connections: dict[asyncio.Task[None], int] = {}  # connection -> uid
+        self._connections: set[_Connection] = set()
         self._followers: set[Callable[[_Space], None]] = set()  # administrator subscriptions
         self._stopped = asyncio.Event()
         self._own_socket = True
@@ -181,7 +181,9 @@ class Daemon:
         self._own_socket = sock is None  # systemd's stays, for the next start
         if sock is None:
             sock = _bind(self.socket_path)
-        self._server = await asyncio.start_unix_server(self._accept, sock=sock)
+        self._server = await asyncio.get_running_loop().create_unix_server(
+            lambda: _Connection(self), sock=sock
+        )
         if self.metrics is not None:
             from .metrics import serve_metrics
 
@@ -239,9 +241,8 @@ class Daemon:
             if self._own_socket:
                 with contextlib.suppress(OSError):
                     os.unlink(self.socket_path)
-        for task in list(self._connections):
-            task.cancel()
-        await asyncio.gather(*self._connections, return_exceptions=True)
+        for connection in list(self._connections):
+            await connection.abort()
         for space in list(self._spaces.values()):
             await space.manager.aclose()
             for staged in space.staged.values():
@@ -269,28 +270,14 @@ class Daemon:
         return tenant
 
     # -- connections -------------------------------------------------------------------------
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        sock: socket.socket = writer.get_extra_info("socket")
-        caller = peer_credentials(sock)
-        uid_connections = sum(1 for uid in self._connections.values() if uid == caller.uid)
-        try:
-            if len(self._connections) >= self.limits.connections:
-                raise _Refused(f"the daemon holds {self.limits.connections} connections")
-            if uid_connections >= self.limits.connections_per_uid:
-                raise _Refused(f"uid {caller.uid} holds {uid_connections} connections already")
-            tenant = self._who(caller)
-        except _Refused as exc:
-            audit.warning("refused uid=%d pid=%d: %s", caller.uid, caller.pid, exc)
-            await _turn_away(reader, writer, encode_error(None, exc.code, str(exc)))
-            return
-        self._connections[task] = caller.uid
-        try:
-            await _Connection(self, caller, tenant, reader, writer).run()
-        finally:
-            del self._connections[task]
-            writer.close()
+    def _admit(self, caller: Caller) -> Tenant | None:
+        """Whether ``caller`` may hold one more connection, and its tenant; _Refused if not."""
+        if len(self._connections) >= self.limits.connections:
+            raise _Refused(f"the daemon holds {self.limits.connections} connections")
+        held = sum(1 for c in self._connections if c.caller.uid == caller.uid)
+        if held >= self.limits.connections_per_uid:
+            raise _Refused(f"uid {caller.uid} holds {held} connections already")
+        return self._who(caller)
 
     # -- the methods -------------------------------------------------------------------------
     def _target(self, caller: Tenant | None, params: dict[str, Any]) -> _Space:
@@ -518,75 +505,120 @@ class Daemon:
         return {**_describe(plugin, space), "statistics": plugin.statistics().to_json()}
 
 
-class _Connection:
-    """One client: its requests, each run as it comes (calls are multiplexed by id)."""
+class _Connection(asyncio.Protocol):
+    """One client, as an asyncio Protocol (no stream reader: one loop turn less each way):
+    its frames parsed as they arrive, each request run as a task of its own (calls are
+    multiplexed by id), each reply written as it is ready."""
 
     METHODS = ("load", "call", "unload", "reload", "restart", "list", "stats", "status")
 
-    def __init__(
-        self,
-        daemon: Daemon,
-        caller: Caller,
-        tenant: Tenant | None,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-    ) -> None:
+    def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
-        self.caller = caller
-        self.tenant = tenant
-        self.reader = reader
-        self.writer = writer
         self.limits = daemon.limits
+        self.caller = Caller(uid=-1, gid=-1, groups=())
+        self.tenant: Tenant | None = None
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._frames = LineBuffer(daemon.config.max_frame)
         self._tasks: set[asyncio.Task[None]] = set()
         self._subscriptions: set[asyncio.Task[None]] = set()  # of _tasks: they never end
         self._garbage = 0
-        self._closed = False
+        self._closed = False  # cut off or gone: nothing more is read or answered
+        self._eof = False
+        self._frame_timer: asyncio.TimerHandle | None = None
+        self._write_timer: asyncio.TimerHandle | None = None
 
     def _who(self) -> str:
         return f"uid {self.caller.uid} (pid {self.caller.pid})"
 
-    async def run(self) -> None:
-        frames = LineBuffer(self.daemon.config.max_frame)
+    # -- the transport's callbacks ---------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        self.caller = peer_credentials(transport.get_extra_info("socket"))
         try:
-            while not self._closed:
-                data = await self._read(frames.pending > 0)
-                if data is None:  # cut off
-                    return
-                if not data:  # the client is done sending: what it asked is answered first
-                    answering = self._tasks - self._subscriptions
-                    if answering:
-                        await asyncio.wait(answering)
-                    return
-                try:
-                    lines = frames.feed(data)
-                except ProtocolError as exc:
-                    log.warning("client %s cut off: %s", self._who(), exc)
-                    await self._send(encode_error(None, INVALID_REQUEST, str(exc)))
-                    return
-                for line in lines:
-                    if line.strip():
-                        self._frame(line)
-        finally:
+            self.tenant = self.daemon._admit(self.caller)
+        except _Refused as exc:
+            audit.warning("refused uid=%d pid=%d: %s", self.caller.uid, self.caller.pid, exc)
             self._closed = True
-            for task in self._tasks:
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            # Say why, stop writing, and let the client's first request arrive (for a second
+            # at most) before closing: a client whose request met a closed socket would lose
+            # the reason.
+            transport.write(encode_error(None, exc.code, str(exc)))
+            transport.write_eof()
+            self._loop.call_later(1.0, transport.close)
+            return
+        self.daemon._connections.add(self)
 
-    async def _read(self, partial: bool) -> bytes | None:
-        """The next bytes (b"" at the end), or None when the client is cut off: a frame
-        begun must be finished within ``frame_seconds``."""
-        if not partial:
-            return await self.reader.read(65536)
+    def data_received(self, data: bytes) -> None:
+        if self._closed:
+            return
         try:
-            return await asyncio.wait_for(self.reader.read(65536), self.limits.frame_seconds)
-        except TimeoutError:
-            log.warning(
-                "client %s cut off: a frame begun was not finished within %gs",
-                self._who(),
-                self.limits.frame_seconds,
-            )
-            return None
+            lines = self._frames.feed(data)
+        except ProtocolError as exc:
+            self._send(encode_error(None, INVALID_REQUEST, str(exc)))
+            self._cut(str(exc))
+            return
+        for line in lines:
+            if line.strip() and not self._closed:
+                self._frame(line)
+        if self._frames.pending and self._frame_timer is None and not self._closed:
+            self._frame_timer = self._loop.call_later(self.limits.frame_seconds, self._slow)
+        elif not self._frames.pending and self._frame_timer is not None:
+            self._frame_timer.cancel()
+            self._frame_timer = None
 
+    def eof_received(self) -> bool:
+        """The client is done sending: what it asked is answered first, then we close."""
+        self._eof = True
+        # True keeps the transport open for writing; _done closes it after the last answer.
+        return not self._closed and bool(self._tasks - self._subscriptions)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self.daemon._connections.discard(self)
+        for timer in (self._frame_timer, self._write_timer):
+            if timer is not None:
+                timer.cancel()
+        for task in self._tasks:
+            task.cancel()
+
+    def pause_writing(self) -> None:
+        """The client is not reading: it has ``write_seconds`` to start again."""
+        if self._write_timer is None:
+            self._write_timer = self._loop.call_later(self.limits.write_seconds, self._deaf)
+
+    def resume_writing(self) -> None:
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+
+    # -- cutting off -----------------------------------------------------------------------------
+    def _slow(self) -> None:
+        self._cut(f"a frame begun was not finished within {self.limits.frame_seconds:g}s")
+
+    def _deaf(self) -> None:
+        self._cut(f"it read nothing for {self.limits.write_seconds:g}s", abort=True)
+
+    def _cut(self, why: str, *, abort: bool = False) -> None:
+        if self._closed:
+            return
+        log.warning("client %s cut off: %s", self._who(), why)
+        self._closed = True
+        assert self._transport is not None
+        if abort:
+            self._transport.abort()
+        else:
+            self._transport.close()  # what is buffered goes first
+
+    async def abort(self) -> None:
+        """The daemon is stopping: close at once, its requests cancelled."""
+        tasks = list(self._tasks)
+        if self._transport is not None:
+            self._transport.abort()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- requests --------------------------------------------------------------------------------
     def _frame(self, line: bytes) -> None:
         try:
             message = parse_message(line)
@@ -595,32 +627,29 @@ class _Connection:
         except ProtocolError as exc:
             self._garbage += 1
             code = PARSE_ERROR if "invalid JSON" in str(exc) else INVALID_REQUEST
-            # Written at once (a whole line, bounded by garbage_frames), so that it goes out
-            # even when this frame ends the connection.
-            self.writer.write(encode_error(None, code, str(exc)))
+            self._send(encode_error(None, code, str(exc)))
             if self._garbage >= self.limits.garbage_frames:
-                log.warning(
-                    "client %s cut off: %d frames that were no requests", self._who(), self._garbage
-                )
-                self._closed = True
+                self._cut(f"{self._garbage} frames that were no requests")
             return
-        if len(self._tasks) >= self.limits.in_flight:
-            self._spawn(
-                self._send(
-                    encode_error(
-                        message.id,
-                        SERVER_ERROR,
-                        f"{self.limits.in_flight} requests of this connection are in flight",
-                    )
+        if len(self._tasks) - len(self._subscriptions) >= self.limits.in_flight:
+            self._send(
+                encode_error(
+                    message.id,
+                    SERVER_ERROR,
+                    f"{self.limits.in_flight} requests of this connection are in flight",
                 )
             )
             return
-        self._spawn(self._answer(message))
-
-    def _spawn(self, coro: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(coro)
+        task = self._loop.create_task(self._answer(message))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if self._eof and not self._closed and not (self._tasks - self._subscriptions):
+            self._closed = True
+            assert self._transport is not None
+            self._transport.close()
 
     async def _answer(self, request: Request) -> None:
         params = request.params if request.params is not None else {}
@@ -645,7 +674,7 @@ class _Connection:
                 self.caller.pid,
                 exc,
             )
-            await self._send(encode_error(request.id, exc.code, str(exc)))
+            self._send(encode_error(request.id, exc.code, str(exc)))
             return
         except SandboxerError as exc:
             if isinstance(exc, (PluginLoadError, PluginStateError, PluginNotFound)):
@@ -656,21 +685,19 @@ class _Connection:
                     self.caller.pid,
                     exc,
                 )
-            await self._send(encode_error(request.id, SERVER_ERROR, exc.message, exc.to_json()))
+            self._send(encode_error(request.id, SERVER_ERROR, exc.message, exc.to_json()))
             return
         except Exception as exc:  # a bug of ours: the client hears of it, the daemon goes on
             log.exception("request %s of %s failed", request.method, self._who())
-            await self._send(
-                encode_error(request.id, INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
-            )
+            self._send(encode_error(request.id, INTERNAL_ERROR, f"{type(exc).__name__}: {exc}"))
             return
-        await self._send(encode_result(request.id, result))
+        self._send(encode_result(request.id, result))
 
     async def _subscribe(self, request: Request) -> None:
         """Events of the caller's plugins (the administrator: everyone's, tenants that come
         later included) as notifications, until the client goes; one that falls behind the
         event buffer is cut off."""
-        await self._send(encode_result(request.id, {"subscribed": True}))
+        self._send(encode_result(request.id, {"subscribed": True}))
         forwarders: set[asyncio.Task[None]] = set()
 
         async def forward(space: _Space) -> None:
@@ -678,11 +705,9 @@ class _Connection:
             try:
                 async for event in stream:
                     notice = {**event.to_json(), "tenant": space.name}
-                    await self._send(encode_notification("event", notice))
+                    self._send(encode_notification("event", notice))
                 if stream.overflowed:
-                    log.warning("client %s cut off: it fell behind its events", self._who())
-                    self._closed = True
-                    self.writer.transport.abort()
+                    self._cut("it fell behind its events", abort=True)
             finally:
                 await stream.aclose()
 
@@ -696,49 +721,17 @@ class _Connection:
         else:
             follow(self.daemon._space(self.tenant))
         try:
-            await asyncio.get_running_loop().create_future()  # until the connection ends
+            await self._loop.create_future()  # until the connection ends
         finally:
             self.daemon._followers.discard(follow)
             for task in forwarders:
                 task.cancel()
             await asyncio.gather(*forwarders, return_exceptions=True)
 
-    async def _send(self, data: bytes) -> None:
-        """Write one reply; wait only when the client is not keeping up (then at most
-        ``write_seconds``, after which it is cut off)."""
-        if self.writer.is_closing():
-            return
-        self.writer.write(data)
-        if self.writer.transport.get_write_buffer_size() <= _HIGH_WATER:
-            return
-        try:
-            async with asyncio.timeout(self.limits.write_seconds):
-                await self.writer.drain()
-        except TimeoutError:
-            log.warning(
-                "client %s cut off: it read nothing for %gs", self._who(), self.limits.write_seconds
-            )
-            self._closed = True
-            self.writer.transport.abort()
-        except ConnectionError:
-            self._closed = True
-
-
-async def _turn_away(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, refusal: bytes
-) -> None:
-    """Say why, stop writing, and let the client's first request arrive (for a second at
-    most) before closing: a client whose request met a closed socket would lose the reason."""
-    try:
-        writer.write(refusal)
-        writer.write_eof()
-        async with asyncio.timeout(1.0):
-            while await reader.read(65536):
-                pass
-    except (OSError, TimeoutError):
-        pass
-    finally:
-        writer.close()
+    def _send(self, data: bytes) -> None:
+        """Write one reply (a client not reading is cut after ``write_seconds``)."""
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(data)
 
 
 def _describe(plugin: LoadedPlugin, space: _Space) -> dict[str, Any]:
