@@ -9,31 +9,35 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import logging
 import os
-import signal
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._cli_parser import EXIT_USAGE, UsageError, build_parser
-from ._units import format_duration, format_size
-from .config import HostConfig
-from .errors import CallTimeout, MemoryLimitExceeded, PluginLoadError, SandboxerError, exit_code
-from .sandbox.policy import (
-    SandboxConfig,
-    SandboxRequest,
-    effective_config,
+from ._cli_common import (
+    config_override,
+    dumps,
+    parse_call_arg,
+    print_json,
+    print_result,
+    report_error,
+    sandbox_for,
+    sandbox_from,
+    split_target,
 )
+from ._cli_daemon import call_through_daemon, cmd_restart, cmd_serve, cmd_status
+from ._cli_exec import cmd_exec
+from ._cli_parser import EXIT_USAGE, UsageError, build_parser
+from .config import HostConfig
+from .errors import SandboxerError
 
 # Each command imports what only it uses (the manager, the loaders, the manifest parser, the
 # registry, the sandbox's launch): `sandboxer exec` must not pay for wasmtime or grpc, nor
 # `--help` for any of them (docs/architecture.md, "Start-up imports").
 if TYPE_CHECKING:
-    from .manifest import Plugin
     from .registry import Registry, TrustedPublicKey
 
 __all__ = ["run"]
@@ -41,125 +45,7 @@ __all__ = ["run"]
 # -- shared pieces ---------------------------------------------------------------------------
 
 
-def _parse_call_arg(text: str) -> Any:
-    from . import _json
-
-    try:
-        return _json.loads(text)
-    except _json.JSONError:
-        return text
-
-
-def _config_override(args: argparse.Namespace) -> dict[str, Any]:
-    if args.config is None:
-        return {}
-    from . import _json
-
-    try:
-        value = _json.loads(args.config)
-    except _json.JSONError as exc:
-        raise UsageError(f"--config: a JSON object, not {args.config!r} ({exc})") from None
-    if not isinstance(value, dict):
-        raise UsageError(f"--config: a JSON object, not {type(value).__name__}")
-    return value
-
-
-def _sandbox_for(plugin: Plugin, host: HostConfig, args: argparse.Namespace) -> SandboxConfig:
-    """The manifest's request clamped by the host policy, then the operator's CLI choices."""
-    return _sandbox_from(plugin.sandbox, plugin.id, host, args)
-
-
-def _sandbox_from(
-    request: SandboxRequest, plugin_id: str | None, host: HostConfig, args: argparse.Namespace
-) -> SandboxConfig:
-    if args.network and not args.allow_host and not host.allow_full_network:
-        raise PluginLoadError(
-            "--network without --allow-host asks for the host's full network, which the "
-            "host policy does not allow (allow_full_network = false); name the hosts with "
-            "--allow-host",
-            plugin_id=plugin_id,
-        )
-    # The operator's choices widen the policy the manifest is checked against: a profile
-    # and hosts named on the command line are the operator's to give.
-    if args.profile:
-        request = dataclasses.replace(request, profile=args.profile)
-        host = dataclasses.replace(
-            host, allowed_profiles=(*(host.allowed_profiles or ()), args.profile)
-        )
-    if args.allow_host:
-        host = dataclasses.replace(host, allowed_hosts=host.allowed_hosts + tuple(args.allow_host))
-    limits = {
-        name: getattr(args, name)
-        for name in ("memory_limit", "cpu_limit", "timeout")
-        if getattr(args, name) is not None
-    }
-    # A limit the operator sets replaces the manifest's, which is then not checked.
-    unchecked = dataclasses.replace(
-        request,
-        memory_limit=None if "memory_limit" in limits else request.memory_limit,
-        cpu_limit=None if "cpu_limit" in limits else request.cpu_limit,
-        timeout=None if "timeout" in limits else request.timeout,
-    )
-    config = effective_config(unchecked, host, plugin_id=plugin_id)
-    changes: dict[str, Any] = dict(limits)
-    if args.allow_path:
-        changes["allowed_paths"] = config.allowed_paths + tuple(args.allow_path)
-    if args.deny_path:
-        changes["denied_paths"] = config.denied_paths + tuple(args.deny_path)
-    if args.network or args.allow_host:
-        changes["network_allowed"] = True
-        changes["allowed_hosts"] = config.allowed_hosts + tuple(args.allow_host)
-    if args.no_sandbox:
-        changes["enabled"] = False
-    return config.replace(**changes) if changes else config
-
-
-def _dumps(value: Any) -> str:
-    # orjson (with the uuid, datetime and platform modules it loads) only for JSON output:
-    # not for a plain `sandboxer exec`
-    from . import _json
-
-    return _json.dumps(value).decode()
-
-
-def _print_json(value: Any) -> None:
-    sys.stdout.write(_dumps(value) + "\n")
-
-
-def _print_result(value: Any) -> None:
-    if isinstance(value, str):
-        print(value)
-    else:
-        print(_dumps(value))
-
-
-def _report_error(
-    error: BaseException, *, as_json: bool, extra: dict[str, Any] | None = None
-) -> int:
-    code = exit_code(error)
-    payload = (
-        error.to_json()
-        if isinstance(error, SandboxerError)
-        else {"type": type(error).__name__, "message": str(error)}
-    )
-    if as_json:
-        _print_json({"ok": False, "error": payload, **(extra or {})})
-    else:
-        print(f"sandboxer: {payload['type']}: {error}", file=sys.stderr)
-    return code
-
-
 # -- commands --------------------------------------------------------------------------------
-
-
-def _split_target(text: str) -> tuple[str, str]:
-    plugin_id, _, wanted = text.partition("@")
-    if not plugin_id or not wanted:
-        raise UsageError(
-            f"{text!r} is not ID@VERSION (e.g. acme.hello@1.2.0, acme.hello@^1.2, "
-            "acme.hello@latest)"
-        )
-    return plugin_id, wanted
 
 
 def _registry_and_keys(
@@ -184,7 +70,7 @@ def _registry_fetch(target: str, args: argparse.Namespace, host: HostConfig) -> 
     from .registry import fetch
 
     registry, keys = _registry_and_keys(f"{target} names a registry plugin", args, host)
-    plugin_id, wanted = _split_target(target)
+    plugin_id, wanted = split_target(target)
     _, directory = fetch(registry, plugin_id, wanted, trusted_keys=keys, cache_dir=host.cache_dir)
     return directory
 
@@ -194,14 +80,14 @@ async def _cmd_call(args: argparse.Namespace) -> int:
     from .manifest import load_plugin
 
     if args.connect or os.environ.get("SANDBOXER_SOCKET"):
-        return await _call_through_daemon(args)
+        return await call_through_daemon(args)
     host = HostConfig.load()
-    config = _config_override(args)
-    call_args = [_parse_call_arg(a) for a in args.args]
+    config = config_override(args)
+    call_args = [parse_call_arg(a) for a in args.args]
     if "@" in args.target and not Path(args.target).exists():
         args.target = str(await asyncio.to_thread(_registry_fetch, args.target, args, host))
     plugin = load_plugin(args.target)
-    sandbox = _sandbox_for(plugin, host, args)
+    sandbox = sandbox_for(plugin, host, args)
     extra: dict[str, Any] = {
         "plugin": {"id": plugin.id, "version": plugin.version, "type": plugin.type.value}
     }
@@ -213,119 +99,12 @@ async def _cmd_call(args: argparse.Namespace) -> int:
             result = await loaded.call(args.method, *call_args, timeout=args.timeout)
         except SandboxerError as exc:
             extra["stats"] = _stats(loaded, start)
-            return _report_error(exc, as_json=args.json, extra=extra)
+            return report_error(exc, as_json=args.json, extra=extra)
         extra["stats"] = _stats(loaded, start)
     if args.json:
-        _print_json({"ok": True, "result": result, "error": None, **extra})
+        print_json({"ok": True, "result": result, "error": None, **extra})
     else:
-        _print_result(result)
-    return 0
-
-
-async def _call_through_daemon(args: argparse.Namespace) -> int:
-    """``call`` by way of ``sandboxer serve``: load, call, unload there, under the caller's
-    tenant's policy (which is why the sandbox options, the operator's, are refused here)."""
-    from .daemon.client import connect
-
-    chosen = [
-        option
-        for option, given in (
-            ("--profile", args.profile),
-            ("--memory-limit", args.memory_limit is not None),
-            ("--cpu-limit", args.cpu_limit is not None),
-            ("--allow-path", args.allow_path),
-            ("--deny-path", args.deny_path),
-            ("--network", args.network),
-            ("--allow-host", args.allow_host),
-            ("--no-sandbox", args.no_sandbox),
-            ("--registry", args.registry),
-            ("--trusted-key", args.trusted_key),
-        )
-        if given
-    ]
-    if chosen:
-        raise UsageError(
-            f"{', '.join(chosen)}: through the daemon a plugin runs under its tenant's policy, "
-            "which the caller does not choose"
-        )
-    config = _config_override(args)
-    call_args = [_parse_call_arg(a) for a in args.args]
-    async with await connect(args.connect) as daemon:
-        if "@" in args.target and not Path(args.target).exists():
-            plugin_id, wanted = _split_target(args.target)
-            plugin = await daemon.load_from_registry(plugin_id, wanted, config=config)
-        else:
-            plugin = await daemon.load(args.target, config=config)
-        extra: dict[str, Any] = {
-            "plugin": {"id": plugin.id, "version": plugin.version},
-            "startedWarm": plugin.started_warm,
-        }
-        try:
-            result = await plugin.call(args.method, *call_args, timeout=args.timeout)
-        except SandboxerError as exc:
-            return _report_error(exc, as_json=args.json, extra=extra)
-        finally:
-            await daemon.unload(plugin.id)
-    if args.json:
-        _print_json({"ok": True, "result": result, "error": None, **extra})
-    else:
-        _print_result(result)
-    return 0
-
-
-async def _cmd_serve(args: argparse.Namespace) -> int:
-    from .daemon.server import Daemon, systemd_socket
-
-    for name in ("sandboxer.audit", "sandboxer.daemon"):  # its own lines, whatever -v says
-        logging.getLogger(name).setLevel(logging.INFO)
-    config = HostConfig.load(args.config)
-    daemon = Daemon(
-        config,
-        args.socket,
-        config_path=args.config or config.source or None,
-        metrics=args.metrics,
-    )
-    await daemon.start(systemd_socket())
-    await daemon.serve_until_stopped()
-    return 0
-
-
-async def _cmd_restart(args: argparse.Namespace) -> int:
-    """``restart ID``: the daemon starts the caller's failed or quarantined plugin again."""
-    from .daemon.client import connect
-
-    async with await connect(args.connect) as daemon:
-        plugin = await daemon.restart(args.plugin)
-    if args.json:
-        _print_json({"ok": True, "plugin": plugin.description})
-    else:
-        print(f"{plugin.id} {plugin.version}: {plugin.description['state']}")
-    return 0
-
-
-async def _cmd_status(args: argparse.Namespace) -> int:
-    """``status``: what the daemon runs for the caller (the administrator: for everyone)."""
-    from .daemon.client import connect
-
-    async with await connect(args.connect) as daemon:
-        status = await daemon.status()
-    if args.json:
-        _print_json(status)
-        return 0
-    print(f"tenants: {', '.join(t['name'] for t in status['tenants']) or 'none'}")
-    print(
-        f"{'TENANT':10} {'PLUGIN':24} {'STATE':12} {'GEN':>3} {'RESTARTS':>8} {'CALLS':>7} "
-        f"{'FAILED':>6} {'MEMORY':>9} {'CPU':>8} {'P50':>9} {'P99':>9}"
-    )
-    for p in status["plugins"]:
-        memory = format_size(p["memory_peak_bytes"]) if p["memory_peak_bytes"] else "-"
-        cpu = f"{p['cpu_time_s']:.2f}s" if p["cpu_time_s"] is not None else "-"
-        p50, p99 = (format_duration(p[k]) if p[k] is not None else "-" for k in ("p50_s", "p99_s"))
-        print(
-            f"{p['tenant']:10} {p['id']:24} {p['state']:12} {p['generation']:>3} "
-            f"{p['restarts']:>8} {p['calls']:>7} {p['failures']:>6} {memory:>9} {cpu:>8} "
-            f"{p50:>9} {p99:>9}"
-        )
+        print_result(result)
     return 0
 
 
@@ -347,7 +126,7 @@ async def _cmd_inspect(args: argparse.Namespace) -> int:
 
     host = HostConfig.load()
     plugin = load_plugin(args.target)
-    sandbox = _sandbox_for(plugin, host, args)
+    sandbox = sandbox_for(plugin, host, args)
     # As a load would: a manifest whose sha256 no longer matches is an IntegrityError (exit
     # 2, naming both digests), not a manifest to show.
     await asyncio.to_thread(verify_integrity, plugin)
@@ -366,7 +145,7 @@ async def _cmd_inspect(args: argparse.Namespace) -> int:
         "mode": run_mode(plugin.type, sandbox),
     }
     if args.json:
-        _print_json(report)
+        print_json(report)
         return 0
     rows = [
         ("id", plugin.id),
@@ -381,179 +160,13 @@ async def _cmd_inspect(args: argparse.Namespace) -> int:
         ("mode", report["mode"]),
     ]
     rows += [
-        (f"sandbox.{k}", _dumps(v) if not isinstance(v, str) else v)
+        (f"sandbox.{k}", dumps(v) if not isinstance(v, str) else v)
         for k, v in sandbox.to_json().items()
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
     return 0
-
-
-class _Captured:
-    """One of the program's streams for ``exec --json``: the first ``limit`` bytes kept, the
-    rest counted."""
-
-    def __init__(self, limit: int) -> None:
-        self.data = bytearray()
-        self.total = 0
-        self.limit = limit
-
-    def write(self, chunk: bytes) -> None:
-        self.total += len(chunk)
-        room = self.limit - len(self.data)
-        if room > 0:
-            self.data += chunk[:room]
-
-    def text(self) -> str:
-        return self.data.decode("utf-8", "replace")
-
-
-def _passed_through(stream: Any) -> Any:
-    def write(data: bytes) -> None:
-        stream.write(data)
-        stream.flush()
-
-    return write
-
-
-def _exec_stdin() -> int | None:
-    """The stdin we were started with, for the program (``program.run`` refuses a directory
-    or O_PATH fd), or None (/dev/null) when we were started without one. Not "whatever fd 0
-    is now": started with it closed, fd 0 is the first file we opened (the event loop's
-    epoll fd, say), which must not reach the sandbox."""
-    original = sys.__stdin__
-    if original is None or original.closed:
-        return None
-    return original.fileno()
-
-
-def _describe_signal(number: int) -> str:
-    try:
-        return signal.Signals(number).name
-    except ValueError:
-        return f"signal {number}"
-
-
-async def _cmd_exec(args: argparse.Namespace) -> int:
-    """``exec``: the program's own exit status passes through (128+N when a signal N killed
-    it); sandboxer's own outcomes use its codes: 2 the program cannot run inside (usage,
-    not found), 3 sandboxer stopped it (the --timeout deadline, the memory limit), 4 this
-    host cannot enforce the sandbox. Those collide with a program's own 2-4, so each of
-    sandboxer's is said on stderr ("sandboxer: ...") and, with --json, as ``error``."""
-    from .sandbox import cgroups, program
-    from .sandbox.egress import EgressProxy
-    from .sandbox.seccomp_cache import filter_for
-
-    command = args.program[1:] if args.program[:1] == ["--"] else args.program
-    if not command:
-        raise UsageError("exec: name the program to run after --")
-    host = HostConfig.load()
-    sandbox = _sandbox_from(SandboxRequest(), None, host, args)
-    shown = {
-        **sandbox.to_json(),
-        "timeout": None if args.timeout is None else format_duration(args.timeout),
-    }
-    extra: dict[str, Any] = {
-        "result": None,
-        "plugin": None,
-        "program": {"argv": command},
-        "sandbox": shown,
-    }
-    if args.json:
-        out, err = _Captured(host.max_frame), _Captured(host.max_frame)
-        sinks = (out.write, err.write)
-    else:
-        sinks = (_passed_through(sys.stdout.buffer), _passed_through(sys.stderr.buffer))
-    egress = EgressProxy.from_config(host)
-    start = time.perf_counter()
-    try:
-        result = await program.run(
-            command,
-            sandbox,
-            backend=cgroups.detect(),
-            seccomp_bpf=filter_for(
-                sandbox.profile, network=sandbox.network_allowed, extra_dirs=host.profile_dirs
-            ),
-            sinks=sinks,
-            egress=egress,
-            setup_timeout=host.setup_timeout,
-            profile_dirs=host.profile_dirs,
-            fallbacks=host.fallbacks,
-            grant_owner=host.grant_owner,
-            stdin=_exec_stdin(),
-            timeout=args.timeout,
-        )
-    except SandboxerError as exc:
-        return _report_error(
-            exc, as_json=args.json, extra={**extra, "exitStatus": None, "signal": None}
-        )
-    finally:
-        egress.close()
-    code = result.returncode
-    status, signum = (None, -code) if code < 0 else (code, None)
-    stats = result.stats
-    extra.update(
-        stats={
-            "durationMs": round((time.perf_counter() - start) * 1000, 3),
-            "peakMemoryBytes": stats.memory_peak if stats else None,
-            "cpuTimeSeconds": stats.cpu_time_s if stats else None,
-        },
-        exitStatus=status,
-        signal=signum,
-    )
-    if args.json:
-        extra["result"] = {
-            "stdout": out.text(),
-            "stderr": err.text(),
-            "truncated": [
-                name
-                for name, stream in (("stdout", out), ("stderr", err))
-                if stream.total > len(stream.data)
-            ],
-        }
-    how = (
-        f"exited with status {status}"
-        if signum is None
-        else f"was killed by {_describe_signal(signum)}"
-    )
-    stopped: SandboxerError | None = None
-    if result.timed_out:
-        stopped = CallTimeout(
-            f"the program did not finish within its timeout (--timeout "
-            f"{format_duration(args.timeout)}) and was stopped: SIGTERM, then SIGKILL after "
-            f"{program.KILL_GRACE:g}s if still running; it {how}",
-            timeout=args.timeout,
-        )
-    elif result.oom_killed:
-        limit = sandbox.memory_limit
-        stopped = MemoryLimitExceeded(
-            f"the program was killed for exceeding the memory limit of "
-            f"{format_size(limit)} (peak {stats.memory_peak if stats else None} bytes); "
-            "raise --memory-limit if it needs more",
-            limit=limit,
-            peak=stats.memory_peak if stats else None,
-        )
-    if stopped is not None:
-        return _report_error(stopped, as_json=args.json, extra=extra)
-    if args.json:
-        ok = code == 0
-        _print_json(
-            {
-                "ok": ok,
-                "result": extra.pop("result"),
-                "error": None
-                if ok
-                else {
-                    "type": "ProgramFailed",
-                    "message": f"the program {how}",
-                    "exitStatus": status,
-                    "signal": signum,
-                },
-                **extra,
-            }
-        )
-    return 128 - code if code < 0 else code
 
 
 async def _cmd_doctor(args: argparse.Namespace) -> int:
@@ -565,7 +178,7 @@ async def _cmd_doctor(args: argparse.Namespace) -> int:
     report = diagnose(host)
     if args.target:
         plugin = load_plugin(args.target)
-        sandbox = _sandbox_from(plugin.sandbox, plugin.id, host, _no_overrides())
+        sandbox = sandbox_from(plugin.sandbox, plugin.id, host, _no_overrides())
         report["plugin"] = {
             "id": plugin.id,
             "kind": plugin.type.value,
@@ -573,13 +186,13 @@ async def _cmd_doctor(args: argparse.Namespace) -> int:
             "sandbox": sandbox.to_json(),
         }
     if args.json:
-        _print_json(report)
+        print_json(report)
     else:
         for key, value in report.items():
             if isinstance(value, dict):
                 print(f"{key}:")
                 for k, v in value.items():
-                    shown = _dumps(v) if isinstance(v, (dict, list)) else v
+                    shown = dumps(v) if isinstance(v, (dict, list)) else v
                     print(f"  {k:<22} {shown}")
             else:
                 print(f"{key:<24} {value}")
@@ -623,7 +236,7 @@ async def _cmd_scan(args: argparse.Namespace) -> int:
 
     results = await asyncio.to_thread(scan, args.paths)
     if args.json:
-        _print_json([r.to_json() for r in results])
+        print_json([r.to_json() for r in results])
     else:
         for r in results:
             print(_describe(r))
@@ -636,7 +249,7 @@ async def _cmd_watch(args: argparse.Namespace) -> int:
 
     def show(record: dict[str, Any], line: str) -> None:
         if args.json:
-            _print_json(record)
+            print_json(record)
         else:
             print(line)
         sys.stdout.flush()
@@ -736,7 +349,7 @@ async def _cmd_registry(args: argparse.Namespace) -> int:
         index = await asyncio.to_thread(registry.index, keys, cache_dir=host.cache_dir)
         entries = index.entries()
         if args.json:
-            _print_json([e.to_json() for e in entries])
+            print_json([e.to_json() for e in entries])
         else:
             print(
                 f"# {registry.location}: index sequence {index.sequence}, signed by "
@@ -747,7 +360,7 @@ async def _cmd_registry(args: argparse.Namespace) -> int:
         return 0
     directory = await asyncio.to_thread(_registry_fetch, args.target, args, host)
     if args.json:
-        _print_json({"ok": True, "path": str(directory)})
+        print_json({"ok": True, "path": str(directory)})
     else:
         print(directory)
     return 0
@@ -756,10 +369,10 @@ async def _cmd_registry(args: argparse.Namespace) -> int:
 _COMMANDS = {
     "call": _cmd_call,
     "inspect": _cmd_inspect,
-    "exec": _cmd_exec,
-    "serve": _cmd_serve,
-    "status": _cmd_status,
-    "restart": _cmd_restart,
+    "exec": cmd_exec,
+    "serve": cmd_serve,
+    "status": cmd_status,
+    "restart": cmd_restart,
     "doctor": _cmd_doctor,
     "demo": _cmd_demo,
     "registry": _cmd_registry,
@@ -782,11 +395,11 @@ def run(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(_COMMANDS[args.command](args))
     except UsageError as exc:
         if as_json:
-            _print_json({"ok": False, "error": {"type": "UsageError", "message": str(exc)}})
+            print_json({"ok": False, "error": {"type": "UsageError", "message": str(exc)}})
         else:
             print(f"sandboxer: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except SandboxerError as exc:
-        return _report_error(exc, as_json=as_json)
+        return report_error(exc, as_json=as_json)
     except KeyboardInterrupt:
         return 130

@@ -15,6 +15,7 @@ from .sandbox.policy import (
     KILL_GRACE,
     parse_cpu,
     parse_denied_path,
+    parse_fuel,
     parse_host_pattern,
     parse_path_grant,
 )
@@ -65,6 +66,17 @@ def _add_registry_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _fuel(value: str) -> int:
+    return parse_fuel(int(value))
+
+
+def _env_pair(value: str) -> tuple[str, str]:
+    name, sep, text = value.partition("=")
+    if not sep or not name or "\0" in value or not name.replace("_", "a").isalnum():
+        raise ValueError(f"NAME=VALUE, NAME letters, digits and _, not {value!r}")
+    return name, text
+
+
 def _add_sandbox_options(p: argparse.ArgumentParser, *, program: bool = False) -> None:
     """The sandbox options; for ``exec`` (``program``) without those a program cannot
     honour (``--no-sandbox``, ``--config``), which argparse then refuses (exit 2)."""
@@ -110,6 +122,21 @@ def _add_sandbox_options(p: argparse.ArgumentParser, *, program: bool = False) -
     )
     if program:
         p.set_defaults(no_sandbox=False, config=None)
+        g.add_argument(
+            "--env",
+            metavar="NAME=VALUE",
+            action="append",
+            default=[],
+            type=_arg_type(_env_pair, "NAME=VALUE"),
+            help="set an environment variable for the program; repeat for more (a WASI "
+            "program gets no other)",
+        )
+        g.add_argument(
+            "--fuel",
+            metavar="N",
+            type=_arg_type(_fuel, "N"),
+            help="a WebAssembly program's fuel: it stops after about N instructions",
+        )
         p.add_argument(
             "--json",
             action="store_true",

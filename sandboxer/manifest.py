@@ -32,6 +32,7 @@ from ._hooks import METHOD_RE
 from ._plugin_id import ID_RE
 from ._restart import RestartMode, parse_restart
 from ._units import parse_duration, parse_size
+from ._wasm_magic import WASM_MAGIC
 from .errors import IntegrityError, ManifestError
 from .sandbox import profiles as _profiles
 from .sandbox.policy import (
@@ -66,7 +67,7 @@ SEMVER_RE = re.compile(
     r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?"
 )
 SHA256_RE = re.compile(r"(?:sha256:)?([0-9a-f]{64})")
-WASM_MAGIC = b"\0asm"
+
 ELF_MAGIC = b"\x7fELF"
 # A protobuf full name: identifiers joined by dots ("proto.KV", "plugin.v1.Thing").
 PROTO_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")

@@ -38,36 +38,19 @@ import resource
 import shutil
 import signal
 import socket
-import struct
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from .._tenants import Tenant, as_mapping, identify
 from ..config import HostConfig
 from ..errors import (
-    INTERNAL_ERROR,
     INVALID_PARAMS,
-    INVALID_REQUEST,
-    METHOD_NOT_FOUND,
-    PARSE_ERROR,
-    SERVER_ERROR,
-    PluginLoadError,
-    PluginNotFound,
-    PluginStateError,
-    ProtocolError,
     SandboxerError,
 )
 from ..manager import LoadedPlugin, PluginManager
-from ..rpc.framing import (
-    LineBuffer,
-    Request,
-    encode_error,
-    encode_notification,
-    encode_result,
-    parse_message,
-)
+from .connection import Connection, Refused, peer_credentials
 from .snapshot import Caller, snapshot_as
 
 __all__ = ["Daemon", "Limits", "DEFAULT_SOCKET", "peer_credentials"]
@@ -78,7 +61,6 @@ audit = logging.getLogger("sandboxer.audit")
 DEFAULT_SOCKET = "/run/sandboxer/sandboxer.sock"
 # Tenants' snapshots, root's alone: on disk, not in /run's tmpfs (a copy may be 512 MiB).
 STAGING = "/var/lib/sandboxer/staging"
-SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
 ADMIN = "root"
 LATENCY_WINDOW = 1024  # calls per plugin whose durations status reports quantiles of
 _HIGH_WATER = 64 << 10
@@ -97,28 +79,8 @@ class Limits:
     garbage_frames: int = 8  # frames that are not requests before the connection is cut
 
 
-def peer_credentials(sock: socket.socket) -> Caller:
-    """Who is at the other end, as the kernel says (SO_PEERCRED, SO_PEERGROUPS)."""
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, uid, gid = struct.unpack("3i", raw)
-    try:
-        listed = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * 1024)
-        groups = struct.unpack(f"{len(listed) // 4}I", listed)
-    except OSError:
-        groups = ()
-    return Caller(uid=uid, gid=gid, groups=tuple(groups), pid=pid)
-
-
-class _Refused(Exception):
-    """A request this caller may not make: a JSON-RPC error, and an audit line."""
-
-    def __init__(self, message: str, code: int = SERVER_ERROR) -> None:
-        super().__init__(message)
-        self.code = code
-
-
 @dataclass(eq=False)
-class _Space:
+class Space:
     """One tenant's plugins (the administrator's too): its manager and what it holds."""
 
     tenant: Tenant | None  # None: the administrator's own
@@ -153,10 +115,10 @@ class Daemon:
         self.limits = limits
         self.config_path = config_path
         self.staging = staging
-        self._spaces: dict[str, _Space] = {}
+        self.spaces: dict[str, Space] = {}
         self._server: asyncio.Server | None = None
-        self._connections: set[_Connection] = set()
-        self._followers: set[Callable[[_Space], None]] = set()  # administrator subscriptions
+        self._connections: set[Connection] = set()
+        self.followers: set[Callable[[Space], None]] = set()  # administrator subscriptions
         self._stopped = asyncio.Event()
         self._own_socket = True
         self.metrics = metrics  # HOST:PORT of the Prometheus listener, if any
@@ -182,7 +144,7 @@ class Daemon:
         if sock is None:
             sock = _bind(self.socket_path)
         self._server = await asyncio.get_running_loop().create_unix_server(
-            lambda: _Connection(self), sock=sock
+            lambda: Connection(self), sock=sock
         )
         if self.metrics is not None:
             from .metrics import serve_metrics
@@ -190,7 +152,7 @@ class Daemon:
             self._metrics = await serve_metrics(
                 self.metrics, lambda: self.status(_ROOT_CALLER, None, {})
             )
-        admin = self._space(None)
+        admin = self.space(None)
         await admin.manager.swept()
         _notify("READY=1")
         log.info("sandboxer serve: listening on %s", self.socket_path)
@@ -207,7 +169,7 @@ class Daemon:
         _notify("RELOADING=1")
         try:
             self.config = HostConfig.load(self.config_path)
-            for space in self._spaces.values():
+            for space in self.spaces.values():
                 if space.tenant is not None:
                     space.tenant = next(
                         (t for t in self.config.tenants if t.name == space.tenant.name),
@@ -243,64 +205,64 @@ class Daemon:
                     os.unlink(self.socket_path)
         for connection in list(self._connections):
             await connection.abort()
-        for space in list(self._spaces.values()):
+        for space in list(self.spaces.values()):
             await space.manager.aclose()
             for staged in space.staged.values():
                 shutil.rmtree(staged, ignore_errors=True)
-        self._spaces.clear()
+        self.spaces.clear()
 
     # -- tenants -----------------------------------------------------------------------------
-    def _space(self, tenant: Tenant | None) -> _Space:
+    def space(self, tenant: Tenant | None) -> Space:
         name = tenant.name if tenant is not None else ADMIN
-        space = self._spaces.get(name)
+        space = self.spaces.get(name)
         if space is None:
             config = tenant.policy(self.config) if tenant is not None else self.config
-            space = self._spaces[name] = _Space(tenant, PluginManager(config=config))
-            for follow in list(self._followers):  # the administrator's event subscriptions
+            space = self.spaces[name] = Space(tenant, PluginManager(config=config))
+            for follow in list(self.followers):  # the administrator's event subscriptions
                 follow(space)
         return space
 
     def _who(self, caller: Caller) -> Tenant | None:
-        """The caller's tenant; None for the administrator; _Refused for anyone else."""
+        """The caller's tenant; None for the administrator; Refused for anyone else."""
         if caller.uid == 0:
             return None
         tenant = identify(self.config.tenants, caller.uid, caller.gid, caller.groups)
         if tenant is None:
-            raise _Refused(f"uid {caller.uid} belongs to no tenant of this daemon")
+            raise Refused(f"uid {caller.uid} belongs to no tenant of this daemon")
         return tenant
 
     # -- connections -------------------------------------------------------------------------
-    def _admit(self, caller: Caller) -> Tenant | None:
-        """Whether ``caller`` may hold one more connection, and its tenant; _Refused if not."""
+    def admit(self, caller: Caller) -> Tenant | None:
+        """Whether ``caller`` may hold one more connection, and its tenant; Refused if not."""
         if len(self._connections) >= self.limits.connections:
-            raise _Refused(f"the daemon holds {self.limits.connections} connections")
+            raise Refused(f"the daemon holds {self.limits.connections} connections")
         held = sum(1 for c in self._connections if c.caller.uid == caller.uid)
         if held >= self.limits.connections_per_uid:
-            raise _Refused(f"uid {caller.uid} holds {held} connections already")
+            raise Refused(f"uid {caller.uid} holds {held} connections already")
         return self._who(caller)
 
     # -- the methods -------------------------------------------------------------------------
-    def _target(self, caller: Tenant | None, params: dict[str, Any]) -> _Space:
+    def _target(self, caller: Tenant | None, params: dict[str, Any]) -> Space:
         """The space a request acts in: the caller's, or (the administrator) the one named."""
         named = params.get("tenant")
         if named is None:
-            return self._space(caller)
+            return self.space(caller)
         if caller is not None:
-            raise _Refused("only the administrator names a tenant", INVALID_PARAMS)
+            raise Refused("only the administrator names a tenant", INVALID_PARAMS)
         tenant = next((t for t in self.config.tenants if t.name == named), None)
         if tenant is None and named != ADMIN:
-            raise _Refused(f"no tenant {named!r}", INVALID_PARAMS)
-        return self._space(tenant)
+            raise Refused(f"no tenant {named!r}", INVALID_PARAMS)
+        return self.space(tenant)
 
     async def load(self, who: Caller, tenant: Tenant | None, params: dict[str, Any]) -> Any:
         config = params.get("config")
         if config is not None and not isinstance(config, dict):
-            raise _Refused("config must be an object", INVALID_PARAMS)
+            raise Refused("config must be an object", INVALID_PARAMS)
         if "registry_id" in params:
             return await self._load_from_registry(who, tenant, params, config)
         path = _text(params, "path")
         if not os.path.isabs(path):
-            raise _Refused(f"path must be absolute, not {path!r}", INVALID_PARAMS)
+            raise Refused(f"path must be absolute, not {path!r}", INVALID_PARAMS)
         space = self._target(tenant, params)
         async with space.lock:
             if space.tenant is None:
@@ -331,12 +293,12 @@ class Daemon:
         plugin_id = _text(params, "registry_id")
         version = params.get("version", "latest")
         if not isinstance(version, str) or not version:
-            raise _Refused("version must be a non-empty string", INVALID_PARAMS)
+            raise Refused("version must be a non-empty string", INVALID_PARAMS)
         async with space.lock:
             if space.tenant is not None:
                 loaded = await space.manager.list()
                 if len(loaded) >= space.tenant.max_plugins:
-                    raise _Refused(
+                    raise Refused(
                         f"tenant {space.name} runs {len(loaded)} plugins: its max_plugins"
                     )
             plugin = await space.manager.load_from_registry(plugin_id, version, config=config)
@@ -352,19 +314,19 @@ class Daemon:
         return _describe(plugin, space)
 
     async def _load_for(
-        self, space: _Space, who: Caller, path: str, config: dict[str, Any] | None
+        self, space: Space, who: Caller, path: str, config: dict[str, Any] | None
     ) -> LoadedPlugin:
         tenant = space.tenant
         assert tenant is not None
         normal = os.path.normpath(path)
         if not any(_under(normal, root) for root in tenant.path_roots):
-            raise _Refused(
+            raise Refused(
                 f"{path} is not under the path_roots of tenant {tenant.name} "
                 f"({', '.join(tenant.path_roots)})"
             )
         loaded = await space.manager.list()
         if len(loaded) >= tenant.max_plugins:
-            raise _Refused(f"tenant {tenant.name} runs {len(loaded)} plugins: its max_plugins")
+            raise Refused(f"tenant {tenant.name} runs {len(loaded)} plugins: its max_plugins")
         staged = os.path.join(self.staging, f"{space.name}-{os.urandom(8).hex()}")
         os.mkdir(staged, 0o700)
         try:
@@ -376,7 +338,7 @@ class Daemon:
                 used = sum(p.sandbox.memory_limit for p in loaded if p.sandbox is not None)
                 wanted = space.manager.resolve_sandbox(plugin).memory_limit
                 if used + wanted > tenant.max_memory:
-                    raise _Refused(
+                    raise Refused(
                         f"tenant {tenant.name}: its plugins' memory limits would come to "
                         f"{used + wanted} bytes, over its max_memory of {tenant.max_memory}"
                     )
@@ -394,11 +356,11 @@ class Daemon:
         args = params.get("args", [])
         timeout = params.get("timeout")
         if not isinstance(args, list):
-            raise _Refused("args must be an array", INVALID_PARAMS)
+            raise Refused("args must be an array", INVALID_PARAMS)
         if timeout is not None and (
             isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0
         ):
-            raise _Refused("timeout must be a positive number of seconds", INVALID_PARAMS)
+            raise Refused("timeout must be a positive number of seconds", INVALID_PARAMS)
         t0 = time.perf_counter()
         try:
             return await plugin.call(_text(params, "method"), *args, timeout=timeout)
@@ -435,7 +397,7 @@ class Daemon:
         )
         return _describe(plugin, space)
 
-    async def _restage(self, space: _Space, who: Caller, plugin_id: str) -> None:
+    async def _restage(self, space: Space, who: Caller, plugin_id: str) -> None:
         staged = space.staged[plugin_id]
         fresh = f"{staged}.next"
         shutil.rmtree(fresh, ignore_errors=True)
@@ -462,7 +424,7 @@ class Daemon:
 
     async def list(self, who: Caller, tenant: Tenant | None, params: dict[str, Any]) -> Any:
         spaces = (
-            list(self._spaces.values())
+            list(self.spaces.values())
             if tenant is None and "tenant" not in params
             else [self._target(tenant, params)]
         )
@@ -470,7 +432,7 @@ class Daemon:
 
     async def status(self, who: Caller, tenant: Tenant | None, params: dict[str, Any]) -> Any:
         """Tenants and plugins as ``sandboxer status`` shows them (the administrator: all)."""
-        spaces = list(self._spaces.values()) if tenant is None else [self._space(tenant)]
+        spaces = list(self.spaces.values()) if tenant is None else [self.space(tenant)]
         plugins = []
         for space in spaces:
             for plugin in await space.manager.list():
@@ -505,236 +467,7 @@ class Daemon:
         return {**_describe(plugin, space), "statistics": plugin.statistics().to_json()}
 
 
-class _Connection(asyncio.Protocol):
-    """One client, as an asyncio Protocol (no stream reader: one loop turn less each way):
-    its frames parsed as they arrive, each request run as a task of its own (calls are
-    multiplexed by id), each reply written as it is ready."""
-
-    METHODS = ("load", "call", "unload", "reload", "restart", "list", "stats", "status")
-
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
-        self.limits = daemon.limits
-        self.caller = Caller(uid=-1, gid=-1, groups=())
-        self.tenant: Tenant | None = None
-        self._loop = asyncio.get_running_loop()
-        self._transport: asyncio.Transport | None = None
-        self._frames = LineBuffer(daemon.config.max_frame)
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._subscriptions: set[asyncio.Task[None]] = set()  # of _tasks: they never end
-        self._garbage = 0
-        self._closed = False  # cut off or gone: nothing more is read or answered
-        self._eof = False
-        self._frame_timer: asyncio.TimerHandle | None = None
-        self._write_timer: asyncio.TimerHandle | None = None
-
-    def _who(self) -> str:
-        return f"uid {self.caller.uid} (pid {self.caller.pid})"
-
-    # -- the transport's callbacks ---------------------------------------------------------------
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
-        self.caller = peer_credentials(transport.get_extra_info("socket"))
-        try:
-            self.tenant = self.daemon._admit(self.caller)
-        except _Refused as exc:
-            audit.warning("refused uid=%d pid=%d: %s", self.caller.uid, self.caller.pid, exc)
-            self._closed = True
-            # Say why, stop writing, and let the client's first request arrive (for a second
-            # at most) before closing: a client whose request met a closed socket would lose
-            # the reason.
-            transport.write(encode_error(None, exc.code, str(exc)))
-            transport.write_eof()
-            self._loop.call_later(1.0, transport.close)
-            return
-        self.daemon._connections.add(self)
-
-    def data_received(self, data: bytes) -> None:
-        if self._closed:
-            return
-        try:
-            lines = self._frames.feed(data)
-        except ProtocolError as exc:
-            self._send(encode_error(None, INVALID_REQUEST, str(exc)))
-            self._cut(str(exc))
-            return
-        for line in lines:
-            if line.strip() and not self._closed:
-                self._frame(line)
-        if self._frames.pending and self._frame_timer is None and not self._closed:
-            self._frame_timer = self._loop.call_later(self.limits.frame_seconds, self._slow)
-        elif not self._frames.pending and self._frame_timer is not None:
-            self._frame_timer.cancel()
-            self._frame_timer = None
-
-    def eof_received(self) -> bool:
-        """The client is done sending: what it asked is answered first, then we close."""
-        self._eof = True
-        # True keeps the transport open for writing; _done closes it after the last answer.
-        return not self._closed and bool(self._tasks - self._subscriptions)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._closed = True
-        self.daemon._connections.discard(self)
-        for timer in (self._frame_timer, self._write_timer):
-            if timer is not None:
-                timer.cancel()
-        for task in self._tasks:
-            task.cancel()
-
-    def pause_writing(self) -> None:
-        """The client is not reading: it has ``write_seconds`` to start again."""
-        if self._write_timer is None:
-            self._write_timer = self._loop.call_later(self.limits.write_seconds, self._deaf)
-
-    def resume_writing(self) -> None:
-        if self._write_timer is not None:
-            self._write_timer.cancel()
-            self._write_timer = None
-
-    # -- cutting off -----------------------------------------------------------------------------
-    def _slow(self) -> None:
-        self._cut(f"a frame begun was not finished within {self.limits.frame_seconds:g}s")
-
-    def _deaf(self) -> None:
-        self._cut(f"it read nothing for {self.limits.write_seconds:g}s", abort=True)
-
-    def _cut(self, why: str, *, abort: bool = False) -> None:
-        if self._closed:
-            return
-        log.warning("client %s cut off: %s", self._who(), why)
-        self._closed = True
-        assert self._transport is not None
-        if abort:
-            self._transport.abort()
-        else:
-            self._transport.close()  # what is buffered goes first
-
-    async def abort(self) -> None:
-        """The daemon is stopping: close at once, its requests cancelled."""
-        tasks = list(self._tasks)
-        if self._transport is not None:
-            self._transport.abort()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-    # -- requests --------------------------------------------------------------------------------
-    def _frame(self, line: bytes) -> None:
-        try:
-            message = parse_message(line)
-            if not isinstance(message, Request):
-                raise ProtocolError("the daemon takes requests only (a method and an id)")
-        except ProtocolError as exc:
-            self._garbage += 1
-            code = PARSE_ERROR if "invalid JSON" in str(exc) else INVALID_REQUEST
-            self._send(encode_error(None, code, str(exc)))
-            if self._garbage >= self.limits.garbage_frames:
-                self._cut(f"{self._garbage} frames that were no requests")
-            return
-        if len(self._tasks) - len(self._subscriptions) >= self.limits.in_flight:
-            self._send(
-                encode_error(
-                    message.id,
-                    SERVER_ERROR,
-                    f"{self.limits.in_flight} requests of this connection are in flight",
-                )
-            )
-            return
-        task = self._loop.create_task(self._answer(message))
-        self._tasks.add(task)
-        task.add_done_callback(self._done)
-
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if self._eof and not self._closed and not (self._tasks - self._subscriptions):
-            self._closed = True
-            assert self._transport is not None
-            self._transport.close()
-
-    async def _answer(self, request: Request) -> None:
-        params = request.params if request.params is not None else {}
-        try:
-            if not isinstance(params, dict):
-                raise _Refused("params must be an object (by name)", INVALID_PARAMS)
-            if request.method == "subscribe":
-                task = asyncio.current_task()
-                assert task is not None
-                self._subscriptions.add(task)
-                await self._subscribe(request)
-                return
-            if request.method not in self.METHODS:
-                raise _Refused(f"no method {request.method!r}", METHOD_NOT_FOUND)
-            method: Callable[..., Awaitable[Any]] = getattr(self.daemon, request.method)
-            result = await method(self.caller, self.tenant, params)
-        except _Refused as exc:
-            audit.warning(
-                "refused %s uid=%d pid=%d: %s",
-                request.method,
-                self.caller.uid,
-                self.caller.pid,
-                exc,
-            )
-            self._send(encode_error(request.id, exc.code, str(exc)))
-            return
-        except SandboxerError as exc:
-            if isinstance(exc, (PluginLoadError, PluginStateError, PluginNotFound)):
-                audit.info(
-                    "failed %s uid=%d pid=%d: %s",
-                    request.method,
-                    self.caller.uid,
-                    self.caller.pid,
-                    exc,
-                )
-            self._send(encode_error(request.id, SERVER_ERROR, exc.message, exc.to_json()))
-            return
-        except Exception as exc:  # a bug of ours: the client hears of it, the daemon goes on
-            log.exception("request %s of %s failed", request.method, self._who())
-            self._send(encode_error(request.id, INTERNAL_ERROR, f"{type(exc).__name__}: {exc}"))
-            return
-        self._send(encode_result(request.id, result))
-
-    async def _subscribe(self, request: Request) -> None:
-        """Events of the caller's plugins (the administrator: everyone's, tenants that come
-        later included) as notifications, until the client goes; one that falls behind the
-        event buffer is cut off."""
-        self._send(encode_result(request.id, {"subscribed": True}))
-        forwarders: set[asyncio.Task[None]] = set()
-
-        async def forward(space: _Space) -> None:
-            stream = space.manager.events()
-            try:
-                async for event in stream:
-                    notice = {**event.to_json(), "tenant": space.name}
-                    self._send(encode_notification("event", notice))
-                if stream.overflowed:
-                    self._cut("it fell behind its events", abort=True)
-            finally:
-                await stream.aclose()
-
-        def follow(space: _Space) -> None:
-            forwarders.add(asyncio.ensure_future(forward(space)))
-
-        if self.tenant is None:
-            for space in list(self.daemon._spaces.values()):
-                follow(space)
-            self.daemon._followers.add(follow)
-        else:
-            follow(self.daemon._space(self.tenant))
-        try:
-            await self._loop.create_future()  # until the connection ends
-        finally:
-            self.daemon._followers.discard(follow)
-            for task in forwarders:
-                task.cancel()
-            await asyncio.gather(*forwarders, return_exceptions=True)
-
-    def _send(self, data: bytes) -> None:
-        """Write one reply (a client not reading is cut after ``write_seconds``)."""
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.write(data)
-
-
-def _describe(plugin: LoadedPlugin, space: _Space) -> dict[str, Any]:
+def _describe(plugin: LoadedPlugin, space: Space) -> dict[str, Any]:
     return {
         "id": plugin.id,
         "version": plugin.version,
@@ -756,7 +489,7 @@ def _quantile(ordered: list[float], q: float) -> float | None:
 def _text(params: dict[str, Any], key: str) -> str:
     value = params.get(key)
     if not isinstance(value, str) or not value:
-        raise _Refused(f"{key} must be a non-empty string", INVALID_PARAMS)
+        raise Refused(f"{key} must be a non-empty string", INVALID_PARAMS)
     return value
 
 

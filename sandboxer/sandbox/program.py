@@ -164,6 +164,7 @@ async def run(
     stdin: int | None = None,
     timeout: float | None = None,
     kill_grace: float = KILL_GRACE,
+    env: dict[str, str] | None = None,
 ) -> RunResult:
     """Run any program in the sandbox (``sandboxer exec``) and wait for it; with allowed
     hosts, its egress goes through ``egress`` (logged as plugin "exec").
@@ -173,7 +174,8 @@ async def run(
     bounds the program's run from its exec (the setup has ``setup_timeout``): past it, SIGTERM,
     then SIGKILL ``kill_grace`` seconds later, and ``RunResult.timed_out``. Whatever is left
     in its cgroup dies with it either way. A program missing inside, or not runnable there,
-    is a ``PluginLoadError`` ("not found inside the sandbox: PATH ...")."""
+    is a ``PluginLoadError`` ("not found inside the sandbox: PATH ..."). ``env`` adds to
+    (or replaces) the environment the program gets (PATH, HOME, LANG, TERM)."""
     if stdin is not None:
         child.check_stdin(stdin)  # before any cgroup or process exists
     grants = grant_mounts(sandbox.allowed_paths)
@@ -189,6 +191,7 @@ async def run(
             "HOME": "/tmp",
             "LANG": "C.UTF-8",
             "TERM": os.environ.get("TERM", "dumb"),
+            **(env or {}),
         },
         sandbox=sandbox,
         mounts=tuple(mounts),

@@ -43,7 +43,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -51,6 +50,7 @@ from typing import Any
 import wasmtime
 
 from ... import _json
+from ..._wasm_magic import WASM_MAGIC
 from ...errors import (
     INTERNAL_ERROR,
     INVALID_PARAMS,
@@ -64,12 +64,10 @@ from ...errors import (
     SandboxerError,
     SandboxUnavailable,
 )
-from ...manifest import WASM_MAGIC, LoaderType, Plugin
+from ...manifest import LoaderType, Plugin
 from ...rpc.framing import DEFAULT_MAX_FRAME
 from ...sandbox.egress import EgressProxy
-from ...sandbox.idmap import FALLBACK as IDMAP_FALLBACK
-from ...sandbox.idmap import owned_tree
-from ...sandbox.paths import OpenedPath, open_grant
+from ...sandbox.paths import OpenedPath
 from ...sandbox.policy import SandboxConfig
 from .. import NO_STATE, Health, NoState, ResourceUsage, not_implemented
 from . import _wasmtime as _wt
@@ -84,6 +82,7 @@ from ._call import (
 )
 from ._command import run_command
 from ._engine import WasmEngine
+from ._grants import check_grants, open_grants
 from ._host import HostFunctions, define_host_functions
 from ._instance import Bound, Instance, Store, running
 from ._pool import Pool
@@ -538,69 +537,7 @@ class WasmLoader:
                 missing="cpu quota for in-process wasm",
                 plugin_id=pid,
             )
-        for grant in sandbox.allowed_paths:
-            for outer in sandbox.allowed_paths:
-                if (
-                    outer.writable
-                    and not grant.writable
-                    and grant.path != outer.path
-                    and grant.path.startswith(outer.path.rstrip("/") + "/")
-                ):
-                    raise PluginLoadError(
-                        f"plugin {pid}: allowed path {grant.path} is read-only but lies inside "
-                        f"the writable allowed path {outer.path}; WASI would let the plugin "
-                        f"write it through {outer.path}, so wasm plugins may not have it "
-                        "(grant it writable, or grant narrower directories)",
-                        plugin_id=pid,
-                    )
-            for denied in sandbox.denied_paths:
-                if denied == grant.path or denied.startswith(grant.path.rstrip("/") + "/"):
-                    raise PluginLoadError(
-                        f"plugin {pid}: denied path {denied} lies inside allowed path "
-                        f"{grant.path}; WASI cannot mask part of a preopened directory, so "
-                        "wasm plugins may not have it (allow narrower directories instead)",
-                        plugin_id=pid,
-                    )
-
-    def _open_grants(
-        self, plugin: Plugin, sandbox: SandboxConfig
-    ) -> tuple[tuple[OpenedPath, ...], tuple[str, ...]]:
-        """Open every allowed path once, for this generation's life: beneath its path root
-        through no link (or, an operator's grant, from /), and check that what was opened
-        is a directory. The check and every later use are of the same descriptor, so what
-        happens to the names afterwards does not matter. A writable grant is then an
-        idmapped copy of its mount (as root): what WASI creates in it belongs to the grant's
-        owner, not to the supervisor's root. Nothing stays open on failure."""
-        pid = plugin.id
-        opened: list[OpenedPath] = []
-        fell_back = False
-        try:
-            for grant in sandbox.allowed_paths:
-                path = open_grant(grant, plugin_id=pid)
-                opened.append(path)
-                if not path.is_dir:
-                    raise PluginLoadError(
-                        f"plugin {pid}: allowed path {grant.path} is not a directory (it is "
-                        f"{path.host_path}); WASI can only be given directories",
-                        plugin_id=pid,
-                    )
-                if grant.writable and os.geteuid() == 0:
-                    tree, plain = owned_tree(
-                        path.fd,
-                        path=grant.path,
-                        outside=(0, 0),
-                        owner=self._grant_owner,
-                        fallbacks=self._fallbacks,
-                        plugin_id=pid,
-                    )
-                    fell_back |= plain
-                    path.close()
-                    path.fd = tree
-        except BaseException:
-            for path in opened:
-                path.close()
-            raise
-        return tuple(opened), (IDMAP_FALLBACK,) if fell_back else ()
+        check_grants(sandbox, f"plugin {pid}", plugin_id=pid)
 
     def _compile(self, plugin: Plugin) -> tuple[wasmtime.Module, str]:
         pid = plugin.id
@@ -629,7 +566,13 @@ class WasmLoader:
 
     async def start(self, plugin: Plugin, sandbox: SandboxConfig, *, generation: int) -> WasmHandle:
         self._check_sandbox(plugin, sandbox)
-        grants, fallbacks = self._open_grants(plugin, sandbox)
+        grants, fallbacks = open_grants(
+            sandbox,
+            f"plugin {plugin.id}",
+            plugin_id=plugin.id,
+            grant_owner=self._grant_owner,
+            fallbacks=self._fallbacks,
+        )
         try:
             handle = await self._make_handle(plugin, sandbox, grants)
             handle.fallbacks = fallbacks

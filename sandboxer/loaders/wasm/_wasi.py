@@ -160,24 +160,50 @@ class WasiContexts:
             argv=[self.plugin_id, method], stdin=stdin, stdout=stdout, stderr=stderr
         )
 
+    def for_program(
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        *,
+        stdin: bool,
+        stdout: Callable[[bytes], Any] | None,
+        stderr: Callable[[bytes], Any] | None,
+    ) -> wasmtime.WasiConfig | None:
+        """A program's (``sandboxer exec``): its argv and environment as given; with
+        ``stdin``, this process's standard input, else none; stdout and stderr into the
+        callbacks given, or (None) straight to this process's own, as they come."""
+        return self._config(
+            argv=argv, stdin=None, stdout=stdout, stderr=stderr, env=env, inherit_stdin=stdin
+        )
+
     def _config(
         self,
         *,
         argv: list[str],
         stdin: bytes | None,
-        stdout: Callable[[bytes], Any],
-        stderr: Callable[[bytes], Any],
+        stdout: Callable[[bytes], Any] | None,
+        stderr: Callable[[bytes], Any] | None,
+        env: dict[str, str] | None = None,
+        inherit_stdin: bool = False,
     ) -> wasmtime.WasiConfig | None:
         if not self.enabled:
             return None
         wasi = wasmtime.WasiConfig()
         wasi.argv = argv
-        wasi.env = []
-        if stdin is not None:
+        wasi.env = list((env or {}).items())
+        if inherit_stdin:
+            wasi.inherit_stdin()
+        elif stdin is not None:
             _wt.set_stdin_bytes(wasi, stdin)
-        wasi.stdout_custom = stdout
-        wasi.stderr_custom = stderr
-        self._engine.sinks.update((stdout, stderr))
+        for sink, inherit, attribute in (
+            (stdout, wasi.inherit_stdout, "stdout_custom"),
+            (stderr, wasi.inherit_stderr, "stderr_custom"),
+        ):
+            if sink is None:
+                inherit()
+            else:
+                setattr(wasi, attribute, sink)
+                self._engine.sinks.add(sink)
         self._preopen(wasi)
         return wasi
 
