@@ -190,6 +190,9 @@ class Plugin:
     protocol: Protocol = Protocol.JSONRPC
     grpc: GrpcSpec | None = None
     restart: RestartMode | None = None  # None: the host config's
+    # A wasm plugin: "json" (sandboxer's ABI, or a command speaking JSON on stdin/stdout) or
+    # "command" (an unmodified WASI program; call("run", [args]) runs it once)
+    wasm_mode: str = "json"
 
     @property
     def is_bare_file(self) -> bool:
@@ -211,6 +214,7 @@ class Plugin:
             "protocol": self.protocol.value,
             "grpc": self.grpc.to_json() if self.grpc is not None else None,
             "restart": self.restart.value if self.restart is not None else None,
+            "wasm": {"mode": self.wasm_mode} if self.type is LoaderType.WASM else None,
         }
 
 
@@ -378,6 +382,14 @@ def _entrypoint(value: Any, root: Path, kind: LoaderType) -> Path:
     return target
 
 
+def _wasm_mode(value: Any) -> str:
+    if value not in ("json", "command"):
+        raise ValueError(
+            f'"json" (sandboxer\'s ABI) or "command" (an unmodified WASI program), not {value!r}'
+        )
+    return str(value)
+
+
 def _protocol(value: Any) -> Protocol:
     try:
         return Protocol(value)
@@ -535,7 +547,7 @@ def parse_manifest(text: str | bytes, *, path: str | os.PathLike[str], root: Pat
         raise ManifestError(where, "(file)", f"valid TOML ({exc})") from None
     except RecursionError:
         raise ManifestError(where, "(file)", "TOML nested less deeply") from None
-    top = _Fields(where, "", data, {"plugin", "config", "sandbox", "grpc"})
+    top = _Fields(where, "", data, {"plugin", "config", "sandbox", "grpc", "wasm"})
     if "plugin" not in data:
         raise ManifestError(where, "plugin", "a [plugin] table")
     p = _Fields(where, "plugin", data["plugin"], _PLUGIN_FIELDS)
@@ -578,6 +590,13 @@ def parse_manifest(text: str | bytes, *, path: str | os.PathLike[str], root: Pat
             "grpc",
             '[grpc] is for protocol = "grpc"; set plugin.protocol = "grpc" or remove the table',
         )
+
+    wasm_mode = "json"
+    if "wasm" in data:
+        if kind is not LoaderType.WASM:
+            raise top.error("wasm", f'[wasm] is for type = "wasm" plugins, not {kind.value}')
+        w = _Fields(where, "wasm", data["wasm"], {"mode"})
+        wasm_mode = w.get("mode", _wasm_mode, default="json")
 
     config: dict[str, Any] = {}
     if "config" in data:
@@ -624,6 +643,7 @@ def parse_manifest(text: str | bytes, *, path: str | os.PathLike[str], root: Pat
         protocol=protocol,
         grpc=grpc,
         restart=p.get("restart", parse_restart),
+        wasm_mode=wasm_mode,
     )
 
 

@@ -80,7 +80,7 @@ from ._call import (
     json_result,
     put_numbers,
 )
-from ._command import run_command
+from ._command import run_command, run_program_call
 from ._engine import WasmEngine
 from ._grants import check_grants, open_grants
 from ._host import HostFunctions, define_host_functions
@@ -243,7 +243,12 @@ class WasmHandle:
     async def call(self, method: str, *args: Any, timeout: float | None = None) -> Any:
         m = self._methods.get(method)
         if m is None:
-            if self._layout.command and self.plugin.methods is None and method not in LIFECYCLE:
+            if (
+                self._layout.command
+                and self.plugin.methods is None
+                and method not in LIFECYCLE
+                and self.plugin.wasm_mode != "command"  # a program has run() alone
+            ):
                 return await self._command(
                     method, args, self._timeout if timeout is None else timeout
                 )
@@ -392,6 +397,23 @@ class WasmHandle:
     async def _command(self, method: str, args: tuple[Any, ...], timeout: float) -> Any:
         if self._closed:
             raise self._closed_error()
+        if self.plugin.wasm_mode == "command":  # an unmodified WASI program: run(args...)
+            run = functools.partial(
+                run_program_call,
+                self.plugin.id,
+                args,
+                timeout,
+                program=self.plugin.entrypoint.name,
+                engine=self._engine,
+                sandbox=self._sandbox,
+                module=self._module,
+                linker=self._linker,
+                wasi=self._wasi,
+                commands=self._commands,
+                closed=self._is_closed,
+                max_output=self._max_output,
+            )
+            return await self._run_command(run)
         try:
             payload = _json.dumps(list(args))
         except TypeError as exc:
@@ -401,26 +423,29 @@ class WasmHandle:
                 plugin_id=self.plugin.id,
                 method=method,
             ) from None
-        async with self._slots:
-            work = self._loop.run_in_executor(
-                self._executor,
-                functools.partial(
-                    run_command,
-                    self.plugin.id,
-                    method,
-                    payload,
-                    timeout,
-                    engine=self._engine,
-                    sandbox=self._sandbox,
-                    module=self._module,
-                    linker=self._linker,
-                    wasi=self._wasi,
-                    commands=self._commands,
-                    closed=self._is_closed,
-                    max_output=self._max_output,
-                    log=self._log,
-                ),
+        return await self._run_command(
+            functools.partial(
+                run_command,
+                self.plugin.id,
+                method,
+                payload,
+                timeout,
+                engine=self._engine,
+                sandbox=self._sandbox,
+                module=self._module,
+                linker=self._linker,
+                wasi=self._wasi,
+                commands=self._commands,
+                closed=self._is_closed,
+                max_output=self._max_output,
+                log=self._log,
             )
+        )
+
+    async def _run_command(self, run: Callable[[], Any]) -> Any:
+        """A command run on a worker thread, within the generation's runs at once."""
+        async with self._slots:
+            work = self._loop.run_in_executor(self._executor, run)
             self._offloop.add(work)
             work.add_done_callback(self._offloop.discard)
             return await asyncio.shield(work)

@@ -27,6 +27,7 @@ __all__ = [
     "RANGES",
     "HOST_FUNCTIONS",
     "WASI_MODULE",
+    "PROGRAM_METHOD",
     "JSON_SIGNATURE",
     "Signature",
     "signature",
@@ -54,6 +55,7 @@ HOST_FUNCTIONS: dict[str, Signature] = {
     "http_response": (("i32", "i32"), ("i32",)),
 }
 WASI_MODULE = "wasi_snapshot_preview1"
+PROGRAM_METHOD = "run"  # a command-mode plugin's one method: run(args...) runs the program
 JSON_SIGNATURE: Signature = (("i32", "i32"), ("i64",))
 
 
@@ -181,6 +183,12 @@ class Layout:
                 methods=methods,
             )
 
+        if plugin.wasm_mode == "command":  # an unmodified WASI program: run as it is
+            if not command:
+                raise refuse(
+                    '[wasm] mode = "command" needs a WASI command: the module exports no _start'
+                )
+            return layout({PROGRAM_METHOD: Method(PROGRAM_METHOD, json=True)})
         if command:
             return layout({name: Method(name, json=True) for name in plugin.methods or ()})
         usable: dict[str, Method] = {}

@@ -1,14 +1,20 @@
-"""WASI command modules: a call is one run of ``_start`` in a fresh store, the arguments'
-JSON on its stdin, its result the JSON value it writes to stdout, its stderr logged.
+"""WASI command modules: a call is one run of ``_start`` in a fresh store.
 
-A run blocks (its wasm runs from start to exit on the calling thread): only ever call
-``run_command`` on a worker, never on the event loop.
+Two kinds: a command written for sandboxer (``run_command``: the arguments' JSON on its
+stdin, its result the JSON value it writes to stdout, its stderr logged), and an unmodified
+WASI program (``[wasm] mode = "command"``, ``run_program_call``: ``run(args...)`` runs it
+with that argv and answers ``{"exitCode", "stdout", "stderr"}``).
+
+A run blocks (its wasm runs from start to exit on the calling thread): only ever call these
+on a worker, never on the event loop.
 """
 
 from __future__ import annotations
 
+import base64
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -16,10 +22,12 @@ import wasmtime
 
 from ...errors import (
     INTERNAL_ERROR,
+    INVALID_PARAMS,
     CallTimeout,
     CpuLimitExceeded,
     PluginCallError,
     PluginStateError,
+    SandboxerError,
 )
 from ...sandbox.child import LineLog
 from ...sandbox.policy import SandboxConfig
@@ -28,7 +36,88 @@ from ._engine import WasmEngine
 from ._instance import Store, running
 from ._wasi import WasiContexts
 
-__all__ = ["run_command"]
+__all__ = ["run_command", "run_program_call"]
+
+
+@dataclass(frozen=True, slots=True)
+class _Ended:
+    """How a run of ``_start`` ended: its exit status, or the trap that stopped it."""
+
+    status: int
+    trapped: str | None = None
+    out_of_fuel: bool = False
+    timed_out: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _Runner:
+    """What every run of one generation's module needs."""
+
+    plugin_id: str
+    engine: WasmEngine
+    sandbox: SandboxConfig
+    module: wasmtime.Module
+    linker: wasmtime.Linker
+    wasi: WasiContexts
+    commands: set[Store]  # the runs in progress (an unload stops them)
+    closed: Callable[[], bool]  # tells an unload's stop from the call's own timeout
+
+    def start(self, method: str, config: wasmtime.WasiConfig | None, timeout: float) -> _Ended:
+        pid = self.plugin_id
+        store = Store(self.engine, self.sandbox)
+        self.commands.add(store)
+        try:
+            if config is not None:
+                store.store.set_wasi(config)
+            store.arm(timeout)
+            try:
+                with self.engine.ticking(), running(store):
+                    instance = self.linker.instantiate(store.store, self.module)
+                    start = instance.exports(store.store)["_start"]
+                    if not isinstance(start, wasmtime.Func):
+                        # Layout.of checked the module's _start at load; this is the instance's.
+                        raise PluginCallError(
+                            f"plugin {pid}: {method}: the module's _start is not a function",
+                            code=INTERNAL_ERROR,
+                            plugin_id=pid,
+                            method=method,
+                        )
+                    start(store.store)
+            except wasmtime.ExitTrap as exc:
+                return _Ended(exc.code)
+            except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
+                # Only facts leave this block: the trap's backtrace pins the module.
+                out_of_fuel = isinstance(exc, wasmtime.Trap) and (
+                    exc.trap_code is wasmtime.TrapCode.OUT_OF_FUEL
+                )
+                return _Ended(0, first_line(exc), out_of_fuel, store.timed_out)
+            return _Ended(0)
+        finally:
+            self.commands.discard(store)
+            store.release()
+
+    def stopped(self, ended: _Ended, method: str, timeout: float) -> SandboxerError | None:
+        """The error for a run a limit or the unload stopped; None for a plain trap."""
+        pid = self.plugin_id
+        if ended.timed_out and self.closed():
+            return PluginStateError(
+                f"plugin {pid}: unloaded while {method} was in flight (it outlived the drain "
+                "timeout)",
+                plugin_id=pid,
+            )
+        if ended.timed_out:
+            return CallTimeout(
+                f"plugin {pid}: {method} did not finish within {timeout:g}s",
+                timeout=timeout,
+                plugin_id=pid,
+                method=method,
+            )
+        if ended.out_of_fuel:
+            return CpuLimitExceeded(
+                f"plugin {pid}: {method} used up its fuel ({self.sandbox.fuel} per call)",
+                plugin_id=pid,
+            )
+        return None
 
 
 def run_command(
@@ -47,11 +136,9 @@ def run_command(
     max_output: int,
     log: logging.Logger,
 ) -> Any:
-    """Run ``_start`` once with the args on stdin; the result is its stdout (blocking).
-
-    The run's store is in ``commands`` while it runs (so that an unload can stop it);
-    ``closed()`` tells an unload's stop from the call's own timeout."""
+    """Run ``_start`` once with the args on stdin; the result is its stdout (blocking)."""
     pid = plugin_id
+    runner = _Runner(pid, engine, sandbox, module, linker, wasi, commands, closed)
     out = bytearray()
     err = LineLog(name="stderr", logger=log, level=logging.WARNING, tail=20)
     too_much = False
@@ -68,68 +155,18 @@ def run_command(
         err.feed(data)
         return len(data)
 
-    config = wasi.for_command(method, stdin=payload, stdout=stdout, stderr=stderr)
-    store = Store(engine, sandbox)
-    commands.add(store)
-    status = 0
-    try:
-        if config is not None:
-            store.store.set_wasi(config)
-        store.arm(timeout)
-        trapped: str | None = None
-        out_of_fuel = False
-        try:
-            with engine.ticking(), running(store):
-                instance = linker.instantiate(store.store, module)
-                start = instance.exports(store.store)["_start"]
-                if not isinstance(start, wasmtime.Func):
-                    # Layout.of checked the module's _start at load; this is the instance's.
-                    raise PluginCallError(
-                        f"plugin {pid}: {method}: the module's _start is not a function",
-                        code=INTERNAL_ERROR,
-                        plugin_id=pid,
-                        method=method,
-                    )
-                start(store.store)
-        except wasmtime.ExitTrap as exc:
-            status = exc.code
-        except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
-            # Only facts leave this block: the trap's backtrace pins the module.
-            trapped = first_line(exc)
-            out_of_fuel = isinstance(exc, wasmtime.Trap) and (
-                exc.trap_code is wasmtime.TrapCode.OUT_OF_FUEL
-            )
-        if trapped is not None:
-            err.flush()
-            if store.timed_out and closed():
-                raise PluginStateError(
-                    f"plugin {pid}: unloaded while {method} was in "
-                    "flight (it outlived the drain timeout)",
-                    plugin_id=pid,
-                )
-            if store.timed_out:
-                raise CallTimeout(
-                    f"plugin {pid}: {method} did not finish within {timeout:g}s",
-                    timeout=timeout,
-                    plugin_id=pid,
-                    method=method,
-                )
-            if out_of_fuel:
-                raise CpuLimitExceeded(
-                    f"plugin {pid}: {method} used up its fuel ({sandbox.fuel} per call)",
-                    plugin_id=pid,
-                )
-            raise PluginCallError(
-                f"plugin {pid}: {method} trapped: {trapped}",
-                code=INTERNAL_ERROR,
-                plugin_id=pid,
-                method=method,
-                data={"stderr": list(err.tail)},
-            )
-    finally:
-        commands.discard(store)
-        store.release()
+    ended = runner.start(
+        method, wasi.for_command(method, stdin=payload, stdout=stdout, stderr=stderr), timeout
+    )
     err.flush()
+    if ended.trapped is not None:
+        raise runner.stopped(ended, method, timeout) or PluginCallError(
+            f"plugin {pid}: {method} trapped: {ended.trapped}",
+            code=INTERNAL_ERROR,
+            plugin_id=pid,
+            method=method,
+            data={"stderr": list(err.tail)},
+        )
     if too_much:
         raise PluginCallError(
             f"plugin {pid}: {method} wrote more than {max_output} bytes to stdout",
@@ -137,14 +174,14 @@ def run_command(
             plugin_id=pid,
             method=method,
         )
-    if status != 0:
+    if ended.status != 0:
         tail = " | ".join(err.tail) or "no stderr"
         raise PluginCallError(
-            f"plugin {pid}: {method} exited with status {status}: {tail}",
+            f"plugin {pid}: {method} exited with status {ended.status}: {tail}",
             code=INTERNAL_ERROR,
             plugin_id=pid,
             method=method,
-            data={"exit_status": status, "stderr": list(err.tail)},
+            data={"exit_status": ended.status, "stderr": list(err.tail)},
         )
     if not out.strip():
         return None
@@ -157,3 +194,74 @@ def run_command(
             plugin_id=pid,
             method=method,
         ) from None
+
+
+class _Capture:
+    """One output stream of a program run: the first ``limit`` bytes kept, the rest counted
+    (the program's writes succeed either way)."""
+
+    def __init__(self, limit: int) -> None:
+        self.data = bytearray()
+        self.total = 0
+        self.limit = limit
+
+    def __call__(self, chunk: bytes) -> int:
+        self.total += len(chunk)
+        room = self.limit - len(self.data)
+        if room > 0:
+            self.data += chunk[:room]
+        return len(chunk)
+
+    def describe(self, name: str, answer: dict[str, Any]) -> None:
+        """``name`` as text (UTF-8), else ``name + "Base64"``; in ``truncated`` if cut."""
+        try:
+            answer[name] = self.data.decode("utf-8")
+        except UnicodeDecodeError:
+            answer[name] = None
+            answer[name + "Base64"] = base64.b64encode(self.data).decode()
+        if self.total > len(self.data):
+            answer["truncated"].append(name)
+
+
+def run_program_call(
+    plugin_id: str,
+    args: tuple[Any, ...],
+    timeout: float,
+    *,
+    program: str,
+    engine: WasmEngine,
+    sandbox: SandboxConfig,
+    module: wasmtime.Module,
+    linker: wasmtime.Linker,
+    wasi: WasiContexts,
+    commands: set[Store],
+    closed: Callable[[], bool],
+    max_output: int,
+) -> dict[str, Any]:
+    """Run an unmodified WASI program once with argv ``[program, *args]`` (strings), no
+    environment and no stdin: ``{"exitCode", "stdout", "stderr", "truncated"}``, each
+    stream up to ``max_output`` bytes. A limit that stopped it is an error; a trap too."""
+    pid, method = plugin_id, "run"
+    if not all(isinstance(a, str) for a in args):
+        raise PluginCallError(
+            f"plugin {pid}: run takes the program's arguments, strings only, not {list(args)!r}",
+            code=INVALID_PARAMS,
+            plugin_id=pid,
+            method=method,
+        )
+    runner = _Runner(pid, engine, sandbox, module, linker, wasi, commands, closed)
+    out, err = _Capture(max_output), _Capture(max_output)
+    config = wasi.for_program([program, *args], {}, stdin=False, stdout=out, stderr=err)
+    ended = runner.start(method, config, timeout)
+    if ended.trapped is not None:
+        raise runner.stopped(ended, method, timeout) or PluginCallError(
+            f"plugin {pid}: run trapped: {ended.trapped}",
+            code=INTERNAL_ERROR,
+            plugin_id=pid,
+            method=method,
+            data={"stderr": err.data[-4096:].decode("utf-8", "replace")},
+        )
+    answer: dict[str, Any] = {"exitCode": ended.status, "truncated": []}
+    out.describe("stdout", answer)
+    err.describe("stderr", answer)
+    return answer
