@@ -52,6 +52,19 @@ class _Captured:
     def text(self) -> str:
         return self.data.decode("utf-8", "replace")
 
+    @staticmethod
+    def result(out: _Captured, err: _Captured) -> dict[str, Any]:
+        """``--json``'s ``result``: both streams as text, and which were cut."""
+        return {
+            "stdout": out.text(),
+            "stderr": err.text(),
+            "truncated": [
+                name
+                for name, stream in (("stdout", out), ("stderr", err))
+                if stream.total > len(stream.data)
+            ],
+        }
+
 
 def _passed_through(stream: Any) -> Any:
     def write(data: bytes) -> None:
@@ -152,15 +165,7 @@ async def cmd_exec(args: argparse.Namespace) -> int:
         signal=signum,
     )
     if args.json:
-        extra["result"] = {
-            "stdout": out.text(),
-            "stderr": err.text(),
-            "truncated": [
-                name
-                for name, stream in (("stdout", out), ("stderr", err))
-                if stream.total > len(stream.data)
-            ],
-        }
+        extra["result"] = _Captured.result(out, err)
     how = (
         f"exited with status {status}"
         if signum is None
@@ -272,15 +277,7 @@ async def _exec_wasm(args: argparse.Namespace, command: list[str], host: HostCon
         signal=None,
     )
     if out is not None and err is not None:
-        extra["result"] = {
-            "stdout": out.text(),
-            "stderr": err.text(),
-            "truncated": [
-                name
-                for name, stream in (("stdout", out), ("stderr", err))
-                if stream.total > len(stream.data)
-            ],
-        }
+        extra["result"] = _Captured.result(out, err)
     if result.error is not None:
         return report_error(result.error, as_json=args.json, extra=extra)
     status = result.exit_status or 0

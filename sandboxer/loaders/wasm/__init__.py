@@ -80,7 +80,7 @@ from ._call import (
     json_result,
     put_numbers,
 )
-from ._command import run_command, run_program_call
+from ._command import CommandRunner, run_command, run_program_call
 from ._engine import WasmEngine
 from ._grants import check_grants, open_grants
 from ._host import HostFunctions, define_host_functions
@@ -397,23 +397,27 @@ class WasmHandle:
     async def _command(self, method: str, args: tuple[Any, ...], timeout: float) -> Any:
         if self._closed:
             raise self._closed_error()
+        runner = CommandRunner(
+            self.plugin.id,
+            self._engine,
+            self._sandbox,
+            self._module,
+            self._linker,
+            self._wasi,
+            self._commands,
+            self._is_closed,
+        )
         if self.plugin.wasm_mode == "command":  # an unmodified WASI program: run(args...)
-            run = functools.partial(
-                run_program_call,
-                self.plugin.id,
-                args,
-                timeout,
-                program=self.plugin.entrypoint.name,
-                engine=self._engine,
-                sandbox=self._sandbox,
-                module=self._module,
-                linker=self._linker,
-                wasi=self._wasi,
-                commands=self._commands,
-                closed=self._is_closed,
-                max_output=self._max_output,
+            return await self._run_command(
+                functools.partial(
+                    run_program_call,
+                    runner,
+                    args,
+                    timeout,
+                    program=self.plugin.entrypoint.name,
+                    max_output=self._max_output,
+                )
             )
-            return await self._run_command(run)
         try:
             payload = _json.dumps(list(args))
         except TypeError as exc:
@@ -426,17 +430,10 @@ class WasmHandle:
         return await self._run_command(
             functools.partial(
                 run_command,
-                self.plugin.id,
+                runner,
                 method,
                 payload,
                 timeout,
-                engine=self._engine,
-                sandbox=self._sandbox,
-                module=self._module,
-                linker=self._linker,
-                wasi=self._wasi,
-                commands=self._commands,
-                closed=self._is_closed,
                 max_output=self._max_output,
                 log=self._log,
             )

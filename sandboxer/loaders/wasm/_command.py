@@ -36,7 +36,7 @@ from ._engine import WasmEngine
 from ._instance import Store, running
 from ._wasi import WasiContexts
 
-__all__ = ["run_command", "run_program_call"]
+__all__ = ["CommandRunner", "run_command", "run_program_call"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,8 +50,8 @@ class _Ended:
 
 
 @dataclass(frozen=True, slots=True)
-class _Runner:
-    """What every run of one generation's module needs."""
+class CommandRunner:
+    """What every run of one generation's module needs, from its handle."""
 
     plugin_id: str
     engine: WasmEngine
@@ -121,24 +121,16 @@ class _Runner:
 
 
 def run_command(
-    plugin_id: str,
+    runner: CommandRunner,
     method: str,
     payload: bytes,
     timeout: float,
     *,
-    engine: WasmEngine,
-    sandbox: SandboxConfig,
-    module: wasmtime.Module,
-    linker: wasmtime.Linker,
-    wasi: WasiContexts,
-    commands: set[Store],
-    closed: Callable[[], bool],
     max_output: int,
     log: logging.Logger,
 ) -> Any:
     """Run ``_start`` once with the args on stdin; the result is its stdout (blocking)."""
-    pid = plugin_id
-    runner = _Runner(pid, engine, sandbox, module, linker, wasi, commands, closed)
+    pid, wasi = runner.plugin_id, runner.wasi
     out = bytearray()
     err = LineLog(name="stderr", logger=log, level=logging.WARNING, tail=20)
     too_much = False
@@ -224,24 +216,17 @@ class _Capture:
 
 
 def run_program_call(
-    plugin_id: str,
+    runner: CommandRunner,
     args: tuple[Any, ...],
     timeout: float,
     *,
     program: str,
-    engine: WasmEngine,
-    sandbox: SandboxConfig,
-    module: wasmtime.Module,
-    linker: wasmtime.Linker,
-    wasi: WasiContexts,
-    commands: set[Store],
-    closed: Callable[[], bool],
     max_output: int,
 ) -> dict[str, Any]:
     """Run an unmodified WASI program once with argv ``[program, *args]`` (strings), no
     environment and no stdin: ``{"exitCode", "stdout", "stderr", "truncated"}``, each
     stream up to ``max_output`` bytes. A limit that stopped it is an error; a trap too."""
-    pid, method = plugin_id, "run"
+    pid, method = runner.plugin_id, "run"
     if not all(isinstance(a, str) for a in args):
         raise PluginCallError(
             f"plugin {pid}: run takes the program's arguments, strings only, not {list(args)!r}",
@@ -249,9 +234,8 @@ def run_program_call(
             plugin_id=pid,
             method=method,
         )
-    runner = _Runner(pid, engine, sandbox, module, linker, wasi, commands, closed)
     out, err = _Capture(max_output), _Capture(max_output)
-    config = wasi.for_program([program, *args], {}, stdin=False, stdout=out, stderr=err)
+    config = runner.wasi.for_program([program, *args], {}, stdin=False, stdout=out, stderr=err)
     ended = runner.start(method, config, timeout)
     if ended.trapped is not None:
         raise runner.stopped(ended, method, timeout) or PluginCallError(
