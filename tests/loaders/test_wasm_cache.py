@@ -290,13 +290,13 @@ async def test_eviction_keeps_the_total_under_the_bound_oldest_first(
     assert await add_2_3(add) == 5
     [stored] = entries(cache)
     size = stored.stat().st_size
-    # Old entries of others: 4 of about add's size; room for 4 entries in all.
+    # Entries of other modules: 4 of add's size; room for 4 such entries in all.
     monkeypatch.setattr(_module_cache, "MAX_BYTES", 4 * size + size // 2)
     old = [cache / f"{i:064x}.cwasm" for i in range(4)]
     for i, path in enumerate(old):
         path.write_bytes(b"\0" * size)
         os.utime(path, ns=(0, (i + 1) * 10**9))
-    os.utime(stored, ns=(0, 10 * 10**9))
+    os.utime(stored, ns=(0, 10**8))  # the oldest of all, until it is used
     assert await add_2_3(add) == 5  # a hit: add's entry is touched, the newest now
     assert len(spy.compiled) == 1
     assert await add_2_3(sub) == -1  # stored: the two oldest make room
