@@ -157,6 +157,23 @@ def _wasm() -> dict[str, Any]:
         "limits": ["memory", "tables", "instances", "epoch deadline", "fuel"],
         "wasi": "preopened allowed paths only; no sockets, no environment",
         "network": "sandboxer.http_request, through the egress proxy's allow-list",
+        "cache": _wasm_cache(),
+    }
+
+
+def _wasm_cache() -> dict[str, Any]:
+    """Where compiled modules are kept between processes, and what is there; or why they
+    are not (then every process compiles every module)."""
+    from .loaders.wasm import _module_cache
+
+    found = _module_cache.usage()
+    if isinstance(found, str):
+        return {"directory": None, "reason": found}
+    return {
+        "directory": found.directory,
+        "entries": found.entries,
+        "bytes": found.bytes,
+        "max_bytes": _module_cache.MAX_BYTES,
     }
 
 

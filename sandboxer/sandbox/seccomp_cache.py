@@ -10,7 +10,9 @@ running kernel. An entry is used only if its directory and the file are the euid
 writable by no one else, the file is a regular one reached through no link, and its header
 names the key and the SHA-256 of the program that follows; anything else is a miss, and the
 program is compiled as if there were no cache. Writes go to a temporary file renamed into
-place, so a reader never sees half an entry.
+place, so a reader never sees half an entry. Those rules, and the eviction (at most
+``_MAX_ENTRIES``, the least recently used first), are ``_disk_cache.py``'s, shared with the
+compiled wasm modules' cache.
 
 Where: ``/run/sandboxer/seccomp`` as root; ``$XDG_RUNTIME_DIR/sandboxer/seccomp`` for
 another user when that directory is theirs alone; else nowhere (every process compiles).
@@ -26,6 +28,7 @@ import logging
 import os
 import stat
 
+from .. import _disk_cache
 from ..errors import PluginLoadError
 from .profiles import groups_path, load_profile
 
@@ -49,25 +52,6 @@ class _Version(ctypes.Structure):
     _fields_ = [("major", ctypes.c_uint), ("minor", ctypes.c_uint), ("micro", ctypes.c_uint)]
 
 
-def _mapped_libseccomp() -> str | None:
-    """The libseccomp file this process maps, as ``path dev inode size mtime``; None unless
-    exactly one is mapped and the file at its path is still that one."""
-    found = set()
-    with open("/proc/self/maps") as f:
-        for line in f:
-            fields = line.rstrip("\n").split(maxsplit=5)
-            if len(fields) == 6 and os.path.basename(fields[5]).startswith("libseccomp.so"):
-                found.add((fields[5], fields[3], int(fields[4])))
-    if len(found) != 1:
-        return None
-    path, device, inode = found.pop()
-    major, minor = (int(part, 16) for part in device.split(":"))
-    st = os.stat(path)
-    if (st.st_ino, os.major(st.st_dev), os.minor(st.st_dev)) != (inode, major, minor):
-        return None  # replaced on disk since it was loaded, or "(deleted)"
-    return f"{path} {device} {inode} {st.st_size} {st.st_mtime_ns}"
-
-
 @functools.cache
 def _libseccomp() -> str | None:
     """libseccomp's version and file, loaded as pyseccomp loads it; None if it cannot be."""
@@ -77,7 +61,7 @@ def _libseccomp() -> str | None:
         return None
     lib.seccomp_version.restype = ctypes.POINTER(_Version)
     version = lib.seccomp_version().contents
-    mapped = _mapped_libseccomp()
+    mapped = _disk_cache.mapped_file("libseccomp.so")
     if mapped is None:
         return None
     return f"{version.major}.{version.minor}.{version.micro} {mapped}"
@@ -134,97 +118,29 @@ def _directory() -> str | None:
     return os.path.join(xdg, "sandboxer", "seccomp")
 
 
-def _own(st: os.stat_result) -> bool:
-    return st.st_uid == os.geteuid() and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
-
-
-def _open_directory(path: str, *, create: bool) -> int | None:
-    """An fd of the cache directory if it is the euid's own and no one else's to write."""
-    if create:
-        for part in (os.path.dirname(path), path):
-            try:
-                os.mkdir(part, 0o700 if part == path else 0o755)
-            except FileExistsError:
-                pass
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
-    if not _own(os.fstat(fd)):
-        os.close(fd)
-        return None
-    return fd
+def _cache(where: str) -> _disk_cache.DiskCache:
+    return _disk_cache.DiskCache(
+        where,
+        format=CACHE_FORMAT,
+        suffix=_SUFFIX,
+        max_payload=_MAX_PROGRAM,
+        max_entries=_MAX_ENTRIES,
+    )
 
 
 def _entry(key: str, program: bytes) -> bytes:
-    digest = hashlib.sha256(program).hexdigest()
-    return b"%s %s %s\n" % (CACHE_FORMAT, key.encode(), digest.encode()) + program
+    return _disk_cache.entry(CACHE_FORMAT, key, program)
 
 
 def _load(where: str, key: str) -> bytes | None:
-    directory = _open_directory(where, create=False)
-    if directory is None:
-        return None
-    try:
-        return _read(directory, key)
-    finally:
-        os.close(directory)
+    program = _cache(where).load(key)
+    if not program or len(program) % 8:
+        return None  # not a BPF program: the owner wrote it so; compile
+    return program
 
 
 def _store(where: str, key: str, program: bytes) -> None:
-    directory = _open_directory(where, create=True)
-    if directory is None:
-        return
-    try:
-        _write(directory, key, program)
-    finally:
-        os.close(directory)
-
-
-def _read(directory: int, key: str) -> bytes | None:
-    try:
-        fd = os.open(key + _SUFFIX, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory)
-    except FileNotFoundError:
-        return None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or not _own(st) or st.st_size > _MAX_PROGRAM + 256:
-            return None
-        data = os.read(fd, _MAX_PROGRAM + 257)
-    finally:
-        os.close(fd)
-    program = data.partition(b"\n")[2]
-    if not program or len(program) % 8 or len(program) > _MAX_PROGRAM:
-        return None
-    return program if data == _entry(key, program) else None
-
-
-def _write(directory: int, key: str, program: bytes) -> None:
-    temporary = f".{key}.{os.getpid()}.tmp"
-    fd = os.open(
-        temporary,
-        os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-        0o600,
-        dir_fd=directory,
-    )
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(_entry(key, program))
-        os.rename(temporary, key + _SUFFIX, src_dir_fd=directory, dst_dir_fd=directory)
-    except BaseException:
-        os.unlink(temporary, dir_fd=directory)
-        raise
-    _prune(directory)
-
-
-def _prune(directory: int) -> None:
-    """At most ``_MAX_ENTRIES`` entries: the least recently written go first."""
-    names = [n for n in os.listdir(directory) if n.endswith(_SUFFIX)]
-    if len(names) <= _MAX_ENTRIES:
-        return
-    written = sorted(names, key=lambda n: os.stat(n, dir_fd=directory).st_mtime_ns)
-    for name in written[: len(names) - _MAX_ENTRIES]:
-        os.unlink(name, dir_fd=directory)
+    _cache(where).store(key, program)
 
 
 def filter_for(profile: str, *, network: bool, extra_dirs: tuple[str, ...] = ()) -> bytes:

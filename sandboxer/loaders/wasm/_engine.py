@@ -1,5 +1,6 @@
 """The manager's one wasmtime Engine: its configuration, the compiled modules (by content
-digest, compiled once and shared), the epoch ticker and the worker threads long calls move to.
+digest, compiled once and shared; on disk for the next process, _module_cache.py), the epoch
+ticker and the worker threads long calls move to.
 
 It never instantiates or calls a module: stores, instances and calls belong to a plugin's
 generation (_instance.py). It must never tick while nothing runs off the event loop: quick
@@ -19,10 +20,27 @@ from typing import Any
 
 import wasmtime
 
-__all__ = ["WasmEngine", "TICK", "MAX_WASM_STACK"]
+from . import _module_cache
+
+__all__ = ["WasmEngine", "TICK", "MAX_WASM_STACK", "ENGINE_SETTINGS"]
 
 TICK = 0.001  # the epoch ticker's period
 MAX_WASM_STACK = 512 << 10
+
+# Every wasmtime.Config setting of the engine, applied from here and nowhere else: the
+# on-disk module cache keys on this list, so a setting added here is in the key, and one set
+# any other way would let a module compiled without it be loaded (a test holds to this).
+ENGINE_SETTINGS: tuple[tuple[str, object], ...] = (
+    ("epoch_interruption", True),
+    ("consume_fuel", True),  # metered per store; unmetered stores get 2**63-1
+    ("max_wasm_stack", MAX_WASM_STACK),
+    ("memory_may_move", False),  # memory base addresses stay put: cached per instance
+    ("wasm_memory64", False),  # limits and the JSON ABI are 32-bit
+    ("wasm_threads", False),
+    ("wasm_simd", False),  # v128 values cannot cross wasmtime's C API: refuse them
+    ("wasm_relaxed_simd", False),
+    ("parallel_compilation", False),
+)
 
 
 class WasmEngine:
@@ -30,16 +48,10 @@ class WasmEngine:
 
     def __init__(self, *, workers: int = 32) -> None:
         config = wasmtime.Config()
-        config.epoch_interruption = True
-        config.consume_fuel = True  # metered per store; unmetered stores get 2**63-1
-        config.max_wasm_stack = MAX_WASM_STACK
-        config.memory_may_move = False  # memory base addresses stay put: cached per instance
-        config.wasm_memory64 = False  # limits and the JSON ABI are 32-bit
-        config.wasm_threads = False
-        config.wasm_simd = False  # v128 values cannot cross wasmtime's C API: refuse them
-        config.wasm_relaxed_simd = False
-        config.parallel_compilation = False
+        for name, value in ENGINE_SETTINGS:
+            setattr(config, name, value)
         self.engine = wasmtime.Engine(config)
+        self._disk = _module_cache.for_this_user(ENGINE_SETTINGS)  # None: compile every time
         self._modules: dict[str, list[Any]] = {}  # digest -> [module, plugins using it]
         self._compile_lock = threading.Lock()
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sandboxer-wasm")
@@ -56,10 +68,23 @@ class WasmEngine:
         with self._compile_lock:
             entry = self._modules.get(digest)
             if entry is None:
-                entry = self._modules[digest] = [wasmtime.Module(self.engine, data), 0]
+                entry = self._modules[digest] = [self._compiled(data), 0]
             entry[1] += 1
             module: wasmtime.Module = entry[0]
             return module
+
+    def _compiled(self, data: bytes) -> wasmtime.Module:
+        """``data`` compiled by this engine: from the disk cache when it holds it, else
+        compiled here and stored for the next process."""
+        disk = self._disk
+        key = disk.key(data) if disk is not None else None
+        if disk is None or key is None:
+            return wasmtime.Module(self.engine, data)
+        module = disk.load(self.engine, key)
+        if module is None:
+            module = wasmtime.Module(self.engine, data)
+            disk.store(key, module)
+        return module
 
     def release(self, digest: str) -> None:
         with self._compile_lock:

@@ -1,0 +1,145 @@
+"""Compiled WebAssembly modules kept on disk, so that a process does not compile again what
+another compiled with the same engine (issue 22: a 20 MB module costs Cranelift seconds).
+
+It must never deserialize bytes it cannot vouch for: wasmtime's ``Module.deserialize`` trusts
+its input completely, and a tampered artifact is memory-unsafe in the supervisor (as root).
+So an artifact is deserialized only after ``_disk_cache`` has checked the directory, the
+file and the header (format, key, SHA-256 of the artifact); one that fails is deleted and
+the module compiled again. The key covers everything that shapes the artifact: the module's
+own SHA-256 (computed here, not taken from the caller), wasmtime's version and the library
+file this process maps, every engine setting (``_engine.ENGINE_SETTINGS``, the one list the
+engine is configured from), the machine and the running kernel.
+
+Where: ``/var/cache/sandboxer/wasm`` as root; ``$XDG_CACHE_HOME/sandboxer/wasm`` (else
+``~/.cache/sandboxer/wasm``) for another user when that cache directory is theirs and
+writable by no one else; else nowhere, and every process compiles. At most ``MAX_BYTES`` in
+all, the least recently used out first. A cache that cannot be used is never an error.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import pwd
+import stat
+from collections.abc import Sequence
+
+import wasmtime
+
+from ... import _disk_cache
+
+__all__ = ["FORMAT", "MAX_BYTES", "ModuleCache", "for_this_user", "usage"]
+
+log = logging.getLogger(__name__)
+
+FORMAT = b"sandboxer-wasm-1"
+MAX_BYTES = 512 << 20  # every artifact together, headers included
+_SUFFIX = ".cwasm"
+_ROOT_DIRECTORY = "/var/cache/sandboxer/wasm"
+
+
+@functools.cache
+def _wasmtime_library() -> str | None:
+    """wasmtime-py's version and the native library this process maps; None if the library
+    cannot be told apart (then nothing is cached)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        mapped = _disk_cache.mapped_file("_libwasmtime.so")
+        return None if mapped is None else f"{version('wasmtime')} {mapped}"
+    except (OSError, PackageNotFoundError):
+        return None
+
+
+def _locate() -> tuple[str | None, str]:
+    """Where entries live for this euid (see the module docstring), or None and why not."""
+    if os.geteuid() == 0:
+        return _ROOT_DIRECTORY, ""
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    if not os.path.isabs(base):  # unset, empty or relative: the XDG default
+        home = os.environ.get("HOME") or pwd.getpwuid(os.geteuid()).pw_dir
+        base = os.path.join(home, ".cache")
+    try:
+        st = os.stat(base)
+    except OSError as exc:
+        return None, f"{base}: {exc.strerror}"
+    if not stat.S_ISDIR(st.st_mode) or not _disk_cache.private_to_euid(st):
+        return None, f"{base} is not a directory this user alone may write"
+    return os.path.join(base, "sandboxer", "wasm"), ""
+
+
+def _directory() -> str | None:
+    return _locate()[0]
+
+
+class ModuleCache:
+    """The compiled modules of engines configured with ``settings``, in ``directory``."""
+
+    def __init__(self, directory: str, settings: Sequence[tuple[str, object]]) -> None:
+        self._disk = _disk_cache.DiskCache(
+            directory, format=FORMAT, suffix=_SUFFIX, max_payload=MAX_BYTES, max_bytes=MAX_BYTES
+        )
+        self._settings = repr(tuple(settings)).encode()
+
+    def key(self, wasm: bytes) -> str | None:
+        """The hex key of ``wasm`` compiled by this engine on this host; None when wasmtime's
+        library cannot be told apart."""
+        library = _wasmtime_library()
+        if library is None:
+            return None
+        machine = os.uname()
+        h = hashlib.sha256(FORMAT + b"\0")
+        for part in (
+            hashlib.sha256(wasm).digest(),
+            library.encode(),
+            self._settings,
+            f"{machine.machine} {machine.release} {machine.version}".encode(),
+        ):
+            h.update(len(part).to_bytes(8, "little") + part)
+        return h.hexdigest()
+
+    def load(self, engine: wasmtime.Engine, key: str) -> wasmtime.Module | None:
+        """The module stored under ``key``, or None (then compile and ``store``)."""
+        try:
+            artifact = self._disk.load(key)
+        except OSError as exc:
+            log.debug("wasm cache: cannot read %s (%s); compiling", self._disk.directory, exc)
+            return None
+        if artifact is None:
+            return None
+        try:
+            return wasmtime.Module.deserialize(engine, artifact)
+        except wasmtime.WasmtimeError as exc:
+            # Ours and intact, yet refused (wasmtime checks its version, the engine's flags
+            # and this CPU's features): compile again, and let the new artifact replace it.
+            log.debug("wasm cache: wasmtime refused %s%s (%s)", key, _SUFFIX, exc)
+        try:
+            self._disk.discard(key)
+        except OSError as exc:
+            log.debug("wasm cache: cannot delete %s%s (%s)", key, _SUFFIX, exc)
+        return None
+
+    def store(self, key: str, module: wasmtime.Module) -> None:
+        try:
+            self._disk.store(key, module.serialize())
+        except (OSError, wasmtime.WasmtimeError) as exc:
+            log.debug("wasm cache: cannot store in %s (%s)", self._disk.directory, exc)
+
+    def usage(self) -> _disk_cache.Usage | str:
+        return self._disk.usage()
+
+
+def for_this_user(settings: Sequence[tuple[str, object]]) -> ModuleCache | None:
+    """The cache of this euid's directory, or None when it has none."""
+    where = _directory()
+    return None if where is None else ModuleCache(where, settings)
+
+
+def usage() -> _disk_cache.Usage | str:
+    """What this euid's cache holds, or why there is none (for ``sandboxer doctor``)."""
+    where = _directory()
+    if where is None:
+        return _locate()[1] or "no cache directory for this user"
+    return ModuleCache(where, ()).usage()
