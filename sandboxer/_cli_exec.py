@@ -235,7 +235,9 @@ async def _exec_wasm(args: argparse.Namespace, command: list[str], host: HostCon
             "exec: --cpu-limit below 1 cannot be enforced for a WASI program (it runs on one "
             "thread of this process): bound it with --timeout or --fuel"
         )
-    sandbox = dataclasses.replace(sandbox_from(SandboxRequest(), None, host, args), fuel=args.fuel)
+    sandbox = sandbox_from(SandboxRequest(), None, host, args)
+    if args.fuel is not None:  # the operator's choice, as --memory-limit is; else the policy's
+        sandbox = dataclasses.replace(sandbox, fuel=args.fuel)
     extra: dict[str, Any] = {
         "result": None,
         "plugin": None,

@@ -206,3 +206,14 @@ def test_denied_or_nested_grants_wasi_cannot_honour(programs: dict[str, Path],
     run = sandboxer("exec", "--allow-path", str(tmp_path / "a"), "--deny-path",
                     str(tmp_path / "a" / "b"), "--", str(programs["echo"]))
     assert run.returncode == 2 and b"WASI cannot mask part of a preopened directory" in run.stderr
+
+
+def test_the_host_policys_fuel_applies_without_fuel_option(
+        programs: dict[str, Path], tmp_path: Path) -> None:
+    config = tmp_path / "sandboxer.toml"
+    config.write_text('[limits]\nmax_fuel = 50000000\n')
+    run = subprocess.run(
+        [sys.executable, "-m", "sandboxer.cli", "exec", "--", str(programs["spin"])],
+        capture_output=True, timeout=120, cwd=REPO,
+        env={**os.environ, "SANDBOXER_CONFIG": str(config)})
+    assert run.returncode == 3 and b"used up its fuel (50000000)" in run.stderr, run.stderr
