@@ -123,7 +123,7 @@ def run_stage(name: str, out: Path, *extra: str, guest_tests: str) -> Stage:
 @pytest.fixture(scope="module")
 def v2(tmp_path_factory: pytest.TempPathFactory) -> Stage:
     return run_stage("cgroup v2 guest (Debian 12, systemd)", tmp_path_factory.mktemp("vm-v2"),
-                     guest_tests="tests/vm/guest_v2.py tests/escapes")
+                     guest_tests="tests/vm/guest_v2.py tests/escapes tests/vm/guest_v2_units.py")
 
 
 V2 = "tests.vm.guest_v2::"
@@ -178,7 +178,9 @@ def test_fifty_load_unload_cycles_leave_no_cgroup(v2: Stage) -> None:
 
 
 def test_the_daemon_unit_serves_a_tenant_and_a_kill_9_leaves_nothing(v2: Stage) -> None:
-    case = v2.passed(V2 + "test_the_daemon_unit_serves_a_tenant_and_a_kill_9_leaves_nothing")
+    case = v2.passed(
+        "tests.vm.guest_v2_units::test_the_daemon_unit_serves_a_tenant_and_a_kill_9_leaves_nothing"
+    )
     assert json.loads(case.figures["report"])["plugins_gone_s"] <= 2.0
 
 
