@@ -331,17 +331,7 @@ class Daemon:
         os.mkdir(staged, 0o700)
         try:
             copy = await snapshot_as(who, normal, staged)
-            from ..manifest import load_plugin
-
-            plugin = await asyncio.to_thread(load_plugin, copy)
-            if tenant.max_memory is not None:
-                used = sum(p.sandbox.memory_limit for p in loaded if p.sandbox is not None)
-                wanted = space.manager.resolve_sandbox(plugin).memory_limit
-                if used + wanted > tenant.max_memory:
-                    raise Refused(
-                        f"tenant {tenant.name}: its plugins' memory limits would come to "
-                        f"{used + wanted} bytes, over its max_memory of {tenant.max_memory}"
-                    )
+            await self._within_quota(space, copy)
             loaded_plugin = await space.manager.load(copy, config=config)
         except BaseException:
             shutil.rmtree(staged, ignore_errors=True)
@@ -397,13 +387,37 @@ class Daemon:
         )
         return _describe(plugin, space)
 
+    async def _within_quota(self, space: Space, copy: str, replacing: str | None = None) -> None:
+        """Refused when the plugin at ``copy`` would take its tenant past ``max_memory`` (the
+        generation it replaces, on a reload, not counted twice)."""
+        tenant = space.tenant
+        if tenant is None or tenant.max_memory is None:
+            return
+        from ..manifest import load_plugin
+
+        plugin = await asyncio.to_thread(load_plugin, copy)
+        wanted = space.manager.resolve_sandbox(plugin).memory_limit
+        used = sum(
+            p.sandbox.memory_limit
+            for p in await space.manager.list()
+            if p.sandbox is not None and p.id != replacing
+        )
+        if used + wanted > tenant.max_memory:
+            raise Refused(
+                f"tenant {tenant.name}: its plugins' memory limits would come to "
+                f"{used + wanted} bytes, over its max_memory of {tenant.max_memory}"
+            )
+
     async def _restage(self, space: Space, who: Caller, plugin_id: str) -> None:
+        """A fresh snapshot, read as ``who``, checked against the tenant's quota, swapped in
+        for the next generation (a refused one leaves the last copy in place)."""
         staged = space.staged[plugin_id]
         fresh = f"{staged}.next"
         shutil.rmtree(fresh, ignore_errors=True)
         os.mkdir(fresh, 0o700)
         try:
             copy = await snapshot_as(who, space.sources[plugin_id], fresh)
+            await self._within_quota(space, copy, replacing=plugin_id)
             current = os.path.join(staged, os.path.basename(copy))
             old = f"{staged}.old"
             shutil.rmtree(old, ignore_errors=True)

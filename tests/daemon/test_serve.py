@@ -286,6 +286,41 @@ def test_quotas_hold(served: Served) -> None:
         asyncio.run(main())
     """)
     assert "over its max_memory" in run.stdout, run.stderr
+    # nor can a reload raise a running plugin's limit past the tenant's cap
+    toml = served.root / "bob" / "big" / "plugin.toml"
+    steps = f"""\
+        import asyncio, sandboxer
+        async def main():
+            async with await sandboxer.connect() as d:
+                for step in ("reload", "load", "reload"):
+                    try:
+                        if step == "load":
+                            await d.load("{served.root}/bob/second")
+                        else:
+                            await d.reload("acme.big")
+                        print(step, "ok", (await d.stats("acme.big"))["generation"])
+                    except sandboxer.SandboxerError as exc:
+                        print(step, "refused", exc)
+                    # the third step's files: big back at 256MiB, now 256 + 128 > 300
+                    path = "{toml}"
+                    text = open(path).read()
+                    open(path, "w").write(text.replace('"128MiB"', '"256MiB"'))
+        asyncio.run(main())
+    """
+    toml.write_text(toml.read_text().replace('"256MiB"', '"128MiB"'))
+    os.chown(toml, BOB, BOB)
+    run = served.client(BOB, steps)
+    lines = run.stdout.splitlines()
+    assert lines[0] == "reload ok 2" and lines[1] == "load ok 2", run.stdout + run.stderr
+    assert lines[2].startswith("reload refused") and "over its max_memory" in lines[2]
+    run = served.client(BOB, """\
+        import asyncio, sandboxer
+        async def main():
+            async with await sandboxer.connect() as d:
+                print((await d.stats("acme.big"))["generation"])
+        asyncio.run(main())
+    """)
+    assert run.stdout.strip() == "2"  # the refused reload left generation 2 serving
 
 
 def test_garbage_and_oversized_frames_cut_only_that_client(served: Served) -> None:
