@@ -11,6 +11,7 @@ from typing import Any
 
 from ._trusted_keys import parse_trusted_key_option
 from ._units import parse_duration, parse_size
+from .daemon import DEFAULT_SOCKET
 from .sandbox.policy import (
     KILL_GRACE,
     parse_cpu,
@@ -188,8 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--socket",
         metavar="PATH",
-        default="/run/sandboxer/sandboxer.sock",
-        help="the Unix socket clients connect to (default: /run/sandboxer/sandboxer.sock)",
+        default=DEFAULT_SOCKET,
+        help=f"the Unix socket clients connect to (default: {DEFAULT_SOCKET})",
     )
     serve.add_argument(
         "--config",

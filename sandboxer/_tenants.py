@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ._units import parse_size
-from .sandbox.policy import HOST_KEYS, LIMIT_KEYS, SandboxPolicy, parse_bool
+from .sandbox.policy import HOST_KEYS, LIMIT_KEYS, SandboxPolicy, parse_bool, path_under
 
 if TYPE_CHECKING:
     from .config import HostConfig
@@ -123,7 +123,7 @@ def parse_tenants(
             raise error(source, f"{where}.path_roots", "where its plugins may come from")
         if host.path_roots:
             for root in values["path_roots"]:
-                if not any(_under(root, mine) for mine in host.path_roots):
+                if not any(path_under(root, mine) for mine in host.path_roots):
                     raise error(source, f"{where}.path_roots", "paths under the host's path_roots")
         for kind in ("uids", "gids"):
             for number in values.get(kind, ()):
@@ -132,10 +132,6 @@ def parse_tenants(
                     raise error(source, f"{where}.{kind}", f"{number} only once (tenant {taken})")
         tenants.append(Tenant(name=name, ceilings=tuple(ceilings), **values))
     return tuple(tenants)
-
-
-def _under(path: str, root: str) -> bool:
-    return path == root or path.startswith(root.rstrip("/") + "/")
 
 
 def identify(

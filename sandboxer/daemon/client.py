@@ -21,10 +21,10 @@ from typing import Any
 from .. import _json
 from ..errors import ProtocolError, SandboxerError, from_json
 from ..rpc.framing import LineBuffer, Notification, Response, encode_request, parse_message
+from . import DEFAULT_SOCKET
 
 __all__ = ["connect", "DaemonClient", "RemotePlugin", "socket_path"]
 
-DEFAULT_SOCKET = "/run/sandboxer/sandboxer.sock"
 _MAX_FRAME = 16 << 20
 
 

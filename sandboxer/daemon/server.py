@@ -50,6 +50,8 @@ from ..errors import (
     SandboxerError,
 )
 from ..manager import LoadedPlugin, PluginManager
+from ..sandbox.policy import path_under
+from . import DEFAULT_SOCKET
 from .connection import Connection, Refused, peer_credentials
 from .snapshot import Caller, snapshot_as
 
@@ -58,7 +60,6 @@ __all__ = ["Daemon", "Limits", "DEFAULT_SOCKET", "peer_credentials"]
 log = logging.getLogger("sandboxer.daemon")
 audit = logging.getLogger("sandboxer.audit")
 
-DEFAULT_SOCKET = "/run/sandboxer/sandboxer.sock"
 # Tenants' snapshots, root's alone: on disk, not in /run's tmpfs (a copy may be 512 MiB).
 STAGING = "/var/lib/sandboxer/staging"
 ADMIN = "root"
@@ -319,7 +320,7 @@ class Daemon:
         tenant = space.tenant
         assert tenant is not None
         normal = os.path.normpath(path)
-        if not any(_under(normal, root) for root in tenant.path_roots):
+        if not any(path_under(normal, root) for root in tenant.path_roots):
             raise Refused(
                 f"{path} is not under the path_roots of tenant {tenant.name} "
                 f"({', '.join(tenant.path_roots)})"
@@ -505,10 +506,6 @@ def _text(params: dict[str, Any], key: str) -> str:
     if not isinstance(value, str) or not value:
         raise Refused(f"{key} must be a non-empty string", INVALID_PARAMS)
     return value
-
-
-def _under(path: str, root: str) -> bool:
-    return path == root or path.startswith(root.rstrip("/") + "/")
 
 
 def _bind(path: str) -> socket.socket:

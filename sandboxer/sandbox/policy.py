@@ -25,6 +25,7 @@ from . import profiles as _profiles
 from .egress.rules import AllowList, parse_host_pattern
 
 __all__ = [
+    "path_under",
     "PathGrant",
     "SandboxRequest",
     "SandboxConfig",
@@ -282,7 +283,8 @@ LIMIT_KEYS: dict[str, Callable[[Any], Any]] = {
 }
 
 
-def _under(path: str, root: str) -> bool:
+def path_under(path: str, root: str) -> bool:
+    """Whether ``path`` is ``root`` or lies below it (lexically: both normalised)."""
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
@@ -358,7 +360,7 @@ def _check_network(request: SandboxRequest, host: SandboxPolicy, plugin_id: str 
 def _root_of(path: str, roots: tuple[str, ...]) -> str | None:
     """The deepest path root ``path`` lies under, by its spelling (links are not followed
     here: the grant is opened beneath this root later, and may not pass through one)."""
-    under = [r.rstrip("/") or "/" for r in roots if _under(path, r)]
+    under = [r.rstrip("/") or "/" for r in roots if path_under(path, r)]
     return max(under, key=len) if under else None
 
 
