@@ -3,6 +3,7 @@ keeps its Lifecycle; this is the view, and the call path)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ._lifecycle import Lifecycle, PluginState
@@ -12,6 +13,7 @@ from .events import PluginStatistics, utc_now
 if TYPE_CHECKING:
     from .loaders import PluginHandle
     from .manifest import Plugin
+    from .rpc.client import Relay
     from .sandbox.egress import EgressProxy
     from .sandbox.policy import SandboxConfig
 
@@ -151,3 +153,39 @@ class LoadedPlugin:
             raise
         finally:
             gen.leave()
+
+    def relay(
+        self,
+        method: str,
+        args: list[Any],
+        timeout: float | None,
+        then: Callable[[Any, BaseException | None], None],
+    ) -> Relay | None:
+        """``call`` answered by callback, ``then(result, error)`` in the loop pass the answer
+        arrives, with no task or coroutine in between (the daemon forwards calls this way).
+        None when this call cannot go that way now (calls must wait for admission, or the
+        kind answers only through ``call``): use ``call``."""
+        gen = self._life.admit_now()
+        relay = getattr(gen.handle, "relay", None) if gen is not None else None
+        if gen is None or relay is None:
+            return None
+
+        def finish(result: Any, error: BaseException | None) -> None:
+            gen.leave()
+            if error is not None:
+                self._failures += 1
+            then(result, error)
+
+        gen.enter()
+        try:
+            sent: Relay | None = relay(method, args, timeout, finish)
+        except BaseException:
+            gen.leave()
+            self._calls += 1
+            self._failures += 1
+            raise
+        if sent is None:
+            gen.leave()
+        else:
+            self._calls += 1
+        return sent

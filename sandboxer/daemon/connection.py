@@ -25,6 +25,7 @@ from ..errors import (
     ProtocolError,
     SandboxerError,
 )
+from ..rpc.client import Relay
 from ..rpc.framing import (
     LineBuffer,
     Request,
@@ -83,6 +84,7 @@ class Connection(asyncio.Protocol):
         self._frames = LineBuffer(daemon.config.max_frame)
         self._tasks: set[asyncio.Task[None]] = set()
         self._subscriptions: set[asyncio.Task[None]] = set()  # of _tasks: they never end
+        self._relays: set[Relay] = set()  # calls forwarded without a task (Daemon.relay)
         self._garbage = 0
         self._closed = False  # cut off or gone: nothing more is read or answered
         self._eof = False
@@ -133,7 +135,7 @@ class Connection(asyncio.Protocol):
         """The client is done sending: what it asked is answered first, then we close."""
         self._eof = True
         # True keeps the transport open for writing; _done closes it after the last answer.
-        return not self._closed and bool(self._tasks - self._subscriptions)
+        return not self._closed and self._in_flight() > 0
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
@@ -143,6 +145,8 @@ class Connection(asyncio.Protocol):
                 timer.cancel()
         for task in self._tasks:
             task.cancel()
+        for relay in list(self._relays):
+            relay.cancel()
 
     def pause_writing(self) -> None:
         """The client is not reading: it has ``write_seconds`` to start again."""
@@ -175,6 +179,8 @@ class Connection(asyncio.Protocol):
     async def abort(self) -> None:
         """The daemon is stopping: close at once, its requests cancelled."""
         tasks = list(self._tasks)
+        for relay in list(self._relays):
+            relay.cancel()
         if self._transport is not None:
             self._transport.abort()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -192,7 +198,7 @@ class Connection(asyncio.Protocol):
             if self._garbage >= self.limits.garbage_frames:
                 self._cut(f"{self._garbage} frames that were no requests")
             return
-        if len(self._tasks) - len(self._subscriptions) >= self.limits.in_flight:
+        if self._in_flight() >= self.limits.in_flight:
             self._send(
                 encode_error(
                     message.id,
@@ -201,16 +207,51 @@ class Connection(asyncio.Protocol):
                 )
             )
             return
+        if message.method == "call" and type(message.params) is dict and self._relay(message):
+            return
         task = self._loop.create_task(self._answer(message))
         self._tasks.add(task)
         task.add_done_callback(self._done)
 
+    def _in_flight(self) -> int:
+        return len(self._tasks) - len(self._subscriptions) + len(self._relays)
+
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
-        if self._eof and not self._closed and not (self._tasks - self._subscriptions):
+        self._settled()
+
+    def _settled(self) -> None:
+        """A request was answered: after the client's EOF, the last answer closes."""
+        if self._eof and not self._closed and self._in_flight() == 0:
             self._closed = True
             assert self._transport is not None
             self._transport.close()
+
+    def _relay(self, request: Request) -> bool:
+        """A call forwarded in this loop pass and answered in the pass its answer arrives
+        (Daemon.relay); False when it must take the task path."""
+        assert isinstance(request.params, dict)
+        sent: list[Relay] = []
+
+        def then(result: Any, error: BaseException | None) -> None:
+            if sent:
+                self._relays.discard(sent[0])
+            if error is None:
+                self._send(encode_result(request.id, result))
+            elif not isinstance(error, asyncio.CancelledError):
+                self._reply_error(request, error)
+            self._settled()
+
+        try:
+            relay = self.daemon.relay(self.caller, self.tenant, request.params, then)
+        except Exception as exc:
+            self._reply_error(request, exc)
+            return True
+        if relay is None:
+            return False
+        sent.append(relay)
+        self._relays.add(relay)
+        return True
 
     async def _answer(self, request: Request) -> None:
         params = request.params if request.params is not None else {}
@@ -227,7 +268,14 @@ class Connection(asyncio.Protocol):
                 raise Refused(f"no method {request.method!r}", METHOD_NOT_FOUND)
             method: Callable[..., Awaitable[Any]] = getattr(self.daemon, request.method)
             result = await method(self.caller, self.tenant, params)
-        except Refused as exc:
+        except Exception as exc:
+            self._reply_error(request, exc)
+            return
+        self._send(encode_result(request.id, result))
+
+    def _reply_error(self, request: Request, exc: BaseException) -> None:
+        """A request that failed: its JSON-RPC error, and an audit line where it is one."""
+        if isinstance(exc, Refused):
             audit.warning(
                 "refused %s uid=%d pid=%d: %s",
                 request.method,
@@ -236,8 +284,7 @@ class Connection(asyncio.Protocol):
                 exc,
             )
             self._send(encode_error(request.id, exc.code, str(exc)))
-            return
-        except SandboxerError as exc:
+        elif isinstance(exc, SandboxerError):
             if isinstance(exc, (PluginLoadError, PluginStateError, PluginNotFound)):
                 audit.info(
                     "failed %s uid=%d pid=%d: %s",
@@ -247,12 +294,9 @@ class Connection(asyncio.Protocol):
                     exc,
                 )
             self._send(encode_error(request.id, SERVER_ERROR, exc.message, exc.to_json()))
-            return
-        except Exception as exc:  # a bug of ours: the client hears of it, the daemon goes on
-            log.exception("request %s of %s failed", request.method, self._who())
+        else:  # a bug of ours: the client hears of it, the daemon goes on
+            log.error("request %s of %s failed", request.method, self._who(), exc_info=exc)
             self._send(encode_error(request.id, INTERNAL_ERROR, f"{type(exc).__name__}: {exc}"))
-            return
-        self._send(encode_result(request.id, result))
 
     async def _subscribe(self, request: Request) -> None:
         """Events of the caller's plugins (the administrator: everyone's, tenants that come

@@ -45,7 +45,7 @@ from ..errors import (
 )
 from ..host import WARM
 from ..manifest import LoaderType, Plugin
-from ..rpc.client import HandshakeInfo, RpcConnection
+from ..rpc.client import HandshakeInfo, Relay, RpcConnection
 from ..rpc.framing import DEFAULT_MAX_FRAME
 from ..sandbox import cgroups
 from ..sandbox import child as _process
@@ -248,21 +248,38 @@ class ProcessHandle:
         """``callback(error)`` once, when the process crashes or breaks the protocol."""
         self._callbacks.append(callback)
 
+    def _no_method(self, method: str) -> MethodNotFound | None:
+        if method.startswith(_RESERVED_PREFIX) or (self._methods and method not in self._methods):
+            return MethodNotFound(
+                f"plugin {self.plugin.id} has no method {method!r} "
+                f"(methods: {', '.join(self._methods) or 'none'})",
+                plugin_id=self.plugin.id,
+                method=method,
+                available=list(self._methods),
+            )
+        return None
+
     def call(self, method: str, *args: Any, timeout: float | None = None) -> Awaitable[Any]:
         """Awaitable like ``async def call``; a plain function so that the hot path has one
         coroutine, the connection's, not two."""
-        if method.startswith(_RESERVED_PREFIX) or (self._methods and method not in self._methods):
-            return _raise(
-                MethodNotFound(
-                    f"plugin {self.plugin.id} has no method {method!r} "
-                    f"(methods: {', '.join(self._methods) or 'none'})",
-                    plugin_id=self.plugin.id,
-                    method=method,
-                    available=list(self._methods),
-                )
-            )
+        if (missing := self._no_method(method)) is not None:
+            return _raise(missing)
         return self._conn.call(
             method, list(args), timeout=self._sandbox.timeout if timeout is None else timeout
+        )
+
+    def relay(
+        self,
+        method: str,
+        args: list[Any],
+        timeout: float | None,
+        then: Callable[[Any, BaseException | None], None],
+    ) -> Relay | None:
+        """``call`` answered by callback (``RpcConnection.relay``): the daemon's path."""
+        if (missing := self._no_method(method)) is not None:
+            raise missing
+        return self._conn.relay(
+            method, args, timeout=self._sandbox.timeout if timeout is None else timeout, then=then
         )
 
     async def _lifecycle(self, method: str, *params: Any) -> tuple[bool, Any]:

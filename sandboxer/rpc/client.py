@@ -42,7 +42,7 @@ from .framing import (
     parse_message,
 )
 
-__all__ = ["RpcConnection", "HandshakeInfo", "SUPPORTED_PROTOCOLS"]
+__all__ = ["RpcConnection", "Relay", "HandshakeInfo", "SUPPORTED_PROTOCOLS"]
 
 SUPPORTED_PROTOCOLS = (1,)
 _LOG_LEVELS = {
@@ -116,6 +116,51 @@ def _check_handshake(params: Any, cookie: str) -> HandshakeInfo:
     )
 
 
+class Relay:
+    """A call answered by callback (``RpcConnection.relay``): it stands where a call's future
+    would, with the three methods the connection uses on one (``done``, ``set_result``,
+    ``set_exception``), and calls ``then(result, error)`` exactly once."""
+
+    __slots__ = ("_conn", "_done", "_method", "_then", "_timeout", "rid")
+
+    def __init__(
+        self,
+        conn: RpcConnection,
+        method: str,
+        timeout: float | None,
+        then: Callable[[Any, BaseException | None], None],
+    ) -> None:
+        self._conn = conn
+        self.rid = 0
+        self._method = method
+        self._timeout = timeout
+        self._then = then
+        self._done = False
+
+    def done(self) -> bool:
+        return self._done
+
+    def set_result(self, value: Any) -> None:
+        self._finish(value, None)
+
+    def set_exception(self, error: BaseException) -> None:
+        if isinstance(error, _Expired):
+            error = self._conn._expired(self.rid, self._method, self._timeout)
+        self._finish(None, error)
+
+    def cancel(self) -> None:
+        """The caller is gone: the plugin is told to stop; ``then`` hears CancelledError."""
+        if not self._done:
+            self._conn.notify("sandboxer.cancel", {"id": self.rid})
+            self._finish(None, asyncio.CancelledError())
+
+    def _finish(self, value: Any, error: BaseException | None) -> None:
+        if not self._done:
+            self._done = True
+            self._conn._deadlines.pop(self.rid, None)
+            self._then(value, error)
+
+
 class RpcConnection(asyncio.BufferedProtocol):
     """JSON-RPC over one stream; create with ``loop.connect_accepted_socket``."""
 
@@ -141,7 +186,7 @@ class RpcConnection(asyncio.BufferedProtocol):
         self._on_cancel_ignored = on_cancel_ignored
         self._cancel_grace = cancel_grace
         self._transport: asyncio.Transport | None = None
-        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._pending: dict[int, asyncio.Future[Any] | Relay] = {}
         self._next_id = 1
         self._loop = asyncio.get_running_loop()
         self.handshake: asyncio.Future[HandshakeInfo] = self._loop.create_future()
@@ -151,7 +196,7 @@ class RpcConnection(asyncio.BufferedProtocol):
         # read); writes made in the same loop pass leave together (``_write``).
         self._read_buffer = memoryview(bytearray(_READ_SIZE))
         self._out: list[bytes] | None = None
-        self._deadlines: dict[int, tuple[float, asyncio.Future[Any]]] = {}
+        self._deadlines: dict[int, tuple[float, asyncio.Future[Any] | Relay]] = {}
         self._sweeper: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol --------------------------------------------------------------------
@@ -334,51 +379,77 @@ class RpcConnection(asyncio.BufferedProtocol):
         if self.error is None:
             self._write(encode_notification(method, params))
 
-    async def call(self, method: str, params: list[Any], *, timeout: float | None) -> Any:
-        """Send a request and wait for its answer (CallTimeout after ``timeout`` seconds)."""
-        if self.error is not None:
-            raise self.error
-        if self._eof:
-            raise await asyncio.shield(self.failed)
+    def _request(self, method: str, params: list[Any], timeout: float | None, waiter: Any) -> int:
+        """Write a request whose answer goes to ``waiter`` (a future, or a Relay)."""
         rid = self._next_id
         self._next_id = rid + 1
-        future = self._loop.create_future()
-        self._pending[rid] = future
         try:
             frame = encode_request(rid, method, params)
         except TypeError as exc:
-            del self._pending[rid]
             raise PluginCallError(
                 f"plugin {self.plugin_id}: arguments of {method} are not JSON values: {exc}",
                 code=INVALID_PARAMS,
                 plugin_id=self.plugin_id,
                 method=method,
             ) from None
+        self._pending[rid] = waiter
         self._write(frame)
         if timeout is not None:
-            self._deadlines[rid] = (self._loop.time() + timeout, future)
+            self._deadlines[rid] = (self._loop.time() + timeout, waiter)
             if self._sweeper is None:
                 self._sweeper = self._loop.call_later(_SWEEP, self._sweep)
+        return rid
+
+    def _expired(self, rid: int, method: str, timeout: float | None) -> CallTimeout:
+        """A call's deadline passed. Its id stays pending: a late answer is dropped quietly,
+        not a protocol error. One that never comes within the grace period means the plugin
+        ignored the cancel: the owner is told (and kills it)."""
+        self.notify("sandboxer.cancel", {"id": rid})
+        if self._on_cancel_ignored is not None:
+            self._loop.call_later(self._cancel_grace, self._check_cancelled, rid, method)
+        return CallTimeout(
+            f"plugin {self.plugin_id}: {method} did not answer within {timeout:g}s",
+            timeout=timeout or 0.0,
+            plugin_id=self.plugin_id,
+            method=method,
+        )
+
+    async def call(self, method: str, params: list[Any], *, timeout: float | None) -> Any:
+        """Send a request and wait for its answer (CallTimeout after ``timeout`` seconds)."""
+        if self.error is not None:
+            raise self.error
+        if self._eof:
+            raise await asyncio.shield(self.failed)
+        future = self._loop.create_future()
+        rid = self._request(method, params, timeout, future)
         try:
             return await future
         except _Expired:
-            # Keep the id pending: a late answer is dropped quietly, not a protocol error.
-            # One that never comes within the grace period means the plugin ignored the
-            # cancel: the owner is told (and kills it).
-            self.notify("sandboxer.cancel", {"id": rid})
-            if self._on_cancel_ignored is not None:
-                self._loop.call_later(self._cancel_grace, self._check_cancelled, rid, method)
-            raise CallTimeout(
-                f"plugin {self.plugin_id}: {method} did not answer within {timeout:g}s",
-                timeout=timeout or 0.0,
-                plugin_id=self.plugin_id,
-                method=method,
-            ) from None
+            raise self._expired(rid, method, timeout) from None
         except asyncio.CancelledError:
             self.notify("sandboxer.cancel", {"id": rid})
             raise
         finally:
             self._deadlines.pop(rid, None)
+
+    def relay(
+        self,
+        method: str,
+        params: list[Any],
+        *,
+        timeout: float | None,
+        then: Callable[[Any, BaseException | None], None],
+    ) -> Relay | None:
+        """Send a request whose answer goes to ``then(result, error)`` in the loop pass it
+        arrives: no task, no future, no coroutine (how the daemon forwards a client's call).
+        None when the connection has ended and its cause is not known yet: use ``call``."""
+        if self.error is not None:
+            raise self.error
+        if self._eof:
+            return None
+        relay = Relay(self, method, timeout, then)
+        relay.rid = self._request(method, params, timeout, relay)
+        return relay
 
     def _sweep(self) -> None:
         """Expire calls past their deadline. One timer per connection, not one per call:
