@@ -1,6 +1,7 @@
 """The snapshot walker: a short-lived process running as a daemon's client (its uid, gid and
-supplementary groups, set by the daemon before exec), which reads a plugin directory or bare
-file with the client's own rights and streams it to the daemon (daemon/snapshot.py).
+supplementary groups, which it takes first thing, before it imports or opens anything), which
+reads a plugin directory or bare file with the client's own rights and streams it to the
+daemon (daemon/snapshot.py).
 
 It walks exactly as the sandbox launcher copies a plugin directory (launcher_mounts'
 ``open_copies``: from the opened path's fd, through no link, each entry checked to be the

@@ -16,7 +16,7 @@ import asyncio
 import itertools
 import os
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 from .. import _json
 from ..errors import ProtocolError, SandboxerError, from_json
@@ -90,8 +90,8 @@ class _Wire(asyncio.Protocol):
         self._writable: asyncio.Future[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses: a cast, not a check
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         try:

@@ -9,7 +9,7 @@ import logging
 import socket
 import struct
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from .._tenants import Tenant
 from ..errors import (
@@ -96,8 +96,8 @@ class Connection(asyncio.Protocol):
 
     # -- the transport's callbacks ---------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses: a cast, not a check
+        self._transport = transport = cast(asyncio.Transport, transport)
         self.caller = peer_credentials(transport.get_extra_info("socket"))
         try:
             self.tenant = self.daemon.admit(self.caller)

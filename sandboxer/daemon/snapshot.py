@@ -39,10 +39,19 @@ _LAUNCHER_DIR = os.path.dirname(os.path.abspath(launcher_mounts.__file__))
 
 # Run with -I -S: PYTHONPATH, the user's site directory and the venv's site-packages are
 # not read; the walker imports the standard library and the launcher's modules only.
+# It starts as root and becomes the caller (groups, gid, uid: every one of the three ids of
+# each, so no capability is left) before it imports or opens anything: the daemon's loop may be
+# uvloop, whose subprocesses take no user/group arguments.
 _BOOTSTRAP = """\
 import json, os, sys
 fd = int(sys.argv[3])
 try:
+    uid, gid = int(sys.argv[4]), int(sys.argv[5])
+    os.setgroups([int(g) for g in sys.argv[6].split(",") if g])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid):
+        raise PermissionError("the ids did not change")
     sys.path[:0] = sys.argv[1:3]
     import _walker
 except BaseException as exc:
@@ -90,16 +99,13 @@ async def snapshot_as(
             walker = await asyncio.create_subprocess_exec(
                 sys.executable,
                 *("-I", "-S", "-c", _BOOTSTRAP, _WALKER_DIR, _LAUNCHER_DIR, str(theirs.fileno())),
+                *(str(caller.uid), str(caller.gid), ",".join(map(str, caller.groups))),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
                 pass_fds=(theirs.fileno(),),
                 cwd="/",
                 env={"PATH": "/usr/bin:/bin"},
-                # setgroups, setregid, setreuid between fork and exec, no Python code run
-                user=caller.uid,
-                group=caller.gid,
-                extra_groups=list(caller.groups),
             )
         except (OSError, subprocess.SubprocessError) as exc:
             raise PluginLoadError(
