@@ -56,7 +56,7 @@ async def test_a_client_gone_mid_call_leaves_nothing_in_flight(daemon: Daemon, s
         raw.sendall(json.dumps(listing).encode() + b"\n")
         await asyncio.sleep(0.2)
         request = {"jsonrpc": "2.0", "id": 2, "method": "call",
-                   "params": {"plugin": p.id, "method": "nap", "args": [3]}}
+                   "params": {"plugin": p.id, "method": "nap", "args": [1.5]}}
         raw.sendall(json.dumps(request).encode() + b"\n")
         for _ in range(100):
             if _in_flight(daemon, p.id) == 1:
