@@ -259,3 +259,35 @@ def test_mapped_file_names_the_library_this_process_maps() -> None:
     st = os.stat(path)
     assert (int(inode), int(size), int(mtime)) == (st.st_ino, st.st_size, st.st_mtime_ns)
     assert _disk_cache.mapped_file("no-such-library.so") is None
+
+
+def test_a_detached_entry_is_opened_only_while_its_chunks_match(where: Path) -> None:
+    """Detached (the wasm cache): the file is the payload alone, the header an extended
+    attribute, the digest over 8 MiB chunks hashed side by side. A byte flipped in any chunk,
+    or a missing header, and the entry is deleted, never opened."""
+    cache = DiskCache(str(where), format=FORMAT, suffix=".bin", max_payload=64 << 20,
+                      detached=True)
+    payload = os.urandom(1 << 16) * 300  # ~19 MiB: three chunks
+    cache.store(KEY, payload)
+    entry = where / f"{KEY}.bin"
+    assert entry.read_bytes() == payload
+    chunks = [payload[i:i + (8 << 20)] for i in range(0, len(payload), 8 << 20)]
+    assert len(chunks) == 3
+    digest = hashlib.sha256(b"".join(hashlib.sha256(c).digest() for c in chunks)).hexdigest()
+    assert os.getxattr(entry, "user.sandboxer.entry") == b"%s %s %s" % (
+        FORMAT, KEY.encode(), digest.encode())
+    fd = cache.open_verified(KEY)
+    assert fd is not None
+    try:
+        assert os.pread(fd, len(payload) + 1, 0) == payload
+    finally:
+        os.close(fd)
+    with pytest.raises(TypeError):
+        cache.load(KEY)  # bytes are never read out of a detached cache
+    with entry.open("r+b") as f:  # one byte of the second chunk, in place
+        f.seek((8 << 20) + 12345)
+        f.write(bytes([payload[(8 << 20) + 12345] ^ 1]))
+    assert cache.open_verified(KEY) is None and not entry.exists()
+    cache.store(KEY, payload)
+    os.removexattr(entry, "user.sandboxer.entry")
+    assert cache.open_verified(KEY) is None and not entry.exists()

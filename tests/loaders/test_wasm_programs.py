@@ -169,3 +169,76 @@ def test_the_wasm_table_is_checked(tmp_path: Path, built: dict[str, Path]) -> No
         '\n[wasm]\nmode = "command"\n')
     with pytest.raises(ManifestError, match=r'\[wasm\] is for type = "wasm"'):
         load_plugin(py)
+
+
+def _say(word: str) -> str:
+    return f'#include <stdio.h>\nint main(void) {{ puts("{word}"); return 0; }}\n'
+
+
+def test_a_program_run_again_is_not_read_again_unless_it_changed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``sandboxer exec`` remembers a program file's SHA-256 by its device, inode, size,
+    mtime and ctime: run again, it is found compiled without being read. Any change of the
+    file, in place or a new file renamed over it, is read and run as it is now."""
+    from sandboxer.loaders.wasm import _module_cache
+    from sandboxer.loaders.wasm._program import run_program
+    from sandboxer.sandbox.policy import SandboxConfig
+
+    cache = tmp_path / "cache" / "sandboxer" / "wasm"
+    cache.parent.parent.mkdir()
+    monkeypatch.setattr(_module_cache, "_directory", lambda: str(cache))
+
+    build = tmp_path / "build"
+    build.mkdir()
+    one, two = (compile_wasi(build, word, _say(word)) for word in ("one", "two"))
+    prog = tmp_path / "prog.wasm"
+    prog.write_bytes(one.read_bytes())
+
+    def run() -> tuple[str, int]:
+        """What the program printed, and how many bytes of it were read to run it."""
+        out: list[bytes] = []
+        read = []
+        opened = open  # noqa: SIM115
+
+        class Counting:
+            def __init__(self, f: object) -> None:
+                self.f = f
+
+            def __getattr__(self, name: str) -> object:
+                return getattr(self.f, name)
+
+            def __enter__(self) -> Counting:
+                return self
+
+            def __exit__(self, *exc: object) -> None:
+                self.f.close()  # type: ignore[attr-defined]
+
+            def read(self, *n: int) -> bytes:
+                data: bytes = self.f.read(*n)  # type: ignore[attr-defined]
+                read.append(len(data))
+                return data
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr("builtins.open", lambda path, *a, **k: Counting(opened(path, *a, **k))
+                       if str(path) == str(prog) else opened(path, *a, **k))
+            result = run_program(str(prog), ["prog"], SandboxConfig(), env={}, timeout=30,
+                                 stdin=False, stdout=out.append)
+        assert result.exit_status == 0, result.error
+        return b"".join(out).decode(), sum(read)
+
+    # Just written: too fresh to remember (a write in the same clock tick would go unseen).
+    assert run() == ("one\n", prog.stat().st_size)
+    assert list(cache.glob("*.sha256")) == []
+    monkeypatch.setattr(_module_cache, "_SETTLED", 0.0)
+    assert run() == ("one\n", prog.stat().st_size)  # read, hashed, and now remembered
+    assert len(list(cache.glob("*.sha256"))) == 1
+    assert run() == ("one\n", 8)  # only its preamble read: found compiled
+    with prog.open("r+b") as f:  # in place: the same inode, new bytes
+        f.truncate(0)
+        f.write(two.read_bytes())
+    assert run() == ("two\n", prog.stat().st_size)
+    assert run() == ("two\n", 8)
+    replacement = tmp_path / "new.wasm"
+    replacement.write_bytes(one.read_bytes())
+    replacement.rename(prog)  # a new file in its place
+    assert run() == ("one\n", prog.stat().st_size)

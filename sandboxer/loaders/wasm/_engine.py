@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
 import threading
 import time
 import weakref
@@ -68,21 +69,48 @@ class WasmEngine:
         with self._compile_lock:
             entry = self._modules.get(digest)
             if entry is None:
-                entry = self._modules[digest] = [self._compiled(data), 0]
+                entry = self._modules[digest] = [self._compiled(data, digest), 0]
             entry[1] += 1
             module: wasmtime.Module = entry[0]
             return module
 
-    def _compiled(self, data: bytes) -> wasmtime.Module:
-        """``data`` compiled by this engine: from the disk cache when it holds it, else
-        compiled here and stored for the next process."""
+    def stored(self, digest: str) -> wasmtime.Module | None:
+        """The module of SHA-256 ``digest`` if this engine or the disk cache holds it
+        compiled (paired with ``release`` like ``module``), else None. Blocking."""
+        with self._compile_lock:
+            entry = self._modules.get(digest)
+            if entry is None:
+                module = self._from_disk(digest)
+                if module is None:
+                    return None
+                entry = self._modules[digest] = [module, 0]
+            entry[1] += 1
+            found: wasmtime.Module = entry[0]
+            return found
+
+    def remembered(self, st: os.stat_result) -> str | None:
+        """The SHA-256 the disk cache remembers for the module file ``st`` describes."""
+        return self._disk.remembered(st) if self._disk is not None else None
+
+    def remember(self, st: os.stat_result, digest: str) -> None:
+        if self._disk is not None:
+            self._disk.remember(st, digest)
+
+    def _from_disk(self, digest: str) -> wasmtime.Module | None:
         disk = self._disk
-        key = disk.key(data) if disk is not None else None
-        if disk is None or key is None:
-            return wasmtime.Module(self.engine, data)
-        module = disk.load(self.engine, key)
-        if module is None:
-            module = wasmtime.Module(self.engine, data)
+        key = disk.key(digest) if disk is not None else None
+        return None if disk is None or key is None else disk.load(self.engine, key)
+
+    def _compiled(self, data: bytes, digest: str) -> wasmtime.Module:
+        """``data`` (SHA-256 ``digest``) compiled by this engine: from the disk cache when
+        it holds it, else compiled here and stored for the next process."""
+        module = self._from_disk(digest)
+        if module is not None:
+            return module
+        module = wasmtime.Module(self.engine, data)
+        disk = self._disk
+        key = disk.key(digest) if disk is not None else None
+        if disk is not None and key is not None:
             disk.store(key, module)
         return module
 

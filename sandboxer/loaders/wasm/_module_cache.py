@@ -4,11 +4,21 @@ another compiled with the same engine (issue 22: a 20 MB module costs Cranelift 
 It must never deserialize bytes it cannot vouch for: wasmtime's ``Module.deserialize`` trusts
 its input completely, and a tampered artifact is memory-unsafe in the supervisor (as root).
 So an artifact is deserialized only after ``_disk_cache`` has checked the directory, the
-file and the header (format, key, SHA-256 of the artifact); one that fails is deleted and
-the module compiled again. The key covers everything that shapes the artifact: the module's
-own SHA-256 (computed here, not taken from the caller), wasmtime's version and the library
-file this process maps, every engine setting (``_engine.ENGINE_SETTINGS``, the one list the
-engine is configured from), the machine and the running kernel.
+file and the header (format, key, digest of the artifact); one that fails is deleted and
+the module compiled again. Artifacts are stored detached (the header in an extended
+attribute, the file the artifact alone), so the checked file itself is what wasmtime maps
+(``deserialize_file`` of the fd that was checked, through /proc/self/fd): a 200 MB artifact
+is not copied twice into memory first. The key covers everything that shapes the artifact:
+the module's own SHA-256, the wasmtime library file this process maps, every
+engine setting (``_engine.ENGINE_SETTINGS``, the one list the engine is configured from),
+the machine and the running kernel.
+
+A module file's SHA-256 is remembered too (``remembered``/``remember``), keyed by the file's
+device, inode, size, mtime and ctime, so a program run again is not read and hashed again
+(69 MB: ~90 ms). The ctime is the kernel's to set: any write to the file, or a new file in
+its place, changes the key. Only files whose ctime was at least ``_SETTLED`` seconds old when
+they were hashed are remembered (as git does with racily clean files): a write in the same
+clock tick as the hash would otherwise leave the key unchanged.
 
 Where: ``/var/cache/sandboxer/wasm`` as root; ``$XDG_CACHE_HOME/sandboxer/wasm`` (else
 ``~/.cache/sandboxer/wasm``) for another user when that cache directory is theirs and
@@ -24,6 +34,7 @@ import logging
 import os
 import pwd
 import stat
+import time
 from collections.abc import Sequence
 
 import wasmtime
@@ -34,22 +45,25 @@ __all__ = ["FORMAT", "MAX_BYTES", "ModuleCache", "for_this_user", "usage"]
 
 log = logging.getLogger(__name__)
 
-FORMAT = b"sandboxer-wasm-1"
-MAX_BYTES = 512 << 20  # every artifact together, headers included
+FORMAT = b"sandboxer-wasm-2"
+MAX_BYTES = 512 << 20  # every artifact together
 _SUFFIX = ".cwasm"
+_DIGESTS = b"sandboxer-wasm-digest-1"  # remembered SHA-256s of module files
+_DIGEST_SUFFIX = ".sha256"
+_MAX_DIGESTS = 4096
+_SETTLED = 2.0  # seconds: a file changed more recently than this is hashed every time
 _ROOT_DIRECTORY = "/var/cache/sandboxer/wasm"
 
 
 @functools.cache
 def _wasmtime_library() -> str | None:
-    """wasmtime-py's version and the native library this process maps; None if the library
-    cannot be told apart (then nothing is cached)."""
-    from importlib.metadata import PackageNotFoundError, version
-
+    """The native wasmtime library this process maps (path, device, inode, size, mtime: a
+    new wasmtime installed is a new file); None if it cannot be told apart (then nothing is
+    cached). Not the package's version from its metadata: reading that costs ~35 ms a
+    process, and the library is what writes and reads artifacts."""
     try:
-        mapped = _disk_cache.mapped_file("_libwasmtime.so")
-        return None if mapped is None else f"{version('wasmtime')} {mapped}"
-    except (OSError, PackageNotFoundError):
+        return _disk_cache.mapped_file("_libwasmtime.so")
+    except OSError:
         return None
 
 
@@ -79,20 +93,32 @@ class ModuleCache:
 
     def __init__(self, directory: str, settings: Sequence[tuple[str, object]]) -> None:
         self._disk = _disk_cache.DiskCache(
-            directory, format=FORMAT, suffix=_SUFFIX, max_payload=MAX_BYTES, max_bytes=MAX_BYTES
+            directory,
+            format=FORMAT,
+            suffix=_SUFFIX,
+            max_payload=MAX_BYTES,
+            max_bytes=MAX_BYTES,
+            detached=True,
+        )
+        self._digests = _disk_cache.DiskCache(
+            directory,
+            format=_DIGESTS,
+            suffix=_DIGEST_SUFFIX,
+            max_payload=64,
+            max_entries=_MAX_DIGESTS,
         )
         self._settings = repr(tuple(settings)).encode()
 
-    def key(self, wasm: bytes) -> str | None:
-        """The hex key of ``wasm`` compiled by this engine on this host; None when wasmtime's
-        library cannot be told apart."""
+    def key(self, digest: str) -> str | None:
+        """The hex key of the module of SHA-256 ``digest`` compiled by this engine on this
+        host; None when wasmtime's library cannot be told apart."""
         library = _wasmtime_library()
         if library is None:
             return None
         machine = os.uname()
         h = hashlib.sha256(FORMAT + b"\0")
         for part in (
-            hashlib.sha256(wasm).digest(),
+            bytes.fromhex(digest),
             library.encode(),
             self._settings,
             f"{machine.machine} {machine.release} {machine.version}".encode(),
@@ -103,23 +129,51 @@ class ModuleCache:
     def load(self, engine: wasmtime.Engine, key: str) -> wasmtime.Module | None:
         """The module stored under ``key``, or None (then compile and ``store``)."""
         try:
-            artifact = self._disk.load(key)
+            fd = self._disk.open_verified(key)
         except OSError as exc:
             log.debug("wasm cache: cannot read %s (%s); compiling", self._disk.directory, exc)
             return None
-        if artifact is None:
+        if fd is None:
             return None
         try:
-            return wasmtime.Module.deserialize(engine, artifact)
+            # The very file checked (an entry is never written in place: writers rename).
+            return wasmtime.Module.deserialize_file(engine, f"/proc/self/fd/{fd}")
         except wasmtime.WasmtimeError as exc:
             # Ours and intact, yet refused (wasmtime checks its version, the engine's flags
             # and this CPU's features): compile again, and let the new artifact replace it.
             log.debug("wasm cache: wasmtime refused %s%s (%s)", key, _SUFFIX, exc)
+        finally:
+            os.close(fd)
         try:
             self._disk.discard(key)
         except OSError as exc:
             log.debug("wasm cache: cannot delete %s%s (%s)", key, _SUFFIX, exc)
         return None
+
+    @staticmethod
+    def _file_key(st: os.stat_result) -> str:
+        identity = f"{st.st_dev} {st.st_ino} {st.st_size} {st.st_mtime_ns} {st.st_ctime_ns}"
+        return hashlib.sha256(identity.encode()).hexdigest()
+
+    def remembered(self, st: os.stat_result) -> str | None:
+        """The SHA-256 of the module file ``st`` describes, if remembered (``remember``)."""
+        try:
+            digest = self._digests.load(self._file_key(st))
+        except OSError:
+            return None
+        if digest is None or len(digest) != 64:
+            return None
+        return digest.decode("ascii", "replace")
+
+    def remember(self, st: os.stat_result, digest: str) -> None:
+        """Remember ``digest`` for the file ``st`` describes (the fstat of the fd its bytes
+        were read from, the same before and after reading); not when it changed lately."""
+        if time.time() - st.st_ctime < _SETTLED:
+            return
+        try:
+            self._digests.store(self._file_key(st), digest.encode())
+        except OSError as exc:
+            log.debug("wasm cache: cannot store in %s (%s)", self._disk.directory, exc)
 
     def store(self, key: str, module: wasmtime.Module) -> None:
         try:

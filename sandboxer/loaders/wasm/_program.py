@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 import wasmtime
 
@@ -81,26 +82,25 @@ def run_program(
     who = "the program"
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            head = f.read(len(_COMPONENT))
+            if head.startswith(_COMPONENT):
+                raise PluginLoadError(
+                    f"{path} is a WebAssembly component (WASI 0.2), which the wasmtime Python "
+                    "API here cannot run: build it as a WASI preview 1 command (wasm32-wasip1, "
+                    "formerly wasm32-wasi)"
+                )
+            if not head.startswith(WASM_MAGIC):
+                raise PluginLoadError(f"{path} is not a WebAssembly module")
+            check_grants(sandbox, who, kind="program")
+            engine = WasmEngine(workers=1)
+            try:
+                module = _module(engine, path, f, head)
+            except BaseException:
+                engine.close()
+                raise
     except OSError as exc:
         raise PluginLoadError(f"{who}: cannot read {path}: {exc.strerror}") from None
-    if data.startswith(_COMPONENT):
-        raise PluginLoadError(
-            f"{path} is a WebAssembly component (WASI 0.2), which the wasmtime Python API "
-            "here cannot run: build it as a WASI preview 1 command (wasm32-wasip1, "
-            "formerly wasm32-wasi)"
-        )
-    if not data.startswith(WASM_MAGIC):
-        raise PluginLoadError(f"{path} is not a WebAssembly module")
-    check_grants(sandbox, who, kind="program")
-    engine = WasmEngine(workers=1)
     try:
-        digest = hashlib.sha256(data).hexdigest()
-        try:
-            module = engine.module(data, digest)
-        except wasmtime.WasmtimeError as exc:
-            detail = first_line(exc)
-            raise PluginLoadError(f"{path} is not a valid WebAssembly module: {detail}") from None
         _check_command(path, module)
         grants, used = open_grants(sandbox, who, grant_owner=grant_owner, fallbacks=fallbacks)
         wasi = WasiContexts(
@@ -120,6 +120,32 @@ def run_program(
         return ProgramResult(status, error, size, used)
     finally:
         engine.close()
+
+
+def _module(engine: WasmEngine, path: str, f: BinaryIO, head: bytes) -> wasmtime.Module:
+    """The program compiled: from the cache without reading the file when its SHA-256 is
+    remembered for this very file (``_module_cache``), else read once, hashed and compiled
+    from those bytes (or found compiled under their digest)."""
+    st = os.fstat(f.fileno())
+    digest = engine.remembered(st)
+    module = engine.stored(digest) if digest is not None else None
+    if module is not None:
+        return module
+    data = head + f.read()
+    digest = hashlib.sha256(data).hexdigest()
+    after = os.fstat(f.fileno())
+    if (after.st_ino, after.st_size, after.st_mtime_ns, after.st_ctime_ns) == (
+        st.st_ino,
+        st.st_size,
+        st.st_mtime_ns,
+        st.st_ctime_ns,
+    ) and len(data) == st.st_size:
+        engine.remember(st, digest)  # unchanged while it was read: these bytes are the file's
+    try:
+        return engine.module(data, digest)
+    except wasmtime.WasmtimeError as exc:
+        detail = first_line(exc)
+        raise PluginLoadError(f"{path} is not a valid WebAssembly module: {detail}") from None
 
 
 def _check_command(path: str, module: wasmtime.Module) -> None:
