@@ -99,6 +99,7 @@ async def cmd_exec(args: argparse.Namespace) -> int:
     host cannot enforce the sandbox. Those collide with a program's own 2-4, so each of
     sandboxer's is said on stderr ("sandboxer: ...") and, with --json, as ``error``."""
     from .sandbox import cgroups, program
+    from .sandbox.denials import summary
     from .sandbox.egress import EgressProxy
     from .sandbox.seccomp_cache import filter_for
 
@@ -160,10 +161,14 @@ async def cmd_exec(args: argparse.Namespace) -> int:
             "durationMs": round((time.perf_counter() - start) * 1000, 3),
             "peakMemoryBytes": stats.memory_peak if stats else None,
             "cpuTimeSeconds": stats.cpu_time_s if stats else None,
+            "denied": result.denied,
         },
         exitStatus=status,
         signal=signum,
     )
+    denied = summary(result.denied or {}, result.explained)
+    if denied:  # after the program's own output, which went ahead of this line
+        print(f"sandboxer: {denied}", file=sys.stderr)
     if args.json:
         extra["result"] = _Captured.result(out, err)
     how = (
