@@ -116,6 +116,7 @@ def _stats(loaded: Any, start: float) -> dict[str, Any]:
         "cpuTimeSeconds": stats.cpu_time_s,
         "calls": stats.calls,
         "failures": stats.failures,
+        "denied": stats.denied,
     }
 
 

@@ -98,7 +98,9 @@ async def cmd_exec(args: argparse.Namespace) -> int:
     not found), 3 sandboxer stopped it (the --timeout deadline, the memory limit), 4 this
     host cannot enforce the sandbox. Those collide with a program's own 2-4, so each of
     sandboxer's is said on stderr ("sandboxer: ...") and, with --json, as ``error``."""
+    from ._learn import profile_file, write_profile
     from .sandbox import cgroups, program
+    from .sandbox.denials import summary
     from .sandbox.egress import EgressProxy
     from .sandbox.seccomp_cache import filter_for
 
@@ -106,6 +108,7 @@ async def cmd_exec(args: argparse.Namespace) -> int:
     if not command:
         raise UsageError("exec: name the program to run after --")
     host = HostConfig.load()
+    host, args.profile = profile_file(host, args.profile)
     if is_wasm(command[0]):  # wasmtime is imported only for one
         return await _exec_wasm(args, command, host)
     if args.fuel is not None:
@@ -134,8 +137,12 @@ async def cmd_exec(args: argparse.Namespace) -> int:
             sandbox,
             backend=cgroups.detect(),
             seccomp_bpf=filter_for(
-                sandbox.profile, network=sandbox.network_allowed, extra_dirs=host.profile_dirs
+                sandbox.profile,
+                network=sandbox.network_allowed,
+                extra_dirs=host.profile_dirs,
+                learn=args.learn is not None,
             ),
+            learn=args.learn is not None,
             sinks=sinks,
             egress=egress,
             setup_timeout=host.setup_timeout,
@@ -160,10 +167,30 @@ async def cmd_exec(args: argparse.Namespace) -> int:
             "durationMs": round((time.perf_counter() - start) * 1000, 3),
             "peakMemoryBytes": stats.memory_peak if stats else None,
             "cpuTimeSeconds": stats.cpu_time_s if stats else None,
+            "denied": result.denied,
         },
         exitStatus=status,
         signal=signum,
     )
+    denied = summary(result.denied or {}, result.explained)
+    if denied:  # after the program's own output, which went ahead of this line
+        print(f"sandboxer: {denied}", file=sys.stderr)
+    if args.learn is not None:
+        groups = write_profile(
+            args.learn,
+            learned=result.learned,
+            refused=result.denied or {},
+            explained=result.explained,
+            profile=sandbox.profile,
+            profile_dirs=host.profile_dirs,
+            argv=command,
+            network=sandbox.network_allowed,
+        )
+        print(
+            f"sandboxer: learned profile {args.learn} (run it with --profile {args.learn}): "
+            f"groups {', '.join(groups)}",
+            file=sys.stderr,
+        )
     if args.json:
         extra["result"] = _Captured.result(out, err)
     how = (
@@ -222,6 +249,7 @@ async def _exec_wasm(args: argparse.Namespace, command: list[str], host: HostCon
             ("--network", args.network),
             ("--allow-host", args.allow_host),
             ("--profile", args.profile),
+            ("--learn", args.learn),
         )
         if given
     ]

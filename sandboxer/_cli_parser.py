@@ -277,6 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
         "exec", help="run any program in the sandbox, stdin forwarded; exits with its status"
     )
     _add_sandbox_options(run, program=True)
+    run.add_argument(
+        "--learn",
+        metavar="FILE.toml",
+        type=Path,
+        help="run with every isolation but let through what some seccomp group allows, then "
+        "write FILE.toml: a profile allowing exactly the groups the program used",
+    )
     run.add_argument("program", metavar="-- CMD ARG", nargs=argparse.REMAINDER)
 
     doctor = sub.add_parser(

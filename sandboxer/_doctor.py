@@ -104,6 +104,16 @@ def _seccomp() -> str:
     return "yes" if "errno" in actions and "kill_process" in actions else f"partial {actions}"
 
 
+def _denials() -> str:
+    """Whether a denial can be explained (sandbox/denials.py): the kernel's user notification."""
+    from .sandbox.denials import available
+
+    why = available()
+    if why is None:
+        return "yes"
+    return f"no ({why}); the filter still refuses, but denials cannot be explained"
+
+
 def _cgroups() -> dict[str, Any]:
     from .sandbox import cgroups
 
@@ -225,6 +235,7 @@ def diagnose(config: HostConfig | None = None) -> dict[str, Any]:
         "kernel": os.uname().release,
         "namespaces": namespaces,
         "seccomp": seccomp,
+        "seccomp_denials_explained": _denials(),
         "cgroups": cgroup,
         "wasm": wasm,
         "grpc": grpc,

@@ -90,8 +90,16 @@ def _add_usage(a: ResourceUsage, b: ResourceUsage) -> ResourceUsage:
     """Peak memory is the larger peak, CPU time the sum; ``None`` only where both are."""
     peaks = [u for u in (a.peak_memory_bytes, b.peak_memory_bytes) if u is not None]
     cpus = [u for u in (a.cpu_time_s, b.cpu_time_s) if u is not None]
+    denied: dict[str, int] | None = None
+    for part in (a.denied, b.denied):
+        if part is not None:
+            denied = denied or {}
+            for name, count in part.items():
+                denied[name] = denied.get(name, 0) + count
     return ResourceUsage(
-        peak_memory_bytes=max(peaks) if peaks else None, cpu_time_s=sum(cpus) if cpus else None
+        peak_memory_bytes=max(peaks) if peaks else None,
+        cpu_time_s=sum(cpus) if cpus else None,
+        denied=denied,
     )
 
 

@@ -130,6 +130,7 @@ class LoadedPlugin:
             cpu_time_s=usage.cpu_time_s,
             network=egress.to_json() if (egress := self._egress.statistics(self.id)) else None,
             restarts=self._life.restarts,
+            denied=usage.denied,
         )
 
     def __repr__(self) -> str:

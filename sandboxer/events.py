@@ -76,6 +76,9 @@ class PluginStatistics:
     cpu_time_s: float | None
     network: dict[str, int] | None = None  # egress counters, if it ever had network access
     restarts: int = 0  # times it was started again after failing
+    # Calls its seccomp filter refused, by syscall name, over every generation; None where
+    # denials cannot be explained (sandbox/denials.py).
+    denied: dict[str, int] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -87,6 +90,7 @@ class PluginStatistics:
             "peakMemoryBytes": self.peak_memory_bytes,
             "cpuTimeSeconds": self.cpu_time_s,
             "network": self.network,
+            "denied": self.denied,
         }
 
 

@@ -72,6 +72,9 @@ class ResourceUsage:
 
     peak_memory_bytes: int | None = None
     cpu_time_s: float | None = None
+    # Calls the seccomp filter refused, by syscall name (sandbox/denials.py); None where
+    # denials cannot be explained (in-process plugins, no seccomp user notification).
+    denied: dict[str, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -341,9 +341,13 @@ class ProcessHandle:
 
     def resource_usage(self) -> ResourceUsage:
         stats = self._confinement.stats() if self._confinement is not None else None
+        denied = self._proc.denials
+        counts = None if denied is None else dict(denied.counts)
         if stats is None:
-            return ResourceUsage()
-        return ResourceUsage(peak_memory_bytes=stats.memory_peak, cpu_time_s=stats.cpu_time_s)
+            return ResourceUsage(denied=counts)
+        return ResourceUsage(
+            peak_memory_bytes=stats.memory_peak, cpu_time_s=stats.cpu_time_s, denied=counts
+        )
 
     def _hang_up(self, why: str) -> None:
         """Close the host's end of the socket: the plugin reads the end of its input. Calls
@@ -630,7 +634,7 @@ class ProcessLoader:
         confinement: Confinement | None
         if warm is not None:
             proc, confinement, ours, cookie = warm.proc, warm.confinement, warm.rpc, warm.cookie
-            proc.set_output(logger)
+            proc.set_output(logger, plugin_id=plugin.id)
         else:
             proc, confinement, ours, cookie = await self._spawn(plugin, argv, spawner, logger)
         handle: ProcessHandle | None = None

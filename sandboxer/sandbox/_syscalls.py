@@ -54,6 +54,9 @@ __all__ = [
     "capget",
     "loopback_up",
     "fork_sibling",
+    "seccomp_filter_listener",
+    "seccomp_notif_sizes",
+    "SECCOMP_RET_USER_NOTIF",
 ]
 
 if os.uname().machine != "x86_64":  # syscall numbers below are x86-64's
@@ -105,6 +108,14 @@ SYS_move_mount = 429
 SYS_close_range = 436
 SYS_openat2 = 437
 SYS_mount_setattr = 442
+SYS_seccomp = 317
+
+# seccomp(2): operations, the listener flag, and the filter return value that hands a call to
+# the listener (include/uapi/linux/seccomp.h).
+SECCOMP_SET_MODE_FILTER = 1
+SECCOMP_GET_NOTIF_SIZES = 3
+SECCOMP_FILTER_FLAG_NEW_LISTENER = 1 << 3
+SECCOMP_RET_USER_NOTIF = 0x7FC00000
 
 # The C library the interpreter itself is linked with (dlopen(NULL)): no ctypes.util.find_library,
 # which runs ldconfig in a subprocess at every launcher start.
@@ -401,3 +412,48 @@ def fork_sibling() -> int:
     if pid < 0:
         raise OSError(errno, f"clone3: {os.strerror(errno)}")
     return int(pid)
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_char_p)]
+
+
+def seccomp_filter_listener(program: bytes) -> int:
+    """seccomp(SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_NEW_LISTENER, prog): load the
+    classic-BPF ``program`` (needs no_new_privs or CAP_SYS_ADMIN) and return the fd of its
+    user-notification listener (close-on-exec, as the kernel makes it)."""
+    prog = _SockFprog(len(program) // 8, program)
+    return _check(
+        _libc.syscall(
+            ctypes.c_long(SYS_seccomp),
+            ctypes.c_uint(SECCOMP_SET_MODE_FILTER),
+            ctypes.c_uint(SECCOMP_FILTER_FLAG_NEW_LISTENER),
+            ctypes.byref(prog),
+        ),
+        "seccomp",
+    )
+
+
+class _NotifSizes(ctypes.Structure):
+    _fields_ = [
+        ("seccomp_notif", ctypes.c_uint16),
+        ("seccomp_notif_resp", ctypes.c_uint16),
+        ("seccomp_data", ctypes.c_uint16),
+    ]
+
+
+def seccomp_notif_sizes() -> tuple[int, int, int]:
+    """seccomp(SECCOMP_GET_NOTIF_SIZES): the kernel's sizes of struct seccomp_notif,
+    seccomp_notif_resp and seccomp_data (OSError EINVAL on a kernel without user
+    notification, before 5.0)."""
+    sizes = _NotifSizes()
+    _check(
+        _libc.syscall(
+            ctypes.c_long(SYS_seccomp),
+            ctypes.c_uint(SECCOMP_GET_NOTIF_SIZES),
+            ctypes.c_uint(0),
+            ctypes.byref(sizes),
+        ),
+        "seccomp",
+    )
+    return sizes.seccomp_notif, sizes.seccomp_notif_resp, sizes.seccomp_data

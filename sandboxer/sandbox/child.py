@@ -24,8 +24,12 @@ import signal
 import stat
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from ..errors import PluginLoadError
+
+if TYPE_CHECKING:
+    from .denials import Denials
 
 __all__ = ["PluginProcess", "OutputCapture", "LineLog", "spawn", "check_stdin", "RPC_FD"]
 
@@ -180,6 +184,8 @@ class PluginProcess:
         self._loop = asyncio.get_running_loop()
         self._pidfd = os.pidfd_open(pid)
         self.returncode: int | None = None
+        # The seccomp listener of a sandboxed launch (start.py), closed with the process.
+        self.denials: Denials | None = None
         self.exited: asyncio.Future[int] = self._loop.create_future()
         out_sink, err_sink = sinks or (None, None)
         self.stdout = OutputCapture(
@@ -202,11 +208,15 @@ class PluginProcess:
         if not self.exited.done():
             self.exited.set_result(self.returncode)
 
-    def set_output(self, logger: logging.Logger, sinks: Sinks | None = None) -> None:
-        """Log its output to ``logger``, or pass it to ``sinks``, from now on (a warm
-        sandbox's, once a plugin took it)."""
+    def set_output(
+        self, logger: logging.Logger, sinks: Sinks | None = None, *, plugin_id: str = "-"
+    ) -> None:
+        """Log its output (and its seccomp denials, as ``plugin_id``'s) to ``logger``, or
+        pass the output to ``sinks``, from now on (a warm sandbox's, once a plugin took it)."""
         self.stdout._log = self.stderr._log = logger
         self.stdout._sink, self.stderr._sink = sinks or (None, None)
+        if self.denials is not None:
+            self.denials.rename(plugin_id, logger)
 
     @property
     def exit_status(self) -> int | None:
@@ -265,6 +275,8 @@ class PluginProcess:
         if self.returncode is None:
             self.send_signal(signal.SIGKILL)
             await self.wait()
+        if self.denials is not None:
+            self.denials.close()
         if self._pidfd >= 0:
             self._loop.remove_reader(self._pidfd)
             os.close(self._pidfd)

@@ -372,6 +372,9 @@ def load_seccomp(spec: dict[str, Any]) -> None:
     if not bpf:  # fail closed: a sandbox without its filter is not the sandbox asked for
         raise SetupFailed(Step.SECCOMP, "the spec carries no seccomp filter")
     program = base64.b64decode(bpf)
+    if spec.get("seccomp_listener"):
+        load_seccomp_with_listener(program)
+        return
 
     class SockFprog(ctypes.Structure):
         _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_char_p)]
@@ -390,6 +393,27 @@ def load_seccomp(spec: dict[str, Any]) -> None:
         ):  # PR_SET_SECCOMP, FILTER
             err = ctypes.get_errno()
             raise OSError(err, os.strerror(err))
+
+
+def load_seccomp_with_listener(program: bytes) -> None:
+    """Load a filter that hands denials to a listener, send the listener to the supervisor
+    ("L" with the fd, over the status socket) and close it here: a plugin holding it could
+    answer its own notifications. Under the filter only sendmsg and close run before the
+    supervisor has it (seccomp.py compiles a notifying filter only for profiles that allow
+    both): a call notified while this process held the only listener would never return."""
+    # Made before the filter: wrapping the fd asks the kernel nothing once family and type
+    # are given, and send_fds is one sendmsg.
+    status = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fileno=STATUS_FD)
+    try:
+        with step(Step.SECCOMP):
+            listener = sc.seccomp_filter_listener(program)
+        try:
+            with step(Step.SECCOMP, "hand the listener to the supervisor"):
+                socket.send_fds(status, [b"L\n"], [listener])
+        finally:
+            os.close(listener)
+    finally:
+        status.detach()
 
 
 def exec_plugin(spec: dict[str, Any]) -> None:

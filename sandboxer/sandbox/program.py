@@ -14,7 +14,7 @@ import logging
 import os
 import stat
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import PluginLoadError
@@ -38,6 +38,13 @@ class RunResult:
     stats: CgroupStats | None
     oom_killed: bool
     timed_out: bool = False
+    # What the seccomp filter refused (syscall name -> calls) and why (denials.py); None
+    # where denials cannot be explained (no seccomp user notification, or a profile that
+    # does not allow the listener's handover).
+    denied: dict[str, int] | None = None
+    explained: dict[str, str] = field(default_factory=dict)
+    # Learn mode: each syscall let through -> the alternatives of groups that allow it.
+    learned: dict[str, set[tuple[str, ...]]] = field(default_factory=dict)
 
 
 # The PATH a program finds inside the sandbox (KILL_GRACE, the grace after its deadline, is
@@ -165,6 +172,7 @@ async def run(
     timeout: float | None = None,
     kill_grace: float = KILL_GRACE,
     env: dict[str, str] | None = None,
+    learn: bool = False,
 ) -> RunResult:
     """Run any program in the sandbox (``sandboxer exec``) and wait for it; with allowed
     hosts, its egress goes through ``egress`` (logged as plugin "exec").
@@ -175,7 +183,9 @@ async def run(
     then SIGKILL ``kill_grace`` seconds later, and ``RunResult.timed_out``. Whatever is left
     in its cgroup dies with it either way. A program missing inside, or not runnable there,
     is a ``PluginLoadError`` ("not found inside the sandbox: PATH ..."). ``env`` adds to
-    (or replaces) the environment the program gets (PATH, HOME, LANG, TERM)."""
+    (or replaces) the environment the program gets (PATH, HOME, LANG, TERM). ``learn``:
+    ``seccomp_bpf`` is a "learn" filter (seccomp.py) and what some group allows is let
+    through and recorded in ``RunResult.learned``."""
     if stdin is not None:
         child.check_stdin(stdin)  # before any cgroup or process exists
     grants = grant_mounts(sandbox.allowed_paths)
@@ -199,6 +209,7 @@ async def run(
         masks=masks,
         pins=pins,
         seccomp_bpf=seccomp_bpf,
+        seccomp_learn=learn,
         profile_dirs=profile_dirs,
         grant_owner=grant_owner,
     )
@@ -230,8 +241,15 @@ async def run(
         await proc.output_closed(1.0)
         if proc.returncode is None:
             raise RuntimeError(f"{program}: reaped without a return code")
+        denials = proc.denials
         return RunResult(
-            proc.returncode, confinement.stats(), confinement.oom_killed(), timed_out=code is None
+            proc.returncode,
+            confinement.stats(),
+            confinement.oom_killed(),
+            timed_out=code is None,
+            denied=None if denials is None else dict(denials.counts),
+            explained={} if denials is None else dict(denials.explained),
+            learned={} if denials is None else dict(denials.learned),
         )
     finally:
         await proc.close()

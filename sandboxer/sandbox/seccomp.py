@@ -5,8 +5,15 @@ groups of ``seccomp.toml``, validated, flattened into rules and compiled by libs
 The filter is an allow-list for the native x86_64 ABI only: whatever no group or rule allows
 is answered EPERM, and a call through the i386 (``int 0x80``) or x32 ABI kills the process
 (libseccomp's bad-architecture action, which it also applies to x32 syscall numbers).
-Compiled programs are cached per profile file, groups file (both by mtime) and network flag,
-in this process; ``seccomp_cache`` keeps them on disk for the next one.
+Compiled programs are cached per profile file, groups file (both by mtime), network flag and
+mode, in this process; ``seccomp_cache`` keeps them on disk for the next one.
+
+Modes (docs/architecture.md, "Seccomp denials and learn mode"): "plain" answers what no rule
+allows with EPERM in the kernel; "explain" hands exactly those calls to the supervisor's
+listener instead (SECCOMP_RET_USER_NOTIF), which answers EPERM too and logs why
+(sandbox/denials.py); rules with another errno (clone3's ENOSYS) and every kill keep their
+action. "learn" notifies every call but the launcher's handover, the kills and the
+non-EPERM answers of any group, for ``sandboxer exec --learn``.
 
 This module must never fail open: a profile or groups file that cannot be read, names an
 unknown group, syscall, errno or constant, lacks a comment, asks for something libseccomp
@@ -31,8 +38,19 @@ import pyseccomp
 
 from ..errors import PluginLoadError, SandboxUnavailable
 from .profiles import GROUPS_FILE, groups_path, load_profile
+from .syscall_groups import Check, DeniedGroup, Group, GroupRule, SyscallGroups
 
-__all__ = ["compile_filter", "filter_within", "has_network", "GROUPS_FILE"]
+__all__ = [
+    "compile_filter",
+    "filter_within",
+    "has_network",
+    "syscall_groups",
+    "syscall_name",
+    "profile_groups",
+    "GROUPS_FILE",
+    "MODES",
+    "HANDOVER_NEEDS",
+]
 
 DEFAULT_ERRNO = _errno.EPERM
 # What the filter answers for every call no rule allows. Docker answers EPERM too: programs
@@ -48,6 +66,11 @@ BPF_MAXINSNS = 4096  # the kernel refuses longer classic-BPF programs (EINVAL)
 # execs the plugin (or writes its failure report and exits): a profile that does not allow
 # these could never start anything.
 LAUNCHER_NEEDS = ("chdir", "execve", "write", "exit_group")
+# With a listener the launcher also sends its fd to the supervisor and closes its own copy,
+# under the filter: a call notified then would wait for a listener only it holds. A profile
+# that does not allow both gets the "plain" filter (denials unexplained, never a hang).
+HANDOVER_NEEDS = ("sendmsg", "close")
+MODES = ("plain", "explain", "learn")
 _U64 = (1 << 64) - 1
 _LOW_32 = 0xFFFFFFFF  # an int argument: the kernel reads only the register's low half
 # Inet sockets a filter may allow: TCP and UDP, each as (type, protocols). socket(2)'s type
@@ -75,6 +98,7 @@ _OPS = {
 _RULE_KEYS = {"syscalls", "action", "comment", "args"}
 _ARG_KEYS = {"index", "op", "value", "mask", "comment"}
 _GROUP_KEYS = {"comment", "syscalls", "rules"}
+_DENIED_KEYS = {"comment", "syscalls"}
 _TABLE_KEYS = {"groups", "network_groups", "rules"}
 
 
@@ -105,6 +129,7 @@ class _Groups:
     path: str
     constants: dict[str, int]
     groups: dict[str, _Group]
+    denied: dict[str, DeniedGroup] = field(default_factory=dict)
 
 
 class _Invalid(Exception):
@@ -247,7 +272,7 @@ def _rules(raw: Any, constants: dict[str, int], where: str, origin: str) -> list
 def _parse_groups(path: str, _mtime_ns: int) -> _Groups:
     data = _read_toml(path, "seccomp groups")
     try:
-        _check_keys(data, {"constants", "groups"}, "(top level)")
+        _check_keys(data, {"constants", "groups", "denied"}, "(top level)")
         raw_constants = data.get("constants", {})
         if not isinstance(raw_constants, dict):
             raise _Invalid("constants", "a table of NAME = number")
@@ -279,9 +304,25 @@ def _parse_groups(path: str, _mtime_ns: int) -> _Groups:
             if not rules:
                 raise _Invalid(where, "syscalls or rules (a group that allows nothing)")
             groups[name] = _Group(comment, tuple(rules))
+        denied = _parse_denied(data.get("denied", {}))
     except _Invalid as exc:
         raise PluginLoadError(f"seccomp groups {path}: {exc.field}: {exc.expected}") from None
-    return _Groups(path, constants, groups)
+    return _Groups(path, constants, groups, denied)
+
+
+def _parse_denied(raw: Any) -> dict[str, DeniedGroup]:
+    if not isinstance(raw, dict):
+        raise _Invalid("denied", "tables of named denied groups ([denied.NAME])")
+    out: dict[str, DeniedGroup] = {}
+    for name, table in raw.items():
+        where = f"denied.{name}"
+        if not isinstance(table, dict):
+            raise _Invalid(where, "a table with comment and syscalls")
+        _check_keys(table, _DENIED_KEYS, where)
+        comment = _comment(table, where)
+        names = [_syscall(s, f"{where}.syscalls") for s in _names(table.get("syscalls"), where)]
+        out[name] = DeniedGroup(name, comment, tuple(names))
+    return out
 
 
 def _group_list(table: dict[str, Any], key: str, groups: _Groups, *, required: bool) -> list[str]:
@@ -504,8 +545,8 @@ def _libseccomp_action(action: str) -> int:
     return int(pyseccomp.ERRNO(getattr(_errno, action[len("errno:") :])))
 
 
-def _build(rules: list[_Rule]) -> bytes:
-    flt = pyseccomp.SyscallFilter(DEFAULT_ACTION)
+def _build(rules: list[_Rule], default_action: int = DEFAULT_ACTION) -> bytes:
+    flt = pyseccomp.SyscallFilter(default_action)
     flt.set_attr(pyseccomp.Attr.ACT_BADARCH, BAD_ARCH_ACTION)
     # seccomp_init adds only the native architecture: no x86 or x32 is ever added here.
     flt.set_attr(pyseccomp.Attr.CTL_OPTIMIZE, 2)  # binary search over syscall numbers
@@ -542,7 +583,12 @@ def _build(rules: list[_Rule]) -> bytes:
 
 @functools.lru_cache(maxsize=32)
 def _compile(
-    profile_path: str, _profile_mtime_ns: int, groups_path: str, groups_mtime_ns: int, network: bool
+    profile_path: str,
+    _profile_mtime_ns: int,
+    groups_path: str,
+    groups_mtime_ns: int,
+    network: bool,
+    mode: str = "plain",
 ) -> bytes:
     groups = _parse_groups(groups_path, groups_mtime_ns)
     rules = _plan(_profile_rules(profile_path, groups, network))
@@ -555,7 +601,44 @@ def _compile(
             f"{', '.join(missing)} (the launcher calls them under the filter to exec the "
             f"plugin, so a profile without them could never start one)"
         )
+    _check_denied(profile_path, rules, groups)
+    can_hand_over = all(name in allowed for name in HANDOVER_NEEDS)
+    if mode == "learn":
+        if not can_hand_over:
+            raise PluginLoadError(
+                f"sandbox profile {profile_path}: learn mode needs a profile that allows "
+                f"{', '.join(HANDOVER_NEEDS)} (the launcher hands the listener over with them)"
+            )
+        return _build(_learn_rules(groups, rules), int(pyseccomp.NOTIFY))
+    if mode == "explain" and can_hand_over:
+        return _build(rules, int(pyseccomp.NOTIFY))
     return _build(rules)
+
+
+def _check_denied(profile_path: str, rules: list[_Rule], groups: _Groups) -> None:
+    """No profile may allow a syscall of a ``[denied.*]`` group, even for some arguments."""
+    for rule in rules:
+        for denied in groups.denied.values():
+            if rule.action == "allow" and rule.syscall in denied.syscalls:
+                raise PluginLoadError(
+                    f"sandbox profile {profile_path}: {rule.origin}: allows {rule.syscall}, "
+                    f"which group {denied.name} of {groups.path} denies in every profile"
+                )
+
+
+def _learn_rules(groups: _Groups, profile_rules: list[_Rule]) -> list[_Rule]:
+    """Learn mode's rules over a default of "notify": the launcher's handover allowed, and
+    every kill and every errno other than the default that any group or the profile gives
+    kept as it is (clone3's ENOSYS steers the C library to clone, whose flags are seen)."""
+    default = f"errno:{_errno.errorcode[DEFAULT_ERRNO]}"
+    kept: list[_Rule] = [
+        _Rule(name, "allow", (), "learn mode: the launcher's handover") for name in HANDOVER_NEEDS
+    ]
+    every = [r for g in groups.groups.values() for r in g.rules] + profile_rules
+    for rule in every:
+        if rule.action not in ("allow", default) and rule not in kept:
+            kept.append(rule)
+    return kept
 
 
 def _mtime_ns(path: str, what: str) -> int:
@@ -565,15 +648,19 @@ def _mtime_ns(path: str, what: str) -> int:
         raise PluginLoadError(f"{what} {path}: (file): readable ({exc.strerror})") from exc
 
 
-def compile_filter(profile: str, *, network: bool, extra_dirs: tuple[str, ...] = ()) -> bytes:
+def compile_filter(
+    profile: str, *, network: bool, extra_dirs: tuple[str, ...] = (), mode: str = "plain"
+) -> bytes:
     """The seccomp BPF program (``struct sock_filter`` array) for the profile named
     ``profile``, with its ``network_groups`` when ``network`` is true.
 
     Compiled once per profile file, groups file and network flag, and reused until either file
     changes. PluginLoadError if the profile or its groups are invalid, or if ``network`` is
     asked of a profile that never allows it; SandboxUnavailable on a host that is not x86_64
-    (the groups name x86_64 syscalls).
+    (the groups name x86_64 syscalls). ``mode``: one of MODES (see the module docstring).
     """
+    if mode not in MODES:
+        raise ValueError(f"seccomp mode {mode!r}: one of {', '.join(MODES)}")
     if pyseccomp.system_arch() != pyseccomp.Arch.X86_64:
         raise SandboxUnavailable(
             f"the seccomp profiles are written for x86_64 and this host is "
@@ -588,6 +675,7 @@ def compile_filter(profile: str, *, network: bool, extra_dirs: tuple[str, ...] =
         groups_file,
         _mtime_ns(groups_file, "seccomp groups"),
         bool(network),
+        mode,
     )
 
 
@@ -629,3 +717,50 @@ def filter_within(profile: str, ceiling: str, extra_dirs: tuple[str, ...] = ()) 
     if not has_network(profile, extra_dirs):
         return True
     return has_network(ceiling, extra_dirs) and _allowed(narrow, True) <= _allowed(wide, True)
+
+
+def _table_rule(rule: _Rule) -> GroupRule:
+    return GroupRule(
+        rule.syscall,
+        rule.action == "allow",
+        tuple(Check(a.index, a.op, a.value, a.mask) for a in rule.args),
+    )
+
+
+def syscall_groups(profile: str, extra_dirs: tuple[str, ...] = ()) -> SyscallGroups:
+    """The groups file beside the profile named ``profile``, as plain data (every group, not
+    only the profile's): what explains a denial and what learn mode maps calls to."""
+    path = load_profile(profile, extra_dirs).path
+    groups_file = groups_path(path)
+    groups = _parse_groups(groups_file, _mtime_ns(groups_file, "seccomp groups"))
+    return SyscallGroups(
+        groups_file,
+        tuple(
+            Group(name, g.comment, tuple(_table_rule(r) for r in g.rules))
+            for name, g in groups.groups.items()
+        ),
+        tuple(groups.denied.values()),
+    )
+
+
+def profile_groups(profile: str, extra_dirs: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The groups the profile named ``profile`` picks (``groups``, then ``network_groups``)."""
+    path = load_profile(profile, extra_dirs).path
+    groups_file = groups_path(path)
+    groups = _parse_groups(groups_file, _mtime_ns(groups_file, "seccomp groups"))
+    table = _read_toml(path, "sandbox profile").get("seccomp")
+    table = table if isinstance(table, dict) else {}
+    try:
+        names = _group_list(table, "groups", groups, required=True)
+        extra = _group_list(table, "network_groups", groups, required=False)
+    except _Invalid as exc:
+        raise PluginLoadError(f"sandbox profile {path}: {exc.field}: {exc.expected}") from None
+    return tuple(names + [n for n in extra if n not in names])
+
+
+def syscall_name(number: int) -> str:
+    """The x86_64 name of syscall ``number`` ("syscall_N" for one libseccomp does not know)."""
+    try:
+        return str(pyseccomp.resolve_syscall(pyseccomp.Arch.NATIVE, number).decode())
+    except (ValueError, OSError, AttributeError):
+        return f"syscall_{number}"

@@ -29,7 +29,8 @@ import os
 import stat
 
 from .. import _disk_cache
-from ..errors import PluginLoadError
+from ..errors import PluginLoadError, SandboxUnavailable
+from .denials import available
 from .profiles import groups_path, load_profile
 
 __all__ = ["filter_for", "CACHE_FORMAT"]
@@ -80,7 +81,7 @@ def _compiler() -> bytes:
     return h.digest()
 
 
-def _key(profile_path: str, network: bool) -> str | None:
+def _key(profile_path: str, network: bool, mode: str) -> str | None:
     """The hex key of the program for this profile file; None when libseccomp cannot be
     told apart (then nothing is cached)."""
     library = _libseccomp()
@@ -93,6 +94,7 @@ def _key(profile_path: str, network: bool) -> str | None:
         library.encode(),
         f"{machine.machine} {machine.release} {machine.version}".encode(),
         b"network" if network else b"no network",
+        mode.encode(),
     ):
         h.update(len(part).to_bytes(8, "little") + part)
     for path in (profile_path, groups_path(profile_path)):
@@ -143,13 +145,25 @@ def _store(where: str, key: str, program: bytes) -> None:
     _cache(where).store(key, program)
 
 
-def filter_for(profile: str, *, network: bool, extra_dirs: tuple[str, ...] = ()) -> bytes:
+def filter_for(
+    profile: str, *, network: bool, extra_dirs: tuple[str, ...] = (), learn: bool = False
+) -> bytes:
     """The program ``seccomp.compile_filter(profile, ...)`` returns, from the cache when it
     holds one made from exactly the same inputs; else compiled and stored. Errors are
-    compile_filter's: whatever is off about the cache (or the profile) means "compile"."""
+    compile_filter's: whatever is off about the cache (or the profile) means "compile".
+
+    Its mode: "explain" (denials go to the supervisor, sandbox/denials.py) where the kernel
+    has seccomp user notification, else "plain"; "learn" with ``learn``, which needs it."""
+    why_not = available()
+    if learn and why_not is not None:
+        raise SandboxUnavailable(
+            f"learn mode needs seccomp user notification: {why_not}",
+            missing="seccomp user notification",
+        )
+    mode = "learn" if learn else "explain" if why_not is None else "plain"
     try:
         profile_path = load_profile(profile, extra_dirs).path
-        key = _key(profile_path, bool(network))
+        key = _key(profile_path, bool(network), mode)
     except (PluginLoadError, OSError):
         key = None
     if key is not None and key in _memo:
@@ -166,14 +180,14 @@ def filter_for(profile: str, *, network: bool, extra_dirs: tuple[str, ...] = ())
             return program
     from .seccomp import compile_filter
 
-    program = compile_filter(profile, network=network, extra_dirs=extra_dirs)
+    program = compile_filter(profile, network=network, extra_dirs=extra_dirs, mode=mode)
     if key is None or where is None:
         return program
     # Stored only if the key still describes what compiled it: pyseccomp mapped the same
     # libseccomp as this module (two mapped: no key), and no input changed meanwhile.
     _libseccomp.cache_clear()
     try:
-        if _key(profile_path, bool(network)) != key:
+        if _key(profile_path, bool(network), mode) != key:
             return program
         _memo[key] = program
         _store(where, key, program)

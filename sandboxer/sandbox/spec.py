@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import PluginLoadError
+from .denials import filter_notifies
 from .egress import PROXY_HOST, PROXY_PORT, network_mode
 from .policy import PathGrant, SandboxConfig
 from .profiles import load_profile
@@ -114,6 +115,9 @@ class LaunchSpec:
     pins: tuple[str, ...] = ()
     copies: tuple[Mount, ...] = ()  # trees copied into a private tmpfs (the plugin dir)
     seccomp_bpf: bytes | None = None
+    # Learn mode (``sandboxer exec --learn``): the filter is seccomp.py's "learn" one, and the
+    # supervisor lets through what some group allows instead of answering EPERM (denials.py).
+    seccomp_learn: bool = False
     address_space_limit: int | None = None  # RLIMIT_AS, only under the "rlimit" fallback
     # Who a writable grant's files belong to on the host (uid, gid); None: each grant's owner.
     grant_owner: tuple[int, int] | None = None
@@ -248,5 +252,7 @@ def build_spec(spec: LaunchSpec, sources: Sources) -> dict[str, object]:
         "seccomp_bpf": (
             None if spec.seccomp_bpf is None else base64.b64encode(spec.seccomp_bpf).decode()
         ),
+        # A filter that notifies is loaded with a listener the launcher sends back (denials.py).
+        "seccomp_listener": spec.seccomp_bpf is not None and filter_notifies(spec.seccomp_bpf),
         "network": {"mode": network_mode(sandbox), "host": PROXY_HOST, "port": PROXY_PORT},
     }

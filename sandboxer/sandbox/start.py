@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 
 from ..errors import SandboxUnavailable
 from . import child, forkserver
+from .denials import Denials, listener_fd_ok
 from .egress import EgressEndpoint, network_mode
 from .policy import SETUP_TIMEOUT
 from .sources import Sources
@@ -115,6 +116,34 @@ def _setup_error(report: bytes) -> SandboxSetupError:
     return SandboxSetupError(
         message, missing=missing, step=info.get("step"), path=info.get("path"), errno=err
     )
+
+
+LISTENER = b"L\n"  # the plugin process: its seccomp listener comes with this (SCM_RIGHTS)
+
+
+def _denials(
+    fds: list[int], spec: LaunchSpec, plugin_id: str | None, logger: logging.Logger
+) -> Denials:
+    """The listener the plugin process sent, checked to be one, answered from now on."""
+    if len(fds) != 1 or not listener_fd_ok(fds[0]):
+        for fd in fds:
+            os.close(fd)
+        raise SandboxSetupError(
+            "the sandbox launcher sent something other than its seccomp listener",
+            missing="seccomp listener",
+        )
+    try:
+        return Denials(
+            fds[0],
+            plugin_id=plugin_id or "-",
+            logger=logger,
+            profile=spec.sandbox.profile,
+            profile_dirs=spec.profile_dirs,
+            learn=spec.seccomp_learn,
+        )
+    except BaseException:
+        os.close(fds[0])
+        raise
 
 
 READY = b"R\n"  # a warm sandbox's PID 1: its plugin host is running, waiting for the handover
@@ -234,16 +263,26 @@ async def launch(
                 ) from exc
             os.write(control_w, b"G")
             report = b""
+            wants_listener = bool(built["seccomp_listener"])
             while True:
                 chunk, fds = await _read_status(status)
-                _proxy_listener(fds, "none")  # nothing more may come: closed if it does
-                if not chunk:
-                    break
+                if wants_listener and proc.denials is None and chunk.startswith(LISTENER):
+                    proc.denials = _denials(fds, spec, plugin_id, logger)
+                    chunk = chunk[len(LISTENER) :]
+                else:
+                    _proxy_listener(fds, "none")  # nothing more may come: closed if it does
+                    if not chunk:
+                        break
                 report += chunk
                 if spec.warm and report == READY:
                     break
             if report and report != READY:
                 raise _setup_error(report)
+            if wants_listener and proc.denials is None:
+                raise SandboxSetupError(
+                    "the sandbox launcher did not hand over the seccomp listener",
+                    missing="seccomp listener",
+                )
             if spec.warm:
                 if report != READY:
                     raise SandboxSetupError(

@@ -44,7 +44,7 @@ def entries(where: Path) -> list[Path]:
 
 def test_a_stored_program_is_the_compiled_one(cache: Path) -> None:
     program = seccomp_cache.filter_for("default", network=False)
-    assert program == compile_filter("default", network=False)
+    assert program == compile_filter("default", network=False, mode="explain")
     [entry] = entries(cache)
     assert entry.stat().st_mode & 0o777 == 0o600 and cache.stat().st_mode & 0o777 == 0o700
     assert entry.read_bytes().endswith(program)
@@ -75,7 +75,7 @@ def test_the_network_flag_and_the_profile_content_are_in_the_key(cache: Path,
                                                                  tmp_path: Path) -> None:
     without = seccomp_cache.filter_for("default", network=False)
     with_network = seccomp_cache.filter_for("default", network=True)
-    assert with_network == compile_filter("default", network=True)
+    assert with_network == compile_filter("default", network=True, mode="explain")
     assert len(entries(cache)) == 2  # (default's network group is among its groups anyway)
     mine = tmp_path / "profiles"
     mine.mkdir()
@@ -89,7 +89,7 @@ def test_the_network_flag_and_the_profile_content_are_in_the_key(cache: Path,
     os.utime(profile, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     changed = seccomp_cache.filter_for("mine", network=False, extra_dirs=(str(mine),))
     assert changed != without and len(entries(cache)) == 3
-    assert changed == compile_filter("mine", network=False, extra_dirs=(str(mine),))
+    assert changed == compile_filter("mine", network=False, extra_dirs=(str(mine),), mode="explain")
 
 
 def _forge(where: Path) -> tuple[Path, bytes, bytes]:
@@ -98,7 +98,7 @@ def _forge(where: Path) -> tuple[Path, bytes, bytes]:
     real = seccomp_cache.filter_for("default", network=False)
     [entry] = entries(where)
     key = entry.name.removesuffix(".bpf")
-    forged = compile_filter("strict", network=False)
+    forged = compile_filter("strict", network=False, mode="explain")
     assert forged != real
     entry.write_bytes(seccomp_cache._entry(key, forged))
     seccomp_cache._memo.clear()
@@ -175,10 +175,10 @@ def test_without_a_usable_directory_every_call_compiles(tmp_path: Path,
     monkeypatch.setattr(seccomp_cache, "_directory", lambda: str(blocked / "seccomp"))
     monkeypatch.setattr(seccomp_cache, "_memo", {})
     assert seccomp_cache.filter_for("default", network=False) == \
-        compile_filter("default", network=False)
+        compile_filter("default", network=False, mode="explain")
     monkeypatch.setattr(seccomp_cache, "_directory", lambda: None)  # rootless, no XDG dir
     assert seccomp_cache.filter_for("strict", network=False) == \
-        compile_filter("strict", network=False)
+        compile_filter("strict", network=False, mode="explain")
 
 
 def test_errors_are_the_compilers(cache: Path) -> None:
@@ -223,3 +223,14 @@ def test_the_launcher_runs_with_a_program_from_the_cache(cache: Path) -> None:
                for _ in range(2)]
     assert [(r.returncode, r.stdout) for r in outputs] == [
         (0, "inside\ncompiler loaded\n"), (0, "inside\nfrom the cache\n")]
+
+
+def test_the_mode_is_part_of_the_key(cache: Path) -> None:
+    """The explaining filter (denials to the supervisor) and the plain one are different
+    programs: one profile's two never share an entry."""
+    explain = seccomp_cache.filter_for("default", network=False)
+    learn = seccomp_cache.filter_for("default", network=False, learn=True)
+    assert explain == compile_filter("default", network=False, mode="explain")
+    assert learn == compile_filter("default", network=False, mode="learn")
+    assert explain != compile_filter("default", network=False, mode="plain") != learn
+    assert len(entries(cache)) == 2

@@ -278,9 +278,13 @@ class GrpcHandle:
 
     def resource_usage(self) -> ResourceUsage:
         stats = self._confinement.stats() if self._confinement is not None else None
+        denied = self._proc.denials
+        counts = None if denied is None else dict(denied.counts)
         if stats is None:
-            return ResourceUsage()
-        return ResourceUsage(peak_memory_bytes=stats.memory_peak, cpu_time_s=stats.cpu_time_s)
+            return ResourceUsage(denied=counts)
+        return ResourceUsage(
+            peak_memory_bytes=stats.memory_peak, cpu_time_s=stats.cpu_time_s, denied=counts
+        )
 
     async def close(self) -> None:
         self._closing = True
@@ -429,7 +433,8 @@ class GrpcLoader:
         warm = self.processes.take_warm(launch)
         if warm is None:
             return None
-        warm.proc.set_output(logger, sinks)  # before the exec: the handshake may come at once
+        # Before the exec: the handshake may come at once.
+        warm.proc.set_output(logger, sinks, plugin_id=plugin.id)
         if not await self.processes.hand_over(plugin, sandbox, launch, warm, launch.env):
             return None
         warm.rpc.close()  # fd 3 is not the wire here (``rpc=False``): the plugin never had it
