@@ -43,6 +43,12 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
+if __name__ == "__main__" and sys.path and os.path.realpath(sys.path[0]) == os.path.dirname(
+        os.path.realpath(__file__)):
+    # Run by path, this directory is first on sys.path, and its grpc.py (the grpc benchmark)
+    # would shadow grpcio for the gRPC child.
+    del sys.path[0]
+
 HERE = Path(__file__).resolve()
 ROOT = HERE.parent.parent
 
