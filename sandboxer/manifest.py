@@ -198,8 +198,9 @@ class Plugin:
     # parsing bytes), and the tree checksum (``sha256:<hex>``) this load's files must have:
     # recorded by discovery or hot reload, or vouched for by a registry's signed archive (set
     # by the manager). The sandbox checks both, with ``sha256``, over the bytes it copies.
-    manifest_sha256: str | None = None
-    checksum: str | None = None
+    # Neither is part of what the manifest says, so neither counts in comparing two.
+    manifest_sha256: str | None = field(default=None, compare=False)
+    checksum: str | None = field(default=None, compare=False)
 
     @property
     def is_bare_file(self) -> bool:
@@ -218,7 +219,7 @@ class Plugin:
             manifest = self.manifest_path
             # (a plugin.toml linked from outside the directory is not in the copy to check)
             if self.manifest_sha256 is not None and manifest and manifest.is_relative_to(self.root):
-                rel = self.manifest_path.relative_to(self.root).as_posix()
+                rel = manifest.relative_to(self.root).as_posix()
                 out.append((rel, self.manifest_sha256, "the manifest the supervisor read"))
         return out
 

@@ -68,16 +68,18 @@ class WasmEngine:
         with self._compile_lock:
             entry = self._modules.get(digest)
             if entry is None:
-                entry = self._modules[digest] = [self._compiled(data), 0]
+                entry = self._modules[digest] = [self._compiled(data, digest), 0]
             entry[1] += 1
             module: wasmtime.Module = entry[0]
             return module
 
-    def _compiled(self, data: bytes) -> wasmtime.Module:
+    def _compiled(self, data: bytes, digest: str) -> wasmtime.Module:
         """``data`` compiled by this engine: from the disk cache when it holds it, else
-        compiled here and stored for the next process."""
+        compiled here and stored for the next process. The cache is keyed by ``digest``, the
+        sha256 the caller computed over these very bytes (and checked against what vouches
+        for them): never a digest of the file read again."""
         disk = self._disk
-        key = disk.key(data) if disk is not None else None
+        key = disk.key(digest) if disk is not None else None
         if disk is None or key is None:
             return wasmtime.Module(self.engine, data)
         module = disk.load(self.engine, key)

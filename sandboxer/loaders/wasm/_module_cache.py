@@ -83,16 +83,16 @@ class ModuleCache:
         )
         self._settings = repr(tuple(settings)).encode()
 
-    def key(self, wasm: bytes) -> str | None:
-        """The hex key of ``wasm`` compiled by this engine on this host; None when wasmtime's
-        library cannot be told apart."""
+    def key(self, digest: str) -> str | None:
+        """The hex key of the module whose bytes have the hex sha256 ``digest``, compiled by
+        this engine on this host; None when wasmtime's library cannot be told apart."""
         library = _wasmtime_library()
         if library is None:
             return None
         machine = os.uname()
         h = hashlib.sha256(FORMAT + b"\0")
         for part in (
-            hashlib.sha256(wasm).digest(),
+            bytes.fromhex(digest),
             library.encode(),
             self._settings,
             f"{machine.machine} {machine.release} {machine.version}".encode(),
