@@ -217,6 +217,7 @@ async def _launch_in_cgroup(
             sources=sources,
             stdin=stdin,
             handover=handover,
+            plugin_id=plugin_id,
         )
         return proc, Confinement(
             None,
@@ -240,6 +241,7 @@ async def _launch_in_cgroup(
             sources=sources,
             stdin=stdin,
             handover=handover,
+            plugin_id=plugin_id,
         )
     except BaseException:
         await off_loop(group.remove)

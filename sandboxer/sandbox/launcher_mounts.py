@@ -269,32 +269,54 @@ def copy_trees(
                 sc.MS_NOSUID | sc.MS_NODEV,
                 f"mode=0755,size={int(copy['size'])}",
             )
-            for rel, kind, mode, payload in entries:
-                dest = os.path.join(full_target, rel)
-                if kind == "d":
-                    os.mkdir(dest, mode | 0o700)
-                    digests[rel] = ("d", "")
-                elif kind == "l":
-                    os.symlink(str(payload), dest)
-                    links[rel] = str(payload)
-                    digests[rel] = ("l", hashlib.sha256(os.fsencode(str(payload))).hexdigest())
-                elif kind == "x":
-                    digests[rel] = ("x", "")
-                else:
-                    out = os.open(
-                        dest,
-                        os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                        (mode & 0o7777 & ~0o6000) | 0o600,
-                    )
-                    try:
-                        digests[rel] = ("f", _copy_file(int(payload), out))
-                    finally:
-                        os.close(out)
-                        os.close(int(payload))
+            try:
+                _fill(full_target, entries, digests, links)
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                # The tmpfs was sized for the tree as the supervisor measured it: it grew.
+                raise SetupFailed(
+                    Step.VERIFY,
+                    f"the plugin directory grew past the {int(copy['size'])} bytes measured "
+                    "before it was copied: it changed after it was checked; none of it ran",
+                    target,
+                ) from None
             sc.mount_setattr(
                 full_target, sc.MOUNT_ATTR_RDONLY | sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NODEV
             )
         verify_copy(target, digests, links, copy.get("expect", ()), bare=bool(copy.get("bare")))
+
+
+def _fill(
+    full_target: str,
+    entries: list[Entry],
+    digests: dict[str, tuple[str, str]],
+    links: dict[str, str],
+) -> None:
+    """Make ``entries`` under ``full_target``, noting each one's kind and digest (a link's:
+    its target text's) and each link's target text."""
+    for rel, kind, mode, payload in entries:
+        dest = os.path.join(full_target, rel)
+        if kind == "d":
+            os.mkdir(dest, mode | 0o700)
+            digests[rel] = ("d", "")
+        elif kind == "l":
+            os.symlink(str(payload), dest)
+            links[rel] = str(payload)
+            digests[rel] = ("l", hashlib.sha256(os.fsencode(str(payload))).hexdigest())
+        elif kind == "x":
+            digests[rel] = ("x", "")
+        else:
+            out = os.open(
+                dest,
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                (mode & 0o7777 & ~0o6000) | 0o600,
+            )
+            try:
+                digests[rel] = ("f", _copy_file(int(payload), out))
+            finally:
+                os.close(out)
+                os.close(int(payload))
 
 
 def _copy_file(source: int, out: int) -> str:
