@@ -1,7 +1,7 @@
 """The sandbox launcher's mounts: the sources made ready, the plugin directory copied (each
 file read once, hashed as it is written, the copy refused unless it has the digests its spec
-expects: only verified bytes run), and the new root built on a tmpfs (binds, /tmp, /proc, /dev, masks over denied paths, the /etc
-files), then pivot_root.
+expects: only verified bytes run), and the new root built on a tmpfs (binds, /tmp, /proc,
+/dev, masks over denied paths, the /etc files), then pivot_root.
 
 Part of the launcher (``launcher.py``, which calls these in DESIGN section 6's order): imported
 by bare name from its directory (``SANDBOXER_LAUNCHER_DIR``), so it imports nothing but the
