@@ -38,7 +38,7 @@ from .errors import SandboxerError
 # registry, the sandbox's launch): `sandboxer exec` must not pay for wasmtime or grpc, nor
 # `--help` for any of them (docs/architecture.md, "Start-up imports").
 if TYPE_CHECKING:
-    from .registry import Registry, TrustedPublicKey
+    from .registry import Fetched, Registry, TrustedPublicKey
 
 __all__ = ["run"]
 
@@ -65,14 +65,13 @@ def _registry_and_keys(
     return Registry(location), keys
 
 
-def _registry_fetch(target: str, args: argparse.Namespace, host: HostConfig) -> Path:
+def _registry_fetch(target: str, args: argparse.Namespace, host: HostConfig) -> Fetched:
     """Fetch ``ID@VERSION`` from the registry the options (or host config) name."""
-    from .registry import fetch
+    from .registry import fetch_verified
 
     registry, keys = _registry_and_keys(f"{target} names a registry plugin", args, host)
     plugin_id, wanted = split_target(target)
-    _, directory = fetch(registry, plugin_id, wanted, trusted_keys=keys, cache_dir=host.cache_dir)
-    return directory
+    return fetch_verified(registry, plugin_id, wanted, trusted_keys=keys, cache_dir=host.cache_dir)
 
 
 async def _cmd_call(args: argparse.Namespace) -> int:
@@ -84,15 +83,17 @@ async def _cmd_call(args: argparse.Namespace) -> int:
     host = HostConfig.load()
     config = config_override(args)
     call_args = [parse_call_arg(a) for a in args.args]
+    checksum = None  # a registry's: what its signed archive unpacks to
     if "@" in args.target and not Path(args.target).exists():
-        args.target = str(await asyncio.to_thread(_registry_fetch, args.target, args, host))
+        fetched = await asyncio.to_thread(_registry_fetch, args.target, args, host)
+        args.target, checksum = str(fetched.directory), fetched.checksum
     plugin = load_plugin(args.target)
     sandbox = sandbox_for(plugin, host, args)
     extra: dict[str, Any] = {
         "plugin": {"id": plugin.id, "version": plugin.version, "type": plugin.type.value}
     }
     async with PluginManager(config=host) as mgr:
-        loaded = await mgr.load(args.target, sandbox=sandbox, config=config)
+        loaded = await mgr.load(args.target, sandbox=sandbox, config=config, checksum=checksum)
         extra["sandbox"] = sandbox.to_json()
         start = time.perf_counter()
         try:
@@ -359,7 +360,7 @@ async def _cmd_registry(args: argparse.Namespace) -> int:
             for e in entries:
                 print(f"{e.id}@{e.version}  {e.type}  sha256:{e.sha256[:16]}…  {e.published}")
         return 0
-    directory = await asyncio.to_thread(_registry_fetch, args.target, args, host)
+    directory = (await asyncio.to_thread(_registry_fetch, args.target, args, host)).directory
     if args.json:
         print_json({"ok": True, "path": str(directory)})
     else:

@@ -16,12 +16,13 @@ refused; a second unload of the same id waits for the first and returns.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import os
+import re
 from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._digest import tree_checksum
@@ -66,6 +67,9 @@ class _Entry:
     sandbox: SandboxConfig | None  # the operator's explicit sandbox, for every generation
     config: dict[str, Any]  # overrides of the manifest's [config] handed to init()
     files_checksum: str | None = None  # hot reload: the running generation's files
+    # A registry install: the tree checksum its signed archive unpacks to, which every
+    # generation's files must have
+    pinned: str | None = None
     unloading: bool = False
     unloaded: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -372,18 +376,27 @@ class PluginManager:
         *,
         sandbox: SandboxConfig | None = None,
         config: Mapping[str, Any] | None = None,
+        checksum: str | None = None,
     ) -> LoadedPlugin:
         """Load the plugin at ``path`` (a directory with plugin.toml, or a bare file).
 
         ``sandbox`` replaces the effective sandbox computed from the manifest and host policy
         (the operator's explicit choice); ``config`` overrides keys of the manifest's
-        ``[config]`` handed to ``init()``.
+        ``[config]`` handed to ``init()``; ``checksum`` (``sha256:<hex>``, as
+        ``sandboxer.checksum`` and discovery give it) is what the plugin's files must hash to
+        when they are copied into its sandbox, for this and every later generation (reload,
+        restart): IntegrityError if they do not.
         """
+        if checksum is not None and not re.fullmatch(r"sha256:[0-9a-f]{64}", checksum):
+            raise ValueError(f"checksum must be 'sha256:' and 64 hex digits, not {checksum!r}")
+        pinned = checksum
         if self._closed:
             raise PluginStateError("the plugin manager is closed")
         self._sweep_once()
         checksum = await asyncio.to_thread(tree_checksum, path) if self.hot_reload else None
         plugin = await asyncio.to_thread(load_plugin, path)
+        # The sandbox's copy must be what was checksummed (issue 23): run nothing else.
+        plugin = dataclasses.replace(plugin, checksum=pinned or checksum)
         async with self._lock(plugin.id):
             if plugin.id in self._plugins:
                 raise PluginLoadError(
@@ -400,6 +413,7 @@ class PluginManager:
             entry = _Entry(
                 LoadedPlugin(life, os.fspath(path), self._egress), life, sandbox, dict(config or {})
             )
+            entry.pinned = pinned
             self._plugins[plugin.id] = entry
             self._emit(life, "state", None)
             try:
@@ -452,19 +466,20 @@ class PluginManager:
             )
         key_paths = list(trusted_keys if trusted_keys is not None else self.config.trusted_keys)
 
-        def fetch() -> Path:
+        def fetch() -> _registry.Fetched:
             keys = _registry.load_trusted_keys(key_paths)
-            _, directory = _registry.fetch(
+            return _registry.fetch_verified(
                 _registry.Registry(location),
                 plugin_id,
                 version,
                 trusted_keys=keys,
                 cache_dir=self.config.cache_dir,
             )
-            return directory
 
-        directory = await asyncio.to_thread(fetch)
-        return await self.load(directory, sandbox=sandbox, config=config)
+        fetched = await asyncio.to_thread(fetch)
+        return await self.load(
+            fetched.directory, sandbox=sandbox, config=config, checksum=fetched.checksum
+        )
 
     async def _bring_up(self, entry: _Entry, plugin: Plugin) -> None:
         life = entry.life
@@ -628,6 +643,9 @@ class PluginManager:
         await life.wait_retired()
         life.transition(PluginState.LOADING)
         plugin = life.plugin
+        if self.hot_reload and entry.pinned is None:  # its files as they are now
+            entry.files_checksum = await asyncio.to_thread(tree_checksum, entry.loaded.source)
+            plugin = dataclasses.replace(plugin, checksum=entry.files_checksum)
         try:
             await asyncio.to_thread(verify_integrity, plugin)
             sandbox = self.resolve_sandbox(plugin, entry.sandbox)
@@ -681,6 +699,9 @@ class PluginManager:
         if self.hot_reload:  # taken before reading: a change after it is seen as a change
             entry.files_checksum = await asyncio.to_thread(tree_checksum, source)
         plugin = await asyncio.to_thread(load_plugin, source)
+        plugin = dataclasses.replace(
+            plugin, checksum=entry.pinned or (entry.files_checksum if self.hot_reload else None)
+        )
         if plugin.id != life.id:
             raise PluginLoadError(
                 f"plugin {life.id}: the new files declare id {plugin.id}; "

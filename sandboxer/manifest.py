@@ -17,6 +17,7 @@ strictly than the entrypoint: regular files, never through a link.
 from __future__ import annotations
 
 import enum
+import hashlib
 import math
 import os
 import re
@@ -193,10 +194,34 @@ class Plugin:
     # A wasm plugin: "json" (sandboxer's ABI, or a command speaking JSON on stdin/stdout) or
     # "command" (an unmodified WASI program; call("run", [args]) runs it once)
     wasm_mode: str = "json"
+    # Not from plugin.toml: the sha256 of the manifest bytes this was parsed from (set by
+    # parsing bytes), and the tree checksum (``sha256:<hex>``) this load's files must have:
+    # recorded by discovery or hot reload, or vouched for by a registry's signed archive (set
+    # by the manager). The sandbox checks both, with ``sha256``, over the bytes it copies.
+    # Neither is part of what the manifest says, so neither counts in comparing two.
+    manifest_sha256: str | None = field(default=None, compare=False)
+    checksum: str | None = field(default=None, compare=False)
 
     @property
     def is_bare_file(self) -> bool:
         return self.manifest_path is None
+
+    def digests(self) -> list[tuple[str, str, str]]:
+        """What vouches for this plugin's files, as ``(path inside root, hex sha256, who)``:
+        path "" is the whole tree (a bare file: the file), else a file or directory in it."""
+        out: list[tuple[str, str, str]] = []
+        if self.checksum is not None:
+            out.append(("", self.checksum.removeprefix("sha256:"), "the checksum recorded for it"))
+        if not self.is_bare_file:
+            if self.sha256 is not None:
+                rel = self.entrypoint.relative_to(self.root).as_posix()
+                out.append((rel, self.sha256, "the manifest's sha256"))
+            manifest = self.manifest_path
+            # (a plugin.toml linked from outside the directory is not in the copy to check)
+            if self.manifest_sha256 is not None and manifest and manifest.is_relative_to(self.root):
+                rel = manifest.relative_to(self.root).as_posix()
+                out.append((rel, self.manifest_sha256, "the manifest the supervisor read"))
+        return out
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -532,7 +557,9 @@ _SANDBOX_FIELDS = {
 def parse_manifest(text: str | bytes, *, path: str | os.PathLike[str], root: Path) -> Plugin:
     """Parse and validate a manifest's text; ``root`` is the plugin directory."""
     where = str(path)
+    manifest_sha256 = None
     if isinstance(text, bytes):
+        manifest_sha256 = hashlib.sha256(text).hexdigest()
         if len(text) > MAX_MANIFEST_BYTES:
             raise ManifestError(where, "(file)", f"at most {MAX_MANIFEST_BYTES} bytes")
         try:
@@ -644,6 +671,7 @@ def parse_manifest(text: str | bytes, *, path: str | os.PathLike[str], root: Pat
         grpc=grpc,
         restart=p.get("restart", parse_restart),
         wasm_mode=wasm_mode,
+        manifest_sha256=manifest_sha256,
     )
 
 

@@ -46,13 +46,13 @@ import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
-import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from . import _minisign, _rollback
+from ._archive import MAX_MEMBERS, MAX_UNPACKED, archive_checksum, safe_extract
 from ._digest import IGNORED_DIRS, tree_checksum
 from ._semver import best_match, parse_range
 from ._trusted_keys import TrustedKey, covers, describe_scope
@@ -68,6 +68,8 @@ __all__ = [
     "publish",
     "sign_index",
     "fetch",
+    "fetch_verified",
+    "Fetched",
     "safe_extract",
     "default_cache_dir",
     "load_trusted_keys",
@@ -80,8 +82,6 @@ __all__ = [
 
 FORMAT = 1
 MAX_ARCHIVE = 64 << 20  # bytes of a downloaded archive
-MAX_UNPACKED = 256 << 20  # bytes of all its files, unpacked
-MAX_MEMBERS = 10_000
 MAX_INDEX = 16 << 20
 MAX_SIGNATURE = 64 << 10
 HTTP_TIMEOUT = 30.0
@@ -629,6 +629,17 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 # -- fetching ----------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    """A verified fetch: the entry, the extracted plugin directory, and the tree checksum
+    its signed archive unpacks to (computed from the verified bytes), which a load requires
+    of the files it runs (``PluginManager.load(..., checksum=)``)."""
+
+    entry: RegistryEntry
+    directory: Path
+    checksum: str
+
+
 def fetch(
     registry: Registry,
     plugin_id: str,
@@ -637,8 +648,25 @@ def fetch(
     trusted_keys: Iterable[TrustedPublicKey | _minisign.PublicKey],
     cache_dir: str | os.PathLike[str] | None = None,
 ) -> tuple[RegistryEntry, Path]:
-    """Verify the index, resolve, download (or reuse the cache), verify and extract; the
-    plugin directory. A bare PublicKey in ``trusted_keys`` is trusted for every id."""
+    """``fetch_verified``'s entry and plugin directory."""
+    got = fetch_verified(
+        registry, plugin_id, wanted, trusted_keys=trusted_keys, cache_dir=cache_dir
+    )
+    return got.entry, got.directory
+
+
+def fetch_verified(
+    registry: Registry,
+    plugin_id: str,
+    wanted: str,
+    *,
+    trusted_keys: Iterable[TrustedPublicKey | _minisign.PublicKey],
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> Fetched:
+    """Verify the index, resolve, download (or reuse the cache), verify and extract. The
+    archive is read once, into memory; its digest, its signature, its extraction and the
+    tree checksum it vouches for all come from those bytes, never from the cached file read
+    again. A bare PublicKey in ``trusted_keys`` is trusted for every id."""
     keys = _keyring(trusted_keys)
     if not keys:
         raise IntegrityError(
@@ -697,12 +725,18 @@ def fetch(
         )
     if not cached:
         _write_atomic(blob_path, data)
+    checksum = archive_checksum(data)
     target = cache / "plugins" / entry.id / f"{entry.version}-{entry.sha256[:16]}"
-    if not _extracted_intact(target):
+    if not _extracted_intact(target, checksum):
         staging = Path(tempfile.mkdtemp(dir=_ensure(target.parent), prefix=".extract-"))
         try:
             safe_extract(data, staging / "plugin")
-            (staging / "plugin.sum").write_text(tree_checksum(staging / "plugin"))
+            if tree_checksum(staging / "plugin") != checksum:
+                raise IntegrityError(
+                    f"{entry.id}@{entry.version}: its extraction does not match the archive "
+                    "(the cache directory changed while it was being written)",
+                    plugin_id=entry.id,
+                )
             if target.exists():
                 shutil.rmtree(target)
             os.replace(staging, target)
@@ -715,7 +749,7 @@ def fetch(
             f"{entry.id}@{entry.version}: the archive's manifest says {plugin.id}@{plugin.version}",
             plugin_id=entry.id,
         )
-    return entry, target / "plugin"
+    return Fetched(entry, target / "plugin", checksum)
 
 
 def _ensure(path: Path) -> Path:
@@ -723,78 +757,10 @@ def _ensure(path: Path) -> Path:
     return path
 
 
-def _extracted_intact(target: Path) -> bool:
-    """An earlier extraction that nobody changed since (its tree checksum still matches)."""
+def _extracted_intact(target: Path, checksum: str) -> bool:
+    """An earlier extraction that still is what the verified archive unpacks to (a load
+    checks its copy against ``checksum`` again: this only saves extracting anew)."""
     try:
-        return (target / "plugin.sum").read_text() == tree_checksum(target / "plugin")
+        return (target / "plugin").is_dir() and tree_checksum(target / "plugin") == checksum
     except OSError:
         return False
-
-
-def safe_extract(
-    data: bytes, dest: Path, *, max_unpacked: int = MAX_UNPACKED, max_members: int = MAX_MEMBERS
-) -> None:
-    """Extract a .tar.gz into the new directory ``dest``, refusing anything but plain files and
-    directories inside it; IntegrityError names the member and what is wrong with it."""
-    dest.mkdir(mode=0o755)
-    total = 0
-    try:
-        # Opened before the with, so that a broken archive is an IntegrityError.
-        tar = tarfile.open(fileobj=io.BytesIO(data), mode="r:gz")  # noqa: SIM115
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        raise IntegrityError(f"the archive cannot be read: {exc}") from None
-    with tar:
-        count = 0
-        try:
-            for member in tar:
-                count += 1
-                if count > max_members:
-                    raise IntegrityError(f"the archive has more than {max_members} members")
-                rel = _member_path(member.name)
-                target = dest.joinpath(*rel.parts)
-                if member.isdir():
-                    target.mkdir(mode=0o755, parents=True, exist_ok=True)
-                    continue
-                if member.issym() or member.islnk():
-                    raise IntegrityError(
-                        f"the archive member {member.name!r} is a link "
-                        f"(to {member.linkname!r}); links are refused"
-                    )
-                if not member.isreg():
-                    raise IntegrityError(
-                        f"the archive member {member.name!r} is not a regular "
-                        "file or directory (a device, fifo or the like)"
-                    )
-                total += member.size
-                if total > max_unpacked:
-                    raise IntegrityError(f"the archive unpacks to more than {max_unpacked} bytes")
-                target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-                source = tar.extractfile(member)
-                assert source is not None
-                mode = 0o755 if member.mode & 0o111 else 0o644
-                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-                with os.fdopen(fd, "wb") as out:
-                    written = 0
-                    while chunk := source.read(1 << 20):
-                        written += len(chunk)
-                        if written > member.size:
-                            raise IntegrityError(
-                                f"the archive member {member.name!r} holds "
-                                "more than its declared size"
-                            )
-                        out.write(chunk)
-        except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
-            raise IntegrityError(f"the archive is damaged: {exc}") from None
-
-
-def _member_path(name: str) -> PurePosixPath:
-    path = PurePosixPath(name)
-    if not name or path.is_absolute() or ".." in path.parts or "\0" in name:
-        raise IntegrityError(
-            f"the archive member {name!r} has an absolute path or leads "
-            "outside the plugin directory"
-        )
-    parts = [p for p in path.parts if p not in (".", "")]
-    if not parts:
-        raise IntegrityError(f"the archive member {name!r} has no name")
-    return PurePosixPath(*parts)

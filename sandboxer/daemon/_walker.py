@@ -73,6 +73,8 @@ def _stream(sock: socket.socket, path: str, name: str, max_entries: int) -> None
             _send(sock, {"kind": "d", "path": top, "mode": st.st_mode & 0o7777})
         for rel, kind, mode, payload in entries:
             parts = [*top, *rel.split("/")]
+            if kind == "x":
+                continue  # a fifo, socket or device: never copied
             if kind == "l":
                 _send(sock, {"kind": "l", "path": parts, "target": payload})
             elif kind == "d":

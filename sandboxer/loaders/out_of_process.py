@@ -56,7 +56,15 @@ from ..sandbox.policy import SETUP_TIMEOUT, SandboxConfig
 from ..sandbox.pool import SandboxPool, TooLargeForWarm, WarmSandbox
 from ..sandbox.runtime import Runtime, runtime
 from ..sandbox.seccomp_cache import filter_for
-from ..sandbox.spec import PLUGIN_MOUNT, LaunchSpec, Mount, base_mounts, grant_mounts, mask_plan
+from ..sandbox.spec import (
+    PLUGIN_MOUNT,
+    Digest,
+    LaunchSpec,
+    Mount,
+    base_mounts,
+    grant_mounts,
+    mask_plan,
+)
 from . import NO_STATE, Health, NoState, ResourceUsage, external, native, not_implemented, python
 from .plugin_host import host_args
 
@@ -579,8 +587,15 @@ class ProcessLoader:
         return self._host_spec(
             sandbox,
             argv=plugin_command(plugin, entrypoint=entry, root=PLUGIN_MOUNT, runtime=runtime()),
-            # The directory (or a bare file, its own root) is copied into /plugin.
-            copies=(Mount(str(root), PLUGIN_MOUNT),),
+            # The directory (or a bare file, its own root) is copied into /plugin, and the
+            # copy checked against every digest that vouches for it: only those bytes run.
+            copies=(
+                Mount(
+                    str(root),
+                    PLUGIN_MOUNT,
+                    digests=tuple(Digest(*d) for d in plugin.digests()),
+                ),
+            ),
             plugin_root=str(root) if root.is_dir() else None,
         )
 

@@ -1,6 +1,7 @@
-"""The sandbox launcher's mounts: the sources made ready, the plugin directory copied, and
-the new root built on a tmpfs (binds, /tmp, /proc, /dev, masks over denied paths, the /etc
-files), then pivot_root.
+"""The sandbox launcher's mounts: the sources made ready, the plugin directory copied (each
+file read once, hashed as it is written, the copy refused unless it has the digests its spec
+expects: only verified bytes run), and the new root built on a tmpfs (binds, /tmp, /proc,
+/dev, masks over denied paths, the /etc files), then pivot_root.
 
 Part of the launcher (``launcher.py``, which calls these in DESIGN section 6's order): imported
 by bare name from its directory (``SANDBOXER_LAUNCHER_DIR``), so it imports nothing but the
@@ -12,6 +13,7 @@ and reaches every mount target inside the new root one component at a time throu
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import resource
 import stat
@@ -20,8 +22,9 @@ TYPE_CHECKING = False  # (see launcher.py: mypy reads these as the package's mod
 if TYPE_CHECKING:
     from typing import Any
 
-    # A copied tree's entry: (relative path, "d"|"l"|"f", mode, "" | the link's target | an
-    # fd opened on the file)
+    # A copied tree's entry: (relative path, "d"|"l"|"f"|"x", mode, "" | the link's target
+    # | an fd opened on the file); "x" (a fifo, socket or device) is not copied, but counts
+    # in the tree checksum as _digest.tree_checksum counts it
     Entry = tuple[str, str, int, int | str]
 
     from . import _syscalls as sc
@@ -50,6 +53,8 @@ __all__ = [
     "make_dirs",
     "raise_nofile",
     "TooManyEntries",
+    "IGNORED_DIRS",
+    "tree_digest",
 ]
 
 NEW_ROOT = "/tmp"  # the new root is a tmpfs mounted over /tmp in the private mount namespace
@@ -168,16 +173,26 @@ def _same_inode(fd: int, expected: os.stat_result, rel: str) -> None:
         raise SetupFailed(Step.COPY, "it changed while the plugin directory was being copied", rel)
 
 
+# As sandboxer._digest.IGNORED_DIRS (this module imports nothing of the package; a test holds
+# the two equal): never copied, never counted. Python's bytecode caches are not what a digest
+# vouches for, and a planted .pyc (an unchecked hash-based one) would run in place of its
+# verified source.
+IGNORED_DIRS = frozenset({"__pycache__"})
+
+
 def _walk_copy(dir_fd: int, prefix: str, entries: list[Entry], limit: int) -> None:
     """Every entry below ``dir_fd``: directories opened from their parent's fd with
     O_NOFOLLOW | O_DIRECTORY, files with O_NOFOLLOW, each checked to be the inode its lstat
-    named; links copied as links, never followed; anything else left out."""
+    named; links copied as links, never followed; anything else listed as "x", not copied;
+    ``IGNORED_DIRS`` (and links by those names) left out."""
     for name in sorted(os.listdir(dir_fd)):
         if len(entries) >= limit:
             raise TooManyEntries(Step.COPY, f"the plugin directory has more than {limit} entries")
         rel = prefix + name
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         mode = st.st_mode & 0o7777
+        if name in IGNORED_DIRS and (stat.S_ISDIR(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+            continue
         if stat.S_ISLNK(st.st_mode):
             entries.append((rel, "l", 0, os.readlink(name, dir_fd=dir_fd)))
         elif stat.S_ISDIR(st.st_mode):
@@ -196,6 +211,8 @@ def _walk_copy(dir_fd: int, prefix: str, entries: list[Entry], limit: int) -> No
             )
             _same_inode(fd, st, rel)
             entries.append((rel, "f", mode, fd))
+        else:
+            entries.append((rel, "x", 0, ""))
 
 
 def open_copies(spec: dict[str, Any], fds: list[int]) -> list[tuple[str, list[Entry]]]:
@@ -236,9 +253,14 @@ def copy_trees(
     spec: dict[str, Any], trees: list[tuple[str, list[Entry]]], *, root: str = NEW_ROOT
 ) -> None:
     """Each tree into a tmpfs of its own at its target under ``root`` (the new root before
-    pivot_root; "" after it, in a warm sandbox's handover), read-only once filled."""
+    pivot_root; "" after it, in a warm sandbox's handover), read-only once filled, then
+    checked against the digests its spec entry expects (``verify_copy``): each file is read
+    once, and the bytes hashed are the bytes written, so what the checks vouch for is the
+    copy that will run, whatever happens to the host's files meanwhile."""
     for (target, entries), copy in zip(trees, spec["copies"], strict=True):
         full_target = root + target
+        digests: dict[str, tuple[str, str]] = {}
+        links: dict[str, str] = {}
         with step(Step.COPY, target):
             make_dirs(full_target)
             sc.mount(
@@ -248,27 +270,137 @@ def copy_trees(
                 sc.MS_NOSUID | sc.MS_NODEV,
                 f"mode=0755,size={int(copy['size'])}",
             )
-            for rel, kind, mode, payload in entries:
-                dest = os.path.join(full_target, rel)
-                if kind == "d":
-                    os.mkdir(dest, mode | 0o700)
-                elif kind == "l":
-                    os.symlink(str(payload), dest)
-                else:
-                    out = os.open(
-                        dest,
-                        os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                        (mode & 0o7777 & ~0o6000) | 0o600,
-                    )
-                    try:
-                        while os.sendfile(out, int(payload), None, 1 << 20):
-                            pass
-                    finally:
-                        os.close(out)
-                        os.close(int(payload))
+            try:
+                _fill(full_target, entries, digests, links)
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                # The tmpfs was sized for the tree as the supervisor measured it: it grew.
+                raise SetupFailed(
+                    Step.VERIFY,
+                    f"the plugin directory grew past the {int(copy['size'])} bytes measured "
+                    "before it was copied: it changed after it was checked; none of it ran",
+                    target,
+                ) from None
             sc.mount_setattr(
                 full_target, sc.MOUNT_ATTR_RDONLY | sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NODEV
             )
+        verify_copy(target, digests, links, copy.get("expect", ()), bare=bool(copy.get("bare")))
+
+
+def _fill(
+    full_target: str,
+    entries: list[Entry],
+    digests: dict[str, tuple[str, str]],
+    links: dict[str, str],
+) -> None:
+    """Make ``entries`` under ``full_target``, noting each one's kind and digest (a link's:
+    its target text's) and each link's target text."""
+    for rel, kind, mode, payload in entries:
+        dest = os.path.join(full_target, rel)
+        if kind == "d":
+            os.mkdir(dest, mode | 0o700)
+            digests[rel] = ("d", "")
+        elif kind == "l":
+            os.symlink(str(payload), dest)
+            links[rel] = str(payload)
+            digests[rel] = ("l", hashlib.sha256(os.fsencode(str(payload))).hexdigest())
+        elif kind == "x":
+            digests[rel] = ("x", "")
+        else:
+            out = os.open(
+                dest,
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                (mode & 0o7777 & ~0o6000) | 0o600,
+            )
+            try:
+                digests[rel] = ("f", _copy_file(int(payload), out))
+            finally:
+                os.close(out)
+                os.close(int(payload))
+
+
+def _copy_file(source: int, out: int) -> str:
+    """Copy ``source`` to ``out`` through one buffer: the hex sha256 of the bytes written."""
+    h = hashlib.sha256()
+    while chunk := os.read(source, 1 << 20):
+        h.update(chunk)
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(out, view) :]
+    return h.hexdigest()
+
+
+def tree_digest(digests: dict[str, tuple[str, str]], prefix: str = "") -> str:
+    """The hex tree checksum (sandboxer._digest.tree_checksum's format: ``path NUL kind NUL
+    digest LF`` per entry in sorted path order, directories themselves not listed) of the
+    entries under ``prefix`` ("" or "dir/"), their paths taken relative to it."""
+    outer = hashlib.sha256()
+    for rel in sorted(r for r in digests if r.startswith(prefix)):
+        kind, digest = digests[rel]
+        if kind != "d":
+            outer.update(
+                f"{rel[len(prefix) :]}\0{kind}\0{digest}\n".encode("utf-8", "surrogateescape")
+            )
+    return outer.hexdigest()
+
+
+def _resolve_in_copy(digests: dict[str, tuple[str, str]], links: dict[str, str], rel: str) -> str:
+    """``rel`` with the links at its end followed inside the copy, as the sandbox resolves a
+    relative link under /plugin; a link that leads out of the copy (absolute, or up past its
+    top) or round in circles stays unresolved (the check then refuses it)."""
+    for _ in range(40):  # the kernel's MAXSYMLINKS
+        kind, _ = digests.get(rel, ("", ""))
+        if kind != "l":
+            return rel
+        link = links[rel]
+        joined = os.path.normpath(os.path.join(os.path.dirname(rel), link))
+        if os.path.isabs(link) or joined == ".." or joined.startswith("../"):
+            return rel
+        rel = joined
+    return rel
+
+
+def verify_copy(
+    target: str,
+    digests: dict[str, tuple[str, str]],
+    links: dict[str, str],
+    expect: Any,
+    *,
+    bare: bool,
+) -> None:
+    """Refuse the copy at ``target`` unless every expected digest matches what was written:
+    ``{"path", "sha256", "what"}`` with path "" for the whole tree (its tree checksum; a bare
+    file's own sha256), else a file (its sha256) or a directory (its tree checksum) inside,
+    reached through links inside the copy as the sandbox reaches it."""
+    for check in expect:
+        rel, expected, what = check["path"], check["sha256"], check["what"]
+        with step(Step.VERIFY, target + ("/" + rel if rel else "")):
+            if not rel:
+                actual = next(iter(digests.values()))[1] if bare else tree_digest(digests)
+                name = "the plugin file" if bare else "the plugin directory"
+            else:
+                name = _resolve_in_copy(digests, links, rel)
+                kind, actual = digests.get(name, ("", ""))
+                if kind == "d":
+                    actual = tree_digest(digests, name + "/")
+                elif kind != "f":
+                    raise SetupFailed(
+                        Step.VERIFY,
+                        f"{name} is {_KINDS.get(kind, 'missing')} in the copy, so {what} "
+                        f"(sha256 {expected}) cannot vouch for it",
+                        target + "/" + rel,
+                    )
+            if actual != expected:
+                raise SetupFailed(
+                    Step.VERIFY,
+                    f"{name} was copied with sha256 {actual}, but {what} says {expected}: "
+                    "the files changed after they were checked; none of them ran",
+                    target + ("/" + rel if rel else ""),
+                )
+
+
+_KINDS = {"l": "a link out of the plugin directory", "x": "not a regular file", "": "missing"}
 
 
 def build_root() -> None:

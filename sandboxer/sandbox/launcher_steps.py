@@ -43,6 +43,7 @@ class Step(enum.Enum):
     ROOT = "build the new root"
     BIND = "bind-mount a path"
     COPY = "copy the plugin directory"
+    VERIFY = "verify the copied plugin files"
     PROC = "mount /proc"
     DEV = "build /dev"
     MASK = "mask a path"

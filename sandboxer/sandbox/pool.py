@@ -38,7 +38,7 @@ from . import launcher_mounts as fs
 from .cgroups import CgroupLimits
 from .confinement import Confinement
 from .launcher_steps import SetupFailed
-from .sources import MAX_COPY_BYTES, MAX_COPY_ENTRIES, open_copy_source
+from .sources import MAX_COPY_BYTES, MAX_COPY_ENTRIES, copy_entry, open_copy_source
 from .spec import LaunchSpec, Mount
 from .start import hand_over
 
@@ -105,7 +105,7 @@ class WarmSandbox:
         try:
             if self.confinement.cgroup is not None:
                 self.confinement.cgroup.limit(limits)
-            await hand_over(self.status, message, fds)
+            await hand_over(self.status, message, fds, plugin_id=plugin_id)
         finally:
             for fd in fds:
                 os.close(fd)
@@ -130,16 +130,9 @@ def _open_copies(
         for copy in copies:
             source = open_copy_source(copy.source, plugin_id)
             try:
-                spec = {
-                    "copies": [
-                        {
-                            "target": copy.target,
-                            "fd": 0,
-                            "name": os.path.basename(copy.source),
-                            "max_entries": min(WARM_MAX_ENTRIES, MAX_COPY_ENTRIES),
-                        }
-                    ]
-                }
+                listing = copy_entry(copy, fd=0, source=source, size=0)
+                listing["max_entries"] = min(WARM_MAX_ENTRIES, MAX_COPY_ENTRIES)
+                spec = {"copies": [listing]}
                 try:
                     ((target, entries),) = fs.open_copies(spec, [source])
                 except fs.TooManyEntries as exc:
@@ -163,7 +156,16 @@ def _open_copies(
                     rows.append([rel, kind, mode, payload])
             if size > MAX_COPY_BYTES:
                 raise TooLargeForWarm(f"{size} bytes")  # a cold start says what is wrong
-            listed.append({"target": target, "size": size, "entries": rows})
+            listed.append(
+                {
+                    "target": target,
+                    "size": size,
+                    "entries": rows,
+                    # PID 1 checks the copy it makes against these, as a cold launch does
+                    "bare": listing["bare"],
+                    "expect": listing["expect"],
+                }
+            )
     except BaseException:
         for fd in fds:
             os.close(fd)

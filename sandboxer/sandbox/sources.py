@@ -26,6 +26,7 @@ __all__ = [
     "MAX_COPY_BYTES",
     "MAX_COPY_ENTRIES",
     "open_copy_source",
+    "copy_entry",
     "tree_size",
 ]
 
@@ -126,16 +127,10 @@ class Sources:
                     else:
                         self._keep(_syscalls.open_tree(opened.fd))
             for copy in spec.copies:
-                self.copies.append(
-                    {
-                        "target": copy.target,
-                        "fd": len(self.fds),
-                        "name": os.path.basename(copy.source),
-                        "size": tree_size(copy.source),
-                        "max_entries": MAX_COPY_ENTRIES,
-                    }
-                )
-                self._keep(open_copy_source(copy.source, plugin_id))
+                size = tree_size(copy.source)
+                fd = open_copy_source(copy.source, plugin_id)
+                self._keep(fd)
+                self.copies.append(copy_entry(copy, fd=len(self.fds) - 1, source=fd, size=size))
         except BaseException:
             self.close()
             release_uid(self.host_uid)
@@ -184,6 +179,21 @@ def open_copy_source(path: str, plugin_id: str | None) -> int:
             plugin_id=plugin_id,
         )
     return fd
+
+
+def copy_entry(copy: Mount, *, fd: int, source: int, size: int) -> dict[str, object]:
+    """A copied tree as the launcher's spec (or a warm sandbox's handover) names it: its fd's
+    place, its size, whether it is a bare file (as the opened ``source`` is, not as its name
+    now says) and the digests the copy must have."""
+    return {
+        "target": copy.target,
+        "fd": fd,
+        "name": os.path.basename(copy.source),
+        "size": size,
+        "max_entries": MAX_COPY_ENTRIES,
+        "bare": not stat.S_ISDIR(os.fstat(source).st_mode),
+        "expect": [d.to_json() for d in copy.digests],
+    }
 
 
 def release_uid(uid: int) -> None:

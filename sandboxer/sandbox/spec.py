@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Mount",
+    "Digest",
     "LaunchSpec",
     "SANDBOX_UID",
     "SANDBOX_GID",
@@ -90,16 +91,34 @@ MAX_FILE_SIZE = 4 << 30
 
 
 @dataclass(frozen=True, slots=True)
+class Digest:
+    """A digest a copied tree must have, checked by the launcher over the bytes it wrote into
+    the sandbox (launcher_mounts.verify_copy; a mismatch fails the launch, IntegrityError).
+    ``path``: "" for the whole tree (its ``sandboxer.checksum``, without "sha256:"; a bare
+    file's own sha256), else a file (its sha256) or a directory (its tree checksum) inside;
+    ``sha256`` the hex digest; ``what`` who vouches for it, for the error message."""
+
+    path: str
+    sha256: str
+    what: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"path": self.path, "sha256": self.sha256, "what": self.what}
+
+
+@dataclass(frozen=True, slots=True)
 class Mount:
-    """A host path bound into the sandbox. ``root``: the root a grant is opened beneath,
-    through no link (its path root, or "/" for the operator's); None: one of the system's
-    paths, opened as named."""
+    """A host path bound into the sandbox, or a tree copied into it (``LaunchSpec.copies``).
+    ``root``: the root a grant is opened beneath, through no link (its path root, or "/" for
+    the operator's); None: one of the system's paths, opened as named. ``digests``: a copy's
+    expected digests."""
 
     source: str
     target: str
     writable: bool = False
     exec: bool = True
     root: str | None = None
+    digests: tuple[Digest, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

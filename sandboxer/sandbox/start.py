@@ -18,7 +18,7 @@ import os
 import socket
 from collections.abc import Awaitable, Callable
 
-from ..errors import SandboxUnavailable
+from ..errors import IntegrityError, PluginLoadError, SandboxUnavailable
 from . import child, forkserver
 from .denials import Denials, listener_fd_ok
 from .egress import EgressEndpoint, network_mode
@@ -93,7 +93,10 @@ def _proxy_listener(fds: list[int], mode: str) -> socket.socket | None:
     )
 
 
-def _setup_error(report: bytes) -> SandboxSetupError:
+def _setup_error(report: bytes, plugin_id: str | None = None) -> PluginLoadError:
+    """The launcher's report as the error it means: IntegrityError when the copied plugin
+    files did not match a digest that vouches for them (step VERIFY), else a
+    SandboxSetupError naming the step."""
     try:
         info = json.loads(report.splitlines()[0])
     except (ValueError, IndexError):
@@ -104,6 +107,13 @@ def _setup_error(report: bytes) -> SandboxSetupError:
     where = f" ({info['path']})" if info.get("path") else ""
     code = f" [{_errno.errorcode.get(err, err)}]" if err is not None else ""
     message = f"sandbox setup failed at step {info.get('what')}{where}: {info.get('error')}{code}"
+    if info.get("step") == "VERIFY":
+        who = f"plugin {plugin_id}" if plugin_id else "the plugin"
+        return IntegrityError(
+            f"{who}: its files failed their check as they were copied into the sandbox: "
+            f"{info.get('error')}",
+            plugin_id=plugin_id,
+        )
     missing = info.get("step", "sandbox").lower()
     if info.get("step") == "NAMESPACES" and err in (_errno.EPERM, _errno.ENOSPC, _errno.EINVAL):
         message += (
@@ -245,7 +255,7 @@ async def launch(
                 if listener is not None:
                     listener.close()
                 raise (
-                    _setup_error(first)
+                    _setup_error(first, plugin_id)
                     if first
                     else SandboxSetupError(
                         f"the sandbox launcher exited during setup ({proc.describe_exit()})",
@@ -277,7 +287,7 @@ async def launch(
                 if spec.warm and report == READY:
                     break
             if report and report != READY:
-                raise _setup_error(report)
+                raise _setup_error(report, plugin_id)
             if wants_listener and proc.denials is None:
                 raise SandboxSetupError(
                     "the sandbox launcher did not hand over the seccomp listener",
@@ -313,7 +323,9 @@ HANDED_OVER = b"K\n"  # a warm sandbox's PID 1: the copies are made, its capabil
 _SMALL_HANDOVER = 32 << 10
 
 
-async def hand_over(status: socket.socket, message: bytes, fds: list[int]) -> None:
+async def hand_over(
+    status: socket.socket, message: bytes, fds: list[int], *, plugin_id: str | None = None
+) -> None:
     """Give a warm sandbox's PID 1 its copies over its status socket (``launch`` kept it
     for ``handover``): ``message`` is the JSON line that lists them (launcher.py,
     ``wait_for_handover``), ``fds`` the files it names, sent after it. Returns once PID 1 has
@@ -330,7 +342,7 @@ async def hand_over(status: socket.socket, message: bytes, fds: list[int]) -> No
             _proxy_listener(got, "none")  # nothing may come with it: closed if it does
             if not chunk:
                 raise (
-                    _setup_error(reply)
+                    _setup_error(reply, plugin_id)
                     if reply
                     else SandboxSetupError(
                         "the warm sandbox's PID 1 exited during the handover",
@@ -339,7 +351,7 @@ async def hand_over(status: socket.socket, message: bytes, fds: list[int]) -> No
                 )
             reply += chunk
             if not HANDED_OVER.startswith(reply) and b"\n" in reply:
-                raise _setup_error(reply)
+                raise _setup_error(reply, plugin_id)
     finally:
         status.close()
 

@@ -50,12 +50,14 @@ from typing import Any
 import wasmtime
 
 from ... import _json
+from ..._digest import tree_checksum
 from ..._wasm_magic import WASM_MAGIC
 from ...errors import (
     INTERNAL_ERROR,
     INVALID_PARAMS,
     CallTimeout,
     CpuLimitExceeded,
+    IntegrityError,
     MemoryLimitExceeded,
     MethodNotFound,
     PluginCallError,
@@ -578,6 +580,7 @@ class WasmLoader:
         import hashlib
 
         digest = hashlib.sha256(data).hexdigest()
+        _check_digests(plugin, digest)  # these bytes, and only these, are compiled
         try:
             return self._engine.module(data, digest), digest
         except wasmtime.WasmtimeError as exc:
@@ -635,3 +638,26 @@ class WasmLoader:
             raise
         handle._max_output = self._max_frame
         return handle
+
+
+def _check_digests(plugin: Plugin, digest: str) -> None:
+    """The module's bytes, read once and hashed (``digest``), against everything that vouches
+    for them: the manifest's sha256, and a checksum recorded for this load (a bare module's
+    own digest, or the tree checksum of its directory with the module counted as the bytes
+    in hand). IntegrityError on a mismatch: the file changed after it was checked."""
+    root, entry = plugin.root, plugin.entrypoint
+    rel = "" if plugin.is_bare_file else entry.relative_to(root).as_posix()
+    for path, expected, what in plugin.digests():
+        if path == rel:
+            actual = digest
+        elif path == "":  # the directory: the module as compiled, the rest as it is now
+            actual = tree_checksum(root, known={rel: digest}).removeprefix("sha256:")
+        else:
+            continue  # plugin.toml: the supervisor's own parse, not code that runs
+        if actual != expected:
+            raise IntegrityError(
+                f"plugin {plugin.id}: the module read to be compiled ({entry}) has sha256 "
+                f"{actual if path == rel else digest}, which does not match {what} "
+                f"({expected}); the file changed after it was checked, and nothing of it ran",
+                plugin_id=plugin.id,
+            )

@@ -102,8 +102,10 @@ class WasmEngine:
         return None if disk is None or key is None else disk.load(self.engine, key)
 
     def _compiled(self, data: bytes, digest: str) -> wasmtime.Module:
-        """``data`` (SHA-256 ``digest``) compiled by this engine: from the disk cache when
-        it holds it, else compiled here and stored for the next process."""
+        """``data`` compiled by this engine: from the disk cache when it holds it, else
+        compiled here and stored for the next process. The cache is keyed by ``digest``, the
+        sha256 the caller computed over these very bytes (and checked against what vouches
+        for them): never a digest of the file read again."""
         module = self._from_disk(digest)
         if module is not None:
             return module

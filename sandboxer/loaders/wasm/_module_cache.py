@@ -110,8 +110,8 @@ class ModuleCache:
         self._settings = repr(tuple(settings)).encode()
 
     def key(self, digest: str) -> str | None:
-        """The hex key of the module of SHA-256 ``digest`` compiled by this engine on this
-        host; None when wasmtime's library cannot be told apart."""
+        """The hex key of the module whose bytes have the hex sha256 ``digest``, compiled by
+        this engine on this host; None when wasmtime's library cannot be told apart."""
         library = _wasmtime_library()
         if library is None:
             return None
