@@ -23,6 +23,7 @@ import fcntl
 import functools
 import logging
 import os
+import select
 import socket
 import struct
 from collections.abc import Iterable
@@ -230,6 +231,7 @@ class Denials:
         self._recv = bytearray(max(notif_size, _NOTIF.size))
         self._resp_size = max(resp_size, _RESP.size)
         self._loop = asyncio.get_running_loop()
+        self._poll = select.poll()
         self._loop.add_reader(self._fd, self._readable)
 
     def rename(self, plugin_id: str, logger: logging.Logger) -> None:
@@ -247,6 +249,21 @@ class Denials:
             self._fd = -1
 
     def _readable(self) -> None:
+        # Readable is not enough: once every task of the filter is gone the listener polls
+        # POLLHUP, and there a RECV blocks for ever on kernels before 6.6 (its semaphore
+        # waits for a notification that cannot come), with the event loop inside it. So
+        # RECV only with a notification pending (POLLIN); a hang-up with none ends the
+        # listener. (A notification withdrawn between the poll and the RECV, its task
+        # killed, makes the RECV fail ENOENT: it does not block.)
+        self._poll.register(self._fd, select.POLLIN)
+        try:
+            ((_, events),) = self._poll.poll(0) or ((self._fd, 0),)
+        finally:
+            self._poll.unregister(self._fd)
+        if not events & select.POLLIN:
+            if events & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+                self.close()  # no task left to notify anything
+            return
         buf = self._recv
         buf[:] = bytes(len(buf))  # the kernel refuses a buffer that is not zeroed
         try:

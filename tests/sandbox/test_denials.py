@@ -9,11 +9,13 @@ the errno each one got. ``sandboxer exec`` runs a plain C program that calls key
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -325,3 +327,34 @@ def test_the_summary_line():
     assert denials.summary({"keyctl": 3}, {"keyctl": "group keyring, denied in every profile"}) \
         == "denied: keyctl ×3 (group keyring, denied in every profile)"
     assert denials.summary({}, {}) == ""
+
+
+async def test_a_listener_whose_tasks_are_gone_is_closed_not_polled(stranger, monkeypatch):
+    """Once every task of the filter is gone the listener polls POLLHUP: it is closed then,
+    never RECV'd (on kernels before 6.6 that RECV blocks the event loop for ever; the VM
+    stage's 6.1 guest hung in its OOM test) nor left to wake the loop again and again."""
+    _require_notify()
+    from sandboxer.sandbox.denials import Denials
+
+    woken: list[bool] = []
+    readable = Denials._readable
+
+    def counting(self: Denials) -> None:
+        woken.append(self.closed)
+        readable(self)
+
+    monkeypatch.setattr(Denials, "_readable", counting)
+    async with PluginManager() as mgr:
+        p = await mgr.load(stranger)
+        await p.call("deny", 1)
+        denials = p.handle._proc.denials
+        assert denials is not None and not denials.closed
+        before = len(woken)
+        os.kill(p.handle.pid, signal.SIGKILL)
+        for _ in range(500):
+            if denials.closed:
+                break
+            await asyncio.sleep(0.01)
+        assert denials.closed
+        await asyncio.sleep(0.2)
+        assert len(woken) - before <= 3, len(woken) - before
