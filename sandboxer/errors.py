@@ -34,7 +34,7 @@ from __future__ import annotations
 # typing only for the type checker: the plugin host starts without it (docs/architecture.md)
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any
+    from typing import Any, Self
 
 __all__ = [
     "SandboxerError",
@@ -212,6 +212,17 @@ class MethodNotFound(PluginCallError):
             plugin_id=plugin_id,
             method=method,
             data={"available": available} if available is not None else None,
+        )
+
+    @classmethod
+    def of(cls, plugin_id: str, method: str, methods: tuple[str, ...] | list[str]) -> Self:
+        """The error every kind gives for a call to a method its plugin does not offer."""
+        return cls(
+            f"plugin {plugin_id} has no method {method!r} "
+            f"(methods: {', '.join(methods) or 'none'})",
+            plugin_id=plugin_id,
+            method=method,
+            available=list(methods),
         )
 
 

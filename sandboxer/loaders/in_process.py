@@ -105,13 +105,7 @@ class InProcessPythonHandle:
     async def call(self, method: str, *args: Any, timeout: float | None = None) -> Any:
         fn = self._methods.get(method)
         if fn is None:
-            raise MethodNotFound(
-                f"plugin {self.plugin.id} has no method {method!r} "
-                f"(methods: {', '.join(self.methods) or 'none'})",
-                plugin_id=self.plugin.id,
-                method=method,
-                available=list(self.methods),
-            )
+            raise MethodNotFound.of(self.plugin.id, method, self.methods)
         try:
             args = tuple(_json.normalize(list(args)))
         except TypeError as exc:

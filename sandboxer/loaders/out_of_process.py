@@ -258,13 +258,7 @@ class ProcessHandle:
 
     def _no_method(self, method: str) -> MethodNotFound | None:
         if method.startswith(_RESERVED_PREFIX) or (self._methods and method not in self._methods):
-            return MethodNotFound(
-                f"plugin {self.plugin.id} has no method {method!r} "
-                f"(methods: {', '.join(self._methods) or 'none'})",
-                plugin_id=self.plugin.id,
-                method=method,
-                available=list(self._methods),
-            )
+            return MethodNotFound.of(self.plugin.id, method, self._methods)
         return None
 
     def call(self, method: str, *args: Any, timeout: float | None = None) -> Awaitable[Any]:

@@ -187,13 +187,7 @@ class GrpcHandle:
     async def _call(self, method: str, args: tuple[Any, ...], timeout: float) -> Any:
         spec = self._schema.methods.get(method) if method in self._methods else None
         if spec is None:
-            raise MethodNotFound(
-                f"plugin {self.plugin.id} has no method {method!r} "
-                f"(methods: {', '.join(self._methods) or 'none'})",
-                plugin_id=self.plugin.id,
-                method=method,
-                available=list(self._methods),
-            )
+            raise MethodNotFound.of(self.plugin.id, method, self._methods)
         request = encode_request(spec, args, plugin_id=self.plugin.id)
         error: SandboxerError | None = None
         try:

@@ -254,13 +254,7 @@ class WasmHandle:
                 return await self._command(
                     method, args, self._timeout if timeout is None else timeout
                 )
-            raise MethodNotFound(
-                f"plugin {self.plugin.id} has no method {method!r} "
-                f"(methods: {', '.join(self.methods) or 'none'})",
-                plugin_id=self.plugin.id,
-                method=method,
-                available=list(self.methods),
-            )
+            raise MethodNotFound.of(self.plugin.id, method, self.methods)
         if timeout is None:
             timeout = self._timeout
         if self._layout.command:
