@@ -91,6 +91,7 @@ def filter_notifies(program: bytes) -> bool:
 _FAMILIES = {int(v): n for n, v in vars(socket).items() if n.startswith("AF_") and n != "AF_UNSPEC"}
 _FAMILIES[0] = "AF_UNSPEC"
 _FAMILIES[int(socket.AF_UNIX)] = "AF_UNIX"  # not AF_LOCAL
+_FAMILIES[int(socket.AF_NETLINK)] = "AF_NETLINK"  # not AF_ROUTE (BSD's alias)
 _SOCK_TYPES = {1: "SOCK_STREAM", 2: "SOCK_DGRAM", 3: "SOCK_RAW", 4: "SOCK_RDM", 5: "SOCK_SEQPACKET"}
 _SOCK_FLAGS = {0o4000: "SOCK_NONBLOCK", 0o2000000: "SOCK_CLOEXEC"}
 _CLONE_FLAGS = {
@@ -218,8 +219,10 @@ class Denials:
         profile: str,
         profile_dirs: tuple[str, ...] = (),
         learn: bool = False,
+        level: int = logging.WARNING,
     ) -> None:
         self.plugin_id = plugin_id
+        self.level = level  # of each syscall's first denial's line
         self.learn = learn
         self.counts: dict[str, int] = {}
         self.explained: dict[str, str] = {}
@@ -308,7 +311,8 @@ class Denials:
         table, chosen = _table(*self._profile)
         why = table.why(name, args, chosen)
         self.explained[name] = why
-        self._log.warning(
+        self._log.log(
+            self.level,
             "plugin %s: seccomp denied %s [syscall %d] with %s: %s",
             self.plugin_id,
             describe(name, args),

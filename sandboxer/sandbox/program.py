@@ -210,6 +210,7 @@ async def run(
         pins=pins,
         seccomp_bpf=seccomp_bpf,
         seccomp_learn=learn,
+        denials_summarized=True,  # in the result (denied, explained): exec's summary line
         profile_dirs=profile_dirs,
         grant_owner=grant_owner,
     )

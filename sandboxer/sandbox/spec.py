@@ -137,6 +137,10 @@ class LaunchSpec:
     # Learn mode (``sandboxer exec --learn``): the filter is seccomp.py's "learn" one, and the
     # supervisor lets through what some group allows instead of answering EPERM (denials.py).
     seccomp_learn: bool = False
+    # The caller reports the denials itself when the program ends (``sandboxer exec``'s
+    # summary): each syscall's first denial is then logged at INFO (shown with -v), not as a
+    # WARNING interleaved with the program's own stderr.
+    denials_summarized: bool = False
     address_space_limit: int | None = None  # RLIMIT_AS, only under the "rlimit" fallback
     # Who a writable grant's files belong to on the host (uid, gid); None: each grant's owner.
     grant_owner: tuple[int, int] | None = None

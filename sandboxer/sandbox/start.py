@@ -150,6 +150,7 @@ def _denials(
             profile=spec.sandbox.profile,
             profile_dirs=spec.profile_dirs,
             learn=spec.seccomp_learn,
+            level=logging.INFO if spec.denials_summarized else logging.WARNING,
         )
     except BaseException:
         os.close(fds[0])

@@ -69,6 +69,10 @@ class Ran:
     stdout: str
     stderr: str
     seconds: float
+    # Inside only: sandboxer exec's last stderr line when the filter refused anything
+    # ("sandboxer: denied: ..."), taken out of ``stderr``: sandboxer's report, not the
+    # program's output, which is what outside and inside must share.
+    denied: str = ""
 
 
 @dataclass(frozen=True)
@@ -183,8 +187,12 @@ def run_inside(argv: Sequence[str], *, timeout: float = 60, allow: Sequence[str]
     out, err = _communicate(proc, timeout + 30, stdin)
     left = sandbox_cgroups(proc.pid)
     assert not left, f"sandboxer exec (pid {proc.pid}) left its cgroups behind: {left}"
+    stderr, denied = err.decode(errors="replace"), ""
+    head, _, last = stderr.rstrip("\n").rpartition("\n")
+    if last.startswith("sandboxer: denied: "):
+        stderr, denied = (head + "\n" if head else ""), last
     return Ran("inside", tuple(argv), _status(proc.returncode), out.decode(errors="replace"),
-               err.decode(errors="replace"), time.monotonic() - started)
+               stderr, time.monotonic() - started, denied)
 
 
 def differences(outside: Ran, inside: Ran, tolerated: Sequence[Tolerated] = ()) -> str:

@@ -185,3 +185,6 @@ def test_set_id_modes_are_denied_on_purpose() -> None:
     assert inside.stderr == ("chmod: changing permissions of 'f': Operation not permitted\n"
                              "mkdir: cannot change permissions of \u2018d\u2019: Operation not "
                              "permitted\n")
+    # and sandboxer says, after the program, what its filter refused (issue 23)
+    assert inside.denied.startswith("sandboxer: denied: ")
+    assert "fchmodat \u00d71" in inside.denied and "fchmod \u00d71" in inside.denied

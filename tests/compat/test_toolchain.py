@@ -78,3 +78,4 @@ def test_node_cannot_list_network_interfaces_which_the_profile_denies() -> None:
     assert (outside.status, outside.stdout, outside.stderr) == (0, "true\n", "")
     assert (inside.status, inside.stdout, inside.stderr) == (
         0, "ERR_SYSTEM_ERROR uv_interface_addresses 1\n", "")
+    assert inside.denied.startswith("sandboxer: denied: socket \u00d7")  # AF_NETLINK
