@@ -224,12 +224,7 @@ async def _child_main(plugin_dir: Path, rounds: int) -> dict[str, Any]:
         try:
             configs = {"sandboxed": _Config(p.call), "handle": _Config(p.handle.call),
                        "unsandboxed": _Config(bare.call)}
-            raw = _raw_get(bare)
-            if isinstance(raw, str):
-                raise RuntimeError(f"the grpc_raw diagnostic cannot run: {raw}")
-            else:
-                configs["grpc_raw"] = _Config(raw[0], expect=raw[1])
-                out["codec_us"] = _codec_us(bare)
+            out["codec_us"] = _codec_us(bare)
             for cfg in configs.values():
                 # Each plugin process keeps its own values: a Put into each.
                 await cfg.call("Put", PUT)
@@ -261,33 +256,15 @@ async def _child_main(plugin_dir: Path, rounds: int) -> dict[str, Any]:
     return out
 
 
-# Diagnostics: they reach into GrpcHandle's private ``_stubs`` (method -> (GrpcMethod,
-# grpc.aio multicallable)); if it changes they are skipped with the reason, the rest runs.
-
-def _raw_get(handle: Any) -> tuple[Callable[..., Awaitable[Any]], bytes] | str:
-    """Get as grpcio aio alone: the handle's own multicallable on its channel, called with the
-    request's bytes encoded once, the answer's bytes not decoded; the same 30 s deadline.
-    Returns the call and the answer's expected bytes (or why there is none)."""
-    try:
-        spec, stub = handle._stubs["Get"]
-    except (AttributeError, KeyError, TypeError, ValueError) as exc:
-        return f"GrpcHandle._stubs is not what the diagnostic expects: {exc!r}"
-    from sandboxer.loaders.grpc.schema import encode_request
-
-    request = encode_request(spec, (GET,), plugin_id="bench")
-
-    async def call(method: str, params: Any) -> Any:
-        return await stub(request, timeout=30.0)
-
-    return call, spec.response(value=b"hi").SerializeToString()
-
+# A diagnostic: it reaches into GrpcHandle's private ``_schema`` (the plugin's methods, from
+# its descriptor set); if that changes, the benchmark fails rather than skip it.
 
 def _codec_us(handle: Any) -> dict[str, float]:
     """Our JSON <-> protobuf per call, alone: encode_request of {"key": "a"} and
     decode_response of a GetResponse, median µs over 5 timed loops of 10,000."""
     from sandboxer.loaders.grpc.schema import decode_response, encode_request
 
-    spec, _ = handle._stubs["Get"]
+    spec = handle._schema.methods["Get"]
     answer = spec.response(value=b"hi").SerializeToString()
     args = (GET,)
     times: dict[str, list[float]] = {"encode": [], "decode": []}
@@ -392,7 +369,6 @@ def _loop_figures(children: list[dict[str, Any]], go: dict[str, Any]) -> dict[st
     """The headline fields for one event loop, against the Go host."""
     m = {name: _pool(children, name) for name in ("sandboxed", "handle", "unsandboxed")}
     diagnostics: dict[str, Any] = {}
-    diagnostics["grpc_raw"] = _pool(children, "grpc_raw")
     diagnostics["codec_us"] = children[0]["codec_us"]
     seq, pipe = m["sandboxed"]["sequential"], m["sandboxed"]["pipelined"]
     go_p50 = go["sequential"]["p50_us"]
@@ -511,11 +487,6 @@ def run() -> dict[str, Any]:
         "diagnostics": {
             **main["diagnostics"],
             "what": {
-                "grpc_raw": "grpcio aio alone: the unsandboxed handle's own multicallable "
-                            "(GrpcHandle._stubs, private) on its channel, called with the "
-                            "request's bytes encoded once and the answer left as bytes, same "
-                            "30 s deadline, from a one-line coroutine; alternating with the "
-                            "others: the floor for our call on this loop",
                 "codec_us": "encode_request({'key': 'a'}) and decode_response of a "
                             "GetResponse (json_format.ParseDict / MessageToDict), synchronous, "
                             "median µs over 5 loops of 10,000",
@@ -568,9 +539,7 @@ def format_table(result: dict[str, Any]) -> str:
     """The readable table the runner prints."""
     m, go = result["measurements"], result["go_host"]
     rows = [("measurement", "p50 µs", "p99 µs", "calls/s (64 in flight)", "client CPU µs/call")]
-    raw = result["diagnostics"].get("grpc_raw")
-    extra = [("diag: grpc_raw", raw)] if raw else []
-    for name, d in (*m.items(), *extra, ("go_host", go)):
+    for name, d in (*m.items(), ("go_host", go)):
         s, p = d["sequential"], d["pipelined"]
         rows.append((name, f"{s['p50_us']}", f"{s['p99_us']}", f"{p['throughput_calls_per_s']}",
                      f"{s['client_cpu_us_per_call']} / {p['client_cpu_us_per_call']}"))
