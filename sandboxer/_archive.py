@@ -37,13 +37,8 @@ def archive_checksum(
     for rel, member, source in _members(data, max_unpacked, max_members):
         if source is None or IGNORED_DIRS.intersection(rel.parts[:-1]):
             continue
-        h, size = hashlib.sha256(), 0
-        while chunk := source.read(1 << 20):
-            size += len(chunk)
-            if size > member.size:
-                raise IntegrityError(
-                    f"the archive member {member.name!r} holds more than its declared size"
-                )
+        h = hashlib.sha256()
+        for chunk in _chunks(member, source):
             h.update(chunk)
         key = rel.as_posix()
         if key in files:  # extraction would refuse it too (O_EXCL)
@@ -114,16 +109,22 @@ def safe_extract(
             mode = 0o755 if member.mode & 0o111 else 0o644
             fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
             with os.fdopen(fd, "wb") as out:
-                written = 0
-                while chunk := source.read(1 << 20):
-                    written += len(chunk)
-                    if written > member.size:
-                        raise IntegrityError(
-                            f"the archive member {member.name!r} holds more than its declared size"
-                        )
+                for chunk in _chunks(member, source):
                     out.write(chunk)
     except OSError as exc:
         raise IntegrityError(f"the archive cannot be extracted: {exc}") from None
+
+
+def _chunks(member: tarfile.TarInfo, source: IO[bytes]) -> Iterator[bytes]:
+    """A member's bytes, 1 MiB at a time; IntegrityError once they pass its declared size."""
+    size = 0
+    while chunk := source.read(1 << 20):
+        size += len(chunk)
+        if size > member.size:
+            raise IntegrityError(
+                f"the archive member {member.name!r} holds more than its declared size"
+            )
+        yield chunk
 
 
 def _member_path(name: str) -> PurePosixPath:
