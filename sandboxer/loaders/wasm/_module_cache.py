@@ -41,7 +41,7 @@ import wasmtime
 
 from ... import _disk_cache
 
-__all__ = ["FORMAT", "MAX_BYTES", "ModuleCache", "for_this_user", "usage"]
+__all__ = ["FORMAT", "MAX_BYTES", "ModuleCache", "file_identity", "for_this_user", "usage"]
 
 log = logging.getLogger(__name__)
 
@@ -152,8 +152,7 @@ class ModuleCache:
 
     @staticmethod
     def _file_key(st: os.stat_result) -> str:
-        identity = f"{st.st_dev} {st.st_ino} {st.st_size} {st.st_mtime_ns} {st.st_ctime_ns}"
-        return hashlib.sha256(identity.encode()).hexdigest()
+        return hashlib.sha256(" ".join(map(str, file_identity(st))).encode()).hexdigest()
 
     def remembered(self, st: os.stat_result) -> str | None:
         """The SHA-256 of the module file ``st`` describes, if remembered (``remember``)."""
@@ -183,6 +182,12 @@ class ModuleCache:
 
     def usage(self) -> _disk_cache.Usage | str:
         return self._disk.usage()
+
+
+def file_identity(st: os.stat_result) -> tuple[int, ...]:
+    """What a remembered digest is keyed on: the file's device, inode, size, mtime and ctime
+    (any write, or another file in its place, changes one of them)."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def for_this_user(settings: Sequence[tuple[str, object]]) -> ModuleCache | None:

@@ -41,6 +41,7 @@ from ._call import first_line
 from ._engine import WasmEngine
 from ._grants import check_grants, open_grants
 from ._instance import Store, running
+from ._module_cache import file_identity
 from ._wasi import WasiContexts, define_wasi
 
 __all__ = ["ProgramResult", "run_program"]
@@ -133,13 +134,8 @@ def _module(engine: WasmEngine, path: str, f: BinaryIO, head: bytes) -> wasmtime
         return module
     data = head + f.read()
     digest = hashlib.sha256(data).hexdigest()
-    after = os.fstat(f.fileno())
-    if (after.st_ino, after.st_size, after.st_mtime_ns, after.st_ctime_ns) == (
-        st.st_ino,
-        st.st_size,
-        st.st_mtime_ns,
-        st.st_ctime_ns,
-    ) and len(data) == st.st_size:
+    unchanged = file_identity(os.fstat(f.fileno())) == file_identity(st)
+    if unchanged and len(data) == st.st_size:
         engine.remember(st, digest)  # unchanged while it was read: these bytes are the file's
     try:
         return engine.module(data, digest)
